@@ -1,0 +1,1 @@
+"""Delivery destinations. Built-ins are listed in ``firehose.registry.BUILTIN_DESTINATIONS``."""

@@ -1,0 +1,80 @@
+"""Local directory destination: the embedded default. Same key layout as S3, under ``path``.
+
+Guarantee: exactly-once files. An object is written to a temporary name, fsynced and renamed to
+its sealed key, so a replay after a crash replaces the file instead of adding a second one, and a
+reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import field_validator
+
+from destinations.objectstore import ObjectStoreConfig
+from firehose.interfaces import Batch, BuildContext, DeliveryResult, Destination
+
+
+class LocalDestinationConfig(ObjectStoreConfig):
+    type: Literal["local"]
+    path: str
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must be a directory path")
+        return v
+
+    def describe(self, buffering: Any, account_id: str) -> dict[str, Any]:
+        return self.describe_destination("arn:aws:s3:::local", buffering, account_id)
+
+    def build(self, ctx: BuildContext) -> LocalDestination:
+        return LocalDestination(self, ctx)
+
+
+class LocalDestination(Destination):
+    def __init__(self, config: LocalDestinationConfig, ctx: BuildContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.root = os.path.abspath(config.path)
+
+    def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
+        return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng)
+
+    async def deliver(self, batch: Batch) -> DeliveryResult:
+        body = b"".join(batch.records)
+        name = batch.key.rsplit("/", 1)[-1]
+        entry = name[: -len(self.config.extension)] if self.config.extension else name
+        try:
+            await asyncio.to_thread(self._write, batch.key, body, entry)
+        except OSError as exc:
+            return DeliveryResult.all_failed(
+                len(batch.records), retryable=True, code="Local.WriteFailed", message=f"{exc.strerror}: {exc.filename}"
+            )
+        return DeliveryResult.delivered()
+
+    def _write(self, key: str, body: bytes, entry: str) -> None:
+        data = self.config.codec.compress(body, entry)
+        target = os.path.join(self.root, key)
+        directory = os.path.dirname(target)
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

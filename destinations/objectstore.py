@@ -1,0 +1,94 @@
+"""What S3 and the local directory share: Firehose's key layout, compression and extension."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from destinations.keys import PrefixError, evaluate_prefix, object_name, random_object_suffix, validate_prefixes
+from firehose.interfaces import BufferingLimits
+from transforms.compression import Codec, get_codec
+
+# Firehose's ranges for S3 (reference §3): 1-128 MiB (5), 0-900 s (300).
+S3_BUFFERING = BufferingLimits(1, 128, 5, 0, 900, 300)
+
+
+class ObjectStoreConfig(BaseModel):
+    """Fields with Firehose's ExtendedS3 semantics (Prefix, ErrorOutputPrefix, CompressionFormat,
+    FileExtension)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    BUFFERING: ClassVar[BufferingLimits] = S3_BUFFERING
+
+    type: str
+    prefix: str = ""
+    error_output_prefix: str | None = None
+    compression: str = "none"
+    file_extension: str = ""
+
+    @field_validator("compression")
+    @classmethod
+    def _compression(cls, v: str) -> str:
+        return get_codec(v).name  # ValueError names the known codecs
+
+    @field_validator("file_extension")
+    @classmethod
+    def _extension(cls, v: str) -> str:
+        import re
+
+        if v and (len(v) > 128 or not re.fullmatch(r"\.[0-9a-z!\-_.*'()]+", v)):
+            raise ValueError(
+                "must be empty or start with '.' followed by 0-9 a-z ! - _ . * ' ( ) "
+                f"(Firehose's FileExtension rule), got {v!r}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _prefixes(self) -> ObjectStoreConfig:
+        try:
+            validate_prefixes(self.prefix, self.error_output_prefix or None)
+        except PrefixError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def buffering_limits(self) -> BufferingLimits:
+        return self.BUFFERING
+
+    @property
+    def codec(self) -> Codec:
+        return get_codec(self.compression)
+
+    @property
+    def extension(self) -> str:
+        return self.file_extension or self.codec.extension
+
+    def object_key(self, stream: str, version: int, oldest: datetime, rng: random.Random) -> str:
+        """Firehose's layout: evaluated prefix + ``<stream>-<version>-YYYY-MM-DD-HH-MM-SS-<uuid><ext>``."""
+        prefix = evaluate_prefix(self.prefix, oldest, rng)
+        return prefix + object_name(stream, version, oldest, random_object_suffix(rng), self.extension)
+
+    def _s3_description(self, bucket_arn: str, buffering: Any) -> dict[str, Any]:
+        desc: dict[str, Any] = {
+            "RoleARN": "arn:aws:iam::000000000000:role/firehose",
+            "BucketARN": bucket_arn,
+            "Prefix": self.prefix,
+            "BufferingHints": {"SizeInMBs": buffering.size_mib, "IntervalInSeconds": buffering.interval_secs},
+            "CompressionFormat": self.codec.firehose_name,
+            "EncryptionConfiguration": {"NoEncryptionConfig": "NoEncryption"},
+            "CloudWatchLoggingOptions": {"Enabled": False},
+        }
+        if self.error_output_prefix:
+            desc["ErrorOutputPrefix"] = self.error_output_prefix
+        return desc
+
+    def describe_destination(self, bucket_arn: str, buffering: Any, account_id: str) -> dict[str, Any]:
+        base = self._s3_description(bucket_arn, buffering)
+        base["RoleARN"] = f"arn:aws:iam::{account_id}:role/firehose"
+        extended = dict(base)
+        extended["S3BackupMode"] = "Disabled"
+        if self.file_extension:
+            extended["FileExtension"] = self.file_extension
+        return {"ExtendedS3DestinationDescription": extended, "S3DestinationDescription": base}

@@ -1,0 +1,128 @@
+"""Amazon S3 (or any S3-compatible server) destination.
+
+Guarantee: exactly-once objects. The object key (random part included) is sealed in the spool
+before the first upload, so a retry or a replay after a crash overwrites the same object.
+Objects above ``multipart_threshold_mib`` go up as multipart uploads. Every S3 error is retried
+(Firehose retries S3 failures for as long as it keeps the data; we keep it until delivered), so
+``deliver`` reports failures as retryable with Firehose's ``S3.<Code>`` error codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from destinations.objectstore import ObjectStoreConfig
+from firehose.interfaces import Batch, BuildContext, DeliveryResult, Destination
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+class S3DestinationConfig(ObjectStoreConfig):
+    type: Literal["s3"]
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    multipart_threshold_mib: int = Field(16, ge=5, le=1024)
+    connect_timeout_secs: int = Field(5, ge=1, le=300)
+    read_timeout_secs: int = Field(60, ge=1, le=3600)
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        name = v[len("arn:aws:s3:::") :] if v.startswith("arn:aws:s3:::") else v
+        if not _BUCKET_RE.fullmatch(name):
+            raise ValueError(f"must be an S3 bucket name or arn:aws:s3:::<name>, got {v!r}")
+        return name
+
+    def describe(self, buffering: Any, account_id: str) -> dict[str, Any]:
+        return self.describe_destination(f"arn:aws:s3:::{self.bucket}", buffering, account_id)
+
+    def build(self, ctx: BuildContext) -> S3Destination:
+        return S3Destination(self, ctx)
+
+
+class S3Destination(Destination):
+    def __init__(self, config: S3DestinationConfig, ctx: BuildContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self._client: Any = None
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            # The delivery runner owns retries; botocore's own would hide outages from it.
+            cfg = Config(
+                connect_timeout=self.config.connect_timeout_secs,
+                read_timeout=self.config.read_timeout_secs,
+                retries={"max_attempts": 1, "mode": "standard"},
+                max_pool_connections=16,
+            )
+            self._client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self.config.endpoint_url,
+                region_name=self.config.region,
+                aws_access_key_id=self.config.access_key_id,
+                aws_secret_access_key=self.config.secret_access_key,
+                config=cfg,
+            )
+        return self._client
+
+    def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
+        return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng)
+
+    async def deliver(self, batch: Batch) -> DeliveryResult:
+        body = b"".join(batch.records)
+        name = batch.key.rsplit("/", 1)[-1]
+        entry = name[: -len(self.config.extension)] if self.config.extension else name
+        try:
+            await asyncio.to_thread(self._put, batch.key, body, entry)
+        except Exception as exc:  # botocore raises many types; each is a retryable S3 failure
+            code, message = _classify(exc)
+            return DeliveryResult.all_failed(len(batch.records), retryable=True, code=code, message=message)
+        return DeliveryResult.delivered()
+
+    def _put(self, key: str, body: bytes, entry: str) -> None:
+        codec = self.config.codec
+        data = codec.compress(body, entry)
+        extra: dict[str, Any] = {"ContentType": "application/octet-stream"}
+        if codec.content_encoding:
+            extra["ContentEncoding"] = codec.content_encoding
+        client = self._s3()
+        if len(data) >= self.config.multipart_threshold_mib << 20:
+            from boto3.s3.transfer import TransferConfig
+
+            tc = TransferConfig(
+                multipart_threshold=self.config.multipart_threshold_mib << 20,
+                multipart_chunksize=8 << 20,
+                max_concurrency=4,
+            )
+            client.upload_fileobj(io.BytesIO(data), self.config.bucket, key, ExtraArgs=extra, Config=tc)
+        else:
+            client.put_object(Bucket=self.config.bucket, Key=key, Body=data, **extra)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _classify(exc: Exception) -> tuple[str, str]:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        code = err.get("Code") or str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", "Unknown"))
+        if code in ("InternalError", "ServiceUnavailable", "SlowDown", "500", "503"):
+            return "InternalError", str(err.get("Message") or exc)
+        return f"S3.{code}", str(err.get("Message") or exc)
+    return "S3.ConnectionError", f"{type(exc).__name__}: {exc}"

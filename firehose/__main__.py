@@ -1,0 +1,5 @@
+import sys
+
+from firehose.cli import main
+
+sys.exit(main())

@@ -1,0 +1,278 @@
+"""Daemon configuration: YAML -> strict, frozen, typed models.
+
+Unknown and duplicate keys are rejected; ``${ENV}`` references are expanded (for secrets); every
+error names the file, the line and the field, e.g.
+``firehose.yaml:7: streams[0].buffering.size_mib: must be between 1 and 128, got 512``.
+Validation happens entirely before anything starts; a config class never does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from firehose.interfaces import BufferingLimits
+from firehose.registry import UnknownTypeError, destination_config_class
+from firehose.yamlload import Path, YamlError, format_path, load_yaml
+
+STREAM_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")
+DEFAULT_CONFIG_NAME = "<embedded default config>"
+
+
+class ConfigError(ValueError):
+    """An invalid config. ``errors`` lists every problem, each ``file:line: field: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ApiConfig(_Model):
+    listen: str = "127.0.0.1:4573"
+    region: str = "us-east-1"
+    account_id: str = "000000000000"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"must be HOST:PORT, got {v!r}")
+        return v
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9-]{1,32}", v):
+            raise ValueError(f"must be a region name such as us-east-1, got {v!r}")
+        return v
+
+    @field_validator("account_id")
+    @classmethod
+    def _account(cls, v: str) -> str:
+        if not re.fullmatch(r"\d{12}", v):
+            raise ValueError(f"must be 12 digits, got {v!r}")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class BufferingConfig(_Model):
+    size_mib: int | None = None
+    interval_secs: int | None = None
+
+
+class SpoolConfig(_Model):
+    fsync: Literal["always", "interval", "never"] = "always"
+    fsync_interval_ms: int = Field(200, ge=1, le=60_000)
+    max_size_mib: int = Field(1024, ge=1)
+    segment_size_mib: int = Field(64, ge=1, le=1024)
+
+
+class DeliveryConfig(_Model):
+    """How the delivery runner treats this stream's destination."""
+
+    max_in_flight: int = Field(2, ge=1, le=64)
+    retry_initial_backoff_ms: int = Field(500, ge=1)
+    retry_max_backoff_ms: int = Field(30_000, ge=1)
+
+
+class StreamConfig(_Model):
+    name: str
+    buffering: BufferingConfig = BufferingConfig()
+    spool: SpoolConfig = SpoolConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    destination: Any
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not STREAM_NAME_RE.fullmatch(v):
+            raise ValueError(f"must match [a-zA-Z0-9_.-]{{1,64}} (Firehose's stream name rule), got {v!r}")
+        return v
+
+    @property
+    def size_bytes(self) -> int:
+        assert self.buffering.size_mib is not None
+        return self.buffering.size_mib << 20
+
+    @property
+    def interval_secs(self) -> int:
+        assert self.buffering.interval_secs is not None
+        return self.buffering.interval_secs
+
+    def fingerprint(self) -> str:
+        """A stable digest of everything that shapes the stream's output; a change bumps VersionId."""
+        import hashlib
+
+        import orjson
+
+        doc = self.model_dump(mode="json")
+        return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class DaemonConfig(_Model):
+    api: ApiConfig = ApiConfig()
+    data_dir: str = "./var/firehose"
+    shutdown_timeout_secs: int = Field(30, ge=1, le=3600)
+    streams: list[StreamConfig] = []
+    source: str = Field(DEFAULT_CONFIG_NAME, exclude=True)
+
+    def stream(self, name: str) -> StreamConfig | None:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        return None
+
+
+def _line_for(path: Path, lines: Mapping[Path, int]) -> int | None:
+    p = tuple(path)
+    while True:
+        if p in lines:
+            return lines[p]
+        if not p:
+            return None
+        p = p[:-1]
+
+
+def _describe_error(err: Any) -> str:
+    etype = err["type"]
+    value = err.get("input")
+    if etype == "extra_forbidden":
+        return "unknown field"
+    if etype == "missing":
+        return "required field is missing"
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, ") :]
+    if etype in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        return f"{msg[0].lower()}{msg[1:]}, got {value!r}"
+    return f"{msg[0].lower()}{msg[1:]}, got {value!r}"
+
+
+def _collect(exc: ValidationError, base: Path, file: str, lines: Mapping[Path, int], out: list[str]) -> None:
+    for err in exc.errors():
+        path = base + tuple(err["loc"])
+        line = _line_for(path, lines)
+        where = f"{file}:{line}" if line is not None else file
+        out.append(f"{where}: {format_path(path)}: {_describe_error(err)}")
+
+
+def parse_config(data: Any, file: str, lines: Mapping[Path, int] | None = None) -> DaemonConfig:
+    """Validate already-loaded config data. Raises :class:`ConfigError` listing every problem."""
+    lines = lines or {}
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"{file}:1: the top level must be a mapping (api, data_dir, streams, ...)"])
+    try:
+        cfg = DaemonConfig.model_validate({**data, "source": file})
+    except ValidationError as exc:
+        _collect(exc, (), file, lines, errors)
+        raise ConfigError(errors) from None
+
+    streams: list[StreamConfig] = []
+    seen: dict[str, int] = {}
+    for i, stream in enumerate(cfg.streams):
+        base: Path = ("streams", i)
+        if stream.name in seen:
+            line = _line_for(base + ("name",), lines)
+            errors.append(
+                f"{file}:{line}: streams[{i}].name: duplicate stream name {stream.name!r} "
+                f"(also streams[{seen[stream.name]}])"
+            )
+        seen.setdefault(stream.name, i)
+        resolved = _resolve_destination(stream, base, file, lines, errors)
+        if resolved is not None:
+            streams.append(resolved)
+    if errors:
+        raise ConfigError(errors)
+    return cfg.model_copy(update={"streams": streams})
+
+
+def _resolve_destination(
+    stream: StreamConfig, base: Path, file: str, lines: Mapping[Path, int], errors: list[str]
+) -> StreamConfig | None:
+    raw = stream.destination
+    dpath = base + ("destination",)
+    dline = _line_for(dpath, lines)
+    if not isinstance(raw, dict):
+        errors.append(f"{file}:{dline}: {format_path(dpath)}: must be a mapping with a 'type' field")
+        return None
+    type_name = raw.get("type")
+    if not isinstance(type_name, str):
+        errors.append(f"{file}:{dline}: {format_path(dpath)}.type: required field is missing")
+        return None
+    try:
+        cls = destination_config_class(type_name)
+    except UnknownTypeError as exc:
+        line = _line_for(dpath + ("type",), lines)
+        errors.append(f"{file}:{line}: {format_path(dpath)}.type: {exc}")
+        return None
+    try:
+        dest = cls.model_validate(raw)
+    except ValidationError as exc:
+        _collect(exc, dpath, file, lines, errors)
+        return None
+    limits: BufferingLimits = dest.buffering_limits()
+    size = stream.buffering.size_mib
+    interval = stream.buffering.interval_secs
+    ok = True
+    bpath = base + ("buffering",)
+    if size is None:
+        size = limits.default_size_mib
+    elif not limits.min_size_mib <= size <= limits.max_size_mib:
+        line = _line_for(bpath + ("size_mib",), lines)
+        errors.append(
+            f"{file}:{line}: {format_path(bpath)}.size_mib: must be between {limits.min_size_mib} and "
+            f"{limits.max_size_mib} for a {type_name} destination, got {size}"
+        )
+        ok = False
+    if interval is None:
+        interval = limits.default_interval_secs
+    elif not limits.min_interval_secs <= interval <= limits.max_interval_secs:
+        line = _line_for(bpath + ("interval_secs",), lines)
+        errors.append(
+            f"{file}:{line}: {format_path(bpath)}.interval_secs: must be between {limits.min_interval_secs} "
+            f"and {limits.max_interval_secs} for a {type_name} destination, got {interval}"
+        )
+        ok = False
+    if not ok:
+        return None
+    return stream.model_copy(
+        update={"destination": dest, "buffering": BufferingConfig(size_mib=size, interval_secs=interval)}
+    )
+
+
+def load_config_text(text: str, file: str, env: Mapping[str, str] | None = None) -> DaemonConfig:
+    try:
+        data, lines = load_yaml(text, file, env)
+    except YamlError as exc:
+        raise ConfigError([str(exc)]) from None
+    return parse_config(data, file, lines)
+
+
+def load_config(path: str | None, env: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Load a config file, or the embedded default when ``path`` is None."""
+    if path is None:
+        text = resources.files("firehose").joinpath("default.yaml").read_text(encoding="utf-8")
+        return load_config_text(text, DEFAULT_CONFIG_NAME, env)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    return load_config_text(text, path, env)

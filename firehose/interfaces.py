@@ -1,0 +1,127 @@
+"""The contracts between the core and its plugins: buffering limits, batches, destinations.
+
+Exception-free delivery results: a destination never raises for a record it could not deliver;
+it says, per record, whether the failure is worth retrying. The delivery runner (one place) owns
+backoff, the retry window and the backup route.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+
+@dataclass(frozen=True)
+class BufferingLimits:
+    """A destination's buffering hint ranges and defaults (Firehose's, reference §3)."""
+
+    min_size_mib: int
+    max_size_mib: int
+    default_size_mib: int
+    min_interval_secs: int
+    max_interval_secs: int
+    default_interval_secs: int
+
+
+class Outcome(enum.Enum):
+    DELIVERED = "delivered"
+    RETRYABLE = "retryable"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class RecordFailure:
+    retryable: bool
+    error_code: str
+    error_message: str
+
+
+@dataclass
+class DeliveryResult:
+    """Per-record outcome of one delivery attempt. ``failures`` maps a record's index in the
+    batch to why it failed; every index not in it was delivered."""
+
+    failures: dict[int, RecordFailure] = field(default_factory=dict)
+
+    @classmethod
+    def delivered(cls) -> DeliveryResult:
+        return cls({})
+
+    @classmethod
+    def all_failed(cls, count: int, *, retryable: bool, code: str, message: str) -> DeliveryResult:
+        failure = RecordFailure(retryable, code, message)
+        return cls({i: failure for i in range(count)})
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class Batch:
+    """A sealed batch handed to a destination.
+
+    ``key`` is the identity decided once at seal time (for S3-like destinations, the full object
+    key). Re-sending a batch after a crash uses the same key, so an idempotent destination
+    overwrites rather than duplicates. ``records`` are the record bytes in arrival order.
+    """
+
+    stream: str
+    batch_id: int
+    key: str
+    records: Sequence[bytes]
+    oldest_arrival_ms: int
+    attempt: int = 1
+    meta: Sequence[Any] | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(r) for r in self.records)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a destination config needs to build its runtime object."""
+
+    stream_name: str
+    version: int
+    region: str
+    account_id: str
+    data_dir: str
+    log: Any = field(default_factory=lambda: structlog.get_logger())
+
+
+class Destination(abc.ABC):
+    """A delivery target. Implementations are built by their config class's ``build()``.
+
+    Contract:
+    * ``batch_key`` decides a batch's identity; the runner records it in the spool before the
+      first ``deliver`` and reuses it for every retry and every replay after a crash.
+    * ``deliver`` sends one batch (or, on a retry, the subset of its records that failed) and
+      returns per-record outcomes; it raises only on programming errors. It may take as long as
+      the destination needs to acknowledge (several deliveries run concurrently per stream), but
+      every network call inside it has a timeout.
+    * Each destination documents its guarantee (S3 and local: exactly-once objects, since a
+      replay overwrites the same key).
+    """
+
+    async def start(self) -> None:
+        """Open connections; must not fail when the destination is down (delivery retries)."""
+
+    @abc.abstractmethod
+    def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
+        """The identity of a new batch whose oldest record arrived at ``oldest_arrival`` (UTC)."""
+
+    @abc.abstractmethod
+    async def deliver(self, batch: Batch) -> DeliveryResult:
+        """Send the batch; see the class docstring."""
+
+    async def close(self) -> None:
+        """Release connections. Called after the last ``deliver`` returned."""

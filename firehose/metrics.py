@@ -1,0 +1,44 @@
+"""Prometheus metrics under Firehose's CloudWatch names.
+
+A CloudWatch metric ``DeliveryToS3.Records`` becomes ``firehose_DeliveryToS3_Records_total``
+(counters) with the ``DeliveryStreamName`` label, so dashboards written for CloudWatch map one to
+one. Gauges keep the plain name (``firehose_DeliveryToS3_DataFreshness``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+LABEL = "DeliveryStreamName"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"firehose_{name}", doc, [LABEL], registry=r)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"firehose_{name}", doc, [LABEL], registry=r)
+
+        self.incoming_records = counter("IncomingRecords", "Records accepted (IncomingRecords)")
+        self.incoming_bytes = counter("IncomingBytes", "Record bytes accepted (IncomingBytes)")
+        self.incoming_put_requests = counter("IncomingPutRequests", "Accepted PutRecord/PutRecordBatch calls")
+        self.throttled_records = counter("ThrottledRecords", "Records refused with ServiceUnavailableException")
+        self.delivery_records = counter("DeliveryToS3_Records", "Records delivered (DeliveryToS3.Records)")
+        self.delivery_bytes = counter("DeliveryToS3_Bytes", "Record bytes delivered (DeliveryToS3.Bytes)")
+        self.delivery_objects = counter("DeliveryToS3_ObjectCount", "Objects written")
+        self.delivery_attempts = counter("DeliveryToS3_Attempts", "Delivery attempts")
+        self.delivery_failures = counter("DeliveryToS3_Failures", "Delivery attempts that failed")
+        self.delivery_retries = counter("DeliveryToS3_Retries", "Delivery attempts scheduled for retry")
+        self.delivery_success = gauge("DeliveryToS3_Success", "1 if the last delivery attempt succeeded, else 0")
+        self.data_freshness = gauge(
+            "DeliveryToS3_DataFreshness", "Age in seconds of the oldest record not yet delivered"
+        )
+        self.spool_bytes = gauge("SpoolBytes", "Bytes held in the stream's spool")
+        self.backlog_records = gauge("BacklogRecords", "Acknowledged records not yet delivered")
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

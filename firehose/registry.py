@@ -1,0 +1,41 @@
+"""The one table that maps a config ``type:`` string to the class that implements it.
+
+Built-ins are named here as import strings and imported lazily, so the core never imports a
+plugin it does not use and a missing optional dependency fails only for the stream that needs
+it. Third-party plugins register through the ``firehose.destinations`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+BUILTIN_DESTINATIONS: dict[str, str] = {
+    "s3": "destinations.s3:S3DestinationConfig",
+    "local": "destinations.local:LocalDestinationConfig",
+}
+
+
+class UnknownTypeError(ValueError):
+    pass
+
+
+def _plugins(group: str) -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def known_destination_types() -> list[str]:
+    return sorted(set(BUILTIN_DESTINATIONS) | set(_plugins("firehose.destinations")))
+
+
+def destination_config_class(type_name: str) -> type:
+    """The config class for a destination ``type:``; ``UnknownTypeError`` names the known ones."""
+    if type_name in BUILTIN_DESTINATIONS:
+        module_name, _, attr = BUILTIN_DESTINATIONS[type_name].partition(":")
+        return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    plugins = _plugins("firehose.destinations")
+    if type_name in plugins:
+        return plugins[type_name].load()  # type: ignore[no-any-return]
+    known = ", ".join(known_destination_types())
+    raise UnknownTypeError(f"unknown type {type_name!r}; known: {known}")

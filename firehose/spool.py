@@ -1,0 +1,672 @@
+"""The durable spool: an append-only, segmented log per delivery stream.
+
+Contract (DESIGN.md, "Acknowledged means durable" and "Exactly-once objects"):
+
+* ``append_records`` writes a frame of records (plus, optionally, per-record source metadata and
+  source positions such as a file offset or shard checkpoint) and ``wait_durable`` returns once
+  that frame is fsynced. Concurrent waiters share one fsync (group commit). A source acknowledges
+  only after ``wait_durable``.
+* ``append_seal`` records a batch's identity (its record ranges and its destination key) and is
+  always fsynced before it returns, whatever the fsync policy, so a batch is never re-decided.
+* ``append_commit`` marks a batch finished (delivered, or archived with its error). Segments are
+  deleted oldest first once every record and every seal in them is committed.
+
+On open, the log is scanned: a torn frame at the tail of the newest segment (a crash mid-write) is
+truncated away; sealed but uncommitted batches come back as :class:`SealedBatch` to be re-sent
+under the same key; records never sealed are read again by the batcher in order.
+
+File format, version 1. Each segment ``seg-<number>.log`` starts with a 12-byte header
+(``FHSPOOL\\0``, u16 format version, u16 reserved); frames follow, each ``u32 payload length, u32
+CRC32 of type+payload, u8 type`` then the payload. A RECORDS payload is ``u64 first_seq, u64
+arrival_ms, u32 count, u16 flags``, ``count`` little-endian u32 lengths, the record bytes, then
+optional JSON sections (per-record metadata, source positions) each prefixed by a u32 length.
+SEAL, COMMIT and CHECKPOINT payloads are JSON. A reader refuses a newer format version with a
+message that says so, rather than guessing.
+
+Thread-safety: a Spool belongs to one asyncio event loop; only fsyncs run on its worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import os
+import struct
+import sys
+import zlib
+from array import array
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from firehose.intervals import IntervalSet
+
+FORMAT_VERSION = 1
+SEGMENT_MAGIC = b"FHSPOOL\x00"
+_SEG_HEADER = struct.Struct(">8sHH")
+_FRAME_HEADER = struct.Struct(">IIB")
+_RECORDS_HEAD = struct.Struct(">QQIH")
+
+T_RECORDS = 1
+T_SEAL = 2
+T_COMMIT = 3
+T_CHECKPOINT = 4
+
+F_META = 1
+F_POSITIONS = 2
+
+FsyncPolicy = Literal["always", "interval", "never"]
+
+
+class SpoolError(Exception):
+    """The spool cannot be opened or written; the message names the file."""
+
+
+class SpoolFullError(SpoolError):
+    """The stream's spool is at its size cap; callers answer with back-pressure."""
+
+
+@dataclass
+class RecordFrame:
+    """A RECORDS frame as read back: the records of one append, in order."""
+
+    first_seq: int
+    arrival_ms: int
+    records: list[bytes]
+    meta: list[Any] | None = None
+
+    @property
+    def end_seq(self) -> int:
+        return self.first_seq + len(self.records)
+
+
+@dataclass
+class SealedBatch:
+    """A batch identity recorded by ``append_seal``."""
+
+    batch_id: int
+    key: str
+    ranges: list[tuple[int, int]]
+    oldest_arrival_ms: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def record_count(self) -> int:
+        return sum(e - s for s, e in self.ranges)
+
+
+@dataclass
+class _FrameRef:
+    segment: int
+    offset: int  # offset of the frame header in the segment file
+    length: int  # payload length
+    first_seq: int
+    end_seq: int
+
+
+@dataclass
+class _Segment:
+    number: int
+    path: str
+    size: int
+    first_seq: int | None = None
+    end_seq: int | None = None
+    seal_ids: set[int] = field(default_factory=set)
+
+
+def _segment_name(number: int) -> str:
+    return f"seg-{number:012d}.log"
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def encode_records_frame(
+    first_seq: int,
+    arrival_ms: int,
+    records: Sequence[bytes],
+    meta: list[Any] | None = None,
+    positions: dict[str, Any] | None = None,
+) -> bytes:
+    lengths = array("I", [len(r) for r in records])
+    if not _LITTLE:  # pragma: no cover - the format is little-endian on disk
+        lengths.byteswap()
+    flags = (F_META if meta is not None else 0) | (F_POSITIONS if positions else 0)
+    parts: list[bytes] = [_RECORDS_HEAD.pack(first_seq, arrival_ms, len(records), flags), lengths.tobytes()]
+    parts.extend(records)
+    if meta is not None:
+        blob = orjson.dumps(meta)
+        parts.append(struct.pack(">I", len(blob)))
+        parts.append(blob)
+    if positions:
+        blob = orjson.dumps(positions)
+        parts.append(struct.pack(">I", len(blob)))
+        parts.append(blob)
+    return _frame(T_RECORDS, b"".join(parts))
+
+
+def _frame(ftype: int, payload: bytes) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(bytes((ftype,))))
+    return _FRAME_HEADER.pack(len(payload), crc, ftype) + payload
+
+
+def decode_records_payload(payload: bytes) -> tuple[RecordFrame, dict[str, Any] | None]:
+    first_seq, arrival_ms, count, flags = _RECORDS_HEAD.unpack_from(payload, 0)
+    pos = _RECORDS_HEAD.size
+    lengths = array("I")
+    lengths.frombytes(payload[pos : pos + 4 * count])
+    if not _LITTLE:  # pragma: no cover
+        lengths.byteswap()
+    pos += 4 * count
+    view = memoryview(payload)
+    records: list[bytes] = []
+    for n in lengths:
+        records.append(bytes(view[pos : pos + n]))
+        pos += n
+    meta = None
+    positions = None
+    if flags & F_META:
+        (n,) = struct.unpack_from(">I", payload, pos)
+        meta = orjson.loads(view[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    if flags & F_POSITIONS:
+        (n,) = struct.unpack_from(">I", payload, pos)
+        positions = orjson.loads(view[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return RecordFrame(first_seq, arrival_ms, records, meta), positions
+
+
+@dataclass
+class RecoveryState:
+    """What :meth:`Spool.open` found: work to resume."""
+
+    pending: list[SealedBatch]
+    positions: dict[str, Any]
+    unsealed_records: int
+    truncated_bytes: int
+
+
+class Spool:
+    """One stream's durable log. See the module docstring for the contract."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        fsync: FsyncPolicy = "always",
+        fsync_interval_ms: int = 200,
+        max_size_bytes: int = 1 << 30,
+        segment_size_bytes: int = 64 << 20,
+        cache_bytes: int = 64 << 20,
+    ) -> None:
+        self.directory = directory
+        self.fsync_policy: FsyncPolicy = fsync
+        self.fsync_interval = fsync_interval_ms / 1000.0
+        self.max_size_bytes = max_size_bytes
+        self.segment_size_bytes = segment_size_bytes
+        self._cache_limit = cache_bytes
+        self._segments: dict[int, _Segment] = {}
+        self._frames: list[_FrameRef] = []  # ascending first_seq; trimmed as segments go
+        self._frame_starts: list[int] = []
+        self._active: _Segment | None = None
+        self._fd = -1
+        self._read_fds: dict[int, int] = {}
+        self._to_close: list[int] = []
+        self._dir_dirty = False
+        self.next_seq = 0
+        self.next_batch_id = 1
+        self.min_seq = 0
+        self.size_bytes = 0
+        self.positions: dict[str, Any] = {}
+        self.sealed = IntervalSet()
+        self.committed = IntervalSet()
+        self._seals: dict[int, SealedBatch] = {}
+        self._committed_ids: set[int] = set()
+        self._cache: dict[int, RecordFrame] = {}
+        self._cache_size = 0
+        self._written = 0
+        self._synced = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._sync_task: asyncio.Task[None] | None = None
+        self._interval_task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync")
+        self._closed = False
+
+    # ------------------------------------------------------------------ open / recovery
+    def open(self) -> RecoveryState:
+        """Scan the log (blocking I/O; call before serving). Returns the work to resume."""
+        os.makedirs(self.directory, exist_ok=True)
+        names = sorted(n for n in os.listdir(self.directory) if n.startswith("seg-") and n.endswith(".log"))
+        truncated = 0
+        commits: list[int] = []
+        for idx, name in enumerate(names):
+            number = int(name[4:-4])
+            path = os.path.join(self.directory, name)
+            seg = _Segment(number, path, 0)
+            self._segments[number] = seg
+            truncated += self._scan_segment(seg, last=idx == len(names) - 1, commits=commits)
+        for batch_id in commits:
+            self._committed_ids.add(batch_id)
+            seal = self._seals.get(batch_id)
+            if seal is not None:
+                for s, e in seal.ranges:
+                    self.committed.add(s, e)
+        if self._frames:
+            self.min_seq = self._frames[0].first_seq
+        else:
+            self.min_seq = self.next_seq
+        self.size_bytes = sum(s.size for s in self._segments.values())
+        pending = [b for bid, b in sorted(self._seals.items()) if bid not in self._committed_ids]
+        # Sealed batches already committed need no memory once their segment is gone.
+        for bid in list(self._seals):
+            if bid in self._committed_ids:
+                del self._seals[bid]
+        self._open_new_segment()
+        self._trim()
+        unsealed = 0
+        seq = self.min_seq
+        while seq < self.next_seq:
+            gap = self.sealed.next_gap(seq)
+            if gap >= self.next_seq:
+                break
+            nxt = self._next_sealed_start(gap)
+            unsealed += nxt - gap
+            seq = nxt
+        return RecoveryState(pending, dict(self.positions), unsealed, truncated)
+
+    def _next_sealed_start(self, seq: int) -> int:
+        for s, _e in self.sealed.ranges():
+            if s > seq:
+                return min(s, self.next_seq)
+        return self.next_seq
+
+    def _scan_segment(self, seg: _Segment, *, last: bool, commits: list[int]) -> int:
+        with open(seg.path, "rb") as f:
+            data = f.read()
+        if len(data) < _SEG_HEADER.size:
+            if last:
+                os.truncate(seg.path, 0)
+                seg.size = 0
+                return len(data)
+            raise SpoolError(f"{seg.path}: segment header is truncated; the spool is damaged")
+        magic, version, _ = _SEG_HEADER.unpack_from(data, 0)
+        if magic != SEGMENT_MAGIC:
+            raise SpoolError(f"{seg.path}: not a firehose spool segment (bad magic)")
+        if version > FORMAT_VERSION:
+            raise SpoolError(
+                f"{seg.path}: spool format version {version} was written by a newer firehose; "
+                f"this release reads version {FORMAT_VERSION}. Upgrade firehose or restore its data_dir."
+            )
+        pos = _SEG_HEADER.size
+        end = len(data)
+        view = memoryview(data)
+        while pos < end:
+            if end - pos < _FRAME_HEADER.size:
+                break
+            length, crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
+            body_start = pos + _FRAME_HEADER.size
+            if body_start + length > end:
+                break
+            payload = view[body_start : body_start + length]
+            if zlib.crc32(payload, zlib.crc32(bytes((ftype,)))) != crc:
+                break
+            self._apply_frame(seg, pos, ftype, bytes(payload), commits)
+            pos = body_start + length
+        if pos < end:
+            if not last:
+                raise SpoolError(
+                    f"{seg.path}: damaged frame at offset {pos} in a segment that is not the newest; "
+                    "refusing to guess which records it held"
+                )
+            # A torn write at the tail: it was never acknowledged (acks follow fsync), so drop it.
+            os.truncate(seg.path, pos)
+        seg.size = pos
+        return end - pos
+
+    def _apply_frame(self, seg: _Segment, offset: int, ftype: int, payload: bytes, commits: list[int]) -> None:
+        if ftype == T_RECORDS:
+            first_seq, _arrival, count, flags = _RECORDS_HEAD.unpack_from(payload, 0)
+            ref = _FrameRef(seg.number, offset, len(payload), first_seq, first_seq + count)
+            self._add_frame_ref(seg, ref)
+            self.next_seq = max(self.next_seq, first_seq + count)
+            if flags & F_POSITIONS:
+                _frame, positions = decode_records_payload(payload)
+                if positions:
+                    self.positions.update(positions)
+        elif ftype == T_SEAL:
+            doc = orjson.loads(payload)
+            batch = SealedBatch(
+                doc["id"], doc["key"], [tuple(r) for r in doc["ranges"]], doc["oldest"], doc.get("info", {})
+            )
+            self._seals[batch.batch_id] = batch
+            seg.seal_ids.add(batch.batch_id)
+            for s, e in batch.ranges:
+                self.sealed.add(s, e)
+            self.next_batch_id = max(self.next_batch_id, batch.batch_id + 1)
+        elif ftype == T_COMMIT:
+            commits.append(orjson.loads(payload)["id"])
+        elif ftype == T_CHECKPOINT:
+            doc = orjson.loads(payload)
+            self.next_seq = max(self.next_seq, doc["next_seq"])
+            self.next_batch_id = max(self.next_batch_id, doc["next_batch_id"])
+            self.positions.update(doc.get("positions", {}))
+        else:
+            raise SpoolError(f"{seg.path}: unknown frame type {ftype} at offset {offset}")
+
+    def _add_frame_ref(self, seg: _Segment, ref: _FrameRef) -> None:
+        self._frames.append(ref)
+        self._frame_starts.append(ref.first_seq)
+        if seg.first_seq is None:
+            seg.first_seq = ref.first_seq
+        seg.end_seq = ref.end_seq
+
+    # ------------------------------------------------------------------ writing
+    def _open_new_segment(self) -> None:
+        number = max(self._segments, default=0) + 1
+        path = os.path.join(self.directory, _segment_name(number))
+        if self._fd >= 0:
+            self._to_close.append(self._fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        seg = self._segments.get(number) or _Segment(number, path, 0)
+        if seg.size == 0:
+            os.ftruncate(fd, 0)
+            os.write(fd, _SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0))
+            seg.size = _SEG_HEADER.size
+            self.size_bytes += _SEG_HEADER.size
+            # Each segment opens with the counters and source positions, so trimming old
+            # segments never loses them.
+            doc = {"next_seq": self.next_seq, "next_batch_id": self.next_batch_id, "positions": self.positions}
+            self._write(seg, fd, _frame(T_CHECKPOINT, orjson.dumps(doc)))
+        self._segments[number] = seg
+        self._active = seg
+        self._fd = fd
+        self._dir_dirty = True
+
+    def _write(self, seg: _Segment, fd: int, data: bytes) -> int:
+        offset = seg.size
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        seg.size += len(data)
+        self.size_bytes += len(data)
+        self._written += 1
+        return offset
+
+    def _append(self, data: bytes) -> tuple[_Segment, int]:
+        if self._closed:
+            raise SpoolError(f"{self.directory}: spool is closed")
+        assert self._active is not None
+        if self._active.size + len(data) > self.segment_size_bytes and self._active.size > 4096:
+            self._open_new_segment()
+        seg = self._active
+        return seg, self._write(seg, self._fd, data)
+
+    def has_room(self, nbytes: int) -> bool:
+        return self.size_bytes + nbytes <= self.max_size_bytes
+
+    def append_records(
+        self,
+        records: Sequence[bytes],
+        arrival_ms: int,
+        *,
+        meta: list[Any] | None = None,
+        positions: dict[str, Any] | None = None,
+        enforce_cap: bool = True,
+    ) -> int:
+        """Write one frame of records; returns the first sequence number. Not yet durable:
+        await :meth:`wait_durable` before acknowledging. Raises :class:`SpoolFullError` at the cap."""
+        first_seq = self.next_seq
+        data = encode_records_frame(first_seq, arrival_ms, records, meta, positions)
+        if enforce_cap and not self.has_room(len(data)):
+            raise SpoolFullError(f"spool {self.directory} is at its cap of {self.max_size_bytes} bytes")
+        seg, offset = self._append(data)
+        self.next_seq = first_seq + len(records)
+        ref = _FrameRef(seg.number, offset, len(data) - _FRAME_HEADER.size, first_seq, self.next_seq)
+        self._add_frame_ref(seg, ref)
+        if positions:
+            self.positions.update(positions)
+        nbytes = sum(len(r) for r in records)
+        if self._cache_size + nbytes <= self._cache_limit:
+            self._cache[first_seq] = RecordFrame(first_seq, arrival_ms, list(records), meta)
+            self._cache_size += nbytes
+        return first_seq
+
+    async def append_seal(self, batch: SealedBatch) -> None:
+        """Record a batch identity durably (always fsynced: exactly-once depends on it)."""
+        doc = {
+            "id": batch.batch_id,
+            "key": batch.key,
+            "ranges": batch.ranges,
+            "oldest": batch.oldest_arrival_ms,
+            "info": batch.info,
+        }
+        seg, _ = self._append(_frame(T_SEAL, orjson.dumps(doc)))
+        seg.seal_ids.add(batch.batch_id)
+        self._seals[batch.batch_id] = batch
+        for s, e in batch.ranges:
+            self.sealed.add(s, e)
+        await self.wait_durable(force=True)
+
+    def allocate_batch_id(self) -> int:
+        bid = self.next_batch_id
+        self.next_batch_id += 1
+        return bid
+
+    def append_commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None:
+        """Mark a sealed batch finished. Durability of the commit itself is not awaited: if it is
+        lost in a crash, the batch is re-sent under the same key, which overwrites."""
+        doc: dict[str, Any] = {"id": batch_id}
+        if info:
+            doc["info"] = info
+        self._append(_frame(T_COMMIT, orjson.dumps(doc)))
+        self._committed_ids.add(batch_id)
+        batch = self._seals.pop(batch_id, None)
+        if batch is not None:
+            for s, e in batch.ranges:
+                self.committed.add(s, e)
+        self._trim()
+        if self.fsync_policy != "never":
+            self._kick_sync()
+
+    # ------------------------------------------------------------------ durability
+    async def wait_durable(self, *, force: bool = False) -> None:
+        """Return once everything appended before the call is on disk (per the fsync policy;
+        ``force`` fsyncs whatever the policy). Concurrent callers share one fsync."""
+        if not force and self.fsync_policy != "always":
+            if self.fsync_policy == "interval":
+                self._ensure_interval_task()
+            return
+        target = self._written
+        if self._synced >= target and not self._dir_dirty:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        self._kick_sync()
+        await fut
+
+    def _kick_sync(self) -> None:
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+
+    async def _sync_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            target = self._written
+            if target <= self._synced and not self._dir_dirty and not self._to_close:
+                break
+            fds = [self._fd] if self._fd >= 0 else []
+            closing, self._to_close = self._to_close, []
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
+            try:
+                await loop.run_in_executor(self._executor, self._fsync_all, fds, closing, dir_dirty)
+            except OSError as exc:
+                for _t, fut in self._waiters:
+                    if not fut.done():
+                        fut.set_exception(SpoolError(f"{self.directory}: fsync failed: {exc}"))
+                self._waiters.clear()
+                raise
+            self._synced = max(self._synced, target)
+            still: list[tuple[int, asyncio.Future[None]]] = []
+            for t, fut in self._waiters:
+                if t <= self._synced:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    still.append((t, fut))
+            self._waiters = still
+            if not self._waiters and self.fsync_policy != "always":
+                break
+
+    def _fsync_all(self, fds: list[int], closing: list[int], dir_dirty: bool) -> None:
+        for fd in closing:
+            os.fsync(fd)
+            os.close(fd)
+        for fd in fds:
+            os.fsync(fd)
+        if dir_dirty:
+            dfd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def _ensure_interval_task(self) -> None:
+        if self._interval_task is None or self._interval_task.done():
+            self._interval_task = asyncio.get_running_loop().create_task(self._interval_loop())
+
+    async def _interval_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.fsync_interval)
+            if self._written > self._synced or self._dir_dirty:
+                self._kick_sync()
+
+    # ------------------------------------------------------------------ reading
+    def frame_at(self, seq: int) -> RecordFrame | None:
+        """The RECORDS frame containing ``seq`` (from memory when recent, else from disk)."""
+        i = bisect.bisect_right(self._frame_starts, seq) - 1
+        if i < 0:
+            return None
+        ref = self._frames[i]
+        if not (ref.first_seq <= seq < ref.end_seq):
+            return None
+        cached = self._cache.get(ref.first_seq)
+        if cached is not None:
+            return cached
+        frame, _ = decode_records_payload(self._read_payload(ref))
+        return frame
+
+    def release_cache(self, first_seq: int) -> None:
+        """The batcher has consumed this frame; drop the in-memory copy."""
+        frame = self._cache.pop(first_seq, None)
+        if frame is not None:
+            self._cache_size -= sum(len(r) for r in frame.records)
+
+    def _read_payload(self, ref: _FrameRef) -> bytes:
+        fd = self._read_fds.get(ref.segment)
+        if fd is None:
+            fd = os.open(self._segments[ref.segment].path, os.O_RDONLY)
+            self._read_fds[ref.segment] = fd
+        return os.pread(fd, ref.length, ref.offset + _FRAME_HEADER.size)
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:
+        """Record bytes (and per-record metadata, if any) for sealed ranges, in order."""
+        out: list[bytes] = []
+        metas: list[Any] = []
+        has_meta = False
+        for start, end in ranges:
+            seq = start
+            while seq < end:
+                frame = self.frame_at(seq)
+                if frame is None:
+                    raise SpoolError(f"{self.directory}: record {seq} is missing from the spool")
+                lo = seq - frame.first_seq
+                hi = min(end, frame.end_seq) - frame.first_seq
+                out.extend(frame.records[lo:hi])
+                if frame.meta is not None:
+                    has_meta = True
+                    metas.extend(frame.meta[lo:hi])
+                else:
+                    metas.extend([None] * (hi - lo))
+                seq = frame.first_seq + hi
+        return out, (metas if has_meta else None)
+
+    def iter_frames(self, from_seq: int) -> Iterator[RecordFrame]:
+        seq = from_seq
+        while seq < self.next_seq:
+            frame = self.frame_at(seq)
+            if frame is None:
+                return
+            yield frame
+            seq = frame.end_seq
+
+    # ------------------------------------------------------------------ trimming
+    def _trim(self) -> None:
+        """Delete the oldest segments whose records and seals are all committed."""
+        for number in sorted(self._segments):
+            seg = self._segments[number]
+            if seg is self._active:
+                break
+            if seg.first_seq is not None and not self.committed.covers(seg.first_seq, seg.end_seq or 0):
+                break
+            if any(bid not in self._committed_ids for bid in seg.seal_ids):
+                break
+            self._delete_segment(seg)
+
+    def _delete_segment(self, seg: _Segment) -> None:
+        fd = self._read_fds.pop(seg.number, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(seg.path)
+        except FileNotFoundError:
+            pass
+        self.size_bytes -= seg.size
+        del self._segments[seg.number]
+        self._committed_ids.difference_update(seg.seal_ids)
+        drop = 0
+        while drop < len(self._frames) and self._frames[drop].segment == seg.number:
+            drop += 1
+        for ref in self._frames[:drop]:
+            self.release_cache(ref.first_seq)
+        del self._frames[:drop]
+        del self._frame_starts[:drop]
+        if seg.end_seq is not None:
+            self.min_seq = max(self.min_seq, seg.end_seq)
+            self.committed.discard_below(self.min_seq)
+            self.sealed.discard_below(self.min_seq)
+        self._dir_dirty = True
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.size_bytes
+
+    # ------------------------------------------------------------------ close
+    async def aclose(self) -> None:
+        """Fsync what was written and release file descriptors."""
+        if self._closed:
+            return
+        if self._fd >= 0:
+            await self.wait_durable(force=True)
+        self._closed = True
+        if self._interval_task is not None:
+            self._interval_task.cancel()
+        if self._sync_task is not None and not self._sync_task.done():
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+        for fd in self._to_close:
+            os.close(fd)
+        self._to_close = []
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for fd in self._read_fds.values():
+            os.close(fd)
+        self._read_fds.clear()
+        self._executor.shutdown(wait=True)

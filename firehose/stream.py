@@ -1,0 +1,364 @@
+"""One delivery stream at run time: spool -> batcher -> delivery runner -> destination.
+
+The batcher reads records from the spool in sequence order, fills the open buffer and seals a
+batch when the buffer reaches ``size_mib`` or its oldest record is ``interval_secs`` old,
+whichever comes first. Sealing records the batch's identity in the spool (fsynced) before any
+upload. The delivery runner sends up to ``max_in_flight`` batches at once and retries failures
+with exponential backoff and full jitter, without limit: records are never dropped here. Only
+after a batch is delivered is it committed, and only then is its spool space freed.
+
+Memory is bounded by the open buffer plus ``max_in_flight + 1`` sealed batches: when delivery
+falls behind, the batcher stops reading and the backlog stays on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from firehose.clock import Clock, SystemClock
+from firehose.config import StreamConfig
+from firehose.interfaces import Batch, BuildContext, Destination
+from firehose.metrics import Metrics
+from firehose.spool import RecoveryState, SealedBatch, Spool, SpoolFullError
+
+
+@dataclass
+class _Pending:
+    sealed: SealedBatch
+    records: list[bytes] | None  # None: read back from the spool when its delivery starts
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _OpenBuffer:
+    records: list[bytes] = field(default_factory=list)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    nbytes: int = 0
+    oldest_ms: int = 0
+
+    def add(self, seq: int, record: bytes, arrival_ms: int) -> None:
+        if not self.records or arrival_ms < self.oldest_ms:
+            self.oldest_ms = arrival_ms if not self.records else min(self.oldest_ms, arrival_ms)
+        self.records.append(record)
+        self.nbytes += len(record)
+        if self.ranges and self.ranges[-1][1] == seq:
+            self.ranges[-1] = (self.ranges[-1][0], seq + 1)
+        else:
+            self.ranges.append((seq, seq + 1))
+
+
+class StreamRuntime:
+    """Runs one configured stream. All methods run on the daemon's event loop."""
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        *,
+        data_dir: str,
+        version: int,
+        region: str,
+        account_id: str,
+        metrics: Metrics,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = version
+        self.region = region
+        self.account_id = account_id
+        self.data_dir = data_dir
+        self.metrics = metrics
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
+        self.log = structlog.get_logger().bind(stream=self.name)
+        sp = config.spool
+        self.spool = Spool(
+            os.path.join(data_dir, "spool", self.name),
+            fsync=sp.fsync,
+            fsync_interval_ms=sp.fsync_interval_ms,
+            max_size_bytes=sp.max_size_mib << 20,
+            segment_size_bytes=sp.segment_size_mib << 20,
+        )
+        self.destination: Destination | None = None
+        self._buffer = _OpenBuffer()
+        self._cursor = 0
+        self._pending: deque[_Pending] = deque()
+        self._in_flight = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._accepting = False
+        self._labels = {"DeliveryStreamName": self.name}
+        self.recovery: RecoveryState | None = None
+        self.delivered_records = 0
+        self.record_id_prefix = os.urandom(12).hex()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> RecoveryState:
+        """Recover the spool, build the destination, start batching and delivery."""
+        self.recovery = await asyncio.to_thread(self.spool.open)
+        ctx = BuildContext(self.name, self.version, self.region, self.account_id, self.data_dir, self.log)
+        self.destination = self.config.destination.build(ctx)
+        await self.destination.start()
+        for sealed in self.recovery.pending:
+            self._pending.append(_Pending(sealed, None))
+        self._cursor = self.spool.min_seq
+        self.log.info(
+            "stream_recovered",
+            pending_batches=len(self.recovery.pending),
+            unsealed_records=self.recovery.unsealed_records,
+            truncated_bytes=self.recovery.truncated_bytes,
+            spool_bytes=self.spool.size_bytes,
+        )
+        self._accepting = True
+        self._loop_task = asyncio.get_running_loop().create_task(self._batcher_loop(), name=f"batcher-{self.name}")
+        self._dispatch()
+        self._wake.set()
+        self._update_gauges()
+        return self.recovery
+
+    async def stop(self, timeout: float) -> bool:
+        """Stop accepting, seal the open buffer, deliver within ``timeout`` seconds. What is not
+        delivered by then stays in the spool (sealed batches keep their keys). Returns True when
+        everything sealed was delivered."""
+        self._accepting = False
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        if self._loop_task is not None:
+            self._wake.set()
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        try:
+            if self._buffer.records:
+                await asyncio.wait_for(self._seal(), max(0.1, deadline - time.monotonic()))
+        except (TimeoutError, OSError) as exc:
+            self.log.warning("stream_seal_on_stop_failed", error=str(exc))
+        self._dispatch()
+        tasks = [p.task for p in self._pending if p.task is not None]
+        clean = True
+        if self._pending:
+            remaining = max(0.0, deadline - time.monotonic())
+            done, not_done = await asyncio.wait(tasks, timeout=remaining) if tasks else (set(), set())
+            for t in not_done:
+                t.cancel()
+            if not_done:
+                await asyncio.gather(*not_done, return_exceptions=True)
+            clean = not self._pending
+        await self.spool.aclose()
+        if self.destination is not None:
+            await self.destination.close()
+        self.log.info("stream_stopped", clean=clean, pending_batches=len(self._pending))
+        return clean
+
+    # ------------------------------------------------------------------ ingest
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    async def put(self, records: list[bytes], arrival_ms: int | None = None) -> int:
+        """Append records and return once they are durable; the first record's sequence number.
+
+        Raises :class:`SpoolFullError` (nothing written) when the spool is at its cap."""
+        if not self._accepting:
+            raise SpoolFullError(f"stream {self.name} is not accepting records")
+        arrival = self.clock.now_ms() if arrival_ms is None else arrival_ms
+        first = self.spool.append_records(records, arrival)
+        self._wake.set()
+        await self.spool.wait_durable()
+        nbytes = sum(len(r) for r in records)
+        labels = self.name
+        self.metrics.incoming_records.labels(labels).inc(len(records))
+        self.metrics.incoming_bytes.labels(labels).inc(nbytes)
+        self.metrics.incoming_put_requests.labels(labels).inc()
+        return first
+
+    def record_id(self, seq: int) -> str:
+        # Unique across restarts: a per-process random prefix plus the spool sequence number.
+        return f"{self.record_id_prefix}{seq:016x}"
+
+    # ------------------------------------------------------------------ batching
+    async def _batcher_loop(self) -> None:
+        interval_ms = self.config.interval_secs * 1000
+        while not self._stopping:
+            timeout: float | None = None
+            if self._buffer.records:
+                due = self._buffer.oldest_ms + interval_ms
+                timeout = max(0.0, (due - self.clock.now_ms()) / 1000.0)
+            if timeout is None or timeout > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            try:
+                await self._pump()
+                if self._buffer.records and self.clock.now_ms() >= self._buffer.oldest_ms + interval_ms:
+                    await self._seal()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep the stream alive; the records stay in the spool
+                self.log.exception("batcher_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+            self._update_gauges()
+
+    def _room(self) -> bool:
+        return len(self._pending) <= self.config.delivery.max_in_flight
+
+    async def _pump(self) -> None:
+        size_limit = self.config.size_bytes
+        spool = self.spool
+        while self._cursor < spool.next_seq and self._room() and not self._stopping:
+            if self._cursor < spool.min_seq:
+                self._cursor = spool.min_seq
+                continue
+            frame = spool.frame_at(self._cursor)
+            if frame is None:  # pragma: no cover - the index always covers [min_seq, next_seq)
+                self.log.error("spool_gap", seq=self._cursor)
+                self._cursor += 1
+                continue
+            start = self._cursor - frame.first_seq
+            recs = frame.records
+            sealed_any = spool.sealed.next_gap(frame.first_seq) != frame.first_seq or any(
+                s < frame.end_seq and e > frame.first_seq for s, e in spool.sealed.ranges()
+            )
+            for i in range(start, len(recs)):
+                seq = frame.first_seq + i
+                if sealed_any and seq in spool.sealed:
+                    continue
+                rec = recs[i]
+                if self._buffer.records and self._buffer.nbytes + len(rec) > size_limit:
+                    await self._seal()
+                self._buffer.add(seq, rec, frame.arrival_ms)
+            self._cursor = frame.end_seq
+            spool.release_cache(frame.first_seq)
+            if self._buffer.nbytes >= size_limit:
+                await self._seal()
+
+    async def _seal(self) -> None:
+        buf = self._buffer
+        if not buf.records:
+            return
+        assert self.destination is not None
+        self._buffer = _OpenBuffer()
+        oldest = datetime.fromtimestamp(buf.oldest_ms / 1000.0, tz=UTC)
+        key = self.destination.batch_key(oldest, self.rng)
+        sealed = SealedBatch(
+            self.spool.allocate_batch_id(),
+            key,
+            buf.ranges,
+            buf.oldest_ms,
+            {"records": len(buf.records), "bytes": buf.nbytes},
+        )
+        await self.spool.append_seal(sealed)
+        self.log.debug("batch_sealed", batch_id=sealed.batch_id, key=key, records=len(buf.records))
+        self._pending.append(_Pending(sealed, buf.records))
+        self._dispatch()
+
+    # ------------------------------------------------------------------ delivery
+    def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        for pending in self._pending:
+            if self._in_flight >= self.config.delivery.max_in_flight:
+                break
+            if pending.task is None:
+                self._in_flight += 1
+                pending.task = loop.create_task(self._deliver(pending), name=f"deliver-{self.name}")
+
+    async def _deliver(self, pending: _Pending) -> None:
+        assert self.destination is not None
+        sealed = pending.sealed
+        try:
+            records = pending.records
+            if records is None:
+                records, _meta = await asyncio.to_thread(self.spool.read_ranges, sealed.ranges)
+            todo = list(range(len(records)))
+            attempt = 0
+            d = self.config.delivery
+            labels = self.name
+            while True:
+                attempt += 1
+                batch = Batch(
+                    self.name, sealed.batch_id, sealed.key, [records[i] for i in todo], sealed.oldest_arrival_ms, attempt
+                )
+                self.metrics.delivery_attempts.labels(labels).inc()
+                result = await self.destination.deliver(batch)
+                delivered = len(todo) - len(result.failures)
+                if delivered:
+                    nbytes = batch.size_bytes - sum(len(batch.records[i]) for i in result.failures)
+                    self.metrics.delivery_records.labels(labels).inc(delivered)
+                    self.metrics.delivery_bytes.labels(labels).inc(nbytes)
+                if result.ok:
+                    self.metrics.delivery_success.labels(labels).set(1)
+                    self.metrics.delivery_objects.labels(labels).inc()
+                    break
+                self.metrics.delivery_success.labels(labels).set(0)
+                self.metrics.delivery_failures.labels(labels).inc()
+                first = next(iter(result.failures.values()))
+                # Rejected records have nowhere else to go until a backup location exists, so
+                # they are retried too: nothing acknowledged is ever dropped silently.
+                todo = [todo[i] for i in sorted(result.failures)]
+                backoff_ms = min(d.retry_max_backoff_ms, d.retry_initial_backoff_ms * (2 ** min(attempt - 1, 20)))
+                delay = self.rng.uniform(backoff_ms / 2, backoff_ms) / 1000.0
+                self.metrics.delivery_retries.labels(labels).inc()
+                self.log.warning(
+                    "delivery_retry_scheduled",
+                    batch_id=sealed.batch_id,
+                    key=sealed.key,
+                    attempt=attempt,
+                    failed_records=len(todo),
+                    error_code=first.error_code,
+                    error_message=first.error_message[:300],
+                    delay_secs=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+            self.spool.append_commit(sealed.batch_id, {"attempts": attempt})
+            self.delivered_records += len(records)
+            self.log.info(
+                "batch_delivered",
+                batch_id=sealed.batch_id,
+                key=sealed.key,
+                records=len(records),
+                attempts=attempt,
+            )
+            self._pending.remove(pending)
+        finally:
+            self._in_flight -= 1
+            if pending in self._pending:
+                pending.task = None  # cancelled at shutdown: stays sealed in the spool
+            if not self._stopping:
+                self._dispatch()
+                self._wake.set()
+            self._update_gauges()
+
+    # ------------------------------------------------------------------ observability
+    def _update_gauges(self) -> None:
+        labels = self.name
+        self.metrics.spool_bytes.labels(labels).set(self.spool.size_bytes)
+        backlog = self.spool.next_seq - self.spool.min_seq - len(self.spool.committed)
+        self.metrics.backlog_records.labels(labels).set(max(0, backlog))
+        oldest: int | None = None
+        if self._pending:
+            oldest = min(p.sealed.oldest_arrival_ms for p in self._pending)
+        if self._buffer.records:
+            oldest = self._buffer.oldest_ms if oldest is None else min(oldest, self._buffer.oldest_ms)
+        age = 0.0 if oldest is None else max(0.0, (self.clock.now_ms() - oldest) / 1000.0)
+        self.metrics.data_freshness.labels(labels).set(age)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "spool_bytes": self.spool.size_bytes,
+            "pending_batches": len(self._pending),
+            "open_buffer_records": len(self._buffer.records),
+            "delivered_records": self.delivered_records,
+        }

@@ -1,0 +1,238 @@
+"""Test helpers: free ports, a moto S3 server process, the daemon as a subprocess."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(host: str, port: int, path: str = "/", timeout: float = 30.0, ok=(200,)) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(host, port, timeout=2)
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            if resp.status in ok:
+                return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"http://{host}:{port}{path} did not come up: {last}")
+
+
+class MotoServer:
+    """A real moto S3 server process (``moto[server]``), reached over HTTP by boto3."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        wait_http("127.0.0.1", self.port, "/moto-api/", timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+        )
+
+
+def s3_objects(client: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def local_objects(root: Path) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    if not root.exists():
+        return out
+    for p in root.rglob("*"):
+        if p.is_file() and ".tmp-" not in p.name:
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+class Daemon:
+    """``firehose run --config`` in a subprocess, as users run it."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], *, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.port = int(config["api"]["listen"].rpartition(":")[2])
+        self.config_path = workdir / "firehose.yaml"
+        self.log_path = workdir / "daemon.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write_config(config)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> Daemon:
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", **self.env}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "firehose", "run", "--config", str(self.config_path)],
+            cwd=self.workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                wait_http("127.0.0.1", self.port, "/healthz", timeout=0.5)
+                return
+            except TimeoutError:
+                continue
+        raise TimeoutError(f"daemon not ready:\n{self.logs()[-4000:]}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.logs().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    pass
+        return out
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._log.close()
+        return rc
+
+    def firehose(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "firehose",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+            config=Config(retries={"max_attempts": 1}),
+        )
+
+
+def stream_config(name: str, destination: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    cfg = {"name": name, "buffering": {"size_mib": 1, "interval_secs": 1}, "destination": destination}
+    cfg.update(extra)
+    return cfg
+
+
+def daemon_config(tmp: Path, streams: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    cfg = {
+        "api": {"listen": f"127.0.0.1:{free_port()}"},
+        "data_dir": str(tmp / "data"),
+        "shutdown_timeout_secs": 20,
+        "streams": streams,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def raw_call(port: int, target: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """One Firehose API call over raw HTTP (for inputs boto3 refuses to send)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    h = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": f"Firehose_20150804.{target}"}
+    h.update(headers or {})
+    conn.request("POST", "/", body=body, headers=h)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, (orjson.loads(data) if data else {})
+
+
+def batch_body(stream: str, records: Iterable[bytes]) -> bytes:
+    return orjson.dumps(
+        {"DeliveryStreamName": stream, "Records": [{"Data": base64.b64encode(r).decode()} for r in records]}
+    )

@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from firehose.spool import FORMAT_VERSION, SealedBatch, Spool, SpoolError, SpoolFullError
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _fill(spool: Spool, n_frames: int, per_frame: int = 3) -> list[bytes]:
+    out: list[bytes] = []
+    for f in range(n_frames):
+        recs = [f"frame{f}-rec{i}".encode() for i in range(per_frame)]
+        spool.append_records(recs, 1_000 + f)
+        out.extend(recs)
+    await spool.wait_durable()
+    return out
+
+
+def test_append_recover_returns_unsealed_records_in_order(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        expected = await _fill(sp, 4)
+        await sp.aclose()
+        sp2 = Spool(str(tmp_path))
+        state = sp2.open()
+        assert state.unsealed_records == 12
+        assert state.pending == []
+        got = [r for f in sp2.iter_frames(sp2.min_seq) for r in f.records]
+        assert got == expected
+        assert sp2.next_seq == 12
+        await sp2.aclose()
+
+    run(go())
+
+
+def test_sealed_uncommitted_batch_comes_back_with_same_key(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        await _fill(sp, 2)
+        await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "k/obj-1", [(0, 4)], 1000))
+        await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "k/obj-2", [(4, 6)], 1001))
+        sp.append_commit(1)
+        await sp.aclose()
+        sp2 = Spool(str(tmp_path))
+        state = sp2.open()
+        assert [(b.batch_id, b.key, b.ranges) for b in state.pending] == [(2, "k/obj-2", [(4, 6)])]
+        recs, meta = sp2.read_ranges(state.pending[0].ranges)
+        assert recs == [b"frame1-rec1", b"frame1-rec2"]
+        assert meta is None
+        assert state.unsealed_records == 0
+        assert sp2.allocate_batch_id() == 3
+        await sp2.aclose()
+
+    run(go())
+
+
+def test_torn_tail_is_truncated_and_earlier_frames_survive(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        await _fill(sp, 3)
+        await sp.aclose()
+        seg = sorted(tmp_path.glob("seg-*.log"))[-1]
+        size = seg.stat().st_size
+        with open(seg, "ab") as f:  # half a frame, as a crash mid-write leaves it
+            f.write(struct.pack(">IIB", 1000, 0, 1) + b"x" * 10)
+        sp2 = Spool(str(tmp_path))
+        state = sp2.open()
+        assert state.truncated_bytes == 19
+        assert seg.stat().st_size == size
+        assert state.unsealed_records == 9
+        await sp2.aclose()
+
+    run(go())
+
+
+def test_corrupt_frame_in_older_segment_refuses_to_start(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path), segment_size_bytes=8192)
+        sp.open()
+        for _ in range(10):
+            sp.append_records([b"x" * 3000], 1)
+        await sp.aclose()
+        first = sorted(tmp_path.glob("seg-*.log"))[0]
+        data = bytearray(first.read_bytes())
+        data[200] ^= 0xFF
+        first.write_bytes(bytes(data))
+        with pytest.raises(SpoolError, match="damaged frame"):
+            Spool(str(tmp_path)).open()
+
+    run(go())
+
+
+def test_newer_format_version_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "seg-000000000001.log").write_bytes(b"FHSPOOL\x00" + struct.pack(">HH", FORMAT_VERSION + 1, 0))
+    with pytest.raises(SpoolError, match=f"format version {FORMAT_VERSION + 1}.*reads version {FORMAT_VERSION}"):
+        Spool(str(tmp_path)).open()
+
+
+def test_segments_are_deleted_only_after_commit(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path), segment_size_bytes=16 * 1024)
+        sp.open()
+        for _ in range(20):
+            sp.append_records([b"y" * 4000], 1)
+        await sp.wait_durable()
+        segs_before = len(list(tmp_path.glob("seg-*.log")))
+        assert segs_before >= 5
+        await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "a", [(0, 10)], 1))
+        assert len(list(tmp_path.glob("seg-*.log"))) == segs_before  # sealed is not delivered
+        size_before = sp.size_bytes
+        sp.append_commit(1)
+        after = len(list(tmp_path.glob("seg-*.log")))
+        assert after < segs_before
+        assert sp.size_bytes < size_before
+        assert sp.min_seq > 0
+        await sp.aclose()
+        sp2 = Spool(str(tmp_path))
+        state = sp2.open()
+        assert state.unsealed_records == 10
+        assert sp2.next_seq == 20
+        await sp2.aclose()
+
+    run(go())
+
+
+def test_counters_survive_when_every_segment_was_trimmed(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path), segment_size_bytes=8192)
+        sp.open()
+        for _ in range(5):
+            sp.append_records([b"z" * 3000], 1, positions={"file:a": {"offset": 7}})
+        await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "a", [(0, 5)], 1))
+        sp.append_commit(1)
+        await sp.aclose()
+        sp2 = Spool(str(tmp_path))
+        state = sp2.open()
+        assert sp2.next_seq == 5
+        assert sp2.next_batch_id == 2
+        assert state.positions == {"file:a": {"offset": 7}}
+        await sp2.aclose()
+
+    run(go())
+
+
+def test_cap_refuses_appends_and_writes_nothing(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path), max_size_bytes=10_000)
+        sp.open()
+        sp.append_records([b"a" * 4000], 1)
+        size = sp.size_bytes
+        with pytest.raises(SpoolFullError):
+            sp.append_records([b"b" * 8000], 1)
+        assert sp.size_bytes == size
+        assert sp.next_seq == 1
+        await sp.aclose()
+
+    run(go())
+
+
+def test_concurrent_waiters_share_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = 0
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        real(fd)
+
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        await sp.wait_durable(force=True)
+        monkeypatch.setattr(os, "fsync", counting)
+
+        async def one(i: int) -> None:
+            sp.append_records([b"r%d" % i], 1)
+            await sp.wait_durable()
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+        await sp.aclose()
+
+    run(go())
+    assert 1 <= calls < 50  # 200 acknowledged appends, far fewer fsyncs
+
+
+def test_metadata_and_positions_round_trip(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        sp.append_records([b"a", b"b"], 5, meta=[{"pk": "1"}, {"pk": "2"}], positions={"shard-1": "49"})
+        await sp.wait_durable()
+        await sp.aclose()
+        sp2 = Spool(str(tmp_path))
+        state = sp2.open()
+        assert state.positions == {"shard-1": "49"}
+        recs, meta = sp2.read_ranges([(0, 2)])
+        assert recs == [b"a", b"b"] and meta == [{"pk": "1"}, {"pk": "2"}]
+        await sp2.aclose()
+
+    run(go())
