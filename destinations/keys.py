@@ -141,6 +141,62 @@ def _month(when: datetime, count: int) -> str:
     return _number(when.month, count) if count <= 2 else _text(_MONTHS[when.month - 1], count)
 
 
+def _quarter(when: datetime, count: int) -> str:
+    quarter = (when.month - 1) // 3 + 1
+    if count <= 2:
+        return _number(quarter, count)
+    if count == 3:
+        return f"Q{quarter}"
+    if count == 4:
+        return f"{quarter}{('st', 'nd', 'rd', 'th')[quarter - 1]} quarter"
+    return str(quarter)
+
+
+def _offset(when: datetime, style: str, zero: str) -> str:
+    """Render ``when``'s UTC offset like DateTimeFormatterBuilder.appendOffset(style, zero).
+
+    Naive datetimes count as UTC. Styles: "+HHmm" (minutes only if non-zero), "+HHMM", "+HH:MM",
+    "+HHMMss" / "+HH:MM:ss" (seconds only if non-zero).
+    """
+    offset = when.utcoffset()
+    total = 0 if offset is None else int(offset.total_seconds())
+    if total == 0:
+        return zero
+    sign = "+" if total > 0 else "-"
+    hours, rest = divmod(abs(total), 3600)
+    minutes, seconds = divmod(rest, 60)
+    colon = ":" if ":" in style else ""
+    text = f"{sign}{hours:02d}"
+    shown = hours
+    if style != "+HHmm" or minutes:
+        text += f"{colon}{minutes:02d}"
+        shown += minutes
+    if style.endswith("ss") and seconds:
+        text += f"{colon}{seconds:02d}"
+        shown += seconds
+    # An offset whose printed digits are all zero (a few seconds off UTC) prints as no offset.
+    return text if shown else zero
+
+
+_OFFSET_STYLES: Final = ("+HHmm", "+HHMM", "+HH:MM", "+HHMMss", "+HH:MM:ss")
+
+
+def _offset_x(when: datetime, count: int, *, zero_as_z: bool) -> str:
+    style = _OFFSET_STYLES[count - 1]
+    if zero_as_z:
+        return _offset(when, style, "Z")
+    return _offset(when, style, "+00" if count == 1 else "+00:00" if ":" in style else "+0000")
+
+
+def _offset_z(when: datetime, count: int) -> str:
+    if count <= 3:
+        return _offset(when, "+HHMM", "+0000")
+    if count == 4:  # localized full form: GMT, GMT+08:00
+        text = _offset(when, "+HH:MM:ss", "")
+        return f"GMT{text}"
+    return _offset(when, "+HH:MM:ss", "Z")
+
+
 # letter -> (largest count java.time accepts, renderer)
 _FIELDS: Final[dict[str, tuple[int, _Renderer]]] = {
     "y": (19, lambda w, n: _year(w.year, n)),  # year-of-era
@@ -161,6 +217,11 @@ _FIELDS: Final[dict[str, tuple[int, _Renderer]]] = {
     "s": (2, lambda w, n: _number(w.second, n)),
     # fraction-of-second, truncated to n digits; datetime stops at microseconds, so digits 7-9 are 0
     "S": (9, lambda w, n: f"{w.microsecond:06d}000"[:n]),
+    "Q": (5, _quarter),
+    "q": (5, _quarter),
+    "X": (5, lambda w, n: _offset_x(w, n, zero_as_z=True)),
+    "x": (5, lambda w, n: _offset_x(w, n, zero_as_z=False)),
+    "Z": (5, _offset_z),
 }
 
 # Literal pieces are str; fields are (letter, count).
@@ -191,22 +252,20 @@ def _compile_pattern(pattern: str) -> tuple[_PatternItem, ...]:
             items.append((char, count))
             i = end
         elif char == "'":
-            # Quoted literal; a doubled quote inside or outside quotes stands for one quote.
+            # Quoted literal, scanned as java.time does: a doubled quote inside stays in the text
+            # (then collapses to one), and an empty literal ('') stands for a single quote.
             end = i + 1
-            text: list[str] = []
-            while True:
-                if end >= len(pattern):
-                    if end == i + 1 or text or pattern[i + 1 :] != "":
-                        raise PrefixError("pattern ends with an incomplete string literal")
+            while end < len(pattern):
                 if pattern[end] == "'":
                     if end + 1 < len(pattern) and pattern[end + 1] == "'":
-                        text.append("'")
-                        end += 2
-                        continue
-                    break
-                text.append(pattern[end])
+                        end += 1
+                    else:
+                        break
                 end += 1
-            items.append("'" if end == i + 1 else "".join(text))
+            if end >= len(pattern):
+                raise PrefixError("pattern ends with an incomplete string literal")
+            literal = pattern[i + 1 : end]
+            items.append(literal.replace("''", "'") if literal else "'")
             i = end + 1
         elif char == "[":
             # Optional section: every field is available when formatting an instant, so its content
@@ -232,11 +291,13 @@ def java_datetime_format(pattern: str, when: datetime) -> str:
     Supported letters: ``y u Y`` (years; two letters = two-digit year, otherwise a minimum width),
     ``M L`` (1-2 digits, ``MMM`` "Jan", ``MMMM`` "January", ``MMMMM`` "J"), ``d``, ``D`` (day of
     year), ``w`` (week of week-based year, US rules), ``E`` (``E``-``EEE`` "Wed", ``EEEE``
-    "Wednesday"), ``a`` (AM/PM), ``H k K h m s`` and ``S``-``SSSSSSSSS`` (fraction of second).
-    ``'text'`` is literal, ``''`` is a single quote, ``[...]`` optional sections always print their
-    content, and other non-letters print as themselves. Fields use ``when``'s own wall-clock time,
-    so pass the instant in UTC (or the stream's time zone). Raises PrefixError for letters or
-    counts outside that set, unterminated quotes, an unmatched ``]`` and the reserved ``# { }``.
+    "Wednesday"), ``a`` (AM/PM), ``H k K h m s``, ``S``-``SSSSSSSSS`` (fraction of second),
+    ``Q q`` (quarter) and the offsets ``X x Z`` (a naive ``when`` counts as UTC). ``'text'`` is
+    literal, ``''`` is a single quote, ``[...]`` optional sections always print their content, and
+    other non-letters print as themselves. Fields use ``when``'s own wall-clock time, so pass the
+    instant in UTC (or the stream's time zone). Raises PrefixError for other letters (zone names
+    and ids, eras, localized fields), too many letters, an unterminated quote, an unmatched ``]``
+    and the reserved ``# { }``. Every case was checked against java.time on JDK 17.
     """
     parts: list[str] = []
     for item in _compile_pattern(pattern):
@@ -262,13 +323,16 @@ class _Template:
     """A parsed prefix: literal text and expressions in order, plus what the rules need to know."""
 
     parts: tuple[str | _Expression, ...]
+    expressions: tuple[_Expression, ...]
+    has_timestamp: bool
 
-    @property
-    def expressions(self) -> tuple[_Expression, ...]:
-        return tuple(part for part in self.parts if isinstance(part, _Expression))
+    @classmethod
+    def of(cls, parts: list[str | _Expression]) -> _Template:
+        expressions = tuple(part for part in parts if isinstance(part, _Expression))
+        return cls(tuple(parts), expressions, any(e.namespace == _TIMESTAMP for e in expressions))
 
-    def uses(self, namespace: str, value: str | None = None) -> bool:
-        return any(e.namespace == namespace and value in (None, e.value) for e in self.expressions)
+    def uses(self, namespace: str, value: str) -> bool:
+        return any(e.namespace == namespace and e.value == value for e in self.expressions)
 
     @property
     def uses_partition_keys(self) -> bool:
@@ -278,8 +342,9 @@ class _Template:
     def fixed_length(self) -> int:
         """Characters every evaluation has at least: literals plus random strings."""
         literal = sum(len(part) for part in self.parts if isinstance(part, str))
-        randoms = sum(1 for e in self.expressions if (e.namespace, e.value) == (_FIREHOSE, _RANDOM_STRING))
-        return literal + randoms * RANDOM_STRING_LENGTH
+        return literal + RANDOM_STRING_LENGTH * sum(
+            1 for e in self.expressions if (e.namespace, e.value) == (_FIREHOSE, _RANDOM_STRING)
+        )
 
 
 _DEFAULT_TIMESTAMP: Final = _Expression(_TIMESTAMP, DEFAULT_TIMESTAMP_PATTERN)
@@ -331,7 +396,7 @@ def _parse(text: str, field: str) -> _Template:
         pos = end + 1
     if pos < len(text):
         parts.append(text[pos:])
-    return _Template(tuple(parts))
+    return _Template.of(parts)
 
 
 def _check_length(text: str, field: str) -> None:
@@ -342,7 +407,9 @@ def _check_length(text: str, field: str) -> None:
         )
 
 
-def validate_prefixes(prefix: str, error_output_prefix: str | None, *, dynamic_partitioning: bool = False) -> None:
+def validate_prefixes(
+    prefix: str, error_output_prefix: str | None, *, dynamic_partitioning: bool = False
+) -> None:
     """Apply Firehose's rules for a Prefix / ErrorOutputPrefix pair; raise PrefixError on the first break.
 
     ``error_output_prefix`` None or "" means "not set". Rules, in the order checked:
@@ -384,7 +451,9 @@ def validate_prefixes(prefix: str, error_output_prefix: str | None, *, dynamic_p
     if error_output_prefix is None and template.expressions:
         raise PrefixError("ErrorOutputPrefix can't be null when Prefix contains expressions")
     if template.fixed_length > MAX_EVALUATED_PREFIX_LENGTH:
-        raise PrefixError(f"Prefix can't be greater than {MAX_EVALUATED_PREFIX_LENGTH} characters after it's evaluated")
+        raise PrefixError(
+            f"Prefix can't be greater than {MAX_EVALUATED_PREFIX_LENGTH} characters after it's evaluated"
+        )
 
     if error_output_prefix is None:
         return
@@ -430,7 +499,9 @@ def _evaluate(
             out.append(_random_string(rng))
         elif part.namespace == _FIREHOSE:  # error-output-type
             if not error_output_type:
-                raise PrefixError(f"{field} uses {_ERROR_OUTPUT_TYPE_EXPRESSION} but no error output type applies")
+                raise PrefixError(
+                    f"{field} uses {_ERROR_OUTPUT_TYPE_EXPRESSION} but no error output type applies"
+                )
             out.append(error_output_type)
         else:  # partitionKeyFromQuery / partitionKeyFromLambda
             value = None if partition_keys is None else partition_keys.get(part.value)
@@ -448,7 +519,7 @@ def _evaluate(
             f"{field} can't be greater than {MAX_EVALUATED_PREFIX_LENGTH} characters after it's evaluated "
             f"(got {len(evaluated)})"
         )
-    if not template.uses(_TIMESTAMP):
+    if not template.has_timestamp:
         evaluated += java_datetime_format(DEFAULT_TIMESTAMP_PATTERN, when)
     return evaluated
 
@@ -501,14 +572,7 @@ def evaluate_error_prefix(
     prefix = prefix or ""
     if _parse(prefix, "Prefix").expressions:
         raise PrefixError("ErrorOutputPrefix can't be null when Prefix contains expressions")
-    # "/" is a literal here, so the pattern needs it quoted-free: '/' is not a pattern letter.
     plain = f"{prefix}{error_output_type}/"
-    return _evaluate(plain.replace("'", "''"), "Prefix", when, rng, None, None) if False else _default_error(
-        plain, when
-    )
-
-
-def _default_error(plain: str, when: datetime) -> str:
     if len(plain) > MAX_EVALUATED_PREFIX_LENGTH:
         raise PrefixError(
             f"Prefix can't be greater than {MAX_EVALUATED_PREFIX_LENGTH} characters after it's evaluated "
