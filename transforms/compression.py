@@ -255,13 +255,13 @@ def _raw_block(view: memoryview, pos: int, length: int) -> memoryview:
 
 
 def _snappy_decompress(view: memoryview) -> bytes:
-    if view[: len(SNAPPY_JAVA_MAGIC)] != SNAPPY_JAVA_MAGIC:
+    if view[: len(SNAPPY_JAVA_MAGIC)].tobytes() != SNAPPY_JAVA_MAGIC:
         raise ValueError("not a snappy-java stream: missing the \\x82SNAPPY\\x00 magic header")
     parts: list[memoryview] = []
     pos = 0
     while pos < view.nbytes:
         # SnappyInputStream accepts concatenated streams: a header may follow any block.
-        if view[pos : pos + len(SNAPPY_JAVA_MAGIC)] == SNAPPY_JAVA_MAGIC:
+        if view[pos : pos + len(SNAPPY_JAVA_MAGIC)].tobytes() == SNAPPY_JAVA_MAGIC:
             if pos + len(SNAPPY_JAVA_HEADER) > view.nbytes:
                 raise ValueError(f"truncated snappy-java header at offset {pos}")
             pos += len(SNAPPY_JAVA_HEADER)
