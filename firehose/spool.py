@@ -55,6 +55,8 @@ T_SEAL = 2
 T_COMMIT = 3
 T_CHECKPOINT = 4
 
+ROLL_DONE_ACTIVE_BYTES = 1 << 20
+
 F_META = 1
 F_POSITIONS = 2
 
@@ -604,15 +606,27 @@ class Spool:
             seq = frame.end_seq
 
     # ------------------------------------------------------------------ trimming
+    def _segment_done(self, seg: _Segment) -> bool:
+        if seg.first_seq is not None and not self.committed.covers(seg.first_seq, seg.end_seq or 0):
+            return False
+        return all(bid in self._committed_ids for bid in seg.seal_ids)
+
     def _trim(self) -> None:
         """Delete the oldest segments whose records and seals are all committed."""
+        active = self._active
+        # A fully delivered active segment is rolled over, so space is freed without waiting for
+        # the segment to fill (the cap counts bytes on disk).
+        if (
+            active is not None
+            and not self._closed
+            and active.size > ROLL_DONE_ACTIVE_BYTES
+            and len(self._segments) == 1
+            and self._segment_done(active)
+        ):
+            self._open_new_segment()
         for number in sorted(self._segments):
             seg = self._segments[number]
-            if seg is self._active:
-                break
-            if seg.first_seq is not None and not self.committed.covers(seg.first_seq, seg.end_seq or 0):
-                break
-            if any(bid not in self._committed_ids for bid in seg.seal_ids):
+            if seg is self._active or not self._segment_done(seg):
                 break
             self._delete_segment(seg)
 

@@ -236,3 +236,66 @@ def batch_body(stream: str, records: Iterable[bytes]) -> bytes:
     return orjson.dumps(
         {"DeliveryStreamName": stream, "Records": [{"Data": base64.b64encode(r).decode()} for r in records]}
     )
+
+
+class SlowProxy:
+    """A TCP relay in front of a real server that holds each request chunk for ``delay`` seconds,
+    so uploads take long enough for a test's ``kill -9`` to land mid-delivery."""
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        import threading
+
+        self.upstream_port = upstream_port
+        self.delay = delay
+        self.port = free_port()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", self.port))
+        self._sock.listen(64)
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream, self.delay), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, 0.0), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
