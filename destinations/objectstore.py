@@ -8,7 +8,13 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from destinations.keys import PrefixError, evaluate_prefix, object_name, random_object_suffix, validate_prefixes
+from destinations.keys import (
+    PrefixError,
+    evaluate_prefix,
+    object_name,
+    random_object_suffix,
+    validate_prefixes,
+)
 from firehose.interfaces import BufferingLimits
 from transforms.compression import Codec, get_codec
 

@@ -31,9 +31,9 @@ class S3DestinationConfig(ObjectStoreConfig):
     region: str = "us-east-1"
     access_key_id: str | None = None
     secret_access_key: str | None = None
-    multipart_threshold_mib: int = Field(16, ge=5, le=1024)
-    connect_timeout_secs: int = Field(5, ge=1, le=300)
-    read_timeout_secs: int = Field(60, ge=1, le=3600)
+    multipart_threshold_mib: int = Field(default=16, ge=5, le=1024)
+    connect_timeout_secs: int = Field(default=5, ge=1, le=300)
+    read_timeout_secs: int = Field(default=60, ge=1, le=3600)
 
     @field_validator("bucket")
     @classmethod

@@ -166,6 +166,8 @@ class FirehoseApi:
     # ------------------------------------------------------------------ data plane
     def _stream(self, name: str) -> Any:
         rt = self.daemon.streams.get(name)
+        if rt is None and name in self.daemon.reloading:
+            raise ApiError("ServiceUnavailableException", "Slow down.", 503)
         if rt is None:
             raise ApiError(
                 "ResourceNotFoundException",

@@ -78,17 +78,17 @@ class BufferingConfig(_Model):
 
 class SpoolConfig(_Model):
     fsync: Literal["always", "interval", "never"] = "always"
-    fsync_interval_ms: int = Field(200, ge=1, le=60_000)
-    max_size_mib: int = Field(1024, ge=1)
-    segment_size_mib: int = Field(64, ge=1, le=1024)
+    fsync_interval_ms: int = Field(default=200, ge=1, le=60_000)
+    max_size_mib: int = Field(default=1024, ge=1)
+    segment_size_mib: int = Field(default=64, ge=1, le=1024)
 
 
 class DeliveryConfig(_Model):
     """How the delivery runner treats this stream's destination."""
 
-    max_in_flight: int = Field(2, ge=1, le=64)
-    retry_initial_backoff_ms: int = Field(500, ge=1)
-    retry_max_backoff_ms: int = Field(30_000, ge=1)
+    max_in_flight: int = Field(default=2, ge=1, le=64)
+    retry_initial_backoff_ms: int = Field(default=500, ge=1)
+    retry_max_backoff_ms: int = Field(default=30_000, ge=1)
 
 
 class StreamConfig(_Model):
@@ -128,9 +128,9 @@ class StreamConfig(_Model):
 class DaemonConfig(_Model):
     api: ApiConfig = ApiConfig()
     data_dir: str = "./var/firehose"
-    shutdown_timeout_secs: int = Field(30, ge=1, le=3600)
+    shutdown_timeout_secs: int = Field(default=30, ge=1, le=3600)
     streams: list[StreamConfig] = []
-    source: str = Field(DEFAULT_CONFIG_NAME, exclude=True)
+    source: str = Field(default=DEFAULT_CONFIG_NAME, exclude=True)
 
     def stream(self, name: str) -> StreamConfig | None:
         for s in self.streams:
@@ -223,7 +223,7 @@ def _resolve_destination(
         errors.append(f"{file}:{line}: {format_path(dpath)}.type: {exc}")
         return None
     try:
-        dest = cls.model_validate(raw)
+        dest: Any = cls.model_validate(raw)  # type: ignore[attr-defined]
     except ValidationError as exc:
         _collect(exc, dpath, file, lines, errors)
         return None

@@ -109,6 +109,9 @@ class Daemon:
         self.state = StreamState(config.data_dir)
         self.api = FirehoseApi(self)
         self.ready = False
+        # Streams being restarted by a reload: ingest answers 503 (retryable) rather than
+        # ResourceNotFoundException while the new runtime recovers the same spool.
+        self.reloading: set[str] = set()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
@@ -214,9 +217,13 @@ class Daemon:
                 if name in old_streams and old_streams[name] == cfg:
                     continue
                 if name in self.streams:
+                    self.reloading.add(name)
                     rt = self.streams.pop(name)
                     await rt.stop(timeout)
-                self.streams[name] = await self._start_stream(cfg)
+                try:
+                    self.streams[name] = await self._start_stream(cfg)
+                finally:
+                    self.reloading.discard(name)
                 log.info("stream_configured", stream=name, version=self.streams[name].version)
             self.config = new.model_copy(update={"api": self.config.api, "data_dir": self.config.data_dir})
             log.info("config_reloaded", streams=sorted(self.streams))

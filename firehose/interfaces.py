@@ -114,6 +114,7 @@ class Destination(abc.ABC):
 
     async def start(self) -> None:
         """Open connections; must not fail when the destination is down (delivery retries)."""
+        return None
 
     @abc.abstractmethod
     def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
@@ -125,3 +126,4 @@ class Destination(abc.ABC):
 
     async def close(self) -> None:
         """Release connections. Called after the last ``deliver`` returned."""
+        return None

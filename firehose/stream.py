@@ -279,8 +279,10 @@ class StreamRuntime:
         assert self.destination is not None
         sealed = pending.sealed
         try:
-            records = pending.records
-            if records is None:
+            records: list[bytes]
+            if pending.records is not None:
+                records = pending.records
+            else:
                 records, _meta = await asyncio.to_thread(self.spool.read_ranges, sealed.ranges)
             todo = list(range(len(records)))
             attempt = 0

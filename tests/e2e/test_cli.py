@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support import Daemon, daemon_config, free_port, local_objects, stream_config, wait_http
 
 

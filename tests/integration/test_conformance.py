@@ -21,8 +21,17 @@ from typing import Any
 
 import orjson
 import pytest
+from support import (
+    Daemon,
+    MotoServer,
+    SlowProxy,
+    batch_body,
+    daemon_config,
+    local_objects,
+    s3_objects,
+    stream_config,
+)
 
-from support import Daemon, MotoServer, SlowProxy, batch_body, daemon_config, local_objects, s3_objects, stream_config
 from transforms.compression import get_codec
 
 KINDS = ["local", "s3"]
