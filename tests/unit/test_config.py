@@ -122,3 +122,9 @@ def test_validate_cli_exit_codes(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "firehose", "validate", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2
     assert f"{bad}:6: streams[0].buffering.size_mib: must be between 1 and 128" in res.stderr
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[2] / "config" / "examples").glob("*.yaml")))
+def test_shipped_examples_are_valid(example: Path) -> None:
+    cfg = load_config(str(example), env={"S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s"})
+    assert cfg.streams
