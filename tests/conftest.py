@@ -22,8 +22,9 @@ def moto() -> Iterator[MotoServer]:
 @pytest.fixture
 def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
     import re
+    import uuid
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-b"
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     client = moto.client()
     try:
         client.create_bucket(Bucket=name)

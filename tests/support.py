@@ -299,3 +299,77 @@ class SlowProxy:
     def close(self) -> None:
         self._closed = True
         self._sock.close()
+
+
+class FaultyS3Proxy:
+    """An HTTP relay in front of a real moto S3 server that answers chosen object PUTs with S3's
+    own throttling and internal-error responses (503 SlowDown, 500 InternalError), as S3 does
+    under load. Everything else is forwarded unchanged."""
+
+    def __init__(self, upstream_port: int, faults: list[int | None]) -> None:
+        """``faults[i]`` is the HTTP status to answer the i-th PUT with (None: forward it)."""
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.faults = list(faults)
+        self.puts = 0
+        self.injected: list[int] = []
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if self.command == "PUT":
+                    with lock:
+                        i = proxy.puts
+                        proxy.puts += 1
+                        status = proxy.faults[i] if i < len(proxy.faults) else None
+                    if status is not None:
+                        proxy.injected.append(status)
+                        code = "SlowDown" if status == 503 else "InternalError"
+                        msg = "Please reduce your request rate." if status == 503 else "We encountered an internal error. Please try again."
+                        payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                                   f"<Message>{msg}</Message><RequestId>FAULT{i}</RequestId></Error>").encode()
+                        self.send_response(status)
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length", str(len(payload)))
+                        self.end_headers()
+                        self.wfile.write(payload)
+                        return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None,
+                             headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import orjson
 import psutil
-
 from support import Daemon, daemon_config, local_objects, stream_config
 
 
