@@ -170,7 +170,7 @@ class Processes:
             env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=out,
-            stderr=log if log is not None else subprocess.DEVNULL,
+            stderr=log if log is not None else (subprocess.STDOUT if stdout is not None else subprocess.DEVNULL),
             # Own session: a Ctrl-C in the terminal reaches only the benchmark, which then stops
             # its children in order.
             start_new_session=True,
@@ -534,7 +534,11 @@ def loader_main(argv: list[str]) -> int:
 
     def worker(k: int) -> None:
         st = stats[k]
-        conn = connect()
+        try:
+            conn: http.client.HTTPConnection | None = connect()
+        except OSError:
+            barrier.abort()
+            raise
         barrier.wait()
         perf = time.perf_counter
         while (job := next_job()) is not None:
@@ -542,14 +546,20 @@ def loader_main(argv: list[str]) -> int:
             while True:
                 t0 = perf()
                 try:
+                    if conn is None:
+                        conn = connect()
                     conn.request("POST", "/", body=job.body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
                 except (OSError, http.client.HTTPException):
+                    # The benchmark stops this process if the daemon dies; otherwise reconnect. A
+                    # request that failed after the daemon stored it would be stored twice, and
+                    # the verification step would report the duplicate.
                     st.conn_errors += 1
-                    conn.close()
+                    if conn is not None:
+                        conn.close()
+                    conn = None
                     time.sleep(0.1)
-                    conn = connect()
                     continue
                 t1 = perf()
                 if resp.status == 200:
@@ -570,12 +580,17 @@ def loader_main(argv: list[str]) -> int:
                 if len(st.rejected_detail) < 5:
                     st.rejected_detail.append(f"HTTP {resp.status}: {data[:300].decode(errors='replace')}")
                 break
-        conn.close()
+        if conn is not None:
+            conn.close()
 
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(a.connections)]
     for t in threads:
         t.start()
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        print(f"loader: cannot connect to 127.0.0.1:{a.port}", file=sys.stderr)
+        return 2
     t_start = time.time()
     cpu0 = time.process_time()
     for t in threads:
@@ -755,7 +770,7 @@ def run_loader(procs: Processes, settings: Settings, bodies_path: Path, daemon: 
             if time.monotonic() > deadline:
                 procs.stop(proc)
                 raise TimeoutError(f"load did not finish within {settings.load_timeout:.0f} s")
-            time.sleep(0.1)
+            time.sleep(0.02)
         procs.stop(proc)
     if proc.returncode != 0 or not result_path.exists():
         raise RuntimeError(f"loader failed (status {proc.returncode}):\n{err_path.read_text(errors='replace')}")
