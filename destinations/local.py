@@ -42,24 +42,26 @@ class LocalDestination(Destination):
         self.config = config
         self.ctx = ctx
         self.root = os.path.abspath(config.path)
+        self._encoded: dict[str, bytes] = {}
 
     def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
         return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng)
 
     async def deliver(self, batch: Batch) -> DeliveryResult:
-        body = b"".join(batch.records)
-        name = batch.key.rsplit("/", 1)[-1]
-        entry = name[: -len(self.config.extension)] if self.config.extension else name
+        data = self._encoded.pop(batch.key, None)  # kept from a failed attempt: no re-compression
         try:
-            await asyncio.to_thread(self._write, batch.key, body, entry)
+            if data is None:
+                data = await asyncio.to_thread(self.config.encode, batch.key, batch.records)
+            await asyncio.to_thread(self._write, batch.key, data)
         except OSError as exc:
+            if data is not None:
+                self._encoded[batch.key] = data
             return DeliveryResult.all_failed(
                 len(batch.records), retryable=True, code="Local.WriteFailed", message=f"{exc.strerror}: {exc.filename}"
             )
         return DeliveryResult.delivered()
 
-    def _write(self, key: str, body: bytes, entry: str) -> None:
-        data = self.config.codec.compress(body, entry)
+    def _write(self, key: str, data: bytes) -> None:
         target = os.path.join(self.root, key)
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)

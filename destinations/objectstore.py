@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -75,6 +76,14 @@ class ObjectStoreConfig(BaseModel):
         """Firehose's layout: evaluated prefix + ``<stream>-<version>-YYYY-MM-DD-HH-MM-SS-<uuid><ext>``."""
         prefix = evaluate_prefix(self.prefix, oldest, rng)
         return prefix + object_name(stream, version, oldest, random_object_suffix(rng), self.extension)
+
+    def encode(self, key: str, records: Sequence[bytes]) -> bytes:
+        """The object body for a batch: records concatenated verbatim (Firehose adds no
+        delimiter), then compressed. A zip entry is named after the object, without extension."""
+        name = key.rsplit("/", 1)[-1]
+        ext = self.extension
+        entry = name[: -len(ext)] if ext and name.endswith(ext) else name
+        return self.codec.compress(b"".join(records), entry)
 
     def _s3_description(self, bucket_arn: str, buffering: Any) -> dict[str, Any]:
         desc: dict[str, Any] = {

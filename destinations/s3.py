@@ -55,6 +55,7 @@ class S3Destination(Destination):
         self.config = config
         self.ctx = ctx
         self._client: Any = None
+        self._encoded: dict[str, bytes] = {}
 
     def _s3(self) -> Any:
         if self._client is None:
@@ -82,19 +83,22 @@ class S3Destination(Destination):
         return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng)
 
     async def deliver(self, batch: Batch) -> DeliveryResult:
-        body = b"".join(batch.records)
-        name = batch.key.rsplit("/", 1)[-1]
-        entry = name[: -len(self.config.extension)] if self.config.extension else name
+        # A batch that failed keeps its encoded body, so retries during an outage do not
+        # compress it again (bounded: at most max_in_flight batches are in delivery).
+        data = self._encoded.pop(batch.key, None)
         try:
-            await asyncio.to_thread(self._put, batch.key, body, entry)
+            if data is None:
+                data = await asyncio.to_thread(self.config.encode, batch.key, batch.records)
+            await asyncio.to_thread(self._put, batch.key, data)
         except Exception as exc:  # botocore raises many types; each is a retryable S3 failure
+            if data is not None:
+                self._encoded[batch.key] = data
             code, message = _classify(exc)
             return DeliveryResult.all_failed(len(batch.records), retryable=True, code=code, message=message)
         return DeliveryResult.delivered()
 
-    def _put(self, key: str, body: bytes, entry: str) -> None:
+    def _put(self, key: str, data: bytes) -> None:
         codec = self.config.codec
-        data = codec.compress(body, entry)
         extra: dict[str, Any] = {"ContentType": "application/octet-stream"}
         if codec.content_encoding:
             extra["ContentEncoding"] = codec.content_encoding

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import pybase64
 import structlog
 from aiohttp import web
 
@@ -99,12 +100,30 @@ def _decode_data(record: Any, index: int | None) -> bytes:
     if not isinstance(data, str):
         raise ApiError("SerializationException", "Unexpected value type for 'Data': expected a base64 string")
     try:
-        raw = binascii.a2b_base64(data, strict_mode=True)
+        raw = pybase64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError("SerializationException", f"Invalid base64 in '{where}'") from None
     if len(raw) > MAX_RECORD_BYTES:
         raise _validation(where, "java.nio.HeapByteBuffer", f"Member must have length less than or equal to {MAX_RECORD_BYTES}")
     return raw
+
+
+def decode_records(records: list[Any]) -> tuple[list[bytes], int]:
+    """Decode a PutRecordBatch's ``Records``: the record bytes and their total size.
+
+    The fast path decodes every record with pybase64 (SIMD; ~4x binascii, and decoding is the
+    largest cost of ingest); any problem falls back to the per-record path, which names the
+    offending record in Firehose's error wording.
+    """
+    try:
+        out = [pybase64.b64decode(r["Data"], validate=True) for r in records]
+    except (TypeError, KeyError, ValueError):  # binascii.Error is a ValueError
+        out = [_decode_data(r, i) for i, r in enumerate(records)]
+    lengths = list(map(len, out))
+    if max(lengths, default=0) > MAX_RECORD_BYTES:
+        i = next(i for i, n in enumerate(lengths) if n > MAX_RECORD_BYTES)
+        _decode_data(records[i], i)  # raises the ValidationException naming record i
+    return out, sum(lengths)
 
 
 class FirehoseApi:
@@ -175,13 +194,12 @@ class FirehoseApi:
             )
         return rt
 
-    async def _ingest(self, rt: Any, records: list[bytes]) -> int:
-        nbytes = sum(len(r) for r in records) + 64 + 4 * len(records)
-        if not rt.accepting or not rt.spool.has_room(nbytes):
+    async def _ingest(self, rt: Any, records: list[bytes], nbytes: int) -> int:
+        if not rt.accepting or not rt.spool.has_room(nbytes + 64 + 4 * len(records)):
             self.daemon.metrics.throttled_records.labels(rt.name).inc(len(records))
             raise ApiError("ServiceUnavailableException", "Slow down.", 503)
         try:
-            return int(await rt.put(records))
+            return int(await rt.put(records, nbytes=nbytes))
         except SpoolFullError:
             self.daemon.metrics.throttled_records.labels(rt.name).inc(len(records))
             raise ApiError("ServiceUnavailableException", "Slow down.", 503) from None
@@ -196,7 +214,7 @@ class FirehoseApi:
             raise _validation("record", None, "Member must not be null")
         data = _decode_data(record, None)
         rt = self._stream(name)
-        seq = await self._ingest(rt, [data])
+        seq = await self._ingest(rt, [data], len(data))
         return _response({"RecordId": rt.record_id(seq), "Encrypted": False})
 
     async def put_record_batch(self, doc: dict[str, Any]) -> web.Response:
@@ -210,14 +228,19 @@ class FirehoseApi:
             raise _validation("records", "[]", "Member must have length greater than or equal to 1")
         if len(records) > MAX_BATCH_RECORDS:
             raise _validation("records", "...", f"Member must have length less than or equal to {MAX_BATCH_RECORDS}")
-        decoded = [_decode_data(r, i) for i, r in enumerate(records)]
-        if sum(len(d) for d in decoded) > MAX_BATCH_BYTES:
+        decoded, nbytes = decode_records(records)
+        if nbytes > MAX_BATCH_BYTES:
             raise ApiError("InvalidArgumentException", "Records size exceeds 4 MB limit")
         rt = self._stream(name)
-        first = await self._ingest(rt, decoded)
-        prefix = rt.record_id_prefix
-        responses = [{"RecordId": f"{prefix}{seq:016x}"} for seq in range(first, first + len(decoded))]
-        return _response({"FailedPutCount": 0, "Encrypted": False, "RequestResponses": responses})
+        first = await self._ingest(rt, decoded, nbytes)
+        # Built as text in one pass (C-level map/join): 500 dicts through orjson cost more.
+        template = '{"RecordId":"' + rt.record_id_prefix + '%016x"}'
+        entries = ",".join(map(template.__mod__, range(first, first + len(decoded))))
+        body = '{"FailedPutCount":0,"Encrypted":false,"RequestResponses":[' + entries + "]}"
+        return web.Response(
+            body=body.encode(),
+            headers={"Content-Type": JSON_CT, "x-amzn-RequestId": str(uuid.uuid4())},
+        )
 
     # ------------------------------------------------------------------ control plane
     async def list_delivery_streams(self, doc: dict[str, Any]) -> web.Response:

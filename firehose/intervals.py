@@ -47,6 +47,11 @@ class IntervalSet:
             return self._ends[i]
         return value
 
+    def next_start_after(self, value: int) -> int | None:
+        """The start of the first range that begins after ``value``, or None."""
+        i = bisect.bisect_right(self._starts, value)
+        return self._starts[i] if i < len(self._starts) else None
+
     def ranges(self) -> Iterator[tuple[int, int]]:
         return zip(self._starts, self._ends, strict=True)
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
+import itertools
 import os
 import struct
 import sys
@@ -83,6 +85,11 @@ class RecordFrame:
     @property
     def end_seq(self) -> int:
         return self.first_seq + len(self.records)
+
+    @functools.cached_property
+    def cum(self) -> list[int]:
+        """Cumulative record sizes: ``cum[j] - cum[i]`` is the size of records ``i..j-1``."""
+        return [0, *itertools.accumulate(map(len, self.records))]
 
 
 @dataclass
@@ -418,6 +425,7 @@ class Spool:
         meta: list[Any] | None = None,
         positions: dict[str, Any] | None = None,
         enforce_cap: bool = True,
+        nbytes: int | None = None,
     ) -> int:
         """Write one frame of records; returns the first sequence number. Not yet durable:
         await :meth:`wait_durable` before acknowledging. Raises :class:`SpoolFullError` at the cap."""
@@ -431,7 +439,8 @@ class Spool:
         self._add_frame_ref(seg, ref)
         if positions:
             self.positions.update(positions)
-        nbytes = sum(len(r) for r in records)
+        if nbytes is None:
+            nbytes = sum(map(len, records))
         if self._cache_size + nbytes <= self._cache_limit:
             self._cache[first_seq] = RecordFrame(first_seq, arrival_ms, list(records), meta)
             self._cache_size += nbytes

@@ -14,6 +14,7 @@ falls behind, the batcher stops reading and the backlog stays on disk.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import random
 import time
@@ -28,7 +29,7 @@ from firehose.clock import Clock, SystemClock
 from firehose.config import StreamConfig
 from firehose.interfaces import Batch, BuildContext, Destination
 from firehose.metrics import Metrics
-from firehose.spool import RecoveryState, SealedBatch, Spool, SpoolFullError
+from firehose.spool import RecordFrame, RecoveryState, SealedBatch, Spool, SpoolFullError
 
 
 @dataclass
@@ -45,15 +46,17 @@ class _OpenBuffer:
     nbytes: int = 0
     oldest_ms: int = 0
 
-    def add(self, seq: int, record: bytes, arrival_ms: int) -> None:
-        if not self.records or arrival_ms < self.oldest_ms:
-            self.oldest_ms = arrival_ms if not self.records else min(self.oldest_ms, arrival_ms)
-        self.records.append(record)
-        self.nbytes += len(record)
-        if self.ranges and self.ranges[-1][1] == seq:
-            self.ranges[-1] = (self.ranges[-1][0], seq + 1)
+    def extend(self, frame: RecordFrame, i: int, j: int, nbytes: int) -> None:
+        """Add records ``i..j-1`` of ``frame`` (``nbytes`` in all)."""
+        if not self.records or frame.arrival_ms < self.oldest_ms:
+            self.oldest_ms = frame.arrival_ms
+        self.records.extend(frame.records[i:j] if (i, j) != (0, len(frame.records)) else frame.records)
+        self.nbytes += nbytes
+        start, end = frame.first_seq + i, frame.first_seq + j
+        if self.ranges and self.ranges[-1][1] == start:
+            self.ranges[-1] = (self.ranges[-1][0], end)
         else:
-            self.ranges.append((seq, seq + 1))
+            self.ranges.append((start, end))
 
 
 class StreamRuntime:
@@ -103,6 +106,10 @@ class StreamRuntime:
         self.recovery: RecoveryState | None = None
         self.delivered_records = 0
         self.record_id_prefix = os.urandom(12).hex()
+        # Bound metric children once: labels() takes a lock and a dict lookup per call.
+        self._m_in_records = metrics.incoming_records.labels(self.name)
+        self._m_in_bytes = metrics.incoming_bytes.labels(self.name)
+        self._m_in_requests = metrics.incoming_put_requests.labels(self.name)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> RecoveryState:
@@ -166,21 +173,21 @@ class StreamRuntime:
     def accepting(self) -> bool:
         return self._accepting
 
-    async def put(self, records: list[bytes], arrival_ms: int | None = None) -> int:
+    async def put(self, records: list[bytes], arrival_ms: int | None = None, *, nbytes: int | None = None) -> int:
         """Append records and return once they are durable; the first record's sequence number.
 
         Raises :class:`SpoolFullError` (nothing written) when the spool is at its cap."""
         if not self._accepting:
             raise SpoolFullError(f"stream {self.name} is not accepting records")
         arrival = self.clock.now_ms() if arrival_ms is None else arrival_ms
-        first = self.spool.append_records(records, arrival)
+        if nbytes is None:
+            nbytes = sum(map(len, records))
+        first = self.spool.append_records(records, arrival, nbytes=nbytes)
         self._wake.set()
         await self.spool.wait_durable()
-        nbytes = sum(len(r) for r in records)
-        labels = self.name
-        self.metrics.incoming_records.labels(labels).inc(len(records))
-        self.metrics.incoming_bytes.labels(labels).inc(nbytes)
-        self.metrics.incoming_put_requests.labels(labels).inc()
+        self._m_in_records.inc(len(records))
+        self._m_in_bytes.inc(nbytes)
+        self._m_in_requests.inc()
         return first
 
     def record_id(self, seq: int) -> str:
@@ -192,7 +199,7 @@ class StreamRuntime:
         interval_ms = self.config.interval_secs * 1000
         while not self._stopping:
             timeout: float | None = None
-            if self._buffer.records:
+            if self._buffer.records and self._cursor >= self.spool.next_seq:
                 due = self._buffer.oldest_ms + interval_ms
                 timeout = max(0.0, (due - self.clock.now_ms()) / 1000.0)
             if timeout is None or timeout > 0:
@@ -203,7 +210,10 @@ class StreamRuntime:
             self._wake.clear()
             try:
                 await self._pump()
-                if self._buffer.records and self.clock.now_ms() >= self._buffer.oldest_ms + interval_ms:
+                # While a backlog is still on disk the buffer fills by size; sealing it on time
+                # would only cut the backlog into small objects.
+                caught_up = self._cursor >= self.spool.next_seq
+                if caught_up and self._buffer.records and self.clock.now_ms() >= self._buffer.oldest_ms + interval_ms:
                     await self._seal()
             except asyncio.CancelledError:
                 raise
@@ -216,8 +226,12 @@ class StreamRuntime:
         return len(self._pending) <= self.config.delivery.max_in_flight
 
     async def _pump(self) -> None:
+        """Move records from the spool into the open buffer, sealing whenever the next record
+        would not fit. Works on runs of records (a bisect over cumulative sizes), not one by one.
+        Stops, mid-frame if need be, when ``max_in_flight + 1`` batches are pending."""
         size_limit = self.config.size_bytes
         spool = self.spool
+        sealed = spool.sealed
         while self._cursor < spool.next_seq and self._room() and not self._stopping:
             if self._cursor < spool.min_seq:
                 self._cursor = spool.min_seq
@@ -227,23 +241,32 @@ class StreamRuntime:
                 self.log.error("spool_gap", seq=self._cursor)
                 self._cursor += 1
                 continue
-            start = self._cursor - frame.first_seq
-            recs = frame.records
-            sealed_any = spool.sealed.next_gap(frame.first_seq) != frame.first_seq or any(
-                s < frame.end_seq and e > frame.first_seq for s, e in spool.sealed.ranges()
-            )
-            for i in range(start, len(recs)):
-                seq = frame.first_seq + i
-                if sealed_any and seq in spool.sealed:
+            first = frame.first_seq
+            n = len(frame.records)
+            cum = frame.cum
+            i = self._cursor - first
+            while i < n:
+                seq = first + i
+                gap = sealed.next_gap(seq)
+                if gap != seq:  # already sealed before a restart: skip it
+                    i = min(n, gap - first)
                     continue
-                rec = recs[i]
-                if self._buffer.records and self._buffer.nbytes + len(rec) > size_limit:
+                nxt = sealed.next_start_after(seq)
+                end = n if nxt is None else min(n, nxt - first)
+                space = size_limit - self._buffer.nbytes
+                j = bisect.bisect_right(cum, cum[i] + space, i, end + 1) - 1
+                if j == i and not self._buffer.records:
+                    j = i + 1  # a record larger than the buffer goes out on its own
+                if j > i:
+                    self._buffer.extend(frame, i, j, cum[j] - cum[i])
+                    i = j
+                if i < end or self._buffer.nbytes >= size_limit:
                     await self._seal()
-                self._buffer.add(seq, rec, frame.arrival_ms)
+                    if not self._room() and i < n:
+                        self._cursor = first + i
+                        return
             self._cursor = frame.end_seq
-            spool.release_cache(frame.first_seq)
-            if self._buffer.nbytes >= size_limit:
-                await self._seal()
+            spool.release_cache(first)
 
     async def _seal(self) -> None:
         buf = self._buffer
@@ -290,14 +313,13 @@ class StreamRuntime:
             labels = self.name
             while True:
                 attempt += 1
-                batch = Batch(
-                    self.name, sealed.batch_id, sealed.key, [records[i] for i in todo], sealed.oldest_arrival_ms, attempt
-                )
+                subset = records if len(todo) == len(records) else [records[i] for i in todo]
+                batch = Batch(self.name, sealed.batch_id, sealed.key, subset, sealed.oldest_arrival_ms, attempt)
                 self.metrics.delivery_attempts.labels(labels).inc()
                 result = await self.destination.deliver(batch)
                 delivered = len(todo) - len(result.failures)
                 if delivered:
-                    nbytes = batch.size_bytes - sum(len(batch.records[i]) for i in result.failures)
+                    nbytes = sum(map(len, subset)) - sum(len(subset[i]) for i in result.failures)
                     self.metrics.delivery_records.labels(labels).inc(delivered)
                     self.metrics.delivery_bytes.labels(labels).inc(nbytes)
                 if result.ok:
