@@ -40,7 +40,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -198,8 +198,34 @@ class RecoveryState:
     truncated_bytes: int
 
 
+class Log(Protocol):
+    """The spool's interface as the rest of the daemon uses it (append and acknowledge, read,
+    seal, commit), so a replicated log can replace the local one."""
+
+    next_seq: int
+    min_seq: int
+    sealed: IntervalSet
+    committed: IntervalSet
+    size_bytes: int
+
+    def open(self) -> RecoveryState: ...
+    def has_room(self, nbytes: int) -> bool: ...
+    def append_records(
+        self, records: Sequence[bytes], arrival_ms: int, *, meta: list[Any] | None = None,
+        positions: dict[str, Any] | None = None, enforce_cap: bool = True, nbytes: int | None = None,
+    ) -> int: ...
+    async def wait_durable(self, *, force: bool = False) -> None: ...
+    def allocate_batch_id(self) -> int: ...
+    async def append_seal(self, batch: SealedBatch) -> None: ...
+    def append_commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None: ...
+    def frame_at(self, seq: int) -> RecordFrame | None: ...
+    def release_cache(self, first_seq: int) -> None: ...
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]: ...
+    async def aclose(self) -> None: ...
+
+
 class Spool:
-    """One stream's durable log. See the module docstring for the contract."""
+    """One stream's durable log (implements :class:`Log`). See the module docstring."""
 
     def __init__(
         self,
@@ -397,9 +423,18 @@ class Spool:
     def _write(self, seg: _Segment, fd: int, data: bytes) -> int:
         offset = seg.size
         view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except OSError:
+            # A short write (ENOSPC, EIO) must not leave half a frame in the middle of the log,
+            # where recovery would take it for damage: cut the file back to the frame's start.
+            try:
+                os.ftruncate(fd, offset)
+            except OSError:
+                pass
+            raise
         seg.size += len(data)
         self.size_bytes += len(data)
         self._written += 1

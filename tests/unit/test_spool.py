@@ -209,3 +209,33 @@ def test_metadata_and_positions_round_trip(tmp_path: Path) -> None:
         await sp2.aclose()
 
     run(go())
+
+
+def test_a_failed_write_leaves_no_partial_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        sp.append_records([b"good"], 1)
+        await sp.wait_durable()
+        real_write = os.write
+        calls = {"n": 0}
+
+        def short_then_enospc(fd: int, data: bytes) -> int:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return real_write(fd, bytes(data)[:10])  # half a frame reaches the file
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "write", short_then_enospc)
+        with pytest.raises(OSError):
+            sp.append_records([b"x" * 1000], 1)
+        monkeypatch.setattr(os, "write", real_write)
+        sp.append_records([b"after"], 1)  # the log continues cleanly
+        await sp.aclose()
+        sp2 = Spool(str(tmp_path))
+        state = sp2.open()
+        assert state.truncated_bytes == 0
+        assert [r for f in sp2.iter_frames(0) for r in f.records] == [b"good", b"after"]
+        await sp2.aclose()
+
+    run(go())

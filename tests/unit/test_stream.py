@@ -159,3 +159,33 @@ def test_backlog_stays_on_disk_while_delivery_is_stuck(tmp_path: Path) -> None:
         assert rt.spool.size_bytes < 1_000_000  # space freed after delivery
 
     asyncio.run(go())
+
+
+def test_partial_failure_resends_only_the_failed_records(tmp_path: Path) -> None:
+    from firehose.interfaces import RecordFailure
+
+    calls: list[list[bytes]] = []
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, interval=0)
+        rt.config = rt.config.model_copy(update={"delivery": rt.config.delivery.model_copy(
+            update={"retry_initial_backoff_ms": 1, "retry_max_backoff_ms": 2})})
+        await rt.start()
+
+        async def flaky(batch: Batch) -> DeliveryResult:
+            calls.append(list(batch.records))
+            if len(calls) == 1:
+                failure = RecordFailure(True, "Throttled", "slow down")
+                return DeliveryResult({1: failure, 3: failure})
+            if len(calls) == 2:
+                return DeliveryResult({0: RecordFailure(True, "Throttled", "again")})
+            return DeliveryResult.delivered()
+
+        rt.destination.deliver = flaky  # type: ignore[union-attr, method-assign]
+        await rt.put([b"a", b"b", b"c", b"d", b"e"])
+        await settle(lambda: rt.delivered_records == 5)
+        await rt.stop(5)
+        assert rt.metrics.delivery_records.labels("s")._value.get() == 5
+
+    asyncio.run(go())
+    assert calls == [[b"a", b"b", b"c", b"d", b"e"], [b"b", b"d"], [b"b"]]
