@@ -178,3 +178,36 @@ def test_port_in_use_fails_with_a_clear_message(tmp_path: Path) -> None:
     finally:
         busy.close()
     _ = free_port, os
+
+
+def test_custom_prefix_expressions_and_file_extension(tmp_path: Path) -> None:
+    import re
+
+    dest = {"type": "local", "path": str(tmp_path / "out"),
+            "prefix": "year=!{timestamp:yyyy}/month=!{timestamp:MM}/!{firehose:random-string}/",
+            "error_output_prefix": "errors/!{firehose:error-output-type}/", "compression": "gzip",
+            "file_extension": ".json.gz"}
+    s = stream_config("px", dest, buffering={"size_mib": 1, "interval_secs": 0})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [s])).start()
+    try:
+        d.firehose().put_record(DeliveryStreamName="px", Record={"Data": b'{"a":1}\n'})
+        deadline = time.monotonic() + 10
+        while not local_objects(tmp_path / "out") and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        d.stop()
+    (key,) = local_objects(tmp_path / "out")
+    assert re.fullmatch(
+        r"year=\d{4}/month=\d{2}/[0-9a-z]{11}/px-1-\d{4}(-\d{2}){5}-[0-9a-f-]{36}\.json\.gz", key
+    ), key
+
+
+def test_prefix_rules_are_enforced_at_config_time(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(
+        "streams:\n  - name: a\n    destination:\n      type: local\n      path: out\n"
+        "      prefix: \"!{firehose:error-output-type}/\"\n"
+    )
+    res = subprocess.run([sys.executable, "-m", "firehose", "validate", str(cfg)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert f"{cfg}:3: streams[0].destination:" in res.stderr and "error-output-type" in res.stderr

@@ -128,3 +128,12 @@ def test_validate_cli_exit_codes(tmp_path: Path) -> None:
 def test_shipped_examples_are_valid(example: Path) -> None:
     cfg = load_config(str(example), env={"S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s"})
     assert cfg.streams
+
+
+def test_stream_state_from_a_newer_release_is_refused(tmp_path: Path) -> None:
+    from firehose.daemon import StreamState
+
+    state = StreamState(str(tmp_path))
+    (tmp_path / "streams" / "s.json").write_text('{"format": 99, "version": 3}')
+    with pytest.raises(ConfigError, match="state format version 99 .* reads version 1"):
+        state.load("s")
