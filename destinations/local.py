@@ -47,11 +47,15 @@ class LocalDestination(Destination):
     def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
         return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng)
 
+    def archive_key(self, oldest_arrival: datetime, rng: random.Random, error_output_type: str) -> str:
+        """The key of an archive object of failed records (Firehose's error-output layout)."""
+        return self.config.archive_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, error_output_type)
+
     async def deliver(self, batch: Batch) -> DeliveryResult:
         data = self._encoded.pop(batch.key, None)  # kept from a failed attempt: no re-compression
         try:
             if data is None:
-                data = await asyncio.to_thread(self.config.encode, batch.key, batch.records)
+                data = await asyncio.to_thread(self.config.encode, batch.key, batch.records, batch.delimiter)
             await asyncio.to_thread(self._write, batch.key, data)
         except OSError as exc:
             if data is not None:

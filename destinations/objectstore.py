@@ -77,13 +77,22 @@ class ObjectStoreConfig(BaseModel):
         prefix = evaluate_prefix(self.prefix, oldest, rng)
         return prefix + object_name(stream, version, oldest, random_object_suffix(rng), self.extension)
 
-    def encode(self, key: str, records: Sequence[bytes]) -> bytes:
+    def encode(self, key: str, records: Sequence[bytes], delimiter: bytes | None = None) -> bytes:
         """The object body for a batch: records concatenated verbatim (Firehose adds no
-        delimiter), then compressed. A zip entry is named after the object, without extension."""
+        delimiter unless AppendDelimiterToRecord is on), then compressed. A zip entry is named
+        after the object, without extension."""
         name = key.rsplit("/", 1)[-1]
         ext = self.extension
         entry = name[: -len(ext)] if ext and name.endswith(ext) else name
-        return self.codec.compress(b"".join(records), entry)
+        body = delimiter.join(records) + delimiter if delimiter and records else b"".join(records)
+        return self.codec.compress(body, entry)
+
+    def archive_key(self, stream: str, version: int, oldest: datetime, rng: random.Random, error_output_type: str) -> str:
+        """Where failed records go: ErrorOutputPrefix, or else ``<prefix><type>/yyyy/MM/dd/HH/``."""
+        from destinations.keys import evaluate_error_prefix
+
+        prefix = evaluate_error_prefix(self.prefix, self.error_output_prefix or None, oldest, rng, error_output_type)
+        return prefix + object_name(stream, version, oldest, random_object_suffix(rng), self.extension)
 
     def _s3_description(self, bucket_arn: str, buffering: Any) -> dict[str, Any]:
         desc: dict[str, Any] = {

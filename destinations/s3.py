@@ -82,13 +82,17 @@ class S3Destination(Destination):
     def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
         return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng)
 
+    def archive_key(self, oldest_arrival: datetime, rng: random.Random, error_output_type: str) -> str:
+        """The key of an archive object of failed records (Firehose's error-output layout)."""
+        return self.config.archive_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, error_output_type)
+
     async def deliver(self, batch: Batch) -> DeliveryResult:
         # A batch that failed keeps its encoded body, so retries during an outage do not
         # compress it again (bounded: at most max_in_flight batches are in delivery).
         data = self._encoded.pop(batch.key, None)
         try:
             if data is None:
-                data = await asyncio.to_thread(self.config.encode, batch.key, batch.records)
+                data = await asyncio.to_thread(self.config.encode, batch.key, batch.records, batch.delimiter)
             await asyncio.to_thread(self._put, batch.key, data)
         except Exception as exc:  # botocore raises many types; each is a retryable S3 failure
             if data is not None:

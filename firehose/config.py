@@ -96,6 +96,8 @@ class StreamConfig(_Model):
     buffering: BufferingConfig = BufferingConfig()
     spool: SpoolConfig = SpoolConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    processing: list[Any] = []
+    backup: Any = None
     destination: Any
 
     @field_validator("name")
@@ -197,6 +199,8 @@ def parse_config(data: Any, file: str, lines: Mapping[Path, int] | None = None) 
         seen.setdefault(stream.name, i)
         resolved = _resolve_destination(stream, base, file, lines, errors)
         if resolved is not None:
+            resolved = _resolve_processing(resolved, base, file, lines, errors)
+        if resolved is not None:
             streams.append(resolved)
     if errors:
         raise ConfigError(errors)
@@ -255,6 +259,51 @@ def _resolve_destination(
     return stream.model_copy(
         update={"destination": dest, "buffering": BufferingConfig(size_mib=size, interval_secs=interval)}
     )
+
+
+def _resolve_processing(
+    stream: StreamConfig, base: Path, file: str, lines: Mapping[Path, int], errors: list[str]
+) -> StreamConfig | None:
+    """Validate ``processing:`` items through the processor registry and ``backup:``."""
+    from firehose.registry import BACKUP_CONFIG, PROCESSING_CHECK, load, processor_config_class
+
+    ok = True
+    procs: list[Any] = []
+    for j, raw in enumerate(stream.processing):
+        ppath = base + ("processing", j)
+        pline = _line_for(ppath, lines)
+        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+            errors.append(f"{file}:{pline}: {format_path(ppath)}: must be a mapping with a 'type' field")
+            ok = False
+            continue
+        try:
+            cls = processor_config_class(raw["type"])
+            procs.append(cls.model_validate(raw))  # type: ignore[attr-defined]
+        except UnknownTypeError as exc:
+            errors.append(f"{file}:{_line_for(ppath + ('type',), lines)}: {format_path(ppath)}.type: {exc}")
+            ok = False
+        except ValidationError as exc:
+            _collect(exc, ppath, file, lines, errors)
+            ok = False
+    if ok and procs:
+        try:
+            load(PROCESSING_CHECK)(procs)
+        except ValueError as exc:
+            errors.append(f"{file}:{_line_for(base + ('processing',), lines)}: {format_path(base + ('processing',))}: {exc}")
+            ok = False
+    backup = None
+    if stream.backup is not None:
+        bpath = base + ("backup",)
+        try:
+            backup = load(BACKUP_CONFIG).model_validate(stream.backup)
+            dest = backup.destination_dict()
+            destination_config_class(dest["type"]).model_validate(dest)  # type: ignore[attr-defined]
+        except ValidationError as exc:
+            _collect(exc, bpath, file, lines, errors)
+            ok = False
+    if not ok:
+        return None
+    return stream.model_copy(update={"processing": procs, "backup": backup})
 
 
 def load_config_text(text: str, file: str, env: Mapping[str, str] | None = None) -> DaemonConfig:

@@ -80,6 +80,7 @@ class Batch:
     oldest_arrival_ms: int
     attempt: int = 1
     meta: Sequence[Any] | None = None
+    delimiter: bytes | None = None  # AppendDelimiterToRecord: written after every record
 
     @property
     def size_bytes(self) -> int:

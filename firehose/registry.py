@@ -17,6 +17,35 @@ BUILTIN_DESTINATIONS: dict[str, str] = {
 }
 
 
+BUILTIN_PROCESSORS: dict[str, str] = {
+    "lambda": "transforms.config:LambdaProcessorConfig",
+    "append_delimiter": "transforms.config:AppendDelimiterConfig",
+    "record_deaggregation": "transforms.config:RecordDeaggregationConfig",
+    "decompression": "transforms.config:DecompressionConfig",
+    "cloudwatch_log_processing": "transforms.config:CloudWatchLogProcessingConfig",
+}
+
+# Stream-level plugin hooks, imported lazily like the tables above.
+PROCESSING_CHECK = "transforms.config:check_processing"
+BACKUP_CONFIG = "transforms.config:BackupConfig"
+PROCESSING_CHAIN = "transforms.chain:ProcessingChain"
+
+
+def load(target: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def processor_config_class(type_name: str) -> type:
+    if type_name in BUILTIN_PROCESSORS:
+        return load(BUILTIN_PROCESSORS[type_name])  # type: ignore[no-any-return]
+    plugins = _plugins("firehose.processors")
+    if type_name in plugins:
+        return plugins[type_name].load()  # type: ignore[no-any-return]
+    known = ", ".join(sorted(set(BUILTIN_PROCESSORS) | set(plugins)))
+    raise UnknownTypeError(f"unknown type {type_name!r}; known: {known}")
+
+
 class UnknownTypeError(ValueError):
     pass
 

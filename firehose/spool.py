@@ -218,6 +218,7 @@ class Log(Protocol):
     def allocate_batch_id(self) -> int: ...
     async def append_seal(self, batch: SealedBatch) -> None: ...
     def append_commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None: ...
+    def commit_ranges(self, ranges: Sequence[tuple[int, int]]) -> None: ...
     def frame_at(self, seq: int) -> RecordFrame | None: ...
     def release_cache(self, first_seq: int) -> None: ...
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]: ...
@@ -364,8 +365,8 @@ class Spool:
     def _apply_frame(self, seg: _Segment, offset: int, ftype: int, payload: bytes, commits: list[int]) -> None:
         if ftype == T_RECORDS:
             first_seq, _arrival, count, flags = _RECORDS_HEAD.unpack_from(payload, 0)
-            ref = _FrameRef(seg.number, offset, len(payload), first_seq, first_seq + count)
-            self._add_frame_ref(seg, ref)
+            if count:
+                self._add_frame_ref(seg, _FrameRef(seg.number, offset, len(payload), first_seq, first_seq + count))
             self.next_seq = max(self.next_seq, first_seq + count)
             if flags & F_POSITIONS:
                 _frame, positions = decode_records_payload(payload)
@@ -382,7 +383,12 @@ class Spool:
                 self.sealed.add(s, e)
             self.next_batch_id = max(self.next_batch_id, batch.batch_id + 1)
         elif ftype == T_COMMIT:
-            commits.append(orjson.loads(payload)["id"])
+            doc = orjson.loads(payload)
+            if "ranges" in doc:
+                for s, e in doc["ranges"]:
+                    self.committed.add(s, e)
+            else:
+                commits.append(doc["id"])
         elif ftype == T_CHECKPOINT:
             doc = orjson.loads(payload)
             self.next_seq = max(self.next_seq, doc["next_seq"])
@@ -470,13 +476,14 @@ class Spool:
             raise SpoolFullError(f"spool {self.directory} is at its cap of {self.max_size_bytes} bytes")
         seg, offset = self._append(data)
         self.next_seq = first_seq + len(records)
-        ref = _FrameRef(seg.number, offset, len(data) - _FRAME_HEADER.size, first_seq, self.next_seq)
-        self._add_frame_ref(seg, ref)
+        if records:  # a frame of positions only (every record dropped) holds nothing to read
+            ref = _FrameRef(seg.number, offset, len(data) - _FRAME_HEADER.size, first_seq, self.next_seq)
+            self._add_frame_ref(seg, ref)
         if positions:
             self.positions.update(positions)
         if nbytes is None:
             nbytes = sum(map(len, records))
-        if self._cache_size + nbytes <= self._cache_limit:
+        if records and self._cache_size + nbytes <= self._cache_limit:
             self._cache[first_seq] = RecordFrame(first_seq, arrival_ms, list(records), meta)
             self._cache_size += nbytes
         return first_seq
@@ -514,6 +521,17 @@ class Spool:
         if batch is not None:
             for s, e in batch.ranges:
                 self.committed.add(s, e)
+        self._trim()
+        if self.fsync_policy != "never":
+            self._kick_sync()
+
+    def commit_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Mark records finished without a sealed batch (a processing stage has recorded their
+        outcome elsewhere durably). Like :meth:`append_commit`, durability is not awaited."""
+        doc = {"ranges": [list(r) for r in ranges]}
+        self._append(_frame(T_COMMIT, orjson.dumps(doc)))
+        for s, e in ranges:
+            self.committed.add(s, e)
         self._trim()
         if self.fsync_policy != "never":
             self._kick_sync()

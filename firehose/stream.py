@@ -14,6 +14,7 @@ falls behind, the batcher stops reading and the backlog stays on disk.
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import os
 import random
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import structlog
 
 from firehose.clock import Clock, SystemClock
@@ -46,6 +48,16 @@ class _OpenBuffer:
     nbytes: int = 0
     oldest_ms: int = 0
 
+    def add(self, seq: int, record: bytes, arrival_ms: int) -> None:
+        if not self.records or arrival_ms < self.oldest_ms:
+            self.oldest_ms = arrival_ms
+        self.records.append(record)
+        self.nbytes += len(record)
+        if self.ranges and self.ranges[-1][1] == seq:
+            self.ranges[-1] = (self.ranges[-1][0], seq + 1)
+        else:
+            self.ranges.append((seq, seq + 1))
+
     def extend(self, frame: RecordFrame, i: int, j: int, nbytes: int) -> None:
         """Add records ``i..j-1`` of ``frame`` (``nbytes`` in all)."""
         if not self.records or frame.arrival_ms < self.oldest_ms:
@@ -57,6 +69,22 @@ class _OpenBuffer:
             self.ranges[-1] = (self.ranges[-1][0], end)
         else:
             self.ranges.append((start, end))
+
+
+def error_record_line(data: bytes, err: dict[str, Any]) -> bytes:
+    """One Firehose error record (reference §4.2), a JSON document per line. ``rawData`` is the
+    record as it was before the failing stage."""
+    doc: dict[str, Any] = {
+        "attemptsMade": err.get("a", 1),
+        "arrivalTimestamp": err.get("ts"),
+        "errorCode": err.get("c"),
+        "errorMessage": err.get("m"),
+        "attemptEndingTimestamp": err.get("e"),
+        "rawData": base64.b64encode(data).decode("ascii"),
+    }
+    if err.get("l"):
+        doc["lambdaArn"] = err["l"]
+    return orjson.dumps(doc) + b"\n"
 
 
 class StreamRuntime:
@@ -93,7 +121,17 @@ class StreamRuntime:
             segment_size_bytes=sp.segment_size_mib << 20,
         )
         self.destination: Destination | None = None
+        self.archive: Destination | None = None  # where failed records go (backup, or the destination)
+        self.chain: Any = None
+        # The spool the batcher reads: the ingest spool, or (with processing) the spool of
+        # recorded transform outcomes.
+        self.out: Spool = self.spool
         self._buffer = _OpenBuffer()
+        self._archive_buffers: dict[str, _OpenBuffer] = {}
+        self._proc_task: asyncio.Task[None] | None = None
+        self._proc_wake = asyncio.Event()
+        self.dropped_records = 0
+        self.archived_records = 0
         self._cursor = 0
         self._pending: deque[_Pending] = deque()
         self._in_flight = 0
@@ -118,9 +156,41 @@ class StreamRuntime:
         ctx = BuildContext(self.name, self.version, self.region, self.account_id, self.data_dir, self.log)
         self.destination = self.config.destination.build(ctx)
         await self.destination.start()
-        for sealed in self.recovery.pending:
+        self.archive = self.destination
+        if self.config.backup is not None:
+            from firehose.registry import destination_config_class
+
+            dest = self.config.backup.destination_dict()
+            self.archive = destination_config_class(dest["type"]).model_validate(dest).build(ctx)  # type: ignore[attr-defined]
+            await self.archive.start()
+        if self.config.processing:
+            from firehose.registry import PROCESSING_CHAIN, load
+
+            arn = f"arn:aws:firehose:{self.region}:{self.account_id}:deliverystream/{self.name}"
+            self.chain = load(PROCESSING_CHAIN)(self.config.processing, stream_arn=arn, region=self.region)
+            await self.chain.start()
+        recovery = self.recovery
+        if self.chain is not None and self.chain.enabled:
+            sp = self.config.spool
+            self.out = Spool(
+                os.path.join(self.spool.directory, "processed"),
+                fsync=sp.fsync,
+                fsync_interval_ms=sp.fsync_interval_ms,
+                max_size_bytes=sp.max_size_mib << 20,
+                segment_size_bytes=sp.segment_size_mib << 20,
+            )
+            recovery = await asyncio.to_thread(self.out.open)
+            # Raw records whose outcome is recorded are finished even if their commit was lost.
+            done = int(self.out.positions.get("raw_end", 0))
+            if done > self.spool.min_seq and not self.spool.committed.covers(self.spool.min_seq, done):
+                self.spool.commit_ranges([(self.spool.min_seq, done)])
+            self._proc_cursor = max(done, self.spool.min_seq)
+            self._proc_task = asyncio.get_running_loop().create_task(
+                self._processing_loop(), name=f"processing-{self.name}"
+            )
+        for sealed in recovery.pending:
             self._pending.append(_Pending(sealed, None))
-        self._cursor = self.spool.min_seq
+        self._cursor = self.out.min_seq
         self.log.info(
             "stream_recovered",
             pending_batches=len(self.recovery.pending),
@@ -142,13 +212,16 @@ class StreamRuntime:
         self._accepting = False
         self._stopping = True
         deadline = time.monotonic() + timeout
+        if self._proc_task is not None:
+            self._proc_task.cancel()
+            await asyncio.gather(self._proc_task, return_exceptions=True)
         if self._loop_task is not None:
             self._wake.set()
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         try:
-            if self._buffer.records:
-                await asyncio.wait_for(self._seal(), max(0.1, deadline - time.monotonic()))
+            for key in ["", *self._archive_buffers]:
+                await asyncio.wait_for(self._seal(key), max(0.1, deadline - time.monotonic()))
         except (TimeoutError, OSError) as exc:
             self.log.warning("stream_seal_on_stop_failed", error=str(exc))
         self._dispatch()
@@ -163,8 +236,14 @@ class StreamRuntime:
                 await asyncio.gather(*not_done, return_exceptions=True)
             clean = not self._pending
         await self.spool.aclose()
+        if self.out is not self.spool:
+            await self.out.aclose()
+        if self.chain is not None:
+            await self.chain.close()
         if self.destination is not None:
             await self.destination.close()
+        if self.archive is not None and self.archive is not self.destination:
+            await self.archive.close()
         self.log.info("stream_stopped", clean=clean, pending_batches=len(self._pending))
         return clean
 
@@ -184,11 +263,17 @@ class StreamRuntime:
             nbytes = sum(map(len, records))
         first = self.spool.append_records(records, arrival, nbytes=nbytes)
         self._wake.set()
+        self._proc_wake.set()
         await self.spool.wait_durable()
         self._m_in_records.inc(len(records))
         self._m_in_bytes.inc(nbytes)
         self._m_in_requests.inc()
         return first
+
+    def has_room(self, nbytes: int) -> bool:
+        """The stream's cap counts every spool it owns (ingest and recorded outcomes)."""
+        used = self.spool.size_bytes + (self.out.size_bytes if self.out is not self.spool else 0)
+        return used + nbytes <= self.spool.max_size_bytes
 
     def record_id(self, seq: int) -> str:
         # Unique across restarts: a per-process random prefix plus the spool sequence number.
@@ -199,9 +284,9 @@ class StreamRuntime:
         interval_ms = self.config.interval_secs * 1000
         while not self._stopping:
             timeout: float | None = None
-            if self._buffer.records and self._cursor >= self.spool.next_seq:
-                due = self._buffer.oldest_ms + interval_ms
-                timeout = max(0.0, (due - self.clock.now_ms()) / 1000.0)
+            oldest = self._oldest_buffered()
+            if oldest is not None and self._cursor >= self.out.next_seq:
+                timeout = max(0.0, (oldest + interval_ms - self.clock.now_ms()) / 1000.0)
             if timeout is None or timeout > 0:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -212,15 +297,21 @@ class StreamRuntime:
                 await self._pump()
                 # While a backlog is still on disk the buffer fills by size; sealing it on time
                 # would only cut the backlog into small objects.
-                caught_up = self._cursor >= self.spool.next_seq
-                if caught_up and self._buffer.records and self.clock.now_ms() >= self._buffer.oldest_ms + interval_ms:
-                    await self._seal()
+                if self._cursor >= self.out.next_seq:
+                    now = self.clock.now_ms()
+                    for key, buf in [("", self._buffer), *self._archive_buffers.items()]:
+                        if buf.records and now >= buf.oldest_ms + interval_ms:
+                            await self._seal(key)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the stream alive; the records stay in the spool
                 self.log.exception("batcher_failed", error=str(exc))
                 await asyncio.sleep(1.0)
             self._update_gauges()
+
+    def _oldest_buffered(self) -> int | None:
+        times = [b.oldest_ms for b in (self._buffer, *self._archive_buffers.values()) if b.records]
+        return min(times) if times else None
 
     def _room(self) -> bool:
         return len(self._pending) <= self.config.delivery.max_in_flight
@@ -230,7 +321,7 @@ class StreamRuntime:
         would not fit. Works on runs of records (a bisect over cumulative sizes), not one by one.
         Stops, mid-frame if need be, when ``max_in_flight + 1`` batches are pending."""
         size_limit = self.config.size_bytes
-        spool = self.spool
+        spool = self.out
         sealed = spool.sealed
         while self._cursor < spool.next_seq and self._room() and not self._stopping:
             if self._cursor < spool.min_seq:
@@ -243,6 +334,10 @@ class StreamRuntime:
                 continue
             first = frame.first_seq
             n = len(frame.records)
+            if frame.meta is not None:
+                if not await self._pump_routed(frame):
+                    return
+                continue
             cum = frame.cum
             i = self._cursor - first
             while i < n:
@@ -268,25 +363,149 @@ class StreamRuntime:
             self._cursor = frame.end_seq
             spool.release_cache(first)
 
-    async def _seal(self) -> None:
-        buf = self._buffer
-        if not buf.records:
+    async def _pump_routed(self, frame: RecordFrame) -> bool:
+        """Records with per-record metadata (transform outcomes): failed ones go to an archive
+        buffer per error-output type as Firehose error records, the rest to the main buffer.
+        Returns False when it stopped for lack of room (the cursor marks where)."""
+        size_limit = self.config.size_bytes
+        sealed = self.out.sealed
+        assert frame.meta is not None
+        first = frame.first_seq
+        for i in range(self._cursor - first, len(frame.records)):
+            seq = first + i
+            if seq in sealed:
+                continue
+            meta = frame.meta[i]
+            err = meta.get("err") if isinstance(meta, dict) else None
+            if err is not None:
+                key = err["t"]
+                record = error_record_line(frame.records[i], err)
+                buf = self._archive_buffers.setdefault(key, _OpenBuffer())
+            else:
+                key = ""
+                record = frame.records[i]
+                buf = self._buffer
+            if buf.records and buf.nbytes + len(record) > size_limit:
+                await self._seal(key)
+                buf = self._archive_buffers.setdefault(key, _OpenBuffer()) if key else self._buffer
+            buf.add(seq, record, frame.arrival_ms)
+            if not self._room():
+                self._cursor = seq + 1
+                if self._cursor >= frame.end_seq:
+                    self.out.release_cache(first)
+                return False
+        self._cursor = frame.end_seq
+        self.out.release_cache(first)
+        return True
+
+    async def _seal(self, buffer_key: str = "") -> None:
+        buf = self._archive_buffers.get(buffer_key) if buffer_key else self._buffer
+        if buf is None or not buf.records:
             return
-        assert self.destination is not None
-        self._buffer = _OpenBuffer()
+        assert self.destination is not None and self.archive is not None
         oldest = datetime.fromtimestamp(buf.oldest_ms / 1000.0, tz=UTC)
-        key = self.destination.batch_key(oldest, self.rng)
-        sealed = SealedBatch(
-            self.spool.allocate_batch_id(),
-            key,
-            buf.ranges,
-            buf.oldest_ms,
-            {"records": len(buf.records), "bytes": buf.nbytes},
-        )
-        await self.spool.append_seal(sealed)
+        info: dict[str, Any] = {"records": len(buf.records), "bytes": buf.nbytes}
+        if buffer_key:
+            self._archive_buffers[buffer_key] = _OpenBuffer()
+            key = self.archive.archive_key(oldest, self.rng, buffer_key)  # type: ignore[attr-defined]
+            info.update({"sink": "archive", "type": buffer_key})
+        else:
+            self._buffer = _OpenBuffer()
+            key = self.destination.batch_key(oldest, self.rng)
+        sealed = SealedBatch(self.out.allocate_batch_id(), key, buf.ranges, buf.oldest_ms, info)
+        await self.out.append_seal(sealed)
         self.log.debug("batch_sealed", batch_id=sealed.batch_id, key=key, records=len(buf.records))
         self._pending.append(_Pending(sealed, buf.records))
         self._dispatch()
+
+    # ------------------------------------------------------------------ processing
+    async def _processing_loop(self) -> None:
+        """Run the processing chain over ingested records, in order, in processing buffers
+        (Firehose's processing buffer hints), and record every outcome in the outcome spool
+        (fsynced) before the raw records are released. A restart resumes after the last recorded
+        outcome, so no transform runs twice on the same record."""
+        chain = self.chain
+        limit = chain.buffer_size_bytes
+        interval_ms = chain.buffer_interval_secs * 1000
+        pending: list[tuple[int, bytes, int, Any]] = []
+        nbytes = 0
+        while not self._stopping:
+            timeout: float | None = None
+            if pending and interval_ms:
+                timeout = max(0.0, (pending[0][2] + interval_ms - self.clock.now_ms()) / 1000.0)
+            if not pending or timeout:
+                try:
+                    await asyncio.wait_for(self._proc_wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+            self._proc_wake.clear()
+            try:
+                # Outcomes wait on disk like records do: stop reading when the batcher is far behind.
+                while self._proc_cursor < self.spool.next_seq and not self._stopping and self.out.size_bytes < (
+                    self.spool.max_size_bytes // 2
+                ):
+                    frame = self.spool.frame_at(self._proc_cursor)
+                    if frame is None:
+                        self._proc_cursor = max(self._proc_cursor, self.spool.min_seq)
+                        break
+                    for i in range(self._proc_cursor - frame.first_seq, len(frame.records)):
+                        meta = frame.meta[i] if frame.meta is not None else None
+                        pending.append((frame.first_seq + i, frame.records[i], frame.arrival_ms, meta))
+                        nbytes += len(frame.records[i])
+                        if nbytes >= limit:
+                            await self._process(pending)
+                            pending, nbytes = [], 0
+                    self._proc_cursor = frame.end_seq
+                    self.spool.release_cache(frame.first_seq)
+                due = pending and (not interval_ms or self.clock.now_ms() >= pending[0][2] + interval_ms)
+                if due:
+                    await self._process(pending)
+                    pending, nbytes = [], 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in a stage must not lose records: retry the buffer
+                self.log.exception("processing_failed", error=str(exc))
+                if pending:
+                    self._proc_cursor = pending[0][0]
+                    pending, nbytes = [], 0
+                await asyncio.sleep(1.0)
+
+    async def _process(self, pending: list[tuple[int, bytes, int, Any]]) -> None:
+        from transforms.records import SourceRecord
+
+        chain = self.chain
+        sources = [
+            SourceRecord(str(seq), data, arrival, meta.get("kinesis") if isinstance(meta, dict) else None)
+            for seq, data, arrival, meta in pending
+        ]
+        outcomes = await chain.process(sources)
+        now = self.clock.now_ms()
+        records: list[bytes] = []
+        metas: list[Any] = []
+        dropped = 0
+        for o in outcomes:
+            if o.result == "Dropped":
+                dropped += 1
+                continue
+            records.append(o.data)
+            if o.result == "Ok":
+                metas.append({"pk": o.partition_keys} if o.partition_keys else None)
+            else:
+                metas.append({"err": {
+                    "c": o.error_code, "m": o.error_message, "t": o.error_output_type, "a": o.attempts,
+                    "ts": pending[o.source][2], "e": now, "l": chain.lambda_arn,
+                }})
+        start, end = pending[0][0], pending[-1][0] + 1
+        has_meta = any(m is not None for m in metas)
+        self.out.append_records(
+            records, pending[0][2], meta=metas if has_meta else None, positions={"raw_end": end}, enforce_cap=False
+        )
+        await self.out.wait_durable(force=True)
+        self.spool.commit_ranges([(start, end)])
+        self.dropped_records += dropped
+        failed = sum(1 for m in metas if m is not None and "err" in m)
+        self.log.debug("records_processed", records=len(pending), outputs=len(records), dropped=dropped, failed=failed)
+        self._wake.set()
 
     # ------------------------------------------------------------------ delivery
     def _dispatch(self) -> None:
@@ -302,11 +521,16 @@ class StreamRuntime:
         assert self.destination is not None
         sealed = pending.sealed
         try:
+            archive = sealed.info.get("sink") == "archive"
+            destination = self.archive if archive else self.destination
+            assert destination is not None
             records: list[bytes]
             if pending.records is not None:
                 records = pending.records
             else:
-                records, _meta = await asyncio.to_thread(self.spool.read_ranges, sealed.ranges)
+                records, metas = await asyncio.to_thread(self.out.read_ranges, sealed.ranges)
+                if archive and metas is not None:
+                    records = [error_record_line(r, m["err"]) for r, m in zip(records, metas, strict=True)]
             todo = list(range(len(records)))
             attempt = 0
             d = self.config.delivery
@@ -315,8 +539,10 @@ class StreamRuntime:
                 attempt += 1
                 subset = records if len(todo) == len(records) else [records[i] for i in todo]
                 batch = Batch(self.name, sealed.batch_id, sealed.key, subset, sealed.oldest_arrival_ms, attempt)
+                if not archive and self.chain is not None:
+                    batch.delimiter = self.chain.delimiter
                 self.metrics.delivery_attempts.labels(labels).inc()
-                result = await self.destination.deliver(batch)
+                result = await destination.deliver(batch)
                 delivered = len(todo) - len(result.failures)
                 if delivered:
                     nbytes = sum(map(len, subset)) - sum(len(subset[i]) for i in result.failures)
@@ -346,8 +572,11 @@ class StreamRuntime:
                     delay_secs=round(delay, 3),
                 )
                 await asyncio.sleep(delay)
-            self.spool.append_commit(sealed.batch_id, {"attempts": attempt})
-            self.delivered_records += len(records)
+            self.out.append_commit(sealed.batch_id, {"attempts": attempt})
+            if archive:
+                self.archived_records += len(records)
+            else:
+                self.delivered_records += len(records)
             self.log.info(
                 "batch_delivered",
                 batch_id=sealed.batch_id,
@@ -368,7 +597,8 @@ class StreamRuntime:
     # ------------------------------------------------------------------ observability
     def _update_gauges(self) -> None:
         labels = self.name
-        self.metrics.spool_bytes.labels(labels).set(self.spool.size_bytes)
+        out_bytes = self.out.size_bytes if self.out is not self.spool else 0
+        self.metrics.spool_bytes.labels(labels).set(self.spool.size_bytes + out_bytes)
         backlog = self.spool.next_seq - self.spool.min_seq - len(self.spool.committed)
         self.metrics.backlog_records.labels(labels).set(max(0, backlog))
         oldest: int | None = None
@@ -385,4 +615,6 @@ class StreamRuntime:
             "pending_batches": len(self._pending),
             "open_buffer_records": len(self._buffer.records),
             "delivered_records": self.delivered_records,
+            "dropped_records": self.dropped_records,
+            "archived_records": self.archived_records,
         }

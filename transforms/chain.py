@@ -1,0 +1,137 @@
+"""A stream's processing chain: Firehose's built-in processors and its Lambda, in Firehose's order.
+
+``process`` never raises for bad records or failed invocations: every source record comes back
+as one or more :class:`Outcome` (Ok, Dropped or ProcessingFailed with Firehose's error code), so
+the caller can record the outcome durably before anything is delivered or archived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Any
+
+from transforms import processors
+from transforms.config import (
+    AppendDelimiterConfig,
+    CloudWatchLogProcessingConfig,
+    DecompressionConfig,
+    LambdaProcessorConfig,
+    RecordDeaggregationConfig,
+)
+from transforms.records import Outcome, SourceRecord, initial_outcomes
+
+# Without a Lambda, the built-ins run on what has arrived (Firehose's processing buffer hints
+# exist for Lambda invocations); a bound keeps one pass small.
+BUILTIN_BUFFER_BYTES = 1 << 20
+
+
+class ProcessingChain:
+    def __init__(self, configs: list[Any], *, stream_arn: str, region: str) -> None:
+        self.stream_arn = stream_arn
+        self.region = region
+        self._lambda: LambdaProcessorConfig | None = None
+        self._deagg: RecordDeaggregationConfig | None = None
+        self._decompress: DecompressionConfig | None = None
+        self._cwl: CloudWatchLogProcessingConfig | None = None
+        self.delimiter: bytes | None = None
+        for c in configs:
+            if isinstance(c, LambdaProcessorConfig):
+                self._lambda = c
+            elif isinstance(c, RecordDeaggregationConfig):
+                self._deagg = c
+            elif isinstance(c, DecompressionConfig):
+                self._decompress = c
+            elif isinstance(c, CloudWatchLogProcessingConfig):
+                self._cwl = c
+            elif isinstance(c, AppendDelimiterConfig):
+                self.delimiter = c.delimiter.encode()
+        self._invoker: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when records pass through a processing stage (append_delimiter alone does not)."""
+        return any(x is not None for x in (self._lambda, self._deagg, self._decompress, self._cwl))
+
+    @property
+    def buffer_size_bytes(self) -> int:
+        if self._lambda is not None:
+            return int(self._lambda.buffer_size_mib * (1 << 20))
+        return BUILTIN_BUFFER_BYTES
+
+    @property
+    def buffer_interval_secs(self) -> int:
+        return self._lambda.buffer_interval_secs if self._lambda is not None else 0
+
+    @property
+    def lambda_arn(self) -> str | None:
+        return self._lambda.lambda_arn if self._lambda is not None else None
+
+    async def start(self) -> None:
+        if self._lambda is None:
+            return
+        from transforms.lambda_ import LocalFunction, RemoteFunction
+
+        c = self._lambda
+        if c.function is not None:
+            self._invoker = LocalFunction(c.function, timeout_secs=c.timeout_secs, processes=c.workers)
+        else:
+            assert c.arn is not None
+            self._invoker = RemoteFunction(c.arn, endpoint_url=c.endpoint_url, region=c.region or self.region,
+                                           timeout_secs=c.timeout_secs)
+        start = getattr(self._invoker, "start", None)
+        if start is not None:
+            await start()
+
+    async def close(self) -> None:
+        if self._invoker is not None:
+            await self._invoker.close()
+            self._invoker = None
+
+    async def process(self, records: list[SourceRecord]) -> list[Outcome]:
+        outs = await asyncio.to_thread(self._builtins, records)
+        if self._lambda is None:
+            return outs
+        return await self._run_lambda(records, outs)
+
+    def _builtins(self, records: list[SourceRecord]) -> list[Outcome]:
+        outs = initial_outcomes(records)
+        if self._deagg is not None and self._deagg.format.lower() == "kpl":
+            outs = processors.kpl_deaggregation(outs)
+        elif self._deagg is not None:
+            outs = processors.record_deaggregation(outs, self._deagg.format.upper(), self._deagg.delimiter_bytes)
+        if self._decompress is not None:
+            outs = processors.decompression(outs)
+        if self._cwl is not None:
+            outs = processors.cloudwatch_log_processing(outs, self._cwl.data_message_extraction)
+        return outs
+
+    async def _run_lambda(self, records: list[SourceRecord], outs: list[Outcome]) -> list[Outcome]:
+        from transforms.lambda_ import invoke_with_retries
+
+        assert self._lambda is not None
+        ok = [o for o in outs if o.ok]
+        if not ok:
+            return outs
+        batch = [
+            SourceRecord(str(k), o.data, records[o.source].arrival_ms, records[o.source].kinesis)
+            for k, o in enumerate(ok)
+        ]
+        results = await invoke_with_retries(
+            self._invoker, batch, retries=self._lambda.retries, stream_arn=self.stream_arn, region=self.region
+        )
+        mapped: dict[int, list[Outcome]] = {}
+        for r in results:
+            src = ok[r.source]
+            mapped.setdefault(r.source, []).append(
+                replace(r, source=src.source, sub_index=src.sub_index, meta={**src.meta, **r.meta})
+            )
+        final: list[Outcome] = []
+        k = 0
+        for o in outs:
+            if o.ok:
+                final.extend(mapped.get(k, []))
+                k += 1
+            else:
+                final.append(o)
+        return final

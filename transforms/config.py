@@ -1,0 +1,174 @@
+"""Config classes for a stream's ``processing:`` list and its ``backup:`` block.
+
+Processors take Firehose's names and parameters. Whatever their order in the list, they run in
+Firehose's fixed order (reference §4.1): KPL de-aggregation, JSON/delimited de-aggregation,
+decompression, CloudWatch Logs message extraction, then the Lambda function;
+``append_delimiter`` applies at output, when objects are written.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class LambdaProcessorConfig(_Model):
+    """A Firehose Lambda processor: a Python callable run in worker processes the daemon owns
+    (``function: pkg.module:handler``), or a real Lambda function invoked through boto3 (``arn:``)."""
+
+    type: Literal["lambda"]
+    function: str | None = None
+    arn: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    buffer_size_mib: float = Field(default=1.0, ge=0.2, le=3.0)
+    buffer_interval_secs: int = Field(default=60, ge=0, le=900)
+    retries: int = Field(default=3, ge=0, le=300)
+    timeout_secs: int = Field(default=300, ge=1, le=900)
+    workers: int = Field(default=1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> LambdaProcessorConfig:
+        if (self.function is None) == (self.arn is None):
+            raise ValueError("give exactly one of 'function' (module:callable) or 'arn'")
+        if self.function is not None and (":" not in self.function or self.function.count(":") != 1):
+            raise ValueError(f"function must be 'module:callable', got {self.function!r}")
+        return self
+
+    @property
+    def lambda_arn(self) -> str:
+        """The ``lambdaArn`` written into error records: the ARN, or the ``function:`` value."""
+        return self.arn or self.function or ""
+
+
+class AppendDelimiterConfig(_Model):
+    type: Literal["append_delimiter"]
+    delimiter: str = "\n"
+
+    @field_validator("delimiter")
+    @classmethod
+    def _delim(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+class RecordDeaggregationConfig(_Model):
+    type: Literal["record_deaggregation"]
+    format: Literal["kpl", "json", "delimited", "KPL", "JSON", "DELIMITED"] = "json"
+    delimiter: str | None = None
+    delimiter_base64: str | None = None  # Firehose's API form of Delimiter
+
+    @model_validator(mode="after")
+    def _delimiter(self) -> RecordDeaggregationConfig:
+        if self.format.lower() == "delimited" and not self.delimiter_bytes:
+            raise ValueError("format: delimited needs 'delimiter' (or 'delimiter_base64')")
+        if self.delimiter_base64 is not None:
+            try:
+                base64.b64decode(self.delimiter_base64, validate=True)
+            except ValueError:
+                raise ValueError(f"delimiter_base64 is not valid base64: {self.delimiter_base64!r}") from None
+        return self
+
+    @property
+    def delimiter_bytes(self) -> bytes:
+        if self.delimiter_base64:
+            return base64.b64decode(self.delimiter_base64)
+        return (self.delimiter or "").encode()
+
+
+class DecompressionConfig(_Model):
+    type: Literal["decompression"]
+    compression_format: Literal["gzip", "GZIP"] = "gzip"
+
+
+class CloudWatchLogProcessingConfig(_Model):
+    type: Literal["cloudwatch_log_processing"]
+    data_message_extraction: bool = True
+
+
+ProcessorConfig = Annotated[
+    LambdaProcessorConfig
+    | AppendDelimiterConfig
+    | RecordDeaggregationConfig
+    | DecompressionConfig
+    | CloudWatchLogProcessingConfig,
+    Field(discriminator="type"),
+]
+
+PROCESSOR_TYPES = ("lambda", "append_delimiter", "record_deaggregation", "decompression", "cloudwatch_log_processing")
+
+
+def check_processing(processors: list[Any]) -> None:
+    """Cross-processor rules (Firehose's): at most one Lambda; CloudWatch Logs extraction needs
+    decompression; each built-in at most once."""
+    seen: dict[str, int] = {}
+    for p in processors:
+        seen[p.type] = seen.get(p.type, 0) + 1
+    if seen.get("lambda", 0) > 1:
+        raise ValueError("only one lambda processor is allowed per stream (as in Firehose)")
+    for name, n in seen.items():
+        if n > 1 and name != "lambda":
+            raise ValueError(f"processor {name!r} appears {n} times; give it once")
+    if "cloudwatch_log_processing" in seen and "decompression" not in seen:
+        raise ValueError("cloudwatch_log_processing needs a decompression processor (as in Firehose)")
+
+
+BACKUP_MODES = {
+    "failed_only": "failed_only",
+    "all": "all",
+    # Firehose's spellings, per destination
+    "Disabled": "failed_only",
+    "Enabled": "all",
+    "FailedDocumentsOnly": "failed_only",
+    "AllDocuments": "all",
+    "FailedEventsOnly": "failed_only",
+    "AllEvents": "all",
+    "FailedDataOnly": "failed_only",
+    "AllData": "all",
+}
+
+
+class BackupConfig(_Model):
+    """Where failed records (and with ``mode: all`` every source record) are archived: a local
+    directory (``path``) or an S3 bucket, with Firehose's prefix semantics."""
+
+    path: str | None = None
+    bucket: str | None = None
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    prefix: str = ""
+    error_output_prefix: str | None = None
+    compression: str = "none"
+    mode: str = "failed_only"
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v not in BACKUP_MODES:
+            raise ValueError(f"must be failed_only or all (or Firehose's spellings {', '.join(list(BACKUP_MODES)[2:])}), got {v!r}")
+        return BACKUP_MODES[v]
+
+    @model_validator(mode="after")
+    def _target(self) -> BackupConfig:
+        if (self.path is None) == (self.bucket is None):
+            raise ValueError("give exactly one of 'path' (a local directory) or 'bucket'")
+        return self
+
+    def destination_dict(self) -> dict[str, Any]:
+        """The equivalent destination config (same validation, same key layout)."""
+        common = {"prefix": self.prefix, "error_output_prefix": self.error_output_prefix, "compression": self.compression}
+        if self.path is not None:
+            return {"type": "local", "path": self.path, **common}
+        return {
+            "type": "s3", "bucket": self.bucket, "endpoint_url": self.endpoint_url, "region": self.region,
+            "access_key_id": self.access_key_id, "secret_access_key": self.secret_access_key, **common,
+        }
