@@ -48,6 +48,63 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_transform(args: argparse.Namespace) -> int:
+    """Run a stream's processing chain over sample records (one per input line) and print what
+    would be delivered, dropped and archived, one JSON object per line, then a summary."""
+    import base64
+    import time
+
+    import orjson
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    stream = cfg.stream(args.stream)
+    if stream is None:
+        names = ", ".join(s.name for s in cfg.streams)
+        print(f"{args.config}: no stream named {args.stream!r}; streams: {names}", file=sys.stderr)
+        return 2
+    from firehose.registry import PROCESSING_CHAIN, load
+    from transforms.records import SourceRecord
+
+    lines = sys.stdin.buffer.read().splitlines()
+    now = time.time_ns() // 1_000_000
+    records = [SourceRecord(str(i), line, now) for i, line in enumerate(lines)]
+    arn = f"arn:aws:firehose:{cfg.api.region}:{cfg.api.account_id}:deliverystream/{stream.name}"
+    chain = load(PROCESSING_CHAIN)(stream.processing, stream_arn=arn, region=cfg.api.region)
+
+    async def go() -> list:
+        await chain.start()
+        try:
+            return list(await chain.process(records))
+        finally:
+            await chain.close()
+
+    outcomes = asyncio.run(go())
+    counts = {"Ok": 0, "Dropped": 0, "ProcessingFailed": 0}
+    delimiter = chain.delimiter or b""
+    for o in outcomes:
+        counts[o.result] += 1
+        doc: dict[str, object] = {"record": o.source, "result": o.result}
+        data = o.data + (delimiter if o.result == "Ok" else b"")
+        try:
+            doc["data"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            doc["dataBase64"] = base64.b64encode(data).decode()
+        if o.partition_keys:
+            doc["partitionKeys"] = o.partition_keys
+        if o.result == "ProcessingFailed":
+            doc.update({"errorCode": o.error_code, "errorMessage": o.error_message,
+                        "errorOutputType": o.error_output_type})
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    summary = {"records": len(records), "delivered": counts["Ok"], "dropped": counts["Dropped"],
+               "archived": counts["ProcessingFailed"]}
+    sys.stdout.write(orjson.dumps({"summary": summary}).decode() + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="firehose", description="A self-hosted Firehose-compatible delivery stream daemon")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     val = sub.add_parser("validate", help="check a config file; exit 0 or print errors and exit 2")
     val.add_argument("path")
     val.set_defaults(func=_cmd_validate)
+    tr = sub.add_parser("transform", help="run a stream's processing chain on records read from stdin")
+    tr.add_argument("--config", required=True)
+    tr.add_argument("--stream", required=True)
+    tr.set_defaults(func=_cmd_transform)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -211,3 +211,23 @@ def test_prefix_rules_are_enforced_at_config_time(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "firehose", "validate", str(cfg)], capture_output=True, text=True)
     assert res.returncode == 2
     assert f"{cfg}:3: streams[0].destination:" in res.stderr and "error-output-type" in res.stderr
+
+
+def test_transform_command_shows_delivered_dropped_and_archived(tmp_path: Path) -> None:
+    import json
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(
+        "streams:\n  - name: a\n    processing:\n      - {type: record_deaggregation, format: json}\n"
+        "      - {type: append_delimiter}\n    destination: {type: local, path: out}\n"
+    )
+    res = subprocess.run([sys.executable, "-m", "firehose", "transform", "--config", str(cfg), "--stream", "a"],
+                         input=b'{"a":1}{"a":2}\n{"bad":\n', capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r.get("data") for r in rows[:2]] == ['{"a":1}\n', '{"a":2}\n']
+    assert rows[2]["result"] == "ProcessingFailed" and rows[2]["errorCode"] == "DeAggregation.JsonParsingFailed"
+    assert rows[3] == {"summary": {"records": 2, "delivered": 2, "dropped": 0, "archived": 1}}
+    res = subprocess.run([sys.executable, "-m", "firehose", "transform", "--config", str(cfg), "--stream", "zz"],
+                         input=b"", capture_output=True, timeout=60)
+    assert res.returncode == 2 and b"no stream named 'zz'" in res.stderr
