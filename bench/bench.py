@@ -72,7 +72,19 @@ MAX_BATCH_RECORDS = 500
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 CHUNK_BYTES = 5 * 1024 * 1024  # bare-cost compression chunk = the daemon's default buffer size
 MIB = 1024 * 1024
-SCENARIOS = ("local-snappy", "local-gzip", "s3-snappy", "s3-gzip")
+SCENARIOS = ("local-snappy", "local-gzip", "s3-snappy", "s3-gzip", "local-snappy+identity", "local-snappy+delimiter")
+
+# The identity handler of the "+identity" scenario: a Firehose Lambda that returns every record
+# unchanged, run by the daemon in its worker processes.
+IDENTITY_HANDLER = """
+def handler(event, context):
+    return {"records": [{"recordId": r["recordId"], "result": "Ok", "data": r["data"]} for r in event["records"]]}
+"""
+PROCESSING = {
+    "identity": [{"type": "lambda", "function": "bench_handlers:handler", "buffer_size_mib": 1,
+                  "buffer_interval_secs": 0, "workers": 1}],
+    "delimiter": [{"type": "append_delimiter", "delimiter": "\n"}],
+}
 TARGET_INGEST_RATIO = 0.7
 TARGET_E2E_RATIO = 0.6
 TARGET_RSS_MIB = 300
@@ -650,7 +662,8 @@ class DaemonRun:
     """One daemon subprocess with a fresh data directory."""
 
     def __init__(self, procs: Processes, workdir: Path, settings: Settings, destination: dict[str, Any],
-                 spool_max_mib: int, retry_max_backoff_ms: int | None = None) -> None:
+                 spool_max_mib: int, retry_max_backoff_ms: int | None = None,
+                 processing: list[dict[str, Any]] | None = None) -> None:
         self.procs = procs
         self.workdir = workdir
         self.settings = settings
@@ -670,10 +683,13 @@ class DaemonRun:
                     "buffering": {"size_mib": settings.buffer_mib, "interval_secs": settings.interval_secs},
                     "spool": {"fsync": "always", "max_size_mib": spool_max_mib},
                     "delivery": delivery,
+                    "processing": processing or [],
                     "destination": destination,
                 }
             ],
         }
+        if processing:
+            (workdir / "bench_handlers.py").write_text(IDENTITY_HANDLER)
         self.config_path = workdir / "firehose.yaml"
         self.config_path.write_text(json.dumps(self.config, indent=2))  # JSON is valid YAML
         self.log_path = workdir / "daemon.log"
@@ -815,7 +831,9 @@ def wait_delivered(daemon: DaemonRun, expected: int, timeout: float, poll: float
     return w
 
 
-def verify_objects(objects: list[tuple[str, bytes]], codec_name: str) -> dict[str, Any]:
+def verify_objects(objects: list[tuple[str, bytes]], codec_name: str, undouble: bool = False) -> dict[str, Any]:
+    """Count and checksum the delivered lines. ``undouble``: records already end with a newline
+    and append_delimiter added another, so each "\n\n" is folded back before checking."""
     from transforms.compression import get_codec
 
     codec = get_codec(codec_name)
@@ -831,6 +849,8 @@ def verify_objects(objects: list[tuple[str, bytes]], codec_name: str) -> dict[st
         except ValueError as exc:
             bad.append(f"{name}: {exc}")
             continue
+        if undouble:
+            data = data.replace(b"\n\n", b"\n")
         n, d = line_digest(data)
         records += n
         nbytes += len(data)
@@ -910,8 +930,9 @@ class Moto:
 
 def run_scenario(name: str, procs: Processes, settings: Settings, base: Path, bodies_path: Path,
                  dataset: Dataset, moto: Moto | None) -> dict[str, Any]:
-    kind, codec = name.split("-", 1)
-    work = base / name
+    base_name, _, proc_name = name.partition("+")
+    kind, codec = base_name.split("-", 1)
+    work = base / name.replace("+", "-")
     out_dir = work / "out"
     bucket = f"bench-{codec.replace('_', '-')}"
     if kind == "local":
@@ -924,7 +945,8 @@ def run_scenario(name: str, procs: Processes, settings: Settings, base: Path, bo
             "access_key_id": "x", "secret_access_key": "x", "compression": codec,
         }
     spool_mib = max(4096, int(mib(dataset.nbytes) * 1.25) + 256)
-    daemon = DaemonRun(procs, work, settings, destination, spool_mib)
+    daemon = DaemonRun(procs, work, settings, destination, spool_mib,
+                       processing=PROCESSING[proc_name] if proc_name else None)
     print(f"[{name}] starting daemon on port {daemon.port}", flush=True)
     res: dict[str, Any] = {"scenario": name, "destination": kind, "compression": codec}
     try:
@@ -985,7 +1007,7 @@ def run_scenario(name: str, procs: Processes, settings: Settings, base: Path, bo
     else:
         assert moto is not None
         objects, leftovers = s3_objects(moto.endpoint, bucket), []
-    check = verify_objects(objects, codec)
+    check = verify_objects(objects, codec, undouble=proc_name == "delimiter")
     check["leftover_tmp_files"] = leftovers
     check["sent_records"] = load["records"]
     check["ok"] = (
@@ -1113,6 +1135,16 @@ def build_ratios(bare: dict[str, Any], scenarios: dict[str, Any], backlog: dict[
         if key in bare and s.get("e2e_excl_tail") and name == "local-snappy":
             rows.append(ratio_row("  same, excluding the final partial buffer's wait",
                                   s["e2e_excl_tail"]["mib_per_s"] / bare[key]["mib_per_s"], None))
+    base = scenarios.get("local-snappy")
+    for name, target in (("local-snappy+identity", 0.75), ("local-snappy+delimiter", 0.90)):
+        s = scenarios.get(name)
+        if base is None or s is None:
+            continue
+        # Cost of processing: throughput with it over the same run without it.
+        rows.append(ratio_row(f"ack {name} / local-snappy", s["ack"]["mib_per_s"] / base["ack"]["mib_per_s"], target))
+        if s.get("e2e_excl_tail") and base.get("e2e_excl_tail"):
+            rows.append(ratio_row(f"end-to-end (excl. tail) {name} / local-snappy",
+                                  s["e2e_excl_tail"]["mib_per_s"] / base["e2e_excl_tail"]["mib_per_s"], target))
     for name, s in scenarios.items():
         rows.append(ratio_row(f"peak RSS {name} (MiB)", s["peak_rss_mib"], None, "<="))
     if backlog is not None:

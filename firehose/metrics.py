@@ -37,6 +37,16 @@ class Metrics:
         self.data_freshness = gauge(
             "DeliveryToS3_DataFreshness", "Age in seconds of the oldest record not yet delivered"
         )
+        self.succeed_processing_records = counter(
+            "SucceedProcessing_Records", "Records a transform returned Ok (SucceedProcessing.Records)")
+        self.succeed_processing_bytes = counter("SucceedProcessing_Bytes", "Bytes of Ok transform output")
+        self.failed_processing_records = counter("FailedProcessing_Records", "Records a transform failed")
+        self.dropped_records = counter("DroppedRecords", "Records a transform dropped on purpose")
+        self.execute_processing_seconds = counter(
+            "ExecuteProcessing_Duration_seconds", "Time spent in the processing chain (ExecuteProcessing.Duration)")
+        self.execute_processing_calls = counter("ExecuteProcessing_Calls", "Processing chain runs")
+        self.archived_records = counter(
+            "BackupToS3_Records", "Failed records archived with their error (BackupToS3.Records)")
         self.spool_bytes = gauge("SpoolBytes", "Bytes held in the stream's spool")
         self.backlog_records = gauge("BacklogRecords", "Acknowledged records not yet delivered")
 

@@ -71,6 +71,9 @@ class _OpenBuffer:
             self.ranges.append((start, end))
 
 
+SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (backup mode: all)
+
+
 def error_record_line(data: bytes, err: dict[str, Any]) -> bytes:
     """One Firehose error record (reference §4.2), a JSON document per line. ``rawData`` is the
     record as it was before the failing stage."""
@@ -132,6 +135,8 @@ class StreamRuntime:
         self._proc_wake = asyncio.Event()
         self.dropped_records = 0
         self.archived_records = 0
+        self.backed_up_records = 0
+        self.backup_all = False
         self._cursor = 0
         self._pending: deque[_Pending] = deque()
         self._in_flight = 0
@@ -163,14 +168,17 @@ class StreamRuntime:
             dest = self.config.backup.destination_dict()
             self.archive = destination_config_class(dest["type"]).model_validate(dest).build(ctx)  # type: ignore[attr-defined]
             await self.archive.start()
-        if self.config.processing:
+        self.backup_all = self.config.backup is not None and self.config.backup.mode == "all"
+        if self.config.processing or self.backup_all:
             from firehose.registry import PROCESSING_CHAIN, load
 
             arn = f"arn:aws:firehose:{self.region}:{self.account_id}:deliverystream/{self.name}"
             self.chain = load(PROCESSING_CHAIN)(self.config.processing, stream_arn=arn, region=self.region)
             await self.chain.start()
         recovery = self.recovery
-        if self.chain is not None and self.chain.enabled:
+        # Source-record backup rides the processing stage: the untransformed records are
+        # recorded beside the outcomes, so the copy is exactly-once too.
+        if self.chain is not None and (self.chain.enabled or self.backup_all):
             sp = self.config.spool
             self.out = Spool(
                 os.path.join(self.spool.directory, "processed"),
@@ -188,6 +196,7 @@ class StreamRuntime:
             self._proc_task = asyncio.get_running_loop().create_task(
                 self._processing_loop(), name=f"processing-{self.name}"
             )
+            self._proc_wake.set()  # records ingested before the restart are waiting
         for sealed in recovery.pending:
             self._pending.append(_Pending(sealed, None))
         self._cursor = self.out.min_seq
@@ -381,6 +390,10 @@ class StreamRuntime:
                 key = err["t"]
                 record = error_record_line(frame.records[i], err)
                 buf = self._archive_buffers.setdefault(key, _OpenBuffer())
+            elif isinstance(meta, dict) and meta.get("src"):
+                key = SOURCE_BACKUP
+                record = frame.records[i]
+                buf = self._archive_buffers.setdefault(key, _OpenBuffer())
             else:
                 key = ""
                 record = frame.records[i]
@@ -405,7 +418,11 @@ class StreamRuntime:
         assert self.destination is not None and self.archive is not None
         oldest = datetime.fromtimestamp(buf.oldest_ms / 1000.0, tz=UTC)
         info: dict[str, Any] = {"records": len(buf.records), "bytes": buf.nbytes}
-        if buffer_key:
+        if buffer_key == SOURCE_BACKUP:
+            self._archive_buffers[buffer_key] = _OpenBuffer()
+            key = self.archive.batch_key(oldest, self.rng)
+            info.update({"sink": "source"})
+        elif buffer_key:
             self._archive_buffers[buffer_key] = _OpenBuffer()
             key = self.archive.archive_key(oldest, self.rng, buffer_key)  # type: ignore[attr-defined]
             info.update({"sink": "archive", "type": buffer_key})
@@ -478,7 +495,10 @@ class StreamRuntime:
             SourceRecord(str(seq), data, arrival, meta.get("kinesis") if isinstance(meta, dict) else None)
             for seq, data, arrival, meta in pending
         ]
+        t0 = time.monotonic()
         outcomes = await chain.process(sources)
+        self.metrics.execute_processing_seconds.labels(self.name).inc(time.monotonic() - t0)
+        self.metrics.execute_processing_calls.labels(self.name).inc()
         now = self.clock.now_ms()
         records: list[bytes] = []
         metas: list[Any] = []
@@ -495,6 +515,10 @@ class StreamRuntime:
                     "c": o.error_code, "m": o.error_message, "t": o.error_output_type, "a": o.attempts,
                     "ts": pending[o.source][2], "e": now, "l": chain.lambda_arn,
                 }})
+        if self.backup_all:
+            for _seq, data, _arrival, _meta in pending:
+                records.append(data)
+                metas.append({"src": 1})
         start, end = pending[0][0], pending[-1][0] + 1
         has_meta = any(m is not None for m in metas)
         self.out.append_records(
@@ -503,7 +527,12 @@ class StreamRuntime:
         await self.out.wait_durable(force=True)
         self.spool.commit_ranges([(start, end)])
         self.dropped_records += dropped
-        failed = sum(1 for m in metas if m is not None and "err" in m)
+        failed = sum(1 for o in outcomes if o.result == "ProcessingFailed")
+        ok_bytes = sum(len(o.data) for o in outcomes if o.result == "Ok")
+        self.metrics.dropped_records.labels(self.name).inc(dropped)
+        self.metrics.failed_processing_records.labels(self.name).inc(failed)
+        self.metrics.succeed_processing_records.labels(self.name).inc(len(outcomes) - failed - dropped)
+        self.metrics.succeed_processing_bytes.labels(self.name).inc(ok_bytes)
         self.log.debug("records_processed", records=len(pending), outputs=len(records), dropped=dropped, failed=failed)
         self._wake.set()
 
@@ -521,8 +550,9 @@ class StreamRuntime:
         assert self.destination is not None
         sealed = pending.sealed
         try:
-            archive = sealed.info.get("sink") == "archive"
-            destination = self.archive if archive else self.destination
+            sink = sealed.info.get("sink", "main")
+            archive = sink == "archive"
+            destination = self.destination if sink == "main" else self.archive
             assert destination is not None
             records: list[bytes]
             if pending.records is not None:
@@ -539,7 +569,7 @@ class StreamRuntime:
                 attempt += 1
                 subset = records if len(todo) == len(records) else [records[i] for i in todo]
                 batch = Batch(self.name, sealed.batch_id, sealed.key, subset, sealed.oldest_arrival_ms, attempt)
-                if not archive and self.chain is not None:
+                if sink == "main" and self.chain is not None:
                     batch.delimiter = self.chain.delimiter
                 self.metrics.delivery_attempts.labels(labels).inc()
                 result = await destination.deliver(batch)
@@ -575,6 +605,9 @@ class StreamRuntime:
             self.out.append_commit(sealed.batch_id, {"attempts": attempt})
             if archive:
                 self.archived_records += len(records)
+                self.metrics.archived_records.labels(self.name).inc(len(records))
+            elif sink == "source":
+                self.backed_up_records += len(records)
             else:
                 self.delivered_records += len(records)
             self.log.info(
@@ -617,4 +650,5 @@ class StreamRuntime:
             "delivered_records": self.delivered_records,
             "dropped_records": self.dropped_records,
             "archived_records": self.archived_records,
+            "backed_up_records": self.backed_up_records,
         }

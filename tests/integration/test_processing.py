@@ -38,7 +38,7 @@ def upper(event, context):
 
 def stamp(event, context):
     # Not deterministic: a replay that re-ran it would deliver a different copy.
-    return {"records": [_out(r, "Ok", base64.b64decode(r["data"]).rstrip(b"\\n") + b"|" + uuid.uuid4().hex.encode() + b"\\n")
+    return {"records": [_out(r, "Ok", base64.b64decode(r["data"]).rstrip(b"\\n") + b"|" + uuid.uuid4().hex.encode())
                         for r in event["records"]]}
 
 def explode(event, context):
@@ -251,3 +251,25 @@ def test_processing_config_errors(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "firehose", "validate", str(cfg)], capture_output=True, text=True)
     assert res.returncode == 2 and "streams[0].processing[0].buffer_size_mib" in res.stderr
     _ = pytest
+
+
+def test_backup_mode_all_keeps_untransformed_source_records(tmp_path: Path) -> None:
+    backup = tmp_path / "backup"
+    d = make(tmp_path, [
+        {"type": "append_delimiter"},
+        {"type": "lambda", "function": "user_handlers:upper", "buffer_interval_secs": 0},
+    ], backup={"path": str(backup), "prefix": "source/", "error_output_prefix": "errors/!{firehose:error-output-type}/",
+               "mode": "Enabled"}).start()
+    try:
+        d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
+            {"Data": b"one;"}, {"Data": b"drop me;"}, {"Data": b"fail me;"},
+        ])
+        wait_until(lambda: len(local_objects(backup)) >= 2 and local_objects(tmp_path / "out"), 30, "objects")
+    finally:
+        d.stop()
+    b = local_objects(backup)
+    source = b"".join(v for k, v in b.items() if k.startswith("source/"))
+    assert source == b"one;drop me;fail me;"  # every source record, as it arrived, dropped and failed included
+    (doc,) = error_docs(b)
+    assert base64.b64decode(doc["rawData"]) == b"fail me;"
+    assert b"".join(local_objects(tmp_path / "out").values()) == b"ONE;\n"
