@@ -163,7 +163,7 @@ def test_builtin_deaggregation_and_cloudwatch_logs(tmp_path: Path) -> None:
 
 def test_kpl_aggregates_are_deaggregated_before_delivery(tmp_path: Path) -> None:
     d = make(tmp_path, [{"type": "record_deaggregation", "format": "kpl"}, {"type": "append_delimiter"}]).start()
-    agg = aggregate([("pk-%d" % i, b"user-record-%d" % i) for i in range(50)])
+    agg = aggregate([(f"pk-{i}", b"user-record-%d" % i) for i in range(50)])
     try:
         d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
             {"Data": agg}, {"Data": b"plain"}, {"Data": agg[:-1] + bytes([agg[-1] ^ 1])},
