@@ -82,7 +82,7 @@ def handler(event, context):
 """
 PROCESSING = {
     "identity": [{"type": "lambda", "function": "bench_handlers:handler", "buffer_size_mib": 1,
-                  "buffer_interval_secs": 0, "workers": 1}],
+                  "buffer_interval_secs": 0, "workers": 2}],
     "delimiter": [{"type": "append_delimiter", "delimiter": "\n"}],
 }
 TARGET_INGEST_RATIO = 0.7

@@ -440,65 +440,104 @@ class StreamRuntime:
         """Run the processing chain over ingested records, in order, in processing buffers
         (Firehose's processing buffer hints), and record every outcome in the outcome spool
         (fsynced) before the raw records are released. A restart resumes after the last recorded
-        outcome, so no transform runs twice on the same record."""
+        outcome, so no transform runs twice on the same record.
+
+        Several buffers are in processing at once (Firehose keeps up to 5 invocations
+        outstanding per shard); their outcomes are recorded strictly in order by the recorder."""
         chain = self.chain
         limit = chain.buffer_size_bytes
         interval_ms = chain.buffer_interval_secs * 1000
+        depth = max(2, int(getattr(chain, "concurrency", 2)))
+        queue: asyncio.Queue[tuple[list[tuple[int, bytes, int, Any]], list[Any], asyncio.Task[Any]]] = (
+            asyncio.Queue(maxsize=depth)
+        )
+        recorder = asyncio.get_running_loop().create_task(self._record_loop(queue), name=f"recorder-{self.name}")
         pending: list[tuple[int, bytes, int, Any]] = []
         nbytes = 0
-        while not self._stopping:
-            timeout: float | None = None
-            if pending and interval_ms:
-                timeout = max(0.0, (pending[0][2] + interval_ms - self.clock.now_ms()) / 1000.0)
-            if not pending or timeout:
+        try:
+            while not self._stopping:
+                timeout: float | None = None
+                if pending and interval_ms:
+                    timeout = max(0.0, (pending[0][2] + interval_ms - self.clock.now_ms()) / 1000.0)
+                if not pending or timeout:
+                    try:
+                        await asyncio.wait_for(self._proc_wake.wait(), timeout)
+                    except TimeoutError:
+                        pass
+                self._proc_wake.clear()
                 try:
-                    await asyncio.wait_for(self._proc_wake.wait(), timeout)
-                except TimeoutError:
-                    pass
-            self._proc_wake.clear()
-            try:
-                # Outcomes wait on disk like records do: stop reading when the batcher is far behind.
-                while self._proc_cursor < self.spool.next_seq and not self._stopping and self.out.size_bytes < (
-                    self.spool.max_size_bytes // 2
-                ):
-                    frame = self.spool.frame_at(self._proc_cursor)
-                    if frame is None:
-                        self._proc_cursor = max(self._proc_cursor, self.spool.min_seq)
-                        break
-                    for i in range(self._proc_cursor - frame.first_seq, len(frame.records)):
-                        meta = frame.meta[i] if frame.meta is not None else None
-                        pending.append((frame.first_seq + i, frame.records[i], frame.arrival_ms, meta))
-                        nbytes += len(frame.records[i])
-                        if nbytes >= limit:
-                            await self._process(pending)
-                            pending, nbytes = [], 0
-                    self._proc_cursor = frame.end_seq
-                    self.spool.release_cache(frame.first_seq)
-                due = pending and (not interval_ms or self.clock.now_ms() >= pending[0][2] + interval_ms)
-                if due:
-                    await self._process(pending)
-                    pending, nbytes = [], 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug in a stage must not lose records: retry the buffer
-                self.log.exception("processing_failed", error=str(exc))
-                if pending:
-                    self._proc_cursor = pending[0][0]
-                    pending, nbytes = [], 0
-                await asyncio.sleep(1.0)
+                    # Outcomes wait on disk like records do: stop reading when the batcher is far behind.
+                    while self._proc_cursor < self.spool.next_seq and not self._stopping and self.out.size_bytes < (
+                        self.spool.max_size_bytes // 2
+                    ):
+                        frame = self.spool.frame_at(self._proc_cursor)
+                        if frame is None:
+                            self._proc_cursor = max(self._proc_cursor, self.spool.min_seq)
+                            break
+                        meta = frame.meta
+                        first = frame.first_seq
+                        arrival = frame.arrival_ms
+                        recs = frame.records
+                        i = self._proc_cursor - first
+                        while i < len(recs):
+                            pending.append((first + i, recs[i], arrival, meta[i] if meta is not None else None))
+                            nbytes += len(recs[i])
+                            i += 1
+                            if nbytes >= limit:
+                                self._proc_cursor = first + i
+                                await self._submit(queue, pending)
+                                pending, nbytes = [], 0
+                        self._proc_cursor = frame.end_seq
+                        self.spool.release_cache(first)
+                    due = pending and (not interval_ms or self.clock.now_ms() >= pending[0][2] + interval_ms)
+                    if due:
+                        await self._submit(queue, pending)
+                        pending, nbytes = [], 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # keep the records: they are retried on the next pass
+                    self.log.exception("processing_failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+        finally:
+            recorder.cancel()
+            while not queue.empty():
+                queue.get_nowait()[2].cancel()
+            await asyncio.gather(recorder, return_exceptions=True)
 
-    async def _process(self, pending: list[tuple[int, bytes, int, Any]]) -> None:
+    async def _submit(self, queue: asyncio.Queue[Any], pending: list[tuple[int, bytes, int, Any]]) -> None:
         from transforms.records import SourceRecord
 
-        chain = self.chain
         sources = [
             SourceRecord(str(seq), data, arrival, meta.get("kinesis") if isinstance(meta, dict) else None)
             for seq, data, arrival, meta in pending
         ]
+        task = asyncio.get_running_loop().create_task(self._run_chain(sources))
+        await queue.put((pending, sources, task))
+
+    async def _run_chain(self, sources: list[Any]) -> list[Any]:
         t0 = time.monotonic()
-        outcomes = await chain.process(sources)
+        outcomes = list(await self.chain.process(sources))
         self.metrics.execute_processing_seconds.labels(self.name).inc(time.monotonic() - t0)
         self.metrics.execute_processing_calls.labels(self.name).inc()
+        return outcomes
+
+    async def _record_loop(self, queue: asyncio.Queue[Any]) -> None:
+        while True:
+            pending, sources, task = await queue.get()
+            while True:
+                try:
+                    outcomes = await task
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a bug in a stage: run the same buffer again, in order
+                    self.log.exception("processing_failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+                    task = asyncio.get_running_loop().create_task(self._run_chain(sources))
+            await self._record(pending, outcomes)
+
+    async def _record(self, pending: list[tuple[int, bytes, int, Any]], outcomes: list[Any]) -> None:
+        chain = self.chain
         now = self.clock.now_ms()
         records: list[bytes] = []
         metas: list[Any] = []

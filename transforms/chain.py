@@ -64,6 +64,12 @@ class ProcessingChain:
         return self._lambda.buffer_interval_secs if self._lambda is not None else 0
 
     @property
+    def concurrency(self) -> int:
+        """Processing buffers in flight at once: enough to keep every worker busy while the
+        daemon builds the next event and records the previous outcome."""
+        return (self._lambda.workers + 1) if self._lambda is not None else 2
+
+    @property
     def lambda_arn(self) -> str | None:
         return self._lambda.lambda_arn if self._lambda is not None else None
 
@@ -88,8 +94,22 @@ class ProcessingChain:
             await self._invoker.close()
             self._invoker = None
 
+    @property
+    def _has_builtins(self) -> bool:
+        return any(x is not None for x in (self._deagg, self._decompress, self._cwl))
+
     async def process(self, records: list[SourceRecord]) -> list[Outcome]:
-        outs = await asyncio.to_thread(self._builtins, records)
+        if self._has_builtins:
+            outs = await asyncio.to_thread(self._builtins, records)
+        elif self._lambda is not None:
+            # Straight to the function: its outcomes already index the source records.
+            from transforms.lambda_ import invoke_with_retries
+
+            return await invoke_with_retries(
+                self._invoker, records, retries=self._lambda.retries, stream_arn=self.stream_arn, region=self.region
+            )
+        else:
+            outs = initial_outcomes(records)
         if self._lambda is None:
             return outs
         return await self._run_lambda(records, outs)
