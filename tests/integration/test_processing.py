@@ -273,3 +273,48 @@ def test_backup_mode_all_keeps_untransformed_source_records(tmp_path: Path) -> N
     (doc,) = error_docs(b)
     assert base64.b64decode(doc["rawData"]) == b"fail me;"
     assert b"".join(local_objects(tmp_path / "out").values()) == b"ONE;\n"
+
+
+def test_remote_lambda_by_arn_through_the_invoke_api(tmp_path: Path) -> None:
+    from tests.handlers import upper
+    from tests.lambda_server import LambdaServer
+
+    server = LambdaServer()
+    server.add_function("enrich", upper.handler)
+    server.start()
+    try:
+        d = make(tmp_path, [{"type": "lambda", "arn": server.arn("enrich"), "endpoint_url": server.endpoint,
+                             "region": "us-east-1", "buffer_interval_secs": 0, "retries": 1}]).start()
+        try:
+            d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
+                {"Data": b'{"name": "ada", "customer": 7}'}, {"Data": b"not json"},
+            ])
+            wait_until(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "objects")
+        finally:
+            d.stop()
+    finally:
+        server.stop()
+    objs = local_objects(tmp_path / "out")
+    delivered = b"".join(v for k, v in objs.items() if "failed" not in k)
+    assert json.loads(delivered) == {"name": "ADA", "customer": 7}
+    (doc,) = error_docs(objs)
+    assert base64.b64decode(doc["rawData"]) == b"not json"
+    assert doc["lambdaArn"] == server.arn("enrich")
+    assert len(server.invocations) == 1
+
+
+def test_archiving_waits_for_a_broken_backup_location_and_loses_nothing(tmp_path: Path) -> None:
+    backup = tmp_path / "backup"
+    backup.write_text("not a directory")  # the backup location is down
+    d = make(tmp_path, [{"type": "lambda", "function": "user_handlers:upper", "buffer_interval_secs": 0}],
+             backup={"path": str(backup)}, delivery={"retry_initial_backoff_ms": 100, "retry_max_backoff_ms": 300})
+    d.start()
+    try:
+        d.firehose().put_record_batch(DeliveryStreamName="p", Records=[{"Data": b"fail %d" % i} for i in range(10)])
+        wait_until(lambda: any(e.get("event") == "delivery_retry_scheduled" for e in d.events()), 30, "retries")
+        backup.unlink()
+        wait_until(lambda: len(error_docs(local_objects(backup))) == 10, 30, "archive after repair")
+    finally:
+        assert d.stop() == 0
+    docs = error_docs(local_objects(backup))
+    assert sorted(base64.b64decode(x["rawData"]) for x in docs) == [b"fail %d" % i for i in range(10)]
