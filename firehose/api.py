@@ -195,7 +195,7 @@ class FirehoseApi:
         return rt
 
     async def _ingest(self, rt: Any, records: list[bytes], nbytes: int) -> int:
-        if not rt.accepting or not rt.spool.has_room(nbytes + 64 + 4 * len(records)):
+        if not rt.accepting or not rt.has_room(nbytes + 64 + 4 * len(records)):
             self.daemon.metrics.throttled_records.labels(rt.name).inc(len(records))
             raise ApiError("ServiceUnavailableException", "Slow down.", 503)
         try:

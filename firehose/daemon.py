@@ -114,6 +114,7 @@ class Daemon:
         self.reloading: set[str] = set()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------------ streams
@@ -168,12 +169,24 @@ class Daemon:
         await site.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
         self.ready = True
         log.info("daemon_started", listen=api.listen, streams=sorted(self.streams), data_dir=self.config.data_dir)
         sd_notify("READY=1\nSTATUS=serving")
         await self._stop.wait()
         return await self.shutdown()
+
+    def _schedule_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_logged())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except Exception as exc:  # a failed reload must not go unnoticed, nor leave systemd waiting
+            log.exception("config_reload_failed", error=str(exc))
+            sd_notify("READY=1\nSTATUS=reload failed; see the log")
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -222,6 +235,8 @@ class Daemon:
                     await rt.stop(timeout)
                 try:
                     self.streams[name] = await self._start_stream(cfg)
+                except Exception as exc:  # keep the other streams; this one stays down, its spool intact
+                    log.exception("stream_start_failed", stream=name, error=str(exc))
                 finally:
                     self.reloading.discard(name)
                 log.info("stream_configured", stream=name, version=self.streams[name].version)

@@ -107,7 +107,7 @@ class SealedBatch:
         return sum(e - s for s, e in self.ranges)
 
 
-@dataclass
+@dataclass(slots=True)
 class _FrameRef:
     segment: int
     offset: int  # offset of the frame header in the segment file
@@ -252,6 +252,9 @@ class Spool:
         self._read_fds: dict[int, int] = {}
         self._to_close: list[int] = []
         self._dir_dirty = False
+        # Segments whose deletion waits for the commit that freed them to be on disk:
+        # (the append counter when they were freed, path).
+        self._pending_unlinks: list[tuple[int, str]] = []
         self.next_seq = 0
         self.next_batch_id = 1
         self.min_seq = 0
@@ -284,6 +287,11 @@ class Spool:
             seg = _Segment(number, path, 0)
             self._segments[number] = seg
             truncated += self._scan_segment(seg, last=idx == len(names) - 1, commits=commits)
+            if seg.size == 0:
+                # A segment created just before a crash, with not even its header on disk: it
+                # held nothing acknowledged. Remove it so it is not taken for damage later.
+                os.unlink(path)
+                del self._segments[number]
         for batch_id in commits:
             self._committed_ids.add(batch_id)
             seal = self._seals.get(batch_id)
@@ -301,7 +309,7 @@ class Spool:
             if bid in self._committed_ids:
                 del self._seals[bid]
         self._open_new_segment()
-        self._trim()
+        self._trim(defer=False)
         unsealed = 0
         seq = self.min_seq
         while seq < self.next_seq:
@@ -560,13 +568,15 @@ class Spool:
         loop = asyncio.get_running_loop()
         while True:
             target = self._written
-            if target <= self._synced and not self._dir_dirty and not self._to_close:
+            if target <= self._synced and not self._dir_dirty and not self._to_close and not self._pending_unlinks:
                 break
             fds = [self._fd] if self._fd >= 0 else []
             closing, self._to_close = self._to_close, []
             dir_dirty, self._dir_dirty = self._dir_dirty, False
+            unlinks = [path for marker, path in self._pending_unlinks if marker <= target]
+            self._pending_unlinks = [(m, p) for m, p in self._pending_unlinks if m > target]
             try:
-                await loop.run_in_executor(self._executor, self._fsync_all, fds, closing, dir_dirty)
+                await loop.run_in_executor(self._executor, self._fsync_all, fds, closing, dir_dirty, unlinks)
             except OSError as exc:
                 for _t, fut in self._waiters:
                     if not fut.done():
@@ -585,18 +595,31 @@ class Spool:
             if not self._waiters and self.fsync_policy != "always":
                 break
 
-    def _fsync_all(self, fds: list[int], closing: list[int], dir_dirty: bool) -> None:
+    def _fsync_all(
+        self, fds: list[int], closing: list[int], dir_dirty: bool, unlinks: list[str] | None = None
+    ) -> None:
         for fd in closing:
             os.fsync(fd)
             os.close(fd)
         for fd in fds:
             os.fsync(fd)
         if dir_dirty:
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            self._fsync_dir()
+        if unlinks:
+            # Only now are the commits (and a rolled-over segment's successor) on disk.
+            for path in unlinks:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            self._fsync_dir()
+
+    def _fsync_dir(self) -> None:
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     def _ensure_interval_task(self) -> None:
         if self._interval_task is None or self._interval_task.done():
@@ -673,15 +696,18 @@ class Spool:
             return False
         return all(bid in self._committed_ids for bid in seg.seal_ids)
 
-    def _trim(self) -> None:
-        """Delete the oldest segments whose records and seals are all committed."""
+    def _trim(self, defer: bool = True) -> None:
+        """Delete the oldest segments whose records and seals are all committed. With ``defer``
+        the files are unlinked only once the commits that freed them are fsynced: an unlink that
+        reached the disk before its commit would leave a pending batch without its records."""
         active = self._active
+        roll_at = min(ROLL_DONE_ACTIVE_BYTES, max(4096, self.max_size_bytes // 8))
         # A fully delivered active segment is rolled over, so space is freed without waiting for
         # the segment to fill (the cap counts bytes on disk).
         if (
             active is not None
             and not self._closed
-            and active.size > ROLL_DONE_ACTIVE_BYTES
+            and active.size > roll_at
             and len(self._segments) == 1
             and self._segment_done(active)
         ):
@@ -690,16 +716,20 @@ class Spool:
             seg = self._segments[number]
             if seg is self._active or not self._segment_done(seg):
                 break
-            self._delete_segment(seg)
+            self._delete_segment(seg, defer)
 
-    def _delete_segment(self, seg: _Segment) -> None:
+    def _delete_segment(self, seg: _Segment, defer: bool = True) -> None:
         fd = self._read_fds.pop(seg.number, None)
         if fd is not None:
             os.close(fd)
-        try:
-            os.unlink(seg.path)
-        except FileNotFoundError:
-            pass
+        if defer:
+            self._pending_unlinks.append((self._written, seg.path))
+            self._kick_sync()
+        else:
+            try:
+                os.unlink(seg.path)
+            except FileNotFoundError:
+                pass
         self.size_bytes -= seg.size
         del self._segments[seg.number]
         self._committed_ids.difference_update(seg.seal_ids)
@@ -731,6 +761,10 @@ class Spool:
             return
         if self._fd >= 0:
             await self.wait_durable(force=True)
+            if self._pending_unlinks:
+                self._kick_sync()
+                if self._sync_task is not None:
+                    await asyncio.gather(self._sync_task, return_exceptions=True)
         self._closed = True
         if self._interval_task is not None:
             self._interval_task.cancel()

@@ -31,7 +31,7 @@ from firehose.clock import Clock, SystemClock
 from firehose.config import StreamConfig
 from firehose.interfaces import Batch, BuildContext, Destination
 from firehose.metrics import Metrics
-from firehose.spool import RecordFrame, RecoveryState, SealedBatch, Spool, SpoolFullError
+from firehose.spool import RecordFrame, RecoveryState, SealedBatch, Spool, SpoolError, SpoolFullError
 
 
 @dataclass
@@ -39,6 +39,7 @@ class _Pending:
     sealed: SealedBatch
     records: list[bytes] | None  # None: read back from the spool when its delivery starts
     task: asyncio.Task[None] | None = None
+    spool: Spool | None = None  # the spool the batch was sealed in (default: the batcher's)
 
 
 @dataclass
@@ -137,6 +138,7 @@ class StreamRuntime:
         self.archived_records = 0
         self.backed_up_records = 0
         self.backup_all = False
+        self._recorded_upto = 0
         self._cursor = 0
         self._pending: deque[_Pending] = deque()
         self._in_flight = 0
@@ -178,7 +180,16 @@ class StreamRuntime:
         recovery = self.recovery
         # Source-record backup rides the processing stage: the untransformed records are
         # recorded beside the outcomes, so the copy is exactly-once too.
-        if self.chain is not None and (self.chain.enabled or self.backup_all):
+        processed_dir = os.path.join(self.spool.directory, "processed")
+        if self.chain is None and os.path.isdir(processed_dir):
+            # Processing was turned off, but recorded outcomes wait there: keep the stage (an
+            # empty chain passes records through) so nothing acknowledged is stranded.
+            from firehose.registry import PROCESSING_CHAIN, load
+
+            arn = f"arn:aws:firehose:{self.region}:{self.account_id}:deliverystream/{self.name}"
+            self.chain = load(PROCESSING_CHAIN)([], stream_arn=arn, region=self.region)
+            await self.chain.start()
+        if self.chain is not None and (self.chain.enabled or self.backup_all or os.path.isdir(processed_dir)):
             sp = self.config.spool
             self.out = Spool(
                 os.path.join(self.spool.directory, "processed"),
@@ -190,6 +201,17 @@ class StreamRuntime:
             recovery = await asyncio.to_thread(self.out.open)
             # Raw records whose outcome is recorded are finished even if their commit was lost.
             done = int(self.out.positions.get("raw_end", 0))
+            if done > self.spool.next_seq:
+                raise SpoolError(
+                    f"{self.out.directory}: outcomes are recorded up to record {done} but the ingest "
+                    f"spool ends at {self.spool.next_seq}; refusing to guess (was the spool replaced?)"
+                )
+            # Batches sealed in the ingest spool before processing was turned on are still
+            # delivered from there, and processing starts after them.
+            for sealed in self.recovery.pending:
+                self._pending.append(_Pending(sealed, None, spool=self.spool))
+            if self.recovery.pending:
+                done = max(done, self.spool.sealed.next_gap(self.spool.min_seq))
             if done > self.spool.min_seq and not self.spool.committed.covers(self.spool.min_seq, done):
                 self.spool.commit_ranges([(self.spool.min_seq, done)])
             self._proc_cursor = max(done, self.spool.min_seq)
@@ -419,18 +441,28 @@ class StreamRuntime:
         oldest = datetime.fromtimestamp(buf.oldest_ms / 1000.0, tz=UTC)
         info: dict[str, Any] = {"records": len(buf.records), "bytes": buf.nbytes}
         if buffer_key == SOURCE_BACKUP:
-            self._archive_buffers[buffer_key] = _OpenBuffer()
             key = self.archive.batch_key(oldest, self.rng)
             info.update({"sink": "source"})
         elif buffer_key:
-            self._archive_buffers[buffer_key] = _OpenBuffer()
             key = self.archive.archive_key(oldest, self.rng, buffer_key)  # type: ignore[attr-defined]
             info.update({"sink": "archive", "type": buffer_key})
         else:
-            self._buffer = _OpenBuffer()
             key = self.destination.batch_key(oldest, self.rng)
         sealed = SealedBatch(self.out.allocate_batch_id(), key, buf.ranges, buf.oldest_ms, info)
-        await self.out.append_seal(sealed)
+        # The buffer is forgotten only once its seal is written; a failed write leaves it to be
+        # sealed again. (A seal written but not yet fsynced is never re-sealed: it is in _pending.)
+        written = False
+        try:
+            await self.out.append_seal(sealed)
+            written = True
+        finally:
+            if written or self.out.sealed.covers(buf.ranges[0][0], buf.ranges[0][1]):
+                if buffer_key:
+                    self._archive_buffers[buffer_key] = _OpenBuffer()
+                else:
+                    self._buffer = _OpenBuffer()
+                if not written:
+                    self._pending.append(_Pending(sealed, buf.records))
         self.log.debug("batch_sealed", batch_id=sealed.batch_id, key=key, records=len(buf.records))
         self._pending.append(_Pending(sealed, buf.records))
         self._dispatch()
@@ -459,6 +491,8 @@ class StreamRuntime:
                 timeout: float | None = None
                 if pending and interval_ms:
                     timeout = max(0.0, (pending[0][2] + interval_ms - self.clock.now_ms()) / 1000.0)
+                if self.out.size_bytes >= self.spool.max_size_bytes // 2:
+                    timeout = 1.0 if timeout is None else min(timeout, 1.0)  # throttled: look again soon
                 if not pending or timeout:
                     try:
                         await asyncio.wait_for(self._proc_wake.wait(), timeout)
@@ -495,8 +529,11 @@ class StreamRuntime:
                         pending, nbytes = [], 0
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # keep the records: they are retried on the next pass
+                except Exception as exc:  # re-read the unsubmitted records on the next pass
                     self.log.exception("processing_failed", error=str(exc))
+                    if pending:
+                        self._proc_cursor = pending[0][0]
+                        pending, nbytes = [], 0
                     await asyncio.sleep(1.0)
         finally:
             recorder.cancel()
@@ -534,7 +571,28 @@ class StreamRuntime:
                     self.log.exception("processing_failed", error=str(exc))
                     await asyncio.sleep(1.0)
                     task = asyncio.get_running_loop().create_task(self._run_chain(sources))
-            await self._record(pending, outcomes)
+            await self._record_reliably(pending, outcomes)
+
+    async def _record_reliably(self, pending: list[tuple[int, bytes, int, Any]], outcomes: list[Any]) -> None:
+        """Record an outcome, retrying on local I/O errors. The frame is appended at most once:
+        after a successful append only the fsync (and the raw commit) are retried."""
+        failures = 0
+        while True:
+            try:
+                await self._record(pending, outcomes)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self.log.exception("outcome_recording_failed", error=str(exc), attempt=failures)
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                if self._recorded_upto >= pending[-1][0] + 1:
+                    # Appended already: finish the durability and the release, not the append.
+                    await self.out.wait_durable(force=True)
+                    self.spool.commit_ranges([(pending[0][0], pending[-1][0] + 1)])
+                    self._wake.set()
+                    return
 
     async def _record(self, pending: list[tuple[int, bytes, int, Any]], outcomes: list[Any]) -> None:
         chain = self.chain
@@ -563,6 +621,7 @@ class StreamRuntime:
         self.out.append_records(
             records, pending[0][2], meta=metas if has_meta else None, positions={"raw_end": end}, enforce_cap=False
         )
+        self._recorded_upto = end
         await self.out.wait_durable(force=True)
         self.spool.commit_ranges([(start, end)])
         self.dropped_records += dropped
@@ -586,77 +645,22 @@ class StreamRuntime:
                 pending.task = loop.create_task(self._deliver(pending), name=f"deliver-{self.name}")
 
     async def _deliver(self, pending: _Pending) -> None:
-        assert self.destination is not None
-        sealed = pending.sealed
+        failures = 0
         try:
-            sink = sealed.info.get("sink", "main")
-            archive = sink == "archive"
-            destination = self.destination if sink == "main" else self.archive
-            assert destination is not None
-            records: list[bytes]
-            if pending.records is not None:
-                records = pending.records
-            else:
-                records, metas = await asyncio.to_thread(self.out.read_ranges, sealed.ranges)
-                if archive and metas is not None:
-                    records = [error_record_line(r, m["err"]) for r, m in zip(records, metas, strict=True)]
-            todo = list(range(len(records)))
-            attempt = 0
-            d = self.config.delivery
-            labels = self.name
             while True:
-                attempt += 1
-                subset = records if len(todo) == len(records) else [records[i] for i in todo]
-                batch = Batch(self.name, sealed.batch_id, sealed.key, subset, sealed.oldest_arrival_ms, attempt)
-                if sink == "main" and self.chain is not None:
-                    batch.delimiter = self.chain.delimiter
-                self.metrics.delivery_attempts.labels(labels).inc()
-                result = await destination.deliver(batch)
-                delivered = len(todo) - len(result.failures)
-                if delivered:
-                    nbytes = sum(map(len, subset)) - sum(len(subset[i]) for i in result.failures)
-                    self.metrics.delivery_records.labels(labels).inc(delivered)
-                    self.metrics.delivery_bytes.labels(labels).inc(nbytes)
-                if result.ok:
-                    self.metrics.delivery_success.labels(labels).set(1)
-                    self.metrics.delivery_objects.labels(labels).inc()
-                    break
-                self.metrics.delivery_success.labels(labels).set(0)
-                self.metrics.delivery_failures.labels(labels).inc()
-                first = next(iter(result.failures.values()))
-                # Rejected records have nowhere else to go until a backup location exists, so
-                # they are retried too: nothing acknowledged is ever dropped silently.
-                todo = [todo[i] for i in sorted(result.failures)]
-                backoff_ms = min(d.retry_max_backoff_ms, d.retry_initial_backoff_ms * (2 ** min(attempt - 1, 20)))
-                delay = self.rng.uniform(backoff_ms / 2, backoff_ms) / 1000.0
-                self.metrics.delivery_retries.labels(labels).inc()
-                self.log.warning(
-                    "delivery_retry_scheduled",
-                    batch_id=sealed.batch_id,
-                    key=sealed.key,
-                    attempt=attempt,
-                    failed_records=len(todo),
-                    error_code=first.error_code,
-                    error_message=first.error_message[:300],
-                    delay_secs=round(delay, 3),
-                )
-                await asyncio.sleep(delay)
-            self.out.append_commit(sealed.batch_id, {"attempts": attempt})
-            if archive:
-                self.archived_records += len(records)
-                self.metrics.archived_records.labels(self.name).inc(len(records))
-            elif sink == "source":
-                self.backed_up_records += len(records)
-            else:
-                self.delivered_records += len(records)
-            self.log.info(
-                "batch_delivered",
-                batch_id=sealed.batch_id,
-                key=sealed.key,
-                records=len(records),
-                attempts=attempt,
-            )
-            self._pending.remove(pending)
+                try:
+                    await self._deliver_once(pending)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # A bug or a local I/O error (reading the spool, writing the commit): retry
+                    # this batch after a pause, in this task, never in a tight loop.
+                    failures += 1
+                    delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                    self.log.exception("delivery_failed", batch_id=pending.sealed.batch_id, error=str(exc),
+                                       retry_in_secs=delay)
+                    await asyncio.sleep(delay)
         finally:
             self._in_flight -= 1
             if pending in self._pending:
@@ -664,7 +668,81 @@ class StreamRuntime:
             if not self._stopping:
                 self._dispatch()
                 self._wake.set()
+                self._proc_wake.set()  # the processing stage may be waiting for room
             self._update_gauges()
+
+    async def _deliver_once(self, pending: _Pending) -> None:
+        assert self.destination is not None
+        sealed = pending.sealed
+        spool = pending.spool or self.out
+        sink = sealed.info.get("sink", "main")
+        archive = sink == "archive"
+        destination = self.destination if sink == "main" else self.archive
+        assert destination is not None
+        records: list[bytes]
+        if pending.records is not None:
+            records = pending.records
+        else:
+            records, metas = await asyncio.to_thread(spool.read_ranges, sealed.ranges)
+            if archive and metas is not None:
+                records = [error_record_line(r, m["err"]) for r, m in zip(records, metas, strict=True)]
+        todo = list(range(len(records)))
+        attempt = 0
+        d = self.config.delivery
+        labels = self.name
+        while True:
+            attempt += 1
+            subset = records if len(todo) == len(records) else [records[i] for i in todo]
+            batch = Batch(self.name, sealed.batch_id, sealed.key, subset, sealed.oldest_arrival_ms, attempt)
+            if sink == "main" and self.chain is not None:
+                batch.delimiter = self.chain.delimiter
+            self.metrics.delivery_attempts.labels(labels).inc()
+            result = await destination.deliver(batch)
+            delivered = len(todo) - len(result.failures)
+            if delivered:
+                nbytes = sum(map(len, subset)) - sum(len(subset[i]) for i in result.failures)
+                self.metrics.delivery_records.labels(labels).inc(delivered)
+                self.metrics.delivery_bytes.labels(labels).inc(nbytes)
+            if result.ok:
+                self.metrics.delivery_success.labels(labels).set(1)
+                self.metrics.delivery_objects.labels(labels).inc()
+                break
+            self.metrics.delivery_success.labels(labels).set(0)
+            self.metrics.delivery_failures.labels(labels).inc()
+            first = next(iter(result.failures.values()))
+            # Rejected records have nowhere else to go until a backup location exists, so
+            # they are retried too: nothing acknowledged is ever dropped silently.
+            todo = [todo[i] for i in sorted(result.failures)]
+            backoff_ms = min(d.retry_max_backoff_ms, d.retry_initial_backoff_ms * (2 ** min(attempt - 1, 20)))
+            delay = self.rng.uniform(backoff_ms / 2, backoff_ms) / 1000.0
+            self.metrics.delivery_retries.labels(labels).inc()
+            self.log.warning(
+                "delivery_retry_scheduled",
+                batch_id=sealed.batch_id,
+                key=sealed.key,
+                attempt=attempt,
+                failed_records=len(todo),
+                error_code=first.error_code,
+                error_message=first.error_message[:300],
+                delay_secs=round(delay, 3),
+            )
+            await asyncio.sleep(delay)
+        spool.append_commit(sealed.batch_id, {"attempts": attempt})
+        if archive:
+            self.archived_records += len(records)
+            self.metrics.archived_records.labels(self.name).inc(len(records))
+        elif sink == "source":
+            self.backed_up_records += len(records)
+        else:
+            self.delivered_records += len(records)
+        self.log.info(
+            "batch_delivered",
+            batch_id=sealed.batch_id,
+            key=sealed.key,
+            records=len(records),
+            attempts=attempt,
+        )
+        self._pending.remove(pending)
 
     # ------------------------------------------------------------------ observability
     def _update_gauges(self) -> None:

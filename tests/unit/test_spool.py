@@ -120,6 +120,8 @@ def test_segments_are_deleted_only_after_commit(tmp_path: Path) -> None:
         assert len(list(tmp_path.glob("seg-*.log"))) == segs_before  # sealed is not delivered
         size_before = sp.size_bytes
         sp.append_commit(1)
+        # Files go only once the commit that freed them is on disk.
+        await sp.wait_durable(force=True)
         after = len(list(tmp_path.glob("seg-*.log")))
         assert after < segs_before
         assert sp.size_bytes < size_before
@@ -237,5 +239,21 @@ def test_a_failed_write_leaves_no_partial_frame(tmp_path: Path, monkeypatch: pyt
         assert state.truncated_bytes == 0
         assert [r for f in sp2.iter_frames(0) for r in f.records] == [b"good", b"after"]
         await sp2.aclose()
+
+    run(go())
+
+
+def test_an_empty_segment_left_by_a_crash_is_removed_not_taken_for_damage(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        sp.append_records([b"kept"], 1)
+        await sp.aclose()
+        (tmp_path / "seg-000000000009.log").write_bytes(b"")  # created, then power lost
+        for _ in range(2):  # the second restart must not find a "truncated header" either
+            sp2 = Spool(str(tmp_path))
+            sp2.open()
+            assert [r for f in sp2.iter_frames(sp2.min_seq) for r in f.records] == [b"kept"]
+            await sp2.aclose()
 
     run(go())
