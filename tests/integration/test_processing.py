@@ -318,3 +318,63 @@ def test_archiving_waits_for_a_broken_backup_location_and_loses_nothing(tmp_path
         assert d.stop() == 0
     docs = error_docs(local_objects(backup))
     assert sorted(base64.b64decode(x["rawData"]) for x in docs) == [b"fail %d" % i for i in range(10)]
+
+
+def test_turning_processing_off_and_on_across_restarts_strands_nothing(tmp_path: Path) -> None:
+    write_handlers(tmp_path)
+    out = tmp_path / "out"
+    dest = {"type": "local", "path": str(out)}
+    lam = {"type": "lambda", "function": "user_handlers:upper", "buffer_interval_secs": 0}
+    plain = stream_config("p", dest, buffering={"size_mib": 1, "interval_secs": 900})
+    proc = stream_config("p", dest, buffering={"size_mib": 1, "interval_secs": 900}, processing=[lam])
+    cfg = daemon_config(tmp_path, [plain])
+    d = Daemon(tmp_path, cfg)
+    # 1. no processing: records wait in the open buffer (900 s), then a crash
+    d.start()
+    d.firehose().put_record_batch(DeliveryStreamName="p", Records=[{"Data": b"a;"}, {"Data": b"b;"}])
+    d.kill9()
+    # 2. processing on: the earlier records are processed too (they were never sealed)
+    d.write_config({**cfg, "streams": [proc]})
+    d.start()
+    d.firehose().put_record_batch(DeliveryStreamName="p", Records=[{"Data": b"c;"}])
+    wait_until(lambda: d.firehose().describe_delivery_stream(DeliveryStreamName="p") is not None, 5, "up")
+    time.sleep(1.0)  # let the outcomes be recorded; they wait in the 900 s buffer
+    d.kill9()
+    # 3. processing off again: recorded outcomes are still delivered
+    d.write_config({**cfg, "streams": [plain]})
+    d.start()
+    d.firehose().put_record_batch(DeliveryStreamName="p", Records=[{"Data": b"d;"}])
+    assert d.stop() == 0
+    body = b"".join(local_objects(out).values())
+    for rec in (b"A;", b"B;", b"C;", b"d;"):
+        assert body.count(rec) == 1, (rec, body)
+    assert b"a;" not in body and b"b;" not in body and b"c;" not in body
+
+
+def test_processing_resumes_after_a_destination_outage_filled_the_spool(tmp_path: Path) -> None:
+    write_handlers(tmp_path)
+    out = tmp_path / "out"
+    out.write_text("down")
+    s = stream_config("p", {"type": "local", "path": str(out)}, buffering={"size_mib": 1, "interval_secs": 0},
+                      processing=[{"type": "record_deaggregation", "format": "json"}],
+                      spool={"max_size_mib": 2}, delivery={"retry_initial_backoff_ms": 100, "retry_max_backoff_ms": 300})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [s])).start()
+    try:
+        from support import batch_body, raw_call
+
+        accepted: list[bytes] = []
+        for i in range(60):
+            recs = [b'{"i":%d,"pad":"%s"}' % (i * 10 + j, b"x" * 5000) for j in range(10)]
+            status, _ = raw_call(d.port, "PutRecordBatch", batch_body("p", recs))
+            if status == 200:
+                accepted.extend(recs)
+            else:
+                assert status == 503
+        assert len(accepted) < 600  # the cap pushed back
+        out.unlink()  # the destination returns; nobody puts anything
+        wait_until(lambda: b"".join(local_objects(out).values()).count(b'{"i":') == len(accepted), 60,
+                   "every accepted record delivered without new puts")
+        status, _ = raw_call(d.port, "PutRecordBatch", batch_body("p", [b'{"after":1}']))
+        assert status == 200  # and ingest is open again
+    finally:
+        assert d.stop() == 0
