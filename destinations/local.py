@@ -43,9 +43,20 @@ class LocalDestination(Destination):
         self.ctx = ctx
         self.root = os.path.abspath(config.path)
         self._encoded: dict[str, bytes] = {}
+        self.converter: Any = None
+
+    def set_converter(self, converter: Any) -> None:
+        """Write batches as columnar files (record format conversion) instead of concatenated records."""
+        self.converter = converter
 
     def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
-        return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng)
+        ext = self.converter.extension if self.converter is not None else None
+        return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, ext)
+
+    def _encode(self, batch: Batch) -> bytes:
+        if self.converter is not None:
+            return bytes(self.converter.convert(batch.records))
+        return self.config.encode(batch.key, batch.records, batch.delimiter)
 
     def archive_key(self, oldest_arrival: datetime, rng: random.Random, error_output_type: str) -> str:
         """The key of an archive object of failed records (Firehose's error-output layout)."""
@@ -55,7 +66,7 @@ class LocalDestination(Destination):
         data = self._encoded.pop(batch.key, None)  # kept from a failed attempt: no re-compression
         try:
             if data is None:
-                data = await asyncio.to_thread(self.config.encode, batch.key, batch.records, batch.delimiter)
+                data = await asyncio.to_thread(self._encode, batch)
             await asyncio.to_thread(self._write, batch.key, data)
         except OSError as exc:
             if data is not None:

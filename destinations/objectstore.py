@@ -72,10 +72,15 @@ class ObjectStoreConfig(BaseModel):
     def extension(self) -> str:
         return self.file_extension or self.codec.extension
 
-    def object_key(self, stream: str, version: int, oldest: datetime, rng: random.Random) -> str:
-        """Firehose's layout: evaluated prefix + ``<stream>-<version>-YYYY-MM-DD-HH-MM-SS-<uuid><ext>``."""
+    def object_key(
+        self, stream: str, version: int, oldest: datetime, rng: random.Random, extension: str | None = None
+    ) -> str:
+        """Firehose's layout: evaluated prefix + ``<stream>-<version>-YYYY-MM-DD-HH-MM-SS-<uuid><ext>``.
+        ``extension`` overrides the compression's (``.parquet`` and the like), unless
+        ``file_extension`` is set."""
         prefix = evaluate_prefix(self.prefix, oldest, rng)
-        return prefix + object_name(stream, version, oldest, random_object_suffix(rng), self.extension)
+        ext = self.file_extension or (extension if extension is not None else self.extension)
+        return prefix + object_name(stream, version, oldest, random_object_suffix(rng), ext)
 
     def encode(self, key: str, records: Sequence[bytes], delimiter: bytes | None = None) -> bytes:
         """The object body for a batch: records concatenated verbatim (Firehose adds no

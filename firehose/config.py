@@ -98,6 +98,7 @@ class StreamConfig(_Model):
     delivery: DeliveryConfig = DeliveryConfig()
     processing: list[Any] = []
     backup: Any = None
+    format: Any = None
     destination: Any
 
     @field_validator("name")
@@ -199,7 +200,11 @@ def parse_config(data: Any, file: str, lines: Mapping[Path, int] | None = None) 
         seen.setdefault(stream.name, i)
         resolved = _resolve_destination(stream, base, file, lines, errors)
         if resolved is not None:
-            resolved = _resolve_processing(resolved, base, file, lines, errors)
+            raw_streams = data.get("streams") if isinstance(data, dict) else None
+            raw = raw_streams[i] if isinstance(raw_streams, list) and i < len(raw_streams) else {}
+            resolved = _resolve_processing(
+                resolved, base, file, lines, errors, raw.get("buffering") if isinstance(raw, dict) else None
+            )
         if resolved is not None:
             streams.append(resolved)
     if errors:
@@ -262,7 +267,8 @@ def _resolve_destination(
 
 
 def _resolve_processing(
-    stream: StreamConfig, base: Path, file: str, lines: Mapping[Path, int], errors: list[str]
+    stream: StreamConfig, base: Path, file: str, lines: Mapping[Path, int], errors: list[str],
+    raw_buffering: Any = None,
 ) -> StreamConfig | None:
     """Validate ``processing:`` items through the processor registry and ``backup:``."""
     from firehose.registry import BACKUP_CONFIG, PROCESSING_CHECK, load, processor_config_class
@@ -301,9 +307,43 @@ def _resolve_processing(
         except ValidationError as exc:
             _collect(exc, bpath, file, lines, errors)
             ok = False
+    fmt = None
+    if stream.format is not None:
+        from firehose.registry import FORMAT_CONFIG
+
+        fpath = base + ("format",)
+        try:
+            fmt = load(FORMAT_CONFIG).model_validate(stream.format)
+        except ValidationError as exc:
+            _collect(exc, fpath, file, lines, errors)
+            ok = False
+        if fmt is not None and fmt.type != "json":
+            dest = stream.destination
+            where = f"{file}:{_line_for(fpath, lines)}: {format_path(fpath)}"
+            if getattr(dest, "type", None) not in ("s3", "local"):
+                errors.append(f"{where}: format conversion needs an s3 or local destination")
+                ok = False
+            elif dest.compression != "none":
+                errors.append(
+                    f"{where}: format conversion compresses inside the file; set "
+                    f"{format_path(base + ('destination', 'compression'))} to none (Firehose requires UNCOMPRESSED), "
+                    f"got {dest.compression!r}"
+                )
+                ok = False
+            raw_size = (raw_buffering or {}).get("size_mib") if isinstance(raw_buffering, dict) else None
+            if raw_size is None:
+                stream = stream.model_copy(update={"buffering": BufferingConfig(
+                    size_mib=128, interval_secs=stream.buffering.interval_secs)})
+            elif raw_size < 64:
+                line = _line_for(base + ("buffering", "size_mib"), lines)
+                errors.append(
+                    f"{file}:{line}: {format_path(base + ('buffering', 'size_mib'))}: must be at least 64 when "
+                    f"format conversion is enabled (Firehose's rule), got {raw_size}"
+                )
+                ok = False
     if not ok:
         return None
-    return stream.model_copy(update={"processing": procs, "backup": backup})
+    return stream.model_copy(update={"processing": procs, "backup": backup, "format": fmt})
 
 
 def load_config_text(text: str, file: str, env: Mapping[str, str] | None = None) -> DaemonConfig:

@@ -29,6 +29,8 @@ BUILTIN_PROCESSORS: dict[str, str] = {
 PROCESSING_CHECK = "transforms.config:check_processing"
 BACKUP_CONFIG = "transforms.config:BackupConfig"
 PROCESSING_CHAIN = "transforms.chain:ProcessingChain"
+FORMAT_CONFIG = "transforms.formats:FormatConfig"
+CONVERTER = "transforms.formats:Converter"
 
 
 def load(target: str) -> Any:

@@ -78,7 +78,21 @@ SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (back
 def error_record_line(data: bytes, err: dict[str, Any]) -> bytes:
     """One Firehose error record (reference §4.2), a JSON document per line. ``rawData`` is the
     record as it was before the failing stage."""
-    doc: dict[str, Any] = {
+    if err.get("t") == "format-conversion-failed":
+        # Firehose spells these two with capitals in format-conversion error records (§5).
+        doc: dict[str, Any] = {
+            "attemptsMade": err.get("a", 1),
+            "arrivalTimestamp": err.get("ts"),
+            "ErrorCode": err.get("c"),
+            "ErrorMessage": err.get("m"),
+            "attemptEndingTimestamp": err.get("e"),
+            "rawData": base64.b64encode(data).decode("ascii"),
+        }
+        for key in ("sequenceNumber", "subSequenceNumber"):
+            if key in err:
+                doc[key] = err[key]
+        return orjson.dumps(doc) + b"\n"
+    doc = {
         "attemptsMade": err.get("a", 1),
         "arrivalTimestamp": err.get("ts"),
         "errorCode": err.get("c"),
@@ -86,7 +100,7 @@ def error_record_line(data: bytes, err: dict[str, Any]) -> bytes:
         "attemptEndingTimestamp": err.get("e"),
         "rawData": base64.b64encode(data).decode("ascii"),
     }
-    if err.get("l"):
+    if err.get("l") and err.get("t") == "processing-failed":
         doc["lambdaArn"] = err["l"]
     return orjson.dumps(doc) + b"\n"
 
@@ -171,11 +185,20 @@ class StreamRuntime:
             self.archive = destination_config_class(dest["type"]).model_validate(dest).build(ctx)  # type: ignore[attr-defined]
             await self.archive.start()
         self.backup_all = self.config.backup is not None and self.config.backup.mode == "all"
-        if self.config.processing or self.backup_all:
+        converter = None
+        fmt = self.config.format
+        if fmt is not None and fmt.type != "json":
+            from firehose.registry import CONVERTER, load
+
+            converter = await asyncio.to_thread(load(CONVERTER), fmt)
+            self.destination.set_converter(converter)  # type: ignore[union-attr]
+        if self.config.processing or self.backup_all or converter is not None:
             from firehose.registry import PROCESSING_CHAIN, load
 
             arn = f"arn:aws:firehose:{self.region}:{self.account_id}:deliverystream/{self.name}"
-            self.chain = load(PROCESSING_CHAIN)(self.config.processing, stream_arn=arn, region=self.region)
+            self.chain = load(PROCESSING_CHAIN)(
+                self.config.processing, stream_arn=arn, region=self.region, converter=converter
+            )
             await self.chain.start()
         recovery = self.recovery
         # Source-record backup rides the processing stage: the untransformed records are

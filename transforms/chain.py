@@ -21,15 +21,21 @@ from transforms.config import (
 )
 from transforms.records import Outcome, SourceRecord, initial_outcomes
 
+FORMAT_CONVERSION_FAILED = "format-conversion-failed"
+
 # Without a Lambda, the built-ins run on what has arrived (Firehose's processing buffer hints
 # exist for Lambda invocations); a bound keeps one pass small.
 BUILTIN_BUFFER_BYTES = 1 << 20
 
 
 class ProcessingChain:
-    def __init__(self, configs: list[Any], *, stream_arn: str, region: str) -> None:
+    def __init__(self, configs: list[Any], *, stream_arn: str, region: str, converter: Any = None) -> None:
         self.stream_arn = stream_arn
         self.region = region
+        # Record format conversion: each record is checked against the schema here, so a record
+        # that cannot be converted is archived (format-conversion-failed) instead of poisoning
+        # its batch; batches are encoded at delivery with records known to convert.
+        self.converter = converter
         self._lambda: LambdaProcessorConfig | None = None
         self._deagg: RecordDeaggregationConfig | None = None
         self._decompress: DecompressionConfig | None = None
@@ -51,7 +57,7 @@ class ProcessingChain:
     @property
     def enabled(self) -> bool:
         """True when records pass through a processing stage (append_delimiter alone does not)."""
-        return any(x is not None for x in (self._lambda, self._deagg, self._decompress, self._cwl))
+        return any(x is not None for x in (self._lambda, self._deagg, self._decompress, self._cwl, self.converter))
 
     @property
     def buffer_size_bytes(self) -> int:
@@ -99,6 +105,25 @@ class ProcessingChain:
         return any(x is not None for x in (self._deagg, self._decompress, self._cwl))
 
     async def process(self, records: list[SourceRecord]) -> list[Outcome]:
+        outs = await self._transform(records)
+        if self.converter is None:
+            return outs
+        return await asyncio.to_thread(self._check_conversion, outs)
+
+    def _check_conversion(self, outs: list[Outcome]) -> list[Outcome]:
+        ok = [o for o in outs if o.ok]
+        if not ok:
+            return outs
+        verdicts = self.converter.check([o.data for o in ok])
+        for o, verdict in zip(ok, verdicts, strict=True):
+            if verdict is not None:
+                code, message = verdict
+                o.result = "ProcessingFailed"
+                o.error_code, o.error_message = code, message
+                o.error_output_type = FORMAT_CONVERSION_FAILED
+        return outs
+
+    async def _transform(self, records: list[SourceRecord]) -> list[Outcome]:
         if self._has_builtins:
             outs = await asyncio.to_thread(self._builtins, records)
         elif self._lambda is not None:
