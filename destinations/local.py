@@ -80,7 +80,8 @@ class LocalDestination(Destination):
         target = os.path.join(self.root, key)
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)
-        tmp = f"{target}.tmp-{os.getpid()}"
+        # Unique per write: after a reload an old write may still be finishing the same key.
+        tmp = f"{target}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             view = memoryview(data)

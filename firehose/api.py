@@ -12,6 +12,7 @@ When the stream's spool is at its cap the whole request is refused with 503
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import re
 import uuid
@@ -299,7 +300,7 @@ class FirehoseApi:
         current = self.daemon.state.tags(name)
         if len(set(current) | set(new)) > 50:
             raise ApiError("LimitExceededException", "A delivery stream can have at most 50 tags")
-        self.daemon.state.set_tags(name, {**current, **new})
+        await asyncio.to_thread(self.daemon.state.set_tags, name, {**current, **new})
         return _response({})
 
     async def untag_stream(self, doc: dict[str, Any]) -> web.Response:
@@ -309,7 +310,7 @@ class FirehoseApi:
         if not isinstance(keys, list) or not keys:
             raise _validation("tagKeys", None, "Member must have length greater than or equal to 1")
         current = self.daemon.state.tags(name)
-        self.daemon.state.set_tags(name, {k: v for k, v in current.items() if k not in keys})
+        await asyncio.to_thread(self.daemon.state.set_tags, name, {k: v for k, v in current.items() if k not in keys})
         return _response({})
 
 
