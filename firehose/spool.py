@@ -245,8 +245,13 @@ class Spool:
         self.segment_size_bytes = segment_size_bytes
         self._cache_limit = cache_bytes
         self._segments: dict[int, _Segment] = {}
-        self._frames: list[_FrameRef] = []  # ascending first_seq; trimmed as segments go
-        self._frame_starts: list[int] = []
+        # The frame index, as parallel arrays (about 36 bytes a frame, no object per frame), so
+        # memory stays small even for a backlog of millions of single-record PutRecord frames.
+        self._frame_starts = array("q")  # first_seq, ascending
+        self._frame_ends = array("q")
+        self._frame_segs = array("l")
+        self._frame_offsets = array("q")
+        self._frame_lengths = array("l")
         self._active: _Segment | None = None
         self._fd = -1
         self._read_fds: dict[int, int] = {}
@@ -298,8 +303,8 @@ class Spool:
             if seal is not None:
                 for s, e in seal.ranges:
                     self.committed.add(s, e)
-        if self._frames:
-            self.min_seq = self._frames[0].first_seq
+        if self._frame_starts:
+            self.min_seq = self._frame_starts[0]
         else:
             self.min_seq = self.next_seq
         self.size_bytes = sum(s.size for s in self._segments.values())
@@ -406,8 +411,11 @@ class Spool:
             raise SpoolError(f"{seg.path}: unknown frame type {ftype} at offset {offset}")
 
     def _add_frame_ref(self, seg: _Segment, ref: _FrameRef) -> None:
-        self._frames.append(ref)
         self._frame_starts.append(ref.first_seq)
+        self._frame_ends.append(ref.end_seq)
+        self._frame_segs.append(ref.segment)
+        self._frame_offsets.append(ref.offset)
+        self._frame_lengths.append(ref.length)
         if seg.first_seq is None:
             seg.first_seq = ref.first_seq
         seg.end_seq = ref.end_seq
@@ -637,7 +645,10 @@ class Spool:
         i = bisect.bisect_right(self._frame_starts, seq) - 1
         if i < 0:
             return None
-        ref = self._frames[i]
+        ref = _FrameRef(
+            self._frame_segs[i], self._frame_offsets[i], self._frame_lengths[i], self._frame_starts[i],
+            self._frame_ends[i],
+        )
         if not (ref.first_seq <= seq < ref.end_seq):
             return None
         cached = self._cache.get(ref.first_seq)
@@ -734,12 +745,12 @@ class Spool:
         del self._segments[seg.number]
         self._committed_ids.difference_update(seg.seal_ids)
         drop = 0
-        while drop < len(self._frames) and self._frames[drop].segment == seg.number:
+        while drop < len(self._frame_segs) and self._frame_segs[drop] == seg.number:
             drop += 1
-        for ref in self._frames[:drop]:
-            self.release_cache(ref.first_seq)
-        del self._frames[:drop]
-        del self._frame_starts[:drop]
+        for first in self._frame_starts[:drop]:
+            self.release_cache(first)
+        for arr in (self._frame_starts, self._frame_ends, self._frame_segs, self._frame_offsets, self._frame_lengths):
+            del arr[:drop]
         if seg.end_seq is not None:
             self.min_seq = max(self.min_seq, seg.end_seq)
             self.committed.discard_below(self.min_seq)

@@ -257,3 +257,25 @@ def test_an_empty_segment_left_by_a_crash_is_removed_not_taken_for_damage(tmp_pa
             await sp2.aclose()
 
     run(go())
+
+
+def test_index_memory_per_frame_is_small(tmp_path: Path) -> None:
+    """A backlog of single-record PutRecord frames must not cost an object per frame."""
+    import tracemalloc
+
+    async def go() -> float:
+        sp = Spool(str(tmp_path), fsync="never", cache_bytes=0)
+        sp.open()
+        tracemalloc.start()
+        try:
+            for _ in range(50_000):
+                sp.append_records([b"x" * 200], 1)
+            current, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        frame = sp.frame_at(31_337)
+        assert frame is not None and frame.records == [b"x" * 200]
+        await sp.aclose()
+        return current / 50_000
+
+    assert run(go()) < 64
