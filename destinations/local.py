@@ -54,7 +54,7 @@ class LocalDestination(Destination):
         return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, ext)
 
     def _encode(self, batch: Batch) -> bytes:
-        if self.converter is not None:
+        if self.converter is not None and not batch.archive:
             return bytes(self.converter.convert(batch.records))
         return self.config.encode(batch.key, batch.records, batch.delimiter)
 

@@ -81,6 +81,7 @@ class Batch:
     attempt: int = 1
     meta: Sequence[Any] | None = None
     delimiter: bytes | None = None  # AppendDelimiterToRecord: written after every record
+    archive: bool = False  # error records or source copies: written as they are, never converted
 
     @property
     def size_bytes(self) -> int:

@@ -719,6 +719,7 @@ class StreamRuntime:
             batch = Batch(self.name, sealed.batch_id, sealed.key, subset, sealed.oldest_arrival_ms, attempt)
             if sink == "main" and self.chain is not None:
                 batch.delimiter = self.chain.delimiter
+            batch.archive = sink != "main"
             self.metrics.delivery_attempts.labels(labels).inc()
             result = await destination.deliver(batch)
             delivered = len(todo) - len(result.failures)
