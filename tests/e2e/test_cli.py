@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from support import Daemon, daemon_config, free_port, local_objects, stream_config, wait_http
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 from botocore.exceptions import ClientError, ParamValidationError
+
 from support import Daemon, batch_body, daemon_config, local_objects, raw_call, stream_config
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 import psutil
+
 from support import Daemon, daemon_config, local_objects, stream_config
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 import pytest
+
 from support import (
     Daemon,
     MotoServer,
@@ -31,7 +32,6 @@ from support import (
     s3_objects,
     stream_config,
 )
-
 from transforms.compression import get_codec
 
 KINDS = ["local", "s3"]

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Daemon, daemon_config, local_objects, stream_config
 
+from support import Daemon, daemon_config, local_objects, stream_config
 from transforms.kpl import aggregate
 
 HANDLERS = '''

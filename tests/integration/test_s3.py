@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from snappy.snappy_formats import hadoop_stream_decompress
-from support import Daemon, FaultyS3Proxy, MotoServer, daemon_config, s3_objects, stream_config
 
+from support import Daemon, FaultyS3Proxy, MotoServer, daemon_config, s3_objects, stream_config
 from transforms.compression import get_codec
 
 
