@@ -26,6 +26,7 @@ FORMAT_CONVERSION_FAILED = "format-conversion-failed"
 # Without a Lambda, the built-ins run on what has arrived (Firehose's processing buffer hints
 # exist for Lambda invocations); a bound keeps one pass small.
 BUILTIN_BUFFER_BYTES = 1 << 20
+CONVERSION_BUFFER_BYTES = 8 << 20
 
 
 class ProcessingChain:
@@ -63,6 +64,10 @@ class ProcessingChain:
     def buffer_size_bytes(self) -> int:
         if self._lambda is not None:
             return int(self._lambda.buffer_size_mib * (1 << 20))
+        if self.converter is not None:
+            # pyarrow's JSON reader is far more efficient on larger blocks (0.5 -> 0.7 of the
+            # bare rate from 1 to 8 MiB on clickstream data).
+            return CONVERSION_BUFFER_BYTES
         return BUILTIN_BUFFER_BYTES
 
     @property
