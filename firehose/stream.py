@@ -471,6 +471,9 @@ class StreamRuntime:
             info.update({"sink": "archive", "type": buffer_key})
         else:
             key = self.destination.batch_key(oldest, self.rng)
+            converter = getattr(self.chain, "converter", None)
+            if converter is not None:
+                info["fmt"] = converter.fingerprint  # the schema its records were checked against
         sealed = SealedBatch(self.out.allocate_batch_id(), key, buf.ranges, buf.oldest_ms, info)
         # The buffer is forgotten only once its seal is written; a failed write leaves it to be
         # sealed again. (A seal written but not yet fsynced is never re-sealed: it is in _pending.)
@@ -709,6 +712,12 @@ class StreamRuntime:
             records, metas = await asyncio.to_thread(spool.read_ranges, sealed.ranges)
             if archive and metas is not None:
                 records = [error_record_line(r, m["err"]) for r, m in zip(records, metas, strict=True)]
+        if sink == "main":
+            records = await self._recheck_schema(sealed, records)
+            if not records:  # every record was archived: no empty file
+                spool.append_commit(sealed.batch_id, {"attempts": 0})
+                self._pending.remove(pending)
+                return
         todo = list(range(len(records)))
         attempt = 0
         d = self.config.delivery
@@ -767,6 +776,41 @@ class StreamRuntime:
             attempts=attempt,
         )
         self._pending.remove(pending)
+
+    async def _recheck_schema(self, sealed: SealedBatch, records: list[bytes]) -> list[bytes]:
+        """A batch sealed under another schema (the format changed across a restart or reload)
+        is checked again: records the new schema cannot take are archived as
+        format-conversion-failed, the rest written in the new schema, never a mixed file. The
+        archive key derives from the batch identity, so a replay overwrites it."""
+        converter = getattr(self.chain, "converter", None)
+        fmt = sealed.info.get("fmt")
+        if converter is None or fmt is None or fmt == converter.fingerprint:
+            return records
+        verdicts = await asyncio.to_thread(converter.check, records)
+        bad = [i for i, v in enumerate(verdicts) if v is not None]
+        self.log.warning("batch_schema_changed", batch_id=sealed.batch_id, records=len(records), failed=len(bad))
+        if not bad:
+            return records
+        assert self.archive is not None
+        now = self.clock.now_ms()
+        lines = []
+        for i in bad:
+            code, message = verdicts[i]  # type: ignore[misc]
+            err = {"c": code, "m": message, "t": "format-conversion-failed", "a": 1,
+                   "ts": sealed.oldest_arrival_ms, "e": now}
+            lines.append(error_record_line(records[i], err))
+        oldest = datetime.fromtimestamp(sealed.oldest_arrival_ms / 1000.0, tz=UTC)
+        rng = random.Random(f"{self.name}:{sealed.batch_id}:{sealed.key}")
+        key = self.archive.archive_key(oldest, rng, "format-conversion-failed")  # type: ignore[attr-defined]
+        batch = Batch(self.name, sealed.batch_id, key, lines, sealed.oldest_arrival_ms, archive=True)
+        attempt = 0
+        while not (await self.archive.deliver(batch)).ok:  # archiving never gives up
+            attempt += 1
+            self.log.warning("archive_retry_scheduled", batch_id=sealed.batch_id, key=key, attempt=attempt)
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)))
+        self.archived_records += len(bad)
+        keep = set(range(len(records))) - set(bad)
+        return [r for i, r in enumerate(records) if i in keep]
 
     # ------------------------------------------------------------------ observability
     def _update_gauges(self) -> None:

@@ -95,3 +95,44 @@ def test_conversion_config_rules(tmp_path: Path) -> None:
     res = _validate(tmp_path, base.replace("COMP", "none").replace("type: int", "type: strin"))
     assert res.returncode == 2 and "streams[0].format" in res.stderr
     assert _validate(tmp_path, base.replace("COMP", "none")).returncode == 0
+
+
+def test_a_schema_change_never_mixes_files_and_archives_what_no_longer_fits(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    out.write_text("down")  # batches are sealed under schema A but cannot be delivered yet
+    cols_a = [{"name": "event_id", "type": "string"}, {"name": "n", "type": "string"}]
+    cols_b = [{"name": "event_id", "type": "string"}, {"name": "n", "type": "bigint"}]
+
+    def cfg(cols: list[dict[str, str]]) -> dict[str, Any]:
+        s = stream_config("f", {"type": "local", "path": str(out)}, buffering={"size_mib": 64, "interval_secs": 0},
+                          format={"type": "parquet", "schema": {"columns": cols}},
+                          delivery={"retry_initial_backoff_ms": 100, "retry_max_backoff_ms": 200})
+        return daemon_config(tmp_path, [s], shutdown_timeout_secs=2)
+
+    d = Daemon(tmp_path, cfg(cols_a)).start()
+    d.firehose().put_record_batch(DeliveryStreamName="f", Records=[
+        {"Data": b'{"event_id":"e1","n":"5"}'}, {"Data": b'{"event_id":"e2","n":"not a number"}'},
+    ])
+    deadline = time.monotonic() + 20
+    while not any(e.get("event") == "delivery_retry_scheduled" for e in d.events()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert d.stop() == 0
+    out.unlink()
+    d.write_config({**cfg(cols_b), "api": d.config["api"]})
+    d.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(local_objects(out)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        assert d.stop() == 0
+    objs = local_objects(out)
+    (pkey,) = [k for k in objs if k.endswith(".parquet")]
+    table = pq.read_table(io.BytesIO(objs[pkey]), use_threads=False)
+    assert table.schema.field("n").type == "int64"  # written in the new schema only
+    assert table.to_pylist() == [{"event_id": "e1", "n": 5}]
+    errors = [json.loads(line) for k, v in objs.items() if "format-conversion-failed" in k for line in v.splitlines()]
+    assert [base64.b64decode(e["rawData"]) for e in errors] == [b'{"event_id":"e2","n":"not a number"}']
