@@ -170,6 +170,15 @@ class FirehoseApi:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise ApiError("SerializationException", "Request body is too large") from None
+            auth = self.daemon.config.api.auth
+            if auth.mode == "sigv4":
+                from firehose.auth import AuthError, verify
+
+                try:
+                    verify(request.method, request.raw_path.split("?", 1)[0], request.query_string,
+                           list(request.headers.items()), body, auth.credentials)
+                except AuthError as exc:
+                    raise ApiError(exc.code, exc.message, exc.status) from None
             try:
                 doc = orjson.loads(body) if body else {}
             except orjson.JSONDecodeError:

@@ -35,10 +35,31 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class AuthConfig(_Model):
+    """``mode: sigv4`` verifies AWS Signature Version 4 on every API request against
+    ``credentials`` (access key id -> secret; use ``${ENV}`` for secrets). ``none`` accepts any."""
+
+    mode: Literal["none", "sigv4"] = "none"
+    credentials: dict[str, str] = {}
+
+    @field_validator("credentials")
+    @classmethod
+    def _creds(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, secret in v.items():
+            if not key or not secret:
+                raise ValueError("every access key id needs a non-empty secret")
+        return v
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.mode == "sigv4" and not self.credentials:
+            raise ValueError("mode sigv4 needs at least one entry in credentials")
+
+
 class ApiConfig(_Model):
     listen: str = "127.0.0.1:4573"
     region: str = "us-east-1"
     account_id: str = "000000000000"
+    auth: AuthConfig = AuthConfig()
 
     @field_validator("listen")
     @classmethod
