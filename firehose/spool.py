@@ -278,6 +278,7 @@ class Spool:
         self._interval_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync")
         self._closed = False
+        self._failed: SpoolError | None = None
 
     # ------------------------------------------------------------------ open / recovery
     def open(self) -> RecoveryState:
@@ -465,6 +466,8 @@ class Spool:
     def _append(self, data: bytes) -> tuple[_Segment, int]:
         if self._closed:
             raise SpoolError(f"{self.directory}: spool is closed")
+        if self._failed is not None:
+            raise self._failed
         assert self._active is not None
         if self._active.size + len(data) > self.segment_size_bytes and self._active.size > 4096:
             self._open_new_segment()
@@ -472,7 +475,12 @@ class Spool:
         return seg, self._write(seg, self._fd, data)
 
     def has_room(self, nbytes: int) -> bool:
-        return self.size_bytes + nbytes <= self.max_size_bytes
+        return self._failed is None and self.size_bytes + nbytes <= self.max_size_bytes
+
+    @property
+    def failed(self) -> SpoolError | None:
+        """Set once an fsync failed: appends are refused (ingest answers 503) until a restart."""
+        return self._failed
 
     def append_records(
         self,
@@ -486,6 +494,8 @@ class Spool:
     ) -> int:
         """Write one frame of records; returns the first sequence number. Not yet durable:
         await :meth:`wait_durable` before acknowledging. Raises :class:`SpoolFullError` at the cap."""
+        if self._failed is not None:
+            raise self._failed
         first_seq = self.next_seq
         data = encode_records_frame(first_seq, arrival_ms, records, meta, positions)
         if enforce_cap and not self.has_room(len(data)):
@@ -556,6 +566,8 @@ class Spool:
     async def wait_durable(self, *, force: bool = False) -> None:
         """Return once everything appended before the call is on disk (per the fsync policy;
         ``force`` fsyncs whatever the policy). Concurrent callers share one fsync."""
+        if self._failed is not None:
+            raise self._failed
         if not force and self.fsync_policy != "always":
             if self.fsync_policy == "interval":
                 self._ensure_interval_task()
@@ -586,11 +598,16 @@ class Spool:
             try:
                 await loop.run_in_executor(self._executor, self._fsync_all, fds, closing, dir_dirty, unlinks)
             except OSError as exc:
+                # After a failed fsync the kernel may have dropped the dirty pages: nothing written
+                # since the last good fsync can be trusted, and a retried fsync can falsely succeed.
+                # The spool fences itself; a restart recovers from what is really on disk.
+                self._failed = SpoolError(f"{self.directory}: fsync failed ({exc}); the spool is fenced "
+                                          "until the daemon restarts")
                 for _t, fut in self._waiters:
                     if not fut.done():
-                        fut.set_exception(SpoolError(f"{self.directory}: fsync failed: {exc}"))
+                        fut.set_exception(self._failed)
                 self._waiters.clear()
-                raise
+                return
             self._synced = max(self._synced, target)
             still: list[tuple[int, asyncio.Future[None]]] = []
             for t, fut in self._waiters:

@@ -279,3 +279,25 @@ def test_index_memory_per_frame_is_small(tmp_path: Path) -> None:
         return current / 50_000
 
     assert run(go()) < 64
+
+
+def test_a_failed_fsync_fences_the_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        sp.append_records([b"ok"], 1)
+        await sp.wait_durable()
+
+        def eio(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(os, "fsync", eio)
+        sp.append_records([b"lost?"], 1)
+        with pytest.raises(SpoolError, match="fsync failed"):
+            await sp.wait_durable()
+        monkeypatch.undo()
+        assert sp.failed is not None and not sp.has_room(1)
+        with pytest.raises(SpoolError, match="fenced"):
+            sp.append_records([b"refused"], 1)
+
+    run(go())
