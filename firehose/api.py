@@ -147,8 +147,11 @@ class FirehoseApi:
         self.app.router.add_get("/metrics", self.metrics)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        body = {"status": "ok" if self.daemon.ready else "starting", "streams": self.daemon.stream_status()}
-        return web.Response(body=orjson.dumps(body), status=200 if self.daemon.ready else 503,
+        streams = self.daemon.stream_status()
+        fenced = [name for name, st in streams.items() if st.get("spool_failed")]
+        status = "starting" if not self.daemon.ready else ("degraded" if fenced else "ok")
+        body = {"status": status, "streams": streams}
+        return web.Response(body=orjson.dumps(body), status=200 if status == "ok" else 503,
                             content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:

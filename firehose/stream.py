@@ -836,4 +836,5 @@ class StreamRuntime:
             "dropped_records": self.dropped_records,
             "archived_records": self.archived_records,
             "backed_up_records": self.backed_up_records,
+            "spool_failed": str(self.spool.failed or self.out.failed or "") or None,
         }
