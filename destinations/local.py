@@ -7,16 +7,13 @@ reader never sees a partial file.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import random
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import field_validator
 
-from destinations.objectstore import ObjectStoreConfig
-from firehose.interfaces import Batch, BuildContext, DeliveryResult, Destination
+from destinations.objectstore import ObjectStoreConfig, ObjectStoreDestination
+from firehose.interfaces import BuildContext
 
 
 class LocalDestinationConfig(ObjectStoreConfig):
@@ -37,46 +34,17 @@ class LocalDestinationConfig(ObjectStoreConfig):
         return LocalDestination(self, ctx)
 
 
-class LocalDestination(Destination):
+class LocalDestination(ObjectStoreDestination):
     def __init__(self, config: LocalDestinationConfig, ctx: BuildContext) -> None:
-        self.config = config
-        self.ctx = ctx
+        super().__init__(config, ctx)
         self.root = os.path.abspath(config.path)
-        self._encoded: dict[str, bytes] = {}
-        self.converter: Any = None
 
-    def set_converter(self, converter: Any) -> None:
-        """Write batches as columnar files (record format conversion) instead of concatenated records."""
-        self.converter = converter
+    def _classify(self, exc: Exception) -> tuple[str, str]:
+        if isinstance(exc, OSError):
+            return "Local.WriteFailed", f"{exc.strerror}: {exc.filename}"
+        return "Local.EncodeFailed", f"{type(exc).__name__}: {exc}"
 
-    def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
-        ext = self.converter.extension if self.converter is not None else None
-        return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, ext)
-
-    def _encode(self, batch: Batch) -> bytes:
-        if self.converter is not None and not batch.archive:
-            return bytes(self.converter.convert(batch.records))
-        return self.config.encode(batch.key, batch.records, batch.delimiter)
-
-    def archive_key(self, oldest_arrival: datetime, rng: random.Random, error_output_type: str) -> str:
-        """The key of an archive object of failed records (Firehose's error-output layout)."""
-        return self.config.archive_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, error_output_type)
-
-    async def deliver(self, batch: Batch) -> DeliveryResult:
-        data = self._encoded.pop(batch.key, None)  # kept from a failed attempt: no re-compression
-        try:
-            if data is None:
-                data = await asyncio.to_thread(self._encode, batch)
-            await asyncio.to_thread(self._write, batch.key, data)
-        except OSError as exc:
-            if data is not None:
-                self._encoded[batch.key] = data
-            return DeliveryResult.all_failed(
-                len(batch.records), retryable=True, code="Local.WriteFailed", message=f"{exc.strerror}: {exc.filename}"
-            )
-        return DeliveryResult.delivered()
-
-    def _write(self, key: str, data: bytes) -> None:
+    def _store(self, key: str, data: bytes) -> None:
         target = os.path.join(self.root, key)
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import random
 from collections.abc import Sequence
 from datetime import datetime
@@ -16,7 +18,7 @@ from destinations.keys import (
     random_object_suffix,
     validate_prefixes,
 )
-from firehose.interfaces import BufferingLimits
+from firehose.interfaces import Batch, BufferingLimits, BuildContext, DeliveryResult, Destination
 from transforms.compression import Codec, get_codec
 
 # Firehose's ranges for S3 (reference §3): 1-128 MiB (5), 0-900 s (300).
@@ -121,3 +123,54 @@ class ObjectStoreConfig(BaseModel):
         if self.file_extension:
             extended["FileExtension"] = self.file_extension
         return {"ExtendedS3DestinationDescription": extended, "S3DestinationDescription": base}
+
+
+class ObjectStoreDestination(Destination):
+    """What S3 and the local directory share at run time: Firehose's keys, the object body
+    (records with compression, or a columnar file with format conversion), and keeping an encoded
+    body across retries so an outage does not compress the same batch again (bounded: at most
+    ``max_in_flight`` batches are in delivery). Subclasses store bytes and classify errors."""
+
+    def __init__(self, config: ObjectStoreConfig, ctx: BuildContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self._encoded: dict[str, bytes] = {}
+        self.converter: Any = None
+
+    def set_converter(self, converter: Any) -> None:
+        """Write batches as columnar files (record format conversion) instead of concatenated records."""
+        self.converter = converter
+
+    def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
+        ext = self.converter.extension if self.converter is not None else None
+        return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, ext)
+
+    def archive_key(self, oldest_arrival: datetime, rng: random.Random, error_output_type: str) -> str:
+        """The key of an archive object of failed records (Firehose's error-output layout)."""
+        return self.config.archive_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, error_output_type)
+
+    def _encode(self, batch: Batch) -> bytes:
+        if self.converter is not None and not batch.archive:
+            return bytes(self.converter.convert(batch.records))
+        return self.config.encode(batch.key, batch.records, batch.delimiter)
+
+    async def deliver(self, batch: Batch) -> DeliveryResult:
+        data = self._encoded.pop(batch.key, None)
+        try:
+            if data is None:
+                data = await asyncio.to_thread(self._encode, batch)
+            await asyncio.to_thread(self._store, batch.key, data)
+        except Exception as exc:  # each failure is retryable: the runner backs off and retries
+            if data is not None:
+                self._encoded[batch.key] = data
+            code, message = self._classify(exc)
+            return DeliveryResult.all_failed(len(batch.records), retryable=True, code=code, message=message)
+        return DeliveryResult.delivered()
+
+    @abc.abstractmethod
+    def _store(self, key: str, data: bytes) -> None:
+        """Write the object under ``key`` (blocking; runs in a worker thread), replacing any."""
+
+    @abc.abstractmethod
+    def _classify(self, exc: Exception) -> tuple[str, str]:
+        """Firehose-style error code and message for a failed store."""

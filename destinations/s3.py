@@ -9,17 +9,14 @@ Objects above ``multipart_threshold_mib`` go up as multipart uploads. Every S3 e
 
 from __future__ import annotations
 
-import asyncio
 import io
-import random
 import re
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from destinations.objectstore import ObjectStoreConfig
-from firehose.interfaces import Batch, BuildContext, DeliveryResult, Destination
+from destinations.objectstore import ObjectStoreConfig, ObjectStoreDestination
+from firehose.interfaces import BuildContext
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -50,13 +47,12 @@ class S3DestinationConfig(ObjectStoreConfig):
         return S3Destination(self, ctx)
 
 
-class S3Destination(Destination):
+class S3Destination(ObjectStoreDestination):
+    config: S3DestinationConfig
+
     def __init__(self, config: S3DestinationConfig, ctx: BuildContext) -> None:
-        self.config = config
-        self.ctx = ctx
+        super().__init__(config, ctx)
         self._client: Any = None
-        self._encoded: dict[str, bytes] = {}
-        self.converter: Any = None
 
     def _s3(self) -> Any:
         if self._client is None:
@@ -80,39 +76,10 @@ class S3Destination(Destination):
             )
         return self._client
 
-    def set_converter(self, converter: Any) -> None:
-        """Write batches as columnar files (record format conversion) instead of concatenated records."""
-        self.converter = converter
+    def _classify(self, exc: Exception) -> tuple[str, str]:
+        return _classify(exc)
 
-    def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
-        ext = self.converter.extension if self.converter is not None else None
-        return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, ext)
-
-    def _encode(self, batch: Batch) -> bytes:
-        if self.converter is not None and not batch.archive:
-            return bytes(self.converter.convert(batch.records))
-        return self.config.encode(batch.key, batch.records, batch.delimiter)
-
-    def archive_key(self, oldest_arrival: datetime, rng: random.Random, error_output_type: str) -> str:
-        """The key of an archive object of failed records (Firehose's error-output layout)."""
-        return self.config.archive_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, error_output_type)
-
-    async def deliver(self, batch: Batch) -> DeliveryResult:
-        # A batch that failed keeps its encoded body, so retries during an outage do not
-        # compress it again (bounded: at most max_in_flight batches are in delivery).
-        data = self._encoded.pop(batch.key, None)
-        try:
-            if data is None:
-                data = await asyncio.to_thread(self._encode, batch)
-            await asyncio.to_thread(self._put, batch.key, data)
-        except Exception as exc:  # botocore raises many types; each is a retryable S3 failure
-            if data is not None:
-                self._encoded[batch.key] = data
-            code, message = _classify(exc)
-            return DeliveryResult.all_failed(len(batch.records), retryable=True, code=code, message=message)
-        return DeliveryResult.delivered()
-
-    def _put(self, key: str, data: bytes) -> None:
+    def _store(self, key: str, data: bytes) -> None:
         codec = self.config.codec
         extra: dict[str, Any] = {"ContentType": "application/octet-stream"}
         if codec.content_encoding:
