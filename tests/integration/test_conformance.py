@@ -294,7 +294,7 @@ def test_kill9_under_load_loses_and_duplicates_nothing(target: Target) -> None:
     if target.kind == "s3":
         # Slow uploads make kills land between seal and commit, so replays overwrite sealed keys.
         assert target.moto is not None
-        proxy = SlowProxy(target.moto.port, delay=0.05)
+        proxy = SlowProxy(target.moto.port, delay=0.1)
         extra = {"endpoint_url": proxy.endpoint}
     stream = stream_config(
         "conf", {**target.destination(), **extra}, buffering={"size_mib": 1, "interval_secs": 1},
