@@ -152,6 +152,9 @@ class Daemon:
                 return
             except TimeoutError:
                 continue
+        assert self.proc is not None
+        self.proc.kill()  # a test that fails here must not leave a daemon behind
+        self.proc.wait()
         raise TimeoutError(f"daemon not ready:\n{self.logs()[-4000:]}")
 
     def logs(self) -> str:
