@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,12 +36,14 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(BENCH_DIR))
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.json as pj  # noqa: E402
 import pyarrow.orc as orc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from bench import ensure_dataset  # noqa: E402  (the clickstream data set cache, shared)
 from transforms.formats import Converter, FormatConfig  # noqa: E402
 
 DEFAULT_GEN = (REPO_ROOT / ".." / "shared" / "bench" / "gen_clickstream.py").resolve()
@@ -80,26 +80,6 @@ COLUMNS = [
 RECASED = [b"event_type", b"user_id", b"segment", b"browser", b"country", b"clicks", b"variant"]
 
 MIB = 1024 * 1024
-
-
-def ensure_dataset(gen: Path, n: int, cache_dir: Path) -> Path:
-    """The cached data set (shared with bench/bench.py), generated on first use."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    out = cache_dir / f"clickstream-n{n}-seed42.ndjson"
-    if out.exists() and out.stat().st_size > 0:
-        return out
-    if not gen.exists():
-        raise SystemExit(f"data generator not found: {gen} (use --gen PATH)")
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, str(gen), "--n", str(n), "--seed", "42", "--out", str(tmp)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    os.replace(tmp, out)
-    print(f"generated {n} records in {time.perf_counter() - t0:.1f} s -> {out}", flush=True)
-    return out
 
 
 def recase(record: bytes) -> bytes:

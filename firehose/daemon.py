@@ -105,7 +105,6 @@ class Daemon:
         self.config_path = config_path
         self.metrics = Metrics()
         self.streams: dict[str, StreamRuntime] = {}
-        self.created: dict[str, float] = {}
         self.state = StreamState(config.data_dir)
         self.api = FirehoseApi(self)
         self.ready = False

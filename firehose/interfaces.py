@@ -8,7 +8,6 @@ backoff, the retry window and the backup route.
 from __future__ import annotations
 
 import abc
-import enum
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,12 +27,6 @@ class BufferingLimits:
     min_interval_secs: int
     max_interval_secs: int
     default_interval_secs: int
-
-
-class Outcome(enum.Enum):
-    DELIVERED = "delivered"
-    RETRYABLE = "retryable"
-    REJECTED = "rejected"
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,7 @@ def known_destination_types() -> list[str]:
 def destination_config_class(type_name: str) -> type:
     """The config class for a destination ``type:``; ``UnknownTypeError`` names the known ones."""
     if type_name in BUILTIN_DESTINATIONS:
-        module_name, _, attr = BUILTIN_DESTINATIONS[type_name].partition(":")
-        return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+        return load(BUILTIN_DESTINATIONS[type_name])  # type: ignore[no-any-return]
     plugins = _plugins("firehose.destinations")
     if type_name in plugins:
         return plugins[type_name].load()  # type: ignore[no-any-return]

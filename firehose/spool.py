@@ -316,22 +316,10 @@ class Spool:
                 del self._seals[bid]
         self._open_new_segment()
         self._trim(defer=False)
-        unsealed = 0
-        seq = self.min_seq
-        while seq < self.next_seq:
-            gap = self.sealed.next_gap(seq)
-            if gap >= self.next_seq:
-                break
-            nxt = self._next_sealed_start(gap)
-            unsealed += nxt - gap
-            seq = nxt
+        # Sealed ranges lie within [min_seq, next_seq) (trimming discards them below min_seq).
+        self.sealed.discard_below(self.min_seq)
+        unsealed = self.next_seq - self.min_seq - len(self.sealed)
         return RecoveryState(pending, dict(self.positions), unsealed, truncated)
-
-    def _next_sealed_start(self, seq: int) -> int:
-        for s, _e in self.sealed.ranges():
-            if s > seq:
-                return min(s, self.next_seq)
-        return self.next_seq
 
     def _scan_segment(self, seg: _Segment, *, last: bool, commits: list[int]) -> int:
         with open(seg.path, "rb") as f:
@@ -773,14 +761,6 @@ class Spool:
             self.committed.discard_below(self.min_seq)
             self.sealed.discard_below(self.min_seq)
         self._dir_dirty = True
-
-    @property
-    def segment_count(self) -> int:
-        return len(self._segments)
-
-    @property
-    def pending_bytes(self) -> int:
-        return self.size_bytes
 
     # ------------------------------------------------------------------ close
     async def aclose(self) -> None:

@@ -130,14 +130,7 @@ class StreamRuntime:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
         self.log = structlog.get_logger().bind(stream=self.name)
-        sp = config.spool
-        self.spool = Spool(
-            os.path.join(data_dir, "spool", self.name),
-            fsync=sp.fsync,
-            fsync_interval_ms=sp.fsync_interval_ms,
-            max_size_bytes=sp.max_size_mib << 20,
-            segment_size_bytes=sp.segment_size_mib << 20,
-        )
+        self.spool = self._make_spool(os.path.join(data_dir, "spool", self.name))
         self.destination: Destination | None = None
         self.archive: Destination | None = None  # where failed records go (backup, or the destination)
         self.chain: Any = None
@@ -157,11 +150,9 @@ class StreamRuntime:
         self._pending: deque[_Pending] = deque()
         self._in_flight = 0
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._accepting = False
-        self._labels = {"DeliveryStreamName": self.name}
         self.recovery: RecoveryState | None = None
         self.delivered_records = 0
         self.record_id_prefix = os.urandom(12).hex()
@@ -169,6 +160,16 @@ class StreamRuntime:
         self._m_in_records = metrics.incoming_records.labels(self.name)
         self._m_in_bytes = metrics.incoming_bytes.labels(self.name)
         self._m_in_requests = metrics.incoming_put_requests.labels(self.name)
+
+    def _make_spool(self, directory: str) -> Spool:
+        sp = self.config.spool
+        return Spool(
+            directory,
+            fsync=sp.fsync,
+            fsync_interval_ms=sp.fsync_interval_ms,
+            max_size_bytes=sp.max_size_mib << 20,
+            segment_size_bytes=sp.segment_size_mib << 20,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> RecoveryState:
@@ -192,7 +193,13 @@ class StreamRuntime:
 
             converter = await asyncio.to_thread(load(CONVERTER), fmt)
             self.destination.set_converter(converter)  # type: ignore[union-attr]
-        if self.config.processing or self.backup_all or converter is not None:
+        processed_dir = os.path.join(self.spool.directory, "processed")
+        # A processed spool left by an earlier config keeps the stage on (an empty chain passes
+        # records through) so its recorded outcomes are not stranded when processing is turned off.
+        # Source-record backup rides the stage too: the untransformed records are recorded beside
+        # the outcomes, so the copy is exactly-once.
+        leftover = os.path.isdir(processed_dir)
+        if self.config.processing or self.backup_all or converter is not None or leftover:
             from firehose.registry import PROCESSING_CHAIN, load
 
             arn = f"arn:aws:firehose:{self.region}:{self.account_id}:deliverystream/{self.name}"
@@ -201,26 +208,8 @@ class StreamRuntime:
             )
             await self.chain.start()
         recovery = self.recovery
-        # Source-record backup rides the processing stage: the untransformed records are
-        # recorded beside the outcomes, so the copy is exactly-once too.
-        processed_dir = os.path.join(self.spool.directory, "processed")
-        if self.chain is None and os.path.isdir(processed_dir):
-            # Processing was turned off, but recorded outcomes wait there: keep the stage (an
-            # empty chain passes records through) so nothing acknowledged is stranded.
-            from firehose.registry import PROCESSING_CHAIN, load
-
-            arn = f"arn:aws:firehose:{self.region}:{self.account_id}:deliverystream/{self.name}"
-            self.chain = load(PROCESSING_CHAIN)([], stream_arn=arn, region=self.region)
-            await self.chain.start()
-        if self.chain is not None and (self.chain.enabled or self.backup_all or os.path.isdir(processed_dir)):
-            sp = self.config.spool
-            self.out = Spool(
-                os.path.join(self.spool.directory, "processed"),
-                fsync=sp.fsync,
-                fsync_interval_ms=sp.fsync_interval_ms,
-                max_size_bytes=sp.max_size_mib << 20,
-                segment_size_bytes=sp.segment_size_mib << 20,
-            )
+        if self.chain is not None and (self.chain.enabled or self.backup_all or leftover):
+            self.out = self._make_spool(processed_dir)
             recovery = await asyncio.to_thread(self.out.open)
             # Raw records whose outcome is recorded are finished even if their commit was lost.
             done = int(self.out.positions.get("raw_end", 0))

@@ -60,10 +60,14 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> tup
     lines: dict[Path, int] = {}
     if node is None:
         return {}, lines
-    return _build(node, (), lines, file, environ), lines
+    # One loader resolves every scalar's tag (int, bool, null, ...) for this document.
+    scalars = yaml.SafeLoader("")
+    return _build(node, (), lines, file, environ, scalars), lines
 
 
-def _build(node: yaml.Node, path: Path, lines: dict[Path, int], file: str, env: Mapping[str, str]) -> Any:
+def _build(
+    node: yaml.Node, path: Path, lines: dict[Path, int], file: str, env: Mapping[str, str], scalars: yaml.SafeLoader
+) -> Any:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
@@ -80,14 +84,14 @@ def _build(node: yaml.Node, path: Path, lines: dict[Path, int], file: str, env: 
                     key_node.start_mark.line + 1,
                     f"{format_path(path + (key,))}: duplicate key (first defined on line {first})",
                 )
-            out[key] = _build(value_node, path + (key,), lines, file, env)
+            out[key] = _build(value_node, path + (key,), lines, file, env, scalars)
             # An error about a field points at its key, which is where a reader looks.
             lines[path + (key,)] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(item, path + (i,), lines, file, env) for i, item in enumerate(node.value)]
+        return [_build(item, path + (i,), lines, file, env, scalars) for i, item in enumerate(node.value)]
     assert isinstance(node, yaml.ScalarNode)
-    value = yaml.SafeLoader("").construct_object(node)
+    value = scalars.construct_object(node)
     if isinstance(value, str):
         value = _interpolate(value, path, node.start_mark.line + 1, file, env)
     return value

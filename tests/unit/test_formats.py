@@ -942,31 +942,18 @@ def test_empty_input_writes_an_empty_file() -> None:
 # The shared clickstream data set
 # ---------------------------------------------------------------------------------------------
 
-CLICKSTREAM_COLUMNS = [
-    ("event_id", "string"),
-    ("event_type", "string"),
-    ("event_time", "timestamp"),
-    ("received_at_ms", "bigint"),
-    ("session_id", "string"),
-    ("sequence", "bigint"),
-    ("user", "struct<user_id:bigint,anonymous_id:string,is_logged_in:boolean,segment:string,ltv_usd:double>"),
-    (
-        "device",
-        "struct<type:string,os:string,browser:string,user_agent:string,screen_w:int,screen_h:int,ip:string>",
-    ),
-    ("geo", "struct<country:string,city:string,lat:double,lon:double,tz_offset_min:smallint>"),
-    ("page", "struct<url:string,path:string,title:string,load_time_ms:double>"),
-    ("tags", "array<string>"),
-    ("metrics", "struct<scroll_depth:double,dwell_ms:bigint,clicks:int>"),
-    ("referrer", "string"),
-    (
-        "ecommerce",
-        "struct<currency:string,items:array<struct<sku:string,qty:int,price:decimal(10,2),category:string>>,"
-        "total:decimal(12,2),coupon:string>",
-    ),
-    ("experiment", "struct<id:string,variant:string>"),
-    ("error", "struct<code:int,message:string>"),
-]
+def _clickstream_columns() -> list[tuple[str, str]]:
+    """The Glue table of the shared clickstream data, as the format benchmark declares it."""
+    bench_dir = Path(__file__).resolve().parents[2] / "bench"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        from bench_formats import COLUMNS
+    finally:
+        sys.path.remove(str(bench_dir))
+    return list(COLUMNS)
+
+
+CLICKSTREAM_COLUMNS = _clickstream_columns()
 
 
 def _expected_click(doc: dict[str, Any]) -> dict[str, Any]:
