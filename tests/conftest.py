@@ -31,3 +31,17 @@ def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
     except client.exceptions.BucketAlreadyOwnedByYou:
         pass
     return name
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A real PostgreSQL 15 server for the session (tests/pgserver.py); skipped without binaries."""
+    from pgserver import PostgresServer, available
+
+    reason = available()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.cleanup()
