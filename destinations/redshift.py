@@ -231,7 +231,8 @@ class RedshiftDestinationConfig(_Model):
         says_gzip = options is not None and options.gzip
         if staging is not None and says_gzip and not gzip_staged:
             raise ValueError(f"says GZIP but staging.compression is {staging.compression!r}; got {v!r}")
-        if method == "copy_from_s3" and gzip_staged and not says_gzip:
+        # Left out, copy_from_stdin knows the staged compression; written out, it must be right.
+        if gzip_staged and not says_gzip and (method == "copy_from_s3" or options is not None):
             raise ValueError("must include GZIP when staging.compression is gzip (COPY must be told), "
                              f"got {v!r}")
         return v

@@ -9,13 +9,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-
 from pgserver import PASSWORD, PostgresServer
+
 from support import Daemon, MotoServer, batch_body, daemon_config, raw_call, s3_objects, stream_config
 
 PASSWORD_ENV = "FIREHOSE_TEST_PG_PASSWORD"
@@ -215,7 +216,7 @@ def test_kill9_during_loads_loses_and_duplicates_nothing(
     # and the commit, and replays race the aborted attempt's transaction.
     postgres.execute(f"CREATE TABLE {table} (id text, pad text)")
     postgres.execute(f"CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS "
-                     "$$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$")
+                     "$$ BEGIN PERFORM pg_sleep(0.6); RETURN NULL; END $$")
     postgres.execute(f"CREATE TRIGGER {table}_slow AFTER INSERT ON {table} FOR EACH STATEMENT "
                      f"EXECUTE FUNCTION {table}_slow()")
     dest = redshift_dest(moto, bucket, postgres, table)
@@ -225,7 +226,7 @@ def test_kill9_during_loads_loses_and_duplicates_nothing(
     rng = random.Random(11)
     acked: set[str] = set()
     sent: set[str] = set()
-    kills = 6
+    kills = 5
     for run in range(kills):
         d.start()
         loader = Loader(d.port, run, rng.choice([50, 200]))
@@ -250,3 +251,54 @@ def test_kill9_during_loads_loses_and_duplicates_nothing(
     assert any(e["pending_batches"] for e in recovered), "no kill landed between a seal and its commit"
     loaded = postgres.execute(f"SELECT count(*), sum(row_count) FROM {table}_loaded")[0]
     assert loaded[1] == len(counts)
+
+
+def test_a_replayed_batch_skips_a_load_that_committed_even_while_racing_it(
+    moto: MotoServer, bucket: str, postgres: PostgresServer
+) -> None:
+    """The two ways a replay meets an earlier attempt: that attempt committed before the replay
+    looked (skip), or it was still open and committed while the replay loaded (the replay's
+    bookkeeping insert waits for it, meets its key, and rolls back its own COPY)."""
+    import asyncio
+
+    from destinations.redshift import RedshiftDestinationConfig, manifest_key
+    from firehose.interfaces import Batch, BuildContext
+
+    table = table_name()
+    postgres.execute(f"CREATE TABLE {table} (id text)")
+    raw = redshift_dest(moto, bucket, postgres, table)
+    raw["connection"]["password"] = PASSWORD
+    cfg = RedshiftDestinationConfig.model_validate(raw)
+    ctx = BuildContext("rs", 1, "us-east-1", "000000000000", "/tmp")
+    rng = random.Random(5)
+    keys = [cfg.build(ctx).batch_key(datetime.now(UTC), rng) for _ in range(2)]
+
+    async def deliver(key: str, ids: list[str]) -> bool:
+        dest = cfg.build(ctx)
+        try:
+            batch = Batch("rs", 1, key, [b'{"id":"%s"}' % i.encode() for i in ids], 0)
+            return (await dest.deliver(batch)).ok
+        finally:
+            await dest.close()
+
+    assert asyncio.run(deliver(keys[0], ["a1", "a2"]))
+    assert asyncio.run(deliver(keys[0], ["a1", "a2"]))  # replay: skipped
+    assert sorted(r[0] for r in postgres.execute(f"SELECT id FROM {table}")) == ["a1", "a2"]
+
+    # An earlier attempt holds the manifest's bookkeeping row in an open transaction.
+    manifest = manifest_key("firehose/", keys[1])
+    with postgres.connect() as other:
+        other.execute("BEGIN")
+        other.execute(f"INSERT INTO {table} (id) VALUES ('b1')")
+        other.execute(f"INSERT INTO {table}_loaded VALUES (%s, now(), 1)", (manifest,))
+        result: list[bool] = []
+        replay = threading.Thread(target=lambda: result.append(asyncio.run(deliver(keys[1], ["b1"]))))
+        replay.start()
+        deadline = time.monotonic() + 10
+        while not postgres.execute("SELECT 1 FROM pg_locks WHERE NOT granted") and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the replay's insert waits on the open transaction's key
+        assert postgres.execute("SELECT 1 FROM pg_locks WHERE NOT granted"), "the replay never waited"
+        other.execute("COMMIT")
+        replay.join(10)
+    assert result == [True]
+    assert sorted(r[0] for r in postgres.execute(f"SELECT id FROM {table}")) == ["a1", "a2", "b1"]
