@@ -504,7 +504,13 @@ def _evaluate(
                 )
             out.append(error_output_type)
         else:  # partitionKeyFromQuery / partitionKeyFromLambda
-            value = None if partition_keys is None else partition_keys.get(part.value)
+            # Keys may be namespaced ("partitionKeyFromQuery:customer_id", as the stream records
+            # them, so a query key and a Lambda key of the same name stay apart) or plain.
+            value = None
+            if partition_keys is not None:
+                value = partition_keys.get(f"{part.namespace}:{part.value}")
+                if value is None:
+                    value = partition_keys.get(part.value)
             if value is None:
                 raise PrefixError(
                     f"{field} uses !{{{part.namespace}:{part.value}}} but the record has no partition key "
@@ -522,6 +528,16 @@ def _evaluate(
     if not template.has_timestamp:
         evaluated += java_datetime_format(DEFAULT_TIMESTAMP_PATTERN, when)
     return evaluated
+
+
+def partition_key_refs(prefix: str) -> tuple[str, ...]:
+    """The partition keys a Prefix uses, namespaced (``partitionKeyFromQuery:customer_id``), each
+    once, in order of first use: a record's values for them identify its partition."""
+    seen: dict[str, None] = {}
+    for e in _parse(prefix or "", "Prefix").expressions:
+        if e.namespace in _PARTITION_NAMESPACES:
+            seen.setdefault(f"{e.namespace}:{e.value}")
+    return tuple(seen)
 
 
 def evaluate_prefix(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from destinations.keys import (
     PrefixError,
@@ -56,9 +56,12 @@ class ObjectStoreConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _prefixes(self) -> ObjectStoreConfig:
+    def _prefixes(self, info: ValidationInfo) -> ObjectStoreConfig:
+        # The stream's dynamic_partitioning.enabled arrives as validation context: it decides
+        # which prefix expressions are allowed (reference §6.3).
+        dynamic = bool((info.context or {}).get("dynamic_partitioning"))
         try:
-            validate_prefixes(self.prefix, self.error_output_prefix or None)
+            validate_prefixes(self.prefix, self.error_output_prefix or None, dynamic_partitioning=dynamic)
         except PrefixError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -75,12 +78,13 @@ class ObjectStoreConfig(BaseModel):
         return self.file_extension or self.codec.extension
 
     def object_key(
-        self, stream: str, version: int, oldest: datetime, rng: random.Random, extension: str | None = None
+        self, stream: str, version: int, oldest: datetime, rng: random.Random, extension: str | None = None,
+        partition_keys: Mapping[str, str] | None = None,
     ) -> str:
         """Firehose's layout: evaluated prefix + ``<stream>-<version>-YYYY-MM-DD-HH-MM-SS-<uuid><ext>``.
         ``extension`` overrides the compression's (``.parquet`` and the like), unless
-        ``file_extension`` is set."""
-        prefix = evaluate_prefix(self.prefix, oldest, rng)
+        ``file_extension`` is set; ``partition_keys`` fill the partition-key expressions."""
+        prefix = evaluate_prefix(self.prefix, oldest, rng, partition_keys=partition_keys)
         ext = self.file_extension or (extension if extension is not None else self.extension)
         return prefix + object_name(stream, version, oldest, random_object_suffix(rng), ext)
 
@@ -141,9 +145,11 @@ class ObjectStoreDestination(Destination):
         """Write batches as columnar files (record format conversion) instead of concatenated records."""
         self.converter = converter
 
-    def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
+    def batch_key(
+        self, oldest_arrival: datetime, rng: random.Random, partition_keys: Mapping[str, str] | None = None
+    ) -> str:
         ext = self.converter.extension if self.converter is not None else None
-        return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, ext)
+        return self.config.object_key(self.ctx.stream_name, self.ctx.version, oldest_arrival, rng, ext, partition_keys)
 
     def archive_key(self, oldest_arrival: datetime, rng: random.Random, error_output_type: str) -> str:
         """The key of an archive object of failed records (Firehose's error-output layout)."""

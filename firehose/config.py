@@ -112,6 +112,17 @@ class DeliveryConfig(_Model):
     retry_max_backoff_ms: int = Field(default=30_000, ge=1)
 
 
+class DynamicPartitioningConfig(_Model):
+    """Firehose's DynamicPartitioningConfiguration, without its fixed limits: the active-partition
+    cap is a configurable guard, and ``memory_budget_mib`` bounds what open partition buffers hold
+    in memory (beyond it, buffers are kept on disk or flushed early)."""
+
+    enabled: bool = False
+    max_active_partitions: int = Field(default=500, ge=1)
+    retry_duration_secs: int = Field(default=300, ge=0, le=7200)
+    memory_budget_mib: int = Field(default=64, ge=1)
+
+
 class StreamConfig(_Model):
     name: str
     buffering: BufferingConfig = BufferingConfig()
@@ -120,6 +131,7 @@ class StreamConfig(_Model):
     processing: list[Any] = []
     backup: Any = None
     format: Any = None
+    dynamic_partitioning: DynamicPartitioningConfig | None = None
     destination: Any
 
     @field_validator("name")
@@ -128,6 +140,10 @@ class StreamConfig(_Model):
         if not STREAM_NAME_RE.fullmatch(v):
             raise ValueError(f"must match [a-zA-Z0-9_.-]{{1,64}} (Firehose's stream name rule), got {v!r}")
         return v
+
+    @property
+    def partitioned(self) -> bool:
+        return self.dynamic_partitioning is not None and self.dynamic_partitioning.enabled
 
     @property
     def size_bytes(self) -> int:
@@ -146,6 +162,8 @@ class StreamConfig(_Model):
         import orjson
 
         doc = self.model_dump(mode="json")
+        if doc.get("dynamic_partitioning") is None:
+            del doc["dynamic_partitioning"]  # absent: the digest of configs written before it existed
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -253,7 +271,7 @@ def _resolve_destination(
         errors.append(f"{file}:{line}: {format_path(dpath)}.type: {exc}")
         return None
     try:
-        dest: Any = cls.model_validate(raw)  # type: ignore[attr-defined]
+        dest: Any = cls.model_validate(raw, context={"dynamic_partitioning": stream.partitioned})  # type: ignore[attr-defined]
     except ValidationError as exc:
         _collect(exc, dpath, file, lines, errors)
         return None
@@ -362,9 +380,47 @@ def _resolve_processing(
                     f"format conversion is enabled (Firehose's rule), got {raw_size}"
                 )
                 ok = False
+    if ok:
+        ok = _check_partitioning(stream, procs, base, file, lines, errors)
     if not ok:
         return None
     return stream.model_copy(update={"processing": procs, "backup": backup, "format": fmt})
+
+
+def _check_partitioning(
+    stream: StreamConfig, procs: list[Any], base: Path, file: str, lines: Mapping[Path, int], errors: list[str]
+) -> bool:
+    """Firehose's dynamic-partitioning rules that span fields (the prefix rules are the
+    destination's): keys need a source, no zero buffering, MetadataExtraction only with it on."""
+    types = {p.type for p in procs}
+    dpath = base + ("dynamic_partitioning",)
+
+    def error(path: Path, message: str) -> bool:
+        errors.append(f"{file}:{_line_for(path, lines)}: {format_path(path)}: {message}")
+        return False
+
+    if not stream.partitioned:
+        if "metadata_extraction" in types:
+            return error(base + ("processing",), "metadata_extraction needs dynamic_partitioning.enabled: true "
+                         "(Firehose's MetadataExtraction exists for dynamic partitioning)")
+        return True
+    prefix = getattr(stream.destination, "prefix", None)
+    if not isinstance(prefix, str) or not hasattr(stream.destination, "object_key"):
+        return error(dpath, "dynamic partitioning needs an s3 or local destination "
+                     f"(got {getattr(stream.destination, 'type', '?')!r})")
+    if stream.interval_secs == 0:
+        return error(base + ("buffering", "interval_secs"),
+                     "zero buffering is not supported with dynamic partitioning (Firehose's rule); use 1 or more")
+    from destinations.keys import partition_key_refs
+
+    ok = True
+    for ref in partition_key_refs(prefix):
+        namespace, _, key = ref.partition(":")
+        needs = "metadata_extraction" if namespace == "partitionKeyFromQuery" else "lambda"
+        if needs not in types:
+            ok = error(base + ("destination", "prefix"),
+                       f"!{{{ref}}} needs a {needs} processor in processing: to produce key {key!r}")
+    return ok
 
 
 def load_config_text(text: str, file: str, env: Mapping[str, str] | None = None) -> DaemonConfig:

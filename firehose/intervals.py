@@ -57,9 +57,10 @@ class IntervalSet:
 
     def discard_below(self, value: int) -> None:
         """Forget everything below ``value`` (memory stays bounded as the spool is trimmed)."""
-        while self._starts and self._ends[0] <= value:
-            del self._starts[0]
-            del self._ends[0]
+        i = bisect.bisect_right(self._ends, value)
+        if i:
+            del self._starts[:i]
+            del self._ends[:i]
         if self._starts and self._starts[0] < value:
             self._starts[0] = value
 

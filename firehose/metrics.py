@@ -47,6 +47,17 @@ class Metrics:
         self.execute_processing_calls = counter("ExecuteProcessing_Calls", "Processing chain runs")
         self.archived_records = counter(
             "BackupToS3_Records", "Failed records archived with their error (BackupToS3.Records)")
+        # Dynamic partitioning (Firehose: PartitionCount, PartitionCountExceeded, JQProcessing.Duration).
+        self.partition_count = gauge("PartitionCount", "Active partitions: open buffers plus undelivered batches")
+        self.partition_count_exceeded = gauge(
+            "PartitionCountExceeded", "1 while records are archived for exceeding max_active_partitions")
+        self.partition_exceeded_records = counter(
+            "PartitionCountExceeded_Records", "Records archived as activePartitionExceeded")
+        self.partition_flushes = Counter(
+            "firehose_PartitionFlushes_total", "Partition buffers sealed, by reason (size, interval, memory, stop)",
+            [LABEL, "reason"], registry=r)
+        self.partition_spills = counter(
+            "PartitionSpills", "Partition buffers whose records were dropped from memory and read back from the spool")
         self.spool_bytes = gauge("SpoolBytes", "Bytes held in the stream's spool")
         self.backlog_records = gauge("BacklogRecords", "Acknowledged records not yet delivered")
 

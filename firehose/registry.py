@@ -14,6 +14,7 @@ from typing import Any
 BUILTIN_DESTINATIONS: dict[str, str] = {
     "s3": "destinations.s3:S3DestinationConfig",
     "local": "destinations.local:LocalDestinationConfig",
+    "redshift": "destinations.redshift:RedshiftDestinationConfig",
 }
 
 
@@ -23,6 +24,7 @@ BUILTIN_PROCESSORS: dict[str, str] = {
     "record_deaggregation": "transforms.config:RecordDeaggregationConfig",
     "decompression": "transforms.config:DecompressionConfig",
     "cloudwatch_log_processing": "transforms.config:CloudWatchLogProcessingConfig",
+    "metadata_extraction": "transforms.config:MetadataExtractionConfig",
 }
 
 # Stream-level plugin hooks, imported lazily like the tables above.

@@ -216,7 +216,7 @@ class Log(Protocol):
     ) -> int: ...
     async def wait_durable(self, *, force: bool = False) -> None: ...
     def allocate_batch_id(self) -> int: ...
-    async def append_seal(self, batch: SealedBatch) -> None: ...
+    async def append_seal(self, batch: SealedBatch, *, durable: bool = True) -> None: ...
     def append_commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None: ...
     def commit_ranges(self, ranges: Sequence[tuple[int, int]]) -> None: ...
     def frame_at(self, seq: int) -> RecordFrame | None: ...
@@ -502,8 +502,10 @@ class Spool:
             self._cache_size += nbytes
         return first_seq
 
-    async def append_seal(self, batch: SealedBatch) -> None:
-        """Record a batch identity durably (always fsynced: exactly-once depends on it)."""
+    async def append_seal(self, batch: SealedBatch, *, durable: bool = True) -> None:
+        """Record a batch identity durably (always fsynced: exactly-once depends on it). With
+        ``durable=False`` the caller seals several batches and awaits ``wait_durable(force=True)``
+        once, before any of them is delivered."""
         doc = {
             "id": batch.batch_id,
             "key": batch.key,
@@ -516,7 +518,8 @@ class Spool:
         self._seals[batch.batch_id] = batch
         for s, e in batch.ranges:
             self.sealed.add(s, e)
-        await self.wait_durable(force=True)
+        if durable:
+            await self.wait_durable(force=True)
 
     def allocate_batch_id(self) -> int:
         bid = self.next_batch_id

@@ -19,8 +19,9 @@ import bisect
 import os
 import random
 import time
+from array import array
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,37 +41,79 @@ class _Pending:
     records: list[bytes] | None  # None: read back from the spool when its delivery starts
     task: asyncio.Task[None] | None = None
     spool: Spool | None = None  # the spool the batch was sealed in (default: the batcher's)
+    partition: tuple[str, ...] | None = None  # dynamic partitioning: the partition it counts for
+    durable: bool = True  # its seal is on disk, so it may be delivered
 
 
-@dataclass
 class _OpenBuffer:
-    records: list[bytes] = field(default_factory=list)
-    ranges: list[tuple[int, int]] = field(default_factory=list)
-    nbytes: int = 0
-    oldest_ms: int = 0
+    """Records waiting to be sealed into one batch, and the spool ranges they come from (a flat
+    array of ``[start, end)`` pairs: a partition's records are scattered through the spool). A
+    *spilled* buffer keeps only its ranges; its batch is read back from the spool at delivery."""
+
+    __slots__ = ("records", "bounds", "nbytes", "count", "oldest_ms", "spilled")
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.bounds = array("q")
+        self.nbytes = 0
+        self.count = 0
+        self.oldest_ms = 0
+        self.spilled = False
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        b = self.bounds
+        return list(zip(b[0::2], b[1::2], strict=True))
+
+    @property
+    def memory_bytes(self) -> int:
+        return 0 if self.spilled else self.nbytes
 
     def add(self, seq: int, record: bytes, arrival_ms: int) -> None:
-        if not self.records or arrival_ms < self.oldest_ms:
+        if not self.count or arrival_ms < self.oldest_ms:
             self.oldest_ms = arrival_ms
-        self.records.append(record)
+        if not self.spilled:
+            self.records.append(record)
+        self.count += 1
         self.nbytes += len(record)
-        if self.ranges and self.ranges[-1][1] == seq:
-            self.ranges[-1] = (self.ranges[-1][0], seq + 1)
+        b = self.bounds
+        if b and b[-1] == seq:
+            b[-1] = seq + 1
         else:
-            self.ranges.append((seq, seq + 1))
+            b.append(seq)
+            b.append(seq + 1)
 
     def extend(self, frame: RecordFrame, i: int, j: int, nbytes: int) -> None:
         """Add records ``i..j-1`` of ``frame`` (``nbytes`` in all)."""
-        if not self.records or frame.arrival_ms < self.oldest_ms:
+        if not self.count or frame.arrival_ms < self.oldest_ms:
             self.oldest_ms = frame.arrival_ms
         self.records.extend(frame.records[i:j] if (i, j) != (0, len(frame.records)) else frame.records)
+        self.count += j - i
         self.nbytes += nbytes
         start, end = frame.first_seq + i, frame.first_seq + j
-        if self.ranges and self.ranges[-1][1] == start:
-            self.ranges[-1] = (self.ranges[-1][0], end)
+        b = self.bounds
+        if b and b[-1] == start:
+            b[-1] = end
         else:
-            self.ranges.append((start, end))
+            b.append(start)
+            b.append(end)
 
+    def spill(self) -> int:
+        """Forget the record bytes (they are in the spool); returns the bytes freed."""
+        freed = self.memory_bytes
+        self.records = []
+        self.spilled = True
+        return freed
+
+
+# The error-output type of records whose partition could not be delivered within
+# dynamic_partitioning.retry_duration_secs (Firehose's own string for this is not documented).
+DELIVERY_FAILED = "delivery-failed"
+
+# What an open partition's bookkeeping costs, counted against dynamic_partitioning.memory_budget_mib
+# beside the record bytes held: a spool range (two int64) and a buffer with its dict entry.
+RANGE_BYTES = 16
+PARTITION_BYTES = 512
 
 SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (backup mode: all)
 
@@ -139,6 +182,16 @@ class StreamRuntime:
         self.out: Spool = self.spool
         self._buffer = _OpenBuffer()
         self._archive_buffers: dict[str, _OpenBuffer] = {}
+        # Dynamic partitioning: the namespaced keys the Prefix uses (None: not partitioning), the
+        # open partition buffers in creation order, and the active partitions (open buffers plus
+        # undelivered batches, counted per partition) the max_active_partitions guard counts.
+        self._refs: tuple[str, ...] | None = None
+        self._partitions: dict[tuple[str, ...], _OpenBuffer] = {}
+        self._active: dict[tuple[str, ...], int] = {}
+        self._memory_held = 0  # record bytes held by unspilled partition buffers
+        self._ranges_held = 0  # entries of all partition buffers' range arrays
+        dp = config.dynamic_partitioning
+        self._budget = (dp.memory_budget_mib if dp is not None else 64) << 20
         self._proc_task: asyncio.Task[None] | None = None
         self._proc_wake = asyncio.Event()
         self.dropped_records = 0
@@ -231,8 +284,16 @@ class StreamRuntime:
                 self._processing_loop(), name=f"processing-{self.name}"
             )
             self._proc_wake.set()  # records ingested before the restart are waiting
+        if self.config.partitioned:
+            from destinations.keys import partition_key_refs
+
+            self._refs = partition_key_refs(self.config.destination.prefix)
         for sealed in recovery.pending:
-            self._pending.append(_Pending(sealed, None))
+            p = sealed.info.get("p")
+            part = tuple(p) if isinstance(p, list) and sealed.info.get("sink", "main") == "main" else None
+            if part is not None:
+                self._active[part] = self._active.get(part, 0) + 1
+            self._pending.append(_Pending(sealed, None, partition=part))
         self._cursor = self.out.min_seq
         self.log.info(
             "stream_recovered",
@@ -265,19 +326,25 @@ class StreamRuntime:
         try:
             for key in ["", *self._archive_buffers]:
                 await asyncio.wait_for(self._seal(key), max(0.1, deadline - time.monotonic()))
+            if self._partitions:
+                await asyncio.wait_for(self._seal_many(list(self._partitions), "stop"),
+                                       max(0.1, deadline - time.monotonic()))
         except (TimeoutError, OSError) as exc:
             self.log.warning("stream_seal_on_stop_failed", error=str(exc))
-        self._dispatch()
-        tasks = [p.task for p in self._pending if p.task is not None]
-        clean = True
-        if self._pending:
-            remaining = max(0.0, deadline - time.monotonic())
-            done, not_done = await asyncio.wait(tasks, timeout=remaining) if tasks else (set(), set())
-            for t in not_done:
-                t.cancel()
-            if not_done:
-                await asyncio.gather(*not_done, return_exceptions=True)
-            clean = not self._pending
+        # Keep delivering (max_in_flight at a time) until everything sealed is out or time is up.
+        while self._pending:
+            self._dispatch()
+            tasks = [p.task for p in self._pending if p.task is not None]
+            remaining = deadline - time.monotonic()
+            if not tasks or remaining <= 0:
+                break
+            await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        not_done = [p.task for p in self._pending if p.task is not None]
+        for t in not_done:
+            t.cancel()
+        if not_done:
+            await asyncio.gather(*not_done, return_exceptions=True)
+        clean = not self._pending
         await self.spool.aclose()
         if self.out is not self.spool:
             await self.out.aclose()
@@ -343,8 +410,16 @@ class StreamRuntime:
                 if self._cursor >= self.out.next_seq:
                     now = self.clock.now_ms()
                     for key, buf in [("", self._buffer), *self._archive_buffers.items()]:
-                        if buf.records and now >= buf.oldest_ms + interval_ms:
+                        if buf.count and now >= buf.oldest_ms + interval_ms:
                             await self._seal(key)
+                    # Partitions sit in creation order, which is (nearly) oldest first.
+                    due = []
+                    for ident, buf in self._partitions.items():
+                        if now < buf.oldest_ms + interval_ms:
+                            break
+                        due.append(ident)
+                    if due:
+                        await self._seal_many(due, "interval")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the stream alive; the records stay in the spool
@@ -353,7 +428,9 @@ class StreamRuntime:
             self._update_gauges()
 
     def _oldest_buffered(self) -> int | None:
-        times = [b.oldest_ms for b in (self._buffer, *self._archive_buffers.values()) if b.records]
+        times = [b.oldest_ms for b in (self._buffer, *self._archive_buffers.values()) if b.count]
+        if self._partitions:
+            times.append(next(iter(self._partitions.values())).oldest_ms)
         return min(times) if times else None
 
     def _room(self) -> bool:
@@ -377,7 +454,7 @@ class StreamRuntime:
                 continue
             first = frame.first_seq
             n = len(frame.records)
-            if frame.meta is not None:
+            if frame.meta is not None or self._refs is not None:
                 if not await self._pump_routed(frame):
                     return
                 continue
@@ -393,7 +470,7 @@ class StreamRuntime:
                 end = n if nxt is None else min(n, nxt - first)
                 space = size_limit - self._buffer.nbytes
                 j = bisect.bisect_right(cum, cum[i] + space, i, end + 1) - 1
-                if j == i and not self._buffer.records:
+                if j == i and not self._buffer.count:
                     j = i + 1  # a record larger than the buffer goes out on its own
                 if j > i:
                     self._buffer.extend(frame, i, j, cum[j] - cum[i])
@@ -407,35 +484,50 @@ class StreamRuntime:
             spool.release_cache(first)
 
     async def _pump_routed(self, frame: RecordFrame) -> bool:
-        """Records with per-record metadata (transform outcomes): failed ones go to an archive
-        buffer per error-output type as Firehose error records, the rest to the main buffer.
-        Returns False when it stopped for lack of room (the cursor marks where)."""
+        """Records with per-record metadata (transform outcomes), or any record when the stream
+        partitions: failed ones go to an archive buffer per error-output type as Firehose error
+        records, source copies to the backup buffer, the rest to the main buffer or, with dynamic
+        partitioning, to their partition's buffer. Returns False when it stopped for lack of room
+        (the cursor marks where)."""
         size_limit = self.config.size_bytes
         sealed = self.out.sealed
-        assert frame.meta is not None
+        refs = self._refs
+        metas = frame.meta
         first = frame.first_seq
+        buf: _OpenBuffer
+        key: str | tuple[str, ...]
         for i in range(self._cursor - first, len(frame.records)):
             seq = first + i
             if seq in sealed:
                 continue
-            meta = frame.meta[i]
+            meta = metas[i] if metas is not None else None
+            record = frame.records[i]
             err = meta.get("err") if isinstance(meta, dict) else None
-            if err is not None:
-                key = err["t"]
-                record = error_record_line(frame.records[i], err)
-                buf = self._archive_buffers.setdefault(key, _OpenBuffer())
-            elif isinstance(meta, dict) and meta.get("src"):
+            if err is None and isinstance(meta, dict) and meta.get("src"):
                 key = SOURCE_BACKUP
-                record = frame.records[i]
-                buf = self._archive_buffers.setdefault(key, _OpenBuffer())
+            elif err is None and refs is not None:
+                ident = self._partition_of(meta)
+                err = self._admit(ident, frame.arrival_ms)
+                key = ident if err is None and ident is not None else ""
             else:
                 key = ""
-                record = frame.records[i]
-                buf = self._buffer
-            if buf.records and buf.nbytes + len(record) > size_limit:
-                await self._seal(key)
-                buf = self._archive_buffers.setdefault(key, _OpenBuffer()) if key else self._buffer
-            buf.add(seq, record, frame.arrival_ms)
+            if err is not None:
+                key = err["t"]
+                record = error_record_line(record, err)
+            buf = self._buffer_for(key)
+            if buf.count and buf.nbytes + len(record) > size_limit:
+                await self._seal(key, reason="size")
+                buf = self._buffer_for(key)
+            if isinstance(key, tuple):
+                self._ranges_held -= len(buf.bounds)
+                buf.add(seq, record, frame.arrival_ms)
+                self._ranges_held += len(buf.bounds)
+                if not buf.spilled:
+                    self._memory_held += len(record)
+                if self._over_budget():
+                    await self._enforce_budget()
+            else:
+                buf.add(seq, record, frame.arrival_ms)
             if not self._room():
                 self._cursor = seq + 1
                 if self._cursor >= frame.end_seq:
@@ -445,42 +537,199 @@ class StreamRuntime:
         self.out.release_cache(first)
         return True
 
-    async def _seal(self, buffer_key: str = "") -> None:
-        buf = self._archive_buffers.get(buffer_key) if buffer_key else self._buffer
-        if buf is None or not buf.records:
+    # ------------------------------------------------------------------ dynamic partitioning
+    def _partition_of(self, meta: Any) -> tuple[str, ...] | None:
+        """A record's partition: its values for the keys the Prefix uses, or None if one is missing."""
+        assert self._refs is not None
+        pk = meta.get("pk") if isinstance(meta, dict) else None
+        if not isinstance(pk, dict):
+            return None
+        values = []
+        for ref in self._refs:
+            v = pk.get(ref)
+            if v is None:
+                v = pk.get(ref.partition(":")[2])  # outcomes recorded before keys were namespaced
+                if v is None:
+                    return None
+            values.append(v)
+        return tuple(values)
+
+    def _admit(self, ident: tuple[str, ...] | None, arrival_ms: int) -> dict[str, Any] | None:
+        """None if a record of partition ``ident`` may be buffered (creating the partition's
+        buffer), else the error that archives it: a missing key, a prefix that cannot be
+        evaluated, or the active-partition guard."""
+        if ident is not None and ident in self._partitions:
+            return None
+        err = self._partition_error(ident, arrival_ms, admitting=True)
+        if err is None:
+            assert ident is not None
+            self._partitions[ident] = _OpenBuffer()
+            self._active[ident] = self._active.get(ident, 0) + 1
+            self.metrics.partition_count_exceeded.labels(self.name).set(0)
+        return err
+
+    def _partition_error(self, ident: tuple[str, ...] | None, arrival_ms: int, *, admitting: bool) -> dict[str, Any] | None:
+        """Why a record of partition ``ident`` cannot be delivered under the Prefix (None if it can).
+        Also used to rebuild the error record of an archived batch read back from the spool."""
+        from destinations.keys import PrefixError
+        from transforms.records import ACTIVE_PARTITION_EXCEEDED, PARTITIONING_FAILED
+
+        assert self._refs is not None and self.destination is not None
+        base = {"a": 1, "ts": arrival_ms, "e": self.clock.now_ms()}
+        if ident is None:
+            missing = ", ".join(self._refs)
+            return {**base, "t": PARTITIONING_FAILED, "c": "DynamicPartitioning.PartitionKeyMissing",
+                    "m": f"the record has no value for a partition key the prefix uses ({missing})"}
+        try:
+            when = datetime.fromtimestamp(arrival_ms / 1000.0, tz=UTC)
+            self.destination.batch_key(when, random.Random(0), dict(zip(self._refs, ident, strict=True)))  # type: ignore[call-arg]
+        except PrefixError as exc:
+            return {**base, "t": PARTITIONING_FAILED, "c": "DynamicPartitioning.PrefixEvaluationFailed", "m": str(exc)}
+        assert self.config.dynamic_partitioning is not None
+        limit = self.config.dynamic_partitioning.max_active_partitions
+        if not admitting or (ident not in self._active and len(self._active) >= limit):
+            self.metrics.partition_count_exceeded.labels(self.name).set(1)
+            self.metrics.partition_exceeded_records.labels(self.name).inc()
+            return {**base, "t": ACTIVE_PARTITION_EXCEEDED, "c": "DynamicPartitioning.ActivePartitionsLimitExceeded",
+                    "m": f"the stream has {len(self._active)} active partitions, the limit "
+                         f"(dynamic_partitioning.max_active_partitions) is {limit}"}
+        return None
+
+    def _over_budget(self) -> bool:
+        return self._memory_held + RANGE_BYTES * self._ranges_held + PARTITION_BYTES * len(self._partitions) > (
+            self._budget
+        )
+
+    async def _enforce_budget(self) -> None:
+        """Keep open partitions within the memory budget: first keep the largest buffers on disk
+        only (their records are read back from the spool at delivery), and if bookkeeping alone
+        is still too large, seal the buffers holding the most ranges early."""
+        budget = self._budget
+        book = RANGE_BYTES * self._ranges_held + PARTITION_BYTES * len(self._partitions)
+        if self._memory_held and self._memory_held + book > budget:
+            target = max(0, budget // 2 - book)
+            for buf in sorted(self._partitions.values(), key=lambda b: b.memory_bytes, reverse=True):
+                if self._memory_held <= target or not buf.memory_bytes:
+                    break
+                self._memory_held -= buf.spill()
+                self.metrics.partition_spills.labels(self.name).inc()
+        book = RANGE_BYTES * self._ranges_held + PARTITION_BYTES * len(self._partitions)
+        if book > budget // 2:
+            order = sorted(self._partitions.items(), key=lambda kv: len(kv[1].bounds), reverse=True)
+            flush = []
+            for ident, buf in order:
+                if book <= budget // 4:
+                    break
+                flush.append(ident)
+                book -= RANGE_BYTES * len(buf.bounds) + PARTITION_BYTES
+            await self._seal_many(flush, "memory")
+
+    def _buffer_for(self, key: str | tuple[str, ...], *, create: bool = True) -> _OpenBuffer:
+        """The open buffer for ``key``: "" the main buffer, a string an archive buffer, a tuple a
+        partition. Without ``create`` a missing one is returned as an empty stand-in."""
+        if not key:
+            return self._buffer
+        if isinstance(key, tuple):
+            buf = self._partitions.get(key)
+            if buf is None:
+                buf = _OpenBuffer()
+                if create:
+                    self._partitions[key] = buf
+                    self._active[key] = self._active.get(key, 0) + 1
+            return buf
+        if create:
+            return self._archive_buffers.setdefault(key, _OpenBuffer())
+        return self._archive_buffers.get(key) or _OpenBuffer()
+
+    def _forget_buffer(self, key: str | tuple[str, ...], buf: _OpenBuffer) -> None:
+        if isinstance(key, tuple):
+            del self._partitions[key]
+            self._memory_held -= buf.memory_bytes
+            self._ranges_held -= len(buf.bounds)
+            self._release_partition(key)
+        elif key:
+            self._archive_buffers[key] = _OpenBuffer()
+        else:
+            self._buffer = _OpenBuffer()
+
+    def _release_partition(self, ident: tuple[str, ...]) -> None:
+        n = self._active.get(ident, 0) - 1
+        if n > 0:
+            self._active[ident] = n
+        else:
+            self._active.pop(ident, None)
+
+    def _finish(self, pending: _Pending) -> None:
+        """A batch is done (delivered, or archived): forget it."""
+        self._pending.remove(pending)
+        if pending.partition is not None:
+            self._release_partition(pending.partition)
+
+    async def _seal_many(self, keys: list[tuple[str, ...]], reason: str) -> None:
+        """Seal several partition buffers with one fsync; none is delivered before it."""
+        try:
+            for key in keys:
+                await self._seal(key, reason=reason, sync=False)
+        finally:
+            await self.out.wait_durable(force=True)
+            for p in self._pending:
+                p.durable = True
+            self._dispatch()
+
+    async def _seal(self, buffer_key: str | tuple[str, ...] = "", reason: str | None = None, *, sync: bool = True) -> None:
+        buf = self._buffer_for(buffer_key, create=False)
+        if not buf.count:
             return
         assert self.destination is not None and self.archive is not None
         oldest = datetime.fromtimestamp(buf.oldest_ms / 1000.0, tz=UTC)
-        info: dict[str, Any] = {"records": len(buf.records), "bytes": buf.nbytes}
+        info: dict[str, Any] = {"records": buf.count, "bytes": buf.nbytes}
+        partition: tuple[str, ...] | None = None
+        records: list[bytes] | None = None if buf.spilled else buf.records
         if buffer_key == SOURCE_BACKUP:
             key = self.archive.batch_key(oldest, self.rng)
             info.update({"sink": "source"})
+        elif isinstance(buffer_key, tuple):
+            from destinations.keys import PrefixError
+
+            assert self._refs is not None
+            try:
+                key = self.destination.batch_key(oldest, self.rng, dict(zip(self._refs, buffer_key, strict=True)))  # type: ignore[call-arg]
+                partition = buffer_key
+                info["p"] = list(buffer_key)
+            except PrefixError:  # cannot happen for an admitted partition; archive, never drop
+                key = self.archive.archive_key(oldest, self.rng, "partitioning-failed")  # type: ignore[attr-defined]
+                info.update({"sink": "archive", "type": "partitioning-failed", "p": list(buffer_key)})
+                records = None  # error records are rebuilt from the spool at delivery
+            self.metrics.partition_flushes.labels(self.name, reason or "size").inc()
         elif buffer_key:
             key = self.archive.archive_key(oldest, self.rng, buffer_key)  # type: ignore[attr-defined]
             info.update({"sink": "archive", "type": buffer_key})
         else:
             key = self.destination.batch_key(oldest, self.rng)
+        if info.get("sink", "main") == "main":
             converter = getattr(self.chain, "converter", None)
             if converter is not None:
                 info["fmt"] = converter.fingerprint  # the schema its records were checked against
-        sealed = SealedBatch(self.out.allocate_batch_id(), key, buf.ranges, buf.oldest_ms, info)
+        ranges = buf.ranges
+        sealed = SealedBatch(self.out.allocate_batch_id(), key, ranges, buf.oldest_ms, info)
+        pending = _Pending(sealed, records, partition=partition, durable=sync)
+        if partition is not None:
+            self._active[partition] = self._active.get(partition, 0) + 1
         # The buffer is forgotten only once its seal is written; a failed write leaves it to be
         # sealed again. (A seal written but not yet fsynced is never re-sealed: it is in _pending.)
         written = False
         try:
-            await self.out.append_seal(sealed)
+            await self.out.append_seal(sealed, durable=sync)
             written = True
         finally:
-            if written or self.out.sealed.covers(buf.ranges[0][0], buf.ranges[0][1]):
-                if buffer_key:
-                    self._archive_buffers[buffer_key] = _OpenBuffer()
-                else:
-                    self._buffer = _OpenBuffer()
-                if not written:
-                    self._pending.append(_Pending(sealed, buf.records))
-        self.log.debug("batch_sealed", batch_id=sealed.batch_id, key=key, records=len(buf.records))
-        self._pending.append(_Pending(sealed, buf.records))
-        self._dispatch()
+            if written or self.out.sealed.covers(ranges[0][0], ranges[0][1]):
+                self._forget_buffer(buffer_key, buf)
+                self._pending.append(pending)
+            elif partition is not None:
+                self._release_partition(partition)
+        self.log.debug("batch_sealed", batch_id=sealed.batch_id, key=key, records=buf.count, reason=reason)
+        if sync:
+            self._dispatch()
 
     # ------------------------------------------------------------------ processing
     async def _processing_loop(self) -> None:
@@ -621,7 +870,18 @@ class StreamRuntime:
                 continue
             records.append(o.data)
             if o.result == "Ok":
-                metas.append({"pk": o.partition_keys} if o.partition_keys else None)
+                if o.partition_keys is None and o.query_keys is None:
+                    metas.append(None)
+                    continue
+                # Namespaced, so a query key and a Lambda key of the same name stay apart.
+                pk = {}
+                if o.query_keys:
+                    for name, value in o.query_keys.items():
+                        pk["partitionKeyFromQuery:" + name] = value
+                if o.partition_keys:
+                    for name, value in o.partition_keys.items():
+                        pk["partitionKeyFromLambda:" + name] = value
+                metas.append({"pk": pk})
             else:
                 metas.append({"err": {
                     "c": o.error_code, "m": o.error_message, "t": o.error_output_type, "a": o.attempts,
@@ -655,7 +915,7 @@ class StreamRuntime:
         for pending in self._pending:
             if self._in_flight >= self.config.delivery.max_in_flight:
                 break
-            if pending.task is None:
+            if pending.task is None and pending.durable:
                 self._in_flight += 1
                 pending.task = loop.create_task(self._deliver(pending), name=f"deliver-{self.name}")
 
@@ -699,18 +959,27 @@ class StreamRuntime:
             records = pending.records
         else:
             records, metas = await asyncio.to_thread(spool.read_ranges, sealed.ranges)
-            if archive and metas is not None:
-                records = [error_record_line(r, m["err"]) for r, m in zip(records, metas, strict=True)]
+            if archive:
+                records = [
+                    error_record_line(r, m["err"] if isinstance(m, dict) and "err" in m else self._routing_error(m, sealed))
+                    for r, m in zip(records, metas or [None] * len(records), strict=True)
+                ]
         if sink == "main":
             records = await self._recheck_schema(sealed, records)
             if not records:  # every record was archived: no empty file
                 spool.append_commit(sealed.batch_id, {"attempts": 0})
-                self._pending.remove(pending)
+                self._finish(pending)
                 return
         todo = list(range(len(records)))
         attempt = 0
         d = self.config.delivery
         labels = self.name
+        # Dynamic partitioning's RetryOptions: how long one prefix is retried before its records
+        # are archived (delivery-failed); without it delivery retries without limit.
+        expires: float | None = None
+        if sink == "main" and pending.partition is not None and self.config.dynamic_partitioning is not None:
+            expires = self.clock.monotonic() + self.config.dynamic_partitioning.retry_duration_secs
+        expired = 0
         while True:
             attempt += 1
             subset = records if len(todo) == len(records) else [records[i] for i in todo]
@@ -748,6 +1017,15 @@ class StreamRuntime:
                 error_message=first.error_message[:300],
                 delay_secs=round(delay, 3),
             )
+            if expires is not None and self.clock.monotonic() + delay >= expires:
+                now = self.clock.now_ms()
+                err = {"c": first.error_code, "m": first.error_message, "t": DELIVERY_FAILED, "a": attempt,
+                       "ts": sealed.oldest_arrival_ms, "e": now}
+                await self._archive_lines(sealed, DELIVERY_FAILED, [error_record_line(records[i], err) for i in todo])
+                expired = len(todo)
+                self.log.warning("partition_retry_expired", batch_id=sealed.batch_id, key=sealed.key,
+                                 archived_records=expired, error_code=first.error_code)
+                break
             await asyncio.sleep(delay)
         spool.append_commit(sealed.batch_id, {"attempts": attempt})
         if archive:
@@ -756,7 +1034,7 @@ class StreamRuntime:
         elif sink == "source":
             self.backed_up_records += len(records)
         else:
-            self.delivered_records += len(records)
+            self.delivered_records += len(records) - expired
         self.log.info(
             "batch_delivered",
             batch_id=sealed.batch_id,
@@ -764,7 +1042,19 @@ class StreamRuntime:
             records=len(records),
             attempts=attempt,
         )
-        self._pending.remove(pending)
+        self._finish(pending)
+
+    def _routing_error(self, meta: Any, sealed: SealedBatch) -> dict[str, Any]:
+        """The error of a record the batcher archived (not its transform): rebuilt when its
+        archive batch is read back from the spool after a restart."""
+        if self._refs is not None:
+            err = self._partition_error(self._partition_of(meta), sealed.oldest_arrival_ms, admitting=False)
+            if err is not None:
+                return err
+        # Dynamic partitioning was turned off since: the batch's type is all that is known.
+        return {"t": sealed.info.get("type", "partitioning-failed"), "c": "DynamicPartitioning.Failed",
+                "m": "archived by dynamic partitioning", "a": 1, "ts": sealed.oldest_arrival_ms,
+                "e": self.clock.now_ms()}
 
     async def _recheck_schema(self, sealed: SealedBatch, records: list[bytes]) -> list[bytes]:
         """A batch sealed under another schema (the format changed across a restart or reload)
@@ -780,7 +1070,6 @@ class StreamRuntime:
         self.log.warning("batch_schema_changed", batch_id=sealed.batch_id, records=len(records), failed=len(bad))
         if not bad:
             return records
-        assert self.archive is not None
         now = self.clock.now_ms()
         lines = []
         for i in bad:
@@ -788,18 +1077,25 @@ class StreamRuntime:
             err = {"c": code, "m": message, "t": "format-conversion-failed", "a": 1,
                    "ts": sealed.oldest_arrival_ms, "e": now}
             lines.append(error_record_line(records[i], err))
+        await self._archive_lines(sealed, "format-conversion-failed", lines)
+        keep = set(range(len(records))) - set(bad)
+        return [r for i, r in enumerate(records) if i in keep]
+
+    async def _archive_lines(self, sealed: SealedBatch, error_output_type: str, lines: list[bytes]) -> None:
+        """Archive error records split off a sealed batch at delivery. The key derives from the
+        batch identity, so a replay overwrites it; archiving never gives up."""
+        assert self.archive is not None
         oldest = datetime.fromtimestamp(sealed.oldest_arrival_ms / 1000.0, tz=UTC)
-        rng = random.Random(f"{self.name}:{sealed.batch_id}:{sealed.key}")
-        key = self.archive.archive_key(oldest, rng, "format-conversion-failed")  # type: ignore[attr-defined]
+        rng = random.Random(f"{self.name}:{sealed.batch_id}:{sealed.key}:{error_output_type}")
+        key = self.archive.archive_key(oldest, rng, error_output_type)  # type: ignore[attr-defined]
         batch = Batch(self.name, sealed.batch_id, key, lines, sealed.oldest_arrival_ms, archive=True)
         attempt = 0
-        while not (await self.archive.deliver(batch)).ok:  # archiving never gives up
+        while not (await self.archive.deliver(batch)).ok:
             attempt += 1
             self.log.warning("archive_retry_scheduled", batch_id=sealed.batch_id, key=key, attempt=attempt)
             await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)))
-        self.archived_records += len(bad)
-        keep = set(range(len(records))) - set(bad)
-        return [r for i, r in enumerate(records) if i in keep]
+        self.archived_records += len(lines)
+        self.metrics.archived_records.labels(self.name).inc(len(lines))
 
     # ------------------------------------------------------------------ observability
     def _update_gauges(self) -> None:
@@ -811,7 +1107,7 @@ class StreamRuntime:
         oldest: int | None = None
         if self._pending:
             oldest = min(p.sealed.oldest_arrival_ms for p in self._pending)
-        if self._buffer.records:
+        if self._buffer.count:
             oldest = self._buffer.oldest_ms if oldest is None else min(oldest, self._buffer.oldest_ms)
         age = 0.0 if oldest is None else max(0.0, (self.clock.now_ms() - oldest) / 1000.0)
         self.metrics.data_freshness.labels(labels).set(age)
@@ -820,7 +1116,9 @@ class StreamRuntime:
         return {
             "spool_bytes": self.spool.size_bytes,
             "pending_batches": len(self._pending),
-            "open_buffer_records": len(self._buffer.records),
+            "open_buffer_records": self._buffer.count,
+            "open_partitions": len(self._partitions),
+            "active_partitions": len(self._active),
             "delivered_records": self.delivered_records,
             "dropped_records": self.dropped_records,
             "archived_records": self.archived_records,

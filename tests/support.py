@@ -376,3 +376,47 @@ class FaultyS3Proxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def crash_after_upload(rt: Any, delivered: list[str]) -> None:
+    """Make a StreamRuntime's destination store each batch, note its key in ``delivered``, then
+    hang before returning: the window of a crash between upload and commit."""
+    import asyncio
+
+    real = rt.destination.deliver
+    hang = asyncio.Event()
+
+    async def deliver_then_hang(batch: Any) -> Any:
+        result = await real(batch)
+        delivered.append(batch.key)
+        await hang.wait()  # the process "dies" here, before the commit
+        return result
+
+    rt.destination.deliver = deliver_then_hang
+
+
+async def abandon(rt: Any) -> None:
+    """kill -9 of an in-process StreamRuntime: cancel its tasks without flushing or committing."""
+    import asyncio
+
+    rt._stopping = True
+    for task in (rt._loop_task, rt._proc_task, *(p.task for p in rt._pending)):
+        if task is not None:
+            task.cancel()
+    await asyncio.sleep(0.05)
+
+
+def runtime_from_yaml(tmp: Path, text: str, *, clock: Any = None, seed: int = 1) -> Any:
+    """An in-process StreamRuntime for the first stream of a YAML config, with an injected clock
+    (a ManualClock by default) and a seeded rng, its data under ``tmp/data``."""
+    import random
+
+    from firehose.clock import ManualClock
+    from firehose.config import load_config_text
+    from firehose.metrics import Metrics
+    from firehose.stream import StreamRuntime
+
+    cfg = load_config_text(text, "t.yaml", {})
+    return StreamRuntime(cfg.streams[0], data_dir=str(tmp / "data"), version=1, region="us-east-1",
+                         account_id="000000000000", metrics=Metrics(), clock=clock or ManualClock(),
+                         rng=random.Random(seed))

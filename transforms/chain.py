@@ -17,6 +17,7 @@ from transforms.config import (
     CloudWatchLogProcessingConfig,
     DecompressionConfig,
     LambdaProcessorConfig,
+    MetadataExtractionConfig,
     RecordDeaggregationConfig,
 )
 from transforms.records import Outcome, SourceRecord, initial_outcomes
@@ -41,6 +42,7 @@ class ProcessingChain:
         self._deagg: RecordDeaggregationConfig | None = None
         self._decompress: DecompressionConfig | None = None
         self._cwl: CloudWatchLogProcessingConfig | None = None
+        self._extract: MetadataExtractionConfig | None = None
         self.delimiter: bytes | None = None
         for c in configs:
             if isinstance(c, LambdaProcessorConfig):
@@ -51,6 +53,8 @@ class ProcessingChain:
                 self._decompress = c
             elif isinstance(c, CloudWatchLogProcessingConfig):
                 self._cwl = c
+            elif isinstance(c, MetadataExtractionConfig):
+                self._extract = c
             elif isinstance(c, AppendDelimiterConfig):
                 self.delimiter = c.delimiter.encode()
         self._invoker: Any = None
@@ -58,7 +62,9 @@ class ProcessingChain:
     @property
     def enabled(self) -> bool:
         """True when records pass through a processing stage (append_delimiter alone does not)."""
-        return any(x is not None for x in (self._lambda, self._deagg, self._decompress, self._cwl, self.converter))
+        return any(
+            x is not None for x in (self._lambda, self._deagg, self._decompress, self._cwl, self._extract, self.converter)
+        )
 
     @property
     def buffer_size_bytes(self) -> int:
@@ -111,9 +117,15 @@ class ProcessingChain:
 
     async def process(self, records: list[SourceRecord]) -> list[Outcome]:
         outs = await self._transform(records)
-        if self.converter is None:
+        if self.converter is None and self._extract is None:
             return outs
-        return await asyncio.to_thread(self._check_conversion, outs)
+        return await asyncio.to_thread(self._finish, outs)
+
+    def _finish(self, outs: list[Outcome]) -> list[Outcome]:
+        """The stages that read the final records: partition-key extraction, then the schema check."""
+        if self._extract is not None:
+            outs = processors.metadata_extraction(outs, self._extract.program)
+        return outs if self.converter is None else self._check_conversion(outs)
 
     def _check_conversion(self, outs: list[Outcome]) -> list[Outcome]:
         ok = [o for o in outs if o.ok]

@@ -2,13 +2,15 @@
 
 Processors take Firehose's names and parameters. Whatever their order in the list, they run in
 Firehose's fixed order (reference §4.1): KPL de-aggregation, JSON/delimited de-aggregation,
-decompression, CloudWatch Logs message extraction, then the Lambda function;
+decompression, CloudWatch Logs message extraction, the Lambda function, then metadata extraction
+(dynamic partitioning's jq query, on what the Lambda returned);
 ``append_delimiter`` applies at output, when objects are written.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -93,16 +95,53 @@ class CloudWatchLogProcessingConfig(_Model):
     data_message_extraction: bool = True
 
 
+class MetadataExtractionConfig(_Model):
+    """Firehose's MetadataExtraction: a jq query whose output object gives a record's partition
+    keys (``!{partitionKeyFromQuery:<key>}``), for dynamic partitioning. The query is compiled
+    here, once, so a syntax error is a config error naming the field."""
+
+    type: Literal["metadata_extraction"]
+    query: str
+    json_parsing_engine: Literal["JQ-1.6"] = "JQ-1.6"  # Firehose's only JsonParsingEngine
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a jq expression such as '{customer_id: .customer.id}'")
+        try:
+            compile_query(v)
+        except ValueError as exc:
+            raise ValueError(f"is not a valid jq program: {str(exc).splitlines()[0]}") from None
+        return v
+
+    @property
+    def program(self) -> Any:
+        return compile_query(self.query)
+
+
+@functools.lru_cache(maxsize=64)
+def compile_query(query: str) -> Any:
+    """A compiled jq program (cached: reloads and the config check reuse it)."""
+    import jq
+
+    return jq.compile(query)
+
+
 ProcessorConfig = Annotated[
     LambdaProcessorConfig
     | AppendDelimiterConfig
     | RecordDeaggregationConfig
     | DecompressionConfig
-    | CloudWatchLogProcessingConfig,
+    | CloudWatchLogProcessingConfig
+    | MetadataExtractionConfig,
     Field(discriminator="type"),
 ]
 
-PROCESSOR_TYPES = ("lambda", "append_delimiter", "record_deaggregation", "decompression", "cloudwatch_log_processing")
+PROCESSOR_TYPES = (
+    "lambda", "append_delimiter", "record_deaggregation", "decompression", "cloudwatch_log_processing",
+    "metadata_extraction",
+)
 
 
 def check_processing(processors: list[Any]) -> None:

@@ -10,6 +10,7 @@ Firehose processor              function
 RecordDeAggregation             :func:`record_deaggregation`
 Decompression                   :func:`decompression`
 CloudWatchLogProcessing         :func:`cloudwatch_log_processing`
+MetadataExtraction              :func:`metadata_extraction`
 AppendDelimiterToRecord         :func:`append_delimiter` (applied to output bytes, not outcomes)
 ==============================  ==========================================================
 
@@ -39,12 +40,12 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import orjson
 
 from transforms.kpl import KplError, deaggregate
-from transforms.records import DECOMPRESSION_FAILED, Outcome
+from transforms.records import DECOMPRESSION_FAILED, PARTITIONING_FAILED, Outcome
 
 __all__ = [
     "MAX_SUB_RECORDS",
@@ -52,6 +53,7 @@ __all__ = [
     "cloudwatch_log_processing",
     "decompression",
     "kpl_deaggregation",
+    "metadata_extraction",
     "record_deaggregation",
 ]
 
@@ -63,6 +65,10 @@ KPL_DEAGGREGATION_FAILED: Final = "Kinesis.KplDeaggregationFailed"
 JSON_PARSING_FAILED: Final = "DeAggregation.JsonParsingFailed"
 DECOMPRESSION_FAILED_CODE: Final = "Decompression.Failed"
 CLOUDWATCH_LOGS_FAILED: Final = "CloudWatchLogs.ProcessingFailed"
+METADATA_EXTRACTION_FAILED: Final = "DynamicPartitioning.MetadataExtractionFailed"
+
+#: Firehose allows up to 50 partition keys per record.
+MAX_PARTITION_KEYS: Final = 50
 
 # JSON's insignificant whitespace (RFC 8259 §2): exactly these four, nothing Unicode-wide.
 _JSON_WS: Final = re.compile(r"[ \t\n\r]*")
@@ -349,3 +355,82 @@ def _log_messages(data: bytes) -> list[str]:
             raise _EnvelopeError(f"CloudWatch Logs logEvents[{i}] has no string message")
         messages.append(message)
     return messages
+
+
+class _ExtractionError(ValueError):
+    pass
+
+
+def _key_value(name: str, value: object) -> str:
+    """A partition key's value as text, as jq's ``tostring`` writes scalars."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return orjson.dumps(value).decode()
+    if value is None:
+        raise _ExtractionError(f"partition key {name!r} is null (the query found no value)")
+    kind = "an object" if isinstance(value, dict) else "an array"
+    raise _ExtractionError(f"partition key {name!r} is {kind}; partition keys must be strings, numbers or booleans")
+
+
+def _query_keys(result: object) -> dict[str, str]:
+    if not isinstance(result, dict):
+        raise _ExtractionError(
+            f"the query must produce one JSON object of partition keys, got {orjson.dumps(result).decode()[:100]}"
+        )
+    if not result:
+        raise _ExtractionError("the query produced no partition keys")
+    if len(result) > MAX_PARTITION_KEYS:
+        raise _ExtractionError(f"the query produced {len(result)} partition keys; at most {MAX_PARTITION_KEYS} are allowed")
+    return {name: _key_value(name, value) for name, value in result.items()}
+
+
+def _run_query(program: Any, data: bytes) -> dict[str, str]:
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise _ExtractionError(f"the record is not a single JSON document: {exc}") from None
+    try:
+        results = program.input_text(data.decode("utf-8")).all()
+    except ValueError as exc:
+        raise _ExtractionError(f"the query failed: {exc}") from None
+    if len(results) != 1:
+        raise _ExtractionError(f"the query must produce one JSON object of partition keys, got {len(results)} results")
+    return _query_keys(results[0])
+
+
+def metadata_extraction(outcomes: list[Outcome], program: Any) -> list[Outcome]:
+    """Firehose's MetadataExtraction (inline parsing for dynamic partitioning): run the compiled jq
+    ``program`` over each ``Ok`` record and set ``query_keys`` from the object it produces.
+
+    A record that is not one JSON document, a query that fails on it or produces anything but one
+    object, and a key whose value is null, an object or an array make the record
+    ``ProcessingFailed`` (``partitioning-failed``); numbers and booleans become text as jq's
+    ``tostring`` writes them. The records of a batch go through jq in one call (jq's own parser
+    reads them as a stream); only a batch with a failing record is evaluated record by record.
+    """
+    ok = [i for i, o in enumerate(outcomes) if o.result == "Ok"]
+    if not ok:
+        return outcomes
+    out = list(outcomes)
+    results: list[Any] | None = None
+    try:
+        for i in ok:  # each record must be exactly one JSON document, so results line up
+            orjson.loads(outcomes[i].data)
+        text = b"\n".join(outcomes[i].data for i in ok).decode("utf-8")
+        results = program.input_text(text).all()
+        if len(results) != len(ok):
+            results = None
+    except ValueError:  # orjson.JSONDecodeError, invalid UTF-8 and jq errors are ValueErrors
+        results = None
+    for k, i in enumerate(ok):
+        o = outcomes[i]
+        try:
+            keys = _query_keys(results[k]) if results is not None else _run_query(program, o.data)
+        except _ExtractionError as exc:
+            out[i] = o.failed(METADATA_EXTRACTION_FAILED, str(exc), PARTITIONING_FAILED)
+            continue
+        o.query_keys = keys
+    return out

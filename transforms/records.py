@@ -16,6 +16,9 @@ Result = Literal["Ok", "Dropped", "ProcessingFailed"]
 # Firehose's error-output types (reference §6.3), used as the !{firehose:error-output-type} value.
 PROCESSING_FAILED = "processing-failed"
 DECOMPRESSION_FAILED = "decompression-failed"
+# Dynamic partitioning: Firehose's own string for these is not documented (reference §6.3).
+PARTITIONING_FAILED = "partitioning-failed"
+ACTIVE_PARTITION_EXCEEDED = "activePartitionExceeded"
 
 
 # Plain slotted dataclasses, not frozen ones: a frozen dataclass's __init__ goes through
@@ -44,6 +47,7 @@ class Outcome:
     attempts: int = 1
     sub_index: int | None = None  # position within a de-aggregated source record
     meta: dict[str, Any] = field(default_factory=dict)
+    query_keys: dict[str, str] | None = None  # MetadataExtraction's output (partitionKeyFromQuery)
 
     def failed(self, code: str, message: str, error_output_type: str = PROCESSING_FAILED) -> Outcome:
         return replace(

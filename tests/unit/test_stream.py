@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 from typing import Any
 
 from firehose.clock import ManualClock
-from firehose.config import load_config_text
 from firehose.interfaces import Batch, DeliveryResult
-from firehose.metrics import Metrics
 from firehose.stream import StreamRuntime
+from support import abandon, crash_after_upload, runtime_from_yaml
 
 
 def make_runtime(tmp: Path, size_mib: int = 1, interval: int = 60, clock: ManualClock | None = None,
@@ -22,10 +20,7 @@ streams:
     buffering: {{size_mib: {size_mib}, interval_secs: {interval}}}
     destination: {{type: local, path: {tmp / 'out'}}}
 """
-    cfg = load_config_text(text, "t.yaml", {})
-    return StreamRuntime(cfg.streams[0], data_dir=str(tmp / "data"), version=1, region="us-east-1",
-                         account_id="000000000000", metrics=Metrics(), clock=clock or ManualClock(),
-                         rng=random.Random(seed))
+    return runtime_from_yaml(tmp, text, clock=clock, seed=seed)
 
 
 def files(tmp: Path) -> dict[str, bytes]:
@@ -101,27 +96,10 @@ def test_a_batch_uploaded_but_not_committed_is_replayed_under_its_sealed_key(tmp
     async def go() -> None:
         rt = make_runtime(tmp_path, interval=0, seed=1)
         await rt.start()
-        assert rt.destination is not None
-        real = rt.destination.deliver
-        hang = asyncio.Event()
-
-        async def deliver_then_crash(batch: Batch) -> DeliveryResult:
-            result = await real(batch)
-            delivered.append(batch.key)
-            await hang.wait()  # the process "dies" here, before the commit
-            return result
-
-        rt.destination.deliver = deliver_then_crash  # type: ignore[method-assign]
+        crash_after_upload(rt, delivered)
         await rt.put([b"r1", b"r2"])
         await settle(lambda: len(delivered) == 1)
-        # Simulate kill -9: abandon the runtime without stopping it (no flush, no commit).
-        rt._stopping = True
-        assert rt._loop_task is not None
-        rt._loop_task.cancel()
-        for p in list(rt._pending):
-            assert p.task is not None
-            p.task.cancel()
-        await asyncio.sleep(0.01)
+        await abandon(rt)  # kill -9: no flush, no commit
         # A different seed: a re-decided key would differ, so equality proves the sealed one was reused.
         rt2 = make_runtime(tmp_path, interval=0, seed=2)
         state = await rt2.start()

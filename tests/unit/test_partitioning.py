@@ -1,0 +1,380 @@
+"""Dynamic partitioning in one StreamRuntime, with an injected clock: partition keys from a jq
+query, a buffer per partition, the active-partition guard, the memory budget, replay after a
+crash and the retry window of a failing prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from firehose.clock import ManualClock
+from firehose.config import load_config_text
+from firehose.interfaces import Batch, DeliveryResult
+from firehose.stream import StreamRuntime
+from support import abandon, crash_after_upload, runtime_from_yaml
+
+
+def make_runtime(
+    tmp: Path,
+    *,
+    query: str = "{c: .c}",
+    prefix: str = "c=!{partitionKeyFromQuery:c}/",
+    size_mib: int = 1,
+    interval: int = 60,
+    dp: str = "",
+    clock: ManualClock | None = None,
+    seed: int = 1,
+    delivery: str = "",
+) -> StreamRuntime:
+    text = f"""
+streams:
+  - name: s
+    buffering: {{size_mib: {size_mib}, interval_secs: {interval}}}
+    dynamic_partitioning: {{enabled: true{dp}}}
+    {delivery}
+    processing:
+      - {{type: metadata_extraction, query: '{query}'}}
+      - {{type: append_delimiter}}
+    destination:
+      type: local
+      path: {tmp / 'out'}
+      prefix: "{prefix}"
+      error_output_prefix: "err/!{{firehose:error-output-type}}/"
+"""
+    return runtime_from_yaml(tmp, text, clock=clock, seed=seed)
+
+
+def files(tmp: Path) -> dict[str, bytes]:
+    root = tmp / "out"
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and ".tmp-" not in p.name}
+
+
+def partition_of(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
+async def settle(cond: Any, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def flush(rt: StreamRuntime, clock: ManualClock, seconds: float) -> None:
+    clock.advance(seconds)
+    rt._wake.set()
+    await asyncio.sleep(0.05)
+
+
+def buffered(rt: StreamRuntime) -> int:
+    """Records waiting in partition buffers."""
+    return sum(b.count for b in rt._partitions.values())
+
+
+def error_docs(objs: dict[str, bytes], kind: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for k, v in objs.items() if k.startswith(f"err/{kind}/") for line in v.splitlines()]
+
+
+def test_records_go_to_their_partitions_prefix_in_arrival_order(tmp_path: Path) -> None:
+    clock = ManualClock()
+    sent = [orjson.dumps({"c": f"k{i % 4}", "i": i}) for i in range(200)]
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock)
+        await rt.start()
+        for i in range(0, 200, 20):
+            await rt.put(sent[i : i + 20])
+        await settle(lambda: buffered(rt) == 200)
+        assert rt.status()["open_partitions"] == 4
+        assert files(tmp_path) == {}  # nothing due yet: each partition waits for its interval
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records == 200)
+        await rt.stop(5)
+
+    asyncio.run(go())
+    objs = files(tmp_path)
+    assert sorted(partition_of(k) for k in objs) == ["c=k0", "c=k1", "c=k2", "c=k3"]
+    for key, body in objs.items():
+        # Firehose's layout after the evaluated prefix (no timestamp expression: the default one).
+        assert key.startswith(f"{partition_of(key)}/2024/05/01/12/s-1-2024-05-01-12-20-00-")
+        part = partition_of(key)[2:]
+        expected = b"".join(r + b"\n" for r in sent if orjson.loads(r)["c"] == part)
+        assert body == expected
+
+
+def test_records_whose_keys_cannot_be_extracted_are_archived_with_their_error(tmp_path: Path) -> None:
+    clock = ManualClock()
+    good = b'{"c": "x", "n": 1}'
+    bad = {
+        b"not json": "not a single JSON document",
+        b'{"c": null}': "partition key 'c' is null",
+        b'{"c": {"deep": 1}}': "partition key 'c' is an object",
+        b'{"c": [1]}': "partition key 'c' is an array",
+        b'[1, 2]': "Cannot index array",
+        b'{"c": 1} {"c": 2}': "not a single JSON document",
+    }
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock)
+        await rt.start()
+        await rt.put([good, *bad])
+        await settle(lambda: buffered(rt) == 1)
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records == 1 and rt.archived_records == len(bad))
+        await rt.stop(5)
+
+    asyncio.run(go())
+    objs = files(tmp_path)
+    assert [v for k, v in objs.items() if k.startswith("c=x/")] == [good + b"\n"]
+    docs = error_docs(objs, "partitioning-failed")
+    by_raw = {base64.b64decode(d["rawData"]): d for d in docs}
+    assert set(by_raw) == set(bad)  # rawData is the record exactly as it arrived
+    for raw, fragment in bad.items():
+        assert by_raw[raw]["errorCode"] == "DynamicPartitioning.MetadataExtractionFailed"
+        assert fragment in by_raw[raw]["errorMessage"]
+        assert by_raw[raw]["arrivalTimestamp"] == 1_714_566_000_000
+
+
+def test_numbers_and_booleans_become_text_as_jq_writes_them(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock, query="{c: .n, d: .b}",
+                          prefix="n=!{partitionKeyFromQuery:c}/b=!{partitionKeyFromQuery:d}/")
+        await rt.start()
+        await rt.put([b'{"n": 42, "b": true}', b'{"n": 2.5, "b": false}', b'{"n": "42", "b": true}'])
+        await settle(lambda: buffered(rt) == 3)
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records == 3)
+        await rt.stop(5)
+
+    asyncio.run(go())
+    prefixes = sorted("/".join(k.split("/")[:2]) for k in files(tmp_path))
+    # 42 and "42" are one partition, as jq's tostring makes them the same text.
+    assert prefixes == ["n=2.5/b=false", "n=42/b=true"]
+
+
+def test_active_partition_guard_archives_overflow_until_partitions_are_delivered(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock, dp=", max_active_partitions: 3")
+        await rt.start()
+        await rt.put([orjson.dumps({"c": c}) for c in "abcde"] + [orjson.dumps({"c": "a", "again": 1})])
+        exceeded = rt.metrics.partition_exceeded_records.labels("s")
+        await settle(lambda: exceeded._value.get() == 2)
+        assert rt.status()["active_partitions"] == 3
+        assert rt.metrics.partition_count_exceeded.labels("s")._value.get() == 1
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records == 4 and rt.archived_records == 2)
+        assert rt.status()["active_partitions"] == 0
+        # Delivered partitions are deleted: new ones are admitted again.
+        await rt.put([orjson.dumps({"c": c}) for c in "de"])
+        await settle(lambda: buffered(rt) == 2)
+        assert rt.metrics.partition_count_exceeded.labels("s")._value.get() == 0
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records == 6)
+        await rt.stop(5)
+
+    asyncio.run(go())
+    objs = files(tmp_path)
+    docs = error_docs(objs, "activePartitionExceeded")
+    assert sorted(base64.b64decode(d["rawData"]) for d in docs) == [b'{"c":"d"}', b'{"c":"e"}']
+    assert {d["errorCode"] for d in docs} == {"DynamicPartitioning.ActivePartitionsLimitExceeded"}
+    assert "the limit (dynamic_partitioning.max_active_partitions) is 3" in docs[0]["errorMessage"]
+    assert sorted(partition_of(k) for k in objs if not k.startswith("err/")) == ["c=a", "c=b", "c=c", "c=d", "c=e"]
+    assert objs[next(k for k in objs if k.startswith("c=a/"))] == b'{"c":"a"}\n{"c":"a","again":1}\n'
+
+
+def test_each_partition_flushes_on_its_own_size_and_interval(tmp_path: Path) -> None:
+    clock = ManualClock()
+    big = b"x" * 200_000
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock, interval=60)
+        await rt.start()
+        await rt.put([orjson.dumps({"c": "slow"})])
+        await flush(rt, clock, 30)
+        for _ in range(6):  # ~1.2 MB for "big": over 1 MiB, so it seals on size alone
+            await rt.put([orjson.dumps({"c": "big", "pad": big.decode()})])
+        await settle(lambda: rt.delivered_records == 5)
+        assert [partition_of(k) for k in files(tmp_path)] == ["c=big"]
+        await flush(rt, clock, 30)  # "slow" is 60 s old now, the rest of "big" only 30 s
+        await settle(lambda: rt.delivered_records == 6)
+        assert sorted(partition_of(k) for k in files(tmp_path)) == ["c=big", "c=slow"]
+        await flush(rt, clock, 30)
+        await settle(lambda: rt.delivered_records == 7)
+        flushes = rt.metrics.partition_flushes
+        assert flushes.labels("s", "size")._value.get() == 1
+        assert flushes.labels("s", "interval")._value.get() == 2
+        await rt.stop(5)
+
+    asyncio.run(go())
+
+
+def test_memory_budget_keeps_buffers_on_disk_and_flushes_early_without_losing_records(tmp_path: Path) -> None:
+    clock = ManualClock()
+    n_partitions, n_records = 300, 24_000
+    sent = [orjson.dumps({"c": i % n_partitions, "i": i, "pad": "p" * 300}) for i in range(n_records)]
+    peaks: list[int] = []
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock, size_mib=5, interval=900, dp=", memory_budget_mib: 1")
+        await rt.start()
+        for i in range(0, n_records, 500):
+            await rt.put(sent[i : i + 500])
+            await asyncio.sleep(0)
+            peaks.append(rt._memory_held + 16 * rt._ranges_held + 512 * len(rt._partitions))
+        await settle(lambda: rt._cursor >= rt.out.next_seq and rt.out.next_seq > 0, timeout=30)
+        peaks.append(rt._memory_held + 16 * rt._ranges_held + 512 * len(rt._partitions))
+        await rt.stop(30)
+        assert rt.metrics.partition_spills.labels("s")._value.get() > 0
+        assert rt.metrics.partition_flushes.labels("s", "memory")._value.get() > 0
+
+    asyncio.run(go())
+    # 8 MB of records went through a 1 MiB budget: never more than the budget (plus the one record
+    # that crossed it) was held.
+    assert max(peaks) <= (1 << 20) + 400
+    seen: list[int] = []
+    for key, body in files(tmp_path).items():
+        part = int(partition_of(key)[2:])
+        docs = [orjson.loads(line) for line in body.splitlines()]
+        assert {d["c"] for d in docs} == {part}  # every object holds its own partition only
+        ids = [d["i"] for d in docs]
+        assert ids == sorted(ids)  # in arrival order
+        seen.extend(ids)
+    assert sorted(seen) == list(range(n_records))  # each exactly once
+
+
+def test_a_partition_batch_is_replayed_under_its_sealed_key_after_a_crash(tmp_path: Path) -> None:
+    clock = ManualClock()
+    delivered: list[str] = []
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock, seed=1)
+        await rt.start()
+        crash_after_upload(rt, delivered)
+        await rt.put([b'{"c": "a", "n": 1}', b'{"c": "b", "n": 2}', b'{"c": "a", "n": 3}'])
+        await settle(lambda: buffered(rt) == 3)
+        await flush(rt, clock, 60)
+        await settle(lambda: len(delivered) == 2)
+        await abandon(rt)
+        rt2 = make_runtime(tmp_path, clock=clock, seed=2)  # another seed: a new key would differ
+        await rt2.start()
+        assert sorted(p.sealed.key for p in rt2._pending) == sorted(delivered)
+        assert rt2.status()["active_partitions"] == 2  # undelivered batches count as active
+        await settle(lambda: rt2.status()["pending_batches"] == 0)
+        await rt2.stop(5)
+
+    asyncio.run(go())
+    objs = files(tmp_path)
+    assert sorted(objs) == sorted(delivered)
+    assert sorted(objs.values()) == [b'{"c": "a", "n": 1}\n{"c": "a", "n": 3}\n', b'{"c": "b", "n": 2}\n']
+
+
+def test_a_prefix_that_keeps_failing_is_archived_after_the_retry_duration(tmp_path: Path) -> None:
+    clock = ManualClock()
+    attempts: list[str] = []
+    delivery = "delivery: {retry_initial_backoff_ms: 1, retry_max_backoff_ms: 2}"
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock, dp=", retry_duration_secs: 10", delivery=delivery)
+        await rt.start()
+        assert rt.destination is not None
+        real = rt.destination.deliver
+
+        async def refuse_b(batch: Batch) -> DeliveryResult:
+            if batch.key.startswith("c=b/"):
+                attempts.append(batch.key)
+                clock.advance(3)
+                return DeliveryResult.all_failed(len(batch.records), retryable=True, code="S3.AccessDenied",
+                                                 message="Access Denied")
+            return await real(batch)
+
+        rt.destination.deliver = refuse_b  # type: ignore[method-assign]
+        await rt.put([b'{"c": "a"}', b'{"c": "b", "n": 1}', b'{"c": "b", "n": 2}'])
+        await settle(lambda: buffered(rt) == 3)
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records == 1 and rt.archived_records == 2)
+        await rt.stop(5)
+
+    asyncio.run(go())
+    assert 3 <= len(attempts) <= 5  # retried for about 10 s of the stream's clock, then archived
+    docs = error_docs(files(tmp_path), "delivery-failed")
+    assert sorted(base64.b64decode(d["rawData"]) for d in docs) == [b'{"c": "b", "n": 1}', b'{"c": "b", "n": 2}']
+    assert {d["errorCode"] for d in docs} == {"S3.AccessDenied"}
+
+
+# ---------------------------------------------------------------- configuration rules (reference §6.3)
+DP_CONFIG = """\
+streams:
+  - name: s
+    dynamic_partitioning: {enabled: %(enabled)s}
+    buffering: {size_mib: 64, interval_secs: %(interval)s}
+    processing:
+%(processing)s
+    destination:
+      type: s3
+      bucket: my-bucket
+      prefix: "%(prefix)s"
+%(error_prefix)s
+"""
+QUERY = '      - {type: metadata_extraction, query: "{customer_id: .customer.id}"}'
+PREFIX = "data/customer_id=!{partitionKeyFromQuery:customer_id}/!{timestamp:yyyy/MM/dd}/"
+ERROR_PREFIX = '      error_output_prefix: "errors/!{firehose:error-output-type}/"'
+
+
+def dp_errors(**overrides: str) -> list[str]:
+    import pytest
+
+    from firehose.config import ConfigError
+
+    values = {"enabled": "true", "interval": "60", "processing": QUERY, "prefix": PREFIX, "error_prefix": ERROR_PREFIX}
+    values.update(overrides)
+    with pytest.raises(ConfigError) as info:
+        load_config_text(DP_CONFIG % values, "f.yaml", {})
+    return info.value.errors
+
+
+def test_a_valid_partitioned_stream_loads_and_compiles_its_query_once() -> None:
+    values = {"enabled": "true", "interval": "60", "processing": QUERY, "prefix": PREFIX, "error_prefix": ERROR_PREFIX}
+    cfg = load_config_text(DP_CONFIG % values, "f.yaml", {})
+    s = cfg.streams[0]
+    assert s.partitioned and s.dynamic_partitioning is not None
+    assert (s.dynamic_partitioning.max_active_partitions, s.dynamic_partitioning.retry_duration_secs) == (500, 300)
+    assert s.processing[0].program is s.processing[0].program
+
+
+def test_partitioning_config_errors_use_firehoses_rules_and_name_the_line() -> None:
+    assert dp_errors(error_prefix="") == [
+        "f.yaml:7: streams[0].destination: ErrorOutputPrefix is required when dynamic partitioning is enabled"]
+    assert dp_errors(prefix="data/!{timestamp:yyyy}/") == [
+        "f.yaml:7: streams[0].destination: When dynamic partitioning is enabled, Prefix must contain at least one "
+        "!{partitionKeyFromQuery:...} or !{partitionKeyFromLambda:...} expression"]
+    assert dp_errors(enabled="false", processing="      - {type: append_delimiter}") == [
+        "f.yaml:7: streams[0].destination: Prefix can only use !{partitionKeyFromQuery:...} and "
+        "!{partitionKeyFromLambda:...} expressions when dynamic partitioning is enabled"]
+    assert dp_errors(interval="0") == [
+        "f.yaml:4: streams[0].buffering.interval_secs: zero buffering is not supported with dynamic "
+        "partitioning (Firehose's rule); use 1 or more"]
+    assert dp_errors(processing="      - {type: append_delimiter}") == [
+        "f.yaml:10: streams[0].destination.prefix: !{partitionKeyFromQuery:customer_id} needs a "
+        "metadata_extraction processor in processing: to produce key 'customer_id'"]
+    assert dp_errors(prefix="x=!{partitionKeyFromLambda:x}/") == [
+        "f.yaml:10: streams[0].destination.prefix: !{partitionKeyFromLambda:x} needs a lambda processor in "
+        "processing: to produce key 'x'"]
+    (syntax,) = dp_errors(processing='      - {type: metadata_extraction, query: "{customer_id: .customer.id"}')
+    assert syntax.startswith("f.yaml:6: streams[0].processing[0].query: is not a valid jq program: jq: error: syntax error")
+    assert dp_errors(enabled="false", prefix="data/", error_prefix="") == [
+        "f.yaml:5: streams[0].processing: metadata_extraction needs dynamic_partitioning.enabled: true "
+        "(Firehose's MetadataExtraction exists for dynamic partitioning)"]
+    (guard,) = dp_errors(enabled="true, max_active_partitions: 0")
+    assert guard.startswith("f.yaml:3: streams[0].dynamic_partitioning.max_active_partitions: input should be greater")
