@@ -395,6 +395,14 @@ class RedshiftDestination(Destination):
         self._load_columns: tuple[Identifier, ...] | None = config.column_names or None
         self._progress: dict[str, _Progress] = {}
         self._staged: set[str] = set()
+        # One COPY at a time, as Firehose issues the next COPY when the previous one completes;
+        # staging of the next batches goes on meanwhile.
+        self._copy_turn = asyncio.Lock()
+
+    async def start(self) -> None:
+        # One S3 client for staged objects and manifests, made before the first batch needs it
+        # (creating a client costs more than a 5 MiB upload).
+        self.plain._client = await asyncio.to_thread(self.stage._s3)
 
     # --- keys --------------------------------------------------------------------------------------
     def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
@@ -425,7 +433,8 @@ class RedshiftDestination(Destination):
         progress = self._progress.setdefault(batch.key, _Progress(self.monotonic()))
         progress.attempts += 1
         try:
-            rows = await asyncio.to_thread(self._load, batch, manifest)
+            async with self._copy_turn:
+                rows = await asyncio.to_thread(self._load, batch, manifest)
         except LoadError as exc:
             if self.monotonic() - progress.first_attempt < self.config.retry_duration_secs:
                 return DeliveryResult.all_failed(len(batch.records), retryable=True, code=exc.code, message=exc.message)
