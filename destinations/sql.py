@@ -19,7 +19,6 @@ columns used when the daemon streams staged records itself (``COPY ... FROM STDI
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -319,27 +318,17 @@ def json_objects(records: Sequence[bytes], delimiter: bytes | None = None) -> It
             yield value
     if stream_from is None:
         return
+    # The splitter record de-aggregation uses: exact object bytes, byte offsets in its errors.
+    from transforms.processors import _JsonSplitError, _split_json_objects
+
     sep = delimiter or b""
     body = sep.join(records[stream_from:]) + (sep if records else b"")
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadRecordError(f"staged data is not UTF-8 after record {stream_from}: {exc.reason}") from None
-    decoder = json.JSONDecoder()
-    pos = 0
-    n = len(text)
-    while True:
-        while pos < n and text[pos] in " \t\r\n":
-            pos += 1
-        if pos >= n:
-            return
-        try:
-            value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise BadRecordError(f"invalid JSON after record {stream_from} of the batch: {exc.msg}") from None
-        if type(value) is not dict:
-            raise BadRecordError(f"a JSON value after record {stream_from} of the batch is not an object")
-        yield value
+        pieces = _split_json_objects(body)
+    except _JsonSplitError as exc:
+        raise BadRecordError(f"staged data from record {stream_from} of the batch on: {exc}") from None
+    for piece in pieces:
+        yield orjson.loads(piece)
 
 
 def _cell(value: Any) -> Any:
