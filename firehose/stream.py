@@ -35,7 +35,7 @@ from firehose.metrics import Metrics
 from firehose.spool import RecordFrame, RecoveryState, SealedBatch, Spool, SpoolError, SpoolFullError
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: deque membership and removal stay cheap
 class _Pending:
     sealed: SealedBatch
     records: list[bytes] | None  # None: read back from the spool when its delivery starts
@@ -201,6 +201,8 @@ class StreamRuntime:
         self._recorded_upto = 0
         self._cursor = 0
         self._pending: deque[_Pending] = deque()
+        self._delivering: set[asyncio.Task[None]] = set()
+        self._oldest_pending: tuple[float, int] | None = None  # (when computed, oldest arrival)
         self._in_flight = 0
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -334,12 +336,11 @@ class StreamRuntime:
         # Keep delivering (max_in_flight at a time) until everything sealed is out or time is up.
         while self._pending:
             self._dispatch()
-            tasks = [p.task for p in self._pending if p.task is not None]
             remaining = deadline - time.monotonic()
-            if not tasks or remaining <= 0:
+            if not self._delivering or remaining <= 0:
                 break
-            await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        not_done = [p.task for p in self._pending if p.task is not None]
+            await asyncio.wait(self._delivering, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        not_done = list(self._delivering)
         for t in not_done:
             t.cancel()
         if not_done:
@@ -918,6 +919,8 @@ class StreamRuntime:
             if pending.task is None and pending.durable:
                 self._in_flight += 1
                 pending.task = loop.create_task(self._deliver(pending), name=f"deliver-{self.name}")
+                self._delivering.add(pending.task)
+                pending.task.add_done_callback(self._delivering.discard)
 
     async def _deliver(self, pending: _Pending) -> None:
         failures = 0
@@ -1106,7 +1109,13 @@ class StreamRuntime:
         self.metrics.backlog_records.labels(labels).set(max(0, backlog))
         oldest: int | None = None
         if self._pending:
-            oldest = min(p.sealed.oldest_arrival_ms for p in self._pending)
+            # Thousands of partition batches can be pending: scan them at most once a second.
+            mono = time.monotonic()
+            if self._oldest_pending is None or mono - self._oldest_pending[0] >= 1.0:
+                self._oldest_pending = (mono, min(p.sealed.oldest_arrival_ms for p in self._pending))
+            oldest = self._oldest_pending[1]
+        else:
+            self._oldest_pending = None
         if self._buffer.count:
             oldest = self._buffer.oldest_ms if oldest is None else min(oldest, self._buffer.oldest_ms)
         age = 0.0 if oldest is None else max(0.0, (self.clock.now_ms() - oldest) / 1000.0)

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Throughput of dynamic partitioning: the clickstream data partitioned by a jq query.
+
+Usage::
+
+    python bench/bench_partitioning.py --records 100000
+    python bench/bench_partitioning.py --partitions 1,500 --repeat 1
+
+Each run drives one stream in this process, the daemon's own StreamRuntime (spool with fsync,
+processing stage with the metadata_extraction processor, per-partition buffers, the local
+destination writing and fsyncing objects): four producers put the records in 500-record batches
+(PutRecordBatch's limit), then the stream is stopped, which seals every open partition and
+delivers it. The time counts from the first put to the last object written. Buffering is 5 MiB /
+900 s, so partitions are sealed by size, by the memory budget, or at the end.
+
+The query is ``{k: (.user.user_id % N | tostring)}``: N distinct values for N partitions, and
+the baseline is the same pipeline and query with N = 1 (a single partition value), in the same
+run. jq's own rate is the compiled query alone over the same records, in the same 1 MiB batches
+the processing stage uses. The target is >= 0.7 of the single-partition rate at 500 partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(BENCH_DIR))
+
+from bench import DEFAULT_GEN, ensure_dataset, load_dataset  # noqa: E402  (the shared data set cache)
+
+MIB = 1 << 20
+BATCH_RECORDS = 500
+PRODUCERS = 4
+
+
+def query(n: int) -> str:
+    return f"{{k: (.user.user_id % {n} | tostring)}}"
+
+
+def stream_yaml(out: Path, n: int, budget_mib: int, in_flight: int) -> str:
+    return f"""
+streams:
+  - name: bench
+    buffering: {{size_mib: 5, interval_secs: 900}}
+    dynamic_partitioning: {{enabled: true, max_active_partitions: {max(500, n)}, memory_budget_mib: {budget_mib}}}
+    delivery: {{max_in_flight: {in_flight}}}
+    processing:
+      - {{type: metadata_extraction, query: '{query(n)}'}}
+      - {{type: append_delimiter}}
+    destination:
+      type: local
+      path: {out}
+      prefix: "k=!{{partitionKeyFromQuery:k}}/"
+      error_output_prefix: "errors/!{{firehose:error-output-type}}/"
+"""
+
+
+async def run_pipeline(records: list[bytes], n: int, scratch: Path, budget_mib: int, in_flight: int) -> dict[str, Any]:
+    from firehose.config import load_config_text
+    from firehose.metrics import Metrics
+    from firehose.stream import StreamRuntime
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    cfg = load_config_text(stream_yaml(scratch / "out", n, budget_mib, in_flight), "bench.yaml", {})
+    rt = StreamRuntime(cfg.streams[0], data_dir=str(scratch / "data"), version=1, region="us-east-1",
+                       account_id="000000000000", metrics=Metrics())
+    await rt.start()
+    batches = [records[i : i + BATCH_RECORDS] for i in range(0, len(records), BATCH_RECORDS)]
+    queue = iter(batches)
+
+    async def producer() -> None:
+        for batch in queue:
+            while not rt.has_room(sum(map(len, batch))):
+                await asyncio.sleep(0.01)
+            await rt.put(batch)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(producer() for _ in range(PRODUCERS)))
+    while rt._recorded_upto < rt.spool.next_seq or rt._cursor < rt.out.next_seq:
+        await asyncio.sleep(0.005)
+    routed = time.perf_counter()
+    clean = await rt.stop(600)
+    elapsed = time.perf_counter() - t0
+    objects = sum(1 for p in (scratch / "out").rglob("*") if p.is_file())
+    flushes = {
+        reason: int(rt.metrics.partition_flushes.labels("bench", reason)._value.get())
+        for reason in ("size", "interval", "memory", "stop")
+    }
+    result = {
+        "partitions": n,
+        "records": len(records),
+        "delivered": rt.delivered_records,
+        "archived": rt.archived_records,
+        "clean": clean,
+        "seconds": elapsed,
+        "routed_seconds": routed - t0,
+        "objects": objects,
+        "flushes": flushes,
+        "spills": int(rt.metrics.partition_spills.labels("bench")._value.get()),
+    }
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def jq_rate(records: list[bytes], n: int) -> float:
+    """The compiled query alone over the records, in the processing stage's 1 MiB batches."""
+    from transforms.config import compile_query
+
+    program = compile_query(query(n))
+    chunks: list[str] = []
+    group: list[bytes] = []
+    size = 0
+    for r in records:
+        group.append(r)
+        size += len(r)
+        if size >= MIB:
+            chunks.append(b"".join(group).decode())
+            group, size = [], 0
+    if group:
+        chunks.append(b"".join(group).decode())
+    t0 = time.perf_counter()
+    count = 0
+    for text in chunks:
+        count += len(program.input_text(text).all())
+    assert count == len(records)
+    return len(records) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", type=int, default=100_000, help="records in the data set (default 100000)")
+    ap.add_argument("--partitions", default="10,500,5000", help="distinct partition values to compare with 1")
+    ap.add_argument("--repeat", type=int, default=2, help="passes per case; the best counts")
+    ap.add_argument("--budget-mib", type=int, default=64, help="dynamic_partitioning.memory_budget_mib")
+    ap.add_argument("--max-in-flight", type=int, default=4, help="delivery.max_in_flight (default 4)")
+    ap.add_argument("--gen", type=Path, default=DEFAULT_GEN)
+    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "firehose-bench-cache")
+    ap.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings and up
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+
+    dataset = load_dataset(ensure_dataset(args.gen, args.records, args.cache_dir))
+    records = [r.rstrip(b"\n") for r in dataset.records]
+    nbytes = sum(map(len, records))
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="firehose-bench-dp-"))
+    cases = [1] + [int(x) for x in args.partitions.split(",") if x.strip()]
+    print(f"data set: {len(records)} records, {nbytes / MIB:.1f} MiB; cpus: {os.cpu_count()}; "
+          f"budget {args.budget_mib} MiB; best of {args.repeat}", flush=True)
+    figures: dict[str, Any] = {"records": len(records), "mib": nbytes / MIB, "cases": []}
+    base_rate = None
+    print(f"{'partitions':>10} {'records/s':>10} {'MiB/s':>7} {'ratio':>6} {'jq rec/s':>9} "
+          f"{'objects':>7} {'spills':>6}  flushes", flush=True)
+    for n in cases:
+        best: dict[str, Any] | None = None
+        for _ in range(args.repeat):
+            r = asyncio.run(run_pipeline(records, n, work / f"p{n}", args.budget_mib, args.max_in_flight))
+            if r["delivered"] != len(records):
+                raise SystemExit(f"{n} partitions: delivered {r['delivered']} of {len(records)} records: {r}")
+            if best is None or r["seconds"] < best["seconds"]:
+                best = r
+        assert best is not None
+        rate = len(records) / best["seconds"]
+        if n == 1:
+            base_rate = rate
+        assert base_rate is not None
+        jq = max(jq_rate(records, n) for _ in range(args.repeat))
+        best.update({"records_per_s": rate, "mib_per_s": nbytes / MIB / best["seconds"],
+                     "ratio_to_single": rate / base_rate, "jq_records_per_s": jq})
+        figures["cases"].append(best)
+        flushes = ", ".join(f"{k} {v}" for k, v in best["flushes"].items() if v)
+        print(f"{n:>10} {rate:>10.0f} {best['mib_per_s']:>7.1f} {rate / base_rate:>6.2f} {jq:>9.0f} "
+              f"{best['objects']:>7} {best['spills']:>6}  {flushes}; routed in {best['routed_seconds']:.1f} s "
+              f"of {best['seconds']:.1f} s", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process over all runs: {peak:.0f} MiB (the data set itself is {nbytes / MIB:.0f} MiB)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
