@@ -33,6 +33,7 @@ and the client encoding is set explicitly.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import re
 import threading
@@ -340,6 +341,10 @@ def manifest_key(prefix: str, batch_key: str, *, failed: bool = False) -> str:
 # --- runtime ----------------------------------------------------------------------------------------
 
 
+class _StagingFailed(Exception):
+    """The batch could not be staged while its COPY ran; the COPY was rolled back."""
+
+
 class LoadError(Exception):
     """A failed COPY with Firehose's error code; the message has secrets removed."""
 
@@ -398,6 +403,7 @@ class RedshiftDestination(Destination):
         # One COPY at a time, as Firehose issues the next COPY when the previous one completes;
         # staging of the next batches goes on meanwhile.
         self._copy_turn = asyncio.Lock()
+        self._tasks: set[asyncio.Task[DeliveryResult]] = set()
 
     async def start(self) -> None:
         # One S3 client for staged objects and manifests, made before the first batch needs it
@@ -421,38 +427,72 @@ class RedshiftDestination(Destination):
             return await self.stage.deliver(batch)
         prefix = self.config.staging.prefix
         manifest = manifest_key(prefix, batch.key)
+        staging: asyncio.Task[DeliveryResult] | None = None
+        staged_gate: concurrent.futures.Future[bool] | None = None
         if batch.key not in self._staged:
-            staged = await self.stage.deliver(batch)
-            if staged.ok:
-                body = manifest_document(self.config.staging.bucket, [batch.key])
-                staged = await self.plain.deliver(Batch(batch.stream, batch.batch_id, manifest, [body],
-                                                        batch.oldest_arrival_ms, archive=True))
+            staging = asyncio.get_running_loop().create_task(self._stage(batch, manifest))
+            self._tasks.add(staging)  # the loop holds tasks weakly; a cancelled delivery drops its own
+            staging.add_done_callback(self._tasks.discard)
+            if self.config.load_method == "copy_from_s3":  # Redshift reads the staged object itself
+                staged = await staging
+                if not staged.ok:
+                    return staged
+                self._staged.add(batch.key)
+                staging = None
+            else:
+                # COPY FROM STDIN streams the batch while it is being staged, and commits only
+                # once the staged object and its manifest are there.
+                gate: concurrent.futures.Future[bool] = concurrent.futures.Future()
+                staging.add_done_callback(
+                    lambda t: gate.set_result(not t.cancelled() and t.exception() is None and t.result().ok))
+                staged_gate = gate
+        progress = self._progress.setdefault(batch.key, _Progress(self.monotonic()))
+        progress.attempts += 1
+        error: LoadError | None = None
+        rows: int | None = None
+        try:
+            async with self._copy_turn:
+                rows = await asyncio.to_thread(self._load, batch, manifest, staged_gate)
+        except _StagingFailed:
+            pass  # rolled back; the staging result below says why
+        except LoadError as exc:
+            error = exc
+        if staging is not None:
+            staged = await staging
             if not staged.ok:
                 return staged
             self._staged.add(batch.key)
-        progress = self._progress.setdefault(batch.key, _Progress(self.monotonic()))
-        progress.attempts += 1
-        try:
-            async with self._copy_turn:
-                rows = await asyncio.to_thread(self._load, batch, manifest)
-        except LoadError as exc:
+        if error is not None:
             if self.monotonic() - progress.first_attempt < self.config.retry_duration_secs:
-                return DeliveryResult.all_failed(len(batch.records), retryable=True, code=exc.code, message=exc.message)
-            archived = await self._archive(batch, manifest, exc, progress.attempts)
+                return DeliveryResult.all_failed(len(batch.records), retryable=True, code=error.code,
+                                                 message=error.message)
+            archived = await self._archive(batch, manifest, error, progress.attempts)
             if not archived.ok:
                 return archived
             self.log.warning("redshift_manifest_archived", batch_id=batch.batch_id, key=batch.key,
-                             manifest=manifest_key(prefix, batch.key, failed=True), error_code=exc.code,
-                             error_message=exc.message[:300], attempts=progress.attempts)
+                             manifest=manifest_key(prefix, batch.key, failed=True), error_code=error.code,
+                             error_message=error.message[:300], attempts=progress.attempts)
+        elif rows is None:
+            self.log.info("redshift_load_skipped", batch_id=batch.batch_id, manifest=manifest,
+                          reason="manifest already loaded")
         else:
-            if rows is None:
-                self.log.info("redshift_load_skipped", batch_id=batch.batch_id, manifest=manifest,
-                              reason="manifest already loaded")
-            else:
-                self.log.debug("redshift_loaded", batch_id=batch.batch_id, manifest=manifest, rows=rows)
+            self.log.debug("redshift_loaded", batch_id=batch.batch_id, manifest=manifest, rows=rows)
         self._progress.pop(batch.key, None)
         self._staged.discard(batch.key)
         return DeliveryResult.delivered()
+
+    async def _stage(self, batch: Batch, manifest: str) -> DeliveryResult:
+        """The staged object and its manifest, uploaded together."""
+        body = manifest_document(self.config.staging.bucket, [batch.key])
+        uploads = await asyncio.gather(
+            self.stage.deliver(batch),
+            self.plain.deliver(Batch(batch.stream, batch.batch_id, manifest, [body], batch.oldest_arrival_ms,
+                                     archive=True)),
+        )
+        failed = next((r for r in uploads if not r.ok), None)
+        if failed is None:
+            return DeliveryResult.delivered()
+        return DeliveryResult(dict.fromkeys(range(len(batch.records)), next(iter(failed.failures.values()))))
 
     async def _archive(self, batch: Batch, manifest: str, exc: LoadError, attempts: int) -> DeliveryResult:
         """Give up on a batch: its manifest under errors/manifests/, and an error record (Firehose's
@@ -480,9 +520,10 @@ class RedshiftDestination(Destination):
                                               batch.oldest_arrival_ms, archive=True))
 
     # --- loading (worker threads) ----------------------------------------------------------------
-    def _load(self, batch: Batch, manifest: str) -> int | None:
-        """One COPY in one transaction with its bookkeeping row. Returns the rows loaded, or None
-        when the manifest was loaded before. Raises LoadError."""
+    def _load(self, batch: Batch, manifest: str, staged: concurrent.futures.Future[bool] | None) -> int | None:
+        """One COPY in one transaction with its bookkeeping row, committed only once ``staged``
+        (if given) says the batch is staged. Returns the rows loaded, or None when the manifest was
+        loaded before. Raises LoadError, or _StagingFailed after rolling back."""
         import psycopg
 
         conn = None
@@ -505,6 +546,8 @@ class RedshiftDestination(Destination):
                         f"INSERT INTO {bookkeeping} (manifest, loaded_at, row_count) VALUES (%s, %s, %s)",
                         (manifest, datetime.now(UTC), rows),
                     )
+                    if staged is not None and not staged.result():
+                        raise _StagingFailed()
             except psycopg.errors.UniqueViolation as exc:
                 if exc.diag.table_name != parse_name(self.config.bookkeeping_table)[-1].name:
                     raise

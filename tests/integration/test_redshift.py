@@ -302,3 +302,41 @@ def test_a_replayed_batch_skips_a_load_that_committed_even_while_racing_it(
         replay.join(10)
     assert result == [True]
     assert sorted(r[0] for r in postgres.execute(f"SELECT id FROM {table}")) == ["a1", "a2", "b1"]
+
+
+def test_a_copy_is_rolled_back_when_its_batch_cannot_be_staged(
+    moto: MotoServer, postgres: PostgresServer
+) -> None:
+    """COPY FROM STDIN runs while the batch is staged and commits only once it is: with the
+    staging bucket missing nothing is loaded, and once it exists the batch loads once."""
+    import asyncio
+
+    from destinations.redshift import RedshiftDestinationConfig
+    from firehose.interfaces import Batch, BuildContext
+
+    table = table_name()
+    bucket = f"staging-{uuid.uuid4().hex[:12]}"
+    postgres.execute(f"CREATE TABLE {table} (id text)")
+    raw = redshift_dest(moto, bucket, postgres, table)
+    raw["connection"]["password"] = PASSWORD
+    cfg = RedshiftDestinationConfig.model_validate(raw)
+    dest = cfg.build(BuildContext("rs", 1, "us-east-1", "000000000000", "/tmp"))
+    batch = Batch("rs", 1, dest.batch_key(datetime.now(UTC), random.Random(3)), [b'{"id":"x1"}', b'{"id":"x2"}'], 0)
+
+    async def attempts() -> list[Any]:
+        await dest.start()
+        try:
+            first = await dest.deliver(batch)
+            assert postgres.execute(f"SELECT count(*) FROM {table}") == [(0,)]
+            assert postgres.execute(f"SELECT count(*) FROM {table}_loaded") == [(0,)]
+            moto.client().create_bucket(Bucket=bucket)
+            return [first, await dest.deliver(batch)]
+        finally:
+            await dest.close()
+
+    first, second = asyncio.run(attempts())
+    failure = next(iter(first.failures.values()))
+    assert failure.retryable and failure.error_code == "S3.NoSuchBucket"
+    assert second.ok
+    assert [r[0] for r in postgres.execute(f"SELECT id FROM {table} ORDER BY id")] == ["x1", "x2"]
+    assert len(s3_objects(moto.client(), bucket)) == 2  # the staged object and its manifest
