@@ -222,6 +222,7 @@ class Log(Protocol):
     def frame_at(self, seq: int) -> RecordFrame | None: ...
     def release_cache(self, first_seq: int) -> None: ...
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]: ...
+    def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
     async def aclose(self) -> None: ...
 
 
@@ -671,12 +672,59 @@ class Spool:
         if frame is not None:
             self._cache_size -= sum(len(r) for r in frame.records)
 
-    def _read_payload(self, ref: _FrameRef) -> bytes:
-        fd = self._read_fds.get(ref.segment)
+    def _read_fd(self, segment: int) -> int:
+        fd = self._read_fds.get(segment)
         if fd is None:
-            fd = os.open(self._segments[ref.segment].path, os.O_RDONLY)
-            self._read_fds[ref.segment] = fd
-        return os.pread(fd, ref.length, ref.offset + _FRAME_HEADER.size)
+            fd = os.open(self._segments[segment].path, os.O_RDONLY)
+            self._read_fds[segment] = fd
+        return fd
+
+    def _read_payload(self, ref: _FrameRef) -> bytes:
+        return os.pread(self._read_fd(ref.segment), ref.length, ref.offset + _FRAME_HEADER.size)
+
+    def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Record bytes for sealed ranges, in order, reading from each frame only the records asked
+        for: its length table, then the bytes of each run. A partition's records are scattered a
+        few to a frame; decoding whole frames would cost a frame per record."""
+        out: list[bytes] = []
+        current = -1
+        lengths = array("I")
+        fd = base = 0
+        for start, end in ranges:
+            seq = start
+            while seq < end:
+                i = bisect.bisect_right(self._frame_starts, seq) - 1
+                if i < 0 or not self._frame_starts[i] <= seq < self._frame_ends[i]:
+                    raise SpoolError(f"{self.directory}: record {seq} is missing from the spool")
+                first, stop = self._frame_starts[i], min(end, self._frame_ends[i])
+                cached = self._cache.get(first)
+                if cached is not None:
+                    out.extend(cached.records[seq - first : stop - first])
+                    seq = stop
+                    continue
+                if i != current:
+                    count = self._frame_ends[i] - first
+                    fd = self._read_fd(self._frame_segs[i])
+                    offset = self._frame_offsets[i] + _FRAME_HEADER.size
+                    head = os.pread(fd, _RECORDS_HEAD.size + 4 * count, offset)
+                    if len(head) != _RECORDS_HEAD.size + 4 * count or _RECORDS_HEAD.unpack_from(head)[0] != first:
+                        raise SpoolError(f"{self.directory}: the frame of record {seq} does not read back")
+                    lengths = array("I")
+                    lengths.frombytes(head[_RECORDS_HEAD.size :])
+                    if not _LITTLE:  # pragma: no cover
+                        lengths.byteswap()
+                    base = offset + len(head)
+                    current = i
+                lo, hi = seq - first, stop - first
+                sizes = lengths[lo:hi]
+                blob = os.pread(fd, sum(sizes), base + sum(lengths[:lo]))
+                view = memoryview(blob)
+                pos = 0
+                for n in sizes:
+                    out.append(bytes(view[pos : pos + n]))
+                    pos += n
+                seq = stop
+        return out
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:
         """Record bytes (and per-record metadata, if any) for sealed ranges, in order."""

@@ -216,7 +216,7 @@ class StreamRuntime:
         self._m_in_bytes = metrics.incoming_bytes.labels(self.name)
         self._m_in_requests = metrics.incoming_put_requests.labels(self.name)
 
-    def _make_spool(self, directory: str) -> Spool:
+    def _make_spool(self, directory: str, cache_bytes: int = 64 << 20) -> Spool:
         sp = self.config.spool
         return Spool(
             directory,
@@ -224,6 +224,7 @@ class StreamRuntime:
             fsync_interval_ms=sp.fsync_interval_ms,
             max_size_bytes=sp.max_size_mib << 20,
             segment_size_bytes=sp.segment_size_mib << 20,
+            cache_bytes=cache_bytes,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -264,7 +265,8 @@ class StreamRuntime:
             await self.chain.start()
         recovery = self.recovery
         if self.chain is not None and (self.chain.enabled or self.backup_all or leftover):
-            self.out = self._make_spool(processed_dir)
+            # The batcher reads outcomes right after they are recorded: a small cache serves that.
+            self.out = self._make_spool(processed_dir, cache_bytes=16 << 20)
             recovery = await asyncio.to_thread(self.out.open)
             # Raw records whose outcome is recorded are finished even if their commit was lost.
             done = int(self.out.positions.get("raw_end", 0))
@@ -961,8 +963,10 @@ class StreamRuntime:
         if pending.records is not None:
             records = pending.records
         else:
-            records, metas = await asyncio.to_thread(spool.read_ranges, sealed.ranges)
-            if archive:
+            if not archive:
+                records = await asyncio.to_thread(spool.read_records, sealed.ranges)
+            else:
+                records, metas = await asyncio.to_thread(spool.read_ranges, sealed.ranges)
                 records = [
                     error_record_line(r, m["err"] if isinstance(m, dict) and "err" in m else self._routing_error(m, sealed))
                     for r, m in zip(records, metas or [None] * len(records), strict=True)

@@ -301,3 +301,27 @@ def test_a_failed_fsync_fences_the_spool(tmp_path: Path, monkeypatch: pytest.Mon
             sp.append_records([b"refused"], 1)
 
     run(go())
+
+
+def test_read_records_picks_scattered_records_from_disk_and_cache(tmp_path: Path) -> None:
+    """A partition's records are a few per frame: read_records reads just those, from the frame
+    cache when the frame is there and from disk otherwise, and gives what read_ranges gives."""
+
+    async def go() -> None:
+        sp = Spool(str(tmp_path), cache_bytes=1 << 20)
+        sp.open()
+        records = [b"r%d-" % i + b"x" * (i % 7) for i in range(60)]
+        for i in range(0, 60, 10):
+            sp.append_records(records[i : i + 10], 1000 + i, meta=[{"i": j} for j in range(i, i + 10)])
+        await sp.wait_durable()
+        for first in (0, 20, 40):  # half the frames are only on disk
+            sp.release_cache(first)
+        ranges = [(0, 1), (3, 5), (9, 12), (25, 26), (29, 31), (40, 41), (47, 60)]
+        want = [r for s, e in ranges for r in records[s:e]]
+        assert sp.read_records(ranges) == want
+        assert sp.read_ranges(ranges)[0] == want
+        with pytest.raises(SpoolError, match="record 60 is missing"):
+            sp.read_records([(59, 61)])
+        await sp.aclose()
+
+    run(go())
