@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +420,13 @@ def runtime_from_yaml(tmp: Path, text: str, *, clock: Any = None, seed: int = 1)
     return StreamRuntime(cfg.streams[0], data_dir=str(tmp / "data"), version=1, region="us-east-1",
                          account_id="000000000000", metrics=Metrics(), clock=clock or ManualClock(),
                          rng=random.Random(seed))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 0.2 s until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from support import (
     local_objects,
     s3_objects,
     stream_config,
+    wait_for,
 )
 from transforms.compression import get_codec
 
@@ -163,15 +164,6 @@ class Loader:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(30)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def make_daemon(target: Target, compression: str = "none", **stream_extra: Any) -> Daemon:

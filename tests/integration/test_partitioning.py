@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,10 @@ from support import (
     raw_call,
     s3_objects,
     stream_config,
+    wait_for,
 )
 
 ERRORS = "errors/!{firehose:error-output-type}/"
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def put_batch(port: int, stream: str, docs: list[dict[str, Any]]) -> bool:
