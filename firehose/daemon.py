@@ -142,6 +142,15 @@ class Daemon:
         doc = self.state.load(name) or {}
         api = self.config.api
         dest = cfg.destination.describe(cfg.buffering, api.account_id)
+        extended = dest.get("ExtendedS3DestinationDescription")
+        if extended is not None:
+            procs = [p.describe() for p in cfg.processing if hasattr(p, "describe")]
+            extended["ProcessingConfiguration"] = {"Enabled": bool(procs), "Processors": procs}
+            dp = cfg.dynamic_partitioning
+            extended["DynamicPartitioningConfiguration"] = {
+                "Enabled": cfg.partitioned,
+                **({"RetryOptions": {"DurationInSeconds": dp.retry_duration_secs}} if dp is not None else {}),
+            }
         return {
             "DeliveryStreamName": name,
             "DeliveryStreamARN": f"arn:aws:firehose:{api.region}:{api.account_id}:deliverystream/{name}",

@@ -20,6 +20,11 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _processor(kind: str, **params: Any) -> dict[str, Any]:
+    """A Firehose ``Processor`` as DescribeDeliveryStream shows it (parameter values are strings)."""
+    return {"Type": kind, "Parameters": [{"ParameterName": k, "ParameterValue": str(v)} for k, v in params.items()]}
+
+
 class LambdaProcessorConfig(_Model):
     """A Firehose Lambda processor: a Python callable run in worker processes the daemon owns
     (``function: pkg.module:handler``), or a real Lambda function invoked through boto3 (``arn:``)."""
@@ -48,6 +53,10 @@ class LambdaProcessorConfig(_Model):
         """The ``lambdaArn`` written into error records: the ARN, or the ``function:`` value."""
         return self.arn or self.function or ""
 
+    def describe(self) -> dict[str, Any]:
+        return _processor("Lambda", LambdaArn=self.lambda_arn, NumberOfRetries=self.retries,
+                          BufferSizeInMBs=self.buffer_size_mib, BufferIntervalInSeconds=self.buffer_interval_secs)
+
 
 class AppendDelimiterConfig(_Model):
     type: Literal["append_delimiter"]
@@ -59,6 +68,9 @@ class AppendDelimiterConfig(_Model):
         if not v:
             raise ValueError("must not be empty")
         return v
+
+    def describe(self) -> dict[str, Any]:
+        return _processor("AppendDelimiterToRecord", Delimiter=self.delimiter.encode("unicode_escape").decode())
 
 
 class RecordDeaggregationConfig(_Model):
@@ -84,15 +96,27 @@ class RecordDeaggregationConfig(_Model):
             return base64.b64decode(self.delimiter_base64)
         return (self.delimiter or "").encode()
 
+    def describe(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"SubRecordType": self.format.upper()}
+        if self.format.lower() == "delimited":
+            params["Delimiter"] = base64.b64encode(self.delimiter_bytes).decode()
+        return _processor("RecordDeAggregation", **params)
+
 
 class DecompressionConfig(_Model):
     type: Literal["decompression"]
     compression_format: Literal["gzip", "GZIP"] = "gzip"
 
+    def describe(self) -> dict[str, Any]:
+        return _processor("Decompression", CompressionFormat="GZIP")
+
 
 class CloudWatchLogProcessingConfig(_Model):
     type: Literal["cloudwatch_log_processing"]
     data_message_extraction: bool = True
+
+    def describe(self) -> dict[str, Any]:
+        return _processor("CloudWatchLogProcessing", DataMessageExtraction=str(self.data_message_extraction).lower())
 
 
 class MetadataExtractionConfig(_Model):
@@ -118,6 +142,10 @@ class MetadataExtractionConfig(_Model):
     @property
     def program(self) -> Any:
         return compile_query(self.query)
+
+    def describe(self) -> dict[str, Any]:
+        return _processor("MetadataExtraction", MetadataExtractionQuery=self.query,
+                          JsonParsingEngine=self.json_parsing_engine)
 
 
 @functools.lru_cache(maxsize=64)

@@ -153,6 +153,14 @@ def test_lambda_keys_and_query_keys_build_the_prefix_together(tmp_path: Path) ->
     )
     d = Daemon(tmp_path, daemon_config(tmp_path, [stream]), env={"PYTHONPATH": str(tmp_path)}).start()
     try:
+        desc = d.firehose().describe_delivery_stream(DeliveryStreamName="dp")["DeliveryStreamDescription"]
+        ext = desc["Destinations"][0]["ExtendedS3DestinationDescription"]
+        assert ext["DynamicPartitioningConfiguration"] == {"Enabled": True, "RetryOptions": {"DurationInSeconds": 300}}
+        assert [p["Type"] for p in ext["ProcessingConfiguration"]["Processors"]] == [
+            "Lambda", "MetadataExtraction", "AppendDelimiterToRecord"]
+        assert ext["ProcessingConfiguration"]["Processors"][1]["Parameters"] == [
+            {"ParameterName": "MetadataExtractionQuery", "ParameterValue": "{country: .country}"},
+            {"ParameterName": "JsonParsingEngine", "ParameterValue": "JQ-1.6"}]
         docs = [{"n": i, "country": c} for i, c in enumerate(["DE", "US", "FR", "DE", "CA", "US"])]
         assert put_batch(d.port, "dp", docs)
         wait_for(lambda: sum(len(v) for v in lines_by_key(local_objects(tmp_path / "out")).values()) == 6
