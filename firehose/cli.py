@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from typing import Any
 
 from firehose.config import ConfigError, load_config
 
@@ -95,6 +96,10 @@ def _cmd_transform(args: argparse.Namespace) -> int:
             doc["dataBase64"] = base64.b64encode(data).decode()
         if o.partition_keys:
             doc["partitionKeys"] = o.partition_keys
+        if o.query_keys:
+            doc["queryKeys"] = o.query_keys
+        if stream.partitioned and o.result == "Ok":
+            doc["prefix"] = _partition_prefix(stream, o, now)
         if o.result == "ProcessingFailed":
             doc.update({"errorCode": o.error_code, "errorMessage": o.error_message,
                         "errorOutputType": o.error_output_type})
@@ -103,6 +108,22 @@ def _cmd_transform(args: argparse.Namespace) -> int:
                "archived": counts["ProcessingFailed"]}
     sys.stdout.write(orjson.dumps({"summary": summary}).decode() + "\n")
     return 0
+
+
+def _partition_prefix(stream: Any, o: Any, now_ms: int) -> str:
+    """Where a record would go under dynamic partitioning (its error, if it has no partition)."""
+    import random
+    from datetime import UTC, datetime
+
+    from destinations.keys import PrefixError, evaluate_prefix
+
+    keys = {f"partitionKeyFromQuery:{k}": v for k, v in (o.query_keys or {}).items()}
+    keys.update({f"partitionKeyFromLambda:{k}": v for k, v in (o.partition_keys or {}).items()})
+    try:
+        when = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+        return evaluate_prefix(stream.destination.prefix, when, random.Random(0), partition_keys=keys)
+    except PrefixError as exc:
+        return f"partitioning-failed: {exc}"
 
 
 def main(argv: list[str] | None = None) -> int:

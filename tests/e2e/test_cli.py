@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -232,3 +233,25 @@ def test_transform_command_shows_delivered_dropped_and_archived(tmp_path: Path) 
     res = subprocess.run([sys.executable, "-m", "firehose", "transform", "--config", str(cfg), "--stream", "zz"],
                          input=b"", capture_output=True, timeout=60)
     assert res.returncode == 2 and b"no stream named 'zz'" in res.stderr
+
+
+def test_transform_command_shows_each_records_partition(tmp_path: Path) -> None:
+    import json
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(
+        "streams:\n  - name: a\n    dynamic_partitioning: {enabled: true}\n    processing:\n"
+        "      - {type: metadata_extraction, query: '{customer_id: .customer.id}'}\n"
+        "    destination:\n      type: local\n      path: out\n"
+        "      prefix: 'customer_id=!{partitionKeyFromQuery:customer_id}/!{timestamp:yyyy}/'\n"
+        "      error_output_prefix: 'errors/!{firehose:error-output-type}/'\n"
+    )
+    res = subprocess.run([sys.executable, "-m", "firehose", "transform", "--config", str(cfg), "--stream", "a"],
+                         input=b'{"customer": {"id": 42}}\n{"customer": {}}\n', capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    ok, failed, summary = (json.loads(line) for line in res.stdout.splitlines())
+    assert ok["queryKeys"] == {"customer_id": "42"}
+    assert re.fullmatch(r"customer_id=42/\d{4}/", ok["prefix"])
+    assert failed["errorOutputType"] == "partitioning-failed"
+    assert failed["errorMessage"] == "partition key 'customer_id' is null (the query found no value)"
+    assert summary == {"summary": {"records": 2, "delivered": 1, "dropped": 0, "archived": 1}}
