@@ -8,7 +8,9 @@ destination's key layout (the batch key), a Redshift manifest naming that object
   IAM_ROLE ... MANIFEST <copy_options>``; Redshift reads the staged object itself.
 * ``load_method: copy_from_stdin`` (PostgreSQL, TimescaleDB, ...): the daemon maps the staged JSON
   objects onto the columns as ``JSON 'auto'`` does and streams them with ``COPY table (columns)
-  FROM STDIN``. The bytes streamed are the bytes staged (the batch's records, kept by the spool).
+  FROM STDIN``. The bytes streamed are the bytes staged (the batch's records, kept by the spool);
+  the COPY streams while the upload runs and commits only once the object and its manifest are
+  staged (a failed upload rolls it back).
 
 Guarantee: exactly once. The manifest key derives from the batch key, which is sealed in the spool
 before the first attempt; the key is inserted into a bookkeeping table in the same transaction

@@ -8,7 +8,6 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,16 @@ import orjson
 import pytest
 from pgserver import PASSWORD, PostgresServer
 
-from support import Daemon, MotoServer, batch_body, daemon_config, raw_call, s3_objects, stream_config
+from support import (
+    Daemon,
+    MotoServer,
+    batch_body,
+    daemon_config,
+    raw_call,
+    s3_objects,
+    stream_config,
+    wait_for,
+)
 
 PASSWORD_ENV = "FIREHOSE_TEST_PG_PASSWORD"
 
@@ -44,15 +52,6 @@ def start_daemon(tmp: Path, dest: dict[str, Any], **stream_extra: Any) -> Daemon
     stream_extra.setdefault("delivery", {"retry_initial_backoff_ms": 100, "retry_max_backoff_ms": 500})
     stream = stream_config("rs", dest, **stream_extra)
     return Daemon(tmp, daemon_config(tmp, [stream]), env={PASSWORD_ENV: PASSWORD}).start()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def table_name() -> str:
