@@ -278,3 +278,48 @@ def test_database_errors_get_firehose_codes_and_lose_secrets(exc: Exception, cod
     got, message = dest._classify(exc)
     assert got == code
     assert ENV["REDSHIFT_PASSWORD"] not in message
+
+
+# --- the retry window --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("duration", [0, 3600])
+def test_a_failing_copy_is_retried_within_retry_duration_then_archived(duration: int) -> None:
+    import asyncio
+
+    from destinations.redshift import LoadError
+    from firehose.interfaces import Batch, DeliveryResult
+
+    now = [100.0]
+    cfg = config(GOOD.replace("retry_duration_secs: 3600", f"retry_duration_secs: {duration}"))
+    dest = RedshiftDestination(cfg, BuildContext("clicks", 1, "us-east-1", "123456789012", "/tmp"),
+                               monotonic=lambda: now[0])
+    archived: list[tuple[str, int]] = []
+
+    async def stage(batch: Batch, manifest: str) -> DeliveryResult:
+        return DeliveryResult.delivered()
+
+    def load(batch: Batch, manifest: str, staged: Any) -> int:
+        raise LoadError("Redshift.DataLoadFailed", "invalid input syntax for type integer")
+
+    async def archive(batch: Batch, manifest: str, exc: LoadError, attempts: int) -> DeliveryResult:
+        archived.append((exc.code, attempts))
+        return DeliveryResult.delivered()
+
+    dest._stage = stage  # type: ignore[method-assign]
+    dest._load = load  # type: ignore[method-assign]
+    dest._archive = archive  # type: ignore[method-assign]
+    batch = Batch("clicks", 1, "firehose/2024/05/01/13/clicks-1-2024-05-01-13-55-09-x.gz", [b"{}"] * 3, 0)
+
+    async def attempt(at: float) -> DeliveryResult:
+        now[0] = at
+        return await dest.deliver(batch)
+
+    if duration == 0:  # no retry: the first failure archives
+        assert asyncio.run(attempt(100.0)).ok and archived == [("Redshift.DataLoadFailed", 1)]
+        return
+    first, second, last = (asyncio.run(attempt(t)) for t in (100.0, 100.0 + duration - 1, 100.0 + duration))
+    for r in (first, second):
+        assert set(r.failures) == {0, 1, 2}
+        assert r.failures[0].retryable and r.failures[0].error_code == "Redshift.DataLoadFailed"
+    assert last.ok and archived == [("Redshift.DataLoadFailed", 3)]
