@@ -323,3 +323,78 @@ def test_a_failing_copy_is_retried_within_retry_duration_then_archived(duration:
         assert set(r.failures) == {0, 1, 2}
         assert r.failures[0].retryable and r.failures[0].error_code == "Redshift.DataLoadFailed"
     assert last.ok and archived == [("Redshift.DataLoadFailed", 3)]
+
+
+class _FakeCursor:
+    def __init__(self, log: list[str], loaded: set[str]) -> None:
+        self.log, self.loaded, self.rowcount, self._row = log, loaded, -1, None
+
+    def __enter__(self) -> _FakeCursor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        self.log.append(sql)
+        self._row = None
+        if sql.startswith("SELECT 1 FROM"):
+            self._row = (1,) if params[0] in self.loaded else None
+        elif sql.startswith("COPY"):
+            self.rowcount = 3
+        elif sql.startswith("INSERT"):
+            self.loaded.add(params[0])
+
+    def fetchone(self) -> Any:
+        return self._row
+
+
+class _FakeConnection:
+    """Enough of a psycopg connection to see what a Redshift load sends, in order."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.loaded: set[str] = set()
+
+    def transaction(self) -> _FakeCursor:
+        return _FakeCursor([], set())  # a no-op context manager
+
+    def cursor(self) -> _FakeCursor:
+        return _FakeCursor(self.log, self.loaded)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_copy_from_s3_sends_lock_check_copy_and_bookkeeping_in_one_transaction() -> None:
+    import asyncio
+
+    from firehose.interfaces import Batch, DeliveryResult
+
+    text = GOOD.replace("      iam_role: arn:aws:iam::123456789012:role/firehose-copy\n", f"      {CREDENTIALS}\n")
+    dest = RedshiftDestination(config(text), BuildContext("clicks", 1, "us-east-1", "123456789012", "/tmp"))
+    conn = _FakeConnection()
+    dest._acquire = lambda: conn  # type: ignore[method-assign]
+    staged: list[str] = []
+
+    async def stage(batch: Batch, manifest: str) -> DeliveryResult:
+        staged.append(manifest)
+        return DeliveryResult.delivered()
+
+    dest._stage = stage  # type: ignore[method-assign]
+    key = "firehose/2024/05/01/13/clicks-1-2024-05-01-13-55-09-a9fa96af-e4e4-409f-bac3-1f804714faaa.gz"
+    batch = Batch("clicks", 1, key, [b"{}"] * 3, 0)
+    assert asyncio.run(dest.deliver(batch)).ok
+    assert asyncio.run(dest.deliver(batch)).ok  # a replay
+    manifest = manifest_key("firehose/", key)
+    assert staged == [manifest, manifest]
+    create, lock, check, copy, insert, lock2, check2 = conn.log
+    assert create.startswith('CREATE TABLE IF NOT EXISTS "firehose_loaded_manifests" (manifest VARCHAR(1024)')
+    assert lock == lock2 == 'LOCK TABLE "firehose_loaded_manifests"'
+    assert check == check2 == 'SELECT 1 FROM "firehose_loaded_manifests" WHERE manifest = %s'
+    assert copy == dest.config.copy_sql(f"s3://staging-bucket/{manifest}")
+    assert "SECRET_ACCESS_KEY 'wJalr/K7MDENG+bPxRfiCY'" in copy
+    assert insert.startswith('INSERT INTO "firehose_loaded_manifests" (manifest, loaded_at, row_count)')
+    assert conn.loaded == {manifest}
