@@ -161,17 +161,22 @@ class ObjectStoreDestination(Destination):
         return self.config.encode(batch.key, batch.records, batch.delimiter)
 
     async def deliver(self, batch: Batch) -> DeliveryResult:
-        data = self._encoded.pop(batch.key, None)
+        body: list[bytes | None] = [self._encoded.pop(batch.key, None)]
         try:
-            if data is None:
-                data = await asyncio.to_thread(self._encode, batch)
-            await asyncio.to_thread(self._store, batch.key, data)
+            # One worker-thread hop for both steps: partitioned streams deliver many small objects.
+            await asyncio.to_thread(self._encode_and_store, batch, body)
         except Exception as exc:  # each failure is retryable: the runner backs off and retries
-            if data is not None:
-                self._encoded[batch.key] = data
+            if body[0] is not None:
+                self._encoded[batch.key] = body[0]
             code, message = self._classify(exc)
             return DeliveryResult.all_failed(len(batch.records), retryable=True, code=code, message=message)
         return DeliveryResult.delivered()
+
+    def _encode_and_store(self, batch: Batch, body: list[bytes | None]) -> None:
+        data = body[0]
+        if data is None:
+            data = body[0] = self._encode(batch)
+        self._store(batch.key, data)
 
     @abc.abstractmethod
     def _store(self, key: str, data: bytes) -> None:

@@ -58,6 +58,7 @@ T_COMMIT = 3
 T_CHECKPOINT = 4
 
 ROLL_DONE_ACTIVE_BYTES = 1 << 20
+LENGTH_TABLES_KEPT = 512  # frames whose record-length tables read_records keeps (a few KiB each)
 
 F_META = 1
 F_POSITIONS = 2
@@ -271,6 +272,7 @@ class Spool:
         self._seals: dict[int, SealedBatch] = {}
         self._committed_ids: set[int] = set()
         self._cache: dict[int, RecordFrame] = {}
+        self._length_tables: dict[int, tuple[array[int], int]] = {}  # first_seq -> (lengths, offset)
         self._cache_size = 0
         self._written = 0
         self._synced = 0
@@ -682,6 +684,28 @@ class Spool:
     def _read_payload(self, ref: _FrameRef) -> bytes:
         return os.pread(self._read_fd(ref.segment), ref.length, ref.offset + _FRAME_HEADER.size)
 
+    def _length_table(self, fd: int, i: int) -> tuple[array[int], int]:
+        """Frame ``i``'s record lengths and the file offset of its first record. Kept for the
+        most recent frames: the batches of many partitions read the same frames in turn."""
+        first = self._frame_starts[i]
+        hit = self._length_tables.get(first)
+        if hit is not None:
+            return hit
+        count = self._frame_ends[i] - first
+        offset = self._frame_offsets[i] + _FRAME_HEADER.size
+        head = os.pread(fd, _RECORDS_HEAD.size + 4 * count, offset)
+        if len(head) != _RECORDS_HEAD.size + 4 * count or _RECORDS_HEAD.unpack_from(head)[0] != first:
+            raise SpoolError(f"{self.directory}: the frame of record {first} does not read back")
+        lengths = array("I")
+        lengths.frombytes(head[_RECORDS_HEAD.size :])
+        if not _LITTLE:  # pragma: no cover
+            lengths.byteswap()
+        entry = (lengths, offset + len(head))
+        if len(self._length_tables) >= LENGTH_TABLES_KEPT:
+            self._length_tables.pop(next(iter(self._length_tables)), None)
+        self._length_tables[first] = entry
+        return entry
+
     def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Record bytes for sealed ranges, in order, reading from each frame only the records asked
         for: its length table, then the bytes of each run. A partition's records are scattered a
@@ -703,17 +727,8 @@ class Spool:
                     seq = stop
                     continue
                 if i != current:
-                    count = self._frame_ends[i] - first
                     fd = self._read_fd(self._frame_segs[i])
-                    offset = self._frame_offsets[i] + _FRAME_HEADER.size
-                    head = os.pread(fd, _RECORDS_HEAD.size + 4 * count, offset)
-                    if len(head) != _RECORDS_HEAD.size + 4 * count or _RECORDS_HEAD.unpack_from(head)[0] != first:
-                        raise SpoolError(f"{self.directory}: the frame of record {seq} does not read back")
-                    lengths = array("I")
-                    lengths.frombytes(head[_RECORDS_HEAD.size :])
-                    if not _LITTLE:  # pragma: no cover
-                        lengths.byteswap()
-                    base = offset + len(head)
+                    lengths, base = self._length_table(fd, i)
                     current = i
                 lo, hi = seq - first, stop - first
                 sizes = lengths[lo:hi]
