@@ -272,7 +272,7 @@ class Spool:
         self._seals: dict[int, SealedBatch] = {}
         self._committed_ids: set[int] = set()
         self._cache: dict[int, RecordFrame] = {}
-        self._length_tables: dict[int, tuple[array[int], int]] = {}  # first_seq -> (lengths, offset)
+        self._length_tables: dict[int, array[int]] = {}  # first_seq -> record offsets (read_records)
         self._cache_size = 0
         self._written = 0
         self._synced = 0
@@ -684,9 +684,9 @@ class Spool:
     def _read_payload(self, ref: _FrameRef) -> bytes:
         return os.pread(self._read_fd(ref.segment), ref.length, ref.offset + _FRAME_HEADER.size)
 
-    def _length_table(self, fd: int, i: int) -> tuple[array[int], int]:
-        """Frame ``i``'s record lengths and the file offset of its first record. Kept for the
-        most recent frames: the batches of many partitions read the same frames in turn."""
+    def _length_table(self, fd: int, i: int) -> array[int]:
+        """The file offsets of frame ``i``'s records (record k spans ``[t[k], t[k+1])``). Kept for
+        the most recent frames: the batches of many partitions read the same frames in turn."""
         first = self._frame_starts[i]
         hit = self._length_tables.get(first)
         if hit is not None:
@@ -700,7 +700,8 @@ class Spool:
         lengths.frombytes(head[_RECORDS_HEAD.size :])
         if not _LITTLE:  # pragma: no cover
             lengths.byteswap()
-        entry = (lengths, offset + len(head))
+        base = offset + len(head)
+        entry = array("q", itertools.accumulate(lengths, initial=base))  # record k spans entry[k]:entry[k+1]
         if len(self._length_tables) >= LENGTH_TABLES_KEPT:
             self._length_tables.pop(next(iter(self._length_tables)), None)
         self._length_tables[first] = entry
@@ -712,8 +713,8 @@ class Spool:
         few to a frame; decoding whole frames would cost a frame per record."""
         out: list[bytes] = []
         current = -1
-        lengths = array("I")
-        fd = base = 0
+        offsets = array("q")
+        fd = 0
         for start, end in ranges:
             seq = start
             while seq < end:
@@ -728,16 +729,16 @@ class Spool:
                     continue
                 if i != current:
                     fd = self._read_fd(self._frame_segs[i])
-                    lengths, base = self._length_table(fd, i)
+                    offsets = self._length_table(fd, i)
                     current = i
                 lo, hi = seq - first, stop - first
-                sizes = lengths[lo:hi]
-                blob = os.pread(fd, sum(sizes), base + sum(lengths[:lo]))
-                view = memoryview(blob)
-                pos = 0
-                for n in sizes:
-                    out.append(bytes(view[pos : pos + n]))
-                    pos += n
+                blob = os.pread(fd, offsets[hi] - offsets[lo], offsets[lo])
+                if hi - lo == 1:
+                    out.append(blob)
+                else:
+                    view = memoryview(blob)
+                    base = offsets[lo]
+                    out.extend(bytes(view[offsets[k] - base : offsets[k + 1] - base]) for k in range(lo, hi))
                 seq = stop
         return out
 
