@@ -44,7 +44,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from firehose.intervals import IntervalSet
+from firehose.intervals import IntervalSet, Ranges
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"FHSPOOL\x00"
@@ -99,7 +99,7 @@ class SealedBatch:
 
     batch_id: int
     key: str
-    ranges: list[tuple[int, int]]
+    ranges: Sequence[tuple[int, int]]  # a list, or compact Ranges for a partition's scattered records
     oldest_arrival_ms: int
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -380,7 +380,7 @@ class Spool:
         elif ftype == T_SEAL:
             doc = orjson.loads(payload)
             batch = SealedBatch(
-                doc["id"], doc["key"], [tuple(r) for r in doc["ranges"]], doc["oldest"], doc.get("info", {})
+                doc["id"], doc["key"], Ranges(doc["ranges"]), doc["oldest"], doc.get("info", {})
             )
             self._seals[batch.batch_id] = batch
             seg.seal_ids.add(batch.batch_id)
@@ -512,7 +512,7 @@ class Spool:
         doc = {
             "id": batch.batch_id,
             "key": batch.key,
-            "ranges": batch.ranges,
+            "ranges": list(batch.ranges),
             "oldest": batch.oldest_arrival_ms,
             "info": batch.info,
         }

@@ -31,6 +31,7 @@ import structlog
 from firehose.clock import Clock, SystemClock
 from firehose.config import StreamConfig
 from firehose.interfaces import Batch, BuildContext, Destination
+from firehose.intervals import Ranges
 from firehose.metrics import Metrics
 from firehose.spool import RecordFrame, RecoveryState, SealedBatch, Spool, SpoolError, SpoolFullError
 
@@ -61,9 +62,8 @@ class _OpenBuffer:
         self.spilled = False
 
     @property
-    def ranges(self) -> list[tuple[int, int]]:
-        b = self.bounds
-        return list(zip(b[0::2], b[1::2], strict=True))
+    def ranges(self) -> Ranges:
+        return Ranges.from_flat(self.bounds)
 
     @property
     def memory_bytes(self) -> int:
