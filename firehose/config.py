@@ -132,6 +132,7 @@ class StreamConfig(_Model):
     backup: Any = None
     format: Any = None
     dynamic_partitioning: DynamicPartitioningConfig | None = None
+    sources: list[Any] = []  # besides the Firehose API, which every DirectPut stream has
     destination: Any
 
     @field_validator("name")
@@ -140,6 +141,13 @@ class StreamConfig(_Model):
         if not STREAM_NAME_RE.fullmatch(v):
             raise ValueError(f"must match [a-zA-Z0-9_.-]{{1,64}} (Firehose's stream name rule), got {v!r}")
         return v
+
+    @property
+    def stream_type(self) -> str:
+        """Firehose's DeliveryStreamType: what the stream's sources make it."""
+        for source in self.sources:
+            return str(getattr(source, "stream_type", "DirectPut"))
+        return "DirectPut"
 
     @property
     def partitioned(self) -> bool:
@@ -164,6 +172,9 @@ class StreamConfig(_Model):
         doc = self.model_dump(mode="json")
         if doc.get("dynamic_partitioning") is None:
             del doc["dynamic_partitioning"]  # absent: the digest of configs written before it existed
+        # Where records come from does not shape the output (Firehose bumps VersionId only for
+        # destination updates); a changed source still restarts the stream on reload.
+        del doc["sources"]
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -239,6 +250,8 @@ def parse_config(data: Any, file: str, lines: Mapping[Path, int] | None = None) 
         seen.setdefault(stream.name, i)
         resolved = _resolve_destination(stream, base, file, lines, errors)
         if resolved is not None:
+            resolved = _resolve_sources(resolved, base, file, lines, errors)
+        if resolved is not None:
             raw_streams = data.get("streams") if isinstance(data, dict) else None
             raw = raw_streams[i] if isinstance(raw_streams, list) and i < len(raw_streams) else {}
             resolved = _resolve_processing(
@@ -303,6 +316,45 @@ def _resolve_destination(
     return stream.model_copy(
         update={"destination": dest, "buffering": BufferingConfig(size_mib=size, interval_secs=interval)}
     )
+
+
+def _resolve_sources(
+    stream: StreamConfig, base: Path, file: str, lines: Mapping[Path, int], errors: list[str]
+) -> StreamConfig | None:
+    """Validate ``sources:`` items through the source registry. A source whose config class says
+    ``exclusive`` (Kinesis: Firehose's KinesisStreamAsSource) must be the stream's only one."""
+    from firehose.registry import source_config_class
+
+    ok = True
+    resolved: list[Any] = []
+    for j, raw in enumerate(stream.sources):
+        spath = base + ("sources", j)
+        sline = _line_for(spath, lines)
+        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+            errors.append(f"{file}:{sline}: {format_path(spath)}: must be a mapping with a 'type' field")
+            ok = False
+            continue
+        try:
+            resolved.append(source_config_class(raw["type"]).model_validate(raw))  # type: ignore[attr-defined]
+        except UnknownTypeError as exc:
+            errors.append(f"{file}:{_line_for(spath + ('type',), lines)}: {format_path(spath)}.type: {exc}")
+            ok = False
+        except ValidationError as exc:
+            _collect(exc, spath, file, lines, errors)
+            ok = False
+    if ok and len(resolved) > 1:
+        for j, source in enumerate(resolved):
+            if getattr(source, "exclusive", False):
+                spath = base + ("sources", j)
+                errors.append(
+                    f"{file}:{_line_for(spath, lines)}: {format_path(spath)}: a {source.type} source cannot be "
+                    f"mixed with other sources (Firehose's {source.stream_type} stream has exactly one source)"
+                )
+                ok = False
+                break
+    if not ok:
+        return None
+    return stream.model_copy(update={"sources": resolved})
 
 
 def _resolve_processing(

@@ -131,7 +131,8 @@ class Daemon:
         return rt
 
     def stream_type(self, name: str) -> str:
-        return "DirectPut"
+        rt = self.streams.get(name)
+        return rt.config.stream_type if rt is not None else "DirectPut"
 
     def stream_status(self) -> dict[str, Any]:
         return {name: rt.status() for name, rt in self.streams.items()}
@@ -160,10 +161,17 @@ class Daemon:
             "CreateTimestamp": round(float(doc.get("created", time.time())), 3),
             "LastUpdateTimestamp": round(float(doc.get("updated", time.time())), 3),
             "DeliveryStreamEncryptionConfiguration": {"Status": "DISABLED"},
-            "Source": {"DirectPutSourceDescription": {"ThroughputHintInMBs": 5}},
+            "Source": self._describe_source(rt),
             "Destinations": [{"DestinationId": "destinationId-000000000001", **dest}],
             "HasMoreDestinations": False,
         }
+
+    @staticmethod
+    def _describe_source(rt: StreamRuntime) -> dict[str, Any]:
+        source: dict[str, Any] = {}
+        for s in rt.sources:
+            source.update(s.describe())
+        return source or {"DirectPutSourceDescription": {"ThroughputHintInMBs": 5}}
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:

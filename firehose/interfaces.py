@@ -1,4 +1,4 @@
-"""The contracts between the core and its plugins: buffering limits, batches, destinations.
+"""The contracts between the core and its plugins: buffering limits, batches, destinations, sources.
 
 Exception-free delivery results: a destination never raises for a record it could not deliver;
 it says, per record, whether the failure is worth retrying. The delivery runner (one place) owns
@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -122,3 +122,60 @@ class Destination(abc.ABC):
     async def close(self) -> None:
         """Release connections. Called after the last ``deliver`` returned."""
         return None
+
+
+class SourceSink(Protocol):
+    """What a source writes into: its stream's durable spool (a :class:`StreamRuntime`)."""
+
+    metrics: Any  # the daemon's :class:`firehose.metrics.Metrics`
+
+    @property
+    def accepting(self) -> bool:
+        """False once the stream is stopping: a source stops reading."""
+
+    @property
+    def positions(self) -> dict[str, Any]:
+        """The source positions committed in the spool (what a restart resumes from)."""
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether the spool cap allows ``nbytes`` more; when not, a source waits (back-pressure)."""
+
+    async def put(
+        self,
+        records: list[bytes],
+        arrival_ms: int | None = None,
+        *,
+        nbytes: int | None = None,
+        meta: list[Any] | None = None,
+        positions: dict[str, Any] | None = None,
+    ) -> int:
+        """Append ``records`` (with per-record ``meta``) and ``positions`` in one spool frame and
+        return once it is fsynced. Raises ``SpoolFullError`` (nothing written) at the cap."""
+
+
+class Source(abc.ABC):
+    """Feeds a stream. Built by its config class's ``build()``; started after its stream
+    recovered its spool and stopped before the stream stops.
+
+    Contract: a source advances its position (a file offset, a shard checkpoint) only in the
+    same spool frame as the records it covers (``SourceSink.put(positions=...)``), and treats the
+    position as acknowledged only once ``put`` returned. A restart, even after ``kill -9``,
+    resumes from ``SourceSink.positions``: no gap, no duplicate. When the spool is full a source
+    stops reading (back-pressure); it never drops a record. Every blocking call has a timeout, so
+    ``stop`` returns promptly.
+    """
+
+    #: Firehose's DeliveryStreamType for a stream fed by this source.
+    stream_type: str = "DirectPut"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Begin reading in the background; must not fail when the upstream is down (it retries)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop reading; what was acknowledged is in the spool."""
+
+    def describe(self) -> dict[str, Any]:
+        """The member of DescribeDeliveryStream's ``Source`` this source fills."""
+        return {}

@@ -58,6 +58,23 @@ class Metrics:
             [LABEL, "reason"], registry=r)
         self.partition_spills = counter(
             "PartitionSpills", "Partition buffers whose records were dropped from memory and read back from the spool")
+        # Kinesis Data Streams source (Firehose: DataReadFromKinesisStream.*, KinesisMillisBehindLatest,
+        # Throttled*); the last two are this daemon's own.
+        self.kinesis_read_records = counter(
+            "DataReadFromKinesisStream_Records", "Kinesis records read (before KPL de-aggregation)")
+        self.kinesis_read_bytes = counter("DataReadFromKinesisStream_Bytes", "Kinesis record bytes read")
+        self.kinesis_millis_behind = gauge(
+            "KinesisMillisBehindLatest", "How far the most lagging shard is behind the stream's tip, in ms")
+        self.kinesis_throttled_get_records = counter("ThrottledGetRecords", "GetRecords calls throttled")
+        self.kinesis_throttled_get_shard_iterator = counter(
+            "ThrottledGetShardIterator", "GetShardIterator calls throttled")
+        self.kinesis_throttled_describe_stream = counter(
+            "ThrottledDescribeStream", "ListShards calls throttled (Firehose's ThrottledDescribeStream)")
+        self.kinesis_checkpoints_trimmed = counter(
+            "KinesisCheckpointsTrimmed",
+            "Shard checkpoints the stream no longer held (expired past retention); reading resumed at TRIM_HORIZON")
+        self.kinesis_kpl_failed = counter(
+            "KinesisKplDeaggregationFailed", "KPL aggregates that did not verify, archived as processing-failed")
         self.spool_bytes = gauge("SpoolBytes", "Bytes held in the stream's spool")
         self.backlog_records = gauge("BacklogRecords", "Acknowledged records not yet delivered")
 

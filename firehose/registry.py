@@ -2,7 +2,8 @@
 
 Built-ins are named here as import strings and imported lazily, so the core never imports a
 plugin it does not use and a missing optional dependency fails only for the stream that needs
-it. Third-party plugins register through the ``firehose.destinations`` entry-point group.
+it. Third-party plugins register through the ``firehose.destinations``, ``firehose.processors``
+and ``firehose.sources`` entry-point groups.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ BUILTIN_DESTINATIONS: dict[str, str] = {
     "s3": "destinations.s3:S3DestinationConfig",
     "local": "destinations.local:LocalDestinationConfig",
     "redshift": "destinations.redshift:RedshiftDestinationConfig",
+}
+
+BUILTIN_SOURCES: dict[str, str] = {
+    "kinesis": "firehose.sources.kinesis:KinesisSourceConfig",
 }
 
 
@@ -40,14 +45,23 @@ def load(target: str) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def processor_config_class(type_name: str) -> type:
-    if type_name in BUILTIN_PROCESSORS:
-        return load(BUILTIN_PROCESSORS[type_name])  # type: ignore[no-any-return]
-    plugins = _plugins("firehose.processors")
+def _config_class(type_name: str, builtins: dict[str, str], group: str) -> type:
+    if type_name in builtins:
+        return load(builtins[type_name])  # type: ignore[no-any-return]
+    plugins = _plugins(group)
     if type_name in plugins:
         return plugins[type_name].load()  # type: ignore[no-any-return]
-    known = ", ".join(sorted(set(BUILTIN_PROCESSORS) | set(plugins)))
+    known = ", ".join(sorted(set(builtins) | set(plugins)))
     raise UnknownTypeError(f"unknown type {type_name!r}; known: {known}")
+
+
+def processor_config_class(type_name: str) -> type:
+    return _config_class(type_name, BUILTIN_PROCESSORS, "firehose.processors")
+
+
+def source_config_class(type_name: str) -> type:
+    """The config class for a source ``type:``; ``UnknownTypeError`` names the known ones."""
+    return _config_class(type_name, BUILTIN_SOURCES, "firehose.sources")
 
 
 class UnknownTypeError(ValueError):
@@ -64,10 +78,4 @@ def known_destination_types() -> list[str]:
 
 def destination_config_class(type_name: str) -> type:
     """The config class for a destination ``type:``; ``UnknownTypeError`` names the known ones."""
-    if type_name in BUILTIN_DESTINATIONS:
-        return load(BUILTIN_DESTINATIONS[type_name])  # type: ignore[no-any-return]
-    plugins = _plugins("firehose.destinations")
-    if type_name in plugins:
-        return plugins[type_name].load()  # type: ignore[no-any-return]
-    known = ", ".join(known_destination_types())
-    raise UnknownTypeError(f"unknown type {type_name!r}; known: {known}")
+    return _config_class(type_name, BUILTIN_DESTINATIONS, "firehose.destinations")

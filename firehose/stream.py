@@ -30,7 +30,7 @@ import structlog
 
 from firehose.clock import Clock, SystemClock
 from firehose.config import StreamConfig
-from firehose.interfaces import Batch, BuildContext, Destination
+from firehose.interfaces import Batch, BuildContext, Destination, Source
 from firehose.intervals import Ranges
 from firehose.metrics import Metrics
 from firehose.spool import RecordFrame, RecoveryState, SealedBatch, Spool, SpoolError, SpoolFullError
@@ -175,6 +175,7 @@ class StreamRuntime:
         self.log = structlog.get_logger().bind(stream=self.name)
         self.spool = self._make_spool(os.path.join(data_dir, "spool", self.name))
         self.destination: Destination | None = None
+        self.sources: list[Source] = []
         self.archive: Destination | None = None  # where failed records go (backup, or the destination)
         self.chain: Any = None
         # The spool the batcher reads: the ingest spool, or (with processing) the spool of
@@ -259,8 +260,10 @@ class StreamRuntime:
             from firehose.registry import PROCESSING_CHAIN, load
 
             arn = f"arn:aws:firehose:{self.region}:{self.account_id}:deliverystream/{self.name}"
+            kinesis = [s for s in self.config.sources if s.stream_type == "KinesisStreamAsSource"]
             self.chain = load(PROCESSING_CHAIN)(
-                self.config.processing, stream_arn=arn, region=self.region, converter=converter
+                self.config.processing, stream_arn=arn, region=self.region, converter=converter,
+                source_kinesis_stream_arn=kinesis[0].arn_for(self.region, self.account_id) if kinesis else None,
             )
             await self.chain.start()
         recovery = self.recovery
@@ -311,15 +314,21 @@ class StreamRuntime:
         self._dispatch()
         self._wake.set()
         self._update_gauges()
+        for source_config in self.config.sources:
+            source = source_config.build(ctx, self)
+            await source.start()
+            self.sources.append(source)
         return self.recovery
 
     async def stop(self, timeout: float) -> bool:
         """Stop accepting, seal the open buffer, deliver within ``timeout`` seconds. What is not
         delivered by then stays in the spool (sealed batches keep their keys). Returns True when
         everything sealed was delivered."""
+        deadline = time.monotonic() + timeout
+        for source in self.sources:  # first, so what they acknowledged is all in the spool
+            await source.stop()
         self._accepting = False
         self._stopping = True
-        deadline = time.monotonic() + timeout
         if self._proc_task is not None:
             self._proc_task.cancel()
             await asyncio.gather(self._proc_task, return_exceptions=True)
@@ -365,8 +374,13 @@ class StreamRuntime:
     def accepting(self) -> bool:
         return self._accepting
 
-    async def put(self, records: list[bytes], arrival_ms: int | None = None, *, nbytes: int | None = None) -> int:
+    async def put(
+        self, records: list[bytes], arrival_ms: int | None = None, *, nbytes: int | None = None,
+        meta: list[Any] | None = None, positions: dict[str, Any] | None = None,
+    ) -> int:
         """Append records and return once they are durable; the first record's sequence number.
+        A source passes per-record ``meta`` (``{"kinesis": {...}}``: kinesisRecordMetadata) and
+        the ``positions`` the records bring it to, written in the same frame.
 
         Raises :class:`SpoolFullError` (nothing written) when the spool is at its cap."""
         if not self._accepting:
@@ -374,7 +388,7 @@ class StreamRuntime:
         arrival = self.clock.now_ms() if arrival_ms is None else arrival_ms
         if nbytes is None:
             nbytes = sum(map(len, records))
-        first = self.spool.append_records(records, arrival, nbytes=nbytes)
+        first = self.spool.append_records(records, arrival, nbytes=nbytes, meta=meta, positions=positions)
         self._wake.set()
         self._proc_wake.set()
         await self.spool.wait_durable()
@@ -382,6 +396,11 @@ class StreamRuntime:
         self._m_in_bytes.inc(nbytes)
         self._m_in_requests.inc()
         return first
+
+    @property
+    def positions(self) -> dict[str, Any]:
+        """Source positions committed in the ingest spool."""
+        return self.spool.positions
 
     def has_room(self, nbytes: int) -> bool:
         """The stream's cap counts every spool it owns (ingest and recorded outcomes)."""
@@ -815,12 +834,24 @@ class StreamRuntime:
             SourceRecord(str(seq), data, arrival, meta.get("kinesis") if isinstance(meta, dict) else None)
             for seq, data, arrival, meta in pending
         ]
-        task = asyncio.get_running_loop().create_task(self._run_chain(sources))
+        task = asyncio.get_running_loop().create_task(self._run_chain(pending, sources))
         await queue.put((pending, sources, task))
 
-    async def _run_chain(self, sources: list[Any]) -> list[Any]:
+    async def _run_chain(self, pending: list[tuple[int, bytes, int, Any]], sources: list[Any]) -> list[Any]:
         t0 = time.monotonic()
-        outcomes = list(await self.chain.process(sources))
+        # A record its source already failed (a KPL aggregate that does not verify) skips the chain.
+        failed = {i: m["err"] for i, (_, _, _, m) in enumerate(pending) if isinstance(m, dict) and "err" in m}
+        if not failed:
+            outcomes = list(await self.chain.process(sources))
+        else:
+            from transforms.records import Outcome
+
+            keep = [i for i in range(len(sources)) if i not in failed]
+            outcomes = list(await self.chain.process([sources[i] for i in keep])) if keep else []
+            for o in outcomes:
+                o.source = keep[o.source]
+            outcomes += [Outcome(i, sources[i].data).failed(e["c"], e["m"], e["t"]) for i, e in failed.items()]
+            outcomes.sort(key=lambda o: o.source)  # stable: a record's outcomes keep their order
         self.metrics.execute_processing_seconds.labels(self.name).inc(time.monotonic() - t0)
         self.metrics.execute_processing_calls.labels(self.name).inc()
         return outcomes
@@ -837,7 +868,7 @@ class StreamRuntime:
                 except Exception as exc:  # a bug in a stage: run the same buffer again, in order
                     self.log.exception("processing_failed", error=str(exc))
                     await asyncio.sleep(1.0)
-                    task = asyncio.get_running_loop().create_task(self._run_chain(sources))
+                    task = asyncio.get_running_loop().create_task(self._run_chain(pending, sources))
             await self._record_reliably(pending, outcomes)
 
     async def _record_reliably(self, pending: list[tuple[int, bytes, int, Any]], outcomes: list[Any]) -> None:

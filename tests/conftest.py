@@ -45,3 +45,17 @@ def postgres() -> Iterator[object]:
     server.start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def kinesalite() -> Iterator[object]:
+    """A kinesalite server (Kinesis Data Streams) for the session; skipped without node."""
+    from kinesalite import Kinesalite, available
+
+    reason = available()
+    if reason is not None:
+        pytest.skip(reason)
+    server = Kinesalite()
+    server.start()
+    yield server
+    server.stop()

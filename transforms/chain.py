@@ -31,9 +31,13 @@ CONVERSION_BUFFER_BYTES = 8 << 20
 
 
 class ProcessingChain:
-    def __init__(self, configs: list[Any], *, stream_arn: str, region: str, converter: Any = None) -> None:
+    def __init__(
+        self, configs: list[Any], *, stream_arn: str, region: str, converter: Any = None,
+        source_kinesis_stream_arn: str | None = None,
+    ) -> None:
         self.stream_arn = stream_arn
         self.region = region
+        self.source_kinesis_stream_arn = source_kinesis_stream_arn  # the event's sourceKinesisStreamArn
         # Record format conversion: each record is checked against the schema here, so a record
         # that cannot be converted is archived (format-conversion-failed) instead of poisoning
         # its batch; batches are encoded at delivery with records known to convert.
@@ -148,7 +152,8 @@ class ProcessingChain:
             from transforms.lambda_ import invoke_with_retries
 
             return await invoke_with_retries(
-                self._invoker, records, retries=self._lambda.retries, stream_arn=self.stream_arn, region=self.region
+                self._invoker, records, retries=self._lambda.retries, stream_arn=self.stream_arn, region=self.region,
+                source_kinesis_stream_arn=self.source_kinesis_stream_arn,
             )
         else:
             outs = initial_outcomes(records)
@@ -180,7 +185,8 @@ class ProcessingChain:
             for k, o in enumerate(ok)
         ]
         results = await invoke_with_retries(
-            self._invoker, batch, retries=self._lambda.retries, stream_arn=self.stream_arn, region=self.region
+            self._invoker, batch, retries=self._lambda.retries, stream_arn=self.stream_arn, region=self.region,
+            source_kinesis_stream_arn=self.source_kinesis_stream_arn,
         )
         mapped: dict[int, list[Outcome]] = {}
         for r in results:

@@ -1,0 +1,571 @@
+"""Kinesis Data Streams as a source: Firehose's ``KinesisStreamAsSource`` (reference §2).
+
+Guarantee: exactly once into the spool. Every shard is read in sequence-number order with
+GetRecords; each response's records go into the spool in the same frame as the shard's checkpoint
+(sequence number and sub-sequence number of the last user record), so a restart, even after
+``kill -9``, resumes right after the last record the spool holds: no gap, no duplicate.
+
+* **Resharding.** A shard made by ``SplitShard`` or ``MergeShards`` is read only once all its
+  parents (``ParentShardId``, ``AdjacentParentShardId``) that are still listed have been read to
+  their end (GetRecords returned no ``NextShardIterator``), and that end is itself recorded in the
+  spool, before any of the child's records. Records of one partition key therefore reach the
+  spool, and every object, in the order the stream holds them. New shards are found by re-listing
+  when a shard ends and every ``shard_discovery_interval_secs``; a parent no longer listed has
+  expired and its children are read as roots.
+* **KPL aggregates** are de-aggregated here, before the spool (Firehose de-aggregates records of a
+  KDS source before Lambda and before delivery): each user record keeps its partition key and gets
+  ``kinesisRecordMetadata`` (``shardId``, ``partitionKey``, ``approximateArrivalTimestamp``,
+  ``sequenceNumber``, ``subsequenceNumber``) as its spool metadata, which the processing stage hands
+  to a Lambda. An aggregate that does not verify (bad MD5, malformed protobuf) is archived whole as
+  ``processing-failed`` with code ``Kinesis.KplDeaggregationFailed``, never delivered as garbage.
+* **Start position.** ``trim_horizon``; ``at_timestamp`` (+ ``timestamp``); or ``latest``, which is
+  Firehose's ``DeliveryStartTimestamp``: the time the stream first started, recorded in the spool,
+  so a shard that had no records yet when the daemon restarted is not skipped past.
+* **Errors.** Throttling (``ProvisionedThroughputExceededException``, ``LimitExceededException``),
+  an expired iterator, an unreachable endpoint and a deleted stream are retried with exponential
+  backoff and full jitter, without limit (Firehose keeps such a stream ACTIVE). A checkpoint the
+  stream no longer has (data expired past retention: GetShardIterator answers
+  ``InvalidArgumentException``) is logged as ``kinesis_checkpoint_trimmed``, counted in
+  ``KinesisCheckpointsTrimmed`` and the shard is read again from ``TRIM_HORIZON``.
+* **Back-pressure.** While the spool is at its cap no shard is read; nothing is dropped.
+
+GetRecords runs at most ``1000 / poll_interval_ms`` times a second per shard when caught up (Firehose:
+once a second, sharing the shard's 5 calls/s with other consumers), and back to back, at most 5 a
+second, while a shard is behind. boto3 calls run on the source's own worker threads, each with a
+connect and read timeout, so a slow endpoint never blocks the event loop or other streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from firehose.clock import Clock, SystemClock
+from firehose.interfaces import BuildContext, Source, SourceSink
+from firehose.spool import SpoolError, SpoolFullError
+from transforms.kpl import KplError, deaggregate
+from transforms.records import PROCESSING_FAILED
+
+ARN_RE = re.compile(r"^arn:aws[a-z-]*:kinesis:([a-z0-9-]{1,32}):(\d{12}):stream/([a-zA-Z0-9_.-]{1,128})$")
+STREAM_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
+KPL_DEAGGREGATION_FAILED = "Kinesis.KplDeaggregationFailed"
+
+# At most 5 GetRecords calls a second per shard (Kinesis's limit, shared with other consumers).
+MIN_CALL_GAP_SECS = 0.2
+# Records of one GetRecords response go into spool frames of at most this many bytes (a 10 MiB
+# response is several frames, each with its checkpoint).
+FRAME_BYTES = 4 << 20
+
+_THROTTLED = {"ProvisionedThroughputExceededException", "LimitExceededException", "ThrottlingException"}
+
+
+class KinesisSourceConfig(BaseModel):
+    """``streams[].sources[]`` entry ``type: kinesis``; see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    stream_type: ClassVar[str] = "KinesisStreamAsSource"
+    exclusive: ClassVar[bool] = True  # Firehose: a KinesisStreamAsSource stream has no other source
+
+    type: Literal["kinesis"]
+    stream_arn: str | None = None
+    stream_name: str | None = Field(default=None, validate_default=True)
+    region: str | None = None
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    initial_position: Literal["trim_horizon", "latest", "at_timestamp"] = "latest"
+    timestamp: datetime | str | None = Field(default=None, validate_default=True)
+    poll_interval_ms: int = Field(default=1000, ge=200, le=60_000)
+    max_records_per_call: int = Field(default=10_000, ge=1, le=10_000)
+    shard_discovery_interval_secs: int = Field(default=30, ge=1, le=3600)
+    connect_timeout_secs: int = Field(default=5, ge=1, le=300)
+    read_timeout_secs: int = Field(default=30, ge=1, le=300)
+    retry_initial_backoff_ms: int = Field(default=200, ge=1)
+    retry_max_backoff_ms: int = Field(default=10_000, ge=1)
+
+    @field_validator("stream_arn")
+    @classmethod
+    def _arn(cls, v: str | None) -> str | None:
+        if v is not None and not ARN_RE.fullmatch(v):
+            raise ValueError(f"must be arn:aws:kinesis:<region>:<12-digit account>:stream/<name>, got {v!r}")
+        return v
+
+    @field_validator("stream_name")
+    @classmethod
+    def _name(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if "stream_arn" not in info.data:  # the ARN itself was invalid: reported there
+            return v
+        arn = info.data["stream_arn"]
+        if v is None:
+            if arn is None:
+                raise ValueError("required field is missing (or give stream_arn)")
+            return None
+        if not STREAM_NAME_RE.fullmatch(v):
+            raise ValueError(f"must match [a-zA-Z0-9_.-]{{1,128}} (a Kinesis stream name), got {v!r}")
+        if arn is not None and ARN_RE.fullmatch(arn).group(3) != v:  # type: ignore[union-attr]
+            raise ValueError(f"names another stream than stream_arn ({arn!r}), got {v!r}")
+        return v
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z0-9-]{1,32}", v):
+            raise ValueError(f"must be a region name such as us-east-1, got {v!r}")
+        return v
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp(cls, v: datetime | str | None, info: ValidationInfo) -> datetime | None:
+        position = info.data.get("initial_position")
+        if v is None:
+            if position == "at_timestamp":
+                raise ValueError("required when initial_position is at_timestamp")
+            return None
+        if position != "at_timestamp":
+            raise ValueError(f"is only used with initial_position: at_timestamp (initial_position is {position})")
+        if isinstance(v, str):
+            try:
+                v = datetime.fromisoformat(v)
+            except ValueError:
+                raise ValueError(f"must be an ISO 8601 time such as 2024-05-01T00:00:00Z, got {v!r}") from None
+        if v.tzinfo is None:
+            raise ValueError(f"must include a time zone, such as 2024-05-01T00:00:00Z, got {v.isoformat()!r}")
+        return v.astimezone(UTC)
+
+    @property
+    def name(self) -> str:
+        if self.stream_name is not None:
+            return self.stream_name
+        return ARN_RE.fullmatch(self.stream_arn or "").group(3)  # type: ignore[union-attr]
+
+    def region_for(self, default: str) -> str:
+        if self.region is not None:
+            return self.region
+        if self.stream_arn is not None:
+            return ARN_RE.fullmatch(self.stream_arn).group(1)  # type: ignore[union-attr]
+        return default
+
+    def arn_for(self, region: str, account_id: str) -> str:
+        return self.stream_arn or f"arn:aws:kinesis:{self.region_for(region)}:{account_id}:stream/{self.name}"
+
+    def build(self, ctx: BuildContext, sink: SourceSink) -> KinesisSource:
+        return KinesisSource(self, ctx, sink)
+
+
+@dataclass
+class _Shard:
+    """A shard's reading state: the checkpoint (the last user record in the spool)."""
+
+    shard_id: str
+    seq: str | None = None
+    sub: int = 0
+    whole: bool = True  # the record at ``seq`` is entirely in the spool
+    done: bool = False  # read to its end (closed shards only)
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class _Retry(Exception):
+    """A call failed in a way worth retrying after a backoff."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class KinesisSource(Source):
+    """Tails one Kinesis data stream into its delivery stream's spool; see the module docstring.
+
+    Runs on the daemon's event loop; only boto3 calls run on its worker threads."""
+
+    stream_type = KinesisSourceConfig.stream_type
+
+    def __init__(
+        self,
+        config: KinesisSourceConfig,
+        ctx: BuildContext,
+        sink: SourceSink,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        client: Any = None,
+    ) -> None:
+        self.config = config
+        self.sink = sink
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.stream_name = config.name
+        self.region = config.region_for(ctx.region)
+        self.arn = config.arn_for(ctx.region, ctx.account_id)
+        self.account_id = ctx.account_id
+        self.log = ctx.log.bind(source="kinesis", kinesis_stream=self.stream_name)
+        self._client = client
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"kinesis-{ctx.stream_name}")
+        self._shards: dict[str, _Shard] = {}
+        self._start_ms: int | None = None
+        self._skip: dict[str, tuple[str, int]] = {}  # shard -> (seq, sub) already in the spool
+        self._behind: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        m = sink.metrics
+        label = ctx.stream_name
+        self._m_records = m.kinesis_read_records.labels(label)
+        self._m_bytes = m.kinesis_read_bytes.labels(label)
+        self._m_behind = m.kinesis_millis_behind.labels(label)
+        self._m_throttled = {
+            "get_records": m.kinesis_throttled_get_records.labels(label),
+            "get_shard_iterator": m.kinesis_throttled_get_shard_iterator.labels(label),
+            "list_shards": m.kinesis_throttled_describe_stream.labels(label),
+        }
+        self._m_trimmed = m.kinesis_checkpoints_trimmed.labels(label)
+        self._m_kpl_failed = m.kinesis_kpl_failed.labels(label)
+
+    # ------------------------------------------------------------------ keys in the spool
+    @property
+    def _prefix(self) -> str:
+        return f"kinesis/{self.stream_name}"
+
+    def _key(self, shard_id: str) -> str:
+        return f"{self._prefix}/{shard_id}"
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = await asyncio.get_running_loop().run_in_executor(self._pool, self._make_client)
+        positions = self.sink.positions
+        for key, pos in positions.items():
+            if key.startswith(self._prefix + "/") and isinstance(pos, dict):
+                shard_id = key[len(self._prefix) + 1 :]
+                self._shards[shard_id] = _Shard(
+                    shard_id, pos.get("seq"), int(pos.get("sub", 0)), bool(pos.get("whole", True)),
+                    bool(pos.get("done", False)),
+                )
+        mine = positions.get(self._prefix)
+        if isinstance(mine, dict) and isinstance(mine.get("start_ms"), int):
+            self._start_ms = mine["start_ms"]
+        else:
+            # The DeliveryStartTimestamp, recorded once: "latest" means records from here on.
+            c = self.config
+            self._start_ms = int(c.timestamp.timestamp() * 1000) if isinstance(c.timestamp, datetime) else (
+                self.clock.now_ms()
+            )
+            await self.sink.put([], self._start_ms, positions={self._prefix: {"start_ms": self._start_ms}})
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kinesis-{self.stream_name}")
+        self.log.info("kinesis_source_started", shards_checkpointed=len(self._shards),
+                      initial_position=self.config.initial_position)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = [t for t in [self._task, *(s.task for s in self._shards.values())] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # A call still in a worker thread ends by its own timeout; nobody waits for it.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.log.info("kinesis_source_stopped")
+
+    def describe(self) -> dict[str, Any]:
+        desc: dict[str, Any] = {
+            "KinesisStreamARN": self.arn,
+            "RoleARN": f"arn:aws:iam::{self.account_id}:role/firehose",
+        }
+        if self._start_ms is not None:
+            desc["DeliveryStartTimestamp"] = round(self._start_ms / 1000.0, 3)
+        return {"KinesisStreamSourceDescription": desc}
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        c = self.config
+        cfg = Config(
+            connect_timeout=c.connect_timeout_secs,
+            read_timeout=c.read_timeout_secs,
+            retries={"total_max_attempts": 1},  # retries are ours: backoff without limit
+            max_pool_connections=32,
+        )
+        kwargs: dict[str, Any] = {"region_name": self.region, "config": cfg}
+        if c.endpoint_url:
+            kwargs["endpoint_url"] = c.endpoint_url
+        if c.access_key_id and c.secret_access_key:
+            kwargs["aws_access_key_id"] = c.access_key_id
+            kwargs["aws_secret_access_key"] = c.secret_access_key
+        return boto3.session.Session().client("kinesis", **kwargs)
+
+    # ------------------------------------------------------------------ calls
+    async def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        """One Kinesis call on a worker thread. Raises :class:`_Retry` for what is worth retrying
+        (throttling, expiry, the endpoint down, the stream gone), ``ClientError`` otherwise."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        fn = functools.partial(getattr(self._client, op), **kwargs)
+        try:
+            result: dict[str, Any] = await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+            return result
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", "")).rpartition("#")[2]
+            if code in _THROTTLED:
+                self._m_throttled[op].inc()
+                raise _Retry(code, str(err.get("Message", ""))) from None
+            if code in ("ExpiredIteratorException", "ResourceNotFoundException", "ResourceInUseException",
+                        "KMSThrottlingException", "InternalFailure", "ServiceUnavailable") or (
+                exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+            ):
+                raise _Retry(code, str(err.get("Message", ""))) from None
+            raise
+        except BotoCoreError as exc:  # connection refused or reset, timeouts
+            raise _Retry(type(exc).__name__, str(exc)) from None
+
+    def _backoff(self, failures: int) -> float:
+        c = self.config
+        ms = min(c.retry_max_backoff_ms, c.retry_initial_backoff_ms * 2 ** min(failures - 1, 20))
+        return self.rng.uniform(ms / 2, ms) / 1000.0
+
+    # ------------------------------------------------------------------ shard discovery
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                listed = await self._list_shards()
+                failures = 0
+                await self._sync(listed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # _Retry, a refused call, or a bug: list again after a pause
+                failures += 1
+                delay = self._backoff(failures)
+                self.log.warning("kinesis_list_shards_failed", error=str(exc)[:300], retry_in_secs=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.shard_discovery_interval_secs)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _list_shards(self) -> dict[str, dict[str, Any]]:
+        shards: dict[str, dict[str, Any]] = {}
+        resp = await self._call("list_shards", StreamName=self.stream_name)
+        while True:
+            for s in resp.get("Shards", []):
+                shards[s["ShardId"]] = s
+            token = resp.get("NextToken")
+            if not token:
+                return shards
+            resp = await self._call("list_shards", NextToken=token)
+
+    async def _sync(self, listed: dict[str, dict[str, Any]]) -> None:
+        """Start a reader for every listed shard that is not finished and whose listed parents are."""
+        gone = [sid for sid in self._shards if sid not in listed and self._shards[sid].task is None]
+        for sid in gone:
+            shard = self._shards.pop(sid)
+            if not shard.done:
+                # Its unread records expired with it (past the stream's retention).
+                self._m_trimmed.inc()
+                self.log.error("kinesis_checkpoint_trimmed", shard_id=sid, sequence_number=shard.seq,
+                               reason="the shard expired before it was read to its end")
+        if gone:  # forget them in the spool too, so positions do not grow with every reshard
+            await self.sink.put([], self.clock.now_ms(), positions={self._key(sid): None for sid in gone})
+        for sid in sorted(listed):
+            shard = self._shards.setdefault(sid, _Shard(sid))
+            if shard.done or shard.task is not None:
+                continue
+            info = listed[sid]
+            parents = [p for p in (info.get("ParentShardId"), info.get("AdjacentParentShardId")) if p]
+            if any(p in listed and not self._shards.setdefault(p, _Shard(p)).done for p in parents):
+                continue
+            shard.task = asyncio.get_running_loop().create_task(self._read(shard), name=f"kinesis-{sid}")
+
+    # ------------------------------------------------------------------ reading one shard
+    async def _read(self, shard: _Shard) -> None:
+        failures = 0
+        iterator: str | None = None
+        try:
+            while not self._stopping:
+                started = self.clock.monotonic()
+                try:
+                    if iterator is None:
+                        iterator = await self._iterator(shard)
+                    await self._wait_for_room()
+                    resp = await self._call("get_records", ShardIterator=iterator,
+                                            Limit=self.config.max_records_per_call)
+                except _Retry as exc:
+                    if exc.code == "ExpiredIteratorException":
+                        iterator = None  # re-acquired from the checkpoint, at once
+                        continue
+                    failures += 1
+                    delay = self._backoff(failures)
+                    self.log.warning("kinesis_read_retry_scheduled", shard_id=shard.shard_id, error_code=exc.code,
+                                     error_message=exc.message[:300], retry_in_secs=round(delay, 3))
+                    await asyncio.sleep(delay)
+                    continue
+                failures = 0
+                records = resp.get("Records") or []
+                if records:
+                    await self._ingest(shard, records)
+                behind = resp.get("MillisBehindLatest")
+                if isinstance(behind, int):
+                    self._behind[shard.shard_id] = behind
+                    self._m_behind.set(max(self._behind.values()))
+                iterator = resp.get("NextShardIterator")
+                if iterator is None:  # a closed shard, read to its end: its children may start
+                    await self._put_reliably([], [], {self._key(shard.shard_id): {"done": True}})
+                    shard.done = True
+                    self._behind.pop(shard.shard_id, None)
+                    self.log.info("kinesis_shard_finished", shard_id=shard.shard_id)
+                    return
+                gap = MIN_CALL_GAP_SECS if records and behind else self.config.poll_interval_ms / 1000.0
+                await asyncio.sleep(max(0.0, gap - (self.clock.monotonic() - started)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or a refused call: the next discovery pass restarts the shard
+            self.log.exception("kinesis_shard_reader_failed", shard_id=shard.shard_id, error=str(exc)[:300])
+            await asyncio.sleep(1.0)
+        finally:
+            shard.task = None
+            self._wake.set()
+
+    async def _iterator(self, shard: _Shard) -> str:
+        kwargs: dict[str, Any] = {"StreamName": self.stream_name, "ShardId": shard.shard_id}
+        self._skip.pop(shard.shard_id, None)
+        if shard.seq is not None:
+            if shard.whole:
+                kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=shard.seq)
+            else:  # part of an aggregate is in the spool: read it again, skipping what is there
+                kwargs.update(ShardIteratorType="AT_SEQUENCE_NUMBER", StartingSequenceNumber=shard.seq)
+            try:
+                resp = await self._call("get_shard_iterator", **kwargs)
+            except _Retry:
+                raise
+            except Exception as exc:
+                code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+                if code != "InvalidArgumentException":
+                    raise
+                # The checkpoint is older than the stream keeps (trimmed past retention).
+                self._m_trimmed.inc()
+                self.log.error("kinesis_checkpoint_trimmed", shard_id=shard.shard_id, sequence_number=shard.seq,
+                               error_message=str(exc)[:300], resumed_at="TRIM_HORIZON")
+                shard.seq, shard.sub, shard.whole = None, 0, True
+                return await self._initial_iterator(shard, "TRIM_HORIZON")
+            if not shard.whole:
+                self._skip[shard.shard_id] = (shard.seq, shard.sub)
+            return str(resp["ShardIterator"])
+        return await self._initial_iterator(shard, None)
+
+    async def _initial_iterator(self, shard: _Shard, kind: str | None) -> str:
+        kwargs: dict[str, Any] = {"StreamName": self.stream_name, "ShardId": shard.shard_id}
+        if kind is None and self.config.initial_position != "trim_horizon" and self._start_ms is not None:
+            kwargs.update(ShardIteratorType="AT_TIMESTAMP",
+                          Timestamp=datetime.fromtimestamp(self._start_ms / 1000.0, tz=UTC))
+        else:
+            kwargs.update(ShardIteratorType="TRIM_HORIZON")
+        return str((await self._call("get_shard_iterator", **kwargs))["ShardIterator"])
+
+    async def _wait_for_room(self) -> None:
+        paused = False
+        while not self.sink.accepting or not self.sink.has_room(FRAME_BYTES):
+            if not paused:
+                self.log.info("kinesis_source_paused", reason="spool full" if self.sink.accepting else "stopping")
+                paused = True
+            await asyncio.sleep(0.2)
+        if paused:
+            self.log.info("kinesis_source_resumed")
+
+    # ------------------------------------------------------------------ into the spool
+    async def _ingest(self, shard: _Shard, records: list[dict[str, Any]]) -> None:
+        """De-aggregate a GetRecords response and append it, in frames of at most FRAME_BYTES,
+        each with the checkpoint of its last user record."""
+        shard_id = shard.shard_id
+        skip = self._skip.pop(shard_id, None)
+        now = self.clock.now_ms()
+        key = self._key(shard_id)
+        datas: list[bytes] = []
+        metas: list[Any] = []
+        nbytes = 0
+        read_bytes = 0
+        position: dict[str, Any] = {}
+        for r in records:
+            seq = r["SequenceNumber"]
+            data = r["Data"]
+            read_bytes += len(data)
+            when = r.get("ApproximateArrivalTimestamp")
+            arrival = int(when.timestamp() * 1000) if isinstance(when, datetime) else now
+            pk = r.get("PartitionKey")
+            try:
+                users = deaggregate(data)
+                err = None
+            except KplError as exc:
+                users, err = None, str(exc)
+            if users is None:
+                meta: dict[str, Any] = {"kinesis": {
+                    "shardId": shard_id, "partitionKey": pk, "approximateArrivalTimestamp": arrival,
+                    "sequenceNumber": seq, "subsequenceNumber": 0,
+                }}
+                if err is not None:
+                    self._m_kpl_failed.inc()
+                    self.log.warning("kinesis_kpl_record_invalid", shard_id=shard_id, sequence_number=seq,
+                                     error=err[:300])
+                    meta["err"] = {"c": KPL_DEAGGREGATION_FAILED, "m": err, "t": PROCESSING_FAILED, "a": 1,
+                                   "ts": arrival, "e": now}
+                datas.append(data)
+                metas.append(meta)
+                nbytes += len(data)
+                position = {"seq": seq, "sub": 0, "whole": True}
+            else:
+                last = len(users) - 1
+                for user in users:
+                    if skip is not None and seq == skip[0] and user.sub_sequence <= skip[1]:
+                        continue
+                    datas.append(user.data)
+                    metas.append({"kinesis": {
+                        "shardId": shard_id, "partitionKey": user.partition_key,
+                        "approximateArrivalTimestamp": arrival, "sequenceNumber": seq,
+                        "subsequenceNumber": user.sub_sequence,
+                    }})
+                    nbytes += len(user.data)
+                    position = {"seq": seq, "sub": user.sub_sequence, "whole": user.sub_sequence == last}
+                    if nbytes >= FRAME_BYTES and user.sub_sequence != last:
+                        await self._put_reliably(datas, metas, {key: position}, nbytes)
+                        datas, metas, nbytes = [], [], 0
+                # An aggregate with no user records still moves the checkpoint.
+                position = {"seq": seq, "sub": max(last, 0), "whole": True}
+            if nbytes >= FRAME_BYTES:
+                await self._put_reliably(datas, metas, {key: position}, nbytes)
+                datas, metas, nbytes = [], [], 0
+        if position and (datas or position.get("seq") != shard.seq):
+            await self._put_reliably(datas, metas, {key: position}, nbytes)
+        self._m_records.inc(len(records))
+        self._m_bytes.inc(read_bytes)
+
+    async def _put_reliably(self, datas: list[bytes], metas: list[Any], positions: dict[str, Any],
+                            nbytes: int = 0) -> None:
+        """Append records with the checkpoint they reach; wait (never drop) while the spool is full.
+        The shard's in-memory checkpoint moves only once the frame is durable."""
+        failures = 0
+        while True:
+            try:
+                await self.sink.put(datas, self.clock.now_ms(), nbytes=nbytes,
+                                    meta=metas if datas else None, positions=positions)
+                break
+            except SpoolFullError:
+                await asyncio.sleep(0.2)
+            except (SpoolError, OSError) as exc:
+                failures += 1
+                delay = self._backoff(failures)
+                self.log.error("kinesis_spool_append_failed", error=str(exc)[:300], retry_in_secs=round(delay, 3))
+                await asyncio.sleep(delay)
+        for key, pos in positions.items():
+            shard = self._shards.get(key[len(self._prefix) + 1 :])
+            if shard is not None and isinstance(pos, dict) and "seq" in pos:
+                shard.seq, shard.sub, shard.whole = pos["seq"], pos["sub"], pos["whole"]
