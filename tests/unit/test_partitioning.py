@@ -30,7 +30,9 @@ def make_runtime(
     clock: ManualClock | None = None,
     seed: int = 1,
     delivery: str = "",
+    deaggregate: bool = False,
 ) -> StreamRuntime:
+    deagg = "\n      - {type: record_deaggregation, format: json}" if deaggregate else ""
     text = f"""
 streams:
   - name: s
@@ -38,7 +40,7 @@ streams:
     dynamic_partitioning: {{enabled: true{dp}}}
     {delivery}
     processing:
-      - {{type: metadata_extraction, query: '{query}'}}
+      - {{type: metadata_extraction, query: '{query}'}}{deagg}
       - {{type: append_delimiter}}
     destination:
       type: local
@@ -141,6 +143,23 @@ def test_records_whose_keys_cannot_be_extracted_are_archived_with_their_error(tm
         assert by_raw[raw]["errorCode"] == "DynamicPartitioning.MetadataExtractionFailed"
         assert fragment in by_raw[raw]["errorMessage"]
         assert by_raw[raw]["arrivalTimestamp"] == 1_714_566_000_000
+
+
+def test_multi_record_payloads_are_split_before_partitioning(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock, deaggregate=True)
+        await rt.start()
+        await rt.put([b'{"c": "a", "n": 1}{"c": "b", "n": 2}\n{"c": "a", "n": 3}', b'{"c": "b", "n": 4}'])
+        await settle(lambda: buffered(rt) == 4)
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records == 4)
+        await rt.stop(5)
+
+    asyncio.run(go())
+    got = {partition_of(k): v for k, v in files(tmp_path).items()}
+    assert got == {"c=a": b'{"c": "a", "n": 1}\n{"c": "a", "n": 3}\n', "c=b": b'{"c": "b", "n": 2}\n{"c": "b", "n": 4}\n'}
 
 
 def test_numbers_and_booleans_become_text_as_jq_writes_them(tmp_path: Path) -> None:
