@@ -1142,6 +1142,8 @@ class StreamRuntime:
         self.metrics.spool_bytes.labels(labels).set(self.spool.size_bytes + out_bytes)
         backlog = self.spool.next_seq - self.spool.min_seq - len(self.spool.committed)
         self.metrics.backlog_records.labels(labels).set(max(0, backlog))
+        if self._refs is not None:
+            self.metrics.partition_count.labels(labels).set(len(self._active))
         oldest: int | None = None
         if self._pending:
             # Thousands of partition batches can be pending: scan them at most once a second.

@@ -192,6 +192,8 @@ def test_active_partition_guard_archives_overflow_until_partitions_are_delivered
         await settle(lambda: exceeded._value.get() == 2)
         assert rt.status()["active_partitions"] == 3
         assert rt.metrics.partition_count_exceeded.labels("s")._value.get() == 1
+        rt._update_gauges()
+        assert rt.metrics.partition_count.labels("s")._value.get() == 3
         await flush(rt, clock, 60)
         await settle(lambda: rt.delivered_records == 4 and rt.archived_records == 2)
         assert rt.status()["active_partitions"] == 0
