@@ -9,7 +9,7 @@ Validation happens entirely before anything starts; a config class never does I/
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any, Literal
 
@@ -318,6 +318,31 @@ def _resolve_destination(
     )
 
 
+def _validate_typed(
+    items: list[Any], class_for: Callable[[str], type], path: Path, file: str, lines: Mapping[Path, int],
+    errors: list[str],
+) -> tuple[list[Any], bool]:
+    """Validate a list of ``type:``-keyed items (sources, processors) through their registry
+    lookup ``class_for``; returns the config objects and whether every item was valid."""
+    ok = True
+    out: list[Any] = []
+    for j, raw in enumerate(items):
+        ipath = path + (j,)
+        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+            errors.append(f"{file}:{_line_for(ipath, lines)}: {format_path(ipath)}: must be a mapping with a 'type' field")
+            ok = False
+            continue
+        try:
+            out.append(class_for(raw["type"]).model_validate(raw))  # type: ignore[attr-defined]
+        except UnknownTypeError as exc:
+            errors.append(f"{file}:{_line_for(ipath + ('type',), lines)}: {format_path(ipath)}.type: {exc}")
+            ok = False
+        except ValidationError as exc:
+            _collect(exc, ipath, file, lines, errors)
+            ok = False
+    return out, ok
+
+
 def _resolve_sources(
     stream: StreamConfig, base: Path, file: str, lines: Mapping[Path, int], errors: list[str]
 ) -> StreamConfig | None:
@@ -325,23 +350,7 @@ def _resolve_sources(
     ``exclusive`` (Kinesis: Firehose's KinesisStreamAsSource) must be the stream's only one."""
     from firehose.registry import source_config_class
 
-    ok = True
-    resolved: list[Any] = []
-    for j, raw in enumerate(stream.sources):
-        spath = base + ("sources", j)
-        sline = _line_for(spath, lines)
-        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
-            errors.append(f"{file}:{sline}: {format_path(spath)}: must be a mapping with a 'type' field")
-            ok = False
-            continue
-        try:
-            resolved.append(source_config_class(raw["type"]).model_validate(raw))  # type: ignore[attr-defined]
-        except UnknownTypeError as exc:
-            errors.append(f"{file}:{_line_for(spath + ('type',), lines)}: {format_path(spath)}.type: {exc}")
-            ok = False
-        except ValidationError as exc:
-            _collect(exc, spath, file, lines, errors)
-            ok = False
+    resolved, ok = _validate_typed(stream.sources, source_config_class, base + ("sources",), file, lines, errors)
     if ok and len(resolved) > 1:
         for j, source in enumerate(resolved):
             if getattr(source, "exclusive", False):
@@ -364,24 +373,9 @@ def _resolve_processing(
     """Validate ``processing:`` items through the processor registry and ``backup:``."""
     from firehose.registry import BACKUP_CONFIG, PROCESSING_CHECK, load, processor_config_class
 
-    ok = True
-    procs: list[Any] = []
-    for j, raw in enumerate(stream.processing):
-        ppath = base + ("processing", j)
-        pline = _line_for(ppath, lines)
-        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
-            errors.append(f"{file}:{pline}: {format_path(ppath)}: must be a mapping with a 'type' field")
-            ok = False
-            continue
-        try:
-            cls = processor_config_class(raw["type"])
-            procs.append(cls.model_validate(raw))  # type: ignore[attr-defined]
-        except UnknownTypeError as exc:
-            errors.append(f"{file}:{_line_for(ppath + ('type',), lines)}: {format_path(ppath)}.type: {exc}")
-            ok = False
-        except ValidationError as exc:
-            _collect(exc, ppath, file, lines, errors)
-            ok = False
+    procs, ok = _validate_typed(
+        stream.processing, processor_config_class, base + ("processing",), file, lines, errors
+    )
     if ok and procs:
         try:
             load(PROCESSING_CHECK)(procs)
@@ -398,6 +392,11 @@ def _resolve_processing(
         except ValidationError as exc:
             _collect(exc, bpath, file, lines, errors)
             ok = False
+    elif getattr(stream.destination, "requires_backup", False):
+        # Firehose's S3Configuration of OpenSearch, Splunk and HTTP endpoints: failed records go there.
+        errors.append(f"{file}:{_line_for(base + ('destination',), lines)}: {format_path(base + ('backup',))}: "
+                      f"required for a {stream.destination.type} destination (where its failed records are archived)")
+        ok = False
     fmt = None
     if stream.format is not None:
         from firehose.registry import FORMAT_CONFIG

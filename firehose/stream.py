@@ -118,6 +118,13 @@ PARTITION_BYTES = 512
 SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (backup mode: all)
 
 
+def _routes(metas: list[Any]) -> bool:
+    """Whether a frame's records need the per-record path: some go elsewhere than the main
+    buffer (failed, or source copies). Metadata that only describes records (a Kinesis source's
+    kinesisRecordMetadata) does not."""
+    return any(isinstance(m, dict) and ("err" in m or "src" in m) for m in metas)
+
+
 def error_record_line(data: bytes, err: dict[str, Any]) -> bytes:
     """One Firehose error record (reference §4.2), a JSON document per line. ``rawData`` is the
     record as it was before the failing stage."""
@@ -476,7 +483,7 @@ class StreamRuntime:
                 continue
             first = frame.first_seq
             n = len(frame.records)
-            if frame.meta is not None or self._refs is not None:
+            if self._refs is not None or (frame.meta is not None and _routes(frame.meta)):
                 if not await self._pump_routed(frame):
                     return
                 continue

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support import free_port
+from support import free_port, terminate
 
 PACKAGE_DIR = Path(__file__).resolve().parent / "kinesalite"
 CLI = PACKAGE_DIR / "node_modules" / "kinesalite" / "cli.js"
@@ -87,10 +87,5 @@ class Kinesalite:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)

