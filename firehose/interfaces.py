@@ -31,9 +31,14 @@ class BufferingLimits:
 
 @dataclass(frozen=True)
 class RecordFailure:
+    """Why one record was not delivered. ``retryable=False`` (e.g. an OpenSearch mapping error):
+    the runner archives it at once instead of retrying. ``fields`` are extra members of its error
+    record (``esDocumentId``, ``EventId``, ...), written beside Firehose's common ones."""
+
     retryable: bool
     error_code: str
     error_message: str
+    fields: dict[str, Any] | None = None
 
 
 @dataclass
@@ -75,6 +80,9 @@ class Batch:
     meta: Sequence[Any] | None = None
     delimiter: bytes | None = None  # AppendDelimiterToRecord: written after every record
     archive: bool = False  # error records or source copies: written as they are, never converted
+    # On a retry, each record's position in the sealed batch (None: records are the whole batch),
+    # so per-record identities (document ids, event ids) stay the same on every attempt.
+    indices: Sequence[int] | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -105,7 +113,14 @@ class Destination(abc.ABC):
       every network call inside it has a timeout.
     * Each destination documents its guarantee (S3 and local: exactly-once objects, since a
       replay overwrites the same key).
+    * ``retry_duration_secs`` (Firehose's RetryOptions) bounds how long the runner retries a
+      batch after its first failed attempt; then its undelivered records, and at once any record
+      reported ``retryable=False``, are archived as ``error_output_type`` (``splunk-failed``,
+      ...). None (the default): retried without limit, as for S3.
     """
+
+    retry_duration_secs: float | None = None
+    error_output_type: str | None = None
 
     async def start(self) -> None:
         """Open connections; must not fail when the destination is down (delivery retries)."""

@@ -19,6 +19,7 @@ import bisect
 import os
 import random
 import time
+import zlib
 from array import array
 from collections import deque
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import structlog
 
 from firehose.clock import Clock, SystemClock
 from firehose.config import StreamConfig
-from firehose.interfaces import Batch, BuildContext, Destination, Source
+from firehose.interfaces import Batch, BuildContext, Destination, RecordFailure, Source
 from firehose.intervals import Ranges
 from firehose.metrics import Metrics
 from firehose.spool import RecordFrame, RecoveryState, SealedBatch, Spool, SpoolError, SpoolFullError
@@ -152,6 +153,10 @@ def error_record_line(data: bytes, err: dict[str, Any]) -> bytes:
     }
     if err.get("l") and err.get("t") == "processing-failed":
         doc["lambdaArn"] = err["l"]
+    if err.get("x"):  # a destination's own members (esDocumentId, EventId, ...), before rawData
+        raw = doc.pop("rawData")
+        doc.update(err["x"])
+        doc["rawData"] = raw
     return orjson.dumps(doc) + b"\n"
 
 
@@ -1020,15 +1025,24 @@ class StreamRuntime:
         d = self.config.delivery
         labels = self.name
         # Dynamic partitioning's RetryOptions: how long one prefix is retried before its records
-        # are archived (delivery-failed); without it delivery retries without limit.
+        # are archived (delivery-failed). A destination with a retry window of its own (OpenSearch,
+        # Splunk, HTTP endpoint) starts it at the first failed attempt, as Firehose does, and
+        # archives under its error-output type. Without either, delivery retries without limit.
         expires: float | None = None
+        expire_type = DELIVERY_FAILED
+        window = destination.retry_duration_secs if sink == "main" else None
         if sink == "main" and pending.partition is not None and self.config.dynamic_partitioning is not None:
             expires = self.clock.monotonic() + self.config.dynamic_partitioning.retry_duration_secs
+        elif window is not None and destination.error_output_type:
+            expire_type = destination.error_output_type
+        rejected_type = destination.error_output_type if sink == "main" else None
         expired = 0
         while True:
             attempt += 1
             subset = records if len(todo) == len(records) else [records[i] for i in todo]
             batch = Batch(self.name, sealed.batch_id, sealed.key, subset, sealed.oldest_arrival_ms, attempt)
+            if len(todo) != len(records):
+                batch.indices = todo
             if sink == "main" and self.chain is not None:
                 batch.delimiter = self.chain.delimiter
             batch.archive = sink != "main"
@@ -1046,8 +1060,21 @@ class StreamRuntime:
             self.metrics.delivery_success.labels(labels).set(0)
             self.metrics.delivery_failures.labels(labels).inc()
             first = next(iter(result.failures.values()))
-            # Rejected records have nowhere else to go until a backup location exists, so
-            # they are retried too: nothing acknowledged is ever dropped silently.
+            if rejected_type is not None:
+                # Records the destination refuses for good (a mapping error) are archived at once;
+                # without an error-output type they are retried: never dropped silently.
+                rejected = sorted(i for i, f in result.failures.items() if not f.retryable)
+                if rejected:
+                    items = [(todo[i], result.failures[i]) for i in rejected]
+                    await self._archive_failed(sealed, rejected_type, records, items, attempt)
+                    expired += len(rejected)
+                    if len(rejected) == len(result.failures):
+                        self.metrics.delivery_success.labels(labels).set(1)
+                        break
+                    first = next(f for f in result.failures.values() if f.retryable)
+                    result.failures = {i: f for i, f in result.failures.items() if f.retryable}
+            if window is not None and expires is None:
+                expires = self.clock.monotonic() + window
             todo = [todo[i] for i in sorted(result.failures)]
             backoff_ms = min(d.retry_max_backoff_ms, d.retry_initial_backoff_ms * (2 ** min(attempt - 1, 20)))
             delay = self.rng.uniform(backoff_ms / 2, backoff_ms) / 1000.0
@@ -1064,12 +1091,17 @@ class StreamRuntime:
             )
             if expires is not None and self.clock.monotonic() + delay >= expires:
                 now = self.clock.now_ms()
-                err = {"c": first.error_code, "m": first.error_message, "t": DELIVERY_FAILED, "a": attempt,
-                       "ts": sealed.oldest_arrival_ms, "e": now}
-                await self._archive_lines(sealed, DELIVERY_FAILED, [error_record_line(records[i], err) for i in todo])
-                expired = len(todo)
-                self.log.warning("partition_retry_expired", batch_id=sealed.batch_id, key=sealed.key,
-                                 archived_records=expired, error_code=first.error_code)
+                if expire_type == DELIVERY_FAILED:
+                    err = {"c": first.error_code, "m": first.error_message, "t": DELIVERY_FAILED, "a": attempt,
+                           "ts": sealed.oldest_arrival_ms, "e": now}
+                    await self._archive_lines(sealed, DELIVERY_FAILED, [error_record_line(records[i], err) for i in todo])
+                else:
+                    failed = [result.failures[i] for i in sorted(result.failures)]
+                    await self._archive_failed(sealed, expire_type, records, list(zip(todo, failed, strict=True)), attempt)
+                expired += len(todo)
+                self.log.warning("delivery_retry_expired" if window is not None else "partition_retry_expired",
+                                 batch_id=sealed.batch_id, key=sealed.key, archived_records=len(todo),
+                                 error_code=first.error_code)
                 break
             await asyncio.sleep(delay)
         spool.append_commit(sealed.batch_id, {"attempts": attempt})
@@ -1126,12 +1158,30 @@ class StreamRuntime:
         keep = set(range(len(records))) - set(bad)
         return [r for i, r in enumerate(records) if i in keep]
 
-    async def _archive_lines(self, sealed: SealedBatch, error_output_type: str, lines: list[bytes]) -> None:
+    async def _archive_failed(
+        self, sealed: SealedBatch, error_output_type: str, records: list[bytes],
+        items: list[tuple[int, RecordFailure]], attempt: int,
+    ) -> None:
+        """Archive records a destination failed: ``items`` are (position in the sealed batch, its
+        failure), each failure in its own error record."""
+        now = self.clock.now_ms()
+        lines = []
+        for pos, f in items:
+            err = {"c": f.error_code, "m": f.error_message, "t": error_output_type, "a": attempt,
+                   "ts": sealed.oldest_arrival_ms, "e": now, "x": f.fields}
+            lines.append(error_record_line(records[pos], err))
+        await self._archive_lines(sealed, error_output_type, lines, [pos for pos, _ in items])
+
+    async def _archive_lines(
+        self, sealed: SealedBatch, error_output_type: str, lines: list[bytes], positions: list[int] | None = None
+    ) -> None:
         """Archive error records split off a sealed batch at delivery. The key derives from the
-        batch identity, so a replay overwrites it; archiving never gives up."""
+        batch identity (and which of its records, when a batch archives several times), so a
+        replay overwrites it; archiving never gives up."""
         assert self.archive is not None
         oldest = datetime.fromtimestamp(sealed.oldest_arrival_ms / 1000.0, tz=UTC)
-        rng = random.Random(f"{self.name}:{sealed.batch_id}:{sealed.key}:{error_output_type}")
+        which = "" if positions is None else f":{zlib.crc32(array('q', positions).tobytes())}:{len(positions)}"
+        rng = random.Random(f"{self.name}:{sealed.batch_id}:{sealed.key}:{error_output_type}{which}")
         key = self.archive.archive_key(oldest, rng, error_output_type)  # type: ignore[attr-defined]
         batch = Batch(self.name, sealed.batch_id, key, lines, sealed.oldest_arrival_ms, archive=True)
         attempt = 0
