@@ -290,11 +290,7 @@ def _parse_canonical(buf: bytes, pos: int, end: int) -> list[UserRecord] | None:
     try:
         while pos < end:
             tag = buf[pos]
-            length = buf[pos + 1]
-            if length & 0x80:
-                length, pos = _read_varint(buf, pos + 1, end)
-            else:
-                pos += 2
+            length, pos = _short_varint(buf, pos + 1, end)
             stop = pos + length
             if stop > end:
                 return None
@@ -309,39 +305,33 @@ def _parse_canonical(buf: bytes, pos: int, end: int) -> list[UserRecord] | None:
                 return None
             pos = stop
         out: list[UserRecord] = []
-        n_pk, n_ehk = len(partition_keys), len(explicit_hash_keys)
         for i in range(0, len(spans), 2):
             p, stop = spans[i], spans[i + 1]
             if buf[p] != 0x08:
                 return None
-            pk = buf[p + 1]
-            if pk & 0x80:
-                pk, p = _read_varint(buf, p + 1, stop)
-            else:
-                p += 2
+            pk, p = _short_varint(buf, p + 1, stop)
             ehk: str | None = None
             if buf[p] == 0x10:
-                e = buf[p + 1]
-                if e & 0x80:
-                    e, p = _read_varint(buf, p + 1, stop)
-                else:
-                    p += 2
-                if e >= n_ehk:
-                    return None
+                e, p = _short_varint(buf, p + 1, stop)
                 ehk = explicit_hash_keys[e]
-            if buf[p] != 0x1A or pk >= n_pk:
+            if buf[p] != 0x1A:
                 return None
-            length = buf[p + 1]
-            if length & 0x80:
-                length, p = _read_varint(buf, p + 1, stop)
-            else:
-                p += 2
+            length, p = _short_varint(buf, p + 1, stop)
             if p + length != stop:
                 return None
             out.append(UserRecord(partition_keys[pk], ehk, buf[p:stop], i >> 1))
         return out
-    except (IndexError, KplError, UnicodeDecodeError):
+    except (IndexError, KplError, UnicodeDecodeError):  # an index out of range among them
         return None
+
+
+def _short_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """:func:`_read_varint` with the one-byte case inline. A byte read past ``end`` makes the
+    caller's span check fail, so it is not checked here."""
+    value = buf[pos]
+    if value & 0x80:
+        return _read_varint(buf, pos, end)
+    return value, pos + 1
 
 
 def _parse_record(

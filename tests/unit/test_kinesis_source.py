@@ -88,7 +88,8 @@ def test_sources_do_not_change_the_version_fingerprint() -> None:
          "f.yaml:5: streams[0].sources[0].stream_arn: must be arn:aws:kinesis:<region>:<12-digit account>:"
          "stream/<name>, got 'arn:aws:kinesis:us-east-1:1:stream/x'"),
         ("      - type: kinesys\n        stream_name: x\n",
-         "f.yaml:4: streams[0].sources[0].type: unknown type 'kinesys'; known: kinesis"),
+         "f.yaml:4: streams[0].sources[0].type: unknown type 'kinesys'; known: "
+         + ", ".join(sorted(registry.BUILTIN_SOURCES))),
         (KINESIS + KINESIS,
          "f.yaml:4: streams[0].sources[0]: a kinesis source cannot be mixed with other sources "
          "(Firehose's KinesisStreamAsSource stream has exactly one source)"),
