@@ -107,6 +107,20 @@ _BODY_HEAD = struct.Struct("<III")  # records, raw record bytes, body length
 # helpers
 
 
+def in_process_setup() -> None:
+    """For benchmarks that run the daemon's classes in this process: warning-level logs and the
+    daemon's event loop (uvloop)."""
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings and up
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

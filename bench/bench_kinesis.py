@@ -42,7 +42,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 
-from bench import DEFAULT_GEN, ensure_dataset, load_dataset  # noqa: E402  (the shared data set cache)
+from bench import DEFAULT_GEN, ensure_dataset, in_process_setup, load_dataset  # noqa: E402  (the shared data set cache)
 
 MIB = 1 << 20
 SHARDS = 4
@@ -169,15 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "firehose-bench-cache")
     args = ap.parse_args(argv)
 
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings and up
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        pass
+    in_process_setup()
     from kinesalite import Kinesalite, available
 
     reason = available()

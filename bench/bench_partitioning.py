@@ -38,7 +38,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench import DEFAULT_GEN, ensure_dataset, load_dataset  # noqa: E402  (the shared data set cache)
+from bench import DEFAULT_GEN, ensure_dataset, in_process_setup, load_dataset  # noqa: E402  (the shared data set cache)
 
 MIB = 1 << 20
 BATCH_RECORDS = 500
@@ -152,15 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings and up
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        pass
+    in_process_setup()
 
     dataset = load_dataset(ensure_dataset(args.gen, args.records, args.cache_dir))
     records = [r.rstrip(b"\n") for r in dataset.records]
