@@ -152,6 +152,10 @@ class SourceSink(Protocol):
     def positions(self) -> dict[str, Any]:
         """The source positions committed in the spool (what a restart resumes from)."""
 
+    @property
+    def max_size_bytes(self) -> int:
+        """The spool's cap (``spool.max_size_mib``)."""
+
     def has_room(self, nbytes: int) -> bool:
         """Whether the spool cap allows ``nbytes`` more; when not, a source waits (back-pressure)."""
 

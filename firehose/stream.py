@@ -414,6 +414,10 @@ class StreamRuntime:
         """Source positions committed in the ingest spool."""
         return self.spool.positions
 
+    @property
+    def max_size_bytes(self) -> int:
+        return self.spool.max_size_bytes
+
     def has_room(self, nbytes: int) -> bool:
         """The stream's cap counts every spool it owns (ingest and recorded outcomes)."""
         used = self.spool.size_bytes + (self.out.size_bytes if self.out is not self.spool else 0)

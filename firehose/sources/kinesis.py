@@ -61,7 +61,7 @@ KPL_DEAGGREGATION_FAILED = "Kinesis.KplDeaggregationFailed"
 # At most 5 GetRecords calls a second per shard (Kinesis's limit, shared with other consumers).
 MIN_CALL_GAP_SECS = 0.2
 # Records of one GetRecords response go into spool frames of at most this many bytes (a 10 MiB
-# response is several frames, each with its checkpoint).
+# response is several frames, each with its checkpoint); less when the spool's cap is small.
 FRAME_BYTES = 4 << 20
 
 _THROTTLED = {"ProvisionedThroughputExceededException", "LimitExceededException", "ThrottlingException"}
@@ -222,6 +222,8 @@ class KinesisSource(Source):
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"kinesis-{ctx.stream_name}")
         self._shards: dict[str, _Shard] = {}
         self._start_ms: int | None = None
+        self._start_recorded = False
+        self._frame_bytes = FRAME_BYTES
         self._skip: dict[str, tuple[str, int]] = {}  # shard -> (seq, sub) already in the spool
         self._behind: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -263,13 +265,16 @@ class KinesisSource(Source):
         mine = positions.get(self._prefix)
         if isinstance(mine, dict) and isinstance(mine.get("start_ms"), int):
             self._start_ms = mine["start_ms"]
+            self._start_recorded = True
         else:
-            # The DeliveryStartTimestamp, recorded once: "latest" means records from here on.
+            # The DeliveryStartTimestamp, recorded (by _run, before any shard is read) once:
+            # "latest" means records from here on.
             c = self.config
             self._start_ms = int(c.timestamp.timestamp() * 1000) if isinstance(c.timestamp, datetime) else (
                 self.clock.now_ms()
             )
-            await self.sink.put([], self._start_ms, positions={self._prefix: {"start_ms": self._start_ms}})
+        # A frame must fit the spool's cap with room to spare, whatever the cap.
+        self._frame_bytes = max(64 << 10, min(FRAME_BYTES, self.sink.max_size_bytes // 8))
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kinesis-{self.stream_name}")
         self.log.info("kinesis_source_started", shards_checkpointed=len(self._shards),
                       initial_position=self.config.initial_position)
@@ -349,6 +354,9 @@ class KinesisSource(Source):
 
     # ------------------------------------------------------------------ shard discovery
     async def _run(self) -> None:
+        if not self._start_recorded:
+            await self._put_reliably([], [], {self._prefix: {"start_ms": self._start_ms}})
+            self._start_recorded = True
         failures = 0
         while not self._stopping:
             try:
@@ -442,7 +450,7 @@ class KinesisSource(Source):
                     self._m_behind.set(max(self._behind.values()))
                 iterator = resp.get("NextShardIterator")
                 gap = MIN_CALL_GAP_SECS if records and behind else self.config.poll_interval_ms / 1000.0
-                if iterator is not None and records and behind and self.sink.has_room(FRAME_BYTES):
+                if iterator is not None and records and behind and self.sink.has_room(self._frame_bytes):
                     last_at = max(self.clock.monotonic(), last_at + gap)
                     ahead = asyncio.get_running_loop().create_task(self._get_records(iterator, last_at))
                 if records:
@@ -509,7 +517,7 @@ class KinesisSource(Source):
 
     async def _wait_for_room(self) -> None:
         paused = False
-        while not self.sink.accepting or not self.sink.has_room(FRAME_BYTES):
+        while not self.sink.accepting or not self.sink.has_room(self._frame_bytes):
             if not paused:
                 self.log.info("kinesis_source_paused", reason="spool full" if self.sink.accepting else "stopping")
                 paused = True
@@ -568,12 +576,12 @@ class KinesisSource(Source):
                         "approximateArrivalTimestamp": arrival, "sequenceNumber": seq, "subsequenceNumber": sub,
                     }})
                     nbytes += len(user.data)
-                    if nbytes >= FRAME_BYTES and sub != last:
+                    if nbytes >= self._frame_bytes and sub != last:
                         await self._put_reliably(datas, metas, {key: {"seq": seq, "sub": sub, "whole": False}}, nbytes)
                         datas, metas, nbytes = [], [], 0
                 # An aggregate with no user records still moves the checkpoint.
                 position = {"seq": seq, "sub": max(last, 0), "whole": True}
-            if nbytes >= FRAME_BYTES:
+            if nbytes >= self._frame_bytes:
                 await self._put_reliably(datas, metas, {key: position}, nbytes)
                 datas, metas, nbytes = [], [], 0
         if position and (datas or position.get("seq") != shard.seq):

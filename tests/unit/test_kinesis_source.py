@@ -196,13 +196,14 @@ class FakeSink:
 
     def __init__(self, positions: dict[str, Any] | None = None) -> None:
         self.metrics = Metrics()
+        self.max_size_bytes = 1 << 30
         self.accepting = True
         self.positions: dict[str, Any] = dict(positions or {})
         self.room = True
         self.frames: list[tuple[list[bytes], list[Any] | None, dict[str, Any] | None]] = []
 
     def has_room(self, nbytes: int) -> bool:
-        return self.room
+        return self.room and nbytes <= self.max_size_bytes
 
     async def put(self, records: list[bytes], arrival_ms: int | None = None, *, nbytes: int | None = None,
                   meta: list[Any] | None = None, positions: dict[str, Any] | None = None) -> int:
@@ -413,3 +414,19 @@ def test_the_canonical_kpl_fast_path_agrees_with_the_general_parser() -> None:
         accepted += 1
         assert fast == kpl._parse_general(buf, 4, len(buf) - 16), (trial, bytes(body).hex())
     assert accepted > 1000
+
+
+def test_a_small_spool_cap_gets_small_frames_each_with_its_checkpoint() -> None:
+    k = FakeKinesis()
+    k.add_shard("shardId-0")
+    k.put("shardId-0", b"p" * 100_000)
+    seq = k.put("shardId-0", aggregate([("a", bytes([i]) * 100_000) for i in range(12)]))
+    sink = FakeSink()
+    sink.max_size_bytes = 1 << 20  # spool.max_size_mib: 1 -- a 4 MiB frame would never fit
+    asyncio.run(run_until(make_source(k, sink), lambda: len(sink.records) == 13))
+    frames = [f for f in sink.frames if f[0]]
+    assert len(frames) > 1 and all(sum(map(len, recs)) <= (1 << 20) // 4 for recs, _, _ in frames)
+    # A frame that ends inside the aggregate says so, so a restart resumes at its next user record.
+    inside = [p["kinesis/s/shardId-0"] for _, _, p in frames[:-1] if p["kinesis/s/shardId-0"]["seq"] == seq]
+    assert inside and not any(p["whole"] for p in inside)
+    assert sink.positions["kinesis/s/shardId-0"] == {"seq": seq, "sub": 11, "whole": True}
