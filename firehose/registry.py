@@ -16,10 +16,12 @@ BUILTIN_DESTINATIONS: dict[str, str] = {
     "s3": "destinations.s3:S3DestinationConfig",
     "local": "destinations.local:LocalDestinationConfig",
     "redshift": "destinations.redshift:RedshiftDestinationConfig",
+    "http_endpoint": "destinations.http_endpoint:HttpEndpointDestinationConfig",
 }
 
 BUILTIN_SOURCES: dict[str, str] = {
     "kinesis": "firehose.sources.kinesis:KinesisSourceConfig",
+    "file": "firehose.sources.file:FileSourceConfig",
 }
 
 

@@ -1,0 +1,530 @@
+"""Log files as a source: what Kinesis Agent does, inside the daemon (reference §12).
+
+Files matching ``paths`` (globs, re-scanned every ``discovery_interval_ms``) are read as they
+grow; each line (or multi-line record) becomes a record, converted by the source's ``processing``
+options (Kinesis Agent's dataProcessingOptions) before it reaches the spool.
+
+Guarantee: exactly once into the spool. A file is known by device and inode plus a fingerprint of
+its first bytes (so a reused inode is a new file), and its position (the offset after the last
+record in the spool) is committed in the same spool frame as the records it covers. A restart,
+even after ``kill -9``, resumes from the spool: no gap, no duplicate, nothing kept under /var/run.
+
+* **Rotation.** Rename-and-create: the renamed file is followed by inode through its open handle
+  and read to its end; the new file at the name is a new file, read from its start. Delete: the
+  open handle is read to its end. Copytruncate: a file whose size falls below its position was
+  truncated and is read again from its start; a copy that appears with the old content's
+  fingerprint (when ``paths`` matches the rotated names) continues at the old position, so the
+  copied lines are neither lost nor repeated. A file is released once it is at its end, no longer
+  matched by ``paths`` (or deleted) and idle for ``close_inactive_ms``.
+* **Partial lines** are not sent until their newline arrives, except at ``max_record_bytes``: a
+  longer line is cut there, ends with ``truncated_record_terminator``, and the rest of it is
+  skipped, as Kinesis Agent does. With ``multi_line_start_pattern`` a record runs from one
+  matching line to the next; the last one is sent once the file has been idle for
+  ``multi_line_timeout_ms`` (or is finished).
+* **Back-pressure.** While the spool is at its cap nothing is read; nothing is buffered beyond one
+  read chunk per file in progress, however many files or however large the backlog.
+* **Bad input.** A file that cannot be opened or read is logged (``file_source_error``) and counted
+  (``firehose_FileSourceErrors_total``), then retried on the next scan; a record a processing
+  option cannot convert (binary garbage, a line the log format does not match) is sent unconverted,
+  logged and counted; the other files and records keep flowing.
+* **Positions** live under ``file/<device>:<inode>`` keys; a released file's key is removed. A
+  stream may have several file sources; a file should be matched by one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import hashlib
+import os
+import re
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from firehose.interfaces import BuildContext, Source, SourceSink
+from firehose.spool import SpoolFullError
+
+FINGERPRINT_BYTES = 1024
+CHUNK_BYTES = 1 << 20
+COPY_HOLD_SECS = 5.0
+STARTED_KEY = "file/started"
+
+
+class FileSourceConfig(BaseModel):
+    """``streams[].sources[]`` entry ``type: file``; see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    stream_type: ClassVar[str] = "DirectPut"
+    exclusive: ClassVar[bool] = False
+
+    type: Literal["file"]
+    paths: list[str] = Field(min_length=1)
+    initial_position: Literal["start_of_file", "end_of_file"] = "end_of_file"  # Kinesis Agent's default
+    multi_line_start_pattern: str | None = None
+    skip_header_lines: int = Field(default=0, ge=0)
+    max_record_bytes: int = Field(default=1_024_000, ge=16, le=1_024_000)
+    truncated_record_terminator: str = "\n"
+    processing: list[Any] = []
+    poll_interval_ms: int = Field(default=100, ge=10, le=60_000)
+    discovery_interval_ms: int = Field(default=1000, ge=10, le=600_000)
+    multi_line_timeout_ms: int = Field(default=1000, ge=10, le=600_000)
+    close_inactive_ms: int = Field(default=5000, ge=10, le=3_600_000)
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p or p.endswith("/"):
+                raise ValueError(f"each path must name files (a path or a glob such as /var/log/app/*.log), got {p!r}")
+        return v
+
+    @field_validator("multi_line_start_pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v.encode())
+            except re.error as exc:
+                raise ValueError(f"is not a valid regular expression: {exc}") from None
+        return v
+
+    @field_validator("processing", mode="before")
+    @classmethod
+    def _processing(cls, v: Any) -> Any:
+        if not v:
+            return []
+        from pydantic import TypeAdapter
+
+        from firehose.sources.file_options import FileOption
+
+        return TypeAdapter(list[FileOption]).validate_python(v, strict=True)
+
+    @model_validator(mode="after")
+    def _terminator(self) -> FileSourceConfig:
+        if len(self.truncated_record_terminator.encode()) >= self.max_record_bytes:
+            raise ValueError("truncated_record_terminator must be shorter than max_record_bytes")
+        return self
+
+    def build(self, ctx: BuildContext, sink: SourceSink) -> FileSource:
+        return FileSource(self, ctx, sink)
+
+
+@dataclass
+class _File:
+    """One file being read: its identity, handle and the position committed in the spool."""
+
+    dev: int
+    ino: int
+    path: str
+    fp: str  # hex digest of the first fp_len bytes
+    fp_len: int
+    offset: int  # after the last record in the spool
+    fd: int = -1
+    skip_line: bool = False  # inside a cut line: skip to its newline
+    header_left: int = 0
+    matched: bool = True  # found at a matching path on the last scan
+    # A new file with the same first bytes as a file being read may be copytruncate's copy of it:
+    # it waits (until ``held_until``) for that file's truncation, then continues at its position.
+    held_by: tuple[int, int] | None = None
+    held_until: float = 0.0
+    seen_size: int = -1
+    last_growth: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> str:
+        return f"file/{self.dev}:{self.ino}"
+
+    def position(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"path": self.path, "fp": self.fp, "fp_len": self.fp_len, "offset": self.offset}
+        if self.skip_line:
+            doc["skip_line"] = True
+        if self.header_left:
+            doc["header_left"] = self.header_left
+        return doc
+
+
+def _fingerprint(fd: int, length: int) -> tuple[str, int]:
+    data = os.pread(fd, length, 0)
+    return hashlib.sha1(data).hexdigest(), len(data)
+
+
+_METRICS: dict[int, dict[str, Any]] = {}
+
+
+def _metrics(registry: Any) -> dict[str, Any]:
+    """The file source's metrics, made once per registry (several sources share them)."""
+    found = _METRICS.get(id(registry))
+    if found is None:
+        from prometheus_client import Counter, Gauge
+
+        label = "DeliveryStreamName"
+        found = {
+            "records": Counter("firehose_FileSourceRecords", "Records read from files", [label], registry=registry),
+            "bytes": Counter("firehose_FileSourceBytes", "Bytes of records read from files", [label],
+                             registry=registry),
+            "errors": Counter("firehose_FileSourceErrors", "Files that could not be opened or read, by reason",
+                              [label, "reason"], registry=registry),
+            "unconverted": Counter("firehose_FileSourceUnconverted",
+                                   "Records a processing option could not convert, sent as read",
+                                   [label], registry=registry),
+            "truncated": Counter("firehose_FileSourceTruncated", "Records cut at max_record_bytes", [label],
+                                 registry=registry),
+            "files": Gauge("firehose_FileSourceFiles", "Files being followed", [label], registry=registry),
+        }
+        _METRICS[id(registry)] = found
+    return found
+
+
+class FileSource(Source):
+    """Tails the files of one ``type: file`` source into its stream's spool; see the module docstring."""
+
+    stream_type = "DirectPut"
+
+    def __init__(self, config: FileSourceConfig, ctx: BuildContext, sink: SourceSink) -> None:
+        self.config = config
+        self.sink = sink
+        self.log = ctx.log.bind(source="file")
+        self._files: dict[tuple[int, int], _File] = {}
+        # Fingerprints of truncated files and their old positions: a copy made by copytruncate
+        # continues there (kept for a while after the truncation).
+        self._truncated: list[tuple[str, int, int, float]] = []
+        # file -> (its position when last truncated, when)
+        self._truncated_at: dict[tuple[int, int], tuple[int, float]] = {}
+        self._convert: Callable[[bytes], bytes] | None = None
+        if config.processing:
+            from firehose.sources.file_options import build_converter
+
+            self._convert = build_converter(config.processing)
+        self._start = re.compile(config.multi_line_start_pattern.encode()) if config.multi_line_start_pattern else None
+        self._terminator = config.truncated_record_terminator.encode()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._first_scan = True
+        self._last_scan = 0.0
+        self._reported: set[tuple[str, str]] = set()
+        m = _metrics(sink.metrics.registry)
+        self._m = {k: (v.labels(ctx.stream_name) if k != "errors" else v) for k, v in m.items()}
+        self._stream = ctx.stream_name
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._first_scan = STARTED_KEY not in self.sink.positions
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"file-source-{self._stream}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for f in self._files.values():
+            self._close(f)
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------ main loop
+    async def _run(self) -> None:
+        poll = self.config.poll_interval_ms / 1000.0
+        while not self._stopping:
+            try:
+                now = time.monotonic()
+                if now - self._last_scan >= self.config.discovery_interval_ms / 1000.0:
+                    await asyncio.to_thread(self._scan)
+                    self._last_scan = now
+                    if self._first_scan:
+                        await self._put([], {STARTED_KEY: True})
+                        self._first_scan = False
+                progressed = False
+                for f in list(self._files.values()):
+                    if self._stopping:
+                        return
+                    progressed |= await self._read(f)
+                self._m["files"].set(len(self._files))
+                if not progressed:
+                    await asyncio.sleep(poll)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not stop the stream: log it and go on
+                self.log.exception("file_source_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+
+    def _error(self, path: str, reason: str, exc: BaseException | str) -> None:
+        self._m["errors"].labels(self._stream, reason).inc()
+        if (path, reason) not in self._reported:  # once per file and reason, not every poll
+            self._reported.add((path, reason))
+            self.log.warning("file_source_error", path=path, reason=reason, error=str(exc))
+
+    # ------------------------------------------------------------------ discovery
+    def _scan(self) -> None:
+        """Find the files ``paths`` match now (runs on a worker thread: only stat/open calls)."""
+        seen: set[tuple[int, int]] = set()
+        for pattern in self.config.paths:
+            for path in sorted(glob.glob(pattern)):
+                try:
+                    st = os.stat(path)
+                except OSError as exc:
+                    self._error(path, "stat", exc)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                ident = (st.st_dev, st.st_ino)
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                f = self._files.get(ident)
+                if f is not None:
+                    f.path, f.matched = path, True
+                    if f.fd < 0 and st.st_size != f.offset:
+                        self._open(f)
+                    continue
+                self._track(path, st)
+        for ident, f in self._files.items():
+            if ident not in seen:
+                f.matched = False
+        horizon = time.monotonic() - 600
+        self._truncated = [t for t in self._truncated if t[3] >= horizon]
+
+    def _open(self, f: _File) -> bool:
+        try:
+            fd = os.open(f.path, os.O_RDONLY)
+            st = os.fstat(fd)
+        except OSError as exc:
+            self._error(f.path, "open", exc)
+            return False
+        if (st.st_dev, st.st_ino) != (f.dev, f.ino):  # replaced between stat and open
+            os.close(fd)
+            return False
+        f.fd = fd
+        return True
+
+    def _track(self, path: str, st: os.stat_result) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            fp, fp_len = _fingerprint(fd, FINGERPRINT_BYTES)
+        except OSError as exc:
+            self._error(path, "open", exc)
+            return
+        f = _File(st.st_dev, st.st_ino, path, fp, fp_len, 0, fd=fd, header_left=self.config.skip_header_lines)
+        saved = self.sink.positions.get(f.key)
+        if isinstance(saved, dict) and self._same_content(fd, saved):
+            f.offset = int(saved["offset"])
+            f.fp, f.fp_len = str(saved["fp"]), int(saved["fp_len"])
+            f.skip_line = bool(saved.get("skip_line"))
+            f.header_left = int(saved.get("header_left", 0))
+        else:
+            copied = self._copy_of(fd, st.st_size)
+            original = None if copied is not None else self._original_of(fd, st.st_size)
+            if copied is not None:
+                f.offset, f.header_left = copied, 0
+            elif original is not None:
+                f.held_by, f.held_until = original, time.monotonic() + COPY_HOLD_SECS
+            elif self._first_scan and self.config.initial_position == "end_of_file":
+                f.offset, f.header_left = st.st_size, 0
+        self._files[(f.dev, f.ino)] = f
+        self.log.info("file_source_following", path=path, offset=f.offset)
+
+    @staticmethod
+    def _same_content(fd: int, saved: dict[str, Any]) -> bool:
+        try:
+            return _fingerprint(fd, int(saved["fp_len"]))[0] == saved["fp"]
+        except (KeyError, ValueError, TypeError, OSError):
+            return False
+
+    def _copy_of(self, fd: int, size: int) -> int | None:
+        """The old position, if this new file is copytruncate's copy of a truncated file."""
+        for fp, fp_len, offset, _when in self._truncated:
+            if fp_len and size >= offset and _fingerprint(fd, fp_len)[0] == fp:
+                return offset
+        return None
+
+    def _original_of(self, fd: int, size: int) -> tuple[int, int] | None:
+        """A file being read whose first bytes this new file repeats (a copy in the making)."""
+        for ident, other in self._files.items():
+            if other.fp_len >= 64 and size >= other.fp_len and _fingerprint(fd, other.fp_len)[0] == other.fp:
+                return ident
+        return None
+
+    def _close(self, f: _File) -> None:
+        if f.fd >= 0:
+            os.close(f.fd)
+            f.fd = -1
+
+    # ------------------------------------------------------------------ reading
+    async def _read(self, f: _File) -> bool:
+        """Read what ``f`` has past its position; returns True if it made progress."""
+        if f.fd < 0:
+            return False
+        if f.held_by is not None:
+            cut = self._truncated_at.get(f.held_by)
+            if cut is not None and cut[1] >= f.held_until - COPY_HOLD_SECS:
+                # the original was truncated after this file appeared: this is its copy
+                f.offset, f.header_left, f.held_by = cut[0], 0, None
+            elif f.held_by not in self._files or time.monotonic() >= f.held_until:
+                f.held_by = None  # not a copy after all: a file of its own, read from its start
+            else:
+                return False
+        if not self.sink.accepting or not self.sink.has_room(CHUNK_BYTES):
+            return False  # back-pressure: the spool is full; read nothing
+        try:
+            st = os.fstat(f.fd)
+        except OSError as exc:
+            self._error(f.path, "read", exc)
+            return False
+        now = time.monotonic()
+        if st.st_size < f.offset:  # truncated in place (copytruncate): read again from the start
+            self._truncated.append((f.fp, f.fp_len, f.offset, now))
+            self._truncated_at[(f.dev, f.ino)] = (f.offset, now)
+            self.log.info("file_source_truncated", path=f.path, offset=f.offset, size=st.st_size)
+            f.offset, f.skip_line, f.header_left = 0, False, self.config.skip_header_lines
+            f.fp, f.fp_len = _fingerprint(f.fd, FINGERPRINT_BYTES)
+            f.seen_size = st.st_size
+            await self._put([], {f.key: f.position()})
+            return True
+        if st.st_size != f.seen_size:
+            f.seen_size, f.last_growth = st.st_size, now
+        quiet = now - f.last_growth
+        finished = (not f.matched or st.st_nlink == 0) and quiet >= self.config.close_inactive_ms / 1000.0
+        if st.st_size == f.offset:
+            if finished:  # rotated away or deleted, read to its end and quiet: release it
+                self._close(f)
+                del self._files[(f.dev, f.ino)]
+                self._truncated_at.pop((f.dev, f.ino), None)
+                await self._put([], {f.key: None})
+                self.log.info("file_source_released", path=f.path, offset=f.offset)
+                return True
+            return False
+        try:
+            data = await asyncio.to_thread(os.pread, f.fd, CHUNK_BYTES, f.offset)
+        except OSError as exc:
+            self._error(f.path, "read", exc)
+            return False
+        if f.fp_len < FINGERPRINT_BYTES and f.offset < FINGERPRINT_BYTES:
+            f.fp, f.fp_len = _fingerprint(f.fd, FINGERPRINT_BYTES)
+        at_end = f.offset + len(data) >= st.st_size
+        records, consumed = self._split(
+            f, data,
+            eof=at_end and quiet >= self.config.multi_line_timeout_ms / 1000.0 and data.endswith(b"\n"),
+            final=at_end and finished,
+        )
+        if not records and consumed == 0:
+            return False
+        await self._emit(f, records, consumed)
+        return True
+
+    def _split(self, f: _File, data: bytes, *, eof: bool, final: bool = False) -> tuple[list[bytes], int]:
+        """Complete records in ``data`` (read at ``f.offset``) and how many bytes they span.
+        ``eof``: the file is quiet, so a pending multi-line record is complete; ``final``: the
+        file is finished, so even a last line without its newline is a record."""
+        limit = self.config.max_record_bytes
+        term = self._terminator
+        records: list[bytes] = []
+        pos = 0
+        n = len(data)
+        if f.skip_line:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return [], n  # still inside the cut line
+            pos = nl + 1
+            f.skip_line = False
+        while f.header_left and pos < n:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                return records, pos
+            pos = nl + 1
+            f.header_left -= 1
+        if self._start is not None:
+            return self._split_multiline(f, data, pos, eof=eof or final, records=records)
+        while pos < n:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                if n - pos >= limit:  # a line longer than a record may be: cut it
+                    records.append(data[pos : pos + limit - len(term)] + term)
+                    self._m["truncated"].inc()
+                    f.skip_line = True
+                    return records, n
+                if final:
+                    records.append(data[pos:])
+                    pos = n
+                break
+            end = nl + 1
+            if end - pos > limit:
+                records.append(data[pos : pos + limit - len(term)] + term)
+                self._m["truncated"].inc()
+            else:
+                records.append(data[pos:end])
+            pos = end
+        return records, pos
+
+    def _split_multiline(
+        self, f: _File, data: bytes, pos: int, *, eof: bool, records: list[bytes]
+    ) -> tuple[list[bytes], int]:
+        assert self._start is not None
+        limit = self.config.max_record_bytes
+        term = self._terminator
+        n = len(data)
+        start = pos  # the current record's first byte
+        line = pos
+        while line < n:
+            nl = data.find(b"\n", line)
+            if nl < 0:
+                break
+            if line > start and self._start.match(data, line, nl):
+                rec = data[start:line]
+                records.append(rec if len(rec) <= limit else rec[: limit - len(term)] + term)
+                start = line
+            line = nl + 1
+        if eof and n > start:  # the last record is complete (a finished file's tail too)
+            line = n
+            rec = data[start:line]
+            records.append(rec if len(rec) <= limit else rec[: limit - len(term)] + term)
+            start = line
+        elif line - start >= limit and line > start:  # one record already longer than allowed
+            records.append(data[start : start + limit - len(term)] + term)
+            self._m["truncated"].inc()
+            start = line
+        return records, start
+
+    async def _emit(self, f: _File, records: list[bytes], consumed: int) -> None:
+        """Convert and put ``records`` (which span ``consumed`` bytes from ``f.offset``) in one
+        spool frame with the position after them (a read is at most CHUNK_BYTES)."""
+        if self._convert is not None:
+            records = [self._converted(f, r) for r in records]
+        old = f.offset
+        f.offset += consumed
+        try:
+            await self._put(records, {f.key: f.position()})
+        except BaseException:
+            f.offset = old
+            raise
+        if records:
+            self._m["records"].inc(len(records))
+            self._m["bytes"].inc(sum(map(len, records)))
+
+    def _converted(self, f: _File, record: bytes) -> bytes:
+        from firehose.sources.file_options import ConversionError
+
+        assert self._convert is not None
+        try:
+            return self._convert(record)
+        except ConversionError as exc:
+            self._m["unconverted"].inc()
+            self._error(f.path, "conversion", exc)
+            return record
+
+    async def _put(self, records: list[bytes], positions: dict[str, Any]) -> None:
+        """Put into the spool, waiting while it is full (back-pressure, never a drop)."""
+        nbytes = sum(map(len, records))
+        while True:
+            while not self.sink.has_room(nbytes) and not self._stopping:
+                await asyncio.sleep(0.05)
+            try:
+                await self.sink.put(records, nbytes=nbytes, positions=positions)
+                return
+            except SpoolFullError:
+                await asyncio.sleep(0.05)

@@ -1,0 +1,194 @@
+"""The file tailing source through the daemon subprocess: logrotate-style rotation while a writer
+keeps writing (rename-and-create, copytruncate, delete), kill -9, reload, bad files; every line
+exactly once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import Daemon, daemon_config, local_objects, stream_config, wait_for
+
+FAST = {"poll_interval_ms": 10, "discovery_interval_ms": 50, "close_inactive_ms": 300, "multi_line_timeout_ms": 200}
+
+
+def file_stream(tmp: Path, paths: list[str], **source: Any) -> dict[str, Any]:
+    src = {"type": "file", "paths": paths, "initial_position": "start_of_file", **FAST, **source}
+    return stream_config("logs", {"type": "local", "path": str(tmp / "out"), "prefix": "x/"},
+                         buffering={"size_mib": 1, "interval_secs": 1}, sources=[src])
+
+
+def delivered_lines(tmp: Path) -> Counter[bytes]:
+    return Counter(line for body in local_objects(tmp / "out").values() for line in body.splitlines())
+
+
+class Writer:
+    """Appends numbered lines to a log file from a thread; ``rotate`` runs with writes paused,
+    as a logger that reopens its file after logrotate's signal would see it."""
+
+    def __init__(self, path: Path, tag: str, pause: float = 0.0005) -> None:
+        self.path, self.tag, self.pause = path, tag, pause
+        self.written = 0
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._f = open(path, "a", buffering=1)  # noqa: SIM115 - kept open across writes, as a logger does
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self.lock:
+                self._f.write(f"{self.tag}-{self.written:06d} " + "x" * 80 + "\n")
+                self.written += 1
+            time.sleep(self.pause)
+
+    def reopen(self) -> None:
+        """The logger's reaction to rename-and-create rotation: write to a new file at the name."""
+        self._f.close()
+        self._f = open(self.path, "a", buffering=1)  # noqa: SIM115
+
+    def start(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(10)
+        self._f.close()
+        return self.written
+
+    def expected(self) -> set[bytes]:
+        return {f"{self.tag}-{i:06d} ".encode() + b"x" * 80 for i in range(self.written)}
+
+
+def assert_exactly_once(tmp: Path, expected: set[bytes]) -> None:
+    got = delivered_lines(tmp)
+    twice = [k for k, v in got.items() if v > 1]
+    assert not twice, f"{len(twice)} lines delivered twice, e.g. {twice[:3]}"
+    missing = expected - set(got)
+    assert not missing, f"{len(missing)} lines missing, e.g. {sorted(missing)[:3]}"
+    assert set(got) == expected
+
+
+@pytest.mark.parametrize("mode", ["rename", "copytruncate", "delete"])
+def test_rotation_while_a_writer_keeps_writing_delivers_every_line_once(tmp_path: Path, mode: str) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "app.log"
+    # rename and copytruncate keep rotated files under names the glob matches (as logrotate's
+    # app.log.1); delete mode matches the live name only.
+    pattern = str(logs / "app.log*") if mode != "delete" else str(log)
+    d = Daemon(tmp_path, daemon_config(tmp_path, [file_stream(tmp_path, [pattern])])).start()
+    writer = Writer(log, mode).start()
+    try:
+        for generation in range(3):
+            time.sleep(0.4)
+            with writer.lock:
+                if mode == "rename":
+                    os.rename(log, logs / f"app.log.{generation + 1}")
+                    writer.reopen()
+                elif mode == "copytruncate":
+                    shutil.copyfile(log, logs / f"app.log.{generation + 1}")
+                    os.truncate(log, 0)
+                else:
+                    os.unlink(log)
+                    writer.reopen()
+        time.sleep(0.4)
+        writer.stop()
+        expected = writer.expected()
+        wait_for(lambda: set(delivered_lines(tmp_path)) >= expected, 60, "every line")
+        time.sleep(1.2)  # anything that would come twice has come by now
+    finally:
+        writer.stop() if not writer._stop.is_set() else None
+        assert d.stop() == 0
+    assert writer.written > 300
+    assert_exactly_once(tmp_path, expected)
+
+
+def test_kill9_while_tailing_resumes_from_the_spool_without_gaps_or_duplicates(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    d = Daemon(tmp_path, daemon_config(tmp_path, [file_stream(tmp_path, [str(logs / "*.log")])]))
+    writer = Writer(logs / "a.log", "k").start()
+    try:
+        for _ in range(3):
+            d.start()
+            time.sleep(0.7)
+            d.kill9()
+        d.start()
+        time.sleep(0.3)
+        writer.stop()
+        expected = writer.expected()
+        wait_for(lambda: set(delivered_lines(tmp_path)) >= expected, 60, "every line")
+        time.sleep(1.2)
+    finally:
+        if not writer._stop.is_set():
+            writer.stop()
+        assert d.stop() == 0
+    assert_exactly_once(tmp_path, expected)
+    assert not (tmp_path / "var").exists() and not list(tmp_path.glob("**/checkpoints*"))
+
+
+def test_reload_adds_a_path_and_keeps_the_positions_of_the_others(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_text("".join(f"a{i}\n" for i in range(100)))
+    (logs / "b.txt").write_text("".join(f"b{i}\n" for i in range(50)))
+    config = daemon_config(tmp_path, [file_stream(tmp_path, [str(logs / "*.log")])])
+    d = Daemon(tmp_path, config).start()
+    try:
+        wait_for(lambda: len(delivered_lines(tmp_path)) == 100, 30, "a.log")
+        d.write_config({**config, "streams": [file_stream(tmp_path, [str(logs / "*.log"), str(logs / "*.txt")])]})
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: any(e.get("event") == "config_reloaded" for e in d.events()), 30, "the reload")
+        with open(logs / "a.log", "a") as f:
+            f.write("a100\n")
+        wait_for(lambda: len(delivered_lines(tmp_path)) == 151, 30, "b.txt and the new line of a.log")
+        time.sleep(1.2)
+    finally:
+        assert d.stop() == 0
+    got = delivered_lines(tmp_path)
+    assert max(got.values()) == 1
+    assert set(got) == {f"a{i}".encode() for i in range(101)} | {f"b{i}".encode() for i in range(50)}
+
+
+def test_a_bad_file_is_reported_and_the_others_keep_flowing(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    os.symlink(logs / "missing-target", logs / "broken.log")  # matched, but cannot be opened
+    (logs / "garbage.log").write_bytes(b"\xff\xfe\x00binary\x80\n127.0.0.1 - - [07/Mar/2004:16:10:02 -0800] "
+                                       b"\"GET /x HTTP/1.1\" 200 6291\n")
+    (logs / "good.log").write_text("fine\n")
+    stream = file_stream(tmp_path, [str(logs / "*.log")],
+                         processing=[{"type": "log_to_json", "log_format": "common_apache_log"}])
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    try:
+        wait_for(lambda: len(delivered_lines(tmp_path)) == 3, 30, "three records")
+        metrics = d_metrics(d)
+    finally:
+        assert d.stop() == 0
+    got = delivered_lines(tmp_path)
+    assert b"\xff\xfe\x00binary\x80" in got  # not convertible: sent as read, not dropped
+    assert b"fine" in got
+    assert any(line.startswith(b'{"host":"127.0.0.1"') for line in got)
+    events = [e for e in d.events() if e.get("event") == "file_source_error"]
+    assert {e["reason"] for e in events} >= {"stat", "conversion"}
+    assert 'firehose_FileSourceErrors_total{DeliveryStreamName="logs",reason="stat"}' in metrics
+    assert 'firehose_FileSourceUnconverted_total{DeliveryStreamName="logs"} 2.0' in metrics
+
+
+def d_metrics(d: Daemon) -> str:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read().decode()
+    conn.close()
+    return body
