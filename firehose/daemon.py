@@ -142,7 +142,9 @@ class Daemon:
         cfg = rt.config
         doc = self.state.load(name) or {}
         api = self.config.api
-        dest = cfg.destination.describe(cfg.buffering, api.account_id)
+        # Destinations with an S3 backup (OpenSearch, Splunk, HTTP endpoint) describe it too.
+        backup = {"backup": cfg.backup} if getattr(cfg.destination, "requires_backup", False) else {}
+        dest = cfg.destination.describe(cfg.buffering, api.account_id, **backup)
         extended = dest.get("ExtendedS3DestinationDescription")
         if extended is not None:
             procs = [p.describe() for p in cfg.processing if hasattr(p, "describe")]
