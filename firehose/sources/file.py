@@ -201,7 +201,9 @@ class FileSource(Source):
             from firehose.sources.file_options import build_converter
 
             self._convert = build_converter(config.processing)
-        self._start = re.compile(config.multi_line_start_pattern.encode()) if config.multi_line_start_pattern else None
+        # MULTILINE: the pattern is tried at line starts inside a chunk, where "^" must match.
+        self._start = (re.compile(config.multi_line_start_pattern.encode(), re.MULTILINE)
+                       if config.multi_line_start_pattern else None)
         self._terminator = config.truncated_record_terminator.encode()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False

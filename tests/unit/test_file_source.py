@@ -1,0 +1,230 @@
+"""The file source's reading rules against real files, with an in-memory sink standing in for
+the stream's spool: partial lines, multi-line records across reads, cut lines, header lines,
+initial position, positions and back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from firehose.config import ConfigError, load_config_text
+from firehose.interfaces import BuildContext
+from firehose.metrics import Metrics
+from firehose.sources.file import FileSource, FileSourceConfig
+
+
+class MemorySink:
+    """What a source writes into, kept in memory: records in order and merged positions."""
+
+    def __init__(self, positions: dict[str, Any] | None = None) -> None:
+        self.metrics = Metrics()
+        self.records: list[bytes] = []
+        self.positions: dict[str, Any] = dict(positions or {})
+        self.room = True
+        self.accepting = True
+
+    def has_room(self, nbytes: int) -> bool:
+        return self.room
+
+    async def put(self, records: list[bytes], arrival_ms: int | None = None, *, nbytes: int | None = None,
+                  meta: list[Any] | None = None, positions: dict[str, Any] | None = None) -> int:
+        self.records.extend(records)
+        self.positions.update(positions or {})
+        return len(self.records)
+
+
+def source(paths: list[str], sink: MemorySink, **options: Any) -> FileSource:
+    config = FileSourceConfig.model_validate({
+        "type": "file", "paths": paths, "initial_position": "start_of_file", "poll_interval_ms": 10,
+        "discovery_interval_ms": 20, "multi_line_timeout_ms": 150, "close_inactive_ms": 100, **options})
+    ctx = BuildContext("logs", 1, "us-east-1", "000000000000", "/tmp", structlog.get_logger())
+    return FileSource(config, ctx, sink)  # type: ignore[arg-type]
+
+
+async def until(cond: Any, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_a_partial_line_waits_for_its_newline(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    log.write_bytes(b"one\ntw")
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(log)], sink)
+        await src.start()
+        await until(lambda: sink.records == [b"one\n"])
+        await asyncio.sleep(0.2)
+        assert sink.records == [b"one\n"]  # "tw" has no newline yet
+        with open(log, "ab") as f:
+            f.write(b"o\nthree\n")
+        await until(lambda: sink.records == [b"one\n", b"two\n", b"three\n"])
+        await src.stop()
+
+    run(go())
+    (pos,) = [v for k, v in sink.positions.items() if k.startswith("file/") and isinstance(v, dict)]
+    assert pos["offset"] == log.stat().st_size and pos["path"] == str(log)
+
+
+def test_multi_line_records_are_assembled_across_reads(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"2024-05-01 first\n  at frame 1\n")
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(log)], sink, multi_line_start_pattern=r"^\d{4}-")
+        await src.start()
+        await asyncio.sleep(0.05)
+        with open(log, "ab") as f:
+            f.write(b"  at frame 2\n2024-05-01 second\n")
+        await until(lambda: len(sink.records) == 1)
+        assert sink.records == [b"2024-05-01 first\n  at frame 1\n  at frame 2\n"]
+        # The last record has no successor yet: it goes once the file is quiet.
+        await until(lambda: len(sink.records) == 2)
+        assert sink.records[1] == b"2024-05-01 second\n"
+        await src.stop()
+
+    run(go())
+
+
+def test_a_line_longer_than_max_record_bytes_is_cut_and_ends_with_the_terminator(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    log.write_bytes(b"short\n" + b"y" * 100 + b"\nafter\n")
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(log)], sink, max_record_bytes=32, truncated_record_terminator="|\n")
+        await src.start()
+        await until(lambda: len(sink.records) == 3)
+        await src.stop()
+
+    run(go())
+    assert sink.records == [b"short\n", b"y" * 30 + b"|\n", b"after\n"]
+
+
+def test_a_cut_line_still_being_written_is_skipped_to_its_end(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    log.write_bytes(b"z" * 40)
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(log)], sink, max_record_bytes=16)
+        await src.start()
+        await until(lambda: len(sink.records) == 1)
+        with open(log, "ab") as f:
+            f.write(b"zzzz\nnext\n")
+        await until(lambda: len(sink.records) == 2)
+        await src.stop()
+
+    run(go())
+    assert sink.records == [b"z" * 15 + b"\n", b"next\n"]
+
+
+def test_header_lines_are_skipped_in_each_file(tmp_path: Path) -> None:
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_bytes(b"h1\nh2\n" + name.encode() + b"\n")
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(tmp_path / "*.csv")], sink, skip_header_lines=2)
+        await src.start()
+        await until(lambda: len(sink.records) == 2)
+        await src.stop()
+
+    run(go())
+    assert sorted(sink.records) == [b"a.csv\n", b"b.csv\n"]
+
+
+def test_end_of_file_applies_to_files_found_at_first_start_only(tmp_path: Path) -> None:
+    old = tmp_path / "old.log"
+    old.write_bytes(b"history\n")
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(tmp_path / "*.log")], sink, initial_position="end_of_file")
+        await src.start()
+        await asyncio.sleep(0.1)
+        (tmp_path / "new.log").write_bytes(b"fresh\n")
+        with open(old, "ab") as f:
+            f.write(b"appended\n")
+        await until(lambda: len(sink.records) == 2)
+        await src.stop()
+        # A restart with the spool's positions: end_of_file no longer applies.
+        (tmp_path / "later.log").write_bytes(b"while down\n")
+        src2 = source([str(tmp_path / "*.log")], sink, initial_position="end_of_file")
+        await src2.start()
+        await until(lambda: len(sink.records) == 3)
+        await asyncio.sleep(0.1)
+        await src2.stop()
+
+    run(go())
+    assert sorted(sink.records) == [b"appended\n", b"fresh\n", b"while down\n"]
+
+
+def test_a_full_spool_stops_reading(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    log.write_bytes(b"x\n" * 10)
+    sink = MemorySink()
+    sink.room = False
+
+    async def go() -> None:
+        src = source([str(log)], sink)
+        await src.start()
+        await asyncio.sleep(0.2)
+        assert sink.records == []
+        sink.room = True
+        await until(lambda: len(sink.records) == 10)
+        await src.stop()
+
+    run(go())
+
+
+def test_a_reused_inode_with_other_content_is_a_new_file(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    log.write_bytes(b"new content\n")
+    st = log.stat()
+    key = f"file/{st.st_dev}:{st.st_ino}"
+    # A position left by an earlier file with this inode: its fingerprint does not match.
+    sink = MemorySink({key: {"path": str(log), "fp": "0" * 40, "fp_len": 12, "offset": 5}, "file/started": True})
+
+    async def go() -> None:
+        src = source([str(log)], sink)
+        await src.start()
+        await until(lambda: len(sink.records) == 1)
+        await src.stop()
+
+    run(go())
+    assert sink.records == [b"new content\n"]
+
+
+def test_file_source_config_errors_name_the_line_and_field() -> None:
+    text = """\
+streams:
+  - name: logs
+    sources:
+      - type: file
+        paths: []
+        multi_line_start_pattern: "(["
+        max_record_bytes: 2000000
+        bogus: 1
+    destination: {type: local, path: out}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "f.yaml", {})
+    errors = "\n".join(info.value.errors)
+    assert "f.yaml:5: streams[0].sources[0].paths: list should have at least 1 item" in errors
+    assert "f.yaml:6: streams[0].sources[0].multi_line_start_pattern: is not a valid regular expression" in errors
+    assert "f.yaml:7: streams[0].sources[0].max_record_bytes: input should be less than or equal to 1024000" in errors
+    assert "f.yaml:8: streams[0].sources[0].bogus: unknown field" in errors
