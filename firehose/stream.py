@@ -933,10 +933,15 @@ class StreamRuntime:
                         pk["partitionKeyFromLambda:" + name] = value
                 metas.append({"pk": pk})
             else:
-                metas.append({"err": {
+                err = {
                     "c": o.error_code, "m": o.error_message, "t": o.error_output_type, "a": o.attempts,
                     "ts": pending[o.source][2], "e": now, "l": chain.lambda_arn,
-                }})
+                }
+                source_meta = pending[o.source][3]
+                if isinstance(source_meta, dict) and "kinesis" in source_meta:  # a KDS source's record
+                    err["sequenceNumber"] = source_meta["kinesis"].get("sequenceNumber")
+                    err["subSequenceNumber"] = source_meta["kinesis"].get("subsequenceNumber")
+                metas.append({"err": err})
         if self.backup_all:
             for _seq, data, _arrival, _meta in pending:
                 records.append(data)

@@ -240,3 +240,32 @@ def test_lambda_sees_kinesis_record_metadata_direct_put_is_refused_and_describe_
     finally:
         assert d.stop() == 0
     assert os.path.isdir(tmp_path / "data")
+
+
+def test_format_conversion_error_records_name_the_kinesis_record(tmp_path: Path, kinesalite: Any) -> None:
+    kds = f"conv-{uuid.uuid4().hex[:8]}"
+    kinesalite.create_stream(kds, 1)
+    client = kinesalite.client()
+    fmt = {"type": "parquet", "schema": {"columns": [{"name": "n", "type": "bigint"}]}}
+    stream = source_stream(kinesalite, tmp_path, "conv", kds, format=fmt,
+                           buffering={"size_mib": 64, "interval_secs": 1})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    try:
+        client.put_record(StreamName=kds, PartitionKey="p", Data=b'{"n": 1}')
+        agg = RecordAggregator()
+        agg.add_user_record("p", b'{"n": 2}')
+        agg.add_user_record("q", b"not json")
+        pk, _, data = agg.clear_and_get().get_contents()
+        bad = client.put_record(StreamName=kds, PartitionKey=pk, Data=data)["SequenceNumber"]
+
+        def errors() -> list[dict[str, Any]]:
+            return [orjson.loads(line) for k, v in local_objects(tmp_path / "out").items()
+                    if "format-conversion-failed" in k for line in v.splitlines() if line]
+
+        wait_for(lambda: bool(errors()) and any(k.endswith(".parquet") for k in local_objects(tmp_path / "out")),
+                 30, "a parquet file and the failed record")
+    finally:
+        assert d.stop() == 0
+    (err,) = errors()
+    assert base64.b64decode(err["rawData"]) == b"not json"
+    assert (err["sequenceNumber"], err["subSequenceNumber"]) == (bad, 1)
