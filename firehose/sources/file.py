@@ -208,6 +208,7 @@ class FileSource(Source):
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._first_scan = True
+        self._paused = False
         self._last_scan = 0.0
         self._reported: set[tuple[str, str]] = set()
         m = _metrics(sink.metrics.registry)
@@ -372,7 +373,13 @@ class FileSource(Source):
             else:
                 return False
         if not self.sink.accepting or not self.sink.has_room(CHUNK_BYTES):
-            return False  # back-pressure: the spool is full; read nothing
+            if not self._paused:  # back-pressure: the spool is full; read nothing
+                self._paused = True
+                self.log.info("file_source_paused", reason="spool full" if self.sink.accepting else "stopping")
+            return False
+        if self._paused:
+            self._paused = False
+            self.log.info("file_source_resumed")
         try:
             st = os.fstat(f.fd)
         except OSError as exc:
