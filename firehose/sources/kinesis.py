@@ -441,6 +441,8 @@ class KinesisSource(Source):
                     self.log.warning("kinesis_read_retry_scheduled", shard_id=shard.shard_id, error_code=exc.code,
                                      error_message=exc.message[:300], retry_in_secs=round(delay, 3))
                     await asyncio.sleep(delay)
+                    if exc.code == "ResourceNotFoundException":
+                        return  # the shard expired or the stream is gone: discovery decides
                     continue
                 failures = 0
                 records = resp.get("Records") or []

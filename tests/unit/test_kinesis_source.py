@@ -430,3 +430,22 @@ def test_a_small_spool_cap_gets_small_frames_each_with_its_checkpoint() -> None:
     inside = [p["kinesis/s/shardId-0"] for _, _, p in frames[:-1] if p["kinesis/s/shardId-0"]["seq"] == seq]
     assert inside and not any(p["whole"] for p in inside)
     assert sink.positions["kinesis/s/shardId-0"] == {"seq": seq, "sub": 11, "whole": True}
+
+
+def test_a_shard_that_expires_while_being_read_is_released_and_counted() -> None:
+    k = FakeKinesis()
+    k.add_shard("shardId-0")
+    seq = k.put("shardId-0", b"r0")
+    k.add_shard("shardId-1")
+    k.put("shardId-1", b"r1")
+    sink = FakeSink({"kinesis/s/shardId-0": {"seq": str(int(seq) - 1), "sub": 0, "whole": True}})
+
+    def expire(**kwargs: Any) -> dict[str, Any]:
+        del k.shards["shardId-0"]  # gone between ListShards and GetShardIterator
+        raise client_error("ResourceNotFoundException", "GetShardIterator", "Shard shardId-0 not found")
+
+    original = k.get_shard_iterator
+    k.get_shard_iterator = lambda **kw: expire(**kw) if kw["ShardId"] == "shardId-0" else original(**kw)  # type: ignore[method-assign]
+    asyncio.run(run_until(make_source(k, sink),
+                          lambda: sink.records == [b"r1"] and sink.positions.get("kinesis/s/shardId-0", 0) is None))
+    assert metric(sink, "firehose_KinesisCheckpointsTrimmed_total") == 1
