@@ -398,8 +398,10 @@ class KinesisSource(Source):
                 self._m_trimmed.inc()
                 self.log.error("kinesis_checkpoint_trimmed", shard_id=sid, sequence_number=shard.seq,
                                reason="the shard expired before it was read to its end")
-        if gone:  # forget them in the spool too, so positions do not grow with every reshard
-            await self.sink.put([], self.clock.now_ms(), positions={self._key(sid): None for sid in gone})
+        # Forget their checkpoints in the spool too (the key stays, its value shrinks to null).
+        forget = {self._key(sid): None for sid in gone if self.sink.positions.get(self._key(sid)) is not None}
+        if forget:
+            await self.sink.put([], self.clock.now_ms(), positions=forget)
         for sid in sorted(listed):
             shard = self._shards.setdefault(sid, _Shard(sid))
             if shard.done or shard.task is not None:
