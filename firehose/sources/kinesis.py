@@ -125,6 +125,13 @@ class KinesisSourceConfig(BaseModel):
             raise ValueError(f"names another stream than stream_arn ({arn!r}), got {v!r}")
         return v
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        return v
+
     @field_validator("region")
     @classmethod
     def _region(cls, v: str | None) -> str | None:

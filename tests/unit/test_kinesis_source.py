@@ -87,6 +87,8 @@ def test_sources_do_not_change_the_version_fingerprint() -> None:
         ("      - type: kinesis\n        stream_arn: arn:aws:kinesis:us-east-1:1:stream/x\n",
          "f.yaml:5: streams[0].sources[0].stream_arn: must be arn:aws:kinesis:<region>:<12-digit account>:"
          "stream/<name>, got 'arn:aws:kinesis:us-east-1:1:stream/x'"),
+        (KINESIS + "        endpoint_url: localhost:4567\n",
+         "f.yaml:6: streams[0].sources[0].endpoint_url: must be an http:// or https:// URL, got 'localhost:4567'"),
         ("      - type: kinesys\n        stream_name: x\n",
          "f.yaml:4: streams[0].sources[0].type: unknown type 'kinesys'; known: "
          + ", ".join(sorted(registry.BUILTIN_SOURCES))),
