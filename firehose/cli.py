@@ -126,6 +126,27 @@ def _partition_prefix(stream: Any, o: Any, now_ms: int) -> str:
         return f"partitioning-failed: {exc}"
 
 
+def _cmd_import_agent_config(args: argparse.Namespace) -> int:
+    """Print the firehose config equivalent to a Kinesis Agent agent.json; notes go to stderr."""
+    import json
+
+    from firehose.agentconfig import import_agent_config
+
+    try:
+        with open(args.path, encoding="utf-8") as f:
+            text, notes = import_agent_config(json.load(f))
+    except OSError as exc:
+        print(f"{args.path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        print(f"{args.path}: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="firehose", description="A self-hosted Firehose-compatible delivery stream daemon")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--config", required=True)
     tr.add_argument("--stream", required=True)
     tr.set_defaults(func=_cmd_transform)
+    imp = sub.add_parser("import-agent-config", help="print the config equivalent to a Kinesis Agent agent.json")
+    imp.add_argument("path")
+    imp.set_defaults(func=_cmd_import_agent_config)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
