@@ -451,3 +451,16 @@ def test_a_shard_that_expires_while_being_read_is_released_and_counted() -> None
     asyncio.run(run_until(make_source(k, sink),
                           lambda: sink.records == [b"r1"] and sink.positions.get("kinesis/s/shardId-0", 0) is None))
     assert metric(sink, "firehose_KinesisCheckpointsTrimmed_total") == 1
+
+
+def test_at_timestamp_reads_from_the_configured_time_and_records_it() -> None:
+    k = FakeKinesis()
+    k.add_shard("shardId-0")
+    k.put("shardId-0", b"before")
+    k.put("shardId-0", b"after")  # arrived at 1_700_001_002 s
+    sink = FakeSink()
+    source = make_source(k, sink, initial_position="at_timestamp", timestamp="2023-11-14T22:30:02+00:00")
+    asyncio.run(run_until(source, lambda: len(sink.records) == 1))
+    assert sink.records == [b"after"]
+    assert sink.positions["kinesis/s"] == {"start_ms": 1_700_001_002_000}
+    assert source.describe()["KinesisStreamSourceDescription"]["DeliveryStartTimestamp"] == 1_700_001_002.0
