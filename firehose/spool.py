@@ -376,7 +376,7 @@ class Spool:
             if flags & F_POSITIONS:
                 _frame, positions = decode_records_payload(payload)
                 if positions:
-                    self.positions.update(positions)
+                    self._merge_positions(positions)
         elif ftype == T_SEAL:
             doc = orjson.loads(payload)
             batch = SealedBatch(
@@ -398,7 +398,7 @@ class Spool:
             doc = orjson.loads(payload)
             self.next_seq = max(self.next_seq, doc["next_seq"])
             self.next_batch_id = max(self.next_batch_id, doc["next_batch_id"])
-            self.positions.update(doc.get("positions", {}))
+            self._merge_positions(doc.get("positions", {}))
         else:
             raise SpoolError(f"{seg.path}: unknown frame type {ftype} at offset {offset}")
 
@@ -497,7 +497,7 @@ class Spool:
             ref = _FrameRef(seg.number, offset, len(data) - _FRAME_HEADER.size, first_seq, self.next_seq)
             self._add_frame_ref(seg, ref)
         if positions:
-            self.positions.update(positions)
+            self._merge_positions(positions)
         if nbytes is None:
             nbytes = sum(map(len, records))
         if records and self._cache_size + nbytes <= self._cache_limit:
@@ -673,6 +673,15 @@ class Spool:
         frame = self._cache.pop(first_seq, None)
         if frame is not None:
             self._cache_size -= sum(len(r) for r in frame.records)
+
+    def _merge_positions(self, positions: dict[str, Any]) -> None:
+        """Later positions replace earlier ones; a key set to None is removed (a source
+        forgetting a finished file or an expired shard), so positions do not grow forever."""
+        for key, value in positions.items():
+            if value is None:
+                self.positions.pop(key, None)
+            else:
+                self.positions[key] = value
 
     def _read_fd(self, segment: int) -> int:
         fd = self._read_fds.get(segment)

@@ -325,3 +325,21 @@ def test_read_records_picks_scattered_records_from_disk_and_cache(tmp_path: Path
         await sp.aclose()
 
     run(go())
+
+
+def test_a_position_set_to_none_is_forgotten_also_after_recovery(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path), segment_size_bytes=4096)
+        sp.open()
+        sp.append_records([b"a"], 1, positions={"file/1:2": {"offset": 2}, "file/1:3": {"offset": 9}})
+        for _ in range(20):  # roll over a few segments, whose headers snapshot the positions
+            sp.append_records([b"x" * 500], 2)
+        sp.append_records([b"b"], 3, positions={"file/1:2": None})
+        await sp.wait_durable()
+        assert sp.positions == {"file/1:3": {"offset": 9}}
+        await sp.aclose()
+        sp2 = Spool(str(tmp_path), segment_size_bytes=4096)
+        assert sp2.open().positions == {"file/1:3": {"offset": 9}}
+        await sp2.aclose()
+
+    run(go())
