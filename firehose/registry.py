@@ -17,6 +17,7 @@ BUILTIN_DESTINATIONS: dict[str, str] = {
     "local": "destinations.local:LocalDestinationConfig",
     "redshift": "destinations.redshift:RedshiftDestinationConfig",
     "http_endpoint": "destinations.http_endpoint:HttpEndpointDestinationConfig",
+    "opensearch": "destinations.opensearch:OpenSearchDestinationConfig",
 }
 
 BUILTIN_SOURCES: dict[str, str] = {
