@@ -18,6 +18,7 @@ BUILTIN_DESTINATIONS: dict[str, str] = {
     "redshift": "destinations.redshift:RedshiftDestinationConfig",
     "http_endpoint": "destinations.http_endpoint:HttpEndpointDestinationConfig",
     "opensearch": "destinations.opensearch:OpenSearchDestinationConfig",
+    "splunk": "destinations.splunk:SplunkDestinationConfig",
 }
 
 BUILTIN_SOURCES: dict[str, str] = {

@@ -37,7 +37,7 @@ from support import (
 )
 from transforms.compression import get_codec
 
-KINDS = ["local", "s3", "http_endpoint", "opensearch", "opensearch_no_id"]
+KINDS = ["local", "s3", "http_endpoint", "opensearch", "opensearch_no_id", "splunk"]
 OBJECT_STORES = ("local", "s3")
 ID_RE = re.compile(rb"id-(\d+)-(\d+);")
 
@@ -59,11 +59,17 @@ class Target:
     @property
     def exactly_once(self) -> bool:
         """False where a retry of a request whose answer was lost duplicates (no document ids)."""
-        return self.kind != "opensearch_no_id"
+        return self.kind not in ("opensearch_no_id", "splunk")
 
     @property
     def json_records(self) -> bool:
         return self.kind.startswith("opensearch")  # documents must be JSON objects
+
+    def buffering(self, buffering: dict[str, int]) -> dict[str, int]:
+        """The buffering hints within this destination's ranges (Splunk's are 1-5 MiB, 0-60 s)."""
+        if self.kind != "splunk":
+            return buffering
+        return {"size_mib": min(buffering["size_mib"], 5), "interval_secs": min(buffering["interval_secs"], 60)}
 
     def stream_extra(self) -> dict[str, Any]:
         """What the stream needs besides its destination: a backup, for the kinds that require one."""
@@ -74,6 +80,10 @@ class Target:
         return ids_in(self.objects(), compression if self.object_store else "none")
 
     def destination(self, compression: str = "none", **extra: Any) -> dict[str, Any]:
+        if self.kind == "splunk":  # raw: each line an event
+            return {"type": "splunk", "hec_endpoint": self.server.endpoint, "hec_endpoint_type": "raw",
+                    "hec_token": self.server.token, "ack_poll_interval_ms": 100, "retry_duration_secs": 7200,
+                    "request_timeout_secs": 10}
         if self.kind.startswith("opensearch"):
             return {"type": "opensearch", "endpoint": self.server.endpoint, "index": "conf",
                     "document_id": "no_document_id" if self.kind == "opensearch_no_id" else "firehose_default",
@@ -101,6 +111,8 @@ class Target:
     def objects(self) -> dict[str, bytes]:
         if self.kind.startswith("opensearch"):
             return self.server.documents()  # type: ignore[no-any-return]
+        if self.kind == "splunk":
+            return {str(i): event for i, event in enumerate(self.server.events())}
         if self.kind == "http_endpoint":
             with self.server.lock:
                 return {rid: b"".join(self.server.requests[rid]) for rid in self.server.order}
@@ -143,6 +155,15 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
             yield Target("http_endpoint", tmp_path, server=server)
         finally:
             server.stop()
+        return
+    if request.param == "splunk":
+        from tests.fakes.splunk import SplunkHecServer
+
+        hec = SplunkHecServer().start()
+        try:
+            yield Target("splunk", tmp_path, server=hec)
+        finally:
+            hec.stop()
         return
     if request.param.startswith("opensearch"):
         from tests.fakes.opensearch import OpenSearchServer
@@ -231,6 +252,8 @@ class Loader:
 
 
 def make_daemon(target: Target, compression: str = "none", **stream_extra: Any) -> Daemon:
+    if "buffering" in stream_extra:
+        stream_extra["buffering"] = target.buffering(stream_extra["buffering"])
     stream = stream_config("conf", target.destination(compression), **target.stream_extra(), **stream_extra)
     return Daemon(target.tmp, daemon_config(target.tmp, [stream]))
 
@@ -246,7 +269,7 @@ def assert_exactly_once(target: Target, acked: set[tuple[int, int]], compression
 # --------------------------------------------------------------------------- delivery
 @pytest.mark.parametrize("compression", ["none", "gzip", "snappy"])
 def test_delivery_by_size_and_by_time(target: Target, compression: str) -> None:
-    if not target.object_store and (compression == "snappy" or (compression == "gzip" and target.json_records)):
+    if not target.object_store and (compression == "snappy" or (compression == "gzip" and target.kind != "http_endpoint")):
         pytest.skip(f"{target.kind} has no {compression} compression")
     d = make_daemon(target, compression, buffering={"size_mib": 1, "interval_secs": 2}).start()
     try:
@@ -350,7 +373,7 @@ def test_sigterm_flushes_open_buffers(target: Target) -> None:
 
 
 # --------------------------------------------------------------------------- crash and replay
-CRASHES = {"local": 12, "s3": 8, "http_endpoint": 6, "opensearch": 6, "opensearch_no_id": 4}
+CRASHES = {"local": 12, "s3": 8, "http_endpoint": 6, "opensearch": 6, "opensearch_no_id": 4, "splunk": 4}
 
 
 def test_kill9_under_load_loses_and_duplicates_nothing(target: Target) -> None:
