@@ -52,6 +52,7 @@ from firehose.spool import SpoolFullError
 FINGERPRINT_BYTES = 1024
 CHUNK_BYTES = 1 << 20
 COPY_HOLD_SECS = 5.0
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")
 STARTED_KEY = "file/started"
 
 
@@ -274,8 +275,8 @@ class FileSource(Source):
                 except OSError as exc:
                     self._error(path, "stat", exc)
                     continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
+                if not stat.S_ISREG(st.st_mode) or path.endswith(COMPRESSED_SUFFIXES):
+                    continue  # logrotate's compressed rotations are not logs to tail (Kinesis Agent skips them too)
                 ident = (st.st_dev, st.st_ino)
                 if ident in seen:
                     continue

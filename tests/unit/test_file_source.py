@@ -132,6 +132,22 @@ def test_a_cut_line_still_being_written_is_skipped_to_its_end(tmp_path: Path) ->
     assert sink.records == [b"z" * 15 + b"\n", b"next\n"]
 
 
+def test_compressed_rotations_are_not_tailed(tmp_path: Path) -> None:
+    (tmp_path / "access.log").write_bytes(b"live\n")
+    (tmp_path / "access.log.2.gz").write_bytes(b"\x1f\x8b compressed\n")
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(tmp_path / "access.log*")], sink)
+        await src.start()
+        await until(lambda: len(sink.records) == 1)
+        await asyncio.sleep(0.1)
+        await src.stop()
+
+    run(go())
+    assert sink.records == [b"live\n"]
+
+
 def test_header_lines_are_skipped_in_each_file(tmp_path: Path) -> None:
     for name in ("a.csv", "b.csv"):
         (tmp_path / name).write_bytes(b"h1\nh2\n" + name.encode() + b"\n")
