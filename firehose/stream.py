@@ -404,9 +404,10 @@ class StreamRuntime:
         self._wake.set()
         self._proc_wake.set()
         await self.spool.wait_durable()
-        self._m_in_records.inc(len(records))
-        self._m_in_bytes.inc(nbytes)
-        self._m_in_requests.inc()
+        if records:  # a source's position-only write is not an incoming request
+            self._m_in_records.inc(len(records))
+            self._m_in_bytes.inc(nbytes)
+            self._m_in_requests.inc()
         return first
 
     @property
