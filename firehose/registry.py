@@ -24,6 +24,7 @@ BUILTIN_DESTINATIONS: dict[str, str] = {
 BUILTIN_SOURCES: dict[str, str] = {
     "kinesis": "firehose.sources.kinesis:KinesisSourceConfig",
     "file": "firehose.sources.file:FileSourceConfig",
+    "firehose_http": "firehose.sources.firehose_http:FirehoseHttpSourceConfig",
 }
 
 

@@ -1,0 +1,151 @@
+"""Firehose HTTP deliveries as a source: the receiving side of the HTTP endpoint protocol
+(reference §10), so Amazon Data Firehose itself, or another daemon's ``http_endpoint``
+destination, can deliver into this stream.
+
+A request is ``POST`` (any path) with ``X-Amz-Firehose-Protocol-Version: 1.0``, the
+``X-Amz-Firehose-Request-Id`` header repeated as the body's ``requestId``, and the body
+``{"requestId", "timestamp", "records": [{"data": <base64>}]}`` (gzip when ``Content-Encoding:
+gzip``). ``X-Amz-Firehose-Access-Key`` must be one of ``access_keys`` (when any are configured).
+The answer is Firehose's: ``{"requestId", "timestamp"}`` with 200, or with ``errorMessage`` and
+400 (malformed), 401 (access key), 413 (too large) or 503 (the spool is full: the sender retries).
+
+Guarantee: exactly once into the spool per request id. The request id is committed in the same
+spool frame as its records (the source position ``firehose_http/<request id>``), and the answer
+is sent only once that frame is fsynced. A sender's retry of a request already in the spool (its
+answer was lost, or this daemon was killed after the fsync) is answered 200 without adding the
+records again; a retry arriving while the first copy is still being written waits for it. The
+``dedupe_window`` most recent request ids are remembered (older ones are forgotten in the spool
+too, so positions do not grow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import time
+from collections import OrderedDict
+from typing import Any, ClassVar, Literal
+
+import orjson
+import pybase64
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from firehose.interfaces import BuildContext, Source, SourceSink
+from firehose.spool import SpoolFullError
+
+KEY_PREFIX = "firehose_http/"
+MAX_RECORDS = 10_000
+
+
+class FirehoseHttpSourceConfig(BaseModel):
+    """``streams[].sources[]`` entry ``type: firehose_http``; see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    stream_type: ClassVar[str] = "DirectPut"
+
+    type: Literal["firehose_http"]
+    listen: str  # host:port
+    access_keys: list[SecretStr] = Field(default_factory=list)
+    dedupe_window: int = Field(default=10_000, ge=100, le=1_000_000)
+    max_request_mib: int = Field(default=128, ge=1, le=1024)  # the body as received (before gunzip)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port, got {v!r}")
+        return v
+
+    def build(self, ctx: BuildContext, sink: SourceSink) -> FirehoseHttpSource:
+        return FirehoseHttpSource(self, ctx, sink)
+
+
+def _answer(rid: str, status: int, error: str | None = None) -> web.Response:
+    doc: dict[str, Any] = {"requestId": rid, "timestamp": int(time.time() * 1000)}
+    if error is not None:
+        doc["errorMessage"] = error[:8192]
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
+
+
+class FirehoseHttpSource(Source):
+    """Serves one listen address for its stream; runs on the daemon's event loop."""
+
+    def __init__(self, config: FirehoseHttpSourceConfig, ctx: BuildContext, sink: SourceSink) -> None:
+        self.config = config
+        self.sink = sink
+        self.log = ctx.log.bind(source="firehose_http", listen=config.listen)
+        self._keys = {k.get_secret_value() for k in config.access_keys}
+        self._seen: OrderedDict[str, int] = OrderedDict()  # request id -> when it was spooled
+        self._inflight: dict[str, asyncio.Future[web.Response]] = {}
+        self._runner: web.AppRunner | None = None
+        self.duplicates = 0
+
+    async def start(self) -> None:
+        known = sorted((v, k[len(KEY_PREFIX):]) for k, v in self.sink.positions.items() if k.startswith(KEY_PREFIX))
+        self._seen = OrderedDict((rid, when) for when, rid in known)
+        app = web.Application(client_max_size=self.config.max_request_mib << 20)
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, _, port = self.config.listen.rpartition(":")
+        await web.TCPSite(self._runner, host, int(port), reuse_address=True).start()
+        self.log.info("firehose_http_source_started", remembered_requests=len(self._seen))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await asyncio.wait_for(self._runner.cleanup(), 10)
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        rid = request.headers.get("X-Amz-Firehose-Request-Id", "")
+        if request.headers.get("X-Amz-Firehose-Protocol-Version") != "1.0":
+            return _answer(rid, 400, "X-Amz-Firehose-Protocol-Version must be 1.0")
+        if self._keys and request.headers.get("X-Amz-Firehose-Access-Key") not in self._keys:
+            return _answer(rid, 401, "The access key is missing or not valid")
+        try:
+            body = await request.read()  # aiohttp inflates Content-Encoding: gzip
+        except web.HTTPRequestEntityTooLarge:
+            return _answer(rid, 413, f"The request is over {self.config.max_request_mib} MiB")
+        try:
+            doc = orjson.loads(body)
+            records = [pybase64.b64decode(r["data"], validate=True) for r in doc["records"]]
+            body_rid = doc["requestId"]
+            stamp = doc["timestamp"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, binascii.Error, ValueError) as exc:
+            return _answer(rid, 400, f"The body is not a Firehose HTTP delivery request: {type(exc).__name__}: {exc}")
+        if not rid or body_rid != rid or not isinstance(stamp, int) or len(records) > MAX_RECORDS:
+            return _answer(rid, 400, "requestId must match X-Amz-Firehose-Request-Id, with a timestamp and at most "
+                                     f"{MAX_RECORDS} records")
+        if rid in self._seen:
+            self.duplicates += 1
+            return _answer(rid, 200)
+        running = self._inflight.get(rid)
+        if running is not None:  # a retry while the first copy is being written: its answer is ours
+            return await asyncio.shield(running)
+        future: asyncio.Future[web.Response] = asyncio.get_running_loop().create_future()
+        self._inflight[rid] = future
+        try:
+            response = await self._spool(rid, records)
+        except BaseException:
+            future.set_result(_answer(rid, 503, "The request was not stored; send it again"))
+            raise
+        finally:
+            self._inflight.pop(rid, None)
+        if not future.done():
+            future.set_result(response)
+        return response
+
+    async def _spool(self, rid: str, records: list[bytes]) -> web.Response:
+        now = int(time.time() * 1000)
+        positions: dict[str, Any] = {KEY_PREFIX + rid: now}
+        while len(self._seen) >= self.config.dedupe_window:
+            old, _ = self._seen.popitem(last=False)
+            positions[KEY_PREFIX + old] = None
+        try:
+            await self.sink.put(records, positions=positions)
+        except SpoolFullError as exc:
+            return _answer(rid, 503, f"The stream cannot take records now: {exc}")
+        self._seen[rid] = now
+        return _answer(rid, 200)
