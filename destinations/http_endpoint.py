@@ -223,6 +223,12 @@ class HttpEndpointDestination(Destination):
         return check_response(rid, status, content_type, raw)
 
 
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 def check_response(rid: str, status: int, content_type: str, raw: bytes) -> RecordFailure | None:
     """Validate a response as Firehose does: only a conforming 200 is success."""
     text = raw[:2000].decode("utf-8", "replace")

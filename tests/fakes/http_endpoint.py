@@ -38,6 +38,10 @@ class HttpEndpointServer(ThreadedServer):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/{tail:.*}", self._handle)
 
+    def stats(self) -> dict[str, Any]:
+        return {"records": sum(len(r) for r in self.requests.values()), "requests": self.deliveries,
+                "bytes": sum(len(x) for r in self.requests.values() for x in r), "wire_bytes": self.wire_bytes}
+
     def records(self) -> list[bytes]:
         with self.lock:
             return [r for rid in self.order for r in self.requests[rid]]

@@ -50,6 +50,10 @@ class OpenSearchServer(ThreadedServer):
         app.router.add_post("/_bulk", self._bulk)
         app.router.add_put("/_bulk", self._bulk)
 
+    def stats(self) -> dict[str, Any]:
+        docs = [src for d in self.indices.values() for src in d.values()]
+        return {"records": len(docs), "bytes": sum(map(len, docs)), "requests": self.bulk_requests}
+
     def documents(self) -> dict[str, bytes]:
         """``index/_id`` -> source, over every index."""
         with self.lock:

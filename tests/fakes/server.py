@@ -35,6 +35,14 @@ class ThreadedServer:
     def routes(self, app: web.Application) -> None:
         raise NotImplementedError
 
+    def stats(self) -> dict[str, Any]:
+        """What was received, for a benchmark that runs the server in another process."""
+        return {}
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        with self.lock:
+            return web.json_response(self.stats())
+
     def start(self) -> ThreadedServer:
         ready = threading.Event()
         failed: list[BaseException] = []
@@ -45,6 +53,7 @@ class ThreadedServer:
             asyncio.set_event_loop(loop)
             try:
                 app = web.Application(client_max_size=256 << 20)
+                app.router.add_get("/__fake/stats", self._stats)
                 self.routes(app)
                 self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
                 loop.run_until_complete(self._runner.setup())

@@ -85,6 +85,11 @@ class SplunkHecServer(ThreadedServer):
         app.router.add_post("/services/collector/raw/1.0", self._raw)
         app.router.add_post("/services/collector/ack", self._ack)
 
+    def stats(self) -> dict[str, Any]:
+        self._settle()
+        return {"records": len(self.indexed), "bytes": sum(map(len, self.indexed)), "requests": self.requests,
+                "ack_polls": self.ack_polls}
+
     def events(self) -> list[bytes]:
         with self.lock:
             self._settle()
