@@ -26,12 +26,13 @@ def cluster() -> Iterator[OpenSearchServer]:
     server.stop()
 
 
-def start(tmp: Path, cluster: OpenSearchServer, env: dict[str, str] | None = None, **dest: Any) -> Daemon:
+def start(tmp: Path, cluster: OpenSearchServer, env: dict[str, str] | None = None, mode: str = "FailedDocumentsOnly",
+          **dest: Any) -> Daemon:
     destination = {"type": "opensearch", "endpoint": cluster.endpoint, "index": "clicks",
                    "auth": {"type": "basic", "user": "firehose", "password": "${OS_PASSWORD}"}, **dest}
     stream = stream_config("os", destination, buffering={"size_mib": 1, "interval_secs": 0},
                            delivery={"retry_initial_backoff_ms": 50, "retry_max_backoff_ms": 200},
-                           backup={"path": str(tmp / "backup"), "mode": "FailedDocumentsOnly"})
+                           backup={"path": str(tmp / "backup"), "mode": mode})
     return Daemon(tmp, daemon_config(tmp, [stream]), env={"OS_PASSWORD": "pw", **(env or {})}).start()
 
 
@@ -97,6 +98,20 @@ def test_throttled_items_are_retried_and_mapping_errors_archived(tmp_path: Path,
         assert doc["errorCode"] == "400"
         assert DOC_ID.fullmatch(doc["esDocumentId"]) and doc["esTypeName"] == "_doc"
         assert re.fullmatch(r"clicks-\d{4}-\d{2}-\d{2}", doc["esIndexName"])
+
+
+def test_all_documents_are_also_backed_up(tmp_path: Path, cluster: OpenSearchServer) -> None:
+    d = start(tmp_path, cluster, mode="AllDocuments")
+    try:
+        records = [b'{"n": %d}' % i for i in range(20)]
+        d.firehose().put_record_batch(DeliveryStreamName="os", Records=[{"Data": r} for r in records])
+        wait_for(lambda: len(cluster.documents()) == 20, 20, "indexing")
+        desc = d.firehose().describe_delivery_stream(DeliveryStreamName="os")["DeliveryStreamDescription"]
+        assert desc["Destinations"][0]["AmazonopensearchserviceDestinationDescription"]["S3BackupMode"] == "AllDocuments"
+    finally:
+        assert d.stop() == 0  # the source copies are flushed at shutdown
+    backed_up = b"".join(b for k, b in local_objects(tmp_path / "backup").items() if "-failed/" not in k)
+    assert backed_up == b"".join(records)
 
 
 def test_sigv4_and_an_expired_window_as_elasticsearch(tmp_path: Path) -> None:
