@@ -150,6 +150,7 @@ def request_body(rid: str, timestamp_ms: int, records: list[bytes]) -> bytes:
 
 class HttpEndpointDestination(Destination):
     error_output_type = ERROR_OUTPUT_TYPE
+    metrics_prefix = "DeliveryToHttpEndpoint"
 
     def __init__(self, config: HttpEndpointDestinationConfig, ctx: BuildContext) -> None:
         self.config = config

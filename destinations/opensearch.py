@@ -182,6 +182,8 @@ class OpenSearchDestination(Destination):
         self.ctx = ctx
         self.retry_duration_secs = config.retry_duration_secs
         self.error_output_type = config.error_output_type
+        self.metrics_prefix = "DeliveryToElasticsearch" if config.engine == "elasticsearch" else (
+            "DeliveryToAmazonOpenSearchService")
         self._prefix = "ES" if config.engine == "elasticsearch" else "OS"
         self._client: Any = None
 

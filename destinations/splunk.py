@@ -135,6 +135,7 @@ class _Failed(Exception):
 
 class SplunkDestination(Destination):
     error_output_type = ERROR_OUTPUT_TYPE
+    metrics_prefix = "DeliveryToSplunk"
 
     def __init__(self, config: SplunkDestinationConfig, ctx: BuildContext) -> None:
         self.config = config

@@ -121,6 +121,8 @@ class Destination(abc.ABC):
 
     retry_duration_secs: float | None = None
     error_output_type: str | None = None
+    #: Firehose's CloudWatch prefix for this destination (``DeliveryToSplunk``), besides DeliveryToS3.
+    metrics_prefix: str | None = None
 
     async def start(self) -> None:
         """Open connections; must not fail when the destination is down (delivery retries)."""

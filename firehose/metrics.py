@@ -78,5 +78,36 @@ class Metrics:
         self.spool_bytes = gauge("SpoolBytes", "Bytes held in the stream's spool")
         self.backlog_records = gauge("BacklogRecords", "Acknowledged records not yet delivered")
 
+        self._destinations: dict[str, DestinationMetrics] = {}
+
+    def destination(self, prefix: str) -> DestinationMetrics:
+        """A destination's own Firehose names (``DeliveryToSplunk.Records``, ...), made on first use."""
+        found = self._destinations.get(prefix)
+        if found is None:
+            found = self._destinations[prefix] = DestinationMetrics(prefix, self.registry)
+        return found
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DestinationMetrics:
+    """``<prefix>.Records``, ``.Bytes``, ``.Success`` and ``.DataFreshness`` for a destination that
+    is not S3 (``DeliveryToAmazonOpenSearchService``, ``DeliveryToSplunk``, ``DeliveryToHttpEndpoint``),
+    beside the ``DeliveryToS3`` names every stream has."""
+
+    def __init__(self, prefix: str, registry: CollectorRegistry) -> None:
+        self.records = Counter(f"firehose_{prefix}_Records", f"Records delivered ({prefix}.Records)", [LABEL],
+                               registry=registry)
+        self.bytes = Counter(f"firehose_{prefix}_Bytes", f"Record bytes delivered ({prefix}.Bytes)", [LABEL],
+                             registry=registry)
+        self.success = Gauge(f"firehose_{prefix}_Success", "1 if the last delivery attempt succeeded, else 0",
+                             [LABEL], registry=registry)
+        self.freshness = Gauge(f"firehose_{prefix}_DataFreshness",
+                               "Age in seconds of the oldest record not yet delivered", [LABEL], registry=registry)
+
+    def attempt(self, stream: str, records: int, nbytes: int, ok: bool) -> None:
+        if records:
+            self.records.labels(stream).inc(records)
+            self.bytes.labels(stream).inc(nbytes)
+        self.success.labels(stream).set(1 if ok else 0)

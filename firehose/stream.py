@@ -1059,10 +1059,12 @@ class StreamRuntime:
             self.metrics.delivery_attempts.labels(labels).inc()
             result = await destination.deliver(batch)
             delivered = len(todo) - len(result.failures)
+            nbytes = sum(map(len, subset)) - sum(len(subset[i]) for i in result.failures) if delivered else 0
             if delivered:
-                nbytes = sum(map(len, subset)) - sum(len(subset[i]) for i in result.failures)
                 self.metrics.delivery_records.labels(labels).inc(delivered)
                 self.metrics.delivery_bytes.labels(labels).inc(nbytes)
+            if sink == "main" and destination.metrics_prefix is not None:
+                self.metrics.destination(destination.metrics_prefix).attempt(labels, delivered, nbytes, result.ok)
             if result.ok:
                 self.metrics.delivery_success.labels(labels).set(1)
                 self.metrics.delivery_objects.labels(labels).inc()
@@ -1224,6 +1226,9 @@ class StreamRuntime:
             oldest = self._buffer.oldest_ms if oldest is None else min(oldest, self._buffer.oldest_ms)
         age = 0.0 if oldest is None else max(0.0, (self.clock.now_ms() - oldest) / 1000.0)
         self.metrics.data_freshness.labels(labels).set(age)
+        prefix = getattr(self.destination, "metrics_prefix", None)
+        if prefix is not None:
+            self.metrics.destination(prefix).freshness.labels(labels).set(age)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -5,6 +5,7 @@ across retries, response validation, the retry window and the http-endpoint-fail
 from __future__ import annotations
 
 import base64
+import http.client
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,13 +56,19 @@ def test_request_and_headers_are_firehoses(tmp_path: Path, endpoint: HttpEndpoin
         assert h["Content-Type"] == "application/json" and h["Content-Encoding"] == "gzip"
         assert endpoint.wire_bytes < sum(map(len, records))  # gzip on the wire
         desc = d.firehose().describe_delivery_stream(DeliveryStreamName="web")["DeliveryStreamDescription"]
-        http = desc["Destinations"][0]["HttpEndpointDestinationDescription"]
-        assert http["EndpointConfiguration"] == {"Name": "collector"}  # Url and AccessKey are sensitive
-        assert http["RequestConfiguration"] == {
+        hd = desc["Destinations"][0]["HttpEndpointDestinationDescription"]
+        assert hd["EndpointConfiguration"] == {"Name": "collector"}  # Url and AccessKey are sensitive
+        assert hd["RequestConfiguration"] == {
             "ContentEncoding": "GZIP", "CommonAttributes": [{"AttributeName": "env", "AttributeValue": "prod"}]}
-        assert http["S3BackupMode"] == "FailedDataOnly" and http["RetryOptions"] == {"DurationInSeconds": 300}
-        assert http["BufferingHints"] == {"SizeInMBs": 1, "IntervalInSeconds": 0}
+        assert hd["S3BackupMode"] == "FailedDataOnly" and hd["RetryOptions"] == {"DurationInSeconds": 300}
+        assert hd["BufferingHints"] == {"SizeInMBs": 1, "IntervalInSeconds": 0}
         assert "s3cret-key" not in d.logs()
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+        conn.close()
+        assert 'firehose_DeliveryToHttpEndpoint_Records_total{DeliveryStreamName="web"} 301.0' in metrics
+        assert 'firehose_DeliveryToHttpEndpoint_Success{DeliveryStreamName="web"} 1.0' in metrics
     finally:
         assert d.stop() == 0
 
