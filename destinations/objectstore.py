@@ -25,6 +25,11 @@ from transforms.compression import Codec, get_codec
 S3_BUFFERING = BufferingLimits(1, 128, 5, 0, 900, 300)
 
 
+def join_records(records: Sequence[bytes], delimiter: bytes | None = None) -> bytes:
+    """An object's uncompressed body: the records verbatim, or each followed by ``delimiter``."""
+    return delimiter.join(records) + delimiter if delimiter and records else b"".join(records)
+
+
 class ObjectStoreConfig(BaseModel):
     """Fields with Firehose's ExtendedS3 semantics (Prefix, ErrorOutputPrefix, CompressionFormat,
     FileExtension)."""
@@ -95,8 +100,7 @@ class ObjectStoreConfig(BaseModel):
         name = key.rsplit("/", 1)[-1]
         ext = self.extension
         entry = name[: -len(ext)] if ext and name.endswith(ext) else name
-        body = delimiter.join(records) + delimiter if delimiter and records else b"".join(records)
-        return self.codec.compress(body, entry)
+        return self.codec.compress(join_records(records, delimiter), entry)
 
     def archive_key(self, stream: str, version: int, oldest: datetime, rng: random.Random, error_output_type: str) -> str:
         """Where failed records go: ErrorOutputPrefix, or else ``<prefix><type>/yyyy/MM/dd/HH/``."""

@@ -48,7 +48,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from destinations.objectstore import S3_BUFFERING
+from destinations.objectstore import S3_BUFFERING, join_records
 from destinations.s3 import S3Destination, S3DestinationConfig
 from destinations.sql import (
     BadRecordError,
@@ -379,6 +379,19 @@ class _Progress:
     attempts: int = 0
 
 
+class _StagingDestination(S3Destination):
+    """The staging bucket. Only COPY reads staged objects, so gzip is written with ISA-L's igzip
+    at level 1 (on clickstream data about 9 times as fast as zlib's level 6, at 0.24 of the size
+    instead of 0.20) rather than the JVM-identical stream an S3 destination writes."""
+
+    def _encode(self, batch: Batch) -> bytes:
+        if self.config.compression != "gzip" or (self.converter is not None and not batch.archive):
+            return super()._encode(batch)
+        from isal import igzip
+
+        return igzip.compress(join_records(batch.records, batch.delimiter), compresslevel=1)
+
+
 class RedshiftDestination(Destination):
     """See the module docstring for the flow and the guarantee. Loads run in worker threads, one
     connection each (connections are kept for reuse and closed after any error); ``close``
@@ -390,7 +403,7 @@ class RedshiftDestination(Destination):
         self.ctx = ctx
         self.log = ctx.log
         self.monotonic = monotonic
-        self.stage = S3Destination(config.staging, ctx)
+        self.stage = _StagingDestination(config.staging, ctx)
         plain = config.staging.model_copy(update={"compression": "none"})
         self.plain = S3Destination(plain, ctx)  # manifests are plain JSON
         self._secrets = [s for s in config.secrets() if s]
