@@ -35,6 +35,7 @@ import itertools
 import os
 import struct
 import sys
+import threading
 import zlib
 from array import array
 from collections.abc import Iterator, Sequence
@@ -58,7 +59,7 @@ T_COMMIT = 3
 T_CHECKPOINT = 4
 
 ROLL_DONE_ACTIVE_BYTES = 1 << 20
-LENGTH_TABLES_KEPT = 512  # frames whose record-length tables read_records keeps (a few KiB each)
+LENGTH_TABLE_ENTRIES = 1 << 20  # record offsets read_planned keeps (8 bytes each: 8 MiB at most)
 
 F_META = 1
 F_POSITIONS = 2
@@ -272,7 +273,9 @@ class Spool:
         self._seals: dict[int, SealedBatch] = {}
         self._committed_ids: set[int] = set()
         self._cache: dict[int, RecordFrame] = {}
-        self._length_tables: dict[int, array[int]] = {}  # first_seq -> record offsets (read_records)
+        self._length_tables: dict[int, array[int]] = {}  # first_seq -> record offsets (read_planned)
+        self._length_entries = 0
+        self._length_lock = threading.Lock()  # readers run on worker threads
         self._cache_size = 0
         self._written = 0
         self._synced = 0
@@ -693,63 +696,76 @@ class Spool:
     def _read_payload(self, ref: _FrameRef) -> bytes:
         return os.pread(self._read_fd(ref.segment), ref.length, ref.offset + _FRAME_HEADER.size)
 
-    def _length_table(self, fd: int, i: int) -> array[int]:
-        """The file offsets of frame ``i``'s records (record k spans ``[t[k], t[k+1])``). Kept for
-        the most recent frames: the batches of many partitions read the same frames in turn."""
-        first = self._frame_starts[i]
+    def _length_table(self, fd: int, offset: int, first: int, count: int) -> array[int]:
+        """The file offsets of the records of the frame at ``offset`` (record k spans
+        ``[t[k], t[k+1])``). Kept for recent frames, up to LENGTH_TABLE_ENTRIES entries in all:
+        the batches of many partitions read the same frames in turn."""
         hit = self._length_tables.get(first)
         if hit is not None:
             return hit
-        count = self._frame_ends[i] - first
-        offset = self._frame_offsets[i] + _FRAME_HEADER.size
-        head = os.pread(fd, _RECORDS_HEAD.size + 4 * count, offset)
+        head = os.pread(fd, _RECORDS_HEAD.size + 4 * count, offset + _FRAME_HEADER.size)
         if len(head) != _RECORDS_HEAD.size + 4 * count or _RECORDS_HEAD.unpack_from(head)[0] != first:
             raise SpoolError(f"{self.directory}: the frame of record {first} does not read back")
         lengths = array("I")
         lengths.frombytes(head[_RECORDS_HEAD.size :])
         if not _LITTLE:  # pragma: no cover
             lengths.byteswap()
-        base = offset + len(head)
-        entry = array("q", itertools.accumulate(lengths, initial=base))  # record k spans entry[k]:entry[k+1]
-        if len(self._length_tables) >= LENGTH_TABLES_KEPT:
-            self._length_tables.pop(next(iter(self._length_tables)), None)
-        self._length_tables[first] = entry
+        base = offset + _FRAME_HEADER.size + len(head)
+        entry = array("q", itertools.accumulate(lengths, initial=base))
+        with self._length_lock:
+            self._length_tables[first] = entry
+            self._length_entries += len(entry)
+            while self._length_entries > LENGTH_TABLE_ENTRIES and len(self._length_tables) > 1:
+                old = self._length_tables.pop(next(iter(self._length_tables)))
+                self._length_entries -= len(old)
         return entry
 
-    def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Record bytes for sealed ranges, in order, reading from each frame only the records asked
-        for: its length table, then the bytes of each run. A partition's records are scattered a
-        few to a frame; decoding whole frames would cost a frame per record."""
-        out: list[bytes] = []
-        current = -1
-        offsets = array("q")
-        fd = 0
+    def plan_records(self, ranges: Sequence[tuple[int, int]]) -> list[Any]:
+        """Where the records of ``ranges`` are, resolved against the frame index now. Call it on
+        the event loop, which alone changes the index (trimming shifts it); ``read_planned`` then
+        reads on a worker thread. Records still in the frame cache are taken from it here."""
+        plan: list[Any] = []
+        starts, ends = self._frame_starts, self._frame_ends
         for start, end in ranges:
             seq = start
             while seq < end:
-                i = bisect.bisect_right(self._frame_starts, seq) - 1
-                if i < 0 or not self._frame_starts[i] <= seq < self._frame_ends[i]:
+                i = bisect.bisect_right(starts, seq) - 1
+                if i < 0 or not starts[i] <= seq < ends[i]:
                     raise SpoolError(f"{self.directory}: record {seq} is missing from the spool")
-                first, stop = self._frame_starts[i], min(end, self._frame_ends[i])
+                first, stop = starts[i], min(end, ends[i])
                 cached = self._cache.get(first)
                 if cached is not None:
-                    out.extend(cached.records[seq - first : stop - first])
-                    seq = stop
-                    continue
-                if i != current:
-                    fd = self._read_fd(self._frame_segs[i])
-                    offsets = self._length_table(fd, i)
-                    current = i
-                lo, hi = seq - first, stop - first
-                blob = os.pread(fd, offsets[hi] - offsets[lo], offsets[lo])
-                if hi - lo == 1:
-                    out.append(blob)
+                    plan.append(cached.records[seq - first : stop - first])
                 else:
-                    view = memoryview(blob)
-                    base = offsets[lo]
-                    out.extend(bytes(view[offsets[k] - base : offsets[k + 1] - base]) for k in range(lo, hi))
+                    fd = self._read_fd(self._frame_segs[i])
+                    plan.append((fd, self._frame_offsets[i], first, ends[i] - first, seq - first, stop - first))
                 seq = stop
+        return plan
+
+    def read_planned(self, plan: list[Any]) -> list[bytes]:
+        """Record bytes of a ``plan_records`` plan (blocking reads; for a worker thread): from each
+        frame only the records asked for, by its length table. A partition's records are scattered
+        a few to a frame; decoding whole frames would cost a frame per record. The segments are
+        not deleted meanwhile: their records are not committed."""
+        out: list[bytes] = []
+        for step in plan:
+            if isinstance(step, list):
+                out.extend(step)
+                continue
+            fd, offset, first, count, lo, hi = step
+            offsets = self._length_table(fd, offset, first, count)
+            blob = os.pread(fd, offsets[hi] - offsets[lo], offsets[lo])
+            if hi - lo == 1:
+                out.append(blob)
+            else:
+                view = memoryview(blob)
+                base = offsets[lo]
+                out.extend(bytes(view[offsets[k] - base : offsets[k + 1] - base]) for k in range(lo, hi))
         return out
+
+    def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """``read_planned(plan_records(ranges))``, in one call (on the event loop's thread)."""
+        return self.read_planned(self.plan_records(ranges))
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:
         """Record bytes (and per-record metadata, if any) for sealed ranges, in order."""

@@ -356,6 +356,15 @@ class StreamRuntime:
                                        max(0.1, deadline - time.monotonic()))
         except (TimeoutError, OSError) as exc:
             self.log.warning("stream_seal_on_stop_failed", error=str(exc))
+        # Seals written without their fsync (a batcher cancelled in _seal_many) become deliverable
+        # once they are on disk.
+        if any(not p.durable for p in self._pending):
+            try:
+                await self.out.wait_durable(force=True)
+                for p in self._pending:
+                    p.durable = True
+            except OSError as exc:
+                self.log.warning("stream_seal_on_stop_failed", error=str(exc))
         # Keep delivering (max_in_flight at a time) until everything sealed is out or time is up.
         while self._pending:
             self._dispatch()
@@ -554,6 +563,9 @@ class StreamRuntime:
                 key = err["t"]
                 record = error_record_line(record, err)
             buf = self._buffer_for(key)
+            # The cursor moves with every record, before any await: a seal that fails here is
+            # retried from this record, and records already buffered are not buffered again.
+            self._cursor = seq
             if buf.count and buf.nbytes + len(record) > size_limit:
                 await self._seal(key, reason="size")
                 buf = self._buffer_for(key)
@@ -563,10 +575,13 @@ class StreamRuntime:
                 self._ranges_held += len(buf.bounds)
                 if not buf.spilled:
                     self._memory_held += len(record)
-                if self._over_budget():
-                    await self._enforce_budget()
             else:
                 buf.add(seq, record, frame.arrival_ms)
+            self._cursor = seq + 1
+            if buf.nbytes >= size_limit:  # full (or one record over the limit): out now, as _pump does
+                await self._seal(key, reason="size")
+            elif isinstance(key, tuple) and self._over_budget():
+                await self._enforce_budget()
             if not self._room():
                 self._cursor = seq + 1
                 if self._cursor >= frame.end_seq:
@@ -1017,9 +1032,12 @@ class StreamRuntime:
             records = pending.records
         else:
             if not archive:
-                records = await asyncio.to_thread(spool.read_records, sealed.ranges)
+                # The frame index is read here, on the loop (trimming shifts it); only reads go to a thread.
+                records = await asyncio.to_thread(spool.read_planned, spool.plan_records(sealed.ranges))
             else:
-                records, metas = await asyncio.to_thread(spool.read_ranges, sealed.ranges)
+                # On the loop: frame lookups must not race the trimming of the index (this path is
+                # rare: archive batches are read back only after a restart).
+                records, metas = spool.read_ranges(sealed.ranges)
                 records = [
                     error_record_line(r, m["err"] if isinstance(m, dict) and "err" in m else self._routing_error(m, sealed))
                     for r, m in zip(records, metas or [None] * len(records), strict=True)

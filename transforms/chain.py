@@ -128,7 +128,7 @@ class ProcessingChain:
     def _finish(self, outs: list[Outcome]) -> list[Outcome]:
         """The stages that read the final records: partition-key extraction, then the schema check."""
         if self._extract is not None:
-            outs = processors.metadata_extraction(outs, self._extract.program)
+            outs = processors.metadata_extraction(outs, self._extract.query)
         return outs if self.converter is None else self._check_conversion(outs)
 
     def _check_conversion(self, outs: list[Outcome]) -> list[Outcome]:

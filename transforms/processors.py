@@ -401,9 +401,9 @@ def _run_query(program: Any, data: bytes) -> dict[str, str]:
     return _query_keys(results[0])
 
 
-def metadata_extraction(outcomes: list[Outcome], program: Any) -> list[Outcome]:
-    """Firehose's MetadataExtraction (inline parsing for dynamic partitioning): run the compiled jq
-    ``program`` over each ``Ok`` record and set ``query_keys`` from the object it produces.
+def metadata_extraction(outcomes: list[Outcome], query: str) -> list[Outcome]:
+    """Firehose's MetadataExtraction (inline parsing for dynamic partitioning): run the jq
+    ``query`` over each ``Ok`` record and set ``query_keys`` from the object it produces.
 
     A record that is not one JSON document, a query that fails on it or produces anything but one
     object, and a key whose value is null, an object or an array make the record
@@ -411,18 +411,23 @@ def metadata_extraction(outcomes: list[Outcome], program: Any) -> list[Outcome]:
     ``tostring`` writes them. The records of a batch go through jq in one call (jq's own parser
     reads them as a stream); only a batch with a failing record is evaluated record by record.
     """
+    from transforms.config import compile_query
+
     ok = [i for i, o in enumerate(outcomes) if o.result == "Ok"]
     if not ok:
         return outcomes
+    program = compile_query(query)
     out = list(outcomes)
     results: list[Any] | None = None
     try:
-        for i in ok:  # each record must be exactly one JSON document, so results line up
+        for i in ok:  # each record must be exactly one JSON document
             orjson.loads(outcomes[i].data)
         text = b"\n".join(outcomes[i].data for i in ok).decode("utf-8")
-        results = program.input_text(text).all()
-        if len(results) != len(ok):
-            results = None
+        # Each record's results collected in one array, so a record with none and a record with
+        # two cannot shift the others' keys; any record without exactly one goes the slow way.
+        arrays = compile_query(f"[{query}]").input_text(text).all()
+        if len(arrays) == len(ok) and all(len(a) == 1 for a in arrays):
+            results = [a[0] for a in arrays]
     except ValueError:  # orjson.JSONDecodeError, invalid UTF-8 and jq errors are ValueErrors
         results = None
     for k, i in enumerate(ok):

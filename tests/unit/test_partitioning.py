@@ -399,3 +399,54 @@ def test_partitioning_config_errors_use_firehoses_rules_and_name_the_line() -> N
         "(Firehose's MetadataExtraction exists for dynamic partitioning)"]
     (guard,) = dp_errors(enabled="true, max_active_partitions: 0")
     assert guard.startswith("f.yaml:3: streams[0].dynamic_partitioning.max_active_partitions: input should be greater")
+
+
+def test_a_query_with_no_or_several_results_for_one_record_does_not_shift_the_others() -> None:
+    from transforms.processors import metadata_extraction
+    from transforms.records import Outcome
+
+    outs = metadata_extraction(
+        [Outcome(0, b'{"c": []}'), Outcome(1, b'{"c": ["x", "y"]}'), Outcome(2, b'{"c": ["z"]}')], "{c: .c[]}")
+    assert [(o.result, o.query_keys) for o in outs] == [
+        ("ProcessingFailed", None), ("ProcessingFailed", None), ("Ok", {"c": "z"})]
+    assert outs[0].error_message == "the query must produce one JSON object of partition keys, got 0 results"
+
+
+def test_a_partition_reaching_the_size_limit_is_sealed_at_once(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock, interval=900)
+        await rt.start()
+        await rt.put([orjson.dumps({"c": "big", "pad": "x" * 1_200_000})])  # one record over 1 MiB
+        await settle(lambda: rt.delivered_records == 1)
+        await rt.stop(5)
+
+    asyncio.run(go())
+    assert [partition_of(k) for k in files(tmp_path)] == ["c=big"]
+
+
+def test_a_seal_that_fails_mid_frame_does_not_buffer_records_twice(tmp_path: Path) -> None:
+    import errno
+
+    clock = ManualClock()
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock, interval=900)
+        await rt.start()
+        real = rt.out.append_seal
+        failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+        async def flaky(batch: Any, *, durable: bool = True) -> None:
+            if failures:
+                raise failures.pop()
+            await real(batch, durable=durable)
+
+        rt.out.append_seal = flaky  # type: ignore[method-assign]
+        await rt.put([orjson.dumps({"c": "a", "i": i, "pad": "x" * 300_000}) for i in range(5)])
+        await settle(lambda: rt.delivered_records >= 3, timeout=10)
+        await rt.stop(5)
+
+    asyncio.run(go())
+    seen = [orjson.loads(line)["i"] for body in files(tmp_path).values() for line in body.splitlines()]
+    assert sorted(seen) == [0, 1, 2, 3, 4]
