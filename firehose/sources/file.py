@@ -133,7 +133,10 @@ class _File:
     # A new file with the same first bytes as a file being read may be copytruncate's copy of it:
     # it waits (until ``held_until``) for that file's truncation, then continues at its position.
     held_by: tuple[int, int] | None = None
+    held_since: float = 0.0
     held_until: float = 0.0
+    skip_record: bool = False  # inside a multi-line record cut at max_record_bytes: skip to the next start
+    stall: tuple[int, bool, bool] | None = None  # (size, eof, final) of the last read that found nothing
     seen_size: int = -1
     last_growth: float = field(default_factory=time.monotonic)
 
@@ -145,6 +148,8 @@ class _File:
         doc: dict[str, Any] = {"path": self.path, "fp": self.fp, "fp_len": self.fp_len, "offset": self.offset}
         if self.skip_line:
             doc["skip_line"] = True
+        if self.skip_record:
+            doc["skip_record"] = True
         if self.header_left:
             doc["header_left"] = self.header_left
         return doc
@@ -210,6 +215,8 @@ class FileSource(Source):
         self._stopping = False
         self._first_scan = True
         self._paused = False
+        self._unsaved: dict[str, Any] = {}  # positions chosen by a scan, written after it
+        self._scanning: asyncio.Future[None] | None = None
         self._last_scan = 0.0
         self._reported: set[tuple[str, str]] = set()
         m = _metrics(sink.metrics.registry)
@@ -219,6 +226,16 @@ class FileSource(Source):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._first_scan = STARTED_KEY not in self.sink.positions
+        # What the spool knew of each file: a file found now with the same first bytes under a new
+        # inode (copytruncate's copy, made while the daemon was down) continues where it stopped.
+        now = time.monotonic()
+        for key, pos in self.sink.positions.items():
+            # Only full fingerprints: a short shared prefix is too weak to skip a file's start on.
+            if key.startswith("file/") and isinstance(pos, dict) and pos.get("fp_len") == FINGERPRINT_BYTES:
+                try:
+                    self._truncated.append((str(pos["fp"]), int(pos["fp_len"]), int(pos["offset"]), now))
+                except (KeyError, TypeError, ValueError):
+                    continue
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"file-source-{self._stream}")
 
     async def stop(self) -> None:
@@ -226,7 +243,9 @@ class FileSource(Source):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for f in self._files.values():
+        if self._scanning is not None:  # a scan's worker thread outlives the cancelled task
+            await asyncio.gather(self._scanning, return_exceptions=True)
+        for f in list(self._files.values()):
             self._close(f)
 
     def describe(self) -> dict[str, Any]:
@@ -239,10 +258,14 @@ class FileSource(Source):
             try:
                 now = time.monotonic()
                 if now - self._last_scan >= self.config.discovery_interval_ms / 1000.0:
-                    await asyncio.to_thread(self._scan)
+                    self._scanning = asyncio.get_running_loop().run_in_executor(None, self._scan)
+                    await asyncio.shield(self._scanning)
                     self._last_scan = now
-                    if self._first_scan:
-                        await self._put([], {STARTED_KEY: True})
+                    if self._first_scan or self._unsaved:
+                        positions, self._unsaved = self._unsaved, {}
+                        if self._first_scan:
+                            positions[STARTED_KEY] = True
+                        await self._put([], positions)
                         self._first_scan = False
                 progressed = False
                 for f in list(self._files.values()):
@@ -310,9 +333,13 @@ class FileSource(Source):
     def _track(self, path: str, st: os.stat_result) -> None:
         try:
             fd = os.open(path, os.O_RDONLY)
+            st = os.fstat(fd)  # the file actually opened (a rotation may have come after the stat)
             fp, fp_len = _fingerprint(fd, FINGERPRINT_BYTES)
         except OSError as exc:
             self._error(path, "open", exc)
+            return
+        if (st.st_dev, st.st_ino) in self._files:
+            os.close(fd)
             return
         f = _File(st.st_dev, st.st_ino, path, fp, fp_len, 0, fd=fd, header_left=self.config.skip_header_lines)
         saved = self.sink.positions.get(f.key)
@@ -320,6 +347,7 @@ class FileSource(Source):
             f.offset = int(saved["offset"])
             f.fp, f.fp_len = str(saved["fp"]), int(saved["fp_len"])
             f.skip_line = bool(saved.get("skip_line"))
+            f.skip_record = bool(saved.get("skip_record"))
             f.header_left = int(saved.get("header_left", 0))
         else:
             copied = self._copy_of(fd, st.st_size)
@@ -327,11 +355,21 @@ class FileSource(Source):
             if copied is not None:
                 f.offset, f.header_left = copied, 0
             elif original is not None:
-                f.held_by, f.held_until = original, time.monotonic() + COPY_HOLD_SECS
+                f.held_by, f.held_since = original, time.monotonic()
+                f.held_until = f.held_since + COPY_HOLD_SECS
             elif self._first_scan and self.config.initial_position == "end_of_file":
                 f.offset, f.header_left = st.st_size, 0
+            if f.offset:  # a position a restart could not work out again: into the spool with the next write
+                self._unsaved[f.key] = f.position()
         self._files[(f.dev, f.ino)] = f
         self.log.info("file_source_following", path=path, offset=f.offset)
+
+    @staticmethod
+    def _same_start(f: _File) -> bool:
+        try:
+            return _fingerprint(f.fd, f.fp_len)[0] == f.fp
+        except OSError:
+            return True  # unreadable now: reported by the read that follows
 
     @staticmethod
     def _same_content(fd: int, saved: dict[str, Any]) -> bool:
@@ -343,7 +381,7 @@ class FileSource(Source):
     def _copy_of(self, fd: int, size: int) -> int | None:
         """The old position, if this new file is copytruncate's copy of a truncated file."""
         for fp, fp_len, offset, _when in self._truncated:
-            if fp_len and size >= offset and _fingerprint(fd, fp_len)[0] == fp:
+            if fp_len >= 64 and size >= offset and _fingerprint(fd, fp_len)[0] == fp:
                 return offset
         return None
 
@@ -364,16 +402,39 @@ class FileSource(Source):
         """Read what ``f`` has past its position; returns True if it made progress."""
         if f.fd < 0:
             return False
+        try:
+            st = os.fstat(f.fd)
+        except OSError as exc:
+            self._error(f.path, "read", exc)
+            return False
+        now = time.monotonic()
+        # Truncation is checked even while the spool is full, so a copytruncate during an outage
+        # is not mistaken for growth: a smaller size, or (when it grew) other first bytes.
+        grew = st.st_size != f.seen_size
+        if st.st_size < f.offset or (grew and f.offset and f.fp_len and not self._same_start(f)):
+            self._truncated.append((f.fp, f.fp_len, f.offset, now))
+            self._truncated_at[(f.dev, f.ino)] = (f.offset, now)
+            self.log.info("file_source_truncated", path=f.path, offset=f.offset, size=st.st_size)
+            f.offset, f.skip_line, f.skip_record = 0, False, False
+            f.header_left = self.config.skip_header_lines
+            f.fp, f.fp_len = _fingerprint(f.fd, FINGERPRINT_BYTES)
+            f.seen_size, f.stall = st.st_size, None
+            await self._put([], {f.key: f.position()})
+            return True
+        room = self.sink.accepting and self.sink.has_room(CHUNK_BYTES)
         if f.held_by is not None:
             cut = self._truncated_at.get(f.held_by)
-            if cut is not None and cut[1] >= f.held_until - COPY_HOLD_SECS:
+            if grew:  # a copy still being written: keep waiting for the original's truncation
+                f.held_until = max(f.held_until, now + COPY_HOLD_SECS)
+            if cut is not None and cut[1] >= f.held_since:
                 # the original was truncated after this file appeared: this is its copy
                 f.offset, f.header_left, f.held_by = cut[0], 0, None
-            elif f.held_by not in self._files or time.monotonic() >= f.held_until:
+                await self._put([], {f.key: f.position()})
+            elif f.held_by not in self._files or (room and now >= f.held_until):
                 f.held_by = None  # not a copy after all: a file of its own, read from its start
             else:
                 return False
-        if not self.sink.accepting or not self.sink.has_room(CHUNK_BYTES):
+        if not room:
             if not self._paused:  # back-pressure: the spool is full; read nothing
                 self._paused = True
                 self.log.info("file_source_paused", reason="spool full" if self.sink.accepting else "stopping")
@@ -381,21 +442,6 @@ class FileSource(Source):
         if self._paused:
             self._paused = False
             self.log.info("file_source_resumed")
-        try:
-            st = os.fstat(f.fd)
-        except OSError as exc:
-            self._error(f.path, "read", exc)
-            return False
-        now = time.monotonic()
-        if st.st_size < f.offset:  # truncated in place (copytruncate): read again from the start
-            self._truncated.append((f.fp, f.fp_len, f.offset, now))
-            self._truncated_at[(f.dev, f.ino)] = (f.offset, now)
-            self.log.info("file_source_truncated", path=f.path, offset=f.offset, size=st.st_size)
-            f.offset, f.skip_line, f.header_left = 0, False, self.config.skip_header_lines
-            f.fp, f.fp_len = _fingerprint(f.fd, FINGERPRINT_BYTES)
-            f.seen_size = st.st_size
-            await self._put([], {f.key: f.position()})
-            return True
         if st.st_size != f.seen_size:
             f.seen_size, f.last_growth = st.st_size, now
         quiet = now - f.last_growth
@@ -409,6 +455,12 @@ class FileSource(Source):
                 self.log.info("file_source_released", path=f.path, offset=f.offset)
                 return True
             return False
+        if f.stall is not None:
+            size, eof_was, final_was = f.stall
+            if size == st.st_size and (eof_was or quiet < self.config.multi_line_timeout_ms / 1000.0) and (
+                final_was or not finished
+            ):
+                return False  # an unchanged partial tail: not read again every poll
         try:
             data = await asyncio.to_thread(os.pread, f.fd, CHUNK_BYTES, f.offset)
         except OSError as exc:
@@ -417,13 +469,13 @@ class FileSource(Source):
         if f.fp_len < FINGERPRINT_BYTES and f.offset < FINGERPRINT_BYTES:
             f.fp, f.fp_len = _fingerprint(f.fd, FINGERPRINT_BYTES)
         at_end = f.offset + len(data) >= st.st_size
-        records, consumed = self._split(
-            f, data,
-            eof=at_end and quiet >= self.config.multi_line_timeout_ms / 1000.0 and data.endswith(b"\n"),
-            final=at_end and finished,
-        )
+        eof = at_end and quiet >= self.config.multi_line_timeout_ms / 1000.0 and data.endswith(b"\n")
+        final = at_end and finished
+        records, consumed = self._split(f, data, eof=eof, final=final)
         if not records and consumed == 0:
+            f.stall = (st.st_size, eof, final)  # nothing to do until one of these changes
             return False
+        f.stall = None
         await self._emit(f, records, consumed)
         return True
 
@@ -474,30 +526,56 @@ class FileSource(Source):
     def _split_multiline(
         self, f: _File, data: bytes, pos: int, *, eof: bool, records: list[bytes]
     ) -> tuple[list[bytes], int]:
+        """Records from one start line to the next. A record that outgrows ``max_record_bytes``
+        is cut there, ends with the terminator, and the rest of it (up to the next start line,
+        across reads and restarts: ``skip_record``) is skipped."""
         assert self._start is not None
         limit = self.config.max_record_bytes
         term = self._terminator
         n = len(data)
-        start = pos  # the current record's first byte
         line = pos
+        if f.skip_record:  # inside a cut record: skip its lines up to the next start line
+            while line < n:
+                nl = data.find(b"\n", line)
+                if nl < 0:
+                    break
+                if self._start.match(data, line, nl):
+                    f.skip_record = False
+                    break
+                line = nl + 1
+            if f.skip_record:
+                if n - line >= limit:  # a partial line longer than a record: skip it too
+                    f.skip_line = True
+                    return records, n
+                return records, line
+        start = line  # the current record's first byte
         while line < n:
             nl = data.find(b"\n", line)
             if nl < 0:
                 break
             if line > start and self._start.match(data, line, nl):
                 rec = data[start:line]
-                records.append(rec if len(rec) <= limit else rec[: limit - len(term)] + term)
+                if len(rec) > limit:
+                    rec = rec[: limit - len(term)] + term
+                    self._m["truncated"].inc()
+                records.append(rec)
                 start = line
             line = nl + 1
         if eof and n > start:  # the last record is complete (a finished file's tail too)
-            line = n
-            rec = data[start:line]
-            records.append(rec if len(rec) <= limit else rec[: limit - len(term)] + term)
-            start = line
-        elif line - start >= limit and line > start:  # one record already longer than allowed
+            rec = data[start:n]
+            if len(rec) > limit:
+                rec = rec[: limit - len(term)] + term
+                self._m["truncated"].inc()
+            records.append(rec)
+            return records, n
+        if n - start >= limit:  # the current record is already longer than allowed: cut it now
             records.append(data[start : start + limit - len(term)] + term)
             self._m["truncated"].inc()
-            start = line
+            f.skip_record = True
+            if line < n:  # it ends in a partial line: skip that to its newline first
+                f.skip_line = True
+                return records, n
+            return records, line
         return records, start
 
     async def _emit(self, f: _File, records: list[bytes], consumed: int) -> None:

@@ -5,6 +5,7 @@ initial position, positions and back-pressure."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,29 @@ def test_multi_line_records_are_assembled_across_reads(tmp_path: Path) -> None:
         await src.stop()
 
     run(go())
+
+
+def test_a_multi_line_record_outgrowing_the_limit_is_cut_and_its_tail_skipped(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"2024-05-01 one\n" + b"  at frame\n" * 10)  # 125 bytes: over the 64-byte limit
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(log)], sink, multi_line_start_pattern=r"^\d{4}-", max_record_bytes=64)
+        await src.start()
+        await until(lambda: len(sink.records) == 1)
+        with open(log, "ab") as f:  # more of the same record, then the next one
+            f.write(b"  at frame\n" * 3 + b"2024-05-01 two\n" + b"z" * 200)
+        await asyncio.sleep(0.1)
+        with open(log, "ab") as f:
+            f.write(b"\n  at end\n2024-05-01 three\n")
+        await until(lambda: len(sink.records) == 3)
+        await src.stop()
+
+    run(go())
+    assert sink.records[0] == (b"2024-05-01 one\n" + b"  at frame\n" * 10)[:63] + b"\n"
+    assert sink.records[1] == (b"2024-05-01 two\n" + b"z" * 200)[:63] + b"\n"  # a line longer than a record
+    assert sink.records[2] == b"2024-05-01 three\n"  # the tails of the cut records are not records
 
 
 def test_a_line_longer_than_max_record_bytes_is_cut_and_ends_with_the_terminator(tmp_path: Path) -> None:
@@ -244,3 +268,44 @@ streams:
     assert "f.yaml:6: streams[0].sources[0].multi_line_start_pattern: is not a valid regular expression" in errors
     assert "f.yaml:7: streams[0].sources[0].max_record_bytes: input should be less than or equal to 1024000" in errors
     assert "f.yaml:8: streams[0].sources[0].bogus: unknown field" in errors
+
+
+def test_an_idle_file_skipped_by_end_of_file_stays_skipped_after_a_restart(tmp_path: Path) -> None:
+    (tmp_path / "old.log").write_bytes(b"history 1\nhistory 2\n")
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(tmp_path / "*.log")], sink, initial_position="end_of_file")
+        await src.start()
+        await until(lambda: any(k.startswith("file/") and k != "file/started" for k in sink.positions))
+        await src.stop()
+        src2 = source([str(tmp_path / "*.log")], sink, initial_position="end_of_file")
+        await src2.start()
+        await asyncio.sleep(0.2)
+        await src2.stop()
+
+    run(go())
+    assert sink.records == []
+
+
+def test_a_truncation_during_back_pressure_is_seen_before_reading_resumes(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    log.write_bytes(b"".join(b"old %03d\n" % i for i in range(50)))
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(log)], sink)
+        await src.start()
+        await until(lambda: len(sink.records) == 50)
+        sink.room = False  # the spool is full
+        os.truncate(log, 0)
+        await asyncio.sleep(0.1)
+        with open(log, "ab") as f:  # the logger goes on, past the old position
+            f.write(b"".join(b"new %03d\n" % i for i in range(150)))
+        await asyncio.sleep(0.1)
+        sink.room = True
+        await until(lambda: len(sink.records) == 200)
+        await src.stop()
+
+    run(go())
+    assert sink.records[50:] == [b"new %03d\n" % i for i in range(150)]
