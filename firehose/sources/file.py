@@ -51,6 +51,7 @@ from firehose.spool import SpoolFullError
 
 FINGERPRINT_BYTES = 1024
 CHUNK_BYTES = 1 << 20
+SMALL_CHUNK_BYTES = 64 << 10  # when the spool's cap is too small for a full chunk
 COPY_HOLD_SECS = 5.0
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")
 STARTED_KEY = "file/started"
@@ -311,9 +312,14 @@ class FileSource(Source):
                         self._open(f)
                     continue
                 self._track(path, st)
-        for ident, f in self._files.items():
+        for ident, f in list(self._files.items()):
             if ident not in seen:
                 f.matched = False
+                if f.fd < 0:  # closed at its end while idle, and now gone or renamed away: done
+                    del self._files[ident]
+                    self._truncated_at.pop(ident, None)
+                    self._unsaved[f.key] = None
+                    self.log.info("file_source_released", path=f.path, offset=f.offset)
         horizon = time.monotonic() - 600
         self._truncated = [t for t in self._truncated if t[3] >= horizon]
 
@@ -421,7 +427,8 @@ class FileSource(Source):
             f.seen_size, f.stall = st.st_size, None
             await self._put([], {f.key: f.position()})
             return True
-        room = self.sink.accepting and self.sink.has_room(CHUNK_BYTES)
+        chunk = CHUNK_BYTES if self.sink.has_room(CHUNK_BYTES) else SMALL_CHUNK_BYTES  # a small spool cap
+        room = self.sink.accepting and self.sink.has_room(chunk)
         if f.held_by is not None:
             cut = self._truncated_at.get(f.held_by)
             if grew:  # a copy still being written: keep waiting for the original's truncation
@@ -454,6 +461,10 @@ class FileSource(Source):
                 await self._put([], {f.key: None})
                 self.log.info("file_source_released", path=f.path, offset=f.offset)
                 return True
+            if quiet >= self.config.close_inactive_ms / 1000.0 and f.held_by is None:
+                # Idle at its end: give the descriptor back (a scan reopens it when it grows), so
+                # thousands of finished files that still match do not hold thousands of fds.
+                self._close(f)
             return False
         if f.stall is not None:
             size, eof_was, final_was = f.stall
@@ -462,7 +473,7 @@ class FileSource(Source):
             ):
                 return False  # an unchanged partial tail: not read again every poll
         try:
-            data = await asyncio.to_thread(os.pread, f.fd, CHUNK_BYTES, f.offset)
+            data = await asyncio.to_thread(os.pread, f.fd, chunk, f.offset)
         except OSError as exc:
             self._error(f.path, "read", exc)
             return False

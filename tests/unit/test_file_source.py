@@ -309,3 +309,28 @@ def test_a_truncation_during_back_pressure_is_seen_before_reading_resumes(tmp_pa
 
     run(go())
     assert sink.records[50:] == [b"new %03d\n" % i for i in range(150)]
+
+
+def test_idle_files_give_their_descriptors_back_and_are_reopened_when_they_grow(tmp_path: Path) -> None:
+    for n in range(50):
+        (tmp_path / f"f{n:02d}.log").write_bytes(b"line %d\n" % n)
+    sink = MemorySink()
+    proc_fds = Path("/proc/self/fd")
+
+    async def go() -> None:
+        src = source([str(tmp_path / "*.log")], sink)
+        before = len(list(proc_fds.iterdir()))
+        await src.start()
+        await until(lambda: len(sink.records) == 50)
+        await asyncio.sleep(0.4)  # past close_inactive_ms: every descriptor is given back
+        assert len(list(proc_fds.iterdir())) <= before + 2
+        with open(tmp_path / "f07.log", "ab") as f:
+            f.write(b"more\n")
+        await until(lambda: len(sink.records) == 51)
+        os.unlink(tmp_path / "f08.log")  # closed and gone: released, its position forgotten
+        await until(lambda: not any(isinstance(v, dict) and v.get("path", "").endswith("f08.log")
+                                    for v in sink.positions.values()))
+        await src.stop()
+
+    run(go())
+    assert sink.records[-1] == b"more\n"
