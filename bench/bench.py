@@ -107,6 +107,30 @@ _BODY_HEAD = struct.Struct("<III")  # records, raw record bytes, body length
 # helpers
 
 
+def in_process_runtime(stream: Any, data_dir: Path) -> Any:
+    """The daemon's StreamRuntime for one stream, in this process: ``stream`` is the YAML text of
+    a config with one stream, or an already parsed StreamConfig."""
+    from firehose.config import load_config_text
+    from firehose.metrics import Metrics
+    from firehose.stream import StreamRuntime
+
+    if isinstance(stream, str):
+        stream = load_config_text(stream, "bench.yaml", {}).streams[0]
+    return StreamRuntime(stream, data_dir=str(data_dir), version=1, region="us-east-1",
+                         account_id="000000000000", metrics=Metrics())
+
+
+def add_dataset_args(ap: argparse.ArgumentParser) -> None:
+    """--gen and --cache-dir: where the clickstream data set comes from (with each script's --records)."""
+    ap.add_argument("--gen", type=Path, default=DEFAULT_GEN, help=f"data generator (default {DEFAULT_GEN})")
+    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "firehose-bench-cache",
+                    help="where generated data sets are kept between runs")
+
+
+def dataset_from_args(args: argparse.Namespace) -> Dataset:
+    return load_dataset(ensure_dataset(args.gen, args.records, args.cache_dir))
+
+
 def in_process_setup() -> None:
     """For benchmarks that run the daemon's classes in this process: warning-level logs and the
     daemon's event loop (uvloop)."""

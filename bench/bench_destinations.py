@@ -39,7 +39,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench import DEFAULT_GEN, ensure_dataset, free_port, in_process_setup, load_dataset  # noqa: E402
+from bench import add_dataset_args, dataset_from_args, free_port, in_process_runtime, in_process_setup  # noqa: E402
 
 MIB = 1 << 20
 BATCH_RECORDS = 500
@@ -86,9 +86,6 @@ class Server:
 
 
 async def run_case(case: str, records: list[bytes], scratch: Path) -> dict[str, Any]:
-    from firehose.config import load_config_text
-    from firehose.metrics import Metrics
-    from firehose.stream import StreamRuntime
 
     kind, template = CASES[case]
     shutil.rmtree(scratch, ignore_errors=True)
@@ -103,9 +100,7 @@ streams:
     destination: {template.format(url=server.url)}
     backup: {{path: {scratch / 'backup'}}}
 """
-        cfg = load_config_text(text, "bench.yaml", {})
-        rt = StreamRuntime(cfg.streams[0], data_dir=str(scratch / "data"), version=1, region="us-east-1",
-                           account_id="000000000000", metrics=Metrics())
+        rt = in_process_runtime(text, scratch / "data")
         await rt.start()
         queue = iter([records[i : i + BATCH_RECORDS] for i in range(0, len(records), BATCH_RECORDS)])
 
@@ -136,13 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=int, default=50_000, help="records in the data set (default 50000)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--repeat", type=int, default=2, help="passes per case; the best counts")
-    ap.add_argument("--gen", type=Path, default=DEFAULT_GEN)
-    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "firehose-bench-cache")
+    add_dataset_args(ap)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
     in_process_setup()
-    dataset = load_dataset(ensure_dataset(args.gen, args.records, args.cache_dir))
+    dataset = dataset_from_args(args)
     records = dataset.records  # newline-terminated, as Splunk's raw endpoint needs
     nbytes = sum(map(len, records))
     work = Path(tempfile.mkdtemp(prefix="firehose-bench-dest-"))

@@ -32,7 +32,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench import DEFAULT_GEN, ensure_dataset, in_process_setup, load_dataset  # noqa: E402
+from bench import add_dataset_args, dataset_from_args, in_process_runtime, in_process_setup  # noqa: E402
 
 MIB = 1 << 20
 
@@ -61,16 +61,11 @@ def writer(path: Path, chunks: list[bytes], started: threading.Event) -> None:
 
 
 async def run_pipeline(chunks: list[bytes], lines: int, scratch: Path) -> dict[str, Any]:
-    from firehose.config import load_config_text
-    from firehose.metrics import Metrics
-    from firehose.stream import StreamRuntime
 
     shutil.rmtree(scratch, ignore_errors=True)
     (scratch / "logs").mkdir(parents=True)
     (scratch / "logs" / "app.log").touch()
-    cfg = load_config_text(stream_yaml(scratch), "bench.yaml", {})
-    rt = StreamRuntime(cfg.streams[0], data_dir=str(scratch / "data"), version=1, region="us-east-1",
-                       account_id="000000000000", metrics=Metrics())
+    rt = in_process_runtime(stream_yaml(scratch), scratch / "data")
     started = threading.Event()
     thread = threading.Thread(target=writer, args=(scratch / "logs" / "app.log", chunks, started))
     t0 = time.perf_counter()
@@ -104,13 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=200, help="MiB of log lines to append and tail (default 200)")
     ap.add_argument("--repeat", type=int, default=2, help="passes; the best counts")
     ap.add_argument("--records", type=int, default=100_000, help="clickstream records to cycle through")
-    ap.add_argument("--gen", type=Path, default=DEFAULT_GEN)
-    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "firehose-bench-cache")
+    add_dataset_args(ap)
     ap.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     args = ap.parse_args(argv)
     in_process_setup()
 
-    dataset = load_dataset(ensure_dataset(args.gen, args.records, args.cache_dir))
+    dataset = dataset_from_args(args)
     target = args.mib * MIB
     lines: list[bytes] = []
     size = 0

@@ -42,7 +42,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 
-from bench import DEFAULT_GEN, ensure_dataset, in_process_setup, load_dataset  # noqa: E402  (the shared data set cache)
+from bench import add_dataset_args, dataset_from_args, in_process_runtime, in_process_setup  # noqa: E402
 
 MIB = 1 << 20
 SHARDS = 4
@@ -134,8 +134,6 @@ def bare_drain(server: Any, stream: str) -> tuple[float, int]:
 
 async def daemon_drain(server: Any, stream: str, user_records: int, scratch: Path) -> dict[str, Any]:
     from firehose.config import parse_config
-    from firehose.metrics import Metrics
-    from firehose.stream import StreamRuntime
 
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -144,8 +142,7 @@ async def daemon_drain(server: Any, stream: str, user_records: int, scratch: Pat
         "name": "bench", "buffering": {"size_mib": 5, "interval_secs": 60},
         "sources": [source], "destination": {"type": "local", "path": str(scratch / "out")},
     }]}, "bench")
-    rt = StreamRuntime(cfg.streams[0], data_dir=str(scratch / "data"), version=1, region="us-east-1",
-                       account_id="000000000000", metrics=Metrics())
+    rt = in_process_runtime(cfg.streams[0], scratch / "data")
     t0 = time.perf_counter()
     await rt.start()
     while rt.spool.next_seq < user_records or rt._cursor < rt.out.next_seq:  # read, and all in buffers
@@ -165,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=200_000, help="records in the data set (default 200000)")
     ap.add_argument("--rounds", type=int, default=2, help="bare + daemon drains per run; the best counts")
-    ap.add_argument("--gen", type=Path, default=DEFAULT_GEN)
-    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "firehose-bench-cache")
+    add_dataset_args(ap)
     args = ap.parse_args(argv)
 
     in_process_setup()
@@ -175,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     reason = available()
     if reason is not None:
         raise SystemExit(reason)
-    dataset = load_dataset(ensure_dataset(args.gen, args.records, args.cache_dir))
+    dataset = dataset_from_args(args)
     records = dataset.records
     nbytes = dataset.nbytes
     server = Kinesalite()

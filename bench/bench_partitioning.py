@@ -38,7 +38,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench import DEFAULT_GEN, ensure_dataset, in_process_setup, load_dataset  # noqa: E402  (the shared data set cache)
+from bench import add_dataset_args, dataset_from_args, in_process_runtime, in_process_setup  # noqa: E402
 
 MIB = 1 << 20
 BATCH_RECORDS = 500
@@ -68,15 +68,10 @@ streams:
 
 
 async def run_pipeline(records: list[bytes], n: int, scratch: Path, budget_mib: int, in_flight: int) -> dict[str, Any]:
-    from firehose.config import load_config_text
-    from firehose.metrics import Metrics
-    from firehose.stream import StreamRuntime
 
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    cfg = load_config_text(stream_yaml(scratch / "out", n, budget_mib, in_flight), "bench.yaml", {})
-    rt = StreamRuntime(cfg.streams[0], data_dir=str(scratch / "data"), version=1, region="us-east-1",
-                       account_id="000000000000", metrics=Metrics())
+    rt = in_process_runtime(stream_yaml(scratch / "out", n, budget_mib, in_flight), scratch / "data")
     await rt.start()
     batches = [records[i : i + BATCH_RECORDS] for i in range(0, len(records), BATCH_RECORDS)]
     queue = iter(batches)
@@ -146,15 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="passes per case; the best counts")
     ap.add_argument("--budget-mib", type=int, default=64, help="dynamic_partitioning.memory_budget_mib")
     ap.add_argument("--max-in-flight", type=int, default=4, help="delivery.max_in_flight (default 4)")
-    ap.add_argument("--gen", type=Path, default=DEFAULT_GEN)
-    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "firehose-bench-cache")
+    add_dataset_args(ap)
     ap.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
     in_process_setup()
 
-    dataset = load_dataset(ensure_dataset(args.gen, args.records, args.cache_dir))
+    dataset = dataset_from_args(args)
     records = [r.rstrip(b"\n") for r in dataset.records]
     nbytes = sum(map(len, records))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="firehose-bench-dp-"))

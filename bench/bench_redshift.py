@@ -46,7 +46,6 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 
 from bench import (  # noqa: E402
-    DEFAULT_GEN,
     MAX_BATCH_BYTES,
     MAX_BATCH_RECORDS,
     MIB,
@@ -55,9 +54,9 @@ from bench import (  # noqa: E402
     Moto,
     Processes,
     Settings,
+    add_dataset_args,
+    dataset_from_args,
     encode_bodies,
-    ensure_dataset,
-    load_dataset,
     run_loader,
     wait_delivered,
     write_bodies,
@@ -209,8 +208,7 @@ PASSWORD_ENV = "FIREHOSE_BENCH_PG_PASSWORD"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=200_000)
-    ap.add_argument("--gen", type=Path, default=DEFAULT_GEN)
-    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "firehose-bench-cache")
+    add_dataset_args(ap)
     ap.add_argument("--batch-mib", type=int, default=5, help="records per batch file (buffering.size_mib)")
     ap.add_argument("--in-flight", type=int, default=2, help="deliveries at once (delivery.max_in_flight)")
     ap.add_argument("--compression", default="none,gzip", help="staging compressions to run, comma-separated")
@@ -224,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     reason = available()
     if reason is not None:
         raise SystemExit(reason)
-    dataset = load_dataset(ensure_dataset(args.gen, args.records, args.cache_dir))
+    dataset = dataset_from_args(args)
     batches = batches_of(dataset.records, args.batch_mib * MIB)
     n = len(dataset.records)
     print(f"{n:,} records, {dataset.nbytes / MIB:.1f} MiB in {len(batches)} batch files of <= {args.batch_mib} MiB; "

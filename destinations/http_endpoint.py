@@ -38,7 +38,7 @@ import orjson
 import pybase64
 from pydantic import Field, SecretStr, field_validator
 
-from destinations.remote import RemoteConfig, client_session, connection_error
+from destinations.remote import RemoteConfig, client_session, connection_error, is_http_url
 from firehose.interfaces import (
     Batch,
     BufferingLimits,
@@ -72,7 +72,7 @@ class HttpEndpointDestinationConfig(RemoteConfig):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not (v.startswith("http://") or v.startswith("https://")) or len(v) > 1000 or "://" == v[-3:]:
+        if not is_http_url(v, 1000):
             raise ValueError(f"must be an http:// or https:// URL of at most 1000 characters, got {v!r}")
         return v
 

@@ -30,7 +30,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from destinations.remote import RemoteConfig, connection_error
+from destinations.remote import RemoteConfig, connection_error, is_http_url
 from firehose.interfaces import (
     Batch,
     BufferingLimits,
@@ -98,7 +98,7 @@ class OpenSearchDestinationConfig(RemoteConfig):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        if not (v.startswith("http://") or v.startswith("https://")) or len(v) > 512:
+        if not is_http_url(v, 512):
             raise ValueError(f"must be an http:// or https:// URL (the cluster endpoint), got {v!r}")
         return v.rstrip("/")
 

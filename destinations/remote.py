@@ -48,6 +48,11 @@ class RemoteConfig(BaseModel):
         return True
 
 
+def is_http_url(v: str, max_length: int) -> bool:
+    """An http:// or https:// URL with something after the scheme, at most ``max_length`` long."""
+    return v.startswith(("http://", "https://")) and len(v) <= max_length and not v.endswith("://")
+
+
 def client_session(config: RemoteConfig, read_timeout_secs: float, limit: int = 16) -> aiohttp.ClientSession:
     """A session whose every request has a connect and a total timeout (bounded shutdown); the
     delivery runner owns retries, so nothing here retries or follows redirects by itself."""

@@ -34,7 +34,7 @@ import aiohttp
 import orjson
 from pydantic import Field, SecretStr, field_validator
 
-from destinations.remote import RemoteConfig, client_session, connection_error
+from destinations.remote import RemoteConfig, client_session, connection_error, is_http_url
 from firehose.interfaces import (
     Batch,
     BufferingLimits,
@@ -76,7 +76,7 @@ class SplunkDestinationConfig(RemoteConfig):
     @field_validator("hec_endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        if not (v.startswith("http://") or v.startswith("https://")) or len(v) > 2048:
+        if not is_http_url(v, 2048):
             raise ValueError(f"must be the HEC base URL, http(s)://host:port, got {v!r}")
         return v.rstrip("/")
 

@@ -75,6 +75,15 @@ class Metrics:
             "Shard checkpoints the stream no longer held (expired past retention); reading resumed at TRIM_HORIZON")
         self.kinesis_kpl_failed = counter(
             "KinesisKplDeaggregationFailed", "KPL aggregates that did not verify, archived as processing-failed")
+        # Log file sources (this daemon's own names).
+        self.file_records = counter("FileSourceRecords", "Records read from files")
+        self.file_bytes = counter("FileSourceBytes", "Bytes of records read from files")
+        self.file_errors = Counter("firehose_FileSourceErrors_total",
+                                   "Files that could not be opened or read, by reason", [LABEL, "reason"], registry=r)
+        self.file_unconverted = counter(
+            "FileSourceUnconverted", "Records a processing option could not convert, sent as read")
+        self.file_truncated = counter("FileSourceTruncated", "Records cut at max_record_bytes")
+        self.file_files = gauge("FileSourceFiles", "Files being followed")
         self.spool_bytes = gauge("SpoolBytes", "Bytes held in the stream's spool")
         self.backlog_records = gauge("BacklogRecords", "Acknowledged records not yet delivered")
 

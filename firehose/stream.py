@@ -649,17 +649,19 @@ class StreamRuntime:
                          f"(dynamic_partitioning.max_active_partitions) is {limit}"}
         return None
 
+    def _bookkeeping_bytes(self) -> int:
+        """What open partitions cost besides their records: ranges and buffers."""
+        return RANGE_BYTES * self._ranges_held + PARTITION_BYTES * len(self._partitions)
+
     def _over_budget(self) -> bool:
-        return self._memory_held + RANGE_BYTES * self._ranges_held + PARTITION_BYTES * len(self._partitions) > (
-            self._budget
-        )
+        return self._memory_held + self._bookkeeping_bytes() > self._budget
 
     async def _enforce_budget(self) -> None:
         """Keep open partitions within the memory budget: first keep the largest buffers on disk
         only (their records are read back from the spool at delivery), and if bookkeeping alone
         is still too large, seal the buffers holding the most ranges early."""
         budget = self._budget
-        book = RANGE_BYTES * self._ranges_held + PARTITION_BYTES * len(self._partitions)
+        book = self._bookkeeping_bytes()
         if self._memory_held and self._memory_held + book > budget:
             target = max(0, budget // 2 - book)
             for buf in sorted(self._partitions.values(), key=lambda b: b.memory_bytes, reverse=True):
@@ -667,7 +669,7 @@ class StreamRuntime:
                     break
                 self._memory_held -= buf.spill()
                 self.metrics.partition_spills.labels(self.name).inc()
-        book = RANGE_BYTES * self._ranges_held + PARTITION_BYTES * len(self._partitions)
+        book = self._bookkeeping_bytes()
         if book > budget // 2:
             order = sorted(self._partitions.items(), key=lambda kv: len(kv[1].bounds), reverse=True)
             flush = []

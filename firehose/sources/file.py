@@ -161,31 +161,9 @@ def _fingerprint(fd: int, length: int) -> tuple[str, int]:
     return hashlib.sha1(data).hexdigest(), len(data)
 
 
-_METRICS: dict[int, dict[str, Any]] = {}
-
-
-def _metrics(registry: Any) -> dict[str, Any]:
-    """The file source's metrics, made once per registry (several sources share them)."""
-    found = _METRICS.get(id(registry))
-    if found is None:
-        from prometheus_client import Counter, Gauge
-
-        label = "DeliveryStreamName"
-        found = {
-            "records": Counter("firehose_FileSourceRecords", "Records read from files", [label], registry=registry),
-            "bytes": Counter("firehose_FileSourceBytes", "Bytes of records read from files", [label],
-                             registry=registry),
-            "errors": Counter("firehose_FileSourceErrors", "Files that could not be opened or read, by reason",
-                              [label, "reason"], registry=registry),
-            "unconverted": Counter("firehose_FileSourceUnconverted",
-                                   "Records a processing option could not convert, sent as read",
-                                   [label], registry=registry),
-            "truncated": Counter("firehose_FileSourceTruncated", "Records cut at max_record_bytes", [label],
-                                 registry=registry),
-            "files": Gauge("firehose_FileSourceFiles", "Files being followed", [label], registry=registry),
-        }
-        _METRICS[id(registry)] = found
-    return found
+def _starts_with(fd: int, fp: str, fp_len: int) -> bool:
+    """Whether the file's first ``fp_len`` bytes have the fingerprint ``fp``."""
+    return _fingerprint(fd, fp_len)[0] == fp
 
 
 class FileSource(Source):
@@ -220,9 +198,14 @@ class FileSource(Source):
         self._scanning: asyncio.Future[None] | None = None
         self._last_scan = 0.0
         self._reported: set[tuple[str, str]] = set()
-        m = _metrics(sink.metrics.registry)
-        self._m = {k: (v.labels(ctx.stream_name) if k != "errors" else v) for k, v in m.items()}
-        self._stream = ctx.stream_name
+        m, label = sink.metrics, ctx.stream_name
+        self._m = {
+            "records": m.file_records.labels(label), "bytes": m.file_bytes.labels(label),
+            "unconverted": m.file_unconverted.labels(label), "truncated": m.file_truncated.labels(label),
+            "files": m.file_files.labels(label),
+        }
+        self._m_errors = m.file_errors
+        self._stream = label
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -283,7 +266,7 @@ class FileSource(Source):
                 await asyncio.sleep(1.0)
 
     def _error(self, path: str, reason: str, exc: BaseException | str) -> None:
-        self._m["errors"].labels(self._stream, reason).inc()
+        self._m_errors.labels(self._stream, reason).inc()
         if (path, reason) not in self._reported:  # once per file and reason, not every poll
             self._reported.add((path, reason))
             self.log.warning("file_source_error", path=path, reason=reason, error=str(exc))
@@ -373,28 +356,28 @@ class FileSource(Source):
     @staticmethod
     def _same_start(f: _File) -> bool:
         try:
-            return _fingerprint(f.fd, f.fp_len)[0] == f.fp
+            return _starts_with(f.fd, f.fp, f.fp_len)
         except OSError:
             return True  # unreadable now: reported by the read that follows
 
     @staticmethod
     def _same_content(fd: int, saved: dict[str, Any]) -> bool:
         try:
-            return _fingerprint(fd, int(saved["fp_len"]))[0] == saved["fp"]
+            return _starts_with(fd, str(saved["fp"]), int(saved["fp_len"]))
         except (KeyError, ValueError, TypeError, OSError):
             return False
 
     def _copy_of(self, fd: int, size: int) -> int | None:
         """The old position, if this new file is copytruncate's copy of a truncated file."""
         for fp, fp_len, offset, _when in self._truncated:
-            if fp_len >= 64 and size >= offset and _fingerprint(fd, fp_len)[0] == fp:
+            if fp_len >= 64 and size >= offset and _starts_with(fd, fp, fp_len):
                 return offset
         return None
 
     def _original_of(self, fd: int, size: int) -> tuple[int, int] | None:
         """A file being read whose first bytes this new file repeats (a copy in the making)."""
         for ident, other in self._files.items():
-            if other.fp_len >= 64 and size >= other.fp_len and _fingerprint(fd, other.fp_len)[0] == other.fp:
+            if other.fp_len >= 64 and size >= other.fp_len and _starts_with(fd, other.fp, other.fp_len):
                 return ident
         return None
 

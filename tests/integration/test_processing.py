@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from support import Daemon, daemon_config, local_objects, stream_config
+from support import Daemon, daemon_config, local_objects, stream_config, wait_for
 from transforms.kpl import aggregate
 
 HANDLERS = '''
@@ -54,15 +54,6 @@ def write_handlers(tmp: Path) -> None:
     (tmp / "user_handlers.py").write_text(textwrap.dedent(HANDLERS))
 
 
-def wait_until(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def error_docs(objs: dict[str, bytes], kind: str = "processing-failed") -> list[dict[str, Any]]:
     return [json.loads(line) for k, v in objs.items() if kind in k for line in v.splitlines() if line]
 
@@ -84,7 +75,7 @@ def test_lambda_ok_dropped_failed_and_delimiter(tmp_path: Path) -> None:
         d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
             {"Data": b"alpha"}, {"Data": b"please drop me"}, {"Data": b"beta"}, {"Data": b"fail this one"},
         ])
-        wait_until(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "delivery and archive")
+        wait_for(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "delivery and archive")
     finally:
         assert d.stop() == 0
     objs = local_objects(tmp_path / "out")
@@ -110,7 +101,7 @@ def test_function_error_is_retried_then_every_record_is_archived(tmp_path: Path)
     ], backup={"path": str(backup), "error_output_prefix": "errors/!{firehose:error-output-type}/"}).start()
     try:
         d.firehose().put_record_batch(DeliveryStreamName="p", Records=[{"Data": b"r%d" % i} for i in range(5)])
-        wait_until(lambda: len(error_docs(local_objects(backup))) == 5, 30, "archived records")
+        wait_for(lambda: len(error_docs(local_objects(backup))) == 5, 30, "archived records")
     finally:
         assert d.stop() == 0
     docs = error_docs(local_objects(backup))
@@ -133,7 +124,7 @@ def test_a_hanging_handler_is_killed_and_never_blocks_ingest(tmp_path: Path) -> 
         for i in range(20):  # while the handler hangs, ingest answers at once
             fh.put_record(DeliveryStreamName="p", Record={"Data": b"more %d" % i})
         assert time.monotonic() - t0 < 2
-        wait_until(lambda: len(error_docs(local_objects(tmp_path / "out"))) == 21, 40, "timeouts archived")
+        wait_for(lambda: len(error_docs(local_objects(tmp_path / "out"))) == 21, 40, "timeouts archived")
         t1 = time.monotonic()
     finally:
         assert d.stop() == 0
@@ -151,7 +142,7 @@ def test_builtin_deaggregation_and_cloudwatch_logs(tmp_path: Path) -> None:
         d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
             {"Data": b'{"a":1}{"a":2}\n{"a":3}'}, {"Data": b'{"broken":'}, {"Data": b'{"b":1}'},
         ])
-        wait_until(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "objects")
+        wait_for(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "objects")
     finally:
         d.stop()
     objs = local_objects(tmp_path / "out")
@@ -168,7 +159,7 @@ def test_kpl_aggregates_are_deaggregated_before_delivery(tmp_path: Path) -> None
         d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
             {"Data": agg}, {"Data": b"plain"}, {"Data": agg[:-1] + bytes([agg[-1] ^ 1])},
         ])
-        wait_until(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "objects")
+        wait_for(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "objects")
     finally:
         d.stop()
     objs = local_objects(tmp_path / "out")
@@ -187,7 +178,7 @@ def test_decompression_and_cloudwatch_log_processing(tmp_path: Path) -> None:
         d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
             {"Data": gzip.compress(json.dumps(envelope).encode())}, {"Data": b"not gzip"},
         ])
-        wait_until(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "objects")
+        wait_for(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "objects")
     finally:
         d.stop()
     objs = local_objects(tmp_path / "out")
@@ -225,7 +216,7 @@ def test_kill9_during_processing_never_reruns_a_recorded_outcome(tmp_path: Path)
             body = b"".join(v for k, v in local_objects(tmp_path / "out").items() if "failed" not in k)
             return [line.split(b"|")[0] for line in body.splitlines()]
 
-        wait_until(lambda: acked <= set(delivered()), 90, "every acknowledged record")
+        wait_for(lambda: acked <= set(delivered()), 90, "every acknowledged record")
     finally:
         d.stop()
     ids = delivered()
@@ -264,7 +255,7 @@ def test_backup_mode_all_keeps_untransformed_source_records(tmp_path: Path) -> N
         d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
             {"Data": b"one;"}, {"Data": b"drop me;"}, {"Data": b"fail me;"},
         ])
-        wait_until(lambda: len(local_objects(backup)) >= 2 and local_objects(tmp_path / "out"), 30, "objects")
+        wait_for(lambda: len(local_objects(backup)) >= 2 and local_objects(tmp_path / "out"), 30, "objects")
     finally:
         d.stop()
     b = local_objects(backup)
@@ -289,7 +280,7 @@ def test_remote_lambda_by_arn_through_the_invoke_api(tmp_path: Path) -> None:
             d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
                 {"Data": b'{"name": "ada", "customer": 7}'}, {"Data": b"not json"},
             ])
-            wait_until(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "objects")
+            wait_for(lambda: len(local_objects(tmp_path / "out")) >= 2, 30, "objects")
         finally:
             d.stop()
     finally:
@@ -311,9 +302,9 @@ def test_archiving_waits_for_a_broken_backup_location_and_loses_nothing(tmp_path
     d.start()
     try:
         d.firehose().put_record_batch(DeliveryStreamName="p", Records=[{"Data": b"fail %d" % i} for i in range(10)])
-        wait_until(lambda: any(e.get("event") == "delivery_retry_scheduled" for e in d.events()), 30, "retries")
+        wait_for(lambda: any(e.get("event") == "delivery_retry_scheduled" for e in d.events()), 30, "retries")
         backup.unlink()
-        wait_until(lambda: len(error_docs(local_objects(backup))) == 10, 30, "archive after repair")
+        wait_for(lambda: len(error_docs(local_objects(backup))) == 10, 30, "archive after repair")
     finally:
         assert d.stop() == 0
     docs = error_docs(local_objects(backup))
@@ -337,7 +328,7 @@ def test_turning_processing_off_and_on_across_restarts_strands_nothing(tmp_path:
     d.write_config({**cfg, "streams": [proc]})
     d.start()
     d.firehose().put_record_batch(DeliveryStreamName="p", Records=[{"Data": b"c;"}])
-    wait_until(lambda: d.firehose().describe_delivery_stream(DeliveryStreamName="p") is not None, 5, "up")
+    wait_for(lambda: d.firehose().describe_delivery_stream(DeliveryStreamName="p") is not None, 5, "up")
     time.sleep(1.0)  # let the outcomes be recorded; they wait in the 900 s buffer
     d.kill9()
     # 3. processing off again: recorded outcomes are still delivered
@@ -372,7 +363,7 @@ def test_processing_resumes_after_a_destination_outage_filled_the_spool(tmp_path
                 assert status == 503
         assert len(accepted) < 600  # the cap pushed back
         out.unlink()  # the destination returns; nobody puts anything
-        wait_until(lambda: b"".join(local_objects(out).values()).count(b'{"i":') == len(accepted), 60,
+        wait_for(lambda: b"".join(local_objects(out).values()).count(b'{"i":') == len(accepted), 60,
                    "every accepted record delivered without new puts")
         status, _ = raw_call(d.port, "PutRecordBatch", batch_body("p", [b'{"after":1}']))
         assert status == 200  # and ingest is open again
