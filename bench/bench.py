@@ -485,7 +485,7 @@ def bare_run(kind: str, bodies: list[Body], scratch: Path, codec_name: str | Non
     """One pass of a bare-cost step over every body; returns seconds."""
     codec = None
     if codec_name is not None:
-        from transforms.compression import get_codec
+        from firehose.transforms.compression import get_codec
 
         codec = get_codec(codec_name)
     fd = -1
@@ -900,7 +900,7 @@ def verify_parquet(objects: list[tuple[str, bytes]], expected: int) -> dict[str,
 def verify_objects(objects: list[tuple[str, bytes]], codec_name: str, undouble: bool = False) -> dict[str, Any]:
     """Count and checksum the delivered lines. ``undouble``: records already end with a newline
     and append_delimiter added another, so each "\n\n" is folded back before checking."""
-    from transforms.compression import get_codec
+    from firehose.transforms.compression import get_codec
 
     codec = get_codec(codec_name)
     records = 0
@@ -1374,7 +1374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import psutil  # noqa: F401
 
-        from transforms.compression import get_codec  # noqa: F401
+        from firehose.transforms.compression import get_codec  # noqa: F401
     except ImportError as exc:
         raise SystemExit(f"missing dependency: {exc} (pip install -e '.[test]')") from None
 

@@ -36,7 +36,7 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # test servers; firehose itself is the installed package
 sys.path.insert(0, str(BENCH_DIR))
 
 from bench import add_dataset_args, dataset_from_args, free_port, in_process_runtime, in_process_setup  # noqa: E402
@@ -61,7 +61,7 @@ class Server:
 
     def __init__(self, kind: str) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fakes", kind, str(self.port)], cwd=REPO_ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "fakes", kind, str(self.port)], cwd=REPO_ROOT / "tests",
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != b"ready":

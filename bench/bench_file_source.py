@@ -29,7 +29,7 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # test servers; firehose itself is the installed package
 sys.path.insert(0, str(BENCH_DIR))
 
 from bench import add_dataset_args, dataset_from_args, in_process_runtime, in_process_setup  # noqa: E402

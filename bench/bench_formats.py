@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throughput of record format conversion (transforms.formats) against bare pyarrow.
+"""Throughput of record format conversion (firehose.transforms.formats) against bare pyarrow.
 
 Usage::
 
@@ -35,7 +35,7 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # test servers; firehose itself is the installed package
 sys.path.insert(0, str(BENCH_DIR))
 
 import pyarrow as pa  # noqa: E402
@@ -44,7 +44,7 @@ import pyarrow.orc as orc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench import ensure_dataset  # noqa: E402  (the clickstream data set cache, shared)
-from transforms.formats import Converter, FormatConfig  # noqa: E402
+from firehose.transforms.formats import Converter, FormatConfig  # noqa: E402
 
 DEFAULT_GEN = (REPO_ROOT / ".." / "shared" / "bench" / "gen_clickstream.py").resolve()
 

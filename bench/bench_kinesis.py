@@ -39,7 +39,6 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 
 from bench import add_dataset_args, dataset_from_args, in_process_runtime, in_process_setup  # noqa: E402
@@ -52,7 +51,7 @@ KPL_MAX_BYTES = 51_200  # the KPL's AggregationMaxSize default
 def fill(server: Any, stream: str, records: list[bytes]) -> int:
     """Put the first half of ``records`` as plain records and the second half as KPL aggregates;
     returns the number of Kinesis records put."""
-    from transforms.kpl import aggregate
+    from firehose.transforms.kpl import aggregate
 
     half = len(records) // 2
     puts: list[list[dict[str, Any]]] = []

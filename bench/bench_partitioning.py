@@ -35,7 +35,7 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # test servers; firehose itself is the installed package
 sys.path.insert(0, str(BENCH_DIR))
 
 from bench import add_dataset_args, dataset_from_args, in_process_runtime, in_process_setup  # noqa: E402
@@ -112,7 +112,7 @@ async def run_pipeline(records: list[bytes], n: int, scratch: Path, budget_mib: 
 
 def jq_rate(records: list[bytes], n: int) -> float:
     """The compiled query alone over the records, in the processing stage's 1 MiB batches."""
-    from transforms.config import compile_query
+    from firehose.transforms.config import compile_query
 
     program = compile_query(query(n))
     chunks: list[str] = []

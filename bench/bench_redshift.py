@@ -42,7 +42,6 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 
 from bench import (  # noqa: E402
@@ -152,7 +151,7 @@ def destination_config(pg: Any, moto: Moto, bucket: str, compression: str, passw
 
 def destination_pass(pg: Any, moto: Moto, bucket: str, batches: list[list[bytes]], compression: str,
                      in_flight: int) -> float:
-    from destinations.redshift import RedshiftDestinationConfig
+    from firehose.destinations.redshift import RedshiftDestinationConfig
     from firehose.interfaces import Batch, BuildContext
 
     raw = destination_config(pg, moto, bucket, compression, pg.params()["password"])

@@ -38,7 +38,7 @@ import orjson
 import pybase64
 from pydantic import Field, SecretStr, field_validator
 
-from destinations.remote import RemoteConfig, client_session, connection_error, is_http_url
+from firehose.destinations.remote import RemoteConfig, client_session, connection_error, is_http_url
 from firehose.interfaces import (
     Batch,
     BufferingLimits,

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
-from destinations.objectstore import ObjectStoreConfig, ObjectStoreDestination
+from firehose.destinations.objectstore import ObjectStoreConfig, ObjectStoreDestination
 from firehose.interfaces import BuildContext
 
 

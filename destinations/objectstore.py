@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
-from destinations.keys import (
+from firehose.destinations.keys import (
     PrefixError,
     evaluate_prefix,
     object_name,
@@ -19,7 +19,7 @@ from destinations.keys import (
     validate_prefixes,
 )
 from firehose.interfaces import Batch, BufferingLimits, BuildContext, DeliveryResult, Destination
-from transforms.compression import Codec, get_codec
+from firehose.transforms.compression import Codec, get_codec
 
 # Firehose's ranges for S3 (reference §3): 1-128 MiB (5), 0-900 s (300).
 S3_BUFFERING = BufferingLimits(1, 128, 5, 0, 900, 300)
@@ -104,7 +104,7 @@ class ObjectStoreConfig(BaseModel):
 
     def archive_key(self, stream: str, version: int, oldest: datetime, rng: random.Random, error_output_type: str) -> str:
         """Where failed records go: ErrorOutputPrefix, or else ``<prefix><type>/yyyy/MM/dd/HH/``."""
-        from destinations.keys import evaluate_error_prefix
+        from firehose.destinations.keys import evaluate_error_prefix
 
         prefix = evaluate_error_prefix(self.prefix, self.error_output_prefix or None, oldest, rng, error_output_type)
         return prefix + object_name(stream, version, oldest, random_object_suffix(rng), self.extension)

@@ -30,7 +30,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from destinations.remote import RemoteConfig, connection_error, is_http_url
+from firehose.destinations.remote import RemoteConfig, connection_error, is_http_url
 from firehose.interfaces import (
     Batch,
     BufferingLimits,

@@ -48,9 +48,9 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from destinations.objectstore import S3_BUFFERING, join_records
-from destinations.s3 import S3Destination, S3DestinationConfig
-from destinations.sql import (
+from firehose.destinations.objectstore import S3_BUFFERING, join_records
+from firehose.destinations.s3 import S3Destination, S3DestinationConfig
+from firehose.destinations.sql import (
     BadRecordError,
     CopyOptions,
     Identifier,

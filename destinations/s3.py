@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from destinations.objectstore import ObjectStoreConfig, ObjectStoreDestination
+from firehose.destinations.objectstore import ObjectStoreConfig, ObjectStoreDestination
 from firehose.interfaces import BuildContext
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")

@@ -34,7 +34,7 @@ import aiohttp
 import orjson
 from pydantic import Field, SecretStr, field_validator
 
-from destinations.remote import RemoteConfig, client_session, connection_error, is_http_url
+from firehose.destinations.remote import RemoteConfig, client_session, connection_error, is_http_url
 from firehose.interfaces import (
     Batch,
     BufferingLimits,

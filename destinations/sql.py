@@ -319,7 +319,7 @@ def json_objects(records: Sequence[bytes], delimiter: bytes | None = None) -> It
     if stream_from is None:
         return
     # The splitter record de-aggregation uses: exact object bytes, byte offsets in its errors.
-    from transforms.processors import _JsonSplitError, _split_json_objects
+    from firehose.transforms.processors import _JsonSplitError, _split_json_objects
 
     sep = delimiter or b""
     body = sep.join(records[stream_from:]) + (sep if records else b"")

@@ -68,7 +68,7 @@ def _cmd_transform(args: argparse.Namespace) -> int:
         print(f"{args.config}: no stream named {args.stream!r}; streams: {names}", file=sys.stderr)
         return 2
     from firehose.registry import PROCESSING_CHAIN, load
-    from transforms.records import SourceRecord
+    from firehose.transforms.records import SourceRecord
 
     lines = sys.stdin.buffer.read().splitlines()
     now = time.time_ns() // 1_000_000
@@ -115,7 +115,7 @@ def _partition_prefix(stream: Any, o: Any, now_ms: int) -> str:
     import random
     from datetime import UTC, datetime
 
-    from destinations.keys import PrefixError, evaluate_prefix
+    from firehose.destinations.keys import PrefixError, evaluate_prefix
 
     keys = {f"partitionKeyFromQuery:{k}": v for k, v in (o.query_keys or {}).items()}
     keys.update({f"partitionKeyFromLambda:{k}": v for k, v in (o.partition_keys or {}).items()})

@@ -55,11 +55,19 @@ class AuthConfig(_Model):
             raise ValueError("mode sigv4 needs at least one entry in credentials")
 
 
+class HealthConfig(_Model):
+    """``GET /healthz``: a stream whose destination has failed for longer than
+    ``degraded_after_secs`` makes the daemon ``degraded`` (still HTTP 200)."""
+
+    degraded_after_secs: int = Field(default=300, ge=1, le=86400)
+
+
 class ApiConfig(_Model):
     listen: str = "127.0.0.1:4573"
     region: str = "us-east-1"
     account_id: str = "000000000000"
     auth: AuthConfig = AuthConfig()
+    health: HealthConfig = HealthConfig()
 
     @field_validator("listen")
     @classmethod
@@ -462,7 +470,7 @@ def _check_partitioning(
     if stream.interval_secs == 0:
         return error(base + ("buffering", "interval_secs"),
                      "zero buffering is not supported with dynamic partitioning (Firehose's rule); use 1 or more")
-    from destinations.keys import partition_key_refs
+    from firehose.destinations.keys import partition_key_refs
 
     ok = True
     for ref in partition_key_refs(prefix):

@@ -13,12 +13,12 @@ from importlib.metadata import entry_points
 from typing import Any
 
 BUILTIN_DESTINATIONS: dict[str, str] = {
-    "s3": "destinations.s3:S3DestinationConfig",
-    "local": "destinations.local:LocalDestinationConfig",
-    "redshift": "destinations.redshift:RedshiftDestinationConfig",
-    "http_endpoint": "destinations.http_endpoint:HttpEndpointDestinationConfig",
-    "opensearch": "destinations.opensearch:OpenSearchDestinationConfig",
-    "splunk": "destinations.splunk:SplunkDestinationConfig",
+    "s3": "firehose.destinations.s3:S3DestinationConfig",
+    "local": "firehose.destinations.local:LocalDestinationConfig",
+    "redshift": "firehose.destinations.redshift:RedshiftDestinationConfig",
+    "http_endpoint": "firehose.destinations.http_endpoint:HttpEndpointDestinationConfig",
+    "opensearch": "firehose.destinations.opensearch:OpenSearchDestinationConfig",
+    "splunk": "firehose.destinations.splunk:SplunkDestinationConfig",
 }
 
 BUILTIN_SOURCES: dict[str, str] = {
@@ -29,20 +29,20 @@ BUILTIN_SOURCES: dict[str, str] = {
 
 
 BUILTIN_PROCESSORS: dict[str, str] = {
-    "lambda": "transforms.config:LambdaProcessorConfig",
-    "append_delimiter": "transforms.config:AppendDelimiterConfig",
-    "record_deaggregation": "transforms.config:RecordDeaggregationConfig",
-    "decompression": "transforms.config:DecompressionConfig",
-    "cloudwatch_log_processing": "transforms.config:CloudWatchLogProcessingConfig",
-    "metadata_extraction": "transforms.config:MetadataExtractionConfig",
+    "lambda": "firehose.transforms.config:LambdaProcessorConfig",
+    "append_delimiter": "firehose.transforms.config:AppendDelimiterConfig",
+    "record_deaggregation": "firehose.transforms.config:RecordDeaggregationConfig",
+    "decompression": "firehose.transforms.config:DecompressionConfig",
+    "cloudwatch_log_processing": "firehose.transforms.config:CloudWatchLogProcessingConfig",
+    "metadata_extraction": "firehose.transforms.config:MetadataExtractionConfig",
 }
 
 # Stream-level plugin hooks, imported lazily like the tables above.
-PROCESSING_CHECK = "transforms.config:check_processing"
-BACKUP_CONFIG = "transforms.config:BackupConfig"
-PROCESSING_CHAIN = "transforms.chain:ProcessingChain"
-FORMAT_CONFIG = "transforms.formats:FormatConfig"
-CONVERTER = "transforms.formats:Converter"
+PROCESSING_CHECK = "firehose.transforms.config:check_processing"
+BACKUP_CONFIG = "firehose.transforms.config:BackupConfig"
+PROCESSING_CHAIN = "firehose.transforms.chain:ProcessingChain"
+FORMAT_CONFIG = "firehose.transforms.formats:FormatConfig"
+CONVERTER = "firehose.transforms.formats:Converter"
 
 
 def load(target: str) -> Any:

@@ -304,7 +304,7 @@ class StreamRuntime:
             )
             self._proc_wake.set()  # records ingested before the restart are waiting
         if self.config.partitioned:
-            from destinations.keys import partition_key_refs
+            from firehose.destinations.keys import partition_key_refs
 
             self._refs = partition_key_refs(self.config.destination.prefix)
         for sealed in recovery.pending:
@@ -625,8 +625,8 @@ class StreamRuntime:
     def _partition_error(self, ident: tuple[str, ...] | None, arrival_ms: int, *, admitting: bool) -> dict[str, Any] | None:
         """Why a record of partition ``ident`` cannot be delivered under the Prefix (None if it can).
         Also used to rebuild the error record of an archived batch read back from the spool."""
-        from destinations.keys import PrefixError
-        from transforms.records import ACTIVE_PARTITION_EXCEEDED, PARTITIONING_FAILED
+        from firehose.destinations.keys import PrefixError
+        from firehose.transforms.records import ACTIVE_PARTITION_EXCEEDED, PARTITIONING_FAILED
 
         assert self._refs is not None and self.destination is not None
         base = {"a": 1, "ts": arrival_ms, "e": self.clock.now_ms()}
@@ -745,7 +745,7 @@ class StreamRuntime:
             key = self.archive.batch_key(oldest, self.rng)
             info.update({"sink": "source"})
         elif isinstance(buffer_key, tuple):
-            from destinations.keys import PrefixError
+            from firehose.destinations.keys import PrefixError
 
             assert self._refs is not None
             try:
@@ -862,7 +862,7 @@ class StreamRuntime:
             await asyncio.gather(recorder, return_exceptions=True)
 
     async def _submit(self, queue: asyncio.Queue[Any], pending: list[tuple[int, bytes, int, Any]]) -> None:
-        from transforms.records import SourceRecord
+        from firehose.transforms.records import SourceRecord
 
         sources = [
             SourceRecord(str(seq), data, arrival, meta.get("kinesis") if isinstance(meta, dict) else None)
@@ -878,7 +878,7 @@ class StreamRuntime:
         if not failed:
             outcomes = list(await self.chain.process(sources))
         else:
-            from transforms.records import Outcome
+            from firehose.transforms.records import Outcome
 
             keep = [i for i in range(len(sources)) if i not in failed]
             outcomes = list(await self.chain.process([sources[i] for i in keep])) if keep else []

@@ -1,14 +1,24 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+# The tests import the installed firehose (scripts/test.sh installs the built wheel), never the
+# source tree: the repository root must not be on sys.path, here or in any interpreter a test
+# starts (PYTHONSAFEPATH keeps `python -m ...` from adding its working directory). The helpers in
+# tests/ (support, fakes, handlers, ...) are importable by their own names.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+sys.path.insert(0, str(TESTS))
+os.environ["PYTHONSAFEPATH"] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
 
-from support import MotoServer  # noqa: E402
+from support import MotoServer, unavailable  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +50,7 @@ def postgres() -> Iterator[object]:
 
     reason = available()
     if reason is not None:
-        pytest.skip(reason)
+        unavailable(reason)
     server = PostgresServer()
     server.start()
     yield server
@@ -54,7 +64,7 @@ def kinesalite() -> Iterator[object]:
 
     reason = available()
     if reason is not None:
-        pytest.skip(reason)
+        unavailable(reason)
     server = Kinesalite()
     server.start()
     yield server

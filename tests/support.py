@@ -12,12 +12,22 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A service or tool a test needs is missing: skip on a developer's partial machine, fail in CI
+    (CI=true), where scripts/test.sh installs every one of them."""
+    import pytest
+
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: scripts/test.sh should have installed it)", pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:

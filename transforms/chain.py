@@ -11,8 +11,8 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
-from transforms import processors
-from transforms.config import (
+from firehose.transforms import processors
+from firehose.transforms.config import (
     AppendDelimiterConfig,
     CloudWatchLogProcessingConfig,
     DecompressionConfig,
@@ -20,7 +20,7 @@ from transforms.config import (
     MetadataExtractionConfig,
     RecordDeaggregationConfig,
 )
-from transforms.records import Outcome, SourceRecord, initial_outcomes
+from firehose.transforms.records import Outcome, SourceRecord, initial_outcomes
 
 FORMAT_CONVERSION_FAILED = "format-conversion-failed"
 
@@ -97,7 +97,7 @@ class ProcessingChain:
     async def start(self) -> None:
         if self._lambda is None:
             return
-        from transforms.lambda_ import LocalFunction, RemoteFunction
+        from firehose.transforms.lambda_ import LocalFunction, RemoteFunction
 
         c = self._lambda
         if c.function is not None:
@@ -149,7 +149,7 @@ class ProcessingChain:
             outs = await asyncio.to_thread(self._builtins, records)
         elif self._lambda is not None:
             # Straight to the function: its outcomes already index the source records.
-            from transforms.lambda_ import invoke_with_retries
+            from firehose.transforms.lambda_ import invoke_with_retries
 
             return await invoke_with_retries(
                 self._invoker, records, retries=self._lambda.retries, stream_arn=self.stream_arn, region=self.region,
@@ -174,7 +174,7 @@ class ProcessingChain:
         return outs
 
     async def _run_lambda(self, records: list[SourceRecord], outs: list[Outcome]) -> list[Outcome]:
-        from transforms.lambda_ import invoke_with_retries
+        from firehose.transforms.lambda_ import invoke_with_retries
 
         assert self._lambda is not None
         ok = [o for o in outs if o.ok]

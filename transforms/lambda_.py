@@ -7,7 +7,7 @@ reads one response back. This module owns both sides of that exchange exactly as
   ``region``, ``records[]`` with base64 ``data``, and ``kinesisRecordMetadata`` for a Kinesis
   Data Streams source);
 * :func:`parse_response` validates the function's answer the way Firehose does and turns it into
-  :class:`~transforms.records.Outcome` objects, or rejects the whole invocation with Firehose's
+  :class:`~firehose.transforms.records.Outcome` objects, or rejects the whole invocation with Firehose's
   error code (``Lambda.MissingRecordId``, ``Lambda.DuplicatedRecordId``,
   ``Lambda.JsonProcessingException``);
 * :func:`invoke_with_retries` runs one batch through an :class:`Invoker` with Firehose's retry
@@ -16,7 +16,7 @@ reads one response back. This module owns both sides of that exchange exactly as
   last error and its original bytes.
 
 Two invokers exist: :class:`LocalFunction` runs a Python handler (``"package.module:function"``)
-in worker processes owned by the daemon (:mod:`transforms.workers`), :class:`RemoteFunction`
+in worker processes owned by the daemon (:mod:`firehose.transforms.workers`), :class:`RemoteFunction`
 calls a real (or emulated) AWS Lambda function through boto3's ``Invoke`` API.
 """
 
@@ -37,10 +37,10 @@ import orjson
 import pybase64
 import structlog
 
-from transforms.records import Outcome, SourceRecord
+from firehose.transforms.records import Outcome, SourceRecord
 
 if TYPE_CHECKING:
-    from transforms.workers import WorkerPool
+    from firehose.transforms.workers import WorkerPool
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
@@ -440,7 +440,7 @@ class LocalFunction(Invoker):
         memory_limit_in_mb: str = "128",
         start_method: str = "spawn",
     ) -> None:
-        from transforms.workers import WorkerPool  # workers imports this module; import late
+        from firehose.transforms.workers import WorkerPool  # workers imports this module; import late
 
         self.function = function
         self.name = name or function
@@ -464,7 +464,7 @@ class LocalFunction(Invoker):
         await self.pool.start()
 
     async def invoke(self, event: dict[str, Any]) -> object:
-        """Run the handler on ``event`` in a worker; see :meth:`transforms.workers.WorkerPool.call`."""
+        """Run the handler on ``event`` in a worker; see :meth:`firehose.transforms.workers.WorkerPool.call`."""
         context = LambdaContext.create(
             self._function_name,
             timeout_secs=self.timeout_secs,

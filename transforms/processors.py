@@ -44,8 +44,8 @@ from typing import Any, Final, NoReturn
 
 import orjson
 
-from transforms.kpl import KplError, deaggregate
-from transforms.records import DECOMPRESSION_FAILED, PARTITIONING_FAILED, Outcome
+from firehose.transforms.kpl import KplError, deaggregate
+from firehose.transforms.records import DECOMPRESSION_FAILED, PARTITIONING_FAILED, Outcome
 
 __all__ = [
     "MAX_SUB_RECORDS",
@@ -411,7 +411,7 @@ def metadata_extraction(outcomes: list[Outcome], query: str) -> list[Outcome]:
     ``tostring`` writes them. The records of a batch go through jq in one call (jq's own parser
     reads them as a stream); only a batch with a failing record is evaluated record by record.
     """
-    from transforms.config import compile_query
+    from firehose.transforms.config import compile_query
 
     ok = [i for i, o in enumerate(outcomes) if o.result == "Ok"]
     if not ok:

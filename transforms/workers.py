@@ -48,7 +48,7 @@ from typing import Any, Final, cast
 import orjson
 import structlog
 
-from transforms.lambda_ import (
+from firehose.transforms.lambda_ import (
     FUNCTION_ERROR,
     JSON_PROCESSING,
     SERVICE_EXCEPTION,
@@ -269,7 +269,7 @@ class WorkerPool:
 
     ``function`` is ``"package.module:function"`` (see :func:`load_function`), importable from the
     daemon's ``sys.path`` plus the working directory. The handler is called as
-    ``handler(event, context)`` with a :class:`~transforms.lambda_.LambdaContext`.
+    ``handler(event, context)`` with a :class:`~firehose.transforms.lambda_.LambdaContext`.
 
     Contract:
 
@@ -440,9 +440,9 @@ class WorkerPool:
     async def call(self, event: dict[str, Any], context_fields: dict[str, Any]) -> object:
         """Run the handler on ``event`` in a free worker and return its response (decoded JSON).
 
-        ``context_fields`` are :class:`~transforms.lambda_.LambdaContext` constructor arguments;
+        ``context_fields`` are :class:`~firehose.transforms.lambda_.LambdaContext` constructor arguments;
         ``deadline_ms`` is set here, when the invocation is dispatched (now + ``timeout_secs``).
-        Raises :class:`~transforms.lambda_.LambdaInvocationError`:
+        Raises :class:`~firehose.transforms.lambda_.LambdaInvocationError`:
 
         * ``Lambda.FunctionError`` ``"<ExcType>: <message>"`` when the handler raises;
           ``"Runtime.MarshalError: ..."`` when its result is not JSON-serialisable;

@@ -1,6 +1,6 @@
 """Run one protocol server in a process of its own (benchmarks: the server gets the other core)::
 
-    python -m tests.fakes http_endpoint|opensearch|splunk PORT
+    python -m fakes http_endpoint|opensearch|splunk PORT
 
 It serves until stdin closes or SIGTERM; ``GET /__fake/stats`` tells what it received.
 """
@@ -11,10 +11,10 @@ import signal
 import sys
 import threading
 
-from tests.fakes.http_endpoint import HttpEndpointServer
-from tests.fakes.opensearch import OpenSearchServer
-from tests.fakes.server import ThreadedServer
-from tests.fakes.splunk import SplunkHecServer
+from fakes.http_endpoint import HttpEndpointServer
+from fakes.opensearch import OpenSearchServer
+from fakes.server import ThreadedServer
+from fakes.splunk import SplunkHecServer
 
 
 def main(argv: list[str]) -> int:

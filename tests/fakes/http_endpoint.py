@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.fakes.server import ThreadedServer
+from fakes.server import ThreadedServer
 
 
 class HttpEndpointServer(ThreadedServer):

@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from fakes.server import ThreadedServer
 from firehose.auth import AuthError, verify
-from tests.fakes.server import ThreadedServer
 
 
 def _kind(value: Any) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.fakes.server import ThreadedServer
+from fakes.server import ThreadedServer
 
 
 def _reply(status: int, text: str, code: int, **extra: Any) -> web.Response:

@@ -1,4 +1,4 @@
 """Example transformation handlers used by the Lambda tests.
 
-Referenced as ``tests.handlers.<module>:<function>``.
+Referenced as ``handlers.<module>:<function>``.
 """

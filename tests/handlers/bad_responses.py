@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.handlers import identity
+from handlers import identity
 
 
 def _ok(event: dict[str, Any]) -> list[dict[str, Any]]:

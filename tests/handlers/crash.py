@@ -26,7 +26,7 @@ def sys_exit(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 def on_demand(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Crash when the first record's payload says so (``b"exit"``, ``b"segv"``), else behave like identity."""
-    from tests.handlers import identity
+    from handlers import identity
 
     command = base64.b64decode(event["records"][0]["data"]) if event["records"] else b""
     if command == b"exit":

@@ -6,7 +6,7 @@ import base64
 import time
 from typing import Any
 
-from tests.handlers import identity
+from handlers import identity
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

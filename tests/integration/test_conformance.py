@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
+from firehose.transforms.compression import get_codec
 from support import (
     Daemon,
     MotoServer,
@@ -35,7 +36,6 @@ from support import (
     stream_config,
     wait_for,
 )
-from transforms.compression import get_codec
 
 KINDS = ["local", "s3", "http_endpoint", "opensearch", "opensearch_no_id", "splunk"]
 OBJECT_STORES = ("local", "s3")
@@ -148,7 +148,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         yield Target("local", tmp_path)
         return
     if request.param == "http_endpoint":
-        from tests.fakes.http_endpoint import HttpEndpointServer
+        from fakes.http_endpoint import HttpEndpointServer
 
         server = HttpEndpointServer(access_key="k").start()
         try:
@@ -157,7 +157,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
             server.stop()
         return
     if request.param == "splunk":
-        from tests.fakes.splunk import SplunkHecServer
+        from fakes.splunk import SplunkHecServer
 
         hec = SplunkHecServer().start()
         try:
@@ -166,7 +166,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
             hec.stop()
         return
     if request.param.startswith("opensearch"):
-        from tests.fakes.opensearch import OpenSearchServer
+        from fakes.opensearch import OpenSearchServer
 
         cluster = OpenSearchServer().start()
         try:

@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 import pybase64
 
+from integration.test_conformance import ID_RE, Loader
 from support import Daemon, daemon_config, free_port, local_objects, stream_config, wait_for
-from tests.integration.test_conformance import ID_RE, Loader
 
 
 def receiver(tmp: Path, port: int) -> Daemon:

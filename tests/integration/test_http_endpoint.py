@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
+from fakes.http_endpoint import HttpEndpointServer
 from support import Daemon, daemon_config, local_objects, stream_config, wait_for
-from tests.fakes.http_endpoint import HttpEndpointServer
 
 
 @pytest.fixture

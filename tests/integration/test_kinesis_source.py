@@ -64,7 +64,7 @@ class Producer:
         for r in records:
             data = r["Data"]
             if aggregated:
-                from transforms.kpl import deaggregate
+                from firehose.transforms.kpl import deaggregate
 
                 docs = [orjson.loads(u.data) for u in deaggregate(data) or []]
             else:
@@ -168,7 +168,7 @@ def test_lambda_sees_kinesis_record_metadata_direct_put_is_refused_and_describe_
     kds = f"meta-{uuid.uuid4().hex[:8]}"
     kinesalite.create_stream(kds, 1)
     client = kinesalite.client()
-    processing = [{"type": "lambda", "function": "tests.handlers.kinesis_metadata:handler", "buffer_interval_secs": 0}]
+    processing = [{"type": "lambda", "function": "handlers.kinesis_metadata:handler", "buffer_interval_secs": 0}]
     stream = source_stream(kinesalite, tmp_path, "from-kds", kds, processing=processing)
     direct = stream_config("direct", {"type": "local", "path": str(tmp_path / "direct")})
     d = Daemon(tmp_path, daemon_config(tmp_path, [stream, direct]), env={"PYTHONPATH": str(REPO)})

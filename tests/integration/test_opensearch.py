@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
-from destinations.opensearch import OpenSearchDestinationConfig
+from fakes.opensearch import OpenSearchServer
+from firehose.destinations.opensearch import OpenSearchDestinationConfig
 from support import Daemon, daemon_config, local_objects, stream_config, wait_for
-from tests.fakes.opensearch import OpenSearchServer
 
 DOC_ID = re.compile(r"\d{56}\.\d+")
 

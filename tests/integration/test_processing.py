@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from firehose.transforms.kpl import aggregate
 from support import Daemon, daemon_config, local_objects, stream_config, wait_for
-from transforms.kpl import aggregate
 
 HANDLERS = '''
 import base64, json, os, time, uuid
@@ -267,8 +267,8 @@ def test_backup_mode_all_keeps_untransformed_source_records(tmp_path: Path) -> N
 
 
 def test_remote_lambda_by_arn_through_the_invoke_api(tmp_path: Path) -> None:
-    from tests.handlers import upper
-    from tests.lambda_server import LambdaServer
+    from handlers import upper
+    from lambda_server import LambdaServer
 
     server = LambdaServer()
     server.add_function("enrich", upper.handler)

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 import pytest
-from pgserver import PASSWORD, PostgresServer
 
+from pgserver import PASSWORD, PostgresServer
 from support import (
     Daemon,
     MotoServer,
@@ -260,7 +260,7 @@ def test_a_replayed_batch_skips_a_load_that_committed_even_while_racing_it(
     bookkeeping insert waits for it, meets its key, and rolls back its own COPY)."""
     import asyncio
 
-    from destinations.redshift import RedshiftDestinationConfig, manifest_key
+    from firehose.destinations.redshift import RedshiftDestinationConfig, manifest_key
     from firehose.interfaces import Batch, BuildContext
 
     table = table_name()
@@ -310,7 +310,7 @@ def test_a_copy_is_rolled_back_when_its_batch_cannot_be_staged(
     staging bucket missing nothing is loaded, and once it exists the batch loads once."""
     import asyncio
 
-    from destinations.redshift import RedshiftDestinationConfig
+    from firehose.destinations.redshift import RedshiftDestinationConfig
     from firehose.interfaces import Batch, BuildContext
 
     table = table_name()

@@ -14,9 +14,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from tests.handlers import bad_responses, identity, raises, sleeps, upper
-from tests.lambda_server import LambdaServer, running
-from transforms.lambda_ import (
+from firehose.transforms.lambda_ import (
     FUNCTION_ERROR,
     INVOKE_LIMIT_EXCEEDED,
     JSON_PROCESSING,
@@ -29,7 +27,9 @@ from transforms.lambda_ import (
     RemoteFunction,
     invoke_with_retries,
 )
-from transforms.records import Outcome, SourceRecord
+from firehose.transforms.records import Outcome, SourceRecord
+from handlers import bad_responses, identity, raises, sleeps, upper
+from lambda_server import LambdaServer, running
 
 STREAM_ARN = "arn:aws:firehose:us-east-1:123456789012:deliverystream/orders"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from snappy.snappy_formats import hadoop_stream_decompress
 
+from firehose.transforms.compression import get_codec
 from support import Daemon, FaultyS3Proxy, MotoServer, daemon_config, s3_objects, stream_config
-from transforms.compression import get_codec
 
 
 def s3_dest(endpoint: str, bucket: str, **extra: object) -> dict[str, object]:

@@ -14,10 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
-from destinations.splunk import SplunkDestination, SplunkDestinationConfig
+from fakes.splunk import SplunkHecServer
+from firehose.destinations.splunk import SplunkDestination, SplunkDestinationConfig
 from firehose.interfaces import Batch, BuildContext, DeliveryResult
 from support import Daemon, daemon_config, local_objects, stream_config, wait_for
-from tests.fakes.splunk import SplunkHecServer
 
 TOKEN = "5a4b3c2d-0000-4000-8000-00000000beef"
 

@@ -1,4 +1,4 @@
-"""Tests for transforms.compression: every codec is read back by a reader that isn't ours.
+"""Tests for firehose.transforms.compression: every codec is read back by a reader that isn't ours.
 
 * gzip: ``gzip.decompress`` and ``zlib``; zip: ``zipfile``.
 * hadoop_snappy: python-snappy's Hadoop stream reader.
@@ -29,13 +29,14 @@ import pytest
 import snappy
 from snappy.snappy_formats import hadoop_stream_decompress
 
-from transforms.compression import (
+from firehose.transforms.compression import (
     CODEC_NAMES,
     DEFLATE_LEVEL,
     SNAPPY_BLOCK_SIZE,
     SNAPPY_JAVA_HEADER,
     get_codec,
 )
+from support import unavailable
 
 BLOCK = 32 * 1024
 MAGIC = bytes([0x82, 0x53, 0x4E, 0x41, 0x50, 0x50, 0x59, 0x00])  # 0x82 "SNAPPY" 0x00
@@ -341,7 +342,7 @@ def snappy_java(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, list
     """Run snappy-java over several inputs in one JVM; skip when it isn't installed."""
     jar = _snappy_java_jar()
     if jar is None or not shutil.which("javac") or not shutil.which("java"):
-        pytest.skip("snappy-java not available (apt-get install default-jdk-headless libsnappy-java)")
+        unavailable("snappy-java not available (apt-get install default-jdk-headless libsnappy-java)")
     workdir = tmp_path_factory.mktemp("snappy-java")
     (workdir / "SnappyJavaTool.java").write_text(_JAVA_TOOL)
     subprocess.run(

@@ -1,4 +1,4 @@
-"""Record format conversion (transforms.formats): JSON records to Parquet, ORC and Avro.
+"""Record format conversion (firehose.transforms.formats): JSON records to Parquet, ORC and Avro.
 
 Files are read back with readers independent of the writer where one exists (DuckDB for
 Parquet, fastavro for Avro) and compared value by value with what the input says.
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from transforms.formats import (
+from firehose.transforms.formats import (
     ENTITY_NOT_FOUND,
     MALFORMED_DATA,
     PARSE_ERROR,
@@ -68,7 +68,7 @@ def _naive(value: Any) -> Any:
 
 
 def duckdb_rows(blob: bytes, tmp_path: Path) -> list[dict[str, Any]]:
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb
     path = tmp_path / "independent.parquet"
     path.write_bytes(blob)
     con = duckdb.connect()

@@ -1,4 +1,4 @@
-"""Tests for destinations.keys: Firehose's S3 prefixes, error prefixes and object names."""
+"""Tests for firehose.destinations.keys: Firehose's S3 prefixes, error prefixes and object names."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from destinations.keys import (
+from firehose.destinations.keys import (
     MAX_EVALUATED_PREFIX_LENGTH,
     PrefixError,
     evaluate_error_prefix,
@@ -21,6 +21,7 @@ from destinations.keys import (
     random_object_suffix,
     validate_prefixes,
 )
+from support import unavailable
 
 WHEN = datetime(2024, 5, 1, 13, 55, 9, 123456, tzinfo=UTC)
 RANDOM_STRING = re.compile(r"[0-9a-f]{11}")
@@ -465,8 +466,9 @@ _ORACLE_PATTERNS = [
 ]
 
 
-@pytest.mark.skipif(not (shutil.which("java") and shutil.which("javac")), reason="needs a JDK")
 def test_java_datetime_format_agrees_with_java_time(tmp_path_factory: pytest.TempPathFactory) -> None:
+    if not (shutil.which("java") and shutil.which("javac")):
+        unavailable("needs a JDK (apt-get install default-jdk-headless)")
     workdir = tmp_path_factory.mktemp("format-oracle")
     (workdir / "FormatOracle.java").write_text(_JAVA_FORMATTER)
     subprocess.run(["javac", "-d", str(workdir), str(workdir / "FormatOracle.java")], check=True)

@@ -18,7 +18,7 @@ from firehose.interfaces import BuildContext
 from firehose.metrics import Metrics
 from firehose.sources.kinesis import KinesisSource, KinesisSourceConfig
 from firehose.spool import SpoolFullError
-from transforms.kpl import aggregate
+from firehose.transforms.kpl import aggregate
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -387,7 +387,7 @@ def test_the_canonical_kpl_fast_path_agrees_with_the_general_parser() -> None:
     """De-aggregation dominates the source's CPU, so aggregates laid out the way KPL encoders
     write them take a fast path; on anything it accepts it must answer what the general parser
     does (it declines everything else)."""
-    from transforms import kpl
+    from firehose.transforms import kpl
 
     rng = random.Random(7)
     accepted = 0

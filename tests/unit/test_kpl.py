@@ -1,11 +1,9 @@
-"""Tests for transforms.kpl: KPL aggregates are read and written byte-exactly.
+"""Tests for firehose.transforms.kpl: KPL aggregates are read and written byte-exactly.
 
 Independent checks: awslabs' ``aws-kinesis-agg`` library (module ``aws_kinesis_agg``) aggregates
 records that our parser must read and reads aggregates that we write, and its output is compared
 with ours byte for byte; the ``google.protobuf`` runtime parses our protobuf and serialises
-messages (with unknown fields) that we must parse. When ``aws_kinesis_agg`` is missing the
-protobuf checks build the message classes from a hand-made descriptor instead; when protobuf is
-missing too, those tests are skipped with the reason.
+messages (with unknown fields) that we must parse.
 """
 
 from __future__ import annotations
@@ -15,23 +13,20 @@ import hashlib
 import random
 from typing import Any
 
+import aws_kinesis_agg
 import pytest
+from aws_kinesis_agg.aggregator import RecordAggregator
+from aws_kinesis_agg.deaggregator import deaggregate_records
 
-from transforms.kpl import DIGEST_SIZE, MAGIC, KplError, UserRecord, aggregate, deaggregate, is_aggregated
-
-try:
-    import aws_kinesis_agg
-    from aws_kinesis_agg.aggregator import RecordAggregator
-    from aws_kinesis_agg.deaggregator import deaggregate_records
-
-    HAVE_AGG = True
-except ImportError:  # pragma: no cover - depends on the environment
-    HAVE_AGG = False
-
-needs_agg = pytest.mark.skipif(
-    not HAVE_AGG, reason="aws-kinesis-agg (awslabs/kinesis-aggregation) is not installed"
+from firehose.transforms.kpl import (
+    DIGEST_SIZE,
+    MAGIC,
+    KplError,
+    UserRecord,
+    aggregate,
+    deaggregate,
+    is_aggregated,
 )
-
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -70,12 +65,8 @@ def _record(pk_index: int | None = 0, data: bytes | None = b"x", ehk_index: int 
 
 
 def _protobuf_messages() -> Any:
-    """The AggregatedRecord message class: aws_kinesis_agg's generated one, else built here."""
-    if HAVE_AGG:
-        from aws_kinesis_agg import messages_pb2
-
-        return messages_pb2.AggregatedRecord
-    pytest.importorskip("google.protobuf", reason="neither aws-kinesis-agg nor protobuf is installed")
+    """The AggregatedRecord message class, built from a descriptor for the protobuf runtime (the
+    module aws_kinesis_agg generates imports ``config_pb2`` as a top-level name and does not load)."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     fdp = descriptor_pb2.FileDescriptorProto(name="kpl_test.proto", package="kpltest", syntax="proto2")
@@ -97,6 +88,7 @@ def _protobuf_messages() -> Any:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("kpltest.AggregatedRecord"))
+
 
 
 def _via_protobuf(aggregated_record_cls: Any, data: bytes) -> list[UserRecord]:
@@ -366,7 +358,6 @@ def test_never_raises_anything_but_kpl_error() -> None:
 # --- independent implementations ------------------------------------------------------------------
 
 
-@needs_agg
 def test_aws_kinesis_agg_aggregate_read_by_us() -> None:
     aggregator = RecordAggregator()
     records = [
@@ -383,7 +374,6 @@ def test_aws_kinesis_agg_aggregate_read_by_us() -> None:
     assert deaggregate(payload) == [UserRecord(pk, ehk, d, i) for i, (pk, d, ehk) in enumerate(records)]
 
 
-@needs_agg
 def test_aws_kinesis_agg_explicit_hash_keys_read_by_us() -> None:
     aggregator = RecordAggregator()
     records = [("a", b"1", "123"), ("b", b"2", "456"), ("c", b"3", "123")]
@@ -396,7 +386,6 @@ def test_aws_kinesis_agg_explicit_hash_keys_read_by_us() -> None:
     ]
 
 
-@needs_agg
 def test_aws_kinesis_agg_large_aggregate_read_by_us() -> None:
     # Fill the library's aggregator to its 1 MiB limit; the add that overflows hands back the
     # full aggregate, which holds every record added before it.
@@ -415,7 +404,6 @@ def test_aws_kinesis_agg_large_aggregate_read_by_us() -> None:
     assert [(r.partition_key, r.data) for r in out] == records[:-1]
 
 
-@needs_agg
 @pytest.mark.parametrize("with_ehk", [False, True])
 def test_our_aggregate_read_by_aws_kinesis_agg(with_ehk: bool) -> None:
     ehks: list[str | None] | None = [str(i * 1000) for i in range(len(SAMPLE))] if with_ehk else None
@@ -437,7 +425,6 @@ def deaggregate_records_boto3(records: list[dict[str, Any]]) -> list[dict[str, A
     return list(iter_deaggregate_records(records, data_format="Boto3"))
 
 
-@needs_agg
 @pytest.mark.parametrize("with_ehk", [False, True])
 def test_byte_identical_to_aws_kinesis_agg(with_ehk: bool) -> None:
     ehks: list[str | None] | None = ["17", "42", "17", "99", "42"] if with_ehk else None
@@ -449,13 +436,11 @@ def test_byte_identical_to_aws_kinesis_agg(with_ehk: bool) -> None:
     assert aggregate(SAMPLE, ehks) == agg.get_contents()[2]
 
 
-@needs_agg
 def test_aws_kinesis_agg_constants_match() -> None:
     assert aws_kinesis_agg.MAGIC == MAGIC
     assert aws_kinesis_agg.DIGEST_SIZE == DIGEST_SIZE
 
 
-@needs_agg
 def test_aws_kinesis_agg_passes_plain_records_through() -> None:
     # Agreement on what is *not* an aggregate: both leave it alone.
     for data in (b"plain", MAGIC + bytes(16)):

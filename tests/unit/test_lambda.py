@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from transforms.lambda_ import (
+from firehose.transforms.lambda_ import (
     DUPLICATED_RECORD_ID,
     FUNCTION_ERROR,
     JSON_PROCESSING,
@@ -30,8 +30,8 @@ from transforms.lambda_ import (
     invoke_with_retries,
     parse_response,
 )
-from transforms.records import Outcome, SourceRecord
-from transforms.workers import WorkerPool, load_function
+from firehose.transforms.records import Outcome, SourceRecord
+from firehose.transforms.workers import WorkerPool, load_function
 
 T = TypeVar("T")
 
@@ -537,7 +537,7 @@ def worker_pids(pool: WorkerPool) -> set[int | None]:
 def test_identity_handler_round_trips_a_full_batch(
     loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
 ) -> None:
-    pool = pool_for(pools, loop, "tests.handlers.identity:handler")
+    pool = pool_for(pools, loop, "handlers.identity:handler")
     records = [SourceRecord(str(i), os.urandom(1024), 1) for i in range(500)]
     event = build_event(records, invocation_id="i", delivery_stream_arn=STREAM_ARN, region="us-east-2")
     response = call(loop, pool, event)
@@ -546,7 +546,7 @@ def test_identity_handler_round_trips_a_full_batch(
 
 def test_local_function_through_the_retry_loop(loop: asyncio.AbstractEventLoop) -> None:
     async def scenario() -> list[Outcome]:
-        function = LocalFunction("tests.handlers.upper:handler", timeout_secs=10)
+        function = LocalFunction("handlers.upper:handler", timeout_secs=10)
         try:
             records = [
                 SourceRecord("a", b'{"name":"ada","customer":7}', 1),
@@ -562,13 +562,13 @@ def test_local_function_through_the_retry_loop(loop: asyncio.AbstractEventLoop) 
     assert json.loads(ok.data) == {"name": "ADA", "customer": 7}
     assert ok.partition_keys == {"customer": "7"} and ok.attempts == 1
     assert failed.error_code == PROCESSING_FAILED_CODE and failed.data == b"not json"
-    assert failed.meta["lambdaArn"] == "tests.handlers.upper:handler"
+    assert failed.meta["lambdaArn"] == "handlers.upper:handler"
 
 
 def test_handler_gets_a_lambda_context(loop: asyncio.AbstractEventLoop) -> None:
     async def scenario() -> list[dict[str, Any]]:
         arn = "arn:aws:lambda:eu-west-1:111122223333:function:enrich:$LATEST"
-        function = LocalFunction("tests.handlers.context_echo:handler", timeout_secs=30, name=arn)
+        function = LocalFunction("handlers.context_echo:handler", timeout_secs=30, name=arn)
         try:
             first = await function.invoke(event_for(b"x"))
             second = await function.invoke(event_for(b"x"))
@@ -592,7 +592,7 @@ def test_handler_gets_a_lambda_context(loop: asyncio.AbstractEventLoop) -> None:
 def test_handler_exception_is_a_function_error(
     loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
 ) -> None:
-    pool = pool_for(pools, loop, "tests.handlers.raises:handler")
+    pool = pool_for(pools, loop, "handlers.raises:handler")
     before = worker_pids(pool)
     with pytest.raises(LambdaInvocationError) as info:
         call(loop, pool, event_for(b"a", b"b"))
@@ -604,7 +604,7 @@ def test_handler_exception_is_a_function_error(
 def test_unserialisable_result_is_a_marshal_error(
     loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
 ) -> None:
-    pool = pool_for(pools, loop, "tests.handlers.bad_responses:bytes_data")
+    pool = pool_for(pools, loop, "handlers.bad_responses:bytes_data")
     with pytest.raises(LambdaInvocationError) as info:
         call(loop, pool, event_for(b"a"))
     assert info.value.code == FUNCTION_ERROR
@@ -615,7 +615,7 @@ def test_unserialisable_result_is_a_marshal_error(
 def test_handler_past_the_timeout_is_killed_and_replaced(
     loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
 ) -> None:
-    pool = pool_for(pools, loop, "tests.handlers.sleeps:handler", timeout_secs=1.0)
+    pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=1.0)
     (old_pid,) = worker_pids(pool)
     started = time.monotonic()
     with pytest.raises(LambdaInvocationError) as info:
@@ -642,7 +642,7 @@ def test_handler_past_the_timeout_is_killed_and_replaced(
 def test_crashed_worker_is_a_function_error_and_is_replaced(
     loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool], command: bytes, reason: str
 ) -> None:
-    pool = pool_for(pools, loop, "tests.handlers.crash:on_demand")
+    pool = pool_for(pools, loop, "handlers.crash:on_demand")
     with pytest.raises(LambdaInvocationError) as info:
         call(loop, pool, event_for(command))
     assert info.value.code == FUNCTION_ERROR
@@ -653,7 +653,7 @@ def test_crashed_worker_is_a_function_error_and_is_replaced(
 def test_sys_exit_in_a_handler_ends_the_runtime(
     loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
 ) -> None:
-    pool = pool_for(pools, loop, "tests.handlers.crash:sys_exit")
+    pool = pool_for(pools, loop, "handlers.crash:sys_exit")
     with pytest.raises(LambdaInvocationError) as info:
         call(loop, pool, event_for(b"a"))
     assert info.value.message == "Runtime.ExitError: Runtime exited with error: exit status 5"
@@ -663,13 +663,13 @@ def test_sys_exit_in_a_handler_ends_the_runtime(
     ("function", "expected"),
     [
         (
-            "tests.handlers.broken_import:handler",
-            "cannot load transformation function 'tests.handlers.broken_import:handler': "
+            "handlers.broken_import:handler",
+            "cannot load transformation function 'handlers.broken_import:handler': "
             "ModuleNotFoundError: No module named 'firehose_no_such_dependency'",
         ),
         (
-            "tests.handlers.identity:no_such_function",
-            "cannot load transformation function 'tests.handlers.identity:no_such_function': "
+            "handlers.identity:no_such_function",
+            "cannot load transformation function 'handlers.identity:no_such_function': "
             "AttributeError: ",
         ),
         (
@@ -698,20 +698,20 @@ def test_import_errors_are_reported_at_start(
 
 
 def test_load_function_forms() -> None:
-    from tests.handlers import identity as module
+    from handlers import identity as module
 
-    assert load_function("tests.handlers.identity:handler") is module.handler
-    assert load_function("tests.handlers.identity.handler") is module.handler  # Lambda's "module.function"
+    assert load_function("handlers.identity:handler") is module.handler
+    assert load_function("handlers.identity.handler") is module.handler  # Lambda's "module.function"
     with pytest.raises(ValueError):
         load_function("handler")
     with pytest.raises(TypeError):
-        load_function("tests.handlers.upper:json")  # a module, not a callable
+        load_function("handlers.upper:json")  # a module, not a callable
 
 
 def test_at_most_processes_invocations_run_at_once(
     loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
 ) -> None:
-    pool = pool_for(pools, loop, "tests.handlers.sleeps:handler", timeout_secs=10.0, processes=2)
+    pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=10.0, processes=2)
 
     async def timed() -> float:
         started = time.monotonic()
@@ -729,7 +729,7 @@ def test_at_most_processes_invocations_run_at_once(
     assert sorted(durations)[2] >= 1.15  # the second wave waited for a free worker
     # Queued time does not count against the timeout: 4 x 0.3 s on one worker (1.2 s in all) with a
     # 0.9 s timeout all succeed.
-    quick = pool_for(pools, loop, "tests.handlers.sleeps:handler", timeout_secs=0.9, processes=1)
+    quick = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=0.9, processes=1)
 
     async def queued() -> list[object]:
         return list(
@@ -742,7 +742,7 @@ def test_at_most_processes_invocations_run_at_once(
 def test_cancelled_call_kills_its_worker_and_the_pool_recovers(
     loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
 ) -> None:
-    pool = pool_for(pools, loop, "tests.handlers.sleeps:handler", timeout_secs=10.0)
+    pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=10.0)
 
     async def scenario() -> object:
         task = asyncio.ensure_future(pool.call(event_for(b"30"), context_fields()))
@@ -757,7 +757,7 @@ def test_cancelled_call_kills_its_worker_and_the_pool_recovers(
 
 
 def test_close_is_bounded_and_fails_pending_calls(loop: asyncio.AbstractEventLoop) -> None:
-    pool = WorkerPool("tests.handlers.sleeps:handler", processes=1, timeout_secs=60)
+    pool = WorkerPool("handlers.sleeps:handler", processes=1, timeout_secs=60)
 
     async def scenario() -> tuple[float, list[object]]:
         await pool.start()
@@ -784,7 +784,7 @@ def test_close_is_bounded_and_fails_pending_calls(loop: asyncio.AbstractEventLoo
 
 
 def test_call_starts_the_pool_when_needed(loop: asyncio.AbstractEventLoop) -> None:
-    pool = WorkerPool("tests.handlers.identity:handler")
+    pool = WorkerPool("handlers.identity:handler")
     try:
         assert call(loop, pool, event_for(b"a")) == identity(event_for(b"a"))
     finally:

@@ -1,4 +1,4 @@
-"""Tests for transforms.processors: Firehose's built-in processors on concrete batches."""
+"""Tests for firehose.transforms.processors: Firehose's built-in processors on concrete batches."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from transforms.kpl import aggregate
-from transforms.processors import (
+from firehose.transforms.kpl import aggregate
+from firehose.transforms.processors import (
     MAX_SUB_RECORDS,
     append_delimiter,
     cloudwatch_log_processing,
@@ -18,7 +18,7 @@ from transforms.processors import (
     kpl_deaggregation,
     record_deaggregation,
 )
-from transforms.records import (
+from firehose.transforms.records import (
     DECOMPRESSION_FAILED,
     PROCESSING_FAILED,
     Outcome,

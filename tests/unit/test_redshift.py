@@ -8,8 +8,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from destinations.redshift import RedshiftDestination, RedshiftDestinationConfig, manifest_key
-from destinations.sql import (
+from firehose.config import ConfigError, load_config_text
+from firehose.destinations.redshift import RedshiftDestination, RedshiftDestinationConfig, manifest_key
+from firehose.destinations.sql import (
     BadRecordError,
     JsonAutoMapper,
     SqlError,
@@ -18,7 +19,6 @@ from destinations.sql import (
     parse_copy_options,
     parse_name,
 )
-from firehose.config import ConfigError, load_config_text
 from firehose.interfaces import BuildContext
 
 ENV = {"REDSHIFT_PASSWORD": "s3cr3t-Pa55word"}
@@ -287,7 +287,7 @@ def test_database_errors_get_firehose_codes_and_lose_secrets(exc: Exception, cod
 def test_a_failing_copy_is_retried_within_retry_duration_then_archived(duration: int) -> None:
     import asyncio
 
-    from destinations.redshift import LoadError
+    from firehose.destinations.redshift import LoadError
     from firehose.interfaces import Batch, DeliveryResult
 
     now = [100.0]

@@ -14,7 +14,7 @@ from firehose.clock import ManualClock
 from firehose.interfaces import Batch, DeliveryResult, RecordFailure
 from firehose.stream import StreamRuntime
 from support import runtime_from_yaml
-from tests.unit.test_stream import settle
+from unit.test_stream import settle
 
 
 def make_runtime(tmp: Path, clock: ManualClock) -> StreamRuntime:

@@ -1,4 +1,4 @@
-"""transforms.testing used the way a user tests their own transformation Lambda."""
+"""firehose.testing used the way a user tests their own transformation Lambda."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.handlers import bad_responses, drop_even, fail_some, identity, raises, upper
-from transforms.lambda_ import LambdaContext, LambdaInvocationError
-from transforms.testing import TransformResult, TransformRun, make_context, make_event, run_transform
+from firehose.testing import TransformResult, TransformRun, make_context, make_event, run_transform
+from firehose.transforms.lambda_ import LambdaContext, LambdaInvocationError
+from handlers import bad_responses, drop_even, fail_some, identity, raises, upper
 
 
 def test_json_records_through_a_handler() -> None:
@@ -56,7 +56,7 @@ def test_results_follow_input_order_with_firehose_record_ids() -> None:
 
 
 def test_handler_given_as_a_reference_string() -> None:
-    run = run_transform("tests.handlers.upper:handler", [{"name": "x"}])
+    run = run_transform("handlers.upper:handler", [{"name": "x"}])
     assert run.ok[0].json()["name"] == "X"
 
 

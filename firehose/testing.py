@@ -5,7 +5,7 @@ Firehose sends, calls your handler in-process, and checks the response with the 
 the daemon applies, so a handler that passes here behaves the same once deployed behind a
 delivery stream::
 
-    from transforms.testing import run_transform
+    from firehose.testing import run_transform
 
     from my_project.transform import lambda_handler
 
@@ -26,7 +26,7 @@ compact JSON, ``json.dumps(d, separators=(",", ":"))``, with no trailing newline
 a Firehose-style ``recordId`` and the handler receives it base64-encoded in ``data``, exactly like
 on AWS.
 
-A response Firehose would reject raises :class:`~transforms.lambda_.LambdaInvocationError` whose
+A response Firehose would reject raises :class:`~firehose.transforms.lambda_.LambdaInvocationError` whose
 ``code`` is the error Firehose would report for the whole batch:
 
 ========================================  ==================================================================
@@ -43,7 +43,7 @@ An exception raised by your handler propagates unchanged, with its traceback, so
 points at your code (on Firehose it would be ``Lambda.FunctionError`` and the batch retried).
 
 To test the handler against the real execution path instead (a worker process, timeouts, JSON over
-a pipe), use :class:`transforms.lambda_.LocalFunction` with :func:`transforms.lambda_.invoke_with_retries`.
+a pipe), use :class:`firehose.transforms.lambda_.LocalFunction` with :func:`firehose.transforms.lambda_.invoke_with_retries`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from transforms.lambda_ import (
+from firehose.transforms.lambda_ import (
     FUNCTION_ERROR,
     JSON_PROCESSING,
     LambdaContext,
@@ -64,7 +64,7 @@ from transforms.lambda_ import (
     delivery_stream_arn,
     parse_response,
 )
-from transforms.records import SourceRecord
+from firehose.transforms.records import SourceRecord
 
 __all__ = [
     "TransformResult",
@@ -147,7 +147,7 @@ def _encode(record: RecordInput) -> bytes:
 
 
 def make_records(records: Iterable[RecordInput], *, arrival_ms: int | None = None) -> list[SourceRecord]:
-    """The :class:`~transforms.records.SourceRecord` objects :func:`make_event` sends: record ids
+    """The :class:`~firehose.transforms.records.SourceRecord` objects :func:`make_event` sends: record ids
     ``"49546986683135544286507457936321625675700192471156785154"``, ``...155``, ... and
     ``arrival_ms`` (default: now) as every record's arrival time."""
     arrival = int(time.time() * 1000) if arrival_ms is None else arrival_ms
@@ -204,7 +204,7 @@ def make_context(
 def _resolve(handler: Callable[..., Any] | str) -> Callable[..., Any]:
     if callable(handler):
         return handler
-    from transforms.workers import load_function
+    from firehose.transforms.workers import load_function
 
     return load_function(handler)
 
@@ -246,9 +246,9 @@ def run_transform(
     ``invocation_id``).
 
     The handler gets its own deep copy of the event, so mutating it is harmless. The response goes
-    through a JSON round trip, as on Lambda, then :func:`~transforms.lambda_.parse_response`, the
+    through a JSON round trip, as on Lambda, then :func:`~firehose.transforms.lambda_.parse_response`, the
     validation the daemon uses. Returns a :class:`TransformRun`; raises
-    :class:`~transforms.lambda_.LambdaInvocationError` with Firehose's error code when Firehose
+    :class:`~firehose.transforms.lambda_.LambdaInvocationError` with Firehose's error code when Firehose
     would reject the response (the whole batch would then be retried and finally failed). Exceptions
     raised by the handler propagate unchanged.
     """
