@@ -132,6 +132,8 @@ class Daemon:
         self.log_path = workdir / "daemon.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        # How the daemon is started; a test may run the installed console script instead.
+        self.command = [sys.executable, "-m", "firehose", "run", "--config", str(self.config_path)]
         self.write_config(config)
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -146,7 +148,7 @@ class Daemon:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", **self.env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "firehose", "run", "--config", str(self.config_path)],
+            self.command,
             cwd=self.workdir,
             stdout=self._log,
             stderr=subprocess.STDOUT,

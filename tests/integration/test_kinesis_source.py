@@ -21,8 +21,6 @@ from botocore.exceptions import ClientError
 
 from support import Daemon, daemon_config, local_objects, stream_config, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def delivered_lines(root: Path) -> dict[str, list[dict[str, Any]]]:
     """Each delivered object's JSON lines, objects in key (time) order."""
@@ -171,7 +169,7 @@ def test_lambda_sees_kinesis_record_metadata_direct_put_is_refused_and_describe_
     processing = [{"type": "lambda", "function": "handlers.kinesis_metadata:handler", "buffer_interval_secs": 0}]
     stream = source_stream(kinesalite, tmp_path, "from-kds", kds, processing=processing)
     direct = stream_config("direct", {"type": "local", "path": str(tmp_path / "direct")})
-    d = Daemon(tmp_path, daemon_config(tmp_path, [stream, direct]), env={"PYTHONPATH": str(REPO)})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream, direct]))  # handlers/ is on PYTHONPATH (conftest)
     d.start()
     try:
         agg = RecordAggregator()
