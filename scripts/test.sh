@@ -2,8 +2,9 @@
 # Set up and run the whole test suite as a user installs the daemon:
 #   1. a fresh virtualenv that cannot see the machine's packages (no system site-packages);
 #   2. the project built as a wheel and installed from it (not editable), with its test extras;
-#   3. the services the tests start themselves, installed where this machine can: PostgreSQL 15,
-#      the JDK and snappy-java (Debian packages), kinesalite (npm, pinned by its lock file);
+#   3. the services and tools the tests use, installed where this machine can: PostgreSQL 15, the
+#      JDK and snappy-java, systemd-analyze (Debian packages), kinesalite (npm, pinned by its lock
+#      file);
 #   4. ruff, mypy on the installed package, and pytest run so that the repository root is not on
 #      sys.path (the tests import the installed firehose, never the source tree).
 # With CI=true (as .ci/run sets it) a service that could not be installed fails its tests instead
@@ -36,7 +37,7 @@ apt_install() {
     fi
 }
 
-step "services: PostgreSQL 15, JDK + snappy-java, node + kinesalite"
+step "services: PostgreSQL 15, JDK + snappy-java, systemd-analyze, node + kinesalite"
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     apt_install postgresql-15 || echo "note: PostgreSQL could not be installed; the real-database tests will not run" >&2
 fi
@@ -45,6 +46,9 @@ if ! command -v javac >/dev/null; then
 fi
 if [ ! -e /usr/share/java/snappy-java.jar ]; then
     apt_install libsnappy-java || echo "note: libsnappy-java could not be installed; the snappy-java reader tests will not run" >&2
+fi
+if ! command -v systemd-analyze >/dev/null || ! command -v systemd-sysusers >/dev/null || [ ! -x /bin/kill ]; then
+    apt_install systemd procps libseccomp2 || echo "note: systemd-analyze could not be installed; the unit tests will not run" >&2
 fi
 if ! command -v npm >/dev/null; then
     apt_install nodejs npm || echo "note: no node; the Kinesis source tests will not run" >&2
