@@ -10,8 +10,14 @@ record in the spool) is committed in the same spool frame as the records it cove
 even after ``kill -9``, resumes from the spool: no gap, no duplicate, nothing kept under /var/run.
 
 * **Rotation.** Rename-and-create: the renamed file is followed by inode through its open handle
-  and read to its end; the new file at the name is a new file, read from its start. Delete: the
-  open handle is read to its end. Copytruncate: a file whose size falls below its position was
+  and read to its end; the new file at the name is a new file, read from its start. A file with a
+  position that is no longer under a name ``paths`` matches and has no open handle (the daemon
+  was down, or its descriptor was closed while idle) is looked for by identity (device, inode,
+  first bytes) in the directory it was in (``IdentitySearch``); found under another name, it is
+  read from its position to its end; not found, or holding other content, its position is released
+  and the loss reported (``file_source_rotated_file_lost``, counted as
+  ``firehose_FileSourceErrors_total{reason="rotated_file_lost"}``). Delete: the open handle is
+  read to its end. Copytruncate: a file whose size falls below its position was
   truncated and is read again from its start; a copy that appears with the old content's
   fingerprint (when ``paths`` matches the rotated names) continues at the old position, so the
   copied lines are neither lost nor repeated. A file is released once it is at its end, no longer
@@ -34,6 +40,7 @@ even after ``kill -9``, resumes from the spool: no gap, no duplicate, nothing ke
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import glob
 import hashlib
 import os
@@ -42,7 +49,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -55,6 +62,11 @@ SMALL_CHUNK_BYTES = 64 << 10  # when the spool's cap is too small for a full chu
 COPY_HOLD_SECS = 5.0
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")
 STARTED_KEY = "file/started"
+# Directory entries a scan examines looking for rotated files that went missing: a pass over a
+# larger directory spans several scans, so a huge /var/log never stalls discovery.
+SEARCH_ENTRIES_PER_SCAN = 4096
+
+Ident = tuple[int, int]  # (device, inode)
 
 
 class FileSourceConfig(BaseModel):
@@ -145,6 +157,14 @@ class _File:
     def key(self) -> str:
         return f"file/{self.dev}:{self.ino}"
 
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Take up a position read back from the spool (what ``position`` wrote)."""
+        self.offset = int(saved["offset"])
+        self.fp, self.fp_len = str(saved["fp"]), int(saved["fp_len"])
+        self.skip_line = bool(saved.get("skip_line"))
+        self.skip_record = bool(saved.get("skip_record"))
+        self.header_left = int(saved.get("header_left", 0))
+
     def position(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"path": self.path, "fp": self.fp, "fp_len": self.fp_len, "offset": self.offset}
         if self.skip_line:
@@ -166,6 +186,150 @@ def _starts_with(fd: int, fp: str, fp_len: int) -> bool:
     return _fingerprint(fd, fp_len)[0] == fp
 
 
+def matched_by(path: str, patterns: list[str]) -> bool:
+    """Whether ``glob.glob`` of one of ``patterns`` could return ``path`` (component by component,
+    with glob's rule that a wildcard does not match a leading dot)."""
+    parts = path.split(os.sep)
+    for pattern in patterns:
+        pp = pattern.split(os.sep)
+        if len(pp) == len(parts) and all(
+            fnmatch.fnmatchcase(n, p) and (not glob.has_magic(p) or not n.startswith(".") or p.startswith("."))
+            for n, p in zip(parts, pp, strict=True)
+        ):
+            return True
+    return False
+
+
+class _Entries(Protocol):
+    """An open directory listing (what ``os.scandir`` returns)."""
+
+    def __next__(self) -> os.DirEntry[str]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Directory:
+    wanted: set[Ident]  # files looked for here
+    due: set[Ident] = field(default_factory=set)  # wanted when the current pass began: gone if it ends without them
+    entries: _Entries | None = None  # the current pass
+
+
+@dataclass
+class SearchStep:
+    """What one ``IdentitySearch.step`` learnt."""
+
+    found: list[tuple[Ident, str]] = field(default_factory=list)  # (identity, the name it has now)
+    gone: list[tuple[Ident, str]] = field(default_factory=list)  # (identity, "not_found" | "directory_gone")
+    failed: list[tuple[str, OSError]] = field(default_factory=list)  # directories that could not be listed
+    examined: int = 0  # directory entries looked at
+
+
+class IdentitySearch:
+    """Looks for files by (device, inode) in the directories they were last seen in, as a rotated
+    file renamed out of ``paths`` is found again.
+
+    Bounded: ``step`` examines at most ``budget`` directory entries (one ``lstat`` each), so a pass
+    over a large directory spans several steps; one listing is open per directory searched, and
+    memory is one small record per file looked for. A file is ``gone`` once a whole pass that began
+    after it was wanted did not find it. Not thread-safe: one caller at a time.
+    """
+
+    def __init__(self, budget: int = SEARCH_ENTRIES_PER_SCAN) -> None:
+        self.budget = budget
+        self._dirs: dict[str, _Directory] = {}
+        self._where: dict[Ident, str] = {}
+
+    def __contains__(self, ident: object) -> bool:
+        return ident in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def want(self, directory: str, ident: Ident) -> None:
+        """Look for the file ``ident`` in ``directory``."""
+        self.drop(ident)
+        self._where[ident] = directory
+        self._dirs.setdefault(directory, _Directory(set())).wanted.add(ident)
+
+    def drop(self, ident: Ident) -> None:
+        """Stop looking for ``ident`` (found, or back where it was)."""
+        directory = self._where.pop(ident, None)
+        if directory is None:
+            return
+        d = self._dirs[directory]
+        d.wanted.discard(ident)
+        d.due.discard(ident)
+        if not d.wanted:
+            self._end_pass(d)
+            del self._dirs[directory]
+
+    def step(self) -> SearchStep:
+        """Examine up to ``budget`` entries, continuing each directory's pass where it stopped."""
+        out = SearchStep()
+        for directory in list(self._dirs):
+            if out.examined >= self.budget:
+                break
+            d = self._dirs[directory]
+            if d.entries is None:
+                try:
+                    d.entries = os.scandir(directory)
+                except (FileNotFoundError, NotADirectoryError):
+                    for ident in list(d.wanted):
+                        out.gone.append((ident, "directory_gone"))
+                        self.drop(ident)
+                    continue
+                except OSError as exc:  # unreadable now: tried again next step, nothing given up
+                    out.failed.append((directory, exc))
+                    continue
+                d.due = set(d.wanted)
+            self._walk(directory, d, out)
+        return out
+
+    def _walk(self, directory: str, d: _Directory, out: SearchStep) -> None:
+        assert d.entries is not None
+        while out.examined < self.budget:
+            try:
+                entry = next(d.entries, None)
+            except OSError as exc:
+                self._end_pass(d)
+                out.failed.append((directory, exc))
+                return
+            if entry is None:  # a whole pass: what it was due to find is not in the directory
+                due = d.due
+                self._end_pass(d)
+                for ident in due:
+                    out.gone.append((ident, "not_found"))
+                    self.drop(ident)
+                if directory in self._dirs:  # wanted since the pass began: another pass, after the others
+                    self._dirs[directory] = self._dirs.pop(directory)
+                return
+            out.examined += 1
+            try:
+                st = entry.stat(follow_symlinks=False)  # not d_ino: it can differ from st_ino (overlayfs)
+            except OSError:
+                continue  # gone since it was listed
+            ident = (st.st_dev, st.st_ino)
+            if ident in d.wanted and stat.S_ISREG(st.st_mode):
+                out.found.append((ident, entry.path))
+                self.drop(ident)
+                if directory not in self._dirs:
+                    return
+
+    @staticmethod
+    def _end_pass(d: _Directory) -> None:
+        if d.entries is not None:
+            d.entries.close()
+            d.entries = None
+        d.due = set()
+
+    def close(self) -> None:
+        for d in self._dirs.values():
+            self._end_pass(d)
+        self._dirs.clear()
+        self._where.clear()
+
+
 class FileSource(Source):
     """Tails the files of one ``type: file`` source into its stream's spool; see the module docstring."""
 
@@ -181,6 +345,11 @@ class FileSource(Source):
         self._truncated: list[tuple[str, int, int, float]] = []
         # file -> (its position when last truncated, when)
         self._truncated_at: dict[tuple[int, int], tuple[int, float]] = {}
+        # Files with a position that went missing from ``paths`` with no open handle, looked for
+        # by identity; and the positions recovered at start, checked against the first scan.
+        self._missing: dict[Ident, _File] = {}
+        self._search = IdentitySearch()
+        self._recovered: list[_File] = []
         self._convert: Callable[[bytes], bytes] | None = None
         if config.processing:
             from firehose.sources.file_options import build_converter
@@ -220,6 +389,7 @@ class FileSource(Source):
                     self._truncated.append((str(pos["fp"]), int(pos["fp_len"]), int(pos["offset"]), now))
                 except (KeyError, TypeError, ValueError):
                     continue
+        self._recovered = self._tracked_positions()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"file-source-{self._stream}")
 
     async def stop(self) -> None:
@@ -229,6 +399,7 @@ class FileSource(Source):
             await asyncio.gather(self._task, return_exceptions=True)
         if self._scanning is not None:  # a scan's worker thread outlives the cancelled task
             await asyncio.gather(self._scanning, return_exceptions=True)
+        self._search.close()
         for f in list(self._files.values()):
             self._close(f)
 
@@ -289,6 +460,8 @@ class FileSource(Source):
                     continue
                 seen.add(ident)
                 f = self._files.get(ident)
+                if f is None and ident in self._missing:  # back under a name ``paths`` matches
+                    f = self._back(self._missing.pop(ident), path)
                 if f is not None:
                     f.path, f.matched = path, True
                     if f.fd < 0 and st.st_size != f.offset:
@@ -298,13 +471,115 @@ class FileSource(Source):
         for ident, f in list(self._files.items()):
             if ident not in seen:
                 f.matched = False
-                if f.fd < 0:  # closed at its end while idle, and now gone or renamed away: done
+                if f.fd < 0:  # closed at its end while idle, then renamed away or deleted: look for it
                     del self._files[ident]
                     self._truncated_at.pop(ident, None)
-                    self._unsaved[f.key] = None
-                    self.log.info("file_source_released", path=f.path, offset=f.offset)
+                    self._look_for(f)
+        for f in self._recovered:  # the first scan: positions whose file is no longer at its name
+            if (f.dev, f.ino) not in seen and (f.dev, f.ino) not in self._files:
+                self._look_for(f)
+        self._recovered = []
+        if self._missing:
+            self._search_missing()
         horizon = time.monotonic() - 600
         self._truncated = [t for t in self._truncated if t[3] >= horizon]
+
+    # ------------------------------------------------------------------ rotated files gone missing
+    def _tracked_positions(self) -> list[_File]:
+        """The files the spool holds positions for, under names this source's ``paths`` match (a
+        stream's other file sources keep theirs)."""
+        out = []
+        for key, pos in self.sink.positions.items():
+            if not key.startswith("file/") or key == STARTED_KEY or not isinstance(pos, dict):
+                continue
+            try:
+                dev, ino = (int(n) for n in key.removeprefix("file/").split(":"))
+                f = _File(dev, ino, str(pos["path"]), "", 0, 0, matched=False)
+                f.restore(pos)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if matched_by(f.path, self.config.paths):
+                out.append(f)
+        return out
+
+    def _look_for(self, f: _File) -> None:
+        """``f`` has a position but is no longer at a name ``paths`` matches, and no descriptor
+        follows it: look for it by identity where it was (rename rotation while we did not look)."""
+        f.matched = False
+        self._missing[(f.dev, f.ino)] = f
+        self._search.want(os.path.dirname(f.path) or os.curdir, (f.dev, f.ino))
+
+    def _back(self, f: _File, path: str) -> _File | None:
+        """A missing file's inode is at ``path`` again: the same file, or (reused) another one."""
+        self._search.drop((f.dev, f.ino))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+                same = (st.st_dev, st.st_ino) == (f.dev, f.ino) and _starts_with(fd, f.fp, f.fp_len)
+            finally:
+                os.close(fd)
+        except OSError:
+            same = True  # cannot tell now: kept, and the open or read that follows reports the error
+        if not same:
+            self._lost(f, "other_content")
+            return None  # tracked as a new file
+        self._files[(f.dev, f.ino)] = f
+        return f
+
+    def _search_missing(self) -> None:
+        step = self._search.step()
+        for directory, exc in step.failed:
+            self._error(directory, "search", exc)
+        for ident, reason in step.gone:
+            self._lost(self._missing.pop(ident), reason)
+        for ident, path in step.found:
+            self._take_up(self._missing.pop(ident), path)
+
+    def _take_up(self, f: _File, path: str) -> None:
+        """Follow a missing file found at ``path``: from its position to its end, then released
+        like any file renamed away (``_read``)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:  # renamed again since it was listed: another pass
+            self._look_for(f)
+            return
+        except OSError as exc:
+            try:
+                unread: int | None = max(os.stat(path).st_size - f.offset, 0)
+            except OSError:
+                unread = None
+            self._lost(f, "unreadable", error=str(exc), bytes_unread=unread)
+            return
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (f.dev, f.ino):  # replaced since it was listed
+                os.close(fd)
+                self._look_for(f)
+                return
+            same = _starts_with(fd, f.fp, f.fp_len)
+        except OSError as exc:
+            os.close(fd)
+            self._lost(f, "unreadable", error=str(exc))
+            return
+        if not same:  # the inode now holds another file: the one we knew is gone
+            os.close(fd)
+            self._lost(f, "other_content")
+            return
+        # Found now: quiet is counted from here, so it is released only after close_inactive_ms at
+        # its end (a logger may still be writing to it through its old handle).
+        f.fd, f.matched, f.seen_size, f.stall, f.last_growth = fd, False, -1, None, time.monotonic()
+        self._files[(f.dev, f.ino)] = f
+        self.log.info("file_source_rotated_file_found", path=f.path, found_as=path, offset=f.offset,
+                      bytes_unread=max(st.st_size - f.offset, 0))
+
+    def _lost(self, f: _File, reason: str, *, error: str | None = None, bytes_unread: int | None = None) -> None:
+        """Give up a missing file: its position is released, the loss reported and counted.
+        ``bytes_unread`` is None when unknowable (a file gone takes its size with it)."""
+        self._unsaved[f.key] = None
+        self._m_errors.labels(self._stream, "rotated_file_lost").inc()
+        self.log.warning("file_source_rotated_file_lost", path=f.path, reason=reason, offset=f.offset,
+                         bytes_unread=bytes_unread, error=error)
 
     def _open(self, f: _File) -> bool:
         try:
@@ -333,11 +608,7 @@ class FileSource(Source):
         f = _File(st.st_dev, st.st_ino, path, fp, fp_len, 0, fd=fd, header_left=self.config.skip_header_lines)
         saved = self.sink.positions.get(f.key)
         if isinstance(saved, dict) and self._same_content(fd, saved):
-            f.offset = int(saved["offset"])
-            f.fp, f.fp_len = str(saved["fp"]), int(saved["fp_len"])
-            f.skip_line = bool(saved.get("skip_line"))
-            f.skip_record = bool(saved.get("skip_record"))
-            f.header_left = int(saved.get("header_left", 0))
+            f.restore(saved)
         else:
             copied = self._copy_of(fd, st.st_size)
             original = None if copied is not None else self._original_of(fd, st.st_size)

@@ -251,3 +251,91 @@ def test_a_stream_with_file_sources_still_takes_direct_put_and_backs_up_source_r
     assert set(delivered_lines(tmp_path)) == {b"padded line", b"direct"}
     backed_up = {line for body in local_objects(tmp_path / "backup").values() for line in body.splitlines()}
     assert backed_up == {b"padded line", b"direct"}  # as the source produced them: after single_line
+
+
+def wait_written(writer: Writer, more: int) -> int:
+    """Wait until ``writer`` has written ``more`` lines beyond what it had written now."""
+    target = writer.written + more
+    wait_for(lambda: writer.written >= target, 30, f"{more} more lines")
+    return writer.written
+
+
+def daemon_holds(d: Daemon, path: Path) -> bool:
+    """Whether the daemon has a descriptor open on ``path``."""
+    assert d.proc is not None
+    fds = Path(f"/proc/{d.proc.pid}/fd")
+    for fd in fds.iterdir():
+        try:
+            if os.readlink(fd) == os.path.realpath(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def rotated_file_released(d: Daemon, size: int) -> bool:
+    """Whether the file found renamed was read to its end (``size``) and released."""
+    events = d.events()
+    found = any(e.get("event") == "file_source_rotated_file_found" for e in events)
+    return found and any(e.get("event") == "file_source_released" and e.get("offset") == size for e in events)
+
+
+def test_a_file_rotated_while_the_daemon_was_killed_is_read_to_its_end(tmp_path: Path) -> None:
+    """``paths`` names the live file only: the renamed file no longer matches it, yet what was
+    written to it after the last checkpoint (before and after the rename) is delivered once."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "app.log"
+    d = Daemon(tmp_path, daemon_config(tmp_path, [file_stream(tmp_path, [str(log)])])).start()
+    writer = Writer(log, "r").start()
+    try:
+        wait_for(lambda: len(delivered_lines(tmp_path)) >= 200, 30, "lines before the crash")
+        d.kill9()
+        at_kill = writer.written
+        wait_written(writer, 200)  # written while down, before the rotation
+        with writer.lock:
+            os.rename(log, logs / "app.log.1")
+            at_rename = writer.written
+        wait_written(writer, 200)  # the logger's last lines, into the renamed file
+        with writer.lock:
+            writer.reopen()
+            at_reopen = writer.written
+            rotated_size = (logs / "app.log.1").stat().st_size
+        wait_written(writer, 200)  # the new file at the live name
+        d.start()
+        wait_written(writer, 200)
+        writer.stop()
+        expected = writer.expected()
+        wait_for(lambda: set(delivered_lines(tmp_path)) >= expected, 60, "every line")
+        wait_for(lambda: rotated_file_released(d, rotated_size), 30, "the rotated file read to its end")
+    finally:
+        if not writer._stop.is_set():
+            writer.stop()
+        assert d.stop() == 0  # flushes what is buffered: a line read twice would be delivered twice
+    assert at_rename - at_kill >= 200 and at_reopen - at_rename >= 200
+    assert_exactly_once(tmp_path, expected)
+    assert not any(e.get("event") == "file_source_rotated_file_lost" for e in d.events())
+
+
+def test_a_file_rotated_while_its_descriptor_was_closed_is_read_to_its_end(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "app.log"
+    numbered = [f"c-{i:06d} ".encode() + b"x" * 80 for i in range(400)]
+    with open(log, "ab") as f:
+        f.write(b"".join(line + b"\n" for line in numbered[:100]))
+    d = Daemon(tmp_path, daemon_config(tmp_path, [file_stream(tmp_path, [str(log)])])).start()  # close_inactive_ms=300
+    try:
+        wait_for(lambda: len(delivered_lines(tmp_path)) == 100, 30, "the first lines")
+        wait_for(lambda: not daemon_holds(d, log), 30, "the idle file's descriptor closed")
+        with open(log, "ab", buffering=0) as f:  # the logger's handle
+            f.write(b"".join(line + b"\n" for line in numbered[100:200]))  # just before the rotation
+            os.rename(log, logs / "app.log.1")
+            f.write(b"".join(line + b"\n" for line in numbered[200:300]))  # after it, before the reopen
+        with open(log, "ab") as f:
+            f.write(b"".join(line + b"\n" for line in numbered[300:]))
+        wait_for(lambda: set(delivered_lines(tmp_path)) >= set(numbered), 60, "every line")
+        wait_for(lambda: rotated_file_released(d, 300 * len(numbered[0] + b"\n")), 30, "the rotated file released")
+    finally:
+        assert d.stop() == 0
+    assert_exactly_once(tmp_path, set(numbered))

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from firehose.config import ConfigError, load_config_text
 from firehose.interfaces import BuildContext
 from firehose.metrics import Metrics
-from firehose.sources.file import FileSource, FileSourceConfig
+from firehose.sources.file import FileSource, FileSourceConfig, IdentitySearch, SearchStep, matched_by
 
 
 class MemorySink:
@@ -334,3 +335,211 @@ def test_idle_files_give_their_descriptors_back_and_are_reopened_when_they_grow(
 
     run(go())
     assert sink.records[-1] == b"more\n"
+
+
+# ---------------------------------------------------------------- rotated files found by identity
+def lines(start: int, stop: int) -> bytes:
+    return b"".join(b"line %03d\n" % i for i in range(start, stop))
+
+
+def key_of(path: Path) -> str:
+    st = path.stat()
+    return f"file/{st.st_dev}:{st.st_ino}"
+
+
+def descriptor_open(path: Path) -> bool:
+    """Whether this process holds a descriptor on ``path`` (whatever name the file has now)."""
+    target = os.path.realpath(path)
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(fd) == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def lost_count(sink: MemorySink) -> float:
+    value = sink.metrics.registry.get_sample_value(
+        "firehose_FileSourceErrors_total", {"DeliveryStreamName": "logs", "reason": "rotated_file_lost"})
+    return value or 0.0
+
+
+def test_a_file_renamed_while_the_source_was_down_is_read_from_its_checkpoint_to_its_end(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines(0, 10))
+    key = key_of(log)
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(log)], sink)
+        await src.start()
+        await until(lambda: len(sink.records) == 10)
+        await src.stop()  # down (a kill -9 leaves the same spool: positions are committed with records)
+        with open(log, "ab") as f:
+            f.write(lines(10, 20))  # written before the rotation, never read
+            os.rename(log, tmp_path / "app.log.1")
+            f.write(lines(20, 30))  # the logger's last lines, into the renamed file
+        log.write_bytes(lines(30, 40))  # the new file at the live name
+        with capture_logs() as events:
+            src2 = source([str(log)], sink)
+            await src2.start()
+            await until(lambda: len(sink.records) >= 40 and sink.positions.get(key, {}) is None)
+            await src2.stop()
+        found = [e for e in events if e["event"] == "file_source_rotated_file_found"]
+        assert [(e["path"], e["found_as"], e["bytes_unread"]) for e in found] == [
+            (str(log), str(tmp_path / "app.log.1"), 180)]
+
+    run(go())
+    assert sorted(sink.records) == [b"line %03d\n" % i for i in range(40)]  # each once, none missing
+    assert lost_count(sink) == 0
+
+
+def test_a_file_renamed_while_its_descriptor_was_closed_is_read_to_its_end(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines(0, 10))
+    key = key_of(log)
+    sink = MemorySink()
+
+    async def go() -> None:
+        src = source([str(log)], sink)  # close_inactive_ms=100
+        await src.start()
+        await until(lambda: len(sink.records) == 10)
+        await until(lambda: not descriptor_open(log))  # idle at its end: the descriptor is given back
+        with open(log, "ab") as f:
+            f.write(lines(10, 20))
+            os.rename(log, tmp_path / "app.log.1")
+            f.write(lines(20, 30))
+        log.write_bytes(lines(30, 40))
+        await until(lambda: len(sink.records) >= 40 and sink.positions.get(key, {}) is None)
+        await src.stop()
+
+    run(go())
+    assert sorted(sink.records) == [b"line %03d\n" % i for i in range(40)]
+    assert lost_count(sink) == 0
+
+
+def test_a_tracked_file_deleted_while_the_source_was_down_is_released_and_reported_lost(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines(0, 10))
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    (elsewhere / "x.log").write_bytes(lines(0, 1))
+    key, foreign = key_of(log), key_of(elsewhere / "x.log")
+    sink = MemorySink({
+        key: {"path": str(log), "fp": "0" * 40, "fp_len": 1024, "offset": 50},
+        # A position of a file another source follows (a path this source does not match): not its to search.
+        foreign: {"path": str(elsewhere / "x.log"), "fp": "1" * 40, "fp_len": 9, "offset": 9},
+        "file/started": True})
+    log.unlink()
+
+    async def go() -> None:
+        with capture_logs() as events:
+            src = source([str(log)], sink)
+            await src.start()
+            await until(lambda: sink.positions[key] is None)
+            await src.stop()
+        lost = [e for e in events if e["event"] == "file_source_rotated_file_lost"]
+        assert [(e["log_level"], e["path"], e["reason"], e["bytes_unread"]) for e in lost] == [
+            ("warning", str(log), "not_found", None)]
+
+    run(go())
+    assert lost_count(sink) == 1
+    assert sink.positions[foreign]["offset"] == 9
+    assert sink.records == []
+
+
+def test_a_tracked_inode_now_holding_other_content_is_reported_lost_and_not_read(tmp_path: Path) -> None:
+    (tmp_path / "app.log").write_bytes(b"")
+    other = tmp_path / "app.log.1"  # the inode the spool knew, now another file's (deleted, then reused)
+    other.write_bytes(b"someone else's content\n")
+    key = key_of(other)
+    sink = MemorySink({key: {"path": str(tmp_path / "app.log"), "fp": "0" * 40, "fp_len": 1024, "offset": 5},
+                       "file/started": True})
+
+    async def go() -> None:
+        with capture_logs() as events:
+            src = source([str(tmp_path / "app.log")], sink)
+            await src.start()
+            await until(lambda: sink.positions[key] is None)
+            await src.stop()
+        lost = [e for e in events if e["event"] == "file_source_rotated_file_lost"]
+        assert [(e["path"], e["reason"]) for e in lost] == [(str(tmp_path / "app.log"), "other_content")]
+
+    run(go())
+    assert sink.records == []
+    assert lost_count(sink) == 1
+
+
+def ident(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def test_the_identity_search_finds_a_renamed_file_by_device_and_inode(tmp_path: Path) -> None:
+    for n in range(5):
+        (tmp_path / f"other{n}.log").write_bytes(b"x\n")
+    log = tmp_path / "app.log"
+    log.write_bytes(b"x\n")
+    wanted = ident(log)
+    os.rename(log, tmp_path / "app.log.1")
+    os.symlink(tmp_path / "app.log.1", tmp_path / "link")  # a name for it, but not the file itself
+    search = IdentitySearch(budget=100)
+    search.want(str(tmp_path), wanted)
+    step = search.step()
+    assert step.found == [(wanted, str(tmp_path / "app.log.1"))] and step.gone == []
+    assert wanted not in search and len(search) == 0  # found: no longer looked for
+
+
+def test_the_identity_search_examines_at_most_its_budget_per_step_and_gives_up_after_a_whole_pass(
+    tmp_path: Path,
+) -> None:
+    for n in range(35):
+        (tmp_path / f"f{n:02d}.log").write_bytes(b"x\n")
+    gone = tmp_path / "app.log"
+    gone.write_bytes(b"x\n")
+    wanted = ident(gone)
+    gone.unlink()
+    search = IdentitySearch(budget=10)
+    search.want(str(tmp_path), wanted)
+    steps: list[SearchStep] = []
+    while not steps or not steps[-1].gone:
+        steps.append(search.step())
+        assert len(steps) < 10
+    assert [s.examined for s in steps] == [10, 10, 10, 5]  # 35 entries, 10 a step
+    assert all(not s.gone for s in steps[:-1])  # not given up before the whole directory was seen
+    assert steps[-1].gone == [(wanted, "not_found")] and len(search) == 0
+
+
+def test_a_file_looked_for_in_the_middle_of_a_pass_gets_a_whole_pass_of_its_own(tmp_path: Path) -> None:
+    for n in range(20):
+        (tmp_path / f"f{n:02d}.log").write_bytes(b"x\n")
+    first, second = (0, 10**12), (0, 10**12 + 1)  # identities no file has
+    search = IdentitySearch(budget=5)
+    search.want(str(tmp_path), first)
+    assert search.step().examined == 5
+    search.want(str(tmp_path), second)  # 5 entries of this pass already went by
+    gone: list[tuple[tuple[int, int], str]] = []
+    examined_when_second_gone = 5
+    while len(gone) < 2:
+        step = search.step()
+        examined_when_second_gone += step.examined
+        gone += step.gone
+    assert gone == [(first, "not_found"), (second, "not_found")]
+    assert examined_when_second_gone >= 40  # the rest of the first pass, then all of a second one
+
+
+def test_the_identity_search_reports_files_of_a_removed_directory_as_gone(tmp_path: Path) -> None:
+    search = IdentitySearch(budget=10)
+    search.want(str(tmp_path / "rotated-away"), (1, 2))
+    assert search.step().gone == [((1, 2), "directory_gone")]
+    assert len(search) == 0
+
+
+def test_positions_are_searched_only_under_names_the_source_matches() -> None:
+    assert matched_by("/var/log/app.log", ["/var/log/app.log"])
+    assert matched_by("/var/log/app/a.log", ["/var/log/*/*.log"])
+    assert not matched_by("/var/log/app.log.1", ["/var/log/app.log"])
+    assert not matched_by("/var/log/app/deep/a.log", ["/var/log/*/*.log"])  # a wildcard stays in one directory
+    assert not matched_by("/var/log/.hidden.log", ["/var/log/*.log"])  # as glob: no leading dot for a wildcard
+    assert matched_by("/var/log/.hidden.log", ["/var/log/.*.log"])
