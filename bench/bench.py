@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import binascii
+import hashlib
 import http.client
 import json
 import os
@@ -63,7 +64,7 @@ except ImportError:  # pragma: no cover - orjson is a dependency of the project
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-DEFAULT_GEN = (REPO_ROOT / ".." / "shared" / "bench" / "gen_clickstream.py").resolve()
+DEFAULT_GEN = BENCH_DIR / "clickstream.py"  # the project's seeded generator
 
 STREAM = "bench"
 TARGET = "Firehose_20150804.PutRecordBatch"
@@ -391,11 +392,13 @@ class Body:
 
 def ensure_dataset(gen: Path, n: int, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    out = cache_dir / f"clickstream-n{n}-seed42.ndjson"
-    if out.exists() and out.stat().st_size > 0:
-        return out
     if not gen.exists():
         raise SystemExit(f"data generator not found: {gen} (use --gen PATH)")
+    # The generator's own hash is in the name: a data set made by another generator is not reused.
+    tag = hashlib.sha256(gen.read_bytes()).hexdigest()[:12]
+    out = cache_dir / f"clickstream-{tag}-n{n}-seed42.ndjson"
+    if out.exists() and out.stat().st_size > 0:
+        return out
     tmp = out.with_suffix(f".tmp-{os.getpid()}")
     t0 = time.perf_counter()
     subprocess.run(

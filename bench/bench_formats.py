@@ -6,7 +6,7 @@ Usage::
     python bench/bench_formats.py --records 100000
     python bench/bench_formats.py --records 20000 --repeat 1 --json /tmp/formats.json
 
-The clickstream data set comes from the shared generator (cached like bench/bench.py caches it)
+The clickstream data set comes from bench/clickstream.py (cached like bench/bench.py caches it)
 and is cut into batches of ``--batch-mib`` MiB. For each scenario the converter's work per batch,
 ``Converter.check`` then ``Converter.convert`` (the daemon's two steps), is timed against the bare
 cost of the same output: joining the batch's records, ``pyarrow.json.read_json`` with the file's
@@ -46,7 +46,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench import ensure_dataset  # noqa: E402  (the clickstream data set cache, shared)
 from firehose.transforms.formats import Converter, FormatConfig  # noqa: E402
 
-DEFAULT_GEN = (REPO_ROOT / ".." / "shared" / "bench" / "gen_clickstream.py").resolve()
+DEFAULT_GEN = BENCH_DIR / "clickstream.py"  # the project's seeded generator
 
 # A realistic Glue table for the clickstream records (nested structs, a list of structs,
 # decimals, a timestamp as ISO text, optional fields).

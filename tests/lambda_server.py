@@ -20,7 +20,10 @@ credentials), with the status codes, headers and bodies AWS Lambda answers:
 * throttling on demand (:meth:`LambdaServer.throttle`): 429 ``TooManyRequestsException``.
 
 Errors carry ``x-amzn-ErrorType`` (what botocore reads as the error code) and ``x-amzn-RequestId``.
-Every invocation request that reached a function is recorded in :attr:`LambdaServer.invocations`.
+Every invocation request that reached a function is recorded in :attr:`LambdaServer.invocations`
+the moment it reaches it (its outcome is filled in when the handler returns), so a handler still
+running after its caller gave up (a client read timeout) cannot add itself to the list later:
+:meth:`LambdaServer.reset` gives the next test a list holding only its own requests.
 """
 
 from __future__ import annotations
@@ -61,11 +64,12 @@ class Function:
 
 @dataclass
 class Invocation:
-    """One request that reached a function: its name as sent, decoded payload and outcome."""
+    """One request that reached a function: its name as sent, decoded payload and outcome
+    (``status`` is None while the handler is still running)."""
 
     function: str
     event: Any
-    status: int
+    status: int | None = None
     function_error: str | None = None
 
 
@@ -107,6 +111,15 @@ class LambdaServer:
     def record(self, invocation: Invocation) -> None:
         with self._lock:
             self.invocations.append(invocation)
+
+    def reset(self) -> None:
+        """Forget recorded invocations and pending throttling (between tests sharing the server).
+
+        A request that reached a function before the reset was recorded then, so it is gone from
+        the list even if its handler is still running (it never appends itself when it returns)."""
+        with self._lock:
+            self.invocations = []
+            self._throttle_left = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -270,8 +283,10 @@ def _make_handler(server: LambdaServer) -> type[BaseHTTPRequestHandler]:
             if invocation_type == "DryRun":
                 self._send(204, b"")
                 return
+            invocation = Invocation(raw_name, event)
+            server.record(invocation)  # now, not when the handler returns: see the module docstring
             status, payload, function_error, log_text = self._run(function, arn, event)
-            server.record(Invocation(raw_name, event, status, function_error))
+            invocation.status, invocation.function_error = status, function_error
             if invocation_type == "Event":
                 self._send(202, b"")
                 return

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -447,3 +448,50 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+#: What a request raises when the server it talks to is killed mid-conversation (refused or reset
+#: connections are OSErrors; a response cut short is an http.client.HTTPException).
+CONNECTION_LOST = (OSError, http.client.HTTPException)
+
+
+class CheckedThread(threading.Thread):
+    """A daemon thread whose exception (a failed assert included) is raised again by :meth:`join`
+    in the thread that joins it, so a check that fails in a helper thread fails the test instead
+    of ending the thread silently. ``join`` also fails if the thread is still running."""
+
+    def __init__(self, target: Callable[[], object], name: str | None = None) -> None:
+        super().__init__(target=target, name=name, daemon=True)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as exc:  # raised again by join()
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.is_alive():
+            raise AssertionError(f"thread {self.name} is still running {timeout} s after it was asked to stop")
+        if self.error is not None:
+            raise self.error
+
+
+def stream_status(port: int, stream: str) -> dict[str, Any]:
+    """One stream's part of the daemon's ``GET /healthz`` (``delivered_records``,
+    ``pending_batches``, ``open_buffer_records``, ...)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        body = conn.getresponse().read()
+    finally:
+        conn.close()
+    return orjson.loads(body)["streams"][stream]  # type: ignore[no-any-return]
+
+
+def stream_idle(port: int, stream: str) -> bool:
+    """Whether a stream has nothing buffered and nothing being delivered: every record it took
+    before this call has been delivered (or archived)."""
+    status = stream_status(port, stream)
+    return status["open_buffer_records"] == 0 and status["pending_batches"] == 0

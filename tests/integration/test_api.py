@@ -14,7 +14,7 @@ import orjson
 import pytest
 from botocore.exceptions import ClientError, ParamValidationError
 
-from support import Daemon, batch_body, daemon_config, local_objects, raw_call, stream_config
+from support import Daemon, batch_body, daemon_config, local_objects, raw_call, stream_config, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +88,19 @@ def test_records_are_delivered_gzip_with_firehose_key_layout(daemon: Daemon) -> 
         ), key
 
 
-@pytest.mark.parametrize(
-    ("body", "code"),
-    [
-        (b"{not json", "SerializationException"),
-        (b'{"DeliveryStreamName":"alpha","Record":{"Data":"@@@notbase64"}}', "SerializationException"),
-        (b'{"DeliveryStreamName":"alpha","Record":{"Data":12}}', "SerializationException"),
-        (b'{"DeliveryStreamName":5,"Record":{"Data":""}}', "SerializationException"),
-        (b'{"DeliveryStreamName":"alpha"}', "ValidationException"),
-        (b'{"Record":{"Data":""}}', "ValidationException"),
-        (b'{"DeliveryStreamName":"bad name","Record":{"Data":""}}', "ValidationException"),
-        (b'{"DeliveryStreamName":"nope","Record":{"Data":""}}', "ResourceNotFoundException"),
-    ],
-)
+BAD_PUT_RECORD_BODIES = [
+    (b"{not json", "SerializationException"),
+    (b'{"DeliveryStreamName":"alpha","Record":{"Data":"@@@notbase64"}}', "SerializationException"),
+    (b'{"DeliveryStreamName":"alpha","Record":{"Data":12}}', "SerializationException"),
+    (b'{"DeliveryStreamName":5,"Record":{"Data":""}}', "SerializationException"),
+    (b'{"DeliveryStreamName":"alpha"}', "ValidationException"),
+    (b'{"Record":{"Data":""}}', "ValidationException"),
+    (b'{"DeliveryStreamName":"bad name","Record":{"Data":""}}', "ValidationException"),
+    (b'{"DeliveryStreamName":"nope","Record":{"Data":""}}', "ResourceNotFoundException"),
+]
+
+
+@pytest.mark.parametrize(("body", "code"), BAD_PUT_RECORD_BODIES)
 def test_put_record_bad_input(daemon: Daemon, body: bytes, code: str) -> None:
     status, doc = raw_call(daemon.port, "PutRecord", body)
     assert status == 400
@@ -160,9 +160,24 @@ def test_spool_cap_answers_503_for_the_whole_request_and_other_streams_keep_work
     assert fh.put_record(DeliveryStreamName="beta", Record={"Data": b"still fine"})["RecordId"]
 
 
-def test_daemon_survived_every_bad_request(daemon: Daemon) -> None:
+def test_daemon_survives_bad_requests_and_keeps_delivering(daemon: Daemon) -> None:
+    # Sends its own bad requests (it must not rely on other tests having sent them first).
+    bad = [("PutRecord", body) for body, _ in BAD_PUT_RECORD_BODIES] + [
+        ("PutRecordBatch", batch_body("beta", [b"ok", b"x" * 1_024_001])),
+        ("PutRecordBatch", batch_body("beta", [b"r"] * 501)),
+        ("PutRecordBatch", b'{"DeliveryStreamName":"beta","Records":{"Data":"eA=="}}'),
+        ("PutRecordBatch", b"\xff\xfe not even text"),
+        ("Frobnicate", b"{}"),
+    ]
+    for target, body in bad:
+        status, doc = raw_call(daemon.port, target, body)
+        assert status == 400 and doc["__type"] and doc["message"], (target, body[:60], status, doc)
     assert daemon.proc is not None and daemon.proc.poll() is None
-    assert daemon.firehose().list_delivery_streams()["DeliveryStreamNames"]
+    assert daemon.firehose().list_delivery_streams()["DeliveryStreamNames"] == ["alpha", "beta", "tiny"]
+    marker = b"after-the-bad-requests-%d\n" % os.getpid()
+    daemon.firehose().put_record(DeliveryStreamName="beta", Record={"Data": marker})
+    wait_for(lambda: any(marker in body for body in local_objects(daemon.workdir / "out-beta").values()), 20,
+             "a good record sent after the bad requests to be delivered")
 
 
 def test_tags_round_trip(daemon: Daemon) -> None:

@@ -26,6 +26,8 @@ import pytest
 
 from firehose.transforms.compression import get_codec
 from support import (
+    CONNECTION_LOST,
+    CheckedThread,
     Daemon,
     MotoServer,
     SlowProxy,
@@ -193,7 +195,10 @@ def ids_in(objects: dict[str, bytes], compression: str = "none") -> Counter[tupl
 
 
 class Loader:
-    """Sends PutRecordBatch calls with unique ids from a thread; remembers what was acknowledged."""
+    """Sends PutRecordBatch calls with unique ids from a thread; remembers what was acknowledged.
+
+    A failed check in the thread, or a lost connection the test did not announce with
+    :meth:`expect_disconnect`, is raised again by :meth:`stop`."""
 
     def __init__(self, port: int, stream: str, run: int, batch: int = 200, pad: int = 150, pause: float = 0.0,
                  json: bool = False) -> None:
@@ -204,7 +209,8 @@ class Loader:
         self.sent: set[tuple[int, int]] = set()
         self.next = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._killed = threading.Event()
+        self._thread = CheckedThread(self._loop, name=f"loader-{run}")
 
     def records(self, n: int) -> tuple[list[tuple[int, int]], list[bytes]]:
         ids = [(self.run, self.next + i) for i in range(n)]
@@ -237,8 +243,10 @@ class Loader:
         while not self._stop.is_set():
             try:
                 self.send_once()
-            except OSError:
-                return  # the daemon was killed
+            except CONNECTION_LOST:
+                if self._killed.is_set():
+                    return  # the daemon was killed on purpose
+                raise
             if self.pause:
                 time.sleep(self.pause)
 
@@ -246,9 +254,13 @@ class Loader:
         self._thread.start()
         return self
 
+    def expect_disconnect(self) -> None:
+        """The daemon is about to be killed: from now on a lost connection ends the loop quietly."""
+        self._killed.set()
+
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        self._thread.join(30)  # raises what failed in the thread
 
 
 def make_daemon(target: Target, compression: str = "none", **stream_extra: Any) -> Daemon:
@@ -330,8 +342,8 @@ def test_outage_is_retried_until_the_destination_returns(target: Target) -> None
         target.break_destination()
         for _ in range(5):
             assert loader.send_once() == 200  # ingest keeps acknowledging during the outage
-        wait_for(lambda: any(e.get("event") == "delivery_retry_scheduled" for e in d.events()), 30, "retries")
-        time.sleep(2)
+        wait_for(lambda: sum(e.get("event") == "delivery_retry_scheduled" for e in d.events()) >= 2, 30,
+                 "a second retry during the outage")
         target.repair_destination()
         wait_for(lambda: loader.acked <= set(ids_in({**before, **target.objects()})), 60, "delivery after repair")
         retries = [e for e in d.events() if e.get("event") == "delivery_retry_scheduled"]
@@ -407,7 +419,8 @@ def test_kill9_under_load_loses_and_duplicates_nothing(target: Target) -> None:
             d.port, "conf", run=100 + run, batch=rng.choice([50, 200, 500]), pause=0.02 if proxy else 0.0,
             json=target.json_records,
         ).start()
-        time.sleep(rng.uniform(0.4, 2.0))
+        time.sleep(rng.uniform(0.4, 2.0))  # load for a random while: the kill lands anywhere
+        loader.expect_disconnect()
         d.kill9()
         loader.stop()
         acked |= loader.acked

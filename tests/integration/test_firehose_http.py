@@ -17,7 +17,7 @@ import orjson
 import pybase64
 
 from integration.test_conformance import ID_RE, Loader
-from support import Daemon, daemon_config, free_port, local_objects, stream_config, wait_for
+from support import Daemon, daemon_config, free_port, local_objects, stream_config, stream_idle, wait_for
 
 
 def receiver(tmp: Path, port: int) -> Daemon:
@@ -67,8 +67,11 @@ def test_requests_are_checked_answered_and_deduplicated(tmp_path: Path) -> None:
     d.start()  # the request id survives a restart: it is in the spool with its records
     try:
         assert post(port, rid, [b"a;", b"b;"])[0] == 200
-        time.sleep(1.5)
-        assert delivered(tmp_path) == b"a;b;"
+        # A later request's delivery, with nothing left buffered or in flight, proves the retry
+        # had its turn: stored again, its copy would be in the spool ahead of "c;".
+        assert post(port, str(uuid.uuid4()), [b"c;"])[0] == 200
+        wait_for(lambda: b"c;" in delivered(tmp_path) and stream_idle(d.port, "in"), 20, "the later request")
+        assert delivered(tmp_path) == b"a;b;c;"
     finally:
         assert d.stop() == 0
 

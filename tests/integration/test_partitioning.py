@@ -19,6 +19,8 @@ import orjson
 import psutil
 
 from support import (
+    CONNECTION_LOST,
+    CheckedThread,
     Daemon,
     MotoServer,
     SlowProxy,
@@ -27,6 +29,7 @@ from support import (
     raw_call,
     s3_objects,
     stream_config,
+    stream_status,
     wait_for,
 )
 
@@ -48,14 +51,16 @@ def lines_by_key(objects: dict[str, bytes]) -> dict[str, list[dict[str, Any]]]:
 
 
 class JsonLoader:
-    """Sends PutRecordBatch calls of JSON records with unique ids from a thread."""
+    """Sends PutRecordBatch calls of JSON records with unique ids from a thread. A failed call,
+    or a lost connection not announced by :meth:`expect_disconnect`, is raised by :meth:`stop`."""
 
     def __init__(self, port: int, stream: str, run: int, keys: int, batch: int) -> None:
         self.port, self.stream, self.run, self.keys, self.batch = port, stream, run, keys, batch
         self.acked: set[str] = set()
         self.next = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._killed = threading.Event()
+        self._thread = CheckedThread(self._loop, name=f"json-loader-{run}")
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -65,16 +70,22 @@ class JsonLoader:
             try:
                 if put_batch(self.port, self.stream, docs):
                     self.acked.update(d["id"] for d in docs)
-            except OSError:
-                return  # the daemon was killed
+            except CONNECTION_LOST:
+                if self._killed.is_set():
+                    return  # the daemon was killed on purpose
+                raise
 
     def start(self) -> JsonLoader:
         self._thread.start()
         return self
 
+    def expect_disconnect(self) -> None:
+        """The daemon is about to be killed: from now on a lost connection ends the loop quietly."""
+        self._killed.set()
+
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        self._thread.join(30)  # raises what failed in the thread
 
 
 def test_kill9_under_load_keeps_every_record_in_its_partition_exactly_once(tmp_path: Path, moto: MotoServer,
@@ -99,7 +110,8 @@ def test_kill9_under_load_keeps_every_record_in_its_partition_exactly_once(tmp_p
         for run in range(3):
             d.start()
             loader = JsonLoader(d.port, "dp", run, keys=40, batch=rng.choice([100, 300])).start()
-            time.sleep(rng.uniform(1.0, 2.5))
+            time.sleep(rng.uniform(1.0, 2.5))  # load for a random while: the kill lands anywhere
+            loader.expect_disconnect()
             d.kill9()
             loader.stop()
             assert loader.acked, "no acknowledgement before the kill"
@@ -185,7 +197,7 @@ def test_reload_turns_partitioning_on_without_losing_buffered_records(tmp_path: 
     d = Daemon(tmp_path, config).start()
     try:
         assert put_batch(d.port, "s", [{"n": i, "c": i % 3} for i in range(30)])  # buffered for 300 s
-        time.sleep(0.5)
+        wait_for(lambda: stream_status(d.port, "s")["open_buffer_records"] == 30, 20, "the records in the buffer")
         assert not local_objects(tmp_path / "out")
         partitioned = stream_config(
             "s", {"type": "local", "path": str(tmp_path / "out"), "prefix": "c=!{partitionKeyFromQuery:c}/",
@@ -240,7 +252,7 @@ def test_5000_partitions_and_a_backlog_far_larger_than_the_budget(tmp_path: Path
                 return
             time.sleep(0.05)
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = CheckedThread(sample, name="rss-sampler")
     sampler.start()
     n, pad = backlog_mib * 1000, "p" * 1000
     try:
@@ -264,8 +276,10 @@ def test_5000_partitions_and_a_backlog_far_larger_than_the_budget(tmp_path: Path
         drained = time.monotonic() - loaded
     finally:
         sampling.set()
-        sampler.join(5)
-        assert d.stop() == 0
+        try:
+            sampler.join(5)  # raises what failed in the sampler
+        finally:
+            assert d.stop() == 0
     growth = (peak[0] - baseline) >> 20
     objects = local_objects(tmp_path / "out")
     print(f"RSS {baseline >> 20} MiB at start, peak {peak[0] >> 20} MiB (+{growth} MiB) for a {backlog_mib} MiB "

@@ -17,6 +17,8 @@ import pytest
 
 from pgserver import PASSWORD, PostgresServer
 from support import (
+    CONNECTION_LOST,
+    CheckedThread,
     Daemon,
     MotoServer,
     batch_body,
@@ -175,14 +177,17 @@ def test_rejected_batch_is_archived_with_an_error_record_and_the_stream_keeps_fl
 
 
 class Loader:
-    """PutRecordBatch calls with unique ids from a thread; remembers what was acknowledged."""
+    """PutRecordBatch calls with unique ids from a thread; remembers what was acknowledged. A
+    failure in the thread, or a lost connection not announced by :meth:`expect_disconnect`, is
+    raised by :meth:`stop`."""
 
     def __init__(self, port: int, run: int, batch: int) -> None:
         self.port, self.run, self.batch = port, run, batch
         self.acked: set[str] = set()
         self.sent: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._killed = threading.Event()
+        self._thread = CheckedThread(self._loop, name=f"loader-{run}")
         self._thread.start()
 
     def _loop(self) -> None:
@@ -195,15 +200,21 @@ class Loader:
                 status, doc = raw_call(self.port, "PutRecordBatch",
                                        batch_body("rs", [b'{"id":"%s","pad":"%s"}' % (i.encode(), b"p" * 200)
                                                          for i in ids]))
-            except OSError:
-                return  # the daemon was killed
+            except CONNECTION_LOST:
+                if self._killed.is_set():
+                    return  # the daemon was killed on purpose
+                raise
             if status == 200 and doc.get("FailedPutCount") == 0:
                 self.acked.update(ids)
             time.sleep(0.02)
 
+    def expect_disconnect(self) -> None:
+        """The daemon is about to be killed: from now on a lost connection ends the loop quietly."""
+        self._killed.set()
+
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        self._thread.join(30)  # raises what failed in the thread
 
 
 @pytest.mark.slow
@@ -229,7 +240,8 @@ def test_kill9_during_loads_loses_and_duplicates_nothing(
     for run in range(kills):
         d.start()
         loader = Loader(d.port, run, rng.choice([50, 200]))
-        time.sleep(rng.uniform(1.0, 2.5))
+        time.sleep(rng.uniform(1.0, 2.5))  # load for a random while: the kill lands anywhere
+        loader.expect_disconnect()
         d.kill9()
         loader.stop()
         assert loader.acked, "no acknowledgement before the kill"
@@ -291,14 +303,14 @@ def test_a_replayed_batch_skips_a_load_that_committed_even_while_racing_it(
         other.execute(f"INSERT INTO {table} (id) VALUES ('b1')")
         other.execute(f"INSERT INTO {table}_loaded VALUES (%s, now(), 1)", (manifest,))
         result: list[bool] = []
-        replay = threading.Thread(target=lambda: result.append(asyncio.run(deliver(keys[1], ["b1"]))))
+        replay = CheckedThread(lambda: result.append(asyncio.run(deliver(keys[1], ["b1"]))), name="replay")
         replay.start()
         deadline = time.monotonic() + 10
         while not postgres.execute("SELECT 1 FROM pg_locks WHERE NOT granted") and time.monotonic() < deadline:
             time.sleep(0.05)  # until the replay's insert waits on the open transaction's key
         assert postgres.execute("SELECT 1 FROM pg_locks WHERE NOT granted"), "the replay never waited"
         other.execute("COMMIT")
-        replay.join(10)
+        replay.join(10)  # raises what failed in the replay
     assert result == [True]
     assert sorted(r[0] for r in postgres.execute(f"SELECT id FROM {table}")) == ["a1", "a2", "b1"]
 

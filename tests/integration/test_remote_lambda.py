@@ -15,14 +15,6 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from firehose.transforms.lambda_ import (
-    FUNCTION_ERROR,
-    INVOKE_LIMIT_EXCEEDED,
-    JSON_PROCESSING,
-    PAYLOAD_TOO_LARGE,
-    RESOURCE_NOT_FOUND,
-    SERVICE_EXCEPTION,
-    TIMEOUT,
-    TIMEOUT_MESSAGE,
     LambdaInvocationError,
     RemoteFunction,
     invoke_with_retries,
@@ -32,6 +24,21 @@ from handlers import bad_responses, identity, raises, sleeps, upper
 from lambda_server import LambdaServer, running
 
 STREAM_ARN = "arn:aws:firehose:us-east-1:123456789012:deliverystream/orders"
+
+# The expected codes and messages, written out (not imported from the module under test).
+# Firehose's CloudWatch Logs codes (reference §11) and its Lambda timeout text (reference §4.2):
+FUNCTION_ERROR = "Lambda.FunctionError"
+INVOKE_LIMIT_EXCEEDED = "Lambda.InvokeLimitExceeded"
+JSON_PROCESSING = "Lambda.JsonProcessingException"
+RESOURCE_NOT_FOUND = "Lambda.ResourceNotFound"
+TIMEOUT_MESSAGE = (
+    "Firehose encountered timeout errors when calling AWS Lambda. "
+    "The maximum supported function timeout is 5 minutes."
+)
+# The daemon's own codes for conditions the reference names no code for:
+TIMEOUT = "Lambda.Timeout"
+SERVICE_EXCEPTION = "Lambda.ServiceException"
+PAYLOAD_TOO_LARGE = "Lambda.PayloadTooLarge"
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +57,9 @@ def server() -> Iterator[LambdaServer]:
 
 @pytest.fixture(autouse=True)
 def _reset(server: LambdaServer) -> None:
-    server.invocations.clear()
-    server.throttle(0)
+    # The server is shared by the module: an earlier test's handler may still be running (the
+    # read-timeout test abandons a 3 s call); reset() drops it, as it was recorded when it arrived.
+    server.reset()
 
 
 def session() -> boto3.session.Session:

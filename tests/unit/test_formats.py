@@ -26,9 +26,6 @@ import pytest
 from pydantic import ValidationError
 
 from firehose.transforms.formats import (
-    ENTITY_NOT_FOUND,
-    MALFORMED_DATA,
-    PARSE_ERROR,
     ConversionError,
     Converter,
     FormatConfig,
@@ -36,8 +33,15 @@ from firehose.transforms.formats import (
     parse_hive_type,
 )
 
-GENERATOR = Path(__file__).resolve().parents[3] / "shared" / "bench" / "gen_clickstream.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+GENERATOR = BENCH / "clickstream.py"  # the project's seeded clickstream generator
 UTC = dt.UTC
+
+# Firehose's format-conversion error codes (its CloudWatch Logs error codes for data format
+# conversion), written out rather than imported from the module under test.
+PARSE_ERROR = "DataFormatConversion.ParseError"
+MALFORMED_DATA = "DataFormatConversion.MalformedData"
+ENTITY_NOT_FOUND = "DataFormatConversion.EntityNotFound"
 
 
 def converter(columns: list[tuple[str, str]], kind: str = "parquet", **extra: Any) -> Converter:
@@ -939,21 +943,21 @@ def test_empty_input_writes_an_empty_file() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The shared clickstream data set
+# The clickstream data set (bench/clickstream.py, the benchmarks' data)
 # ---------------------------------------------------------------------------------------------
 
-def _clickstream_columns() -> list[tuple[str, str]]:
-    """The Glue table of the shared clickstream data, as the format benchmark declares it."""
-    bench_dir = Path(__file__).resolve().parents[2] / "bench"
-    sys.path.insert(0, str(bench_dir))
+def _from_bench(module: str) -> Any:
+    """A module of the repository's bench/ folder (not a package: imported by its own name)."""
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
     try:
-        from bench_formats import COLUMNS
+        return importlib.import_module(module)
     finally:
-        sys.path.remove(str(bench_dir))
-    return list(COLUMNS)
+        sys.path.remove(str(BENCH))
 
 
-CLICKSTREAM_COLUMNS = _clickstream_columns()
+CLICKSTREAM_COLUMNS: list[tuple[str, str]] = list(_from_bench("bench_formats").COLUMNS)  # its Glue table
 
 
 def _expected_click(doc: dict[str, Any]) -> dict[str, Any]:
@@ -992,16 +996,27 @@ def _expected_click(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def clickstream(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
-    if not GENERATOR.exists():
-        pytest.skip(f"clickstream generator not found at {GENERATOR}")
-    out = tmp_path_factory.mktemp("clicks") / "c.ndjson"
-    subprocess.run(
-        [sys.executable, str(GENERATOR), "--n", "3000", "--seed", "42", "--out", str(out)],
+def clickstream() -> list[bytes]:
+    return list(_from_bench("clickstream").ndjson_lines(3000, seed=42))
+
+
+def test_clickstream_generator_is_seeded_and_its_script_writes_what_it_yields(tmp_path: Path) -> None:
+    gen = _from_bench("clickstream")
+    out = tmp_path / "c.ndjson"
+    subprocess.run(  # as the benchmarks run it
+        [sys.executable, str(GENERATOR), "--n", "300", "--seed", "7", "--out", str(out)],
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    return out.read_bytes().splitlines(keepends=True)
+    lines = out.read_bytes().splitlines(keepends=True)
+    assert lines == list(gen.ndjson_lines(300, seed=7))
+    assert lines != list(gen.ndjson_lines(300, seed=8))
+    assert [json.loads(line)["sequence"] for line in lines] == list(range(300))
+    # Every optional field is present in some records and absent in others (nulls after conversion).
+    docs = [json.loads(line) for line in lines]
+    for key in ("referrer", "ecommerce", "experiment"):
+        assert 0 < sum(key in d for d in docs) < len(docs), key
+    assert 700 < len(out.read_bytes()) / len(lines) < 1300  # ~1 KiB a record, as bench/README.md says
 
 
 @pytest.mark.parametrize("kind", ["parquet", "orc", "avro"])

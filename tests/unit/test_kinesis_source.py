@@ -90,8 +90,7 @@ def test_sources_do_not_change_the_version_fingerprint() -> None:
         (KINESIS + "        endpoint_url: localhost:4567\n",
          "f.yaml:6: streams[0].sources[0].endpoint_url: must be an http:// or https:// URL, got 'localhost:4567'"),
         ("      - type: kinesys\n        stream_name: x\n",
-         "f.yaml:4: streams[0].sources[0].type: unknown type 'kinesys'; known: "
-         + ", ".join(sorted(registry.BUILTIN_SOURCES))),
+         "f.yaml:4: streams[0].sources[0].type: unknown type 'kinesys'; known: file, firehose_http, kinesis"),
         (KINESIS + KINESIS,
          "f.yaml:4: streams[0].sources[0]: a kinesis source cannot be mixed with other sources "
          "(Firehose's KinesisStreamAsSource stream has exactly one source)"),
@@ -202,14 +201,22 @@ class FakeSink:
         self.accepting = True
         self.positions: dict[str, Any] = dict(positions or {})
         self.room = True
+        self.frame_limit: int | None = None  # the spool is full once it holds this many frames
+        self.refusals = 0  # has_room calls answered False
         self.frames: list[tuple[list[bytes], list[Any] | None, dict[str, Any] | None]] = []
 
+    def _full(self) -> bool:
+        return not self.room or (self.frame_limit is not None and len(self.frames) >= self.frame_limit)
+
     def has_room(self, nbytes: int) -> bool:
-        return self.room and nbytes <= self.max_size_bytes
+        if not self._full() and nbytes <= self.max_size_bytes:
+            return True
+        self.refusals += 1
+        return False
 
     async def put(self, records: list[bytes], arrival_ms: int | None = None, *, nbytes: int | None = None,
                   meta: list[Any] | None = None, positions: dict[str, Any] | None = None) -> int:
-        if not self.room:
+        if self._full():
             raise SpoolFullError("full")
         self.frames.append((list(records), meta, positions))
         self.positions.update(positions or {})
@@ -350,17 +357,21 @@ def test_a_full_spool_stops_reading_and_nothing_is_dropped() -> None:
     k.add_shard("shardId-0")
     k.put("shardId-0", b"r0")
     sink = FakeSink()
-    sink.room = False
+    sink.frame_limit = 1  # the start position is recorded, then the spool is full
 
     async def scenario() -> None:
         source = make_source(k, sink)
-        sink.room = True  # the start position is recorded...
         await source.start()
-        sink.room = False  # ... then the spool fills up
         try:
-            await asyncio.sleep(0.5)
+            for _ in range(500):  # refused twice: the reader got no room, waited, and asked again
+                if sink.refusals >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert sink.refusals >= 2, "the reader never asked for room"
+            assert [(recs, list(pos or {})) for recs, _, pos in sink.frames] == [([], ["kinesis/s"])]
+            assert [c[0] for c in k.calls if c[0] == "get_shard_iterator"]  # it got as far as the shard
             assert not [c for c in k.calls if c[0] == "get_records"]
-            sink.room = True
+            sink.frame_limit = None
             for _ in range(500):
                 if sink.records:
                     break

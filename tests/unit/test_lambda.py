@@ -13,16 +13,6 @@ from typing import Any, TypeVar
 import pytest
 
 from firehose.transforms.lambda_ import (
-    DUPLICATED_RECORD_ID,
-    FUNCTION_ERROR,
-    JSON_PROCESSING,
-    MISSING_RECORD_ID,
-    PAYLOAD_TOO_LARGE,
-    PROCESSING_FAILED_CODE,
-    PROCESSING_FAILED_MESSAGE,
-    SERVICE_EXCEPTION,
-    TIMEOUT,
-    TIMEOUT_MESSAGE,
     LambdaContext,
     LambdaInvocationError,
     LocalFunction,
@@ -34,6 +24,24 @@ from firehose.transforms.records import Outcome, SourceRecord
 from firehose.transforms.workers import WorkerPool, load_function
 
 T = TypeVar("T")
+
+# The expected codes and messages, written out (not imported from the module under test, or a
+# renamed code would still pass). Firehose's CloudWatch Logs codes (reference §11) and its
+# Lambda timeout text (reference §4.2):
+FUNCTION_ERROR = "Lambda.FunctionError"
+JSON_PROCESSING = "Lambda.JsonProcessingException"
+MISSING_RECORD_ID = "Lambda.MissingRecordId"
+DUPLICATED_RECORD_ID = "Lambda.DuplicatedRecordId"
+TIMEOUT_MESSAGE = (
+    "Firehose encountered timeout errors when calling AWS Lambda. "
+    "The maximum supported function timeout is 5 minutes."
+)
+# The daemon's own codes, for conditions the reference names no code for (README: Lambda.Timeout):
+TIMEOUT = "Lambda.Timeout"
+SERVICE_EXCEPTION = "Lambda.ServiceException"
+PAYLOAD_TOO_LARGE = "Lambda.PayloadTooLarge"
+PROCESSING_FAILED_CODE = "Lambda.ProcessingFailed"
+PROCESSING_FAILED_MESSAGE = "The record was marked ProcessingFailed by the function"
 
 STREAM_ARN = "arn:aws:firehose:us-east-2:123456789012:deliverystream/orders"
 KDS_ARN = "arn:aws:kinesis:us-east-2:123456789012:stream/src"

@@ -18,13 +18,11 @@ from firehose.transforms.processors import (
     kpl_deaggregation,
     record_deaggregation,
 )
-from firehose.transforms.records import (
-    DECOMPRESSION_FAILED,
-    PROCESSING_FAILED,
-    Outcome,
-    SourceRecord,
-    initial_outcomes,
-)
+from firehose.transforms.records import Outcome, SourceRecord, initial_outcomes
+
+# Firehose's error output types (reference §4.2, §4.3, §6.3), written out rather than imported.
+PROCESSING_FAILED = "processing-failed"
+DECOMPRESSION_FAILED = "decompression-failed"
 
 
 def _batch(*payloads: bytes) -> list[Outcome]:
@@ -308,7 +306,7 @@ def test_decompression_bad_gzip(data: bytes, detail: str) -> None:
     [out] = decompression(_batch(data))
     assert out.result == "ProcessingFailed"
     assert out.error_code == "Decompression.Failed"
-    assert out.error_output_type == DECOMPRESSION_FAILED == "decompression-failed"
+    assert out.error_output_type == DECOMPRESSION_FAILED
     assert out.error_message is not None and detail in out.error_message
     assert out.data == data  # original compressed bytes kept for rawData
 
