@@ -30,6 +30,7 @@ is known.
 from __future__ import annotations
 
 import random
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -480,6 +481,40 @@ def _random_string(rng: random.Random) -> str:
     return f"{rng.getrandbits(4 * RANDOM_STRING_LENGTH):0{RANDOM_STRING_LENGTH}x}"
 
 
+# On a file system (the local destination, backup directories) a key is a path: a partition-key
+# value must stay one path segment there. These characters are written as %XX (upper-case hex of
+# their UTF-8 bytes), and "%" itself too, so the encoding is reversible: urllib.parse.unquote gives
+# the value back. A value that is exactly "." or ".." becomes "%2E" / "%2E%2E". S3 keys are not
+# paths and keep Firehose's behaviour: the value as it is.
+_SEGMENT_UNSAFE = re.compile(r"[%/\\\x00-\x1f\x7f]")
+MAX_SEGMENT_BYTES = 255  # NAME_MAX of Linux file systems
+
+
+def path_segment(value: str) -> str:
+    """``value`` encoded so that it is one file-system path segment (see ``_SEGMENT_UNSAFE``).
+    Raises PrefixError when even the encoded value cannot be one (longer than 255 bytes)."""
+    out = _SEGMENT_UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), value)
+    if out in (".", ".."):
+        out = "%2E" * len(out)
+    if len(out.encode()) > MAX_SEGMENT_BYTES:
+        raise PrefixError(f"partition key value is {len(out.encode())} bytes as a path segment; the limit is "
+                          f"{MAX_SEGMENT_BYTES}")
+    return out
+
+
+def check_path_prefix(text: str, field: str) -> None:
+    """A Prefix or ErrorOutputPrefix of a file-system destination must stay under its root: no
+    leading "/", no "." or ".." segment, no backslash or control character in its literal text.
+    Raises PrefixError naming the problem."""
+    literal = "".join(p for p in _parse(text, field).parts if isinstance(p, str))
+    if text.startswith("/"):
+        raise PrefixError(f"{field} must be relative to the destination's path (it starts with '/')")
+    if any(seg in (".", "..") for seg in literal.split("/")):
+        raise PrefixError(f"{field} must stay under the destination's path (it has a '.' or '..' segment)")
+    if re.search(r"[\\\x00-\x1f\x7f]", literal):
+        raise PrefixError(f"{field} must not contain a backslash or control characters")
+
+
 def _evaluate(
     text: str,
     field: str,
@@ -487,6 +522,7 @@ def _evaluate(
     rng: random.Random,
     partition_keys: Mapping[str, str] | None,
     error_output_type: str | None,
+    segments: bool = False,
 ) -> str:
     template = _parse(text, field)
     out: list[str] = []
@@ -516,7 +552,7 @@ def _evaluate(
                     f"{field} uses !{{{part.namespace}:{part.value}}} but the record has no partition key "
                     f"{part.value!r}"
                 )
-            out.append(value)
+            out.append(path_segment(value) if segments else value)
     evaluated = "".join(out)
     # The limit applies to what the configured text evaluates to: a 512-character literal prefix is
     # accepted although the implicit default timestamp then pushes the key prefix past 512.
@@ -547,6 +583,7 @@ def evaluate_prefix(
     *,
     partition_keys: Mapping[str, str] | None = None,
     error_output_type: str | None = None,
+    path_segments: bool = False,
 ) -> str:
     """Evaluate a prefix for one object and return the key's leading part.
 
@@ -559,10 +596,13 @@ def evaluate_prefix(
     fills ``!{firehose:error-output-type}``; ``partition_keys`` fills both partition-key
     namespaces.
 
+    ``path_segments``: the key names a file (see :func:`path_segment`): each partition-key value
+    is encoded as one path segment.
+
     Raises PrefixError for a malformed expression, a missing partition key or error output type,
     or a result over 512 characters. Cross-field rules are :func:`validate_prefixes`' job.
     """
-    return _evaluate(prefix or "", "Prefix", when, rng, partition_keys, error_output_type)
+    return _evaluate(prefix or "", "Prefix", when, rng, partition_keys, error_output_type, path_segments)
 
 
 def evaluate_error_prefix(

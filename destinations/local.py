@@ -7,6 +7,7 @@ reader never sees a partial file.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ from firehose.interfaces import BuildContext
 
 
 class LocalDestinationConfig(ObjectStoreConfig):
+    KEYS_ARE_PATHS = True
+
     type: Literal["local"]
     path: str
 
@@ -39,28 +42,73 @@ class LocalDestination(ObjectStoreDestination):
         super().__init__(config, ctx)
         self.root = os.path.abspath(config.path)
 
+    async def preflight(self) -> str | None:
+        """The directory is writable (a probe file is created and removed), or, while it does not
+        exist yet, could be created (its nearest existing parent is a writable directory)."""
+        return await asyncio.to_thread(self._check_writable)
+
+    def _check_writable(self) -> str | None:
+        root = self.root
+        if not os.path.exists(root):
+            parent = os.path.dirname(root)
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                return f"path '{root}' cannot be created: '{parent}' is not a directory"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"path '{root}' cannot be created: no write permission on '{parent}'"
+            return None
+        if not os.path.isdir(root):
+            return f"path '{root}' is not a directory"
+        probe = os.path.join(root, f".firehose-preflight.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            return f"path '{root}' is not writable: {exc.strerror or exc}"
+        return None
+
     def _classify(self, exc: Exception) -> tuple[str, str]:
         if isinstance(exc, OSError):
             return "Local.WriteFailed", f"{exc.strerror}: {exc.filename}"
         return "Local.EncodeFailed", f"{type(exc).__name__}: {exc}"
 
     def _store(self, key: str, data: bytes) -> None:
-        target = os.path.join(self.root, key)
-        directory = os.path.dirname(target)
-        os.makedirs(directory, exist_ok=True)
-        # Unique per write: after a reload an old write may still be finishing the same key.
-        tmp = f"{target}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        """Write ``data`` as ``root/key`` without a check-then-use race: the directories are
+        walked from the root by descriptor (``dir_fd``), each opened with ``O_NOFOLLOW``, so a
+        symlink planted inside the root is never followed, and a key can name nothing outside the
+        root (empty segments are skipped; ``.`` and ``..`` segments are refused)."""
+        *dirs, name = key.split("/")
+        if not name or any(seg in (".", "..") for seg in dirs) or name in (".", "..") or "\x00" in key:
+            raise UnsafeKeyError(f"object key {key[:200]!r} does not name a file under the destination path")
+        os.makedirs(self.root, exist_ok=True)  # the root itself is the operator's (it may be a link)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for seg in dirs:
+                if not seg:
+                    continue
+                try:
+                    os.mkdir(seg, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                child = os.open(seg, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = child
+            # Unique per write: after a reload an old write may still be finishing the same key.
+            tmp = f"{name[:200]}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+            wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(wfd, view) :]
+                os.fsync(wfd)
+            finally:
+                os.close(wfd)
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+
+
+class UnsafeKeyError(ValueError):
+    """An object key that would not name a file under the destination's path."""

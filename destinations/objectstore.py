@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 
 from firehose.destinations.keys import (
     PrefixError,
+    check_path_prefix,
     evaluate_prefix,
     object_name,
     random_object_suffix,
@@ -36,6 +37,9 @@ class ObjectStoreConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     BUFFERING: ClassVar[BufferingLimits] = S3_BUFFERING
+    # A key names a file on a file system (the local destination): each partition-key value is
+    # written as one path segment (keys.path_segment), and prefixes must stay under the root.
+    KEYS_ARE_PATHS: ClassVar[bool] = False
 
     type: str
     prefix: str = ""
@@ -67,6 +71,10 @@ class ObjectStoreConfig(BaseModel):
         dynamic = bool((info.context or {}).get("dynamic_partitioning"))
         try:
             validate_prefixes(self.prefix, self.error_output_prefix or None, dynamic_partitioning=dynamic)
+            if self.KEYS_ARE_PATHS:
+                check_path_prefix(self.prefix, "Prefix")
+                if self.error_output_prefix:
+                    check_path_prefix(self.error_output_prefix, "ErrorOutputPrefix")
         except PrefixError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -89,7 +97,8 @@ class ObjectStoreConfig(BaseModel):
         """Firehose's layout: evaluated prefix + ``<stream>-<version>-YYYY-MM-DD-HH-MM-SS-<uuid><ext>``.
         ``extension`` overrides the compression's (``.parquet`` and the like), unless
         ``file_extension`` is set; ``partition_keys`` fill the partition-key expressions."""
-        prefix = evaluate_prefix(self.prefix, oldest, rng, partition_keys=partition_keys)
+        prefix = evaluate_prefix(self.prefix, oldest, rng, partition_keys=partition_keys,
+                                 path_segments=self.KEYS_ARE_PATHS)
         ext = self.file_extension or (extension if extension is not None else self.extension)
         return prefix + object_name(stream, version, oldest, random_object_suffix(rng), ext)
 

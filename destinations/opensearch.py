@@ -39,6 +39,7 @@ from firehose.interfaces import (
     Destination,
     RecordFailure,
 )
+from firehose.redact import url_without_credentials
 
 # Firehose's OpenSearch ranges (reference §3): 1-100 MiB (5), 0-900 s (300).
 OPENSEARCH_BUFFERING = BufferingLimits(1, 100, 5, 0, 900, 300)
@@ -141,7 +142,7 @@ class OpenSearchDestinationConfig(RemoteConfig):
         for ``engine: elasticsearch``)."""
         desc: dict[str, Any] = {
             "RoleARN": f"arn:aws:iam::{account_id}:role/firehose",
-            "ClusterEndpoint": self.endpoint,
+            "ClusterEndpoint": url_without_credentials(self.endpoint),
             "IndexName": self.index,
             "IndexRotationPeriod": ROTATIONS[self.index_rotation],
             "BufferingHints": {"SizeInMBs": buffering.size_mib, "IntervalInSeconds": buffering.interval_secs},

@@ -425,6 +425,11 @@ class RedshiftDestination(Destination):
         # (creating a client costs more than a 5 MiB upload).
         self.plain._client = await asyncio.to_thread(self.stage._s3)
 
+    async def preflight(self) -> str | None:
+        """The staging bucket and its credentials (the database is checked by the first load)."""
+        problem = await self.stage.preflight()
+        return f"staging: {problem}" if problem else None
+
     # --- keys --------------------------------------------------------------------------------------
     def batch_key(self, oldest_arrival: datetime, rng: random.Random) -> str:
         return self.stage.batch_key(oldest_arrival, rng)

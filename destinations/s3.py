@@ -9,6 +9,7 @@ Objects above ``multipart_threshold_mib`` go up as multipart uploads. Every S3 e
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 from typing import Any, Literal
@@ -19,6 +20,9 @@ from firehose.destinations.objectstore import ObjectStoreConfig, ObjectStoreDest
 from firehose.interfaces import BuildContext
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+# Each call of the start-up check (HeadBucket, and one GET to name a 403's cause) waits this long
+# at most to connect and to read; it never retries.
+PREFLIGHT_CALL_TIMEOUT_SECS = 5
 
 
 class S3DestinationConfig(ObjectStoreConfig):
@@ -78,6 +82,84 @@ class S3Destination(ObjectStoreDestination):
 
     def _classify(self, exc: Exception) -> tuple[str, str]:
         return _classify(exc)
+
+    async def preflight(self) -> str | None:
+        """HeadBucket with the destination's credentials: the bucket exists, is in the configured
+        region, and the credentials are found and accepted (HeadBucket needs s3:ListBucket)."""
+        return await asyncio.to_thread(self._check_bucket)
+
+    def _check_bucket(self) -> str | None:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            CredentialRetrievalError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        # A client of its own: short timeouts, and nothing shared with deliveries starting meanwhile.
+        timeout = min(self.config.connect_timeout_secs, PREFLIGHT_CALL_TIMEOUT_SECS)
+        bucket = self.config.bucket
+        client: Any = None
+        try:
+            # Making the client resolves the credentials (environment, profile, container or
+            # instance role): it fails here when they cannot be loaded.
+            client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self.config.endpoint_url,
+                region_name=self.config.region,
+                aws_access_key_id=self.config.access_key_id,
+                aws_secret_access_key=self.config.secret_access_key,
+                config=Config(connect_timeout=timeout, read_timeout=PREFLIGHT_CALL_TIMEOUT_SECS,
+                              retries={"max_attempts": 1, "mode": "standard"}),
+            )
+            client.head_bucket(Bucket=bucket)
+            return None
+        except NoCredentialsError:
+            return ("no credentials found (neither access_key_id/secret_access_key nor the AWS environment, "
+                    "profile, or container or instance role)")
+        except PartialCredentialsError as exc:
+            return f"incomplete credentials: {exc}"
+        except CredentialRetrievalError as exc:
+            return f"credentials could not be loaded: {exc}"
+        except ClientError as exc:
+            return self._explain(client, exc)
+        except BotoCoreError as exc:  # connection refused, timeout, an endpoint that does not resolve
+            return f"S3 could not be reached: {exc}"
+        finally:
+            if client is not None:
+                client.close()
+
+    def _explain(self, client: Any, exc: Exception) -> str:
+        """What a failed HeadBucket means. Its answer has no body, so a 403 is asked again with a
+        GET (ListObjectsV2 of one key) whose error code tells bad credentials from a policy."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket = self.config.bucket
+        response: dict[str, Any] = getattr(exc, "response", {})
+        meta = response.get("ResponseMetadata", {})
+        status = meta.get("HTTPStatusCode")
+        code = str(response.get("Error", {}).get("Code", status))
+        if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
+            return f"bucket '{bucket}' does not exist"
+        region = meta.get("HTTPHeaders", {}).get("x-amz-bucket-region")
+        if status in (301, 400) and region and region != self.config.region:
+            return f"bucket '{bucket}' is in region '{region}', not '{self.config.region}' (destination region)"
+        if status == 403:
+            try:
+                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+            except ClientError as again:
+                code = str(again.response.get("Error", {}).get("Code", code))
+            except BotoCoreError:
+                pass
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                        "TokenRefreshRequired"):
+                return f"the credentials were refused ({code})"
+            return (f"access to bucket '{bucket}' is denied ({code}): the credentials lack s3:ListBucket "
+                    "on it, or the bucket belongs to another account")
+        return f"HeadBucket on bucket '{bucket}' failed: {code}"
 
     def _store(self, key: str, data: bytes) -> None:
         codec = self.config.codec

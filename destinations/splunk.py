@@ -43,6 +43,7 @@ from firehose.interfaces import (
     Destination,
     RecordFailure,
 )
+from firehose.redact import url_without_credentials
 
 # Firehose's Splunk ranges (reference §3): 1-5 MiB (5), 0-60 s (60).
 SPLUNK_BUFFERING = BufferingLimits(1, 5, 5, 0, 60, 60)
@@ -111,7 +112,7 @@ class SplunkDestinationConfig(RemoteConfig):
         """Firehose's SplunkDestinationDescription (the token is not shown)."""
         return {
             "SplunkDestinationDescription": {
-                "HECEndpoint": self.hec_endpoint,
+                "HECEndpoint": url_without_credentials(self.hec_endpoint),
                 "HECEndpointType": self.hec_endpoint_type.capitalize(),
                 "HECAcknowledgmentTimeoutInSeconds": self.hec_ack_timeout_secs,
                 "RetryOptions": {"DurationInSeconds": self.retry_duration_secs},

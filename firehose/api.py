@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import hashlib
+import hmac
 import re
+import unicodedata
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import pybase64
 import structlog
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
+from firehose.httpserver import BodyBudget, HttpLimits
 from firehose.spool import SpoolError, SpoolFullError
 
 if TYPE_CHECKING:
@@ -127,6 +132,101 @@ def decode_records(records: list[Any]) -> tuple[list[bytes], int]:
     return out, sum(lengths)
 
 
+class HealthSubject(Protocol):
+    """What ``/healthz`` reads of a stream (a :class:`firehose.stream.StreamRuntime`)."""
+
+    @property
+    def can_accept(self) -> bool:
+        """Whether a small PutRecord would be taken now."""
+
+    @property
+    def fenced(self) -> bool:
+        """Whether the stream's spool refuses records until a restart (a failed fsync)."""
+
+    def failing_for_secs(self) -> float | None:
+        """How long the current run of failed delivery attempts has lasted (None: not failing)."""
+
+    def status(self) -> dict[str, Any]:
+        """The stream's fields of the report (docs/operations.md, "Health")."""
+
+
+def health_report(
+    streams: Mapping[str, HealthSubject], *, ready: bool, degraded_after_secs: float
+) -> tuple[int, dict[str, Any]]:
+    """``GET /healthz``: the HTTP status and the body (docs/operations.md, "Health").
+
+    The daemon is ``starting`` (503) until it is ready, and again while it shuts down;
+    ``unavailable`` (503) when it has streams and none of them can take a record; ``degraded``
+    (200: a load balancer keeps sending, records are safe in the spool) when a stream's
+    destination has been failing for longer than ``degraded_after_secs`` or a spool is fenced;
+    else ``ok``. ``reasons`` says why, one line per stream that is not ``ok``."""
+    docs: dict[str, Any] = {}
+    reasons: list[str] = []
+    degraded = False
+    accepting = 0
+    for name in sorted(streams):
+        rt = streams[name]
+        doc = rt.status()
+        failing = rt.failing_for_secs()
+        state = "ok"
+        if failing is not None and failing > degraded_after_secs:
+            state = "degraded"
+            degraded = True
+            reasons.append(f"stream '{name}': delivery has been failing for {int(failing)} s "
+                           f"(api.health.degraded_after_secs: {degraded_after_secs:g})")
+        if rt.fenced:
+            degraded = True
+            reasons.append(f"stream '{name}': spool fenced after a failed fsync; restart the daemon")
+        if rt.can_accept:
+            accepting += 1
+        else:
+            state = "unavailable"
+            if not rt.fenced:
+                reasons.append(f"stream '{name}': not accepting records (spool at its cap, or stopping)")
+        docs[name] = {"status": state, **doc}
+    if not ready:
+        status = "starting"
+    elif streams and not accepting:
+        status = "unavailable"
+    else:
+        status = "degraded" if degraded else "ok"
+    code = 200 if status in ("ok", "degraded") else 503
+    return code, {"status": status, "reasons": reasons, "streams": docs}
+
+
+class _Body:
+    __slots__ = ("data", "sha256")
+
+    def __init__(self, data: bytes, sha256: str) -> None:
+        self.data = data
+        self.sha256 = sha256
+
+
+def _too_large() -> ApiError:
+    return ApiError("SerializationException", f"Request body is larger than {MAX_BODY_BYTES} bytes", 413)
+
+
+def _inflate(data: bytes, encoding: str) -> bytes:
+    """Undo a request's Content-Encoding (gzip or deflate), never producing more than the body
+    limit: a compression bomb is refused after at most MAX_BODY_BYTES of output."""
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return data
+    if enc not in ("gzip", "x-gzip", "deflate"):
+        raise ApiError("SerializationException", f"Unsupported Content-Encoding {encoding[:32]!r}", 415)
+    wbits = 31 if enc != "deflate" else (15 if data[:1] == b"\x78" else -15)
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, MAX_BODY_BYTES + 1)
+    except zlib.error:
+        raise ApiError("SerializationException", f"Request body is not valid {enc}") from None
+    if len(out) > MAX_BODY_BYTES or inflater.unconsumed_tail:
+        raise _too_large()
+    if not inflater.eof:
+        raise ApiError("SerializationException", f"Request body is not valid {enc} (truncated)")
+    return out
+
+
 class FirehoseApi:
     """The aiohttp application serving the Firehose API, ``/healthz`` and ``/metrics``."""
 
@@ -141,47 +241,101 @@ class FirehoseApi:
             "TagDeliveryStream": self.tag_stream,
             "UntagDeliveryStream": self.untag_stream,
         }
+        lim = daemon.config.api.limits
+        self.limits = HttpLimits(
+            max_connections=lim.max_connections, header_timeout_secs=lim.header_timeout_secs,
+            body_timeout_secs=lim.body_timeout_secs, idle_timeout_secs=lim.idle_timeout_secs,
+            max_inflight_body_bytes=lim.max_inflight_body_mib << 20,
+            max_unauthenticated_body_bytes=lim.max_unauthenticated_body_mib << 20,
+        )
+        self.budget = BodyBudget(self.limits)
         self.app = web.Application(client_max_size=MAX_BODY_BYTES)
         self.app.router.add_post("/", self.handle)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        streams = self.daemon.stream_status()
-        fenced = [name for name, st in streams.items() if st.get("spool_failed")]
-        status = "starting" if not self.daemon.ready else ("degraded" if fenced else "ok")
-        body = {"status": status, "streams": streams}
-        return web.Response(body=orjson.dumps(body), status=200 if status == "ok" else 503,
-                            content_type="application/json")
+        """``GET /healthz``. With auth on it stays public for load balancers, with only
+        ``{"status": ...}``; the details (``?detail=1``) need an operator token or a signature."""
+        code, body = health_report(self.daemon.streams, ready=self.daemon.ready,
+                                   degraded_after_secs=self.daemon.config.api.health.degraded_after_secs)
+        for name, reason in sorted(self.daemon.failed_streams.items()):
+            body["streams"][name] = {"status": "failed", "accepting_records": False, "reason": reason}
+            body["reasons"].append(f"stream '{name}': not started: {reason}")
+            if body["status"] == "ok":
+                body["status"] = "degraded"
+        if self.daemon.failed_streams and self.daemon.ready and not any(
+                rt.can_accept for rt in self.daemon.streams.values()):
+            code, body["status"] = 503, "unavailable"  # no stream can take records
+        if self.daemon.config.api.auth.mode != "none":
+            detail = request.query.get("detail") not in (None, "", "0", "false")
+            if not detail:
+                body = {"status": body["status"]}
+            elif not self._operator(request):
+                return error_response(ApiError("AccessDeniedException", "An operator token or a signed "
+                                               "request is needed for health details.", 403))
+        return web.Response(body=orjson.dumps(body), status=code, content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if self.daemon.config.api.auth.mode != "none" and not self._operator(request):
+            return error_response(ApiError("AccessDeniedException", "An operator token or a signed request "
+                                           "is needed for metrics.", 403))
         return web.Response(body=self.daemon.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
+    def _operator(self, request: web.Request) -> bool:
+        """Whether a request to an operator endpoint may see details: ``Authorization: Bearer <one
+        of api.operator_tokens>`` or a valid SigV4 signature (GET, empty body)."""
+        api = self.daemon.config.api
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            given = header[7:].strip().encode()
+            return any(hmac.compare_digest(given, t.encode()) for t in api.operator_tokens)
+        if header.startswith("AWS4-HMAC-SHA256 ") and request.method == "GET":
+            from firehose.auth import AuthError, preverify
+
+            try:
+                preverify(request.method, request.raw_path.split("?", 1)[0], request.query_string,
+                          list(request.headers.items()), api.auth.credentials).verify(hashlib.sha256(b"").hexdigest())
+            except AuthError:
+                return False
+            return True
+        return False
+
     async def handle(self, request: web.Request) -> web.Response:
+        """``POST /``. Authentication comes before anything about the operation is answered:
+        with SigV4 on, every header check runs before the body is read, the body is hashed as it
+        is read (the bytes as sent, before any Content-Encoding is undone), and the signature is
+        checked before the operation is looked at. Bodies are read within ``body_timeout_secs``,
+        no further than the size limit (413), and only while the bytes being read at once across
+        every request stay under their caps (503 otherwise, before reading)."""
         target = request.headers.get("X-Amz-Target", "")
         op = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else None
         handler = self.ops.get(op) if op else None
         try:
+            auth = self.daemon.config.api.auth
+            pending = None
+            if auth.mode == "sigv4":
+                from firehose.auth import AuthError, preverify
+
+                try:
+                    pending = preverify(request.method, request.raw_path.split("?", 1)[0], request.query_string,
+                                        list(request.headers.items()), auth.credentials)
+                except AuthError as exc:
+                    raise ApiError(exc.code, exc.message, exc.status) from None
+            raw = await self._read_body(request, hashing=pending is not None)
+            if pending is not None:
+                try:
+                    pending.verify(raw.sha256)
+                except AuthError as exc:
+                    raise ApiError(exc.code, exc.message, exc.status) from None
             if handler is None:
                 if op in _KNOWN_UNSUPPORTED:
                     raise ApiError(
                         "InvalidArgumentException",
                         f"{op} is not supported: delivery streams are configured in the daemon's YAML file",
                     )
-                raise ApiError("UnknownOperationException", f"Unknown operation {target!r}")
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise ApiError("SerializationException", "Request body is too large") from None
-            auth = self.daemon.config.api.auth
-            if auth.mode == "sigv4":
-                from firehose.auth import AuthError, verify
-
-                try:
-                    verify(request.method, request.raw_path.split("?", 1)[0], request.query_string,
-                           list(request.headers.items()), body, auth.credentials)
-                except AuthError as exc:
-                    raise ApiError(exc.code, exc.message, exc.status) from None
+                raise ApiError("UnknownOperationException", f"Unknown operation {target[:128]!r}")
+            body = _inflate(raw.data, request.headers.get("Content-Encoding", ""))
             try:
                 doc = orjson.loads(body) if body else {}
             except orjson.JSONDecodeError:
@@ -191,14 +345,56 @@ class FirehoseApi:
             return await handler(doc)
         except ApiError as err:
             return error_response(err)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # a bug must not take the daemon down; answer like AWS does
-            log.exception("api_request_failed", operation=op, error=str(exc))
+            log.error("api_request_failed", operation=op, error=f"{type(exc).__name__}: {exc}",
+                      exc_info=True)
             return error_response(ApiError("InternalFailure", "An internal error occurred", 500))
+
+    async def _read_body(self, request: web.Request, *, hashing: bool) -> _Body:
+        """The request body as sent, read within the deadline and the caps (see :meth:`handle`)."""
+        limits = self.budget.limits
+        declared = request.content_length
+        if declared is not None and declared > MAX_BODY_BYTES:
+            raise _too_large()
+        authenticated = not hashing and self.daemon.config.api.auth.mode == "none"
+        reserve = declared if declared is not None else MAX_BODY_BYTES
+        if not self.budget.reserve(reserve, authenticated=authenticated):
+            self.budget.refused += 1
+            log.info("http_body_refused", reason="too many body bytes being read at once", declared_bytes=declared)
+            raise ApiError("ServiceUnavailableException", "Slow down.", 503)
+        digest = hashlib.sha256() if hashing else None
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(limits.body_timeout_secs):
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        raise _too_large()
+                    if digest is not None:
+                        digest.update(chunk)
+                    chunks.append(chunk)
+        except TimeoutError:
+            log.info("http_body_timed_out", received_bytes=size, declared_bytes=declared)
+            raise ApiError("RequestTimeoutException", "The request body was not received in time.", 408) from None
+        except (ClientPayloadError, ConnectionResetError):
+            # The client went away mid-body: nothing to answer, nothing wrong with the daemon.
+            log.info("http_client_disconnected", received_bytes=size, declared_bytes=declared)
+            raise ApiError("RequestTimeoutException", "The connection closed before the body was read.", 400) from None
+        finally:
+            self.budget.release(reserve, authenticated=authenticated)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return _Body(data, digest.hexdigest() if digest is not None else "")
 
     # ------------------------------------------------------------------ data plane
     def _stream(self, name: str) -> Any:
         rt = self.daemon.streams.get(name)
-        if rt is None and name in self.daemon.reloading:
+        if rt is None and (name in self.daemon.reloading or name in self.daemon.failed_streams):
             raise ApiError("ServiceUnavailableException", "Slow down.", 503)
         if rt is None:
             raise ApiError(
@@ -294,11 +490,12 @@ class FirehoseApi:
         self._stream(name)
         tags = self.daemon.state.tags(name)
         start = doc.get("ExclusiveStartTagKey")
-        limit = doc.get("Limit", 50)
+        limit = _int_member(doc, "Limit", "limit", 1, 50, default=50)
         items = sorted(tags.items())
-        if isinstance(start, str):
+        if start is not None:
+            _tag_text(start, "exclusiveStartTagKey", 1, 128, key=True)
             items = [kv for kv in items if kv[0] > start]
-        page = items[:limit] if isinstance(limit, int) else items
+        page = items[:limit]
         return _response(
             {"Tags": [{"Key": k, "Value": v} for k, v in page], "HasMoreTags": len(items) > len(page)}
         )
@@ -309,13 +506,15 @@ class FirehoseApi:
         tags = doc.get("Tags")
         if not isinstance(tags, list) or not tags:
             raise _validation("tags", None, "Member must have length greater than or equal to 1")
+        if len(tags) > 50:
+            raise _validation("tags", None, "Member must have length less than or equal to 50")
         new: dict[str, str] = {}
         for i, tag in enumerate(tags):
-            if not isinstance(tag, dict) or not isinstance(tag.get("Key"), str) or not tag["Key"]:
+            if not isinstance(tag, dict) or tag.get("Key") is None:
                 raise _validation(f"tags.{i + 1}.member.key", None, "Member must not be null")
-            if tag["Key"].startswith("aws:"):
-                raise ApiError("InvalidArgumentException", "Tag keys starting with 'aws:' are reserved")
-            new[tag["Key"]] = str(tag.get("Value", ""))
+            key = _tag_text(tag["Key"], f"tags.{i + 1}.member.key", 1, 128, key=True)
+            value = _tag_text(tag.get("Value", ""), f"tags.{i + 1}.member.value", 0, 256, key=False)
+            new[key] = value
         current = self.daemon.state.tags(name)
         if len(set(current) | set(new)) > 50:
             raise ApiError("LimitExceededException", "A delivery stream can have at most 50 tags")
@@ -328,9 +527,43 @@ class FirehoseApi:
         keys = doc.get("TagKeys")
         if not isinstance(keys, list) or not keys:
             raise _validation("tagKeys", None, "Member must have length greater than or equal to 1")
+        if len(keys) > 50:
+            raise _validation("tagKeys", None, "Member must have length less than or equal to 50")
+        for i, key in enumerate(keys):
+            _tag_text(key, f"tagKeys.{i + 1}.member", 1, 128, key=True)
         current = self.daemon.state.tags(name)
         await asyncio.to_thread(self.daemon.state.set_tags, name, {k: v for k, v in current.items() if k not in keys})
         return _response({})
+
+
+_TAG_PUNCTUATION = frozenset("_.:/=+-@%")
+
+
+def _tag_text(value: Any, path: str, low: int, high: int, *, key: bool) -> str:
+    """A tag key or value as botocore's model constrains it: length, and letters, separators,
+    numbers and ``_.:/=+-@%`` only (keys never start with ``aws:``)."""
+    if not isinstance(value, str):
+        raise ApiError("SerializationException", f"Unexpected value type at '{path}': expected a string")
+    if len(value) < low:
+        raise _validation(path, value, f"Member must have length greater than or equal to {low}")
+    if len(value) > high:
+        raise _validation(path, value, f"Member must have length less than or equal to {high}")
+    allowed = all(c in _TAG_PUNCTUATION or unicodedata.category(c)[0] in "LZN" for c in value)
+    if not allowed or (key and value.startswith("aws:")):
+        pattern = r"^(?!aws:)[\p{L}\p{Z}\p{N}_.:\/=+\-@%]*$" if key else r"^[\p{L}\p{Z}\p{N}_.:\/=+\-@%]*$"
+        raise _validation(path, value, f"Member must satisfy regular expression pattern: {pattern}")
+    return value
+
+
+def _int_member(doc: dict[str, Any], name: str, path: str, low: int, high: int, *, default: int) -> int:
+    value = doc.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError("SerializationException", f"Unexpected value type for '{name}': expected an integer")
+    if value < low:
+        raise _validation(path, value, f"Member must have value greater than or equal to {low}")
+    if value > high:
+        raise _validation(path, value, f"Member must have value less than or equal to {high}")
+    return value
 
 
 _KNOWN_UNSUPPORTED = {

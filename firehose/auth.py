@@ -42,20 +42,57 @@ def signing_key(secret: str, date: str, region: str, service: str) -> bytes:
     return _hmac(k, "aws4_request")
 
 
-def verify(
+class PendingSignature:
+    """A request whose headers passed every check that does not need its body (a known access
+    key, the clock skew, the credential scope, ``host`` among the signed headers, a payload hash
+    of the form this API takes). :meth:`verify` finishes the check once the body's SHA-256 is
+    known, computed over the bytes received, before any Content-Encoding is undone."""
+
+    def __init__(self, akid: str, secret: str, date: str, region: str, svc: str, amz_date: str,
+                 canonical_head: str, signed: str, signature: str, declared_hash: str | None) -> None:
+        self.akid = akid
+        self._secret = secret
+        self._date, self._region, self._svc = date, region, svc
+        self._amz_date = amz_date
+        self._canonical_head = canonical_head
+        self._signed = signed
+        self._signature = signature
+        self.declared_hash = declared_hash
+
+    def verify(self, body_sha256: str) -> str:
+        """Check the signature over the body whose SHA-256 (hex) is given; returns the access key."""
+        if self.declared_hash is not None and not hmac.compare_digest(self.declared_hash, body_sha256):
+            raise AuthError("InvalidSignatureException",
+                            "The provided x-amz-content-sha256 header does not match what was computed.")
+        canonical = f"{self._canonical_head}\n{self._signed}\n{body_sha256}"
+        scope = f"{self._date}/{self._region}/{self._svc}/aws4_request"
+        to_sign = "\n".join([ALGORITHM, self._amz_date, scope, hashlib.sha256(canonical.encode("utf-8")).hexdigest()])
+        key = signing_key(self._secret, self._date, self._region, self._svc)
+        expected = hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, self._signature):
+            raise AuthError(
+                "InvalidSignatureException",
+                "The request signature we calculated does not match the signature you provided. Check your AWS "
+                "Secret Access Key and signing method. Consult the service documentation for details.",
+            )
+        return self.akid
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def preverify(
     method: str,
     path: str,
     query: str,
     headers: Mapping[str, str] | list[tuple[str, str]],
-    body: bytes,
     credentials: Mapping[str, str],
     *,
     service: str = "firehose",
     now: datetime | None = None,
-) -> str:
-    """Check a request's SigV4 signature; returns the access key id, or raises :class:`AuthError`.
-
-    ``headers`` may repeat a name (values are joined with ``,`` as SigV4 does)."""
+) -> PendingSignature:
+    """Every SigV4 check that needs no body; raises :class:`AuthError`. ``headers`` may repeat a
+    name (values are joined with ``,`` as SigV4 does)."""
     items = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
     by_name: dict[str, list[str]] = {}
     for name, value in items:
@@ -69,7 +106,7 @@ def verify(
                         "and Signature for AWS4-HMAC-SHA256", 400)
     parts = m.group("cred").split("/")
     if len(parts) != 5 or parts[4] != "aws4_request":
-        raise AuthError("IncompleteSignatureException", f"Credential should be scoped correctly: {m.group('cred')}")
+        raise AuthError("IncompleteSignatureException", "Credential should be scoped correctly")
     akid, date, region, svc, _ = parts
     if svc != service:
         raise AuthError("InvalidSignatureException", f"Credential should be scoped to correct service: '{service}'.")
@@ -91,26 +128,44 @@ def verify(
         raise AuthError("InvalidSignatureException", f"Signature not yet current: {amz_date} is still later than "
                         f"{(current + MAX_SKEW).strftime('%Y%m%dT%H%M%SZ')} ({current.strftime('%Y%m%dT%H%M%SZ')} + 5 min.)")
     signed = m.group("signed")
+    names = signed.split(";")
+    if "host" not in names:
+        raise AuthError("InvalidSignatureException", "'Host' must be a 'SignedHeader' in the AWS Authorization.")
     canonical_headers = ""
-    for name in signed.split(";"):
+    for name in names:
         values = by_name.get(name)
         if values is None:
             raise AuthError("InvalidSignatureException", f"Signed header '{name}' is missing from the request")
         canonical_headers += f"{name}:{','.join(_WS_RE.sub(' ', v.strip()) for v in values)}\n"
-    payload_hash = (by_name.get("x-amz-content-sha256") or [hashlib.sha256(body).hexdigest()])[0]
+    declared = by_name.get("x-amz-content-sha256")
+    declared_hash = None
+    if declared is not None:
+        declared_hash = declared[0].strip().lower()
+        if not _HEX64.match(declared_hash):
+            # UNSIGNED-PAYLOAD and the STREAMING-* chunked forms leave the body unsigned: refused.
+            raise AuthError("InvalidSignatureException",
+                            "x-amz-content-sha256 must be the hex SHA-256 of the payload: unsigned and "
+                            "streaming payloads are not accepted by this API.")
     canonical_query = "&".join(
         sorted(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, _, v in
                (pair.partition("=") for pair in query.split("&") if pair))
     )
-    canonical = "\n".join([method.upper(), quote(path or "/", safe="/-_.~"), canonical_query, canonical_headers,
-                           signed, payload_hash])
-    scope = f"{date}/{region}/{svc}/aws4_request"
-    to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode("utf-8")).hexdigest()])
-    expected = hmac.new(signing_key(secret, date, region, svc), to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, m.group("sig")):
-        raise AuthError(
-            "InvalidSignatureException",
-            "The request signature we calculated does not match the signature you provided. Check your AWS "
-            "Secret Access Key and signing method. Consult the service documentation for details.",
-        )
-    return akid
+    head = "\n".join([method.upper(), quote(path or "/", safe="/-_.~"), canonical_query, canonical_headers])
+    return PendingSignature(akid, secret, date, region, svc, amz_date, head, signed, m.group("sig"), declared_hash)
+
+
+def verify(
+    method: str,
+    path: str,
+    query: str,
+    headers: Mapping[str, str] | list[tuple[str, str]],
+    body: bytes,
+    credentials: Mapping[str, str],
+    *,
+    service: str = "firehose",
+    now: datetime | None = None,
+) -> str:
+    """Check a request's SigV4 signature over ``body`` (the bytes as received); returns the
+    access key id, or raises :class:`AuthError`."""
+    pending = preverify(method, path, query, headers, credentials, service=service, now=now)
+    return pending.verify(hashlib.sha256(body).hexdigest())

@@ -1,4 +1,10 @@
-"""``firehose`` command line: ``run`` and ``validate``."""
+"""``firehose`` command line: ``run``, ``validate``, ``transform`` and ``import-agent-config``.
+
+Every problem is one line on stderr, never a traceback: config problems as
+``file:line: field: message``, start failures as ``firehose: cannot start: ...``. Exit status 2
+means a problem with what was given (config, arguments, handlers, schemas), 1 a failure of the
+system (an OS error at start, an unexpected error), 130 an interrupt.
+"""
 
 from __future__ import annotations
 
@@ -6,86 +12,175 @@ import argparse
 import asyncio
 import os
 import sys
-from typing import Any
+import textwrap
+from typing import Any, NoReturn
 
 from firehose.config import ConfigError, load_config
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _problems(lines: list[str]) -> int:
+    for line in lines:
+        print(line, file=sys.stderr)
+    return 2
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.path)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+    from firehose.config import validate_file
+
+    cfg, problems = validate_file(args.path, handler_timeout_secs=args.import_timeout)
+    if problems or cfg is None:
+        return _problems(problems)
     print(f"{args.path}: OK ({len(cfg.streams)} stream{'s' if len(cfg.streams) != 1 else ''})")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from firehose import logging as fh_logging
+    from firehose.config import validate_file
 
     try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        level = fh_logging.parse_level(os.environ.get("FIREHOSE_LOG_LEVEL"))
+    except ValueError as exc:
+        print(f"firehose: {exc}", file=sys.stderr)
         return 2
-    fh_logging.configure(os.environ.get("FIREHOSE_LOG_LEVEL", "info"))
-    from firehose.daemon import Daemon
-    from firehose.spool import SpoolError
-
+    # Everything `validate` finds stops the start, each problem at its line: besides the file,
+    # handlers that do not import (tried in a child process: user code), schemas that do not compile.
+    cfg, problems = validate_file(args.config)
+    if problems or cfg is None:
+        return _problems(problems)
+    fh_logging.configure(level, args.log_format)
     try:
         import uvloop  # type: ignore[import-not-found]
 
         uvloop.install()
     except ImportError:
         pass
+    return _serve(cfg, args.config)
+
+
+def _serve(cfg: Any, path: str | None) -> int:
+    """Run the daemon until it stops; a failure to start is one line on stderr (details, such as
+    a traceback of an unexpected error, go to the log as ``daemon_failed``)."""
+    import errno
+
+    import structlog
+
+    from firehose.spool import SpoolError
+
     try:
-        return asyncio.run(Daemon(cfg, args.config).run())
+        return asyncio.run(_run_daemon(cfg, path))
+    except ConfigError as exc:
+        return _problems(exc.errors)
     except SpoolError as exc:
-        print(f"firehose: cannot start: {exc}", file=sys.stderr)
+        print(f"firehose: cannot start: {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"firehose: cannot start: {exc}", file=sys.stderr)
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            print(f"firehose: cannot start: api.listen {cfg.api.listen}: {os.strerror(exc.errno)}", file=sys.stderr)
+        elif exc.filename is not None and exc.strerror:
+            print(f"firehose: cannot start: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        else:
+            print(f"firehose: cannot start: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a handler or a schema that failed at start after all, a bad value
+        print(f"firehose: cannot start: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        structlog.get_logger().exception("daemon_failed", error=_one_line(exc))
+        print(f"firehose: failed: {type(exc).__name__}: {_one_line(exc)} (the log has the details)",
+              file=sys.stderr)
         return 1
 
 
+async def _run_daemon(cfg: Any, path: str | None) -> int:
+    from firehose.daemon import Daemon
+
+    daemon = Daemon(cfg, path)
+    try:
+        return await daemon.run()
+    except Exception:
+        if not daemon.ready:
+            # Streams that started before the failure stop as at shutdown (their spools flushed
+            # and closed) instead of being abandoned mid-start.
+            try:
+                await daemon.shutdown()
+            except Exception as cleanup:
+                import structlog
+
+                structlog.get_logger().warning("daemon_start_cleanup_failed", error=_one_line(cleanup))
+        raise
+
+
 def _cmd_transform(args: argparse.Namespace) -> int:
-    """Run a stream's processing chain over sample records (one per input line) and print what
-    would be delivered, dropped and archived, one JSON object per line, then a summary."""
-    import base64
+    """Run a stream's processing chain, and its format conversion, over sample records (one per
+    input line) and print what would be delivered, dropped and archived, one JSON object per
+    line, then a summary."""
     import time
 
-    import orjson
+    from firehose import logging as fh_logging
+    from firehose.config import check_handlers, check_schemas
 
+    # stdout is the preview: logs (a worker that crashed, ...) go to stderr, warnings and up.
+    fh_logging.configure("warning", "auto", sys.stderr)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        return _problems(exc.errors)
     stream = cfg.stream(args.stream)
     if stream is None:
         names = ", ".join(s.name for s in cfg.streams)
         print(f"{args.config}: no stream named {args.stream!r}; streams: {names}", file=sys.stderr)
         return 2
-    from firehose.registry import PROCESSING_CHAIN, load
+    one = cfg.model_copy(update={"streams": [stream]})
+    problems = check_schemas(one) + check_handlers(one)
+    if problems:
+        return _problems(problems)
+    from firehose.registry import CONVERTER, PROCESSING_CHAIN, load
     from firehose.transforms.records import SourceRecord
 
+    converter = None
+    fmt = stream.format
+    try:
+        if fmt is not None and fmt.type != "json":
+            # The daemon checks every record against the schema in the processing stage (a
+            # record that does not convert is archived as format-conversion-failed): so does this.
+            converter = load(CONVERTER)(fmt)
+    except ValueError as exc:  # SchemaError: a Glue table that cannot be fetched
+        print(f"{args.config}: stream {stream.name!r}: format: {_one_line(exc)}", file=sys.stderr)
+        return 2
     lines = sys.stdin.buffer.read().splitlines()
     now = time.time_ns() // 1_000_000
     records = [SourceRecord(str(i), line, now) for i, line in enumerate(lines)]
     arn = f"arn:aws:firehose:{cfg.api.region}:{cfg.api.account_id}:deliverystream/{stream.name}"
-    chain = load(PROCESSING_CHAIN)(stream.processing, stream_arn=arn, region=cfg.api.region)
+    chain = load(PROCESSING_CHAIN)(stream.processing, stream_arn=arn, region=cfg.api.region, converter=converter)
 
-    async def go() -> list:
+    async def go() -> list[Any]:
         await chain.start()
         try:
             return list(await chain.process(records))
         finally:
             await chain.close()
 
-    outcomes = asyncio.run(go())
+    try:
+        outcomes = asyncio.run(go())
+    except ValueError as exc:  # the handler did not start after all
+        print(f"firehose: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    _print_outcomes(stream, outcomes, chain.delimiter or b"", now, len(records))
+    return 0
+
+
+def _print_outcomes(stream: Any, outcomes: list[Any], delimiter: bytes, now: int, count: int) -> None:
+    import base64
+
+    import orjson
+
     counts = {"Ok": 0, "Dropped": 0, "ProcessingFailed": 0}
-    delimiter = chain.delimiter or b""
     for o in outcomes:
         counts[o.result] += 1
         doc: dict[str, object] = {"record": o.source, "result": o.result}
@@ -104,10 +199,9 @@ def _cmd_transform(args: argparse.Namespace) -> int:
             doc.update({"errorCode": o.error_code, "errorMessage": o.error_message,
                         "errorOutputType": o.error_output_type})
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
-    summary = {"records": len(records), "delivered": counts["Ok"], "dropped": counts["Dropped"],
+    summary = {"records": count, "delivered": counts["Ok"], "dropped": counts["Dropped"],
                "archived": counts["ProcessingFailed"]}
     sys.stdout.write(orjson.dumps({"summary": summary}).decode() + "\n")
-    return 0
 
 
 def _partition_prefix(stream: Any, o: Any, now_ms: int) -> str:
@@ -147,24 +241,123 @@ def _cmd_import_agent_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="firehose", description="A self-hosted Firehose-compatible delivery stream daemon")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("--config", help="config file (default: the embedded default config)")
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("firehose")
+    except PackageNotFoundError:  # a source tree that is not installed
+        from firehose import __version__
+
+        return __version__
+
+
+def _doc(text: str) -> str:
+    return textwrap.dedent(text).strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="firehose", formatter_class=fmt,
+        description="A self-hosted delivery stream daemon that speaks Amazon Kinesis Data Firehose's API.",
+        epilog=_doc("""
+            Exit status: 0 success, 2 a problem with the input (config, arguments, handlers),
+            1 a failure of the system, 130 interrupted. Problems are one line each on stderr."""),
+    )
+    parser.add_argument("--version", action="version", version=f"firehose {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run", help="run the daemon", formatter_class=fmt,
+        description=_doc("""
+            Run the daemon: serve the Firehose API and deliver every stream of the config file.
+            Reads the config file (or the embedded default: one stream 'default' writing to
+            ./var/delivered) and the environment (FIREHOSE_LOG_LEVEL, ${VAR} references).
+            Before anything starts, the config is validated and every local Lambda handler is
+            imported in a child process; any problem is printed and nothing starts."""),
+        epilog=_doc("""
+            Prints: logs on stdout, one event per line: JSON, or console lines when stdout is a
+            terminal (no colours with NO_COLOR set). Problems that stop the start: one line each on
+            stderr, exit 2 (1 for an OS error such as an address in use).
+            Environment: FIREHOSE_LOG_LEVEL = debug | info (default) | warning | error.
+            Signals: SIGTERM/SIGINT stop (flushing within shutdown_timeout_secs), SIGHUP reloads."""),
+    )
+    run.add_argument("--config", metavar="FILE", help="config file (default: the embedded default config)")
+    run.add_argument("--log-format", choices=["console", "json"], default="auto",
+                     help="log format (default: console on a terminal, JSON otherwise)")
     run.set_defaults(func=_cmd_run)
-    val = sub.add_parser("validate", help="check a config file; exit 0 or print errors and exit 2")
-    val.add_argument("path")
+    val = sub.add_parser(
+        "validate", help="check a config file: every problem, or OK", formatter_class=fmt,
+        description=_doc("""
+            Check a config file without starting anything: YAML, every field, the rules across
+            fields; every local Lambda handler is imported (in one child process, from the
+            working directory and PYTHONPATH as `firehose run` imports it, each with a timeout),
+            and every jq query and inline or file schema compiled. Remote Lambda functions
+            are not invoked, Glue tables not fetched."""),
+        epilog=_doc("""
+            Prints: "FILE: OK (N streams)" on stdout and exits 0, or every problem, one line
+            each as file:line: field: message, on stderr and exits 2."""),
+    )
+    val.add_argument("path", metavar="FILE", help="the config file")
+    val.add_argument("--import-timeout", type=float, default=None, metavar="SECS",
+                     help="how long importing one handler may take (default: 30)")
     val.set_defaults(func=_cmd_validate)
-    tr = sub.add_parser("transform", help="run a stream's processing chain on records read from stdin")
-    tr.add_argument("--config", required=True)
-    tr.add_argument("--stream", required=True)
+    tr = sub.add_parser(
+        "transform", help="preview what a stream does to records read from stdin", formatter_class=fmt,
+        description=_doc("""
+            Run a stream's processing (its processors, its Lambda handler, metadata extraction)
+            and its record format conversion check over records read from stdin, one record per
+            line, without the daemon: what the daemon would deliver, drop and archive."""),
+        epilog=_doc("""
+            Prints on stdout one JSON object per outcome: record (the input line's index),
+            result (Ok, Dropped, ProcessingFailed), data (or dataBase64), partitionKeys,
+            queryKeys, prefix (with dynamic partitioning), and for archived records errorCode,
+            errorMessage and errorOutputType (processing-failed, format-conversion-failed, ...);
+            then {"summary": {records, delivered, dropped, archived}}. Logs go to stderr."""),
+    )
+    tr.add_argument("--config", required=True, metavar="FILE", help="the config file")
+    tr.add_argument("--stream", required=True, metavar="NAME", help="the stream whose processing to run")
     tr.set_defaults(func=_cmd_transform)
-    imp = sub.add_parser("import-agent-config", help="print the config equivalent to a Kinesis Agent agent.json")
-    imp.add_argument("path")
+    imp = sub.add_parser(
+        "import-agent-config", help="print the config equivalent to a Kinesis Agent agent.json",
+        formatter_class=fmt,
+        description="Translate a Kinesis Agent agent.json (its Firehose flows) into this daemon's config.",
+        epilog=_doc("""
+            Prints the YAML config on stdout; notes on what could not be carried over go to
+            stderr as "note: ..." lines. A file that cannot be read or parsed: one line, exit 2."""),
+    )
+    imp.add_argument("path", metavar="AGENT_JSON", help="the agent.json file")
     imp.set_defaults(func=_cmd_import_agent_config)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    from firehose.spoolcli import add_parser as add_spool_parser
+
+    add_spool_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`firehose transform ... | head`): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        print(f"firehose {args.command}: failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        if os.environ.get("FIREHOSE_LOG_LEVEL", "").lower() == "debug":
+            import traceback
+
+            traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

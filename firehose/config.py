@@ -9,14 +9,15 @@ Validation happens entirely before anything starts; a config class never does I/
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from firehose.interfaces import BufferingLimits
-from firehose.registry import UnknownTypeError, destination_config_class
+from firehose.registry import PluginError, UnknownTypeError, destination_config_class
 from firehose.yamlload import Path, YamlError, format_path, load_yaml
 
 STREAM_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")
@@ -24,11 +25,29 @@ DEFAULT_CONFIG_NAME = "<embedded default config>"
 
 
 class ConfigError(ValueError):
-    """An invalid config. ``errors`` lists every problem, each ``file:line: field: message``."""
+    """An invalid config. ``errors`` lists every problem, each ``file:line: field: message``;
+    ``checks`` are the :class:`RuntimeCheck` items of the parts that were valid, so
+    ``firehose validate`` can run them too and report every problem in one pass."""
 
-    def __init__(self, errors: list[str]) -> None:
+    def __init__(self, errors: list[str], *, checks: Sequence[RuntimeCheck] = ()) -> None:
         self.errors = errors
+        self.checks = tuple(checks)
         super().__init__("\n".join(errors))
+
+
+@dataclass(frozen=True)
+class RuntimeCheck:
+    """A check config loading defers because it needs I/O or runs user code (see
+    :func:`run_checks`): ``handler`` imports a local Lambda handler (``target`` is its
+    ``module:attr``), ``schema`` compiles a ``format:`` schema given inline or as an Avro file
+    (``target`` is the :class:`~firehose.transforms.formats.FormatConfig`). ``where`` is
+    ``file:line: field`` of the key to blame."""
+
+    kind: Literal["handler", "schema"]
+    stream: str
+    file: str
+    where: str
+    target: Any
 
 
 class _Model(BaseModel):
@@ -62,12 +81,36 @@ class HealthConfig(_Model):
     degraded_after_secs: int = Field(default=300, ge=1, le=86400)
 
 
+class ApiLimitsConfig(_Model):
+    """Bounds on the API's connections (firehose/httpserver.py): open connections, deadlines for
+    a request's headers and body and for an idle kept-alive connection, and the body bytes being
+    read at once across every request (and from requests not yet authenticated)."""
+
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    header_timeout_secs: float = Field(default=10, gt=0, le=3600)
+    body_timeout_secs: float = Field(default=30, gt=0, le=3600)
+    idle_timeout_secs: float = Field(default=60, gt=0, le=3600)
+    max_inflight_body_mib: int = Field(default=256, ge=16, le=1 << 20)
+    max_unauthenticated_body_mib: int = Field(default=32, ge=16, le=1 << 20)
+
+
 class ApiConfig(_Model):
     listen: str = "127.0.0.1:4573"
     region: str = "us-east-1"
     account_id: str = "000000000000"
     auth: AuthConfig = AuthConfig()
     health: HealthConfig = HealthConfig()
+    limits: ApiLimitsConfig = ApiLimitsConfig()
+    # Bearer tokens that may read /healthz?detail=1 and /metrics when auth is on (browsers and
+    # Prometheus cannot sign SigV4); a valid SigV4 signature works too.
+    operator_tokens: list[str] = []
+
+    @field_validator("operator_tokens")
+    @classmethod
+    def _tokens(cls, v: list[str]) -> list[str]:
+        if any(len(t) < 16 for t in v):
+            raise ValueError("each operator token must be at least 16 characters")
+        return v
 
     @field_validator("listen")
     @classmethod
@@ -192,6 +235,8 @@ class DaemonConfig(_Model):
     shutdown_timeout_secs: int = Field(default=30, ge=1, le=3600)
     streams: list[StreamConfig] = []
     source: str = Field(default=DEFAULT_CONFIG_NAME, exclude=True)
+    # What parse_config deferred (see RuntimeCheck); None for a config not read from a file.
+    _checks: tuple[RuntimeCheck, ...] | None = PrivateAttr(default=None)
 
     def stream(self, name: str) -> StreamConfig | None:
         for s in self.streams:
@@ -234,104 +279,174 @@ def _collect(exc: ValidationError, base: Path, file: str, lines: Mapping[Path, i
 
 
 def parse_config(data: Any, file: str, lines: Mapping[Path, int] | None = None) -> DaemonConfig:
-    """Validate already-loaded config data. Raises :class:`ConfigError` listing every problem."""
+    """Validate already-loaded config data. Raises :class:`ConfigError` listing every problem.
+
+    One problem does not hide another: the top level and each stream are validated separately,
+    and within a stream the destination, sources, processors, backup and format are each
+    checked even when a sibling is invalid. Only checks that span fields (buffering limits of
+    the destination, format and partitioning rules) wait for the fields they read.
+    """
     lines = lines or {}
-    errors: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError([f"{file}:1: the top level must be a mapping (api, data_dir, streams, ...)"])
+    errors: list[str] = []
+    checks: list[RuntimeCheck] = []
+    raw_streams = data.get("streams", [])
+    # A streams value that is not a list is reported by the top-level pass (pydantic's message).
+    top = {k: v for k, v in data.items() if k != "streams" or not isinstance(raw_streams, list)}
+    cfg: DaemonConfig | None = None
     try:
-        cfg = DaemonConfig.model_validate({**data, "source": file})
+        cfg = DaemonConfig.model_validate({**top, "source": file})
     except ValidationError as exc:
         _collect(exc, (), file, lines, errors)
-        raise ConfigError(errors) from None
-
     streams: list[StreamConfig] = []
-    seen: dict[str, int] = {}
-    for i, stream in enumerate(cfg.streams):
-        base: Path = ("streams", i)
-        if stream.name in seen:
-            line = _line_for(base + ("name",), lines)
-            errors.append(
-                f"{file}:{line}: streams[{i}].name: duplicate stream name {stream.name!r} "
-                f"(also streams[{seen[stream.name]}])"
-            )
-        seen.setdefault(stream.name, i)
-        resolved = _resolve_destination(stream, base, file, lines, errors)
-        if resolved is not None:
-            resolved = _resolve_sources(resolved, base, file, lines, errors)
-        if resolved is not None:
-            raw_streams = data.get("streams") if isinstance(data, dict) else None
-            raw = raw_streams[i] if isinstance(raw_streams, list) and i < len(raw_streams) else {}
-            resolved = _resolve_processing(
-                resolved, base, file, lines, errors, raw.get("buffering") if isinstance(raw, dict) else None
-            )
+    index: dict[str, int] = {}
+    for i, raw in enumerate(raw_streams if isinstance(raw_streams, list) else []):
+        at = _At(("streams", i), file, lines, errors, checks)
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if isinstance(name, str):
+            if name in index:
+                at.error(at.base + ("name",), f"duplicate stream name {name!r} (also streams[{index[name]}])")
+            index.setdefault(name, i)
+        resolved = _resolve_stream(raw, at)
         if resolved is not None:
             streams.append(resolved)
-    if errors:
-        raise ConfigError(errors)
-    return cfg.model_copy(update={"streams": streams})
+    if errors or cfg is None:
+        raise ConfigError(errors, checks=checks)
+    out = cfg.model_copy(update={"streams": streams})
+    out._checks = tuple(checks)
+    return out
 
 
-def _resolve_destination(
-    stream: StreamConfig, base: Path, file: str, lines: Mapping[Path, int], errors: list[str]
-) -> StreamConfig | None:
-    raw = stream.destination
-    dpath = base + ("destination",)
-    dline = _line_for(dpath, lines)
+class _At:
+    """Where a stream's problems are reported: its path, the file and its line map, and the
+    lists that collect errors and deferred checks."""
+
+    def __init__(
+        self, base: Path, file: str, lines: Mapping[Path, int], errors: list[str], checks: list[RuntimeCheck]
+    ) -> None:
+        self.base = base
+        self.file = file
+        self.lines = lines
+        self.errors = errors
+        self.checks = checks
+
+    def where(self, path: Path, line_of: Path | None = None) -> str:
+        """``file:line: field``; the line is that of ``line_of`` when given (a related key)."""
+        line = _line_for(line_of if line_of is not None else path, self.lines)
+        return f"{self.file}:{line}: {format_path(path)}" if line is not None else f"{self.file}: {format_path(path)}"
+
+    def error(self, path: Path, message: str, line_of: Path | None = None) -> None:
+        self.errors.append(f"{self.where(path, line_of)}: {message}")
+
+    def collect(self, exc: ValidationError, path: Path) -> None:
+        _collect(exc, path, self.file, self.lines, self.errors)
+
+    def defer(self, kind: Literal["handler", "schema"], stream: str, path: Path, target: Any) -> None:
+        self.checks.append(RuntimeCheck(kind, stream, self.file, self.where(path), target))
+
+
+def _resolve_stream(raw: Any, at: _At) -> StreamConfig | None:
+    """One stream: its own fields, then every typed part; None when anything is invalid."""
+    before = len(at.errors)
+    shell, broken = _stream_shell(raw, at)
+    if shell is None:
+        return None
+    partitioned = shell.partitioned
+    if "dynamic_partitioning" in broken:  # judge the destination's prefix by what was meant
+        dp = raw.get("dynamic_partitioning")
+        partitioned = isinstance(dp, dict) and dp.get("enabled") is True
+    dest = None if "destination" in broken else _resolve_destination(shell, partitioned, at)
+    buffering = None
+    if dest is not None and "buffering" not in broken:
+        buffering = _resolve_buffering(shell, dest, at)
+    sources = _resolve_sources(shell, at)
+    procs = _resolve_processing(shell, at)
+    backup = _resolve_backup(shell, dest, at)
+    fmt, buffering = _resolve_format(shell, dest, buffering, raw.get("buffering"), at)
+    if len(at.errors) > before or dest is None or buffering is None:
+        return None
+    stream = shell.model_copy(update={
+        "destination": dest, "buffering": buffering, "sources": sources, "processing": procs,
+        "backup": backup, "format": fmt,
+    })
+    if not _check_partitioning(stream, procs, at.base, at.file, at.lines, at.errors):
+        return None
+    return stream
+
+
+def _stream_shell(raw: Any, at: _At) -> tuple[StreamConfig | None, set[str]]:
+    """The stream's own fields. When some are invalid (reported here), they are replaced by
+    their defaults so the stream's other parts can still be checked; ``broken`` names them."""
+    try:
+        return StreamConfig.model_validate(raw), set()
+    except ValidationError as exc:
+        at.collect(exc, at.base)
+        broken = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
     if not isinstance(raw, dict):
-        errors.append(f"{file}:{dline}: {format_path(dpath)}: must be a mapping with a 'type' field")
+        return None, broken
+    patched = {k: v for k, v in raw.items() if k not in broken}
+    if "name" in broken:
+        patched["name"] = "invalid-name"
+    if "destination" in broken:
+        patched["destination"] = None
+    try:
+        return StreamConfig.model_validate(patched), broken
+    except ValidationError:
+        return None, broken
+
+
+def _resolve_destination(stream: StreamConfig, partitioned: bool, at: _At) -> Any:
+    raw = stream.destination
+    dpath = at.base + ("destination",)
+    if not isinstance(raw, dict):
+        at.error(dpath, "must be a mapping with a 'type' field")
         return None
     type_name = raw.get("type")
     if not isinstance(type_name, str):
-        errors.append(f"{file}:{dline}: {format_path(dpath)}.type: required field is missing")
+        at.error(dpath + ("type",), "required field is missing", line_of=dpath)
         return None
     try:
         cls = destination_config_class(type_name)
-    except UnknownTypeError as exc:
-        line = _line_for(dpath + ("type",), lines)
-        errors.append(f"{file}:{line}: {format_path(dpath)}.type: {exc}")
+    except (UnknownTypeError, PluginError) as exc:
+        at.error(dpath + ("type",), str(exc))
         return None
     try:
-        dest: Any = cls.model_validate(raw, context={"dynamic_partitioning": stream.partitioned})  # type: ignore[attr-defined]
+        return cls.model_validate(raw, context={"dynamic_partitioning": partitioned})  # type: ignore[attr-defined]
     except ValidationError as exc:
-        _collect(exc, dpath, file, lines, errors)
+        at.collect(exc, dpath)
         return None
+
+
+def _resolve_buffering(stream: StreamConfig, dest: Any, at: _At) -> BufferingConfig | None:
+    """The stream's buffering hints, defaulted and bounded by its destination's limits."""
     limits: BufferingLimits = dest.buffering_limits()
     size = stream.buffering.size_mib
     interval = stream.buffering.interval_secs
+    bpath = at.base + ("buffering",)
     ok = True
-    bpath = base + ("buffering",)
     if size is None:
         size = limits.default_size_mib
     elif not limits.min_size_mib <= size <= limits.max_size_mib:
-        line = _line_for(bpath + ("size_mib",), lines)
-        errors.append(
-            f"{file}:{line}: {format_path(bpath)}.size_mib: must be between {limits.min_size_mib} and "
-            f"{limits.max_size_mib} for a {type_name} destination, got {size}"
-        )
+        at.error(bpath + ("size_mib",), f"must be between {limits.min_size_mib} and {limits.max_size_mib} "
+                 f"for a {dest.type} destination, got {size}")
         ok = False
     if interval is None:
         interval = limits.default_interval_secs
     elif not limits.min_interval_secs <= interval <= limits.max_interval_secs:
-        line = _line_for(bpath + ("interval_secs",), lines)
-        errors.append(
-            f"{file}:{line}: {format_path(bpath)}.interval_secs: must be between {limits.min_interval_secs} "
-            f"and {limits.max_interval_secs} for a {type_name} destination, got {interval}"
-        )
+        at.error(bpath + ("interval_secs",), f"must be between {limits.min_interval_secs} and "
+                 f"{limits.max_interval_secs} for a {dest.type} destination, got {interval}")
         ok = False
-    if not ok:
-        return None
-    return stream.model_copy(
-        update={"destination": dest, "buffering": BufferingConfig(size_mib=size, interval_secs=interval)}
-    )
+    return BufferingConfig(size_mib=size, interval_secs=interval) if ok else None
 
 
 def _validate_typed(
     items: list[Any], class_for: Callable[[str], type], path: Path, file: str, lines: Mapping[Path, int],
-    errors: list[str],
+    errors: list[str], positions: list[int] | None = None,
 ) -> tuple[list[Any], bool]:
     """Validate a list of ``type:``-keyed items (sources, processors) through their registry
-    lookup ``class_for``; returns the config objects and whether every item was valid."""
+    lookup ``class_for``; returns the config objects and whether every item was valid. The
+    position of each object in ``items`` is appended to ``positions`` when given."""
     ok = True
     out: list[Any] = []
     for j, raw in enumerate(items):
@@ -342,7 +457,9 @@ def _validate_typed(
             continue
         try:
             out.append(class_for(raw["type"]).model_validate(raw))  # type: ignore[attr-defined]
-        except UnknownTypeError as exc:
+            if positions is not None:
+                positions.append(j)
+        except (UnknownTypeError, PluginError) as exc:
             errors.append(f"{file}:{_line_for(ipath + ('type',), lines)}: {format_path(ipath)}.type: {exc}")
             ok = False
         except ValidationError as exc:
@@ -351,99 +468,95 @@ def _validate_typed(
     return out, ok
 
 
-def _resolve_sources(
-    stream: StreamConfig, base: Path, file: str, lines: Mapping[Path, int], errors: list[str]
-) -> StreamConfig | None:
+def _resolve_sources(stream: StreamConfig, at: _At) -> list[Any]:
     """Validate ``sources:`` items through the source registry. A source whose config class says
     ``exclusive`` (Kinesis: Firehose's KinesisStreamAsSource) must be the stream's only one."""
     from firehose.registry import source_config_class
 
-    resolved, ok = _validate_typed(stream.sources, source_config_class, base + ("sources",), file, lines, errors)
+    resolved, ok = _validate_typed(stream.sources, source_config_class, at.base + ("sources",), at.file,
+                                   at.lines, at.errors)
     if ok and len(resolved) > 1:
         for j, source in enumerate(resolved):
             if getattr(source, "exclusive", False):
-                spath = base + ("sources", j)
-                errors.append(
-                    f"{file}:{_line_for(spath, lines)}: {format_path(spath)}: a {source.type} source cannot be "
-                    f"mixed with other sources (Firehose's {source.stream_type} stream has exactly one source)"
-                )
-                ok = False
+                at.error(at.base + ("sources", j), f"a {source.type} source cannot be mixed with other sources "
+                         f"(Firehose's {source.stream_type} stream has exactly one source)")
                 break
-    if not ok:
-        return None
-    return stream.model_copy(update={"sources": resolved})
+    return resolved
 
 
-def _resolve_processing(
-    stream: StreamConfig, base: Path, file: str, lines: Mapping[Path, int], errors: list[str],
-    raw_buffering: Any = None,
-) -> StreamConfig | None:
-    """Validate ``processing:`` items through the processor registry and ``backup:``."""
-    from firehose.registry import BACKUP_CONFIG, PROCESSING_CHECK, load, processor_config_class
+def _resolve_processing(stream: StreamConfig, at: _At) -> list[Any]:
+    """Validate ``processing:`` items through the processor registry, then the rules across them.
+    Each local Lambda handler is recorded for :func:`check_handlers` (importing it runs user code)."""
+    from firehose.registry import PROCESSING_CHECK, load, processor_config_class
 
-    procs, ok = _validate_typed(
-        stream.processing, processor_config_class, base + ("processing",), file, lines, errors
-    )
+    ppath = at.base + ("processing",)
+    positions: list[int] = []
+    procs, ok = _validate_typed(stream.processing, processor_config_class, ppath, at.file, at.lines, at.errors,
+                                positions)
     if ok and procs:
         try:
             load(PROCESSING_CHECK)(procs)
         except ValueError as exc:
-            errors.append(f"{file}:{_line_for(base + ('processing',), lines)}: {format_path(base + ('processing',))}: {exc}")
-            ok = False
-    backup = None
-    if stream.backup is not None:
-        bpath = base + ("backup",)
-        try:
-            backup = load(BACKUP_CONFIG).model_validate(stream.backup)
-            dest = backup.destination_dict()
-            destination_config_class(dest["type"]).model_validate(dest)  # type: ignore[attr-defined]
-        except ValidationError as exc:
-            _collect(exc, bpath, file, lines, errors)
-            ok = False
-    elif getattr(stream.destination, "requires_backup", False):
-        # Firehose's S3Configuration of OpenSearch, Splunk and HTTP endpoints: failed records go there.
-        errors.append(f"{file}:{_line_for(base + ('destination',), lines)}: {format_path(base + ('backup',))}: "
-                      f"required for a {stream.destination.type} destination (where its failed records are archived)")
-        ok = False
-    fmt = None
-    if stream.format is not None:
-        from firehose.registry import FORMAT_CONFIG
+            at.error(ppath, str(exc))
+    for kind, path, target in _deferred(procs, None, at.base, positions):
+        at.defer(kind, stream.name, path, target)
+    return procs
 
-        fpath = base + ("format",)
-        try:
-            fmt = load(FORMAT_CONFIG).model_validate(stream.format)
-        except ValidationError as exc:
-            _collect(exc, fpath, file, lines, errors)
-            ok = False
-        if fmt is not None and fmt.type != "json":
-            dest = stream.destination
-            where = f"{file}:{_line_for(fpath, lines)}: {format_path(fpath)}"
-            if getattr(dest, "type", None) not in ("s3", "local"):
-                errors.append(f"{where}: format conversion needs an s3 or local destination")
-                ok = False
-            elif dest.compression != "none":
-                errors.append(
-                    f"{where}: format conversion compresses inside the file; set "
-                    f"{format_path(base + ('destination', 'compression'))} to none (Firehose requires UNCOMPRESSED), "
-                    f"got {dest.compression!r}"
-                )
-                ok = False
-            raw_size = (raw_buffering or {}).get("size_mib") if isinstance(raw_buffering, dict) else None
-            if raw_size is None:
-                stream = stream.model_copy(update={"buffering": BufferingConfig(
-                    size_mib=128, interval_secs=stream.buffering.interval_secs)})
-            elif raw_size < 64:
-                line = _line_for(base + ("buffering", "size_mib"), lines)
-                errors.append(
-                    f"{file}:{line}: {format_path(base + ('buffering', 'size_mib'))}: must be at least 64 when "
-                    f"format conversion is enabled (Firehose's rule), got {raw_size}"
-                )
-                ok = False
-    if ok:
-        ok = _check_partitioning(stream, procs, base, file, lines, errors)
-    if not ok:
+
+def _resolve_backup(stream: StreamConfig, dest: Any, at: _At) -> Any:
+    from firehose.registry import BACKUP_CONFIG, load
+
+    bpath = at.base + ("backup",)
+    if stream.backup is None:
+        if getattr(dest, "requires_backup", False):
+            # Firehose's S3Configuration of OpenSearch, Splunk and HTTP endpoints: failed records go there.
+            at.error(bpath, f"required for a {dest.type} destination (where its failed records are archived)",
+                     line_of=at.base + ("destination",))
         return None
-    return stream.model_copy(update={"processing": procs, "backup": backup, "format": fmt})
+    try:
+        backup = load(BACKUP_CONFIG).model_validate(stream.backup)
+        target = backup.destination_dict()
+        destination_config_class(target["type"]).model_validate(target)  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        at.collect(exc, bpath)
+        return None
+    return backup
+
+
+def _resolve_format(
+    stream: StreamConfig, dest: Any, buffering: BufferingConfig | None, raw_buffering: Any, at: _At
+) -> tuple[Any, BufferingConfig | None]:
+    """``format:`` and Firehose's rules for format conversion (a columnar format needs an
+    uncompressed object-store destination and buffers of at least 64 MiB, 128 by default). A
+    schema given inline or as a file is recorded for :func:`check_schemas`."""
+    from firehose.registry import FORMAT_CONFIG, load
+
+    if stream.format is None:
+        return None, buffering
+    fpath = at.base + ("format",)
+    try:
+        fmt = load(FORMAT_CONFIG).model_validate(stream.format)
+    except ValidationError as exc:
+        at.collect(exc, fpath)
+        return None, buffering
+    if fmt.type == "json":
+        return fmt, buffering
+    for kind, path, target in _deferred([], fmt, at.base):
+        at.defer(kind, stream.name, path, target)
+    if dest is not None and getattr(dest, "type", None) not in ("s3", "local"):
+        at.error(fpath, "format conversion needs an s3 or local destination")
+    elif dest is not None and dest.compression != "none":
+        at.error(fpath, f"format conversion compresses inside the file; set "
+                 f"{format_path(at.base + ('destination', 'compression'))} to none (Firehose requires "
+                 f"UNCOMPRESSED), got {dest.compression!r}")
+    raw_size = raw_buffering.get("size_mib") if isinstance(raw_buffering, dict) else None
+    if raw_size is None:
+        if buffering is not None:
+            buffering = BufferingConfig(size_mib=128, interval_secs=buffering.interval_secs)
+    elif type(raw_size) is int and raw_size < 64:
+        at.error(at.base + ("buffering", "size_mib"), f"must be at least 64 when format conversion is enabled "
+                 f"(Firehose's rule), got {raw_size}")
+    return fmt, buffering
 
 
 def _check_partitioning(
@@ -482,11 +595,123 @@ def _check_partitioning(
     return ok
 
 
+def _deferred(
+    procs: list[Any], fmt: Any, base: Path, positions: list[int] | None = None
+) -> list[tuple[Literal["handler", "schema"], Path, Any]]:
+    """What a stream leaves to :func:`run_checks`: its local Lambda handlers (at their
+    ``function:`` key; ``positions`` are the processors' indexes in the file when some failed)
+    and a schema given inline or as an Avro file (a Glue table is fetched when the stream starts,
+    never by a check)."""
+    out: list[tuple[Literal["handler", "schema"], Path, Any]] = []
+    for j, proc in enumerate(procs):
+        if getattr(proc, "type", None) == "lambda" and getattr(proc, "function", None):
+            at = positions[j] if positions is not None else j
+            out.append(("handler", base + ("processing", at, "function"), proc.function))
+    schema = getattr(fmt, "schema_", None)
+    if schema is not None and fmt.type != "json" and schema.glue is None:
+        avro = ("avro_schema",) if schema.avro_schema is not None else ()
+        out.append(("schema", base + ("format", "schema", *avro), fmt))
+    return out
+
+
+def config_checks(cfg: DaemonConfig) -> tuple[RuntimeCheck, ...]:
+    """The deferred checks of the streams in ``cfg`` (a copy holding some of a file's streams
+    gets theirs only, still pointing at their lines in the file)."""
+    names = {s.name for s in cfg.streams}
+    if cfg._checks is not None:
+        return tuple(c for c in cfg._checks if c.stream in names)
+    out = []  # a config built in code: no lines to point at
+    for i, s in enumerate(cfg.streams):
+        for kind, path, target in _deferred(s.processing, s.format, ("streams", i)):
+            out.append(RuntimeCheck(kind, s.name, cfg.source, f"{cfg.source}: {format_path(path)}", target))
+    return tuple(out)
+
+
+def run_checks(
+    checks: Sequence[RuntimeCheck], *, handler_timeout_secs: float | None = None, cwd: str | None = None
+) -> list[str]:
+    """Run deferred checks; returns their problems (``file:line: field: message``), in file order.
+
+    Schemas are compiled here, in process (an Avro schema file is read). Handlers are imported in
+    one child process, as the transformation workers would import them (see
+    :func:`firehose.transforms.lambda_.check_local_handlers`); remote functions are not invoked.
+    """
+    from firehose.registry import CONVERTER, load
+    from firehose.transforms.lambda_ import HANDLER_IMPORT_TIMEOUT_SECS, check_local_handlers
+
+    handlers = [c.target for c in checks if c.kind == "handler"]
+    failed: dict[str, str] = {}
+    if handlers:
+        timeout = HANDLER_IMPORT_TIMEOUT_SECS if handler_timeout_secs is None else handler_timeout_secs
+        failed = check_local_handlers(handlers, timeout_secs=timeout)
+    problems: list[str] = []
+    for c in checks:
+        if c.kind == "handler" and c.target in failed:
+            problems.append(f"{c.where}: {failed[c.target]}{_module_hint(c, failed[c.target], cwd)}")
+        elif c.kind == "schema":
+            try:
+                load(CONVERTER)(c.target)
+            except Exception as exc:  # SchemaError mostly; pyarrow and fastavro raise their own types
+                text = " ".join(str(exc).split())
+                problems.append(f"{c.where}: schema does not compile: {text or type(exc).__name__}")
+    return problems
+
+
+def _module_hint(check: RuntimeCheck, problem: str, cwd: str | None) -> str:
+    """Why a handler beside the config file is not found: handlers are imported from the working
+    directory (and sys.path), as `firehose run` imports them, not from the config's directory."""
+    import os
+
+    if "ModuleNotFoundError" not in problem or check.file == DEFAULT_CONFIG_NAME:
+        return ""
+    spec = str(check.target)
+    module = spec.partition(":")[0] if ":" in spec else spec.rpartition(".")[0]
+    top = module.split(".")[0]
+    cwd = os.path.realpath(cwd or os.getcwd())
+    config_dir = os.path.realpath(os.path.dirname(check.file) or ".")
+    if not top or config_dir == cwd:
+        return ""
+    if not (os.path.isfile(os.path.join(config_dir, top + ".py")) or os.path.isdir(os.path.join(config_dir, top))):
+        return ""
+    return (f" ({top!r} is in the config file's directory {config_dir}, but handlers are imported from "
+            f"the working directory {cwd} and sys.path, as `firehose run` imports them: start firehose "
+            f"in {config_dir} or add it to PYTHONPATH)")
+
+
+def check_handlers(cfg: DaemonConfig, *, timeout_secs: float | None = None) -> list[str]:
+    """Import every local Lambda handler of ``cfg``'s streams in one child process; returns the
+    problems, each ``file:line: streams[i].processing[j].function: message``. Blocking."""
+    return run_checks([c for c in config_checks(cfg) if c.kind == "handler"], handler_timeout_secs=timeout_secs)
+
+
+def check_schemas(cfg: DaemonConfig) -> list[str]:
+    """Compile the inline and Avro-file schemas of ``cfg``'s ``format:`` blocks; returns the
+    problems, each ``file:line: field: message`` (Glue tables are not fetched)."""
+    return run_checks([c for c in config_checks(cfg) if c.kind == "schema"])
+
+
+def validate_file(
+    path: str | None, env: Mapping[str, str] | None = None, *, handler_timeout_secs: float | None = None
+) -> tuple[DaemonConfig | None, list[str]]:
+    """Everything ``firehose validate`` checks: the file (every problem, not the first), then
+    every local handler imported and every inline or file schema compiled, for each part that is
+    valid. Returns the config (None when invalid) and the problems."""
+    try:
+        cfg: DaemonConfig | None = load_config(path, env)
+        assert cfg is not None
+        errors: list[str] = []
+        checks = config_checks(cfg)
+    except ConfigError as exc:
+        cfg, errors, checks = None, list(exc.errors), exc.checks
+    errors += run_checks(checks, handler_timeout_secs=handler_timeout_secs)
+    return (cfg if not errors else None), errors
+
+
 def load_config_text(text: str, file: str, env: Mapping[str, str] | None = None) -> DaemonConfig:
     try:
         data, lines = load_yaml(text, file, env)
     except YamlError as exc:
-        raise ConfigError([str(exc)]) from None
+        raise ConfigError(exc.errors) from None
     return parse_config(data, file, lines)
 
 

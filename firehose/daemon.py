@@ -6,16 +6,19 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
 
 from firehose.api import FirehoseApi
 from firehose.config import ConfigError, DaemonConfig, StreamConfig, load_config
+from firehose.httpserver import GuardedServer
 from firehose.metrics import Metrics
+from firehose.names import disk_name
+from firehose.spool import SpoolError
 from firehose.stream import StreamRuntime
 
 STATE_FORMAT_VERSION = 1
@@ -32,7 +35,7 @@ class StreamState:
         self._docs: dict[str, dict[str, Any]] = {}
 
     def _path(self, name: str) -> str:
-        return os.path.join(self.directory, f"{name}.json")
+        return os.path.join(self.directory, f"{disk_name(name)}.json")
 
     def load(self, name: str) -> dict[str, Any] | None:
         if name in self._docs:
@@ -74,6 +77,22 @@ class StreamState:
             self._save(stream.name, doc)
         return int(doc["version"])
 
+    def snapshot(self, name: str) -> dict[str, Any] | None:
+        """The stream's saved state as it is now, for :meth:`restore` if a reload is rolled back."""
+        doc = self.load(name)
+        return dict(doc) if doc is not None else None
+
+    def restore(self, name: str, doc: dict[str, Any] | None) -> None:
+        """Put back a :meth:`snapshot` (``None``: the stream had no state yet)."""
+        if doc is None:
+            self._docs.pop(name, None)
+            try:
+                os.unlink(self._path(name))
+            except FileNotFoundError:
+                pass
+        else:
+            self._save(name, dict(doc))
+
     def tags(self, name: str) -> dict[str, str]:
         doc = self.load(name) or {}
         return dict(doc.get("tags", {}))
@@ -111,13 +130,18 @@ class Daemon:
         # Streams being restarted by a reload: ingest answers 503 (retryable) rather than
         # ResourceNotFoundException while the new runtime recovers the same spool.
         self.reloading: set[str] = set()
+        # Streams that could not start (a damaged spool): name -> a short reason without paths.
+        self.failed_streams: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._runner: web.AppRunner | None = None
+        self._server: GuardedServer | None = None
 
     # ------------------------------------------------------------------ streams
     async def _start_stream(self, cfg: StreamConfig) -> StreamRuntime:
+        """Start a stream's runtime. If the start fails, what it had opened (spool files, worker
+        processes, clients) is closed again before the error propagates, so the same spool can be
+        opened by another runtime at once (a reload rolling back)."""
         version = self.state.version_for(cfg)
         rt = StreamRuntime(
             cfg,
@@ -127,7 +151,14 @@ class Daemon:
             account_id=self.config.api.account_id,
             metrics=self.metrics,
         )
-        await rt.start()
+        try:
+            await rt.start()
+        except BaseException:
+            try:
+                await rt.stop(0.0)
+            except Exception as cleanup:  # the start's own error is the one that matters
+                log.warning("stream_start_cleanup_failed", stream=cfg.name, error=_one_line(cleanup))
+            raise
         return rt
 
     def stream_type(self, name: str) -> str:
@@ -179,20 +210,35 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for cfg in self.config.streams:
-            self.streams[cfg.name] = await self._start_stream(cfg)
-        self._runner = web.AppRunner(self.api.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
+            try:
+                self.streams[cfg.name] = await self._start_stream(cfg)
+            except SpoolError as exc:
+                # A damaged spool stops only its own stream: the others run, /healthz names it,
+                # and producers get 503 for it until an operator runs `firehose spool salvage`.
+                self.failed_streams[cfg.name] = "spool damaged; see the log and `firehose spool check`"
+                log.error("stream_start_failed", stream=cfg.name, reason=_one_line(exc))
         api = self.config.api
-        site = web.TCPSite(self._runner, api.host, api.port, reuse_address=True, backlog=1024)
-        await site.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+        self._server = GuardedServer(self.api.app, api.host, api.port, self.api.limits, name=api.listen)
+        await self._server.start()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._interrupt)
         loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
         self.ready = True
         log.info("daemon_started", listen=api.listen, streams=sorted(self.streams), data_dir=self.config.data_dir)
         sd_notify("READY=1\nSTATUS=serving")
         await self._stop.wait()
         return await self.shutdown()
+
+    def _interrupt(self) -> None:
+        """Ctrl-C: the first stops as SIGTERM does (flush within shutdown_timeout_secs); a second
+        one during that shutdown exits at once. Nothing acknowledged is lost either way: it is in
+        the fsynced spool and is delivered at the next start."""
+        if not self._stop.is_set():
+            self._stop.set()
+            return
+        log.warning("daemon_stop_forced", reason="second interrupt during shutdown; the spool keeps what was not delivered")
+        sys.stdout.flush()
+        os._exit(130)
 
     def _schedule_reload(self) -> None:
         task = asyncio.get_running_loop().create_task(self._reload_logged())
@@ -217,20 +263,29 @@ class Daemon:
             rt._accepting = False
         timeout = float(self.config.shutdown_timeout_secs)
         results = await asyncio.gather(*(rt.stop(timeout) for rt in self.streams.values()), return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            await self._server.close()
         clean = all(r is True for r in results)
         log.info("daemon_stopped", clean=clean)
         return 0
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the config; an invalid file is rejected whole and the old one keeps
-        running. Added streams start, removed streams stop (their spool stays on disk), changed
-        streams restart on the new config with their spooled records."""
+        """SIGHUP: re-read the config and apply it without ever losing a running stream.
+
+        An invalid file is rejected whole and the old config keeps running. Everything that can be
+        checked without stopping anything is checked first (the file itself, Lambda handlers
+        import). Then added streams start and changed streams restart on the new config, one at a
+        time; if one fails to start, it is restarted on its previous config, every stream already
+        switched by this reload is switched back, every VersionId is restored, and
+        ``config_reload_rejected`` names the stream and the reason. Streams removed from the file
+        stop (their spool stays on disk) only once everything else has been applied."""
         async with self._reload_lock:
             sd_notify("RELOADING=1")
             try:
                 new = await asyncio.to_thread(load_config, self.config_path)
+                problems = await asyncio.to_thread(_precheck, new, self.config)
+                if problems:
+                    raise ConfigError(problems)
             except ConfigError as exc:
                 log.error("config_reload_rejected", errors=exc.errors)
                 sd_notify("READY=1\nSTATUS=reload rejected; old config running")
@@ -240,24 +295,78 @@ class Daemon:
             old_streams = {s.name: s for s in self.config.streams}
             new_streams = {s.name: s for s in new.streams}
             timeout = float(new.shutdown_timeout_secs)
-            for name in sorted(set(old_streams) - set(new_streams)):
-                rt = self.streams.pop(name)
-                await rt.stop(timeout)
-                log.info("stream_removed", stream=name)
-            for name, cfg in sorted(new_streams.items()):
-                if name in old_streams and old_streams[name] == cfg:
-                    continue
-                if name in self.streams:
-                    self.reloading.add(name)
-                    rt = self.streams.pop(name)
-                    await rt.stop(timeout)
+            # Streams that failed to start (a damaged spool, since salvaged) are tried again too.
+            changed = [name for name, cfg in sorted(new_streams.items())
+                       if old_streams.get(name) != cfg or name in self.failed_streams]
+            saved = {name: self.state.snapshot(name) for name in changed}
+            switched: list[str] = []
+            for name in changed:
                 try:
-                    self.streams[name] = await self._start_stream(cfg)
-                except Exception as exc:  # keep the other streams; this one stays down, its spool intact
-                    log.exception("stream_start_failed", stream=name, error=str(exc))
-                finally:
-                    self.reloading.discard(name)
+                    await self._switch(name, new_streams[name], timeout)
+                    switched.append(name)
+                except Exception as exc:
+                    log.error("config_reload_rejected", stream=name, reason=_one_line(exc),
+                              rolled_back=[*switched, name])
+                    await self._roll_back([*switched, name], old_streams, saved, timeout)
+                    sd_notify("READY=1\nSTATUS=reload rejected; old config running")
+                    return
                 log.info("stream_configured", stream=name, version=self.streams[name].version)
+            for name in sorted(set(old_streams) - set(new_streams)):
+                self.failed_streams.pop(name, None)
+                rt = self.streams.pop(name, None)
+                if rt is not None:
+                    await rt.stop(timeout)
+                log.info("stream_removed", stream=name)
             self.config = new.model_copy(update={"api": self.config.api, "data_dir": self.config.data_dir})
             log.info("config_reloaded", streams=sorted(self.streams))
             sd_notify("READY=1\nSTATUS=serving")
+
+    async def _switch(self, name: str, cfg: StreamConfig, timeout: float) -> None:
+        """Stop the stream's runtime (if any) and start it on ``cfg``. While it restarts, ingest
+        answers 503 (retried by every SDK) rather than ResourceNotFoundException."""
+        self.reloading.add(name)
+        try:
+            old = self.streams.pop(name, None)
+            if old is not None:
+                await old.stop(timeout)
+            self.streams[name] = await self._start_stream(cfg)
+            self.failed_streams.pop(name, None)
+        finally:
+            self.reloading.discard(name)
+
+    async def _roll_back(self, names: list[str], previous: dict[str, StreamConfig],
+                         saved: dict[str, dict[str, Any] | None], timeout: float) -> None:
+        """Put ``names`` back as they were before this reload: streams that were added are
+        stopped, changed ones run their previous config again under their previous VersionId."""
+        for name in reversed(names):
+            self.reloading.add(name)
+            try:
+                rt = self.streams.pop(name, None)
+                if rt is not None:
+                    await rt.stop(timeout)
+                self.state.restore(name, saved.get(name))
+                cfg = previous.get(name)
+                if cfg is not None:
+                    self.streams[name] = await self._start_stream(cfg)
+                    log.info("stream_rolled_back", stream=name, version=self.streams[name].version)
+            except Exception as exc:  # the previous config no longer starts either: say so loudly
+                log.error("stream_start_failed", stream=name, reason=_one_line(exc))
+            finally:
+                self.reloading.discard(name)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _precheck(new: DaemonConfig, old: DaemonConfig) -> list[str]:
+    """Problems with the streams a reload would add or change, found without stopping anything:
+    Lambda handlers that do not import (checked in a subprocess, as ``firehose validate`` does)."""
+    from firehose.config import check_handlers
+
+    previous = {s.name: s for s in old.streams}
+    changed = [s for s in new.streams if previous.get(s.name) != s]
+    if not changed:
+        return []
+    return check_handlers(new.model_copy(update={"streams": changed}))

@@ -16,6 +16,10 @@ from typing import Any, Protocol
 
 import structlog
 
+#: How long a destination's :meth:`Destination.preflight` may take before the stream gives up on
+#: it (and logs that it did not answer). Start never waits for it.
+PREFLIGHT_TIMEOUT_SECS = 15.0
+
 
 @dataclass(frozen=True)
 class BufferingLimits:
@@ -126,6 +130,18 @@ class Destination(abc.ABC):
 
     async def start(self) -> None:
         """Open connections; must not fail when the destination is down (delivery retries)."""
+        return None
+
+    async def preflight(self) -> str | None:
+        """Check, once after ``start`` and in the background, that the destination looks usable:
+        the bucket exists, credentials are found and accepted, the directory is writable.
+
+        Returns None when it does (or when the destination has nothing to check), else a short
+        reason for an operator (``"bucket 'logs' does not exist"``, ``"no credentials found"``),
+        which the stream logs as ``destination_preflight_failed``. It never raises for a problem
+        of the destination and never blocks delivery: records are accepted and retried as usual.
+        Every network call in it has a short timeout of its own; the stream also cancels it after
+        :data:`PREFLIGHT_TIMEOUT_SECS`."""
         return None
 
     @abc.abstractmethod

@@ -2,8 +2,10 @@
 
 Built-ins are named here as import strings and imported lazily, so the core never imports a
 plugin it does not use and a missing optional dependency fails only for the stream that needs
-it. Third-party plugins register through the ``firehose.destinations``, ``firehose.processors``
-and ``firehose.sources`` entry-point groups.
+it. Third-party plugins register through the ``firehose.destinations`` and ``firehose.sources``
+entry-point groups (a ``pydantic`` config class with the methods the core calls; see
+``_CONTRACTS``). The ``firehose.processors`` group is read only to refuse its types clearly: the
+processing chain runs built-in processors only, and a plugin is run or refused, never skipped.
 """
 
 from __future__ import annotations
@@ -50,27 +52,83 @@ def load(target: str) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
+class UnknownTypeError(ValueError):
+    """A ``type:`` that no built-in and no installed plugin provides; the message names the known ones."""
+
+
+class PluginError(ValueError):
+    """A ``type:`` provided by a third-party plugin that cannot run: its kind is not supported
+    yet (processors), its entry point does not load, or its class lacks the config contract."""
+
+
+# What the core calls on a plugin's config class (besides pydantic's ``model_validate`` and
+# ``model_dump``), per entry-point group: a class without one of them would fail mid-run.
+_CONTRACTS: dict[str, tuple[str, ...]] = {
+    "firehose.destinations": ("build", "buffering_limits", "describe"),
+    "firehose.sources": ("build",),
+}
+
+# Plugin kinds the daemon cannot run yet: the processing chain only knows the built-in configs,
+# so a plugin processor would validate and then be skipped silently.
+_UNSUPPORTED = {"firehose.processors": "processor"}
+
+
 def _config_class(type_name: str, builtins: dict[str, str], group: str) -> type:
     if type_name in builtins:
         return load(builtins[type_name])  # type: ignore[no-any-return]
     plugins = _plugins(group)
     if type_name in plugins:
-        return plugins[type_name].load()  # type: ignore[no-any-return]
+        return _plugin_class(type_name, plugins[type_name], group)
     known = ", ".join(sorted(set(builtins) | set(plugins)))
     raise UnknownTypeError(f"unknown type {type_name!r}; known: {known}")
 
 
+def _plugin_class(type_name: str, ep: Any, group: str) -> type:
+    """Load a plugin's config class, or refuse it with :class:`PluginError`."""
+    kind = group.rpartition(".")[2].rstrip("s")
+    origin = f"the plugin package {_dist_name(ep)!r} (entry point {group}: {ep.name} = {ep.value})"
+    if group in _UNSUPPORTED:
+        raise PluginError(
+            f"{_UNSUPPORTED[group]} type {type_name!r} comes from {origin}; "
+            f"third-party {_UNSUPPORTED[group]}s are not supported yet"
+        )
+    try:
+        cls = ep.load()
+    except Exception as exc:  # ImportError, AttributeError, or whatever its module raises
+        raise PluginError(f"{kind} type {type_name!r} from {origin} does not load: {_one_line(exc)}") from None
+    from pydantic import BaseModel
+
+    if not isinstance(cls, type) or not issubclass(cls, BaseModel):
+        raise PluginError(f"{kind} type {type_name!r} from {origin} is not a pydantic model class")
+    missing = [name for name in _CONTRACTS.get(group, ()) if not callable(getattr(cls, name, None))]
+    if missing:
+        raise PluginError(
+            f"{kind} type {type_name!r} from {origin} lacks {', '.join(m + '()' for m in missing)} "
+            f"of the {kind} config contract"
+        )
+    return cls
+
+
+def _dist_name(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    return str(getattr(dist, "name", None) or "?")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def processor_config_class(type_name: str) -> type:
+    """The config class for a processor ``type:``. Only built-ins run: a plugin's processor type
+    raises :class:`PluginError`, an unknown one :class:`UnknownTypeError`."""
     return _config_class(type_name, BUILTIN_PROCESSORS, "firehose.processors")
 
 
 def source_config_class(type_name: str) -> type:
-    """The config class for a source ``type:``; ``UnknownTypeError`` names the known ones."""
+    """The config class for a source ``type:``; ``UnknownTypeError`` names the known ones,
+    ``PluginError`` says why a plugin's cannot be used."""
     return _config_class(type_name, BUILTIN_SOURCES, "firehose.sources")
-
-
-class UnknownTypeError(ValueError):
-    pass
 
 
 def _plugins(group: str) -> dict[str, Any]:
@@ -82,5 +140,6 @@ def known_destination_types() -> list[str]:
 
 
 def destination_config_class(type_name: str) -> type:
-    """The config class for a destination ``type:``; ``UnknownTypeError`` names the known ones."""
+    """The config class for a destination ``type:``; ``UnknownTypeError`` names the known ones,
+    ``PluginError`` says why a plugin's cannot be used."""
     return _config_class(type_name, BUILTIN_DESTINATIONS, "firehose.destinations")

@@ -11,16 +11,31 @@ Contract (DESIGN.md, "Acknowledged means durable" and "Exactly-once objects"):
 * ``append_commit`` marks a batch finished (delivered, or archived with its error). Segments are
   deleted oldest first once every record and every seal in them is committed.
 
-On open, the log is scanned: a torn frame at the tail of the newest segment (a crash mid-write) is
-truncated away; sealed but uncommitted batches come back as :class:`SealedBatch` to be re-sent
-under the same key; records never sealed are read again by the batcher in order.
+On open, the log is scanned; sealed but uncommitted batches come back as :class:`SealedBatch` to
+be re-sent under the same key; records never sealed are read again by the batcher in order.
 
-File format, version 1. Each segment ``seg-<number>.log`` starts with a 12-byte header
+Damage is told apart from a torn tail by a durable watermark. After every fsync that completes, a
+small DURABLE frame records how far the active segment was on disk at that moment (written
+without a further fsync; it reaches the disk with the next one, and at once in the page cache, so
+a ``kill -9`` never loses it). A frame that fails its CRC in the newest segment is then:
+
+* below a later DURABLE frame's watermark: acknowledged data is damaged. The stream refuses to
+  start with a message naming the segment and offset; ``firehose spool check`` shows the damage
+  and ``firehose spool salvage`` keeps every frame whose CRC verifies (see :func:`salvage`);
+* past every watermark: an unacknowledged tail (a crash mid-write). It is truncated, with a
+  warning (``spool_tail_truncated``) giving the byte count.
+
+A segment written before watermarks existed (format version 1) can only have an incomplete last
+frame truncated; any other damage in it refuses to start. Damage in a segment that is not the
+newest always refuses to start.
+
+File format, version 2 (version 1 lacks DURABLE frames and is still read). Each segment ``seg-<number>.log`` starts with a 12-byte header
 (``FHSPOOL\\0``, u16 format version, u16 reserved); frames follow, each ``u32 payload length, u32
 CRC32 of type+payload, u8 type`` then the payload. A RECORDS payload is ``u64 first_seq, u64
 arrival_ms, u32 count, u16 flags``, ``count`` little-endian u32 lengths, the record bytes, then
 optional JSON sections (per-record metadata, source positions) each prefixed by a u32 length.
-SEAL, COMMIT and CHECKPOINT payloads are JSON. A reader refuses a newer format version with a
+SEAL, COMMIT and CHECKPOINT payloads are JSON; a DURABLE payload is ``u64 segment number,
+u64 offset``. A reader refuses a newer format version with a
 message that says so, rather than guessing.
 
 Thread-safety: a Spool belongs to one asyncio event loop; only fsyncs run on its worker thread.
@@ -33,6 +48,7 @@ import bisect
 import functools
 import itertools
 import os
+import re
 import struct
 import sys
 import threading
@@ -44,10 +60,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import orjson
+import structlog
 
 from firehose.intervals import IntervalSet, Ranges
 
-FORMAT_VERSION = 1
+log = structlog.get_logger()
+
+FORMAT_VERSION = 2
 SEGMENT_MAGIC = b"FHSPOOL\x00"
 _SEG_HEADER = struct.Struct(">8sHH")
 _FRAME_HEADER = struct.Struct(">IIB")
@@ -57,6 +76,10 @@ T_RECORDS = 1
 T_SEAL = 2
 T_COMMIT = 3
 T_CHECKPOINT = 4
+T_DURABLE = 5
+_DURABLE = struct.Struct(">QQ")
+# A DURABLE frame's header: payload length 16, any CRC, type 5 (found again past damage by this).
+_DURABLE_HEADER_RE = re.compile(rb"\x00\x00\x00\x10.{4}\x05", re.DOTALL)
 
 ROLL_DONE_ACTIVE_BYTES = 1 << 20
 LENGTH_TABLE_ENTRIES = 1 << 20  # record offsets read_planned keeps (8 bytes each: 8 MiB at most)
@@ -126,6 +149,7 @@ class _Segment:
     first_seq: int | None = None
     end_seq: int | None = None
     seal_ids: set[int] = field(default_factory=set)
+    version: int = FORMAT_VERSION
 
 
 def _segment_name(number: int) -> str:
@@ -162,6 +186,30 @@ def encode_records_frame(
 def _frame(ftype: int, payload: bytes) -> bytes:
     crc = zlib.crc32(payload, zlib.crc32(bytes((ftype,))))
     return _FRAME_HEADER.pack(len(payload), crc, ftype) + payload
+
+
+def _incomplete_tail(data: bytes, pos: int) -> bool:
+    """Whether the frame at ``pos`` runs past the end of the data (a write cut short)."""
+    if len(data) - pos < _FRAME_HEADER.size:
+        return True
+    length, _crc, _ftype = _FRAME_HEADER.unpack_from(data, pos)
+    return pos + _FRAME_HEADER.size + length > len(data)
+
+
+def durable_mark_after(data: bytes, pos: int, segment: int) -> int:
+    """The highest offset of ``segment`` that a valid DURABLE frame found after ``pos`` records as
+    fsynced (0 if none). Found by their fixed header, so damage before them does not hide them."""
+    best = 0
+    for m in _DURABLE_HEADER_RE.finditer(data, pos + 1):
+        start = m.start()
+        length, crc, ftype = _FRAME_HEADER.unpack_from(data, start)
+        payload = data[start + _FRAME_HEADER.size : start + _FRAME_HEADER.size + length]
+        if len(payload) != length or zlib.crc32(payload, zlib.crc32(bytes((ftype,)))) != crc:
+            continue
+        number, offset = _DURABLE.unpack(payload)
+        if number == segment and offset <= start:
+            best = max(best, offset)
+    return best
 
 
 def decode_records_payload(payload: bytes) -> tuple[RecordFrame, dict[str, Any] | None]:
@@ -257,6 +305,10 @@ class Spool:
         self._frame_lengths = array("l")
         self._active: _Segment | None = None
         self._fd = -1
+        # The directory stays open: fsyncing it must not need a new descriptor, or running out
+        # of descriptors (EMFILE under many connections) would look like a failed fsync.
+        self._dir_fd = -1
+        self._durable_marked = 0  # the active segment's offset the last DURABLE frame recorded
         self._read_fds: dict[int, int] = {}
         self._to_close: list[int] = []
         self._dir_dirty = False
@@ -290,6 +342,7 @@ class Spool:
     def open(self) -> RecoveryState:
         """Scan the log (blocking I/O; call before serving). Returns the work to resume."""
         os.makedirs(self.directory, exist_ok=True)
+        self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         names = sorted(n for n in os.listdir(self.directory) if n.startswith("seg-") and n.endswith(".log"))
         truncated = 0
         commits: list[int] = []
@@ -337,6 +390,7 @@ class Spool:
                 return len(data)
             raise SpoolError(f"{seg.path}: segment header is truncated; the spool is damaged")
         magic, version, _ = _SEG_HEADER.unpack_from(data, 0)
+        seg.version = version
         if magic != SEGMENT_MAGIC:
             raise SpoolError(f"{seg.path}: not a firehose spool segment (bad magic)")
         if version > FORMAT_VERSION:
@@ -363,10 +417,24 @@ class Spool:
             if not last:
                 raise SpoolError(
                     f"{seg.path}: damaged frame at offset {pos} in a segment that is not the newest; "
-                    "refusing to guess which records it held"
+                    f"refusing to guess which records it held. See `firehose spool check {self.directory}` "
+                    "and `firehose spool salvage`."
                 )
-            # A torn write at the tail: it was never acknowledged (acks follow fsync), so drop it.
+            mark = durable_mark_after(data, pos, seg.number)
+            incomplete = _incomplete_tail(data, pos)
+            if mark > pos or (version < 2 and not incomplete):
+                why = (f"below the durable point {mark} (acknowledged records are damaged)" if mark > pos
+                       else "followed by more data in a segment without durable marks")
+                raise SpoolError(
+                    f"{seg.path}: damaged frame at offset {pos}, {why}; the stream is not started. "
+                    f"`firehose spool check {self.directory}` shows the damage; `firehose spool salvage "
+                    f"{self.directory}` keeps every frame that verifies and sets the damaged bytes aside."
+                )
+            # Past every durable mark: written but never acknowledged (acks follow the fsync whose
+            # mark would cover it). A crash mid-write leaves this; drop it.
             os.truncate(seg.path, pos)
+            log.warning("spool_tail_truncated", directory=self.directory, segment=os.path.basename(seg.path),
+                        offset=pos, bytes=end - pos, incomplete_frame=incomplete)
         seg.size = pos
         return end - pos
 
@@ -397,6 +465,8 @@ class Spool:
                     self.committed.add(s, e)
             else:
                 commits.append(doc["id"])
+        elif ftype == T_DURABLE:
+            pass  # only read when a frame before it is damaged (durable_mark_after)
         elif ftype == T_CHECKPOINT:
             doc = orjson.loads(payload)
             self.next_seq = max(self.next_seq, doc["next_seq"])
@@ -419,9 +489,10 @@ class Spool:
     def _open_new_segment(self) -> None:
         number = max(self._segments, default=0) + 1
         path = os.path.join(self.directory, _segment_name(number))
-        if self._fd >= 0:
-            self._to_close.append(self._fd)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        if self._fd >= 0:  # only once the new one is open: a failed open leaves the old one in use
+            self._to_close.append(self._fd)
+        self._durable_marked = 0
         seg = self._segments.get(number) or _Segment(number, path, 0)
         if seg.size == 0:
             os.ftruncate(fd, 0)
@@ -588,6 +659,7 @@ class Spool:
             if target <= self._synced and not self._dir_dirty and not self._to_close and not self._pending_unlinks:
                 break
             fds = [self._fd] if self._fd >= 0 else []
+            active, active_size = self._active, self._active.size if self._active is not None else 0
             closing, self._to_close = self._to_close, []
             dir_dirty, self._dir_dirty = self._dir_dirty, False
             unlinks = [path for marker, path in self._pending_unlinks if marker <= target]
@@ -606,6 +678,8 @@ class Spool:
                 self._waiters.clear()
                 return
             self._synced = max(self._synced, target)
+            if active is not None and active is self._active and fds:
+                self._mark_durable(active, active_size)
             still: list[tuple[int, asyncio.Future[None]]] = []
             for t, fut in self._waiters:
                 if t <= self._synced:
@@ -637,11 +711,20 @@ class Spool:
             self._fsync_dir()
 
     def _fsync_dir(self) -> None:
-        dfd = os.open(self.directory, os.O_RDONLY)
+        os.fsync(self._dir_fd)
+
+    def _mark_durable(self, seg: _Segment, offset: int) -> None:
+        """Record that ``seg`` is on disk up to ``offset`` (a DURABLE frame, not fsynced itself and
+        not counted as unsynced data, so it never causes an fsync of its own)."""
+        if offset <= self._durable_marked or self._fd < 0 or self._closed:
+            return
+        data = _frame(T_DURABLE, _DURABLE.pack(seg.number, offset))
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            self._write(seg, self._fd, data)
+        except OSError:
+            return  # a full disk: the mark is an aid to recovery, never a reason to fail a write
+        self._written -= 1
+        self._durable_marked = offset
 
     def _ensure_interval_task(self) -> None:
         if self._interval_task is None or self._interval_task.done():
@@ -876,7 +959,197 @@ class Spool:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
         for fd in self._read_fds.values():
             os.close(fd)
         self._read_fds.clear()
         self._executor.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------- check and salvage
+_CANDIDATE_RE = re.compile(rb"\x00.{7}[\x01-\x05]", re.DOTALL)  # a frame header under 16 MiB
+
+
+@dataclass
+class SegmentReport:
+    """What :func:`check` found in one segment file."""
+
+    name: str
+    frames: int = 0
+    damaged: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of bad bytes
+    durable_mark: int = 0  # the highest offset a DURABLE frame says was fsynced
+    lost_seqs: list[tuple[int, int]] = field(default_factory=list)  # record ranges with no valid frame
+    header_ok: bool = True
+
+    @property
+    def clean(self) -> bool:
+        return self.header_ok and not self.damaged
+
+
+def _walk(data: bytes) -> Iterator[tuple[int, int, int, bytes | None]]:
+    """Every frame of a segment body as ``(offset, size, type, payload)``; a run of bytes that is
+    no valid frame comes as ``(offset, size, 0, None)``, and the walk resumes at the next offset
+    where a frame verifies (its header is plausible and its CRC matches)."""
+    pos = _SEG_HEADER.size
+    end = len(data)
+    view = memoryview(data)
+    while pos < end:
+        frame = _frame_at(data, view, pos)
+        if frame is not None:
+            size, ftype, payload = frame
+            yield pos, size, ftype, payload
+            pos += size
+            continue
+        nxt = end
+        for m in _CANDIDATE_RE.finditer(data, pos + 1):
+            if _frame_at(data, view, m.start()) is not None:
+                nxt = m.start()
+                break
+        yield pos, nxt - pos, 0, None
+        pos = nxt
+
+
+def _frame_at(data: bytes, view: memoryview, pos: int) -> tuple[int, int, bytes] | None:
+    if len(data) - pos < _FRAME_HEADER.size:
+        return None
+    length, crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
+    start = pos + _FRAME_HEADER.size
+    if ftype not in (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE) or start + length > len(data):
+        return None
+    payload = view[start : start + length]
+    if zlib.crc32(payload, zlib.crc32(bytes((ftype,)))) != crc:
+        return None
+    return _FRAME_HEADER.size + length, ftype, bytes(payload)
+
+
+def _segment_names(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith("seg-") and n.endswith(".log"))
+
+
+def check(directory: str) -> list[SegmentReport]:
+    """Read every segment of a spool directory without changing anything and report its damage:
+    byte ranges that are no valid frame, the durable mark, and the records no valid frame holds."""
+    reports = []
+    for name in _segment_names(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        rep = SegmentReport(name)
+        reports.append(rep)
+        if len(data) < _SEG_HEADER.size or _SEG_HEADER.unpack_from(data, 0)[0] != SEGMENT_MAGIC:
+            rep.header_ok = data == b""  # an empty file is a segment created just before a crash
+            continue
+        prev_end: int | None = None
+        gap_open = False
+        for offset, size, ftype, payload in _walk(data):
+            if payload is None:
+                rep.damaged.append((offset, size))
+                gap_open = True
+                continue
+            rep.frames += 1
+            if ftype == T_DURABLE:
+                rep.durable_mark = max(rep.durable_mark, _DURABLE.unpack(payload)[1])
+            elif ftype == T_RECORDS:
+                first, _arrival, count, _flags = _RECORDS_HEAD.unpack_from(payload, 0)
+                if gap_open and prev_end is not None and first > prev_end:
+                    rep.lost_seqs.append((prev_end, first))
+                prev_end = first + count
+                gap_open = False
+    return reports
+
+
+def _subtract(ranges: list[tuple[int, int]], remove: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = ranges
+    for rs, re_ in remove:
+        nxt: list[tuple[int, int]] = []
+        for s, e in out:
+            if e <= rs or s >= re_:
+                nxt.append((s, e))
+                continue
+            if s < rs:
+                nxt.append((s, rs))
+            if e > re_:
+                nxt.append((re_, e))
+        out = nxt
+    return out
+
+
+def salvage(directory: str, aside: str | None = None) -> dict[str, Any]:
+    """Rewrite a damaged spool so that it opens: every frame whose CRC verifies is kept, in order;
+    the damaged bytes (and a copy of each damaged segment as it was) go to ``aside`` (default
+    ``<directory>/damaged-<time>``); records no valid frame holds are marked finished, and sealed
+    batches that named them are re-sealed without them. Returns a report of what was dropped.
+
+    Run it with the daemon stopped. What it cannot know is reported, not guessed: a damaged SEAL
+    makes its records be batched again (they may be delivered a second time); a damaged COMMIT
+    makes a delivered batch be delivered again under the same key (an overwrite)."""
+    import shutil
+    import time as _time
+
+    reports = check(directory)
+    damaged = [r for r in reports if not r.clean]
+    if not damaged:
+        return {"damaged_segments": [], "lost_records": 0, "lost_ranges": [], "aside": None}
+    aside = aside or os.path.join(directory, f"damaged-{_time.strftime('%Y%m%dT%H%M%SZ', _time.gmtime())}")
+    os.makedirs(aside, exist_ok=True)
+    lost: list[tuple[int, int]] = []
+    seals: dict[int, dict[str, Any]] = {}
+    for rep in reports:
+        path = os.path.join(directory, rep.name)
+        with open(path, "rb") as f:
+            data = f.read()
+        if rep.clean:
+            for _o, _s, ftype, payload in _walk(data):
+                if ftype == T_SEAL and payload is not None:
+                    doc = orjson.loads(payload)
+                    seals[doc["id"]] = doc
+            continue
+        shutil.copy2(path, os.path.join(aside, rep.name))
+        if not rep.header_ok:
+            os.unlink(path)
+            continue
+        out = bytearray(_SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0))
+        for offset, size, ftype, payload in _walk(data):
+            if payload is None:
+                with open(os.path.join(aside, f"{rep.name}.offset-{offset}.length-{size}.bin"), "wb") as f:
+                    f.write(data[offset : offset + size])
+                continue
+            if ftype == T_DURABLE:
+                continue  # offsets of the old file: meaningless once rewritten
+            if ftype == T_SEAL:
+                doc = orjson.loads(payload)
+                seals[doc["id"]] = doc
+            out += data[offset : offset + size]
+        lost.extend(rep.lost_seqs)
+        tmp = path + ".salvage"
+        with open(tmp, "wb") as f:
+            f.write(out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    extra = bytearray()
+    if lost:
+        extra += _frame(T_COMMIT, orjson.dumps({"ranges": [list(r) for r in lost]}))
+        for doc in seals.values():
+            ranges = [(int(s), int(e)) for s, e in doc["ranges"]]
+            kept = _subtract(ranges, lost)
+            if kept != ranges:
+                extra += _frame(T_SEAL, orjson.dumps({**doc, "ranges": [list(r) for r in kept]}))
+    names = _segment_names(directory)
+    if extra and names:
+        with open(os.path.join(directory, names[-1]), "ab") as f:
+            f.write(extra)
+            f.flush()
+            os.fsync(f.fileno())
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return {
+        "damaged_segments": [{"segment": r.name, "damaged": r.damaged, "header_ok": r.header_ok} for r in damaged],
+        "lost_records": sum(e - s for s, e in lost),
+        "lost_ranges": lost,
+        "aside": aside,
+    }

@@ -18,6 +18,7 @@ import base64
 import bisect
 import os
 import random
+import re
 import time
 import zlib
 from array import array
@@ -31,9 +32,17 @@ import structlog
 
 from firehose.clock import Clock, SystemClock
 from firehose.config import StreamConfig
-from firehose.interfaces import Batch, BuildContext, Destination, RecordFailure, Source
+from firehose.interfaces import (
+    PREFLIGHT_TIMEOUT_SECS,
+    Batch,
+    BuildContext,
+    Destination,
+    RecordFailure,
+    Source,
+)
 from firehose.intervals import Ranges
 from firehose.metrics import Metrics
+from firehose.names import disk_name
 from firehose.spool import RecordFrame, RecoveryState, SealedBatch, Spool, SpoolError, SpoolFullError
 
 
@@ -116,7 +125,64 @@ DELIVERY_FAILED = "delivery-failed"
 RANGE_BYTES = 16
 PARTITION_BYTES = 512
 
+# The room a spool needs to count as taking records in /healthz: one maximum-size record
+# (Firehose's 1,000 KiB) and its frame.
+MAX_RECORD_ROOM = 1_024_000 + 128
+
 SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (backup mode: all)
+
+# What /healthz may show of an error message: destinations' messages name URLs (with query
+# strings) and file paths; the log keeps them whole, health shows a placeholder.
+_URL_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_PATH_RE = re.compile(r"(?<![\w.~/-])(?:~|\.{1,2})?/[^\s'\":,;()<>]+")
+MAX_HEALTH_MESSAGE = 256
+
+
+def health_message(message: str) -> str:
+    """An error message fit for ``/healthz``: URLs and file paths replaced, one line, bounded."""
+    text = _PATH_RE.sub("<path>", _URL_RE.sub("<url>", " ".join(message.split())))
+    return text if len(text) <= MAX_HEALTH_MESSAGE else text[: MAX_HEALTH_MESSAGE - 3] + "..."
+
+
+def iso_utc(ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC with milliseconds: ``2026-12-05T10:00:00.123Z``."""
+    return datetime.fromtimestamp(ms / 1000.0, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class DeliveryError:
+    """A failed delivery attempt as ``/healthz`` shows it (``message`` already fit for it)."""
+
+    code: str
+    message: str
+    time_ms: int
+    destination: str  # "destination" or "backup"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "time": iso_utc(self.time_ms),
+                "destination": self.destination}
+
+
+class DeliveryHealth:
+    """Whether one destination of a stream delivers: its latest failed attempt, and when the
+    current run of failed attempts started (None once an attempt succeeds). Updated on the event
+    loop by the delivery runner after every attempt."""
+
+    __slots__ = ("role", "last_error", "failing_since_ms")
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.last_error: DeliveryError | None = None
+        self.failing_since_ms: int | None = None
+
+    def failed(self, code: str, message: str, now_ms: int) -> None:
+        self.last_error = DeliveryError(code, health_message(message), now_ms, self.role)
+        if self.failing_since_ms is None:
+            self.failing_since_ms = now_ms
+
+    def succeeded(self) -> None:
+        """The destination took an attempt (the last error stays, for the record)."""
+        self.failing_since_ms = None
 
 
 def _routes(metas: list[Any]) -> bool:
@@ -185,7 +251,7 @@ class StreamRuntime:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
         self.log = structlog.get_logger().bind(stream=self.name)
-        self.spool = self._make_spool(os.path.join(data_dir, "spool", self.name))
+        self.spool = self._make_spool(os.path.join(data_dir, "spool", disk_name(self.name)))
         self.destination: Destination | None = None
         self.sources: list[Source] = []
         self.archive: Destination | None = None  # where failed records go (backup, or the destination)
@@ -216,6 +282,10 @@ class StreamRuntime:
         self._pending: deque[_Pending] = deque()
         self._delivering: set[asyncio.Task[None]] = set()
         self._oldest_pending: tuple[float, int] | None = None  # (when computed, oldest arrival)
+        self._backlog_head: tuple[int, int, int] | None = None  # (0 ingest/1 processed spool, seq, arrival)
+        # Delivery health per destination ("backup" only when failed records go elsewhere).
+        self._health: dict[str, DeliveryHealth] = {"destination": DeliveryHealth("destination")}
+        self._preflight_task: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -248,12 +318,16 @@ class StreamRuntime:
         self.destination = self.config.destination.build(ctx)
         await self.destination.start()
         self.archive = self.destination
+        backup_type: str | None = None
         if self.config.backup is not None:
             from firehose.registry import destination_config_class
 
             dest = self.config.backup.destination_dict()
+            backup_type = str(dest["type"])
             self.archive = destination_config_class(dest["type"]).model_validate(dest).build(ctx)  # type: ignore[attr-defined]
             await self.archive.start()
+            self._health["backup"] = DeliveryHealth("backup")
+        self._start_preflight(backup_type)
         self.backup_all = self.config.backup is not None and self.config.backup.mode == "all"
         converter = None
         fmt = self.config.format
@@ -332,11 +406,39 @@ class StreamRuntime:
             self.sources.append(source)
         return self.recovery
 
+    def _start_preflight(self, backup_type: str | None) -> None:
+        """Check the destinations in the background (start never waits for it, nor fails by it)."""
+        assert self.destination is not None and self.archive is not None
+        checks = [("destination", self.config.destination.type, self.destination)]
+        if backup_type is not None:
+            checks.append(("backup", backup_type, self.archive))
+        self._preflight_task = asyncio.get_running_loop().create_task(
+            self._preflight(checks), name=f"preflight-{self.name}"
+        )
+
+    async def _preflight(self, checks: list[tuple[str, str, Destination]]) -> None:
+        async def check(role: str, kind: str, destination: Destination) -> None:
+            try:
+                reason = await asyncio.wait_for(destination.preflight(), PREFLIGHT_TIMEOUT_SECS)
+            except TimeoutError:
+                reason = f"no answer within {PREFLIGHT_TIMEOUT_SECS:g} s"
+            except Exception as exc:  # a bug in a check: say so, and keep the stream running
+                reason = f"the check itself failed: {type(exc).__name__}: {exc}"
+            if reason is None:
+                self.log.info("destination_preflight_passed", destination=kind, role=role)
+            else:
+                self.log.warning("destination_preflight_failed", destination=kind, role=role, reason=reason)
+
+        await asyncio.gather(*(check(*c) for c in checks))
+
     async def stop(self, timeout: float) -> bool:
         """Stop accepting, seal the open buffer, deliver within ``timeout`` seconds. What is not
         delivered by then stays in the spool (sealed batches keep their keys). Returns True when
         everything sealed was delivered."""
         deadline = time.monotonic() + timeout
+        if self._preflight_task is not None:
+            self._preflight_task.cancel()
+            await asyncio.gather(self._preflight_task, return_exceptions=True)
         for source in self.sources:  # first, so what they acknowledged is all in the spool
             await source.stop()
         self._accepting = False
@@ -718,6 +820,8 @@ class StreamRuntime:
     def _finish(self, pending: _Pending) -> None:
         """A batch is done (delivered, or archived): forget it."""
         self._pending.remove(pending)
+        if self._oldest_pending is not None and pending.sealed.oldest_arrival_ms <= self._oldest_pending[1]:
+            self._oldest_pending = None  # it was (one of) the oldest: look again
         if pending.partition is not None:
             self._release_partition(pending.partition)
 
@@ -1010,6 +1114,9 @@ class StreamRuntime:
                     delay = min(30.0, 0.5 * 2 ** min(failures, 6))
                     self.log.exception("delivery_failed", batch_id=pending.sealed.batch_id, error=str(exc),
                                        retry_in_secs=delay)
+                    main = pending.sealed.info.get("sink", "main") == "main"
+                    self._health_of(self.destination if main else self.archive).failed(
+                        "Daemon.DeliveryFailed", f"{type(exc).__name__}: {exc}", self.clock.now_ms())
                     await asyncio.sleep(delay)
         finally:
             self._in_flight -= 1
@@ -1085,13 +1192,16 @@ class StreamRuntime:
                 self.metrics.delivery_bytes.labels(labels).inc(nbytes)
             if sink == "main" and destination.metrics_prefix is not None:
                 self.metrics.destination(destination.metrics_prefix).attempt(labels, delivered, nbytes, result.ok)
+            health = self._health_of(destination)
             if result.ok:
+                health.succeeded()
                 self.metrics.delivery_success.labels(labels).set(1)
                 self.metrics.delivery_objects.labels(labels).inc()
                 break
             self.metrics.delivery_success.labels(labels).set(0)
             self.metrics.delivery_failures.labels(labels).inc()
             first = next(iter(result.failures.values()))
+            health.failed(first.error_code, first.error_message, self.clock.now_ms())
             if rejected_type is not None:
                 # Records the destination refuses for good (a mapping error) are archived at once;
                 # without an error-output type they are retried: never dropped silently.
@@ -1101,6 +1211,8 @@ class StreamRuntime:
                     await self._archive_failed(sealed, rejected_type, records, items, attempt)
                     expired += len(rejected)
                     if len(rejected) == len(result.failures):
+                        # The destination answered: records it refuses are no outage of it.
+                        health.succeeded()
                         self.metrics.delivery_success.labels(labels).set(1)
                         break
                     first = next(f for f in result.failures.values() if f.retryable)
@@ -1217,10 +1329,15 @@ class StreamRuntime:
         key = self.archive.archive_key(oldest, rng, error_output_type)  # type: ignore[attr-defined]
         batch = Batch(self.name, sealed.batch_id, key, lines, sealed.oldest_arrival_ms, archive=True)
         attempt = 0
-        while not (await self.archive.deliver(batch)).ok:
+        health = self._health_of(self.archive)
+        while not (result := await self.archive.deliver(batch)).ok:
+            first = next(iter(result.failures.values()))
+            health.failed(first.error_code, first.error_message, self.clock.now_ms())
             attempt += 1
-            self.log.warning("archive_retry_scheduled", batch_id=sealed.batch_id, key=key, attempt=attempt)
+            self.log.warning("archive_retry_scheduled", batch_id=sealed.batch_id, key=key, attempt=attempt,
+                             error_code=first.error_code)
             await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)))
+        health.succeeded()
         self.archived_records += len(lines)
         self.metrics.archived_records.labels(self.name).inc(len(lines))
 
@@ -1233,33 +1350,110 @@ class StreamRuntime:
         self.metrics.backlog_records.labels(labels).set(max(0, backlog))
         if self._refs is not None:
             self.metrics.partition_count.labels(labels).set(len(self._active))
-        oldest: int | None = None
-        if self._pending:
-            # Thousands of partition batches can be pending: scan them at most once a second.
-            mono = time.monotonic()
-            if self._oldest_pending is None or mono - self._oldest_pending[0] >= 1.0:
-                self._oldest_pending = (mono, min(p.sealed.oldest_arrival_ms for p in self._pending))
-            oldest = self._oldest_pending[1]
-        else:
-            self._oldest_pending = None
-        if self._buffer.count:
-            oldest = self._buffer.oldest_ms if oldest is None else min(oldest, self._buffer.oldest_ms)
+        oldest = self._oldest_pending_ms()
         age = 0.0 if oldest is None else max(0.0, (self.clock.now_ms() - oldest) / 1000.0)
         self.metrics.data_freshness.labels(labels).set(age)
         prefix = getattr(self.destination, "metrics_prefix", None)
         if prefix is not None:
             self.metrics.destination(prefix).freshness.labels(labels).set(age)
 
+    def _oldest_pending_ms(self) -> int | None:
+        """Arrival time of the oldest record in an undelivered batch or an open buffer (main,
+        partition or archive), or None when there is none."""
+        oldest: int | None = None
+        if self._pending:
+            # Thousands of partition batches can be pending: scan them at most once a second
+            # (and again when the batch found oldest is done).
+            mono = time.monotonic()
+            if self._oldest_pending is None or mono - self._oldest_pending[0] >= 1.0:
+                self._oldest_pending = (mono, min(p.sealed.oldest_arrival_ms for p in self._pending))
+            oldest = self._oldest_pending[1]
+        else:
+            self._oldest_pending = None
+        buffered = self._oldest_buffered()
+        if buffered is not None:
+            oldest = buffered if oldest is None else min(oldest, buffered)
+        return oldest
+
+    def _oldest_unbuffered_ms(self) -> int | None:
+        """Arrival time of the first acknowledged record not in any buffer or batch yet (waiting
+        for the processing stage, or for the batcher), or None. Records are read in sequence
+        order, so it is only the oldest when nothing is buffered or pending."""
+        arrivals = []
+        head = self.spool.committed.next_gap(self.spool.min_seq)
+        if head < self.spool.next_seq:
+            arrivals.append(self._arrival_at(self.spool, head))
+        if self.out is not self.spool and self._cursor < self.out.next_seq:
+            arrivals.append(self._arrival_at(self.out, max(self._cursor, self.out.min_seq)))
+        known = [a for a in arrivals if a is not None]
+        return min(known) if known else None
+
+    def _arrival_at(self, spool: Spool, seq: int) -> int | None:
+        which = 0 if spool is self.spool else 1
+        if self._backlog_head is not None and self._backlog_head[:2] == (which, seq):
+            return self._backlog_head[2]
+        try:
+            frame = spool.frame_at(seq)  # from the cache, or one frame read from disk
+        except (OSError, SpoolError):
+            return None
+        if frame is None:
+            return None
+        self._backlog_head = (which, seq, frame.arrival_ms)
+        return frame.arrival_ms
+
+    def _health_of(self, destination: Destination | None) -> DeliveryHealth:
+        backup = self._health.get("backup")
+        return backup if backup is not None and destination is not self.destination else self._health["destination"]
+
+    def failing_for_secs(self) -> float | None:
+        """How long the longest current run of failed delivery attempts of this stream's
+        destinations has lasted, in seconds; None when the latest attempt of each succeeded."""
+        since = [h.failing_since_ms for h in self._health.values() if h.failing_since_ms is not None]
+        return None if not since else max(0.0, (self.clock.now_ms() - min(since)) / 1000.0)
+
+    @property
+    def fenced(self) -> bool:
+        """An fsync of one of the stream's spools failed: it refuses records until a restart."""
+        return self.spool.failed is not None or self.out.failed is not None
+
+    @property
+    def can_accept(self) -> bool:
+        """Whether the stream takes records now: it is running, its spool is not fenced, and the
+        spool has room for a maximum-size record (a quarter of its cap when that is smaller):
+        nearer its cap, most requests are refused with "Slow down."."""
+        need = min(MAX_RECORD_ROOM, self.spool.max_size_bytes // 4)
+        return self._accepting and not self.fenced and self.has_room(need)
+
+    def buffered_records(self) -> int:
+        """Records read from the spool into open buffers and not sealed yet: the main buffer,
+        every partition's buffer and the archive buffers."""
+        return (self._buffer.count + sum(b.count for b in self._partitions.values())
+                + sum(b.count for b in self._archive_buffers.values()))
+
     def status(self) -> dict[str, Any]:
+        """The stream's part of ``/healthz`` (every field is documented in docs/operations.md).
+        Nothing in it names a file path, a URL or a secret."""
+        now = self.clock.now_ms()
+        oldest = self._oldest_pending_ms()
+        if oldest is None:
+            oldest = self._oldest_unbuffered_ms()
+        errors = [h.last_error for h in self._health.values() if h.last_error is not None]
+        last = max(errors, key=lambda e: e.time_ms) if errors else None
+        since = [h.failing_since_ms for h in self._health.values() if h.failing_since_ms is not None]
         return {
+            "accepting_records": self.can_accept,
+            "oldest_pending_age_secs": 0.0 if oldest is None else round(max(0.0, (now - oldest) / 1000.0), 3),
+            "last_delivery_error": last.to_json() if last is not None else None,
+            "failing_since": iso_utc(min(since)) if since else None,
             "spool_bytes": self.spool.size_bytes,
             "pending_batches": len(self._pending),
-            "open_buffer_records": self._buffer.count,
+            "open_buffer_records": self.buffered_records(),
             "open_partitions": len(self._partitions),
             "active_partitions": len(self._active),
             "delivered_records": self.delivered_records,
             "dropped_records": self.dropped_records,
             "archived_records": self.archived_records,
             "backed_up_records": self.backed_up_records,
-            "spool_failed": str(self.spool.failed or self.out.failed or "") or None,
+            # A stable code: the spool's own message (with its directory) is in the log.
+            "spool_failed": "fsync_failed" if self.fenced else None,
         }

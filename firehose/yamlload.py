@@ -21,7 +21,8 @@ _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class YamlError(ValueError):
-    """A YAML document that cannot be turned into config data; ``str()`` names file and line."""
+    """A YAML document that cannot be turned into config data; ``str()`` names file and line of
+    the first problem, ``errors`` lists every problem found (each ``file:line: message``)."""
 
     def __init__(self, file: str, line: int | None, message: str) -> None:
         self.file = file
@@ -29,6 +30,7 @@ class YamlError(ValueError):
         self.message = message
         where = f"{file}:{line}" if line is not None else file
         super().__init__(f"{where}: {message}")
+        self.errors: list[str] = [str(self)]
 
 
 def format_path(path: Path) -> str:
@@ -45,8 +47,9 @@ def format_path(path: Path) -> str:
 def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> tuple[Any, dict[Path, int]]:
     """Parse ``text`` into plain Python data and a path -> line map.
 
-    Raises :class:`YamlError` for syntax errors, duplicate keys, non-string keys and undefined
-    ``${VAR}`` references (``${VAR:-default}`` supplies a default).
+    Raises :class:`YamlError` for syntax errors (the first: nothing after it can be read), and
+    for duplicate keys, non-string keys, merge keys and undefined ``${VAR}`` references
+    (``${VAR:-default}`` supplies a default): all of those in the document, in one error.
     """
     environ = os.environ if env is None else env
     try:
@@ -62,48 +65,67 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> tup
         return {}, lines
     # One loader resolves every scalar's tag (int, bool, null, ...) for this document.
     scalars = yaml.SafeLoader("")
-    return _build(node, (), lines, file, environ, scalars), lines
+    problems: list[YamlError] = []
+    data = _build(node, (), lines, _Ctx(file, environ, scalars, problems))
+    if problems:
+        first = problems[0]
+        error = YamlError(first.file, first.line, first.message)
+        error.errors = [str(p) for p in problems]
+        raise error
+    return data, lines
 
 
-def _build(
-    node: yaml.Node, path: Path, lines: dict[Path, int], file: str, env: Mapping[str, str], scalars: yaml.SafeLoader
-) -> Any:
+class _Ctx:
+    """What every node of one document is built with; ``problems`` collects what is wrong."""
+
+    def __init__(self, file: str, env: Mapping[str, str], scalars: yaml.SafeLoader, problems: list[YamlError]) -> None:
+        self.file = file
+        self.env = env
+        self.scalars = scalars
+        self.problems = problems
+
+    def problem(self, line: int, message: str) -> None:
+        self.problems.append(YamlError(self.file, line, message))
+
+
+def _build(node: yaml.Node, path: Path, lines: dict[Path, int], ctx: _Ctx) -> Any:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise YamlError(file, key_node.start_mark.line + 1, "YAML merge keys ('<<') are not supported")
+                ctx.problem(line, "YAML merge keys ('<<') are not supported")
+                continue
             if not isinstance(key_node, yaml.ScalarNode):
-                raise YamlError(file, key_node.start_mark.line + 1, f"{format_path(path) or 'top level'}: keys must be strings")
+                ctx.problem(line, f"{format_path(path) or 'top level'}: keys must be strings")
+                continue
             key = key_node.value
             if key in out:
                 first = lines.get(path + (key,))
-                raise YamlError(
-                    file,
-                    key_node.start_mark.line + 1,
-                    f"{format_path(path + (key,))}: duplicate key (first defined on line {first})",
-                )
-            out[key] = _build(value_node, path + (key,), lines, file, env, scalars)
+                ctx.problem(line, f"{format_path(path + (key,))}: duplicate key (first defined on line {first})")
+                continue  # the first definition stays, so its line is the one reported for it
+            out[key] = _build(value_node, path + (key,), lines, ctx)
             # An error about a field points at its key, which is where a reader looks.
-            lines[path + (key,)] = key_node.start_mark.line + 1
+            lines[path + (key,)] = line
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(item, path + (i,), lines, file, env, scalars) for i, item in enumerate(node.value)]
+        return [_build(item, path + (i,), lines, ctx) for i, item in enumerate(node.value)]
     assert isinstance(node, yaml.ScalarNode)
-    value = scalars.construct_object(node)
+    value = ctx.scalars.construct_object(node)
     if isinstance(value, str):
-        value = _interpolate(value, path, node.start_mark.line + 1, file, env)
+        value = _interpolate(value, path, node.start_mark.line + 1, ctx)
     return value
 
 
-def _interpolate(value: str, path: Path, line: int, file: str, env: Mapping[str, str]) -> str:
+def _interpolate(value: str, path: Path, line: int, ctx: _Ctx) -> str:
     def repl(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
+        if name in ctx.env:
+            return ctx.env[name]
         if default is not None:
             return default
-        raise YamlError(file, line, f"{format_path(path)}: environment variable ${{{name}}} is not set")
+        ctx.problem(line, f"{format_path(path)}: environment variable ${{{name}}} is not set")
+        return match.group(0)
 
     return _ENV_RE.sub(repl, value)

@@ -188,6 +188,15 @@ class Daemon:
                     pass
         return out
 
+    def health(self) -> dict[str, Any]:
+        """The daemon's ``GET /healthz`` document (whatever its HTTP status)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", "/healthz")
+            return orjson.loads(conn.getresponse().read())  # type: ignore[no-any-return]
+        finally:
+            conn.close()
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)

@@ -40,12 +40,26 @@ class LambdaProcessorConfig(_Model):
     timeout_secs: int = Field(default=300, ge=1, le=900)
     workers: int = Field(default=1, ge=1, le=64)
 
+    @field_validator("function")
+    @classmethod
+    def _function(cls, v: str | None) -> str | None:
+        # The forms the workers import (workers.load_function): "pkg.module:attr" (attr may be
+        # dotted) and Lambda's own handler setting, "module.function". Whether it imports is
+        # checked by `firehose validate` and at start, in a child process (it runs user code).
+        if v is None:
+            return v
+        module, sep, attr = v.partition(":")
+        if not sep:
+            module, _, attr = v.rpartition(".")
+        parts = [*module.split("."), *attr.split(".")]
+        if not module or not attr or ":" in attr or not all(p.isidentifier() for p in parts):
+            raise ValueError(f"must be 'module:callable' (or Lambda's 'module.callable'), got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _one_target(self) -> LambdaProcessorConfig:
         if (self.function is None) == (self.arn is None):
             raise ValueError("give exactly one of 'function' (module:callable) or 'arn'")
-        if self.function is not None and (":" not in self.function or self.function.count(":") != 1):
-            raise ValueError(f"function must be 'module:callable', got {self.function!r}")
         return self
 
     @property

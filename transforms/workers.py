@@ -65,6 +65,7 @@ log = structlog.get_logger()
 # First byte of every message a worker sends.
 _READY: Final = 0x52  # b"R": the handler imported; serving
 _LOAD_FAILED: Final = 0x4C  # b"L": + utf-8 "<Type>: <message>"
+MAX_RESPONSE_BYTES: Final = 6_291_556  # Lambda's limit for a synchronous invocation's response
 _RESULT: Final = 0x4F  # b"O": + the handler's response as JSON
 _ERROR: Final = 0x45  # b"E": + utf-8 "<errorType>: <errorMessage>"
 _SHUTDOWN: Final = b""  # daemon -> worker: exit cleanly
@@ -166,6 +167,12 @@ def _serve(function: str, conn: Connection) -> None:
         except (TypeError, ValueError, RecursionError) as exc:
             message = f"Runtime.MarshalError: Unable to marshal response: {exc}"
             conn.send_bytes(bytes([_ERROR]) + message.encode("utf-8", "replace"))
+            continue
+        if len(body) > MAX_RESPONSE_BYTES:
+            # Lambda's synchronous response limit: the invocation fails, as it does on AWS.
+            message = (f"Function.ResponseSizeTooLarge: Response payload size ({len(body)} bytes) exceeded "
+                       f"maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).")
+            conn.send_bytes(bytes([_ERROR]) + message.encode())
             continue
         conn.send_bytes(bytes([_RESULT]) + body)
 

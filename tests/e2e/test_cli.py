@@ -255,3 +255,43 @@ def test_transform_command_shows_each_records_partition(tmp_path: Path) -> None:
     assert failed["errorOutputType"] == "partitioning-failed"
     assert failed["errorMessage"] == "partition key 'customer_id' is null (the query found no value)"
     assert summary == {"summary": {"records": 2, "delivered": 1, "dropped": 0, "archived": 1}}
+
+
+def test_transform_previews_format_conversion_as_the_daemon_archives_it(tmp_path: Path) -> None:
+    """A record the schema cannot take is archived by the daemon as format-conversion-failed;
+    the preview used to show it as Ok."""
+    import json
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(
+        "streams:\n  - name: a\n    format:\n      type: parquet\n"
+        "      schema: {columns: [{name: n, type: int}, {name: s, type: string}]}\n"
+        "    destination: {type: local, path: out, compression: none}\n"
+    )
+    res = subprocess.run([sys.executable, "-m", "firehose", "transform", "--config", str(cfg), "--stream", "a"],
+                         input=b'{"n": 1, "s": "x"}\n{"n": "many"}\nnot json\n', capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    ok, wrong_type, not_json, summary = (json.loads(line) for line in res.stdout.splitlines())
+    assert ok == {"record": 0, "result": "Ok", "data": '{"n": 1, "s": "x"}'}
+    assert wrong_type["result"] == "ProcessingFailed"
+    assert wrong_type["errorOutputType"] == "format-conversion-failed"
+    assert wrong_type["errorCode"] == "DataFormatConversion.MalformedData"
+    assert "'many'" in wrong_type["errorMessage"]
+    assert not_json["errorCode"] == "DataFormatConversion.ParseError"
+    assert not_json["errorOutputType"] == "format-conversion-failed"
+    assert summary == {"summary": {"records": 3, "delivered": 1, "dropped": 0, "archived": 2}}
+
+
+def test_transform_output_is_only_json_when_a_handler_runs(tmp_path: Path) -> None:
+    """The worker pool logs as it starts; those lines go to stderr, never into the preview."""
+    import json
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("streams:\n  - name: a\n    processing:\n      - {type: lambda, function: 'handlers.upper:handler'}\n"
+                   "    destination: {type: local, path: out}\n")
+    res = subprocess.run([sys.executable, "-m", "firehose", "transform", "--config", str(cfg), "--stream", "a"],
+                         input=b'{"name": "ada", "customer": 1}\n', capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert rows[0]["result"] == "Ok" and json.loads(rows[0]["data"])["name"] == "ADA"
+    assert rows[-1] == {"summary": {"records": 1, "delivered": 1, "dropped": 0, "archived": 0}}

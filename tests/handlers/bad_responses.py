@@ -60,3 +60,10 @@ def numeric_partition_key(event: dict[str, Any], context: Any) -> Any:
 def bytes_data(event: dict[str, Any], context: Any) -> Any:
     """Returns ``bytes`` as data: fine in Python, impossible to marshal to JSON on Lambda."""
     return {"records": [{**r, "data": b"raw"} for r in _ok(event)]}
+
+
+def too_large(event: dict[str, Any], context: Any) -> Any:
+    """A well-formed response of about 8 MB: over Lambda's 6 MB response limit."""
+    records = _ok(event)
+    pad = "A" * (8 << 20)
+    return {"records": [{**records[0], "padding": pad}, *records[1:]]}

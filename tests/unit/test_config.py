@@ -137,3 +137,87 @@ def test_stream_state_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     (tmp_path / "streams" / "s.json").write_text('{"format": 99, "version": 3}')
     with pytest.raises(ConfigError, match="state format version 99 .* reads version 1"):
         state.load("s")
+
+
+def test_one_load_reports_every_problem_of_every_stream() -> None:
+    """A typo in a stream's buffering used to hide everything below it (the first pass raised
+    before destinations, sources and processors were checked): one run lists them all."""
+    text = (
+        "api: {region: 'Not A Region'}\n"
+        "streams:\n"
+        "  - name: a\n"
+        "    buffering: {size_mib: five}\n"
+        "    sources: [{type: fil}]\n"
+        "    processing:\n"
+        "      - {type: decompression, compression_format: lz}\n"
+        "    backup: {path: /b, mode: sometimes}\n"
+        "    destination: {type: local, path: out, compression: lz4}\n"
+        "  - name: b\n"
+        "    destination: {type: s3}\n"
+    )
+    errs = errors_of(text)
+    assert errs[0] == "f.yaml:1: api.region: must be a region name such as us-east-1, got 'Not A Region'"
+    assert errs[1] == "f.yaml:4: streams[0].buffering.size_mib: input should be a valid integer, got 'five'"
+    assert errs[2] == ("f.yaml:9: streams[0].destination.compression: unknown compression 'lz4'; "
+                       "known: none, gzip, zip, snappy, hadoop_snappy")
+    assert errs[3].startswith("f.yaml:5: streams[0].sources[0].type: unknown type 'fil'; known: ")
+    assert errs[4] == "f.yaml:7: streams[0].processing[0].compression_format: input should be 'gzip' or 'GZIP', got 'lz'"
+    assert errs[5].startswith("f.yaml:8: streams[0].backup.mode: must be failed_only or all")
+    assert errs[6] == "f.yaml:11: streams[1].destination.bucket: required field is missing"
+    assert len(errs) == 7
+
+
+def test_an_invalid_destination_does_not_hide_the_streams_processing_or_format() -> None:
+    text = (
+        "streams:\n"
+        "  - name: a\n"
+        "    processing: [{type: metadata_extraction, query: '{a: .a'}]\n"
+        "    format: {type: parquet}\n"
+        "    destination: {type: opensearh}\n"
+    )
+    errs = errors_of(text)
+    assert errs[0].startswith("f.yaml:5: streams[0].destination.type: unknown type 'opensearh'; known: ")
+    assert errs[1].startswith("f.yaml:3: streams[0].processing[0].query: is not a valid jq program")
+    assert errs[2] == "f.yaml:4: streams[0].format: format 'parquet' needs a 'schema' (columns, avro_schema or glue)"
+    assert len(errs) == 3
+
+
+def test_a_broken_stream_field_does_not_cause_errors_that_are_not_there() -> None:
+    """An invalid dynamic_partitioning block is reported once; the destination's partition-key
+    prefix is still judged as partitioned (what was meant), not flagged as well."""
+    text = (
+        "streams:\n"
+        "  - name: a\n"
+        "    dynamic_partitioning: {enabled: true, max_active_partitions: 0}\n"
+        "    processing: [{type: metadata_extraction, query: '{k: .k}'}]\n"
+        "    destination:\n"
+        "      type: local\n"
+        "      path: out\n"
+        "      prefix: 'k=!{partitionKeyFromQuery:k}/'\n"
+        "      error_output_prefix: 'errors/!{firehose:error-output-type}/'\n"
+    )
+    assert errors_of(text) == [
+        "f.yaml:3: streams[0].dynamic_partitioning.max_active_partitions: input should be greater than or "
+        "equal to 1, got 0"
+    ]
+
+
+def test_a_stream_that_is_not_a_mapping_is_named() -> None:
+    errs = errors_of("streams:\n  - just-a-name\n  - name: b\n    destination: {type: nope}\n")
+    assert errs[0].startswith("f.yaml:2: streams[0]: input should be a valid dictionary")
+    assert errs[1].startswith("f.yaml:4: streams[1].destination.type: unknown type 'nope'")
+
+
+def test_every_duplicate_key_and_missing_variable_is_reported_at_once() -> None:
+    text = (
+        "data_dir: ${DATA}\n"
+        "streams:\n"
+        "  - name: a\n"
+        "    name: b\n"
+        "    destination: {type: s3, bucket: '${BUCKET}', prefix: '${PREFIX:-p/}'}\n"
+    )
+    assert errors_of(text) == [
+        "f.yaml:1: data_dir: environment variable ${DATA} is not set",
+        "f.yaml:4: streams[0].name: duplicate key (first defined on line 3)",
+        "f.yaml:5: streams[0].destination.bucket: environment variable ${BUCKET} is not set",
+    ]

@@ -167,3 +167,64 @@ def test_partial_failure_resends_only_the_failed_records(tmp_path: Path) -> None
 
     asyncio.run(go())
     assert calls == [[b"a", b"b", b"c", b"d", b"e"], [b"b", b"d"], [b"b"]]
+
+
+def test_status_counts_records_buffered_in_every_partition_and_their_age(tmp_path: Path) -> None:
+    clock = ManualClock()
+    text = f"""
+streams:
+  - name: s
+    buffering: {{size_mib: 1, interval_secs: 900}}
+    dynamic_partitioning: {{enabled: true}}
+    processing:
+      - {{type: metadata_extraction, query: '{{c: .c}}'}}
+    destination: {{type: local, path: {tmp_path / 'out'}, prefix: "c=!{{partitionKeyFromQuery:c}}/",
+                   error_output_prefix: "err/!{{firehose:error-output-type}}/"}}
+"""
+
+    async def go() -> None:
+        rt = runtime_from_yaml(tmp_path, text, clock=clock)
+        await rt.start()
+        await rt.put([b'{"c": "a"}', b'{"c": "b"}', b'{"c": "a"}'])
+        await settle(lambda: rt.status()["open_buffer_records"] == 3)
+        clock.advance(5)
+        await rt.put([b'{"c": "c"}'])
+        await settle(lambda: rt.status()["open_buffer_records"] == 4)
+        st = rt.status()
+        assert (st["open_partitions"], st["pending_batches"], st["oldest_pending_age_secs"]) == (3, 0, 5.0)
+        # DataFreshness counts the partitions' buffers too (it was 0 while they held records).
+        assert 'firehose_DeliveryToS3_DataFreshness{DeliveryStreamName="s"} 5.0' in rt.metrics.render().decode()
+        await rt.stop(5)
+        st = rt.status()
+        assert (st["open_buffer_records"], st["oldest_pending_age_secs"]) == (0, 0.0)
+        out = tmp_path / "out"
+        assert sorted(p.relative_to(out).parts[0] for p in out.rglob("s-1-*")) == ["c=a", "c=b", "c=c"]
+
+    asyncio.run(go())
+
+
+def test_status_ages_records_still_waiting_for_the_processing_stage(tmp_path: Path) -> None:
+    """Records acknowledged but not yet in a buffer (a slow Lambda): oldest_pending_age_secs counts
+    them, read from their spool frame."""
+    clock = ManualClock()
+    text = f"""
+streams:
+  - name: s
+    buffering: {{size_mib: 1, interval_secs: 0}}
+    processing:
+      - {{type: lambda, function: "handlers.sleeps:handler", timeout_secs: 60, buffer_interval_secs: 0}}
+    destination: {{type: local, path: {tmp_path / 'out'}}}
+"""
+
+    async def go() -> None:
+        rt = runtime_from_yaml(tmp_path, text, clock=clock)
+        await rt.start()
+        await rt.put([b"1"])  # the handler sleeps 1 s
+        clock.advance(7)
+        st = rt.status()
+        assert (st["open_buffer_records"], st["pending_batches"], st["oldest_pending_age_secs"]) == (0, 0, 7.0)
+        await settle(lambda: rt.delivered_records == 1)
+        assert rt.status()["oldest_pending_age_secs"] == 0.0
+        await rt.stop(5)
+
+    asyncio.run(go())

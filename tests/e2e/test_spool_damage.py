@@ -1,0 +1,78 @@
+"""A damaged spool as an operator meets it: the stream whose acknowledged records are damaged
+refuses to start while the others run, health names it without paths, `firehose spool check`
+says where the damage is, `firehose spool salvage` keeps every frame that verifies, and a reload
+brings the stream back with every record that survived."""
+
+from __future__ import annotations
+
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from support import Daemon, daemon_config, local_objects, raw_call, stream_config, wait_for
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "firehose", *args], capture_output=True, text=True, timeout=120)
+
+
+def _records_frames(path: Path) -> list[tuple[int, int]]:
+    data = path.read_bytes()
+    pos, out = 12, []
+    while pos + 9 <= len(data):
+        length, _crc, ftype = struct.unpack_from(">IIB", data, pos)
+        if ftype == 1:
+            out.append((pos, length))
+        pos += 9 + length
+    return out
+
+
+def test_a_damaged_stream_waits_for_salvage_while_the_others_run(tmp_path: Path) -> None:
+    streams = [stream_config(n, {"type": "local", "path": str(tmp_path / f"out-{n}")},
+                             buffering={"size_mib": 1, "interval_secs": 900}) for n in ("a", "b")]
+    cfg = daemon_config(tmp_path, streams)
+    d = Daemon(tmp_path, cfg).start()
+    fh = d.firehose()
+    for i in range(20):
+        fh.put_record(DeliveryStreamName="a", Record={"Data": orjson.dumps({"i": i}) + b"\n"})
+    d.kill9()  # nothing delivered yet: every record is only in the spool
+
+    [seg] = sorted((tmp_path / "data" / "spool" / "a").glob("seg-*.log"))
+    offset, length = _records_frames(seg)[5]
+    data = bytearray(seg.read_bytes())
+    data[offset + 9 + length // 2] ^= 0xFF
+    seg.write_bytes(bytes(data))
+
+    d.start()
+    try:
+        status, body = raw_call(d.port, "PutRecord", orjson.dumps(
+            {"DeliveryStreamName": "b", "Record": {"Data": "Yg=="}}))
+        assert status == 200, body
+        status, body = raw_call(d.port, "PutRecord", orjson.dumps(
+            {"DeliveryStreamName": "a", "Record": {"Data": "YQ=="}}))
+        assert (status, body["__type"]) == (503, "ServiceUnavailableException")
+        health = d.health()
+        assert health["status"] == "degraded" and health["streams"]["a"]["status"] == "failed"
+        assert str(tmp_path) not in orjson.dumps(health).decode()
+        failed = [e for e in d.events() if e.get("event") == "stream_start_failed"]
+        assert failed and seg.name in failed[0]["reason"] and f"offset {offset}" in failed[0]["reason"]
+
+        check = _cli("spool", "check", str(tmp_path / "data"))
+        assert check.returncode == 1, check.stdout + check.stderr
+        assert f"at offset {offset}" in check.stdout and "below the durable mark" in check.stdout
+        salvage = _cli("spool", "salvage", str(tmp_path / "data" / "spool" / "a"))
+        assert salvage.returncode == 0, salvage.stderr
+        assert "1 record(s) lost" in salvage.stdout and "sequence numbers 5..5" in salvage.stdout
+        assert _cli("spool", "check", str(tmp_path / "data")).returncode == 0
+
+        d.signal(signal.SIGHUP)  # a reload starts streams that failed to start
+        wait_for(lambda: d.health()["streams"]["a"].get("status") == "ok", 30, "stream a back")
+    finally:
+        assert d.stop() == 0
+    delivered = sorted(orjson.loads(line)["i"] for v in local_objects(tmp_path / "out-a").values()
+                       for line in v.splitlines())
+    assert delivered == [i for i in range(20) if i != 5]
