@@ -265,9 +265,21 @@ def _describe_error(err: Any) -> str:
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
         return msg[len("Value error, ") :]
-    if etype in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-        return f"{msg[0].lower()}{msg[1:]}, got {value!r}"
-    return f"{msg[0].lower()}{msg[1:]}, got {value!r}"
+    shown = "<redacted>" if _is_secret(err.get("loc", ())) else _short(value)
+    return f"{msg[0].lower()}{msg[1:]}, got {shown}"
+
+
+# A field whose value is a secret is never echoed in an error, whatever its type.
+_SECRET_FIELD = re.compile(r"pass|secret|token|credential|private|(^|_)key$|access_keys|hec_token", re.I)
+
+
+def _is_secret(loc: Any) -> bool:
+    return any(isinstance(part, str) and _SECRET_FIELD.search(part) for part in loc)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _collect(exc: ValidationError, base: Path, file: str, lines: Mapping[Path, int], out: list[str]) -> None:

@@ -79,19 +79,19 @@ class _Guard(asyncio.Protocol):
         self.server = server
         self._make_inner = make_inner
         self.inner: Any = None
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # asyncio's or uvloop's transport
         self._timer: asyncio.TimerHandle | None = None
         self._in_request = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
+        self.transport = transport
         if len(self.server.connections) >= self.server.limits.max_connections:
             self.server.refused += 1
             try:
-                transport.write(_BUSY)
+                self.transport.write(_BUSY)
             finally:
-                transport.close()
+                self.transport.close()
             return
         self.server.connections.add(self)
         self.inner = self._make_inner()

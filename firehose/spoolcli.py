@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from firehose.spool import check, salvage
 
@@ -70,7 +71,8 @@ def cmd_salvage(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: Any) -> None:
+    """Add ``spool check`` and ``spool salvage`` to the CLI's subcommands (``sub``)."""
     sp = sub.add_parser(
         "spool", help="check or salvage a damaged spool (run with the daemon stopped)",
         description="Inspect or repair the spool of a stream that refuses to start because a frame is "

@@ -63,6 +63,7 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> tup
     lines: dict[Path, int] = {}
     if node is None:
         return {}, lines
+    _check_expansion(node, file)
     # One loader resolves every scalar's tag (int, bool, null, ...) for this document.
     scalars = yaml.SafeLoader("")
     problems: list[YamlError] = []
@@ -73,6 +74,50 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> tup
         error.errors = [str(p) for p in problems]
         raise error
     return data, lines
+
+
+MAX_EXPANDED_NODES = 100_000  # a config is a few hundred nodes; aliases must not multiply it
+
+
+def _check_expansion(root: yaml.Node, file: str) -> None:
+    """Refuse a document whose aliases refer to themselves or expand past MAX_EXPANDED_NODES
+    (a 7-line alias bomb expands to millions), before anything walks the expanded tree."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    # Iterative post-order walk over the node graph (aliases are shared nodes, so each distinct
+    # node is sized once): (node, children visited yet?).
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            children = _children(node)
+            total = 1 + sum(sizes[id(c)] for c in children)
+            if total > MAX_EXPANDED_NODES:
+                raise YamlError(file, node.start_mark.line + 1,
+                                f"aliases expand this document past {MAX_EXPANDED_NODES} nodes; refusing it")
+            sizes[key] = total
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise YamlError(file, node.start_mark.line + 1, "an alias refers to the node that contains it")
+        on_path.add(key)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                raise YamlError(file, child.start_mark.line + 1, "an alias refers to the node that contains it")
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 class _Ctx:
