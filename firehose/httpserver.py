@@ -155,12 +155,14 @@ class _Guard(asyncio.Protocol):
 class GuardedServer:
     """An aiohttp application served on one address with :class:`HttpLimits`."""
 
-    def __init__(self, app: web.Application, host: str, port: int, limits: HttpLimits, name: str) -> None:
+    def __init__(self, app: web.Application, host: str, port: int, limits: HttpLimits, name: str, *,
+                 auto_decompress: bool = False) -> None:
         app.middlewares.insert(0, self._track)
         self.app = app
         self.host, self.port = host, port
         self.limits = limits
         self.name = name
+        self.auto_decompress = auto_decompress
         self.connections: set[_Guard] = set()
         self.by_protocol: dict[int, _Guard] = {}
         self.refused = 0
@@ -182,10 +184,11 @@ class GuardedServer:
                 guard.request_finished()
 
     async def start(self) -> None:
-        # auto_decompress off: a body is hashed (SigV4) and size-checked as it was sent, then
-        # inflated by the handler within its own limits.
+        # The API keeps auto_decompress off: a body is hashed (SigV4) and size-checked as it was
+        # sent, then inflated by the handler within its own limits.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                     keepalive_timeout=self.limits.idle_timeout_secs, auto_decompress=False)
+                                     keepalive_timeout=self.limits.idle_timeout_secs,
+                                     auto_decompress=self.auto_decompress)
         await self._runner.setup()
         factory = self._runner.server
         assert factory is not None

@@ -28,9 +28,10 @@ from typing import Any, ClassVar, Literal
 
 import orjson
 import pybase64
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from firehose.httpserver import GuardedServer, HttpLimits
 from firehose.interfaces import BuildContext, Source, SourceSink
 from firehose.spool import SpoolFullError
 
@@ -79,7 +80,7 @@ class FirehoseHttpSource(Source):
         self._keys = {k.get_secret_value() for k in config.access_keys}
         self._seen: OrderedDict[str, int] = OrderedDict()  # request id -> when it was spooled
         self._inflight: dict[str, asyncio.Future[web.Response]] = {}
-        self._runner: web.AppRunner | None = None
+        self._server: GuardedServer | None = None
         self.duplicates = 0
 
     async def start(self) -> None:
@@ -87,16 +88,18 @@ class FirehoseHttpSource(Source):
         self._seen = OrderedDict((rid, when) for when, rid in known)
         app = web.Application(client_max_size=self.config.max_request_mib << 20)
         app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
         host, _, port = self.config.listen.rpartition(":")
-        await web.TCPSite(self._runner, host, int(port), reuse_address=True).start()
+        # The same bounds as the API: connections, header/body/idle deadlines. aiohttp inflates
+        # gzip bodies here, within client_max_size (a compression bomb is refused at that size).
+        self._server = GuardedServer(app, host.strip("[]"), int(port), HttpLimits(), name=self.config.listen,
+                                     auto_decompress=True)
+        await self._server.start()
         self.log.info("firehose_http_source_started", remembered_requests=len(self._seen))
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await asyncio.wait_for(self._runner.cleanup(), 10)
-            self._runner = None
+        if self._server is not None:
+            await asyncio.wait_for(self._server.close(), 10)
+            self._server = None
 
     async def _handle(self, request: web.Request) -> web.Response:
         rid = request.headers.get("X-Amz-Firehose-Request-Id", "")
@@ -105,9 +108,15 @@ class FirehoseHttpSource(Source):
         if self._keys and request.headers.get("X-Amz-Firehose-Access-Key") not in self._keys:
             return _answer(rid, 401, "The access key is missing or not valid")
         try:
-            body = await request.read()  # aiohttp inflates Content-Encoding: gzip
+            async with asyncio.timeout(HttpLimits.body_timeout_secs):
+                body = await request.read()  # aiohttp inflates Content-Encoding: gzip
         except web.HTTPRequestEntityTooLarge:
             return _answer(rid, 413, f"The request is over {self.config.max_request_mib} MiB")
+        except TimeoutError:
+            return _answer(rid, 408, "The request body was not received in time")
+        except (ConnectionResetError, ClientPayloadError):
+            self.log.info("http_client_disconnected", request_id=rid[:64])
+            return _answer(rid, 400, "The connection closed before the body was read")
         try:
             doc = orjson.loads(body)
             records = [pybase64.b64decode(r["data"], validate=True) for r in doc["records"]]

@@ -115,3 +115,21 @@ def test_http_endpoint_into_firehose_http_exactly_once_across_receiver_kills(tmp
     assert set(found) <= loader.sent
     retried = [e for e in sender.events() if e.get("event") == "delivery_retry_scheduled"]
     assert retried, "no delivery was interrupted by a kill"
+
+
+def test_the_source_closes_slowloris_connections_and_keeps_serving(tmp_path: Path) -> None:
+    import socket
+
+    port = free_port()
+    d = receiver(tmp_path, port).start()
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        slow.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")  # and never the rest of the headers
+        started = time.monotonic()
+        assert slow.recv(1) == b""  # closed by the source's header deadline (10 s)
+        assert time.monotonic() - started < 25
+        slow.close()
+        status, _doc = post(port, str(uuid.uuid4()), [b"after\n"])
+        assert status == 200
+    finally:
+        assert d.stop() == 0
