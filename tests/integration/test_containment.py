@@ -109,3 +109,24 @@ def test_s3_keeps_firehoses_behaviour_for_the_same_prefix(tmp_path: Path) -> Non
     res = subprocess.run([sys.executable, "-m", "firehose", "validate", str(cfg)], capture_output=True, text=True,
                          env={**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"})
     assert res.returncode == 0, res.stderr
+
+
+def test_a_key_that_cannot_be_one_path_segment_is_archived_as_partitioning_failed(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    stream = stream_config("p", {"type": "local", "path": str(root), "prefix": "data/k=!{partitionKeyFromQuery:k}/",
+                                 "error_output_prefix": "errors/!{firehose:error-output-type}/"},
+                           dynamic_partitioning={"enabled": True},
+                           processing=[{"type": "metadata_extraction", "query": "{k: .k}"},
+                                       {"type": "append_delimiter"}])
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    try:
+        d.firehose().put_record_batch(DeliveryStreamName="p", Records=[
+            {"Data": orjson.dumps({"k": "/" * 100})}, {"Data": orjson.dumps({"k": "fine"})}])
+        wait_for(lambda: len(_files(root)) >= 2, 60, "both records written")
+    finally:
+        assert d.stop() == 0
+    files = {str(p.relative_to(root)): data for p, data in _files(root).items()}
+    failed = [k for k in files if k.startswith("errors/partitioning-failed/")]
+    assert len(failed) == 1 and any(k.startswith("data/k=fine/") for k in files), list(files)
+    error = orjson.loads(files[failed[0]].splitlines()[0])
+    assert error["errorCode"] and "path segment" in error["errorMessage"]
