@@ -70,25 +70,67 @@ Ident = tuple[int, int]  # (device, inode)
 
 
 class FileSourceConfig(BaseModel):
-    """``streams[].sources[]`` entry ``type: file``; see the module docstring."""
+    """Log files tailed by the daemon, with Kinesis Agent's options, exactly once into the spool:
+    positions are kept in the spool, rotations (rename, copytruncate, delete) are followed. The
+    stream still takes Direct PUT."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     stream_type: ClassVar[str] = "DirectPut"
     exclusive: ClassVar[bool] = False
 
-    type: Literal["file"]
-    paths: list[str] = Field(min_length=1)
-    initial_position: Literal["start_of_file", "end_of_file"] = "end_of_file"  # Kinesis Agent's default
-    multi_line_start_pattern: str | None = None
-    skip_header_lines: int = Field(default=0, ge=0)
-    max_record_bytes: int = Field(default=1_024_000, ge=16, le=1_024_000)
-    truncated_record_terminator: str = "\n"
-    processing: list[Any] = []
-    poll_interval_ms: int = Field(default=100, ge=10, le=60_000)
-    discovery_interval_ms: int = Field(default=1000, ge=10, le=600_000)
-    multi_line_timeout_ms: int = Field(default=1000, ge=10, le=600_000)
-    close_inactive_ms: int = Field(default=5000, ge=10, le=3_600_000)
+    type: Literal["file"] = Field(description="`file`.")
+    paths: list[str] = Field(
+        min_length=1,
+        description="Files to read: paths or globs such as `/var/log/app/*.log`, re-scanned every "
+        "`discovery_interval_ms` (Kinesis Agent: filePattern).",
+    )
+    initial_position: Literal["start_of_file", "end_of_file"] = Field(
+        default="end_of_file",
+        description="Where files found at the stream's first start are read from; files found later are read "
+        "from their start (Kinesis Agent: initialPosition, default END_OF_FILE).",
+    )
+    multi_line_start_pattern: str | None = Field(
+        default=None,
+        description="A regular expression: a record starts at each line it matches and runs to the next; "
+        "unset: one record per line (Kinesis Agent: multiLineStartPattern).",
+    )
+    skip_header_lines: int = Field(
+        default=0, ge=0,
+        description="Lines skipped at the start of each file (Kinesis Agent: skipHeaderLines).",
+    )
+    max_record_bytes: int = Field(
+        default=1_024_000, ge=16, le=1_024_000,
+        description="Bytes of a record at most; a longer one is cut and ends with "
+        "`truncated_record_terminator`, as Kinesis Agent truncates at Firehose's 1,000 KiB record limit.",
+    )
+    truncated_record_terminator: str = Field(
+        default="\n",
+        description="What ends a record cut at `max_record_bytes` (Kinesis Agent: truncatedRecordTerminator).",
+    )
+    processing: list[Any] = Field(
+        default=[],
+        description="Options converting each record before it reaches the spool, in order, each chosen by "
+        "its `type` (Kinesis Agent: dataProcessingOptions).",
+    )
+    poll_interval_ms: int = Field(
+        default=100, ge=10, le=60_000,
+        description="Milliseconds between checks of a file for new data.",
+    )
+    discovery_interval_ms: int = Field(
+        default=1000, ge=10, le=600_000,
+        description="Milliseconds between scans of `paths` for new, rotated and deleted files.",
+    )
+    multi_line_timeout_ms: int = Field(
+        default=1000, ge=10, le=600_000,
+        description="With `multi_line_start_pattern`: milliseconds a file must be quiet before its last "
+        "record is sent.",
+    )
+    close_inactive_ms: int = Field(
+        default=5000, ge=10, le=3_600_000,
+        description="Milliseconds a finished file (read to its end, no longer matched or deleted) stays open "
+        "before it is released.",
+    )
 
     @field_validator("paths")
     @classmethod
@@ -577,6 +619,12 @@ class FileSource(Source):
         """Give up a missing file: its position is released, the loss reported and counted.
         ``bytes_unread`` is None when unknowable (a file gone takes its size with it)."""
         self._unsaved[f.key] = None
+        if reason in ("not_found", "directory_gone") and f.seen_size >= 0 and f.seen_size == f.offset:
+            # It had been read to its end when last seen (closed while idle), then removed: old
+            # logs cleaned up. Nothing is known to be lost, so this is not a warning.
+            self.log.info("file_source_released", path=f.path, reason=f"{reason} after it was read to its end",
+                          offset=f.offset)
+            return
         self._m_errors.labels(self._stream, "rotated_file_lost").inc()
         self.log.warning("file_source_rotated_file_lost", path=f.path, reason=reason, offset=f.offset,
                          bytes_unread=bytes_unread, error=error)

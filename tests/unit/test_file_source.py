@@ -318,6 +318,8 @@ def test_idle_files_give_their_descriptors_back_and_are_reopened_when_they_grow(
     sink = MemorySink()
     proc_fds = Path("/proc/self/fd")
 
+    events: list[dict[str, Any]] = []
+
     async def go() -> None:
         src = source([str(tmp_path / "*.log")], sink)
         before = len(list(proc_fds.iterdir()))
@@ -328,13 +330,18 @@ def test_idle_files_give_their_descriptors_back_and_are_reopened_when_they_grow(
         with open(tmp_path / "f07.log", "ab") as f:
             f.write(b"more\n")
         await until(lambda: len(sink.records) == 51)
-        os.unlink(tmp_path / "f08.log")  # closed and gone: released, its position forgotten
-        await until(lambda: not any(isinstance(v, dict) and v.get("path", "").endswith("f08.log")
-                                    for v in sink.positions.values()))
+        with capture_logs() as captured:
+            os.unlink(tmp_path / "f08.log")  # read to its end, closed, then gone: released, nothing lost
+            await until(lambda: not any(isinstance(v, dict) and v.get("path", "").endswith("f08.log")
+                                        for v in sink.positions.values()))
+        events.extend(captured)
         await src.stop()
 
     run(go())
     assert sink.records[-1] == b"more\n"
+    # Old logs cleaned up after they were read are not a loss: no warning, not counted.
+    assert [e["event"] for e in events if "f08" in str(e.get("path", ""))] == ["file_source_released"]
+    assert lost_count(sink) == 0
 
 
 # ---------------------------------------------------------------- rotated files found by identity
