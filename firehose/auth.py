@@ -93,10 +93,28 @@ def preverify(
 ) -> PendingSignature:
     """Every SigV4 check that needs no body; raises :class:`AuthError`. ``headers`` may repeat a
     name (values are joined with ``,`` as SigV4 does)."""
-    items = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
     by_name: dict[str, list[str]] = {}
-    for name, value in items:
+    for name, value in headers.items() if isinstance(headers, Mapping) else headers:
         by_name.setdefault(name.lower(), []).append(value)
+    m = _authorization(by_name)
+    akid, date, region, svc = _scope(m.group("cred"), service)
+    secret = credentials.get(akid)
+    if secret is None:
+        raise AuthError("UnrecognizedClientException", "The security token included in the request is invalid.")
+    amz_date = (by_name.get("x-amz-date") or [""])[0]
+    _check_date(amz_date, date, now or datetime.now(UTC))
+    signed = m.group("signed")
+    canonical_query = "&".join(
+        sorted(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, _, v in
+               (pair.partition("=") for pair in query.split("&") if pair))
+    )
+    head = "\n".join([method.upper(), quote(path or "/", safe="/-_.~"), canonical_query,
+                      _canonical_headers(signed, by_name)])
+    return PendingSignature(akid, secret, date, region, svc, amz_date, head, signed, m.group("sig"),
+                            _declared_hash(by_name))
+
+
+def _authorization(by_name: dict[str, list[str]]) -> re.Match[str]:
     auth = ",".join(by_name.get("authorization", []))
     if not auth:
         raise AuthError("MissingAuthenticationTokenException", "Missing Authentication Token", 403)
@@ -104,54 +122,61 @@ def preverify(
     if m is None:
         raise AuthError("IncompleteSignatureException", "Authorization header requires Credential, SignedHeaders "
                         "and Signature for AWS4-HMAC-SHA256", 400)
-    parts = m.group("cred").split("/")
+    return m
+
+
+def _scope(credential: str, service: str) -> tuple[str, str, str, str]:
+    """(access key id, date, region, service) of a ``Credential=`` value, scoped to ``service``."""
+    parts = credential.split("/")
     if len(parts) != 5 or parts[4] != "aws4_request":
         raise AuthError("IncompleteSignatureException", "Credential should be scoped correctly")
     akid, date, region, svc, _ = parts
     if svc != service:
         raise AuthError("InvalidSignatureException", f"Credential should be scoped to correct service: '{service}'.")
-    secret = credentials.get(akid)
-    if secret is None:
-        raise AuthError("UnrecognizedClientException", "The security token included in the request is invalid.")
-    amz_date = (by_name.get("x-amz-date") or [""])[0]
+    return akid, date, region, svc
+
+
+def _check_date(amz_date: str, scope_date: str, current: datetime) -> None:
     try:
         when = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     except ValueError:
         raise AuthError("IncompleteSignatureException", "X-Amz-Date header is missing or malformed") from None
-    if amz_date[:8] != date:
+    if amz_date[:8] != scope_date:
         raise AuthError("InvalidSignatureException", "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP")
-    current = now or datetime.now(UTC)
     if when < current - MAX_SKEW:
         raise AuthError("InvalidSignatureException", f"Signature expired: {amz_date} is now earlier than "
                         f"{(current - MAX_SKEW).strftime('%Y%m%dT%H%M%SZ')} ({current.strftime('%Y%m%dT%H%M%SZ')} - 5 min.)")
     if when > current + MAX_SKEW:
         raise AuthError("InvalidSignatureException", f"Signature not yet current: {amz_date} is still later than "
                         f"{(current + MAX_SKEW).strftime('%Y%m%dT%H%M%SZ')} ({current.strftime('%Y%m%dT%H%M%SZ')} + 5 min.)")
-    signed = m.group("signed")
+
+
+def _canonical_headers(signed: str, by_name: dict[str, list[str]]) -> str:
+    """The canonical headers block for ``SignedHeaders``, which must include ``host``."""
     names = signed.split(";")
     if "host" not in names:
         raise AuthError("InvalidSignatureException", "'Host' must be a 'SignedHeader' in the AWS Authorization.")
-    canonical_headers = ""
+    out = ""
     for name in names:
         values = by_name.get(name)
         if values is None:
             raise AuthError("InvalidSignatureException", f"Signed header '{name}' is missing from the request")
-        canonical_headers += f"{name}:{','.join(_WS_RE.sub(' ', v.strip()) for v in values)}\n"
+        out += f"{name}:{','.join(_WS_RE.sub(' ', v.strip()) for v in values)}\n"
+    return out
+
+
+def _declared_hash(by_name: dict[str, list[str]]) -> str | None:
+    """``x-amz-content-sha256`` when sent; UNSIGNED-PAYLOAD and the STREAMING-* chunked forms
+    leave the body unsigned and are refused."""
     declared = by_name.get("x-amz-content-sha256")
-    declared_hash = None
-    if declared is not None:
-        declared_hash = declared[0].strip().lower()
-        if not _HEX64.match(declared_hash):
-            # UNSIGNED-PAYLOAD and the STREAMING-* chunked forms leave the body unsigned: refused.
-            raise AuthError("InvalidSignatureException",
-                            "x-amz-content-sha256 must be the hex SHA-256 of the payload: unsigned and "
-                            "streaming payloads are not accepted by this API.")
-    canonical_query = "&".join(
-        sorted(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, _, v in
-               (pair.partition("=") for pair in query.split("&") if pair))
-    )
-    head = "\n".join([method.upper(), quote(path or "/", safe="/-_.~"), canonical_query, canonical_headers])
-    return PendingSignature(akid, secret, date, region, svc, amz_date, head, signed, m.group("sig"), declared_hash)
+    if declared is None:
+        return None
+    value = declared[0].strip().lower()
+    if not _HEX64.match(value):
+        raise AuthError("InvalidSignatureException",
+                        "x-amz-content-sha256 must be the hex SHA-256 of the payload: unsigned and "
+                        "streaming payloads are not accepted by this API.")
+    return value
 
 
 def verify(

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from firehose.spool import check, salvage
+from firehose.spool_repair import check, salvage
 
 
 def spool_directories(path: str) -> list[str]:

@@ -16,6 +16,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -44,7 +45,9 @@ def test_in_ci_the_suite_runs_against_the_built_wheel_in_an_isolated_venv() -> N
     dist = importlib.metadata.distribution("firehose")
     direct_url = dist.read_text("direct_url.json")
     assert direct_url is None or not orjson.loads(direct_url).get("dir_info", {}).get("editable"), direct_url
-    assert REPO not in Path(firehose.__file__).resolve().parents, firehose.__file__
+    installed = Path(firehose.__file__).resolve().parent
+    assert installed != (REPO / "firehose").resolve(), firehose.__file__
+    assert installed.parent == Path(sysconfig.get_paths()["purelib"]).resolve(), firehose.__file__
     assert sys.prefix != sys.base_prefix, "not in a virtualenv"
     cfg = (Path(sys.prefix) / "pyvenv.cfg").read_text()
     assert "include-system-site-packages = false" in cfg

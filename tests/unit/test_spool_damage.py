@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from firehose.spool import FORMAT_VERSION, SealedBatch, Spool, SpoolError, check, salvage
+from firehose.spool import FORMAT_VERSION, SealedBatch, Spool, SpoolError
+from firehose.spool_repair import check, salvage
 
 
 def run(coro):  # type: ignore[no-untyped-def]
