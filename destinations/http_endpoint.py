@@ -57,17 +57,40 @@ ERROR_OUTPUT_TYPE = "http-endpoint-failed"
 
 
 class HttpEndpointDestinationConfig(RemoteConfig):
-    """``type: http_endpoint``. Firehose's names in comments."""
+    """An HTTP endpoint that takes Firehose's HTTP delivery requests (Firehose:
+    HttpEndpointDestinationConfiguration); needs the stream's ``backup:``."""
 
     BACKUP_MODE_NAMES: ClassVar[tuple[str, str]] = ("FailedDataOnly", "AllData")
 
-    type: Literal["http_endpoint"]
-    url: str  # EndpointConfiguration.Url
-    name: str | None = Field(default=None, min_length=1, max_length=256)  # EndpointConfiguration.Name
-    access_key: SecretStr | None = None  # EndpointConfiguration.AccessKey
-    common_attributes: dict[str, str] = Field(default_factory=dict)  # RequestConfiguration.CommonAttributes
-    content_encoding: str = "none"  # RequestConfiguration.ContentEncoding: none | gzip
-    request_timeout_secs: int = Field(default=180, ge=1, le=900)  # Firehose waits 3 minutes
+    type: Literal["http_endpoint"] = Field(description="`http_endpoint`.")
+    url: str = Field(
+        description="The URL each batch is POSTed to: http:// or https://, any port, at most 1000 characters "
+        "(Firehose: EndpointConfiguration.Url).",
+    )
+    name: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="A display name for the endpoint (Firehose: EndpointConfiguration.Name).",
+    )
+    access_key: SecretStr | None = Field(
+        default=None,
+        description="Sent in the X-Amz-Firehose-Access-Key header, at most 4096 characters; write it as "
+        "`${ENV}` (Firehose: EndpointConfiguration.AccessKey).",
+    )
+    common_attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Name -> value pairs sent in the X-Amz-Firehose-Common-Attributes header: at most 50, "
+        "names 1-256 characters, values at most 1024 (Firehose: RequestConfiguration.CommonAttributes).",
+    )
+    content_encoding: str = Field(
+        default="none",
+        description="`none` or `gzip` (Firehose's NONE, GZIP): whether request bodies are gzipped (Firehose: "
+        "RequestConfiguration.ContentEncoding).",
+    )
+    request_timeout_secs: int = Field(
+        default=180, ge=1, le=900,
+        description="Seconds to wait for the endpoint's answer; then the request failed and is retried "
+        "(Firehose waits 3 minutes).",
+    )
 
     @field_validator("url")
     @classmethod

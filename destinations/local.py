@@ -11,17 +11,23 @@ import asyncio
 import os
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from firehose.destinations.objectstore import ObjectStoreConfig, ObjectStoreDestination
 from firehose.interfaces import BuildContext
 
 
 class LocalDestinationConfig(ObjectStoreConfig):
+    """A local directory: each batch is one file, at the key S3 would get (prefix and name), written
+    to a temporary name, fsynced and renamed."""
+
     KEYS_ARE_PATHS = True
 
-    type: Literal["local"]
-    path: str
+    type: Literal["local"] = Field(description="`local`.")
+    path: str = Field(
+        description="The directory objects are written under (created if missing); relative paths are from "
+        "the working directory.",
+    )
 
     @field_validator("path")
     @classmethod

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from firehose.destinations.keys import (
     PrefixError,
@@ -41,11 +41,31 @@ class ObjectStoreConfig(BaseModel):
     # written as one path segment (keys.path_segment), and prefixes must stay under the root.
     KEYS_ARE_PATHS: ClassVar[bool] = False
 
-    type: str
-    prefix: str = ""
-    error_output_prefix: str | None = None
-    compression: str = "none"
-    file_extension: str = ""
+    type: str = Field(description="The destination type.")
+    prefix: str = Field(
+        default="",
+        description="Prefix of every object's key, with Firehose's expressions: `!{timestamp:yyyy/MM/dd}`, "
+        "`!{firehose:random-string}`, and with dynamic partitioning `!{partitionKeyFromQuery:k}` / "
+        "`!{partitionKeyFromLambda:k}`. Without a timestamp expression `yyyy/MM/dd/HH/` (UTC) is appended "
+        "(Firehose: Prefix).",
+    )
+    error_output_prefix: str | None = Field(
+        default=None,
+        description="Prefix of failed records' objects, with the same expressions plus "
+        "`!{firehose:error-output-type}`; required with dynamic partitioning. Unset: "
+        "`<prefix><error-output-type>/yyyy/MM/dd/HH/` (Firehose: ErrorOutputPrefix).",
+    )
+    compression: str = Field(
+        default="none",
+        description="Object compression: none, gzip (`.gz`), zip (`.zip`), snappy (snappy-java framing, "
+        "`.snappy`) or hadoop_snappy (`.snappy`), or Firehose's UNCOMPRESSED, GZIP, ZIP, Snappy, "
+        "HADOOP_SNAPPY, in any case; none with format conversion (Firehose: CompressionFormat).",
+    )
+    file_extension: str = Field(
+        default="",
+        description="Replaces the extension of delivered objects: empty, or `.` followed by 0-9 a-z ! - _ . "
+        "* ' ( ), at most 128 characters (Firehose: FileExtension).",
+    )
 
     @field_validator("compression")
     @classmethod

@@ -60,41 +60,89 @@ class _Model(BaseModel):
 
 
 class BasicAuth(_Model):
-    type: Literal["basic"]
-    user: str
-    password: SecretStr
+    """HTTP basic authentication."""
+
+    type: Literal["basic"] = Field(description="`basic`.")
+    user: str = Field(description="The user name.")
+    password: SecretStr = Field(description="The password; write it as `${ENV}`.")
 
 
 class SigV4Auth(_Model):
     """AWS SigV4 (Amazon OpenSearch Service). Credentials: the keys given here, else botocore's
     usual chain (environment, profile, instance role)."""
 
-    type: Literal["sigv4"]
-    region: str
-    service: Literal["es", "aoss"] = "es"
-    access_key_id: str | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
+    type: Literal["sigv4"] = Field(description="`sigv4`.")
+    region: str = Field(description="The domain's region, as signed.")
+    service: Literal["es", "aoss"] = Field(
+        default="es",
+        description="The signing service: `es` (Amazon OpenSearch Service) or `aoss` (OpenSearch "
+        "Serverless).",
+    )
+    access_key_id: str | None = Field(
+        default=None,
+        description="The access key id; unset: botocore's usual credential chain.",
+    )
+    secret_access_key: SecretStr | None = Field(
+        default=None,
+        description="The secret access key; write it as `${ENV}`.",
+    )
+    session_token: SecretStr | None = Field(
+        default=None,
+        description="A session token, for temporary credentials.",
+    )
 
 
 class NoAuth(_Model):
-    type: Literal["none"]
+    """No authentication."""
+
+    type: Literal["none"] = Field(description="`none`.")
 
 
 class OpenSearchDestinationConfig(RemoteConfig):
-    """``type: opensearch``. Firehose's names in comments."""
+    """An OpenSearch or Elasticsearch cluster, through its bulk API (Firehose:
+    AmazonopensearchserviceDestinationConfiguration, or ElasticsearchDestinationConfiguration with
+    ``engine: elasticsearch``); needs the stream's ``backup:``."""
 
     BACKUP_MODE_NAMES: ClassVar[tuple[str, str]] = ("FailedDocumentsOnly", "AllDocuments")
 
-    type: Literal["opensearch"]
-    endpoint: str  # ClusterEndpoint
-    index: str = Field(min_length=1, max_length=80)  # IndexName
-    index_rotation: str = "one_day"  # IndexRotationPeriod
-    type_name: str = Field(default="", max_length=100)  # TypeName (Elasticsearch 6 and older)
-    document_id: str = "firehose_default"  # DocumentIdOptions.DefaultDocumentIdFormat
-    engine: Literal["opensearch", "elasticsearch"] = "opensearch"
-    auth: Annotated[BasicAuth | SigV4Auth | NoAuth, Field(discriminator="type")] = NoAuth(type="none")
-    request_timeout_secs: int = Field(default=60, ge=1, le=3600)
+    type: Literal["opensearch"] = Field(description="`opensearch`.")
+    endpoint: str = Field(
+        description="The cluster's URL, http:// or https:// (Firehose: ClusterEndpoint).",
+    )
+    index: str = Field(
+        min_length=1, max_length=80,
+        description="The index name: lowercase, without spaces or \\ / * ? \" < > | , # :, not starting "
+        "with - _ + (Firehose: IndexName).",
+    )
+    index_rotation: str = Field(
+        default="one_day",
+        description="Suffix appended to `index` from the batch's oldest arrival time: no_rotation, one_hour "
+        "(`-2016-02-25-13`), one_day (`-2016-02-25`), one_week (`-2016-w08`), one_month (`-2016-02`), or "
+        "Firehose's NoRotation, OneHour, OneDay, OneWeek, OneMonth (Firehose: IndexRotationPeriod).",
+    )
+    type_name: str = Field(
+        default="", max_length=100,
+        description="The document type, for Elasticsearch 6 and older; empty: none (Firehose: TypeName).",
+    )
+    document_id: str = Field(
+        default="firehose_default",
+        description="`firehose_default`: ids derived from the batch, so a retry overwrites (exactly once); "
+        "`no_document_id`: the cluster picks ids (at least once). Or Firehose's FIREHOSE_DEFAULT, "
+        "NO_DOCUMENT_ID (Firehose: DocumentIdOptions.DefaultDocumentIdFormat).",
+    )
+    engine: Literal["opensearch", "elasticsearch"] = Field(
+        default="opensearch",
+        description="The cluster's kind; `elasticsearch` archives failures as `elasticsearch-failed` with "
+        "`ES.*` error codes, as Firehose's Elasticsearch destination does.",
+    )
+    auth: Annotated[BasicAuth | SigV4Auth | NoAuth, Field(discriminator="type")] = Field(
+        default=NoAuth(type="none"),
+        description="How requests are authenticated, chosen by its `type`: `basic`, `sigv4` or `none`.",
+    )
+    request_timeout_secs: int = Field(
+        default=60, ge=1, le=3600,
+        description="Seconds to wait for a bulk request's answer; then the request failed and is retried.",
+    )
 
     @field_validator("endpoint")
     @classmethod

@@ -82,14 +82,30 @@ class ConnectionConfig(_Model):
     """Where the database is. ``password`` should come from ``${ENV}``; it is never logged, and it
     may be left out for libpq's other sources (``PGPASSWORD``, ``~/.pgpass``)."""
 
-    host: str
-    port: int = Field(default=5439, ge=1, le=65535)
-    database: str
-    user: str
-    password: SecretStr | None = None
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
-    connect_timeout_secs: int = Field(default=10, ge=1, le=300)
-    statement_timeout_secs: int = Field(default=3600, ge=1, le=86400)
+    host: str = Field(description="The cluster's or server's host name (Firehose: ClusterJDBCURL's host).")
+    port: int = Field(
+        default=5439, ge=1, le=65535,
+        description="The port; 5439 is Redshift's, 5432 PostgreSQL's (Firehose: ClusterJDBCURL's port).",
+    )
+    database: str = Field(description="The database name (Firehose: ClusterJDBCURL's database).")
+    user: str = Field(description="The user name (Firehose: Username).")
+    password: SecretStr | None = Field(
+        default=None,
+        description="The password; write it as `${ENV}`. Unset or empty: libpq's PGPASSWORD or ~/.pgpass "
+        "(Firehose: Password).",
+    )
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
+        default="prefer",
+        description="libpq's sslmode: whether and how TLS is used.",
+    )
+    connect_timeout_secs: int = Field(
+        default=10, ge=1, le=300,
+        description="Seconds a connection attempt may take.",
+    )
+    statement_timeout_secs: int = Field(
+        default=3600, ge=1, le=86400,
+        description="Seconds a statement (a COPY) may run before the database cancels it.",
+    )
 
     @field_validator("host", "database", "user")
     @classmethod
@@ -111,9 +127,17 @@ class CopyCredentials(_Model):
     """An access key pair COPY presents to S3 (Redshift's ACCESS_KEY_ID / SECRET_ACCESS_KEY /
     SESSION_TOKEN), for clusters without an IAM role."""
 
-    access_key_id: str
-    secret_access_key: SecretStr
-    session_token: SecretStr | None = None
+    access_key_id: str = Field(
+        description="The access key id COPY presents to S3: 16-128 capital letters and digits (Redshift: "
+        "ACCESS_KEY_ID).",
+    )
+    secret_access_key: SecretStr = Field(
+        description="The secret access key; write it as `${ENV}` (Redshift: SECRET_ACCESS_KEY).",
+    )
+    session_token: SecretStr | None = Field(
+        default=None,
+        description="A session token, for temporary credentials (Redshift: SESSION_TOKEN).",
+    )
 
     @field_validator("access_key_id")
     @classmethod
@@ -172,19 +196,54 @@ class StagingConfig(S3DestinationConfig):
 
 
 class RedshiftDestinationConfig(_Model):
-    """``type: redshift``. Field names follow the issue's YAML; Firehose's names in comments."""
+    """Amazon Redshift, or a PostgreSQL-compatible database: each batch is staged in S3 with a
+    manifest and loaded with one ``COPY``, exactly once (Firehose: RedshiftDestinationConfiguration).
+    See docs/redshift.md."""
 
-    type: Literal["redshift"]
-    connection: ConnectionConfig  # ClusterJDBCURL, Username, Password
-    table: str  # CopyCommand.DataTableName
-    columns: list[str] | None = None  # CopyCommand.DataTableColumns
-    load_method: Literal["copy_from_s3", "copy_from_stdin"] = "copy_from_s3"
-    staging: StagingConfig  # S3Configuration
-    copy_options: str | None = Field(default=None, max_length=10240, validate_default=True)  # CopyOptions
-    iam_role: str | None = None  # RoleARN, as COPY's IAM_ROLE
-    credentials: CopyCredentials | None = None
-    retry_duration_secs: int = Field(default=3600, ge=0, le=7200)  # RetryOptions.DurationInSeconds
-    bookkeeping_table: str = "firehose_loaded_manifests"
+    type: Literal["redshift"] = Field(description="`redshift`.")
+    connection: ConnectionConfig = Field(
+        description="Where the database is (Firehose: ClusterJDBCURL, Username, Password).",
+    )
+    table: str = Field(
+        description="The table loaded: `name` or `schema.name`, `\"quoted\"` parts for other characters, "
+        "at most 512 characters (Firehose: CopyCommand.DataTableName).",
+    )
+    columns: list[str] | None = Field(
+        default=None,
+        description="The columns COPY loads; unset: every column (Firehose: "
+        "CopyCommand.DataTableColumns).",
+    )
+    load_method: Literal["copy_from_s3", "copy_from_stdin"] = Field(
+        default="copy_from_s3",
+        description="`copy_from_s3`: Redshift's `COPY ... FROM 's3://...' MANIFEST`; `copy_from_stdin`: "
+        "`COPY ... FROM STDIN`, for PostgreSQL-compatible databases.",
+    )
+    staging: StagingConfig = Field(
+        description="The S3 bucket batches and manifests are staged in (Firehose: S3Configuration).",
+    )
+    copy_options: str | None = Field(
+        default=None, max_length=10240, validate_default=True,
+        description="COPY options appended after MANIFEST, such as `JSON 'auto' GZIP`; must say GZIP when "
+        "`staging.compression` is gzip (Firehose: CopyCommand.CopyOptions).",
+    )
+    iam_role: str | None = Field(
+        default=None,
+        description="The role COPY assumes to read S3: an IAM role ARN, a comma-separated chain, or `default` "
+        "(Firehose: RoleARN; Redshift: IAM_ROLE). `copy_from_s3` needs this or `credentials`.",
+    )
+    credentials: CopyCredentials | None = Field(
+        default=None,
+        description="Instead of `iam_role`: an access key pair COPY presents to S3.",
+    )
+    retry_duration_secs: int = Field(
+        default=3600, ge=0, le=7200,
+        description="Seconds a failing COPY is retried; then its manifest is archived under "
+        "`<staging prefix>errors/manifests/` and the stream moves on (Firehose: RetryOptions.DurationInSeconds).",
+    )
+    bookkeeping_table: str = Field(
+        default="firehose_loaded_manifests",
+        description="The table recording loaded manifests, in the COPY's transaction (created on first use).",
+    )
 
     @field_validator("table", "bookkeeping_table")
     @classmethod

@@ -22,10 +22,24 @@ class RemoteConfig(BaseModel):
     #: Firehose's S3BackupMode names for (failed_only, all) in DescribeDeliveryStream.
     BACKUP_MODE_NAMES: ClassVar[tuple[str, str]] = ("FailedDataOnly", "AllData")
 
-    retry_duration_secs: int = Field(default=300, ge=0, le=7200)  # RetryOptions.DurationInSeconds
-    tls_verify: bool = True
-    ca_file: str | None = None
-    connect_timeout_secs: int = Field(default=10, ge=1, le=300)
+    retry_duration_secs: int = Field(
+        default=300, ge=0, le=7200,
+        description="Seconds failed deliveries are retried after the first failed attempt; then the records "
+        "are archived to the stream's backup. 0: one attempt (Firehose: RetryOptions.DurationInSeconds).",
+    )
+    tls_verify: bool = Field(
+        default=True,
+        description="Verify the server's TLS certificate (https:// URLs).",
+    )
+    ca_file: str | None = Field(
+        default=None,
+        description="A PEM file of CA certificates to verify the server with, for a private CA; unset: the "
+        "system's.",
+    )
+    connect_timeout_secs: int = Field(
+        default=10, ge=1, le=300,
+        description="Seconds to connect before the attempt fails (and is retried).",
+    )
 
     def backup_description(self, backup: Any, buffering: Any, account_id: str) -> dict[str, Any]:
         """``S3BackupMode`` and ``S3DestinationDescription`` from the stream's ``backup:``."""

@@ -26,15 +26,39 @@ PREFLIGHT_CALL_TIMEOUT_SECS = 5
 
 
 class S3DestinationConfig(ObjectStoreConfig):
-    type: Literal["s3"]
-    bucket: str
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    multipart_threshold_mib: int = Field(default=16, ge=5, le=1024)
-    connect_timeout_secs: int = Field(default=5, ge=1, le=300)
-    read_timeout_secs: int = Field(default=60, ge=1, le=3600)
+    """Amazon S3, or any S3-compatible server: each batch is one object, named as Firehose names
+    it (Firehose: ExtendedS3DestinationConfiguration)."""
+
+    type: Literal["s3"] = Field(description="`s3`.")
+    bucket: str = Field(
+        description="The bucket: its name or `arn:aws:s3:::<name>` (Firehose: BucketARN).",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="An S3-compatible server's URL (MinIO, Ceph, ...); unset: AWS's endpoint for `region`.",
+    )
+    region: str = Field(default="us-east-1", description="The bucket's region.")
+    access_key_id: str | None = Field(
+        default=None,
+        description="The access key id; unset: boto3's usual credential chain (environment, profile, "
+        "instance role).",
+    )
+    secret_access_key: str | None = Field(
+        default=None,
+        description="The secret access key (write it as `${ENV}`).",
+    )
+    multipart_threshold_mib: int = Field(
+        default=16, ge=5, le=1024,
+        description="MiB from which an object is uploaded as a multipart upload.",
+    )
+    connect_timeout_secs: int = Field(
+        default=5, ge=1, le=300,
+        description="Seconds to connect to S3 before the attempt fails (and is retried).",
+    )
+    read_timeout_secs: int = Field(
+        default=60, ge=1, le=3600,
+        description="Seconds to wait for S3's answer before the attempt fails (and is retried).",
+    )
 
     @field_validator("bucket")
     @classmethod

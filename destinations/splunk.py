@@ -61,18 +61,42 @@ _HEC_CODES = {
 
 
 class SplunkDestinationConfig(RemoteConfig):
-    """``type: splunk``. Firehose's names in comments."""
+    """Splunk's HTTP Event Collector, with indexer acknowledgement (Firehose:
+    SplunkDestinationConfiguration); needs the stream's ``backup:``."""
 
     BACKUP_MODE_NAMES: ClassVar[tuple[str, str]] = ("FailedEventsOnly", "AllEvents")
 
-    type: Literal["splunk"]
-    hec_endpoint: str  # HECEndpoint: the HEC base URL
-    hec_endpoint_type: str = "raw"  # HECEndpointType: event | raw
-    hec_token: SecretStr  # HECToken
-    hec_ack_timeout_secs: int = Field(default=180, ge=180, le=600)  # HECAcknowledgmentTimeoutInSeconds
-    ack_poll_interval_ms: int = Field(default=1000, ge=10, le=60_000)
-    request_timeout_secs: int = Field(default=60, ge=1, le=600)
-    channel: str | None = None  # X-Splunk-Request-Channel (a GUID); default: a new one per start
+    type: Literal["splunk"] = Field(description="`splunk`.")
+    hec_endpoint: str = Field(
+        description="The HEC base URL, `http(s)://host:port` (Firehose: HECEndpoint).",
+    )
+    hec_endpoint_type: str = Field(
+        default="raw",
+        description="`raw` (records as they are, to /services/collector/raw) or `event` (records are HEC "
+        "event JSON, to /services/collector/event), in any case (Firehose: HECEndpointType).",
+    )
+    hec_token: SecretStr = Field(
+        description="The HEC token, with indexer acknowledgement enabled; write it as `${ENV}` (Firehose: "
+        "HECToken).",
+    )
+    hec_ack_timeout_secs: int = Field(
+        default=180, ge=180, le=600,
+        description="Seconds to wait for a batch's acknowledgement; then it is `Splunk.AckTimeout` and the "
+        "batch is sent again (Firehose: HECAcknowledgmentTimeoutInSeconds).",
+    )
+    ack_poll_interval_ms: int = Field(
+        default=1000, ge=10, le=60_000,
+        description="Milliseconds between acknowledgement polls at most (polling starts at 50 ms and backs "
+        "off to this).",
+    )
+    request_timeout_secs: int = Field(
+        default=60, ge=1, le=600,
+        description="Seconds to wait for an HEC request's answer; then the request failed and is retried.",
+    )
+    channel: str | None = Field(
+        default=None,
+        description="The X-Splunk-Request-Channel GUID; unset: a new one each start.",
+    )
 
     @field_validator("hec_endpoint")
     @classmethod

@@ -1,4 +1,5 @@
-"""``firehose`` command line: ``run``, ``validate``, ``transform`` and ``import-agent-config``.
+"""``firehose`` command line: ``run``, ``validate``, ``transform``, ``import-agent-config`` and
+``config-schema``.
 
 Every problem is one line on stderr, never a traceback: config problems as
 ``file:line: field: message``, start failures as ``firehose: cannot start: ...``. Exit status 2
@@ -241,6 +242,21 @@ def _cmd_import_agent_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    """Print the config file's JSON Schema, or with --markdown the reference generated from it."""
+    from firehose.configdoc import config_schema, reference_markdown, schema_text
+
+    if args.markdown:
+        sys.stdout.write(reference_markdown())
+        return 0
+    notes: list[str] = []
+    text = schema_text(config_schema(plugins=not args.builtin_only, notes=notes))
+    sys.stdout.write(text)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error on one line (argparse prints the usage first)."""
 
@@ -335,6 +351,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("path", metavar="AGENT_JSON", help="the agent.json file")
     imp.set_defaults(func=_cmd_import_agent_config)
+    schema = sub.add_parser(
+        "config-schema", help="print the config file's JSON Schema (or, with --markdown, its reference)",
+        formatter_class=fmt,
+        description=_doc("""
+            Print the JSON Schema (draft 2020-12) of the config file, generated from the models
+            that validate it: the top level, a stream, and every destination, source and
+            processor type, chosen by its `type:` key, with each key's type, default, range and
+            description (and the Firehose API name it corresponds to). Destination and source
+            types of installed plugins are included unless --builtin-only. Reads nothing else.
+            The schema checks each key on its own; `firehose validate` also checks the rules
+            across keys (buffering limits, partitioning, format conversion)."""),
+        epilog=_doc("""
+            Prints the schema as JSON on stdout: keys sorted, the same bytes every run; plugins
+            left out (one that does not load) are named on stderr as "note: ..." lines. With
+            --markdown it prints the reference docs/config-reference.md instead, built-in types
+            only (regenerate it with: firehose config-schema --markdown > docs/config-reference.md).
+
+            Editors: save the schema and point VS Code's YAML extension (redhat.vscode-yaml) at it
+            with a first line in the config file (a path relative to the file, or a URL):
+              firehose config-schema > firehose.schema.json
+              # yaml-language-server: $schema=./firehose.schema.json
+            or map files to it in settings.json:
+              "yaml.schemas": {"./firehose.schema.json": ["firehose.yaml"]}"""),
+    )
+    schema.add_argument("--markdown", action="store_true",
+                        help="print the Markdown reference (built-in types only) instead of the schema")
+    schema.add_argument("--builtin-only", action="store_true",
+                        help="leave installed plugins' destination and source types out of the schema")
+    schema.set_defaults(func=_cmd_config_schema)
     from firehose.spoolcli import add_parser as add_spool_parser
 
     add_spool_parser(sub)

@@ -58,8 +58,16 @@ class AuthConfig(_Model):
     """``mode: sigv4`` verifies AWS Signature Version 4 on every API request against
     ``credentials`` (access key id -> secret; use ``${ENV}`` for secrets). ``none`` accepts any."""
 
-    mode: Literal["none", "sigv4"] = "none"
-    credentials: dict[str, str] = {}
+    mode: Literal["none", "sigv4"] = Field(
+        default="none",
+        description="How API requests are authenticated: `none` accepts every request; `sigv4` verifies "
+        "each request's AWS Signature Version 4 against `credentials` (Firehose: IAM request signing).",
+    )
+    credentials: dict[str, str] = Field(
+        default={},
+        description="Access key id -> secret access key, the key pairs `sigv4` accepts (write secrets as "
+        "`${ENV}`). At least one with `mode: sigv4`.",
+    )
 
     @field_validator("credentials")
     @classmethod
@@ -78,32 +86,80 @@ class HealthConfig(_Model):
     """``GET /healthz``: a stream whose destination has failed for longer than
     ``degraded_after_secs`` makes the daemon ``degraded`` (still HTTP 200)."""
 
-    degraded_after_secs: int = Field(default=300, ge=1, le=86400)
+    degraded_after_secs: int = Field(
+        default=300, ge=1, le=86400,
+        description="Seconds a stream's destination may keep failing before `GET /healthz` reports the "
+        "daemon `degraded` (still HTTP 200).",
+    )
 
 
 class ApiLimitsConfig(_Model):
-    """Bounds on the API's connections (firehose/httpserver.py): open connections, deadlines for
+    """Bounds on the API's connections: open connections, deadlines for
     a request's headers and body and for an idle kept-alive connection, and the body bytes being
     read at once across every request (and from requests not yet authenticated)."""
 
-    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
-    header_timeout_secs: float = Field(default=10, gt=0, le=3600)
-    body_timeout_secs: float = Field(default=30, gt=0, le=3600)
-    idle_timeout_secs: float = Field(default=60, gt=0, le=3600)
-    max_inflight_body_mib: int = Field(default=256, ge=16, le=1 << 20)
-    max_unauthenticated_body_mib: int = Field(default=32, ge=16, le=1 << 20)
+    max_connections: int = Field(
+        default=1024, ge=1, le=1_000_000,
+        description="Open API connections at most; past it a new connection is answered HTTP 503 and closed "
+        "before anything is read.",
+    )
+    header_timeout_secs: float = Field(
+        default=10, gt=0, le=3600,
+        description="Seconds a request's headers may take to arrive, from the connection's start (or, on a "
+        "kept-alive connection, from the next request's first byte); then the connection is closed.",
+    )
+    body_timeout_secs: float = Field(
+        default=30, gt=0, le=3600,
+        description="Seconds a request's whole body may take to arrive; then it is answered HTTP 408 "
+        "RequestTimeoutException.",
+    )
+    idle_timeout_secs: float = Field(
+        default=60, gt=0, le=3600,
+        description="Seconds a kept-alive connection may stay idle between requests.",
+    )
+    max_inflight_body_mib: int = Field(
+        default=256, ge=16, le=1 << 20,
+        description="MiB of request bodies being read at once, across every request; a request past it is "
+        "answered 503 ServiceUnavailableException (SDKs retry).",
+    )
+    max_unauthenticated_body_mib: int = Field(
+        default=32, ge=16, le=1 << 20,
+        description="MiB of bodies being read at once from requests not yet authenticated (their signature "
+        "is checked once the body is in); at most `max_inflight_body_mib` in effect.",
+    )
 
 
 class ApiConfig(_Model):
-    listen: str = "127.0.0.1:4573"
-    region: str = "us-east-1"
-    account_id: str = "000000000000"
-    auth: AuthConfig = AuthConfig()
-    health: HealthConfig = HealthConfig()
-    limits: ApiLimitsConfig = ApiLimitsConfig()
-    # Bearer tokens that may read /healthz?detail=1 and /metrics when auth is on (browsers and
-    # Prometheus cannot sign SigV4); a valid SigV4 signature works too.
-    operator_tokens: list[str] = []
+    """The Firehose API the daemon serves (``PutRecord``, ``PutRecordBatch``, ...), with
+    ``GET /healthz`` and ``GET /metrics`` on the same address."""
+
+    listen: str = Field(
+        default="127.0.0.1:4573",
+        description="`HOST:PORT` the API listens on (`0.0.0.0:4573` for every interface); clients set it as "
+        "their endpoint URL (`http://HOST:PORT`).",
+    )
+    region: str = Field(
+        default="us-east-1",
+        description="The region in every ARN the API shows (Firehose: the `<region>` of "
+        "`arn:aws:firehose:<region>:<account>:deliverystream/<name>`) and the default region of Kinesis sources and remote Lambda functions.",
+    )
+    account_id: str = Field(
+        default="000000000000",
+        description="The 12-digit account id in every ARN the API shows (Firehose: the `<account>` of "
+        "DeliveryStreamARN).",
+    )
+    auth: AuthConfig = Field(default=AuthConfig(), description="How API requests are authenticated.")
+    health: HealthConfig = Field(default=HealthConfig(), description="`GET /healthz` settings.")
+    limits: ApiLimitsConfig = Field(
+        default=ApiLimitsConfig(),
+        description="Bounds on the API's connections and request bodies.",
+    )
+    operator_tokens: list[str] = Field(
+        default=[],
+        description="Bearer tokens (`Authorization: Bearer <token>`, at least 16 characters each) that may "
+        "read `/healthz?detail=1` and `/metrics` when `auth.mode` is `sigv4`, for browsers and Prometheus, "
+        "which cannot sign requests; a valid SigV4 signature works too.",
+    )
 
     @field_validator("operator_tokens")
     @classmethod
@@ -144,23 +200,65 @@ class ApiConfig(_Model):
 
 
 class BufferingConfig(_Model):
-    size_mib: int | None = None
-    interval_secs: int | None = None
+    """Firehose's BufferingHints: a batch is delivered once its records reach ``size_mib`` or
+    ``interval_secs`` after its first record, whichever comes first. The ranges and defaults are
+    the destination's (see the table below)."""
+
+    size_mib: int | None = Field(
+        default=None,
+        description="MiB of records that fill a batch; unset: the destination's default (Firehose: "
+        "BufferingHints.SizeInMBs). With format conversion 128 by default and at least 64.",
+    )
+    interval_secs: int | None = Field(
+        default=None,
+        description="Seconds after its first record a batch is delivered even if not full; unset: the "
+        "destination's default (Firehose: BufferingHints.IntervalInSeconds). 0 delivers at once.",
+    )
 
 
 class SpoolConfig(_Model):
-    fsync: Literal["always", "interval", "never"] = "always"
-    fsync_interval_ms: int = Field(default=200, ge=1, le=60_000)
-    max_size_mib: int = Field(default=1024, ge=1)
-    segment_size_mib: int = Field(default=64, ge=1, le=1024)
+    """The stream's spool on disk (under ``<data_dir>/spool``): records are written there before
+    they are acknowledged and stay until delivered."""
+
+    fsync: Literal["always", "interval", "never"] = Field(
+        default="always",
+        description="When the spool is fsynced: `always` before every acknowledgement (nothing acknowledged "
+        "is lost in a power failure); `interval` every `fsync_interval_ms` (a power failure can lose what "
+        "arrived since); `never` leaves it to the OS.",
+    )
+    fsync_interval_ms: int = Field(
+        default=200, ge=1, le=60_000,
+        description="Milliseconds between fsyncs with `fsync: interval`.",
+    )
+    max_size_mib: int = Field(
+        default=1024, ge=1,
+        description="MiB the spool may hold; at the cap, ingest answers HTTP 503 ServiceUnavailableException "
+        "and sources stop reading (back-pressure: nothing is dropped).",
+    )
+    segment_size_mib: int = Field(
+        default=64, ge=1, le=1024,
+        description="MiB of one spool segment file; a segment is deleted once everything in it is delivered.",
+    )
 
 
 class DeliveryConfig(_Model):
     """How the delivery runner treats this stream's destination."""
 
-    max_in_flight: int = Field(default=2, ge=1, le=64)
-    retry_initial_backoff_ms: int = Field(default=500, ge=1)
-    retry_max_backoff_ms: int = Field(default=30_000, ge=1)
+    max_in_flight: int = Field(
+        default=2, ge=1, le=64,
+        description="Batches being delivered at once; memory holds the open buffer plus `max_in_flight + 1` "
+        "batches.",
+    )
+    retry_initial_backoff_ms: int = Field(
+        default=500, ge=1,
+        description="Milliseconds before the first retry of a failed delivery; each further retry doubles it "
+        "(with jitter), up to `retry_max_backoff_ms`.",
+    )
+    retry_max_backoff_ms: int = Field(
+        default=30_000, ge=1,
+        description="Milliseconds between retries at most. s3 and local deliveries are retried without "
+        "limit; the other destinations until their `retry_duration_secs` runs out.",
+    )
 
 
 class DynamicPartitioningConfig(_Model):
@@ -168,23 +266,75 @@ class DynamicPartitioningConfig(_Model):
     cap is a configurable guard, and ``memory_budget_mib`` bounds what open partition buffers hold
     in memory (beyond it, buffers are kept on disk or flushed early)."""
 
-    enabled: bool = False
-    max_active_partitions: int = Field(default=500, ge=1)
-    retry_duration_secs: int = Field(default=300, ge=0, le=7200)
-    memory_budget_mib: int = Field(default=64, ge=1)
+    enabled: bool = Field(
+        default=False,
+        description="Records go to prefixes built from their own keys, `!{partitionKeyFromQuery:k}` and "
+        "`!{partitionKeyFromLambda:k}` in the destination's `prefix` (Firehose: "
+        "DynamicPartitioningConfiguration.Enabled).",
+    )
+    max_active_partitions: int = Field(
+        default=500, ge=1,
+        description="Partitions (open buffers plus undelivered batches) at most; records of further "
+        "partitions are archived as `activePartitionExceeded`. A guard, not Firehose's fixed 500.",
+    )
+    retry_duration_secs: int = Field(
+        default=300, ge=0, le=7200,
+        description="Seconds a failing prefix is retried before its records are archived as "
+        "`delivery-failed` (Firehose: DynamicPartitioningConfiguration.RetryOptions.DurationInSeconds).",
+    )
+    memory_budget_mib: int = Field(
+        default=64, ge=1,
+        description="MiB open partition buffers may hold in memory; past it the largest are kept on disk "
+        "only, and if that is not enough the fullest are delivered early.",
+    )
 
 
 class StreamConfig(_Model):
-    name: str
-    buffering: BufferingConfig = BufferingConfig()
-    spool: SpoolConfig = SpoolConfig()
-    delivery: DeliveryConfig = DeliveryConfig()
-    processing: list[Any] = []
-    backup: Any = None
-    format: Any = None
-    dynamic_partitioning: DynamicPartitioningConfig | None = None
-    sources: list[Any] = []  # besides the Firehose API, which every DirectPut stream has
-    destination: Any
+    """One delivery stream: where its records come from, what is done to them and where they are
+    delivered."""
+
+    name: str = Field(
+        description="The stream's name, `[a-zA-Z0-9_.-]{1,64}`, unique in the file (Firehose: "
+        "DeliveryStreamName).",
+    )
+    buffering: BufferingConfig = Field(
+        default=BufferingConfig(),
+        description="When a batch is delivered (Firehose: BufferingHints).",
+    )
+    spool: SpoolConfig = Field(default=SpoolConfig(), description="The stream's spool on disk.")
+    delivery: DeliveryConfig = Field(
+        default=DeliveryConfig(),
+        description="Concurrency and retry backoff of deliveries.",
+    )
+    processing: list[Any] = Field(
+        default=[],
+        description="Processors, each chosen by its `type`; they run in Firehose's fixed order whatever "
+        "their order here (Firehose: ProcessingConfiguration.Processors).",
+    )
+    backup: Any = Field(
+        default=None,
+        description="Where failed records (with `mode: all`, every record) are archived; required for "
+        "opensearch, splunk and http_endpoint (Firehose: S3BackupMode and S3BackupConfiguration or "
+        "S3Configuration).",
+    )
+    format: Any = Field(
+        default=None,
+        description="Record format conversion of JSON records to Parquet, ORC or Avro (Firehose: "
+        "DataFormatConversionConfiguration); s3 and local destinations only.",
+    )
+    dynamic_partitioning: DynamicPartitioningConfig | None = Field(
+        default=None,
+        description="Firehose's dynamic partitioning (DynamicPartitioningConfiguration); unset: off.",
+    )
+    sources: list[Any] = Field(
+        default=[],
+        description="Where records come from besides the Firehose API, which every DirectPut stream has; a "
+        "`kinesis` source must be the only one and turns Direct PUT off (Firehose: DeliveryStreamType).",
+    )
+    destination: Any = Field(
+        description="Where batches are delivered, chosen by its `type` (Firehose: the stream's destination "
+        "configuration).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -230,11 +380,24 @@ class StreamConfig(_Model):
 
 
 class DaemonConfig(_Model):
-    api: ApiConfig = ApiConfig()
-    data_dir: str = "./var/firehose"
-    shutdown_timeout_secs: int = Field(default=30, ge=1, le=3600)
-    streams: list[StreamConfig] = []
-    source: str = Field(default=DEFAULT_CONFIG_NAME, exclude=True)
+    """The config file: the API the daemon serves, where it keeps its state, and its streams."""
+
+    api: ApiConfig = Field(default=ApiConfig(), description="The Firehose API the daemon serves.")
+    data_dir: str = Field(
+        default="./var/firehose",
+        description="Directory of the daemon's state: spools in `<data_dir>/spool`, each stream's VersionId "
+        "and tags in `<data_dir>/streams`. Relative paths are from the working directory.",
+    )
+    shutdown_timeout_secs: int = Field(
+        default=30, ge=1, le=3600,
+        description="Seconds SIGTERM waits for open buffers to be delivered; what is left stays in the spool "
+        "for the next start.",
+    )
+    streams: list[StreamConfig] = Field(default=[], description="The delivery streams.")
+    source: str = Field(
+        default=DEFAULT_CONFIG_NAME, exclude=True,
+        description="Not a config key: the file the config was read from, set by the loader.",
+    )
     # What parse_config deferred (see RuntimeCheck); None for a config not read from a file.
     _checks: tuple[RuntimeCheck, ...] | None = PrivateAttr(default=None)
 

@@ -29,16 +29,49 @@ class LambdaProcessorConfig(_Model):
     """A Firehose Lambda processor: a Python callable run in worker processes the daemon owns
     (``function: pkg.module:handler``), or a real Lambda function invoked through boto3 (``arn:``)."""
 
-    type: Literal["lambda"]
-    function: str | None = None
-    arn: str | None = None
-    endpoint_url: str | None = None
-    region: str | None = None
-    buffer_size_mib: float = Field(default=1.0, ge=0.2, le=3.0)
-    buffer_interval_secs: int = Field(default=60, ge=0, le=900)
-    retries: int = Field(default=3, ge=0, le=300)
-    timeout_secs: int = Field(default=300, ge=1, le=900)
-    workers: int = Field(default=1, ge=1, le=64)
+    type: Literal["lambda"] = Field(description="`lambda` (Firehose: Processor Type Lambda).")
+    function: str | None = Field(
+        default=None,
+        description="A local handler, `package.module:callable` (or Lambda's `module.callable`), called as "
+        "`(event, context)` in worker processes the daemon owns and imported from the working directory and "
+        "`PYTHONPATH`. Give this or `arn`.",
+    )
+    arn: str | None = Field(
+        default=None,
+        description="A Lambda function invoked through the Lambda Invoke API: its name or ARN, optionally "
+        "qualified (Firehose: LambdaArn). Give this or `function`.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="With `arn`: a Lambda-compatible endpoint URL instead of AWS's.",
+    )
+    region: str | None = Field(
+        default=None,
+        description="With `arn`: the Lambda region; unset: the ARN's region, else `api.region`.",
+    )
+    buffer_size_mib: float = Field(
+        default=1.0, ge=0.2, le=3.0,
+        description="MiB of records sent in one invocation at most (Firehose: BufferSizeInMBs).",
+    )
+    buffer_interval_secs: int = Field(
+        default=60, ge=0, le=900,
+        description="Seconds records wait to fill an invocation before it is sent anyway (Firehose: "
+        "BufferIntervalInSeconds).",
+    )
+    retries: int = Field(
+        default=3, ge=0, le=300,
+        description="Retries of a failed invocation, each with a new invocationId; then its records are "
+        "archived as `processing-failed` (Firehose: NumberOfRetries).",
+    )
+    timeout_secs: int = Field(
+        default=300, ge=1, le=900,
+        description="Seconds an invocation may run; past it the worker process is killed (or the remote call "
+        "abandoned) and the invocation fails with `Lambda.Timeout` (Firehose: the function's timeout).",
+    )
+    workers: int = Field(
+        default=1, ge=1, le=64,
+        description="Worker processes running a local `function` (invocations in parallel).",
+    )
 
     @field_validator("function")
     @classmethod
@@ -73,8 +106,15 @@ class LambdaProcessorConfig(_Model):
 
 
 class AppendDelimiterConfig(_Model):
-    type: Literal["append_delimiter"]
-    delimiter: str = "\n"
+    """Firehose's AppendDelimiterToRecord: a delimiter after every record, when objects are written."""
+
+    type: Literal["append_delimiter"] = Field(
+        description="`append_delimiter` (Firehose: Processor Type AppendDelimiterToRecord).",
+    )
+    delimiter: str = Field(
+        default="\n",
+        description="What is written after each record; not empty (Firehose: Delimiter).",
+    )
 
     @field_validator("delimiter")
     @classmethod
@@ -88,10 +128,26 @@ class AppendDelimiterConfig(_Model):
 
 
 class RecordDeaggregationConfig(_Model):
-    type: Literal["record_deaggregation"]
-    format: Literal["kpl", "json", "delimited", "KPL", "JSON", "DELIMITED"] = "json"
-    delimiter: str | None = None
-    delimiter_base64: str | None = None  # Firehose's API form of Delimiter
+    """Firehose's RecordDeAggregation: splits records that hold several (KPL aggregates, JSON
+    objects one after another, or delimited records) before anything else runs."""
+
+    type: Literal["record_deaggregation"] = Field(
+        description="`record_deaggregation` (Firehose: Processor Type RecordDeAggregation).",
+    )
+    format: Literal["kpl", "json", "delimited", "KPL", "JSON", "DELIMITED"] = Field(
+        default="json",
+        description="How a record is split: `kpl` (Kinesis Producer Library aggregates), `json` (concatenated "
+        "JSON objects) or `delimited` (on `delimiter`) (Firehose: SubRecordType).",
+    )
+    delimiter: str | None = Field(
+        default=None,
+        description="With `format: delimited`: the delimiter, as text (or give `delimiter_base64`).",
+    )
+    delimiter_base64: str | None = Field(
+        default=None,
+        description="With `format: delimited`: the delimiter, base64-encoded (Firehose: Delimiter, which is "
+        "base64 in the API).",
+    )
 
     @model_validator(mode="after")
     def _delimiter(self) -> RecordDeaggregationConfig:
@@ -118,16 +174,32 @@ class RecordDeaggregationConfig(_Model):
 
 
 class DecompressionConfig(_Model):
-    type: Literal["decompression"]
-    compression_format: Literal["gzip", "GZIP"] = "gzip"
+    """Firehose's Decompression: gunzips records (CloudWatch Logs subscription payloads)."""
+
+    type: Literal["decompression"] = Field(
+        description="`decompression` (Firehose: Processor Type Decompression).",
+    )
+    compression_format: Literal["gzip", "GZIP"] = Field(
+        default="gzip",
+        description="The records' compression; gzip only (Firehose: CompressionFormat).",
+    )
 
     def describe(self) -> dict[str, Any]:
         return _processor("Decompression", CompressionFormat="GZIP")
 
 
 class CloudWatchLogProcessingConfig(_Model):
-    type: Literal["cloudwatch_log_processing"]
-    data_message_extraction: bool = True
+    """Firehose's CloudWatchLogProcessing: one record per log event of a CloudWatch Logs
+    subscription payload; needs a ``decompression`` processor."""
+
+    type: Literal["cloudwatch_log_processing"] = Field(
+        description="`cloudwatch_log_processing` (Firehose: Processor Type CloudWatchLogProcessing).",
+    )
+    data_message_extraction: bool = Field(
+        default=True,
+        description="Each log event's `message` becomes a record, control messages are dropped (Firehose: "
+        "DataMessageExtraction).",
+    )
 
     def describe(self) -> dict[str, Any]:
         return _processor("CloudWatchLogProcessing", DataMessageExtraction=str(self.data_message_extraction).lower())
@@ -138,9 +210,17 @@ class MetadataExtractionConfig(_Model):
     keys (``!{partitionKeyFromQuery:<key>}``), for dynamic partitioning. The query is compiled
     here, once, so a syntax error is a config error naming the field."""
 
-    type: Literal["metadata_extraction"]
-    query: str
-    json_parsing_engine: Literal["JQ-1.6"] = "JQ-1.6"  # Firehose's only JsonParsingEngine
+    type: Literal["metadata_extraction"] = Field(
+        description="`metadata_extraction` (Firehose: Processor Type MetadataExtraction).",
+    )
+    query: str = Field(
+        description="A jq program whose output object gives the record's partition keys, such as "
+        "`{customer_id: .customer.id}` (Firehose: MetadataExtractionQuery).",
+    )
+    json_parsing_engine: Literal["JQ-1.6"] = Field(
+        default="JQ-1.6",
+        description="The query language; Firehose's only one (Firehose: JsonParsingEngine).",
+    )
 
     @field_validator("query")
     @classmethod
@@ -220,16 +300,50 @@ class BackupConfig(_Model):
     """Where failed records (and with ``mode: all`` every source record) are archived: a local
     directory (``path``) or an S3 bucket, with Firehose's prefix semantics."""
 
-    path: str | None = None
-    bucket: str | None = None
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    prefix: str = ""
-    error_output_prefix: str | None = None
-    compression: str = "none"
-    mode: str = "failed_only"
+    path: str | None = Field(
+        default=None,
+        description="A local directory to archive into, with the `local` destination's layout. Give this or "
+        "`bucket`.",
+    )
+    bucket: str | None = Field(
+        default=None,
+        description="An S3 bucket (name or `arn:aws:s3:::name`) to archive into, with the `s3` destination's "
+        "layout (Firehose: S3BackupConfiguration.BucketARN). Give this or `path`.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="With `bucket`: an S3-compatible endpoint URL instead of AWS's.",
+    )
+    region: str = Field(default="us-east-1", description="With `bucket`: the bucket's region.")
+    access_key_id: str | None = Field(
+        default=None,
+        description="With `bucket`: the access key id; unset: boto3's usual credential chain.",
+    )
+    secret_access_key: str | None = Field(
+        default=None,
+        description="With `bucket`: the secret access key (write it as `${ENV}`).",
+    )
+    prefix: str = Field(
+        default="",
+        description="Prefix of the archived objects' keys, with Firehose's expressions (Firehose: "
+        "S3BackupConfiguration.Prefix).",
+    )
+    error_output_prefix: str | None = Field(
+        default=None,
+        description="Prefix of failed records' objects; `!{firehose:error-output-type}` names the failure. "
+        "Unset: `<prefix><error-output-type>/yyyy/MM/dd/HH/` (Firehose: ErrorOutputPrefix).",
+    )
+    compression: str = Field(
+        default="none",
+        description="Compression of the archived objects: none, gzip, zip, snappy or hadoop_snappy, or "
+        "Firehose's UNCOMPRESSED, GZIP, ZIP, Snappy, HADOOP_SNAPPY, in any case (Firehose: CompressionFormat).",
+    )
+    mode: str = Field(
+        default="failed_only",
+        description="`failed_only` archives failed records; `all` every record as well. Firehose's spellings "
+        "are accepted: Disabled, FailedDocumentsOnly, FailedEventsOnly, FailedDataOnly; Enabled, AllDocuments, "
+        "AllEvents, AllData (Firehose: S3BackupMode).",
+    )
 
     @field_validator("mode")
     @classmethod

@@ -68,17 +68,31 @@ class _Model(BaseModel):
 class SingleLineOption(_Model):
     """Kinesis Agent's ``SINGLELINE`` (``parseOptions``: ``NO_TRIM``, ``ESCAPE_NEW_LINE``)."""
 
-    type: Literal["single_line"]
-    no_trim: bool = False
-    escape_new_line: bool = False
+    type: Literal["single_line"] = Field(description="`single_line` (Kinesis Agent: SINGLELINE).")
+    no_trim: bool = Field(
+        default=False,
+        description="Keep each line's leading and trailing whitespace (Kinesis Agent: parseOptions NO_TRIM).",
+    )
+    escape_new_line: bool = Field(
+        default=False,
+        description="Join the lines with the characters `\\\\n` instead of nothing (Kinesis Agent: "
+        "parseOptions ESCAPE_NEW_LINE).",
+    )
 
 
 class CsvToJsonOption(_Model):
     """Kinesis Agent's ``CSVTOJSON`` (``customFieldNames``, ``delimiter``)."""
 
-    type: Literal["csv_to_json"]
-    field_names: list[str] = Field(min_length=1)
-    delimiter: str = ","
+    type: Literal["csv_to_json"] = Field(description="`csv_to_json` (Kinesis Agent: CSVTOJSON).")
+    field_names: list[str] = Field(
+        min_length=1,
+        description="The JSON key of each column, in order (Kinesis Agent: customFieldNames).",
+    )
+    delimiter: str = Field(
+        default=",",
+        description="The column delimiter: one character other than a newline; no quoting (Kinesis Agent: "
+        "delimiter).",
+    )
 
     @field_validator("delimiter")
     @classmethod
@@ -149,10 +163,21 @@ class LogToJsonOption(_Model):
     ``match_pattern``, ``field_names`` renames the format's fields and must have as many names.
     """
 
-    type: Literal["log_to_json"]
-    log_format: LogFormat
-    match_pattern: str | None = None
-    field_names: list[str] | None = None
+    type: Literal["log_to_json"] = Field(description="`log_to_json` (Kinesis Agent: LOGTOJSON).")
+    log_format: LogFormat = Field(
+        description="The log format; with `match_pattern` it still decides whether `-` becomes null (the "
+        "Apache formats) (Kinesis Agent: logFormat).",
+    )
+    match_pattern: str | None = Field(
+        default=None,
+        description="A Python regular expression matched against the whole line instead of the format's; "
+        "needs `field_names`, one per group (Kinesis Agent: matchPattern).",
+    )
+    field_names: list[str] | None = Field(
+        default=None,
+        description="JSON keys: one per group of `match_pattern`, or new names for all of the format's fields "
+        "(Kinesis Agent: customFieldNames).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LogToJsonOption:
@@ -178,9 +203,15 @@ class LogToJsonOption(_Model):
 class AddMetadataOption(_Model):
     """Kinesis Agent's ``ADDMETADATA`` (``timestamp``, ``metadata``)."""
 
-    type: Literal["add_metadata"]
-    timestamp: bool = False
-    metadata: dict[str, Any] = {}
+    type: Literal["add_metadata"] = Field(description="`add_metadata` (Kinesis Agent: ADDMETADATA).")
+    timestamp: bool = Field(
+        default=False,
+        description="Add `ts`, the UTC time the record was read (Kinesis Agent: timestamp).",
+    )
+    metadata: dict[str, Any] = Field(
+        default={},
+        description="JSON added as `metadata` (Kinesis Agent: metadata).",
+    )
 
     @field_validator("metadata")
     @classmethod

@@ -40,16 +40,33 @@ MAX_RECORDS = 10_000
 
 
 class FirehoseHttpSourceConfig(BaseModel):
-    """``streams[].sources[]`` entry ``type: firehose_http``; see the module docstring."""
+    """The receiving side of Firehose's HTTP endpoint delivery: AWS Firehose, or another daemon's
+    ``http_endpoint`` destination, delivers into this stream, exactly once per request id. The
+    stream still takes Direct PUT."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     stream_type: ClassVar[str] = "DirectPut"
 
-    type: Literal["firehose_http"]
-    listen: str  # host:port
-    access_keys: list[SecretStr] = Field(default_factory=list)
-    dedupe_window: int = Field(default=10_000, ge=100, le=1_000_000)
-    max_request_mib: int = Field(default=128, ge=1, le=1024)  # the body as received (before gunzip)
+    type: Literal["firehose_http"] = Field(description="`firehose_http`.")
+    listen: str = Field(
+        description="`HOST:PORT` the source listens on (its own address, not the API's); requests may use "
+        "any path.",
+    )
+    access_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Accepted X-Amz-Firehose-Access-Key values (write them as `${ENV}`); empty: any request "
+        "is accepted (Firehose: the endpoint's AccessKey).",
+    )
+    dedupe_window: int = Field(
+        default=10_000, ge=100, le=1_000_000,
+        description="The most recent request ids remembered (in the spool) to answer a sender's retry "
+        "without adding its records again.",
+    )
+    max_request_mib: int = Field(
+        default=128, ge=1, le=1024,
+        description="MiB of a request body as received (before gunzip) at most; larger ones are answered "
+        "413.",
+    )
 
     @field_validator("listen")
     @classmethod

@@ -78,29 +78,87 @@ def _epoch_ms(value: Any, default: int) -> int:
 
 
 class KinesisSourceConfig(BaseModel):
-    """``streams[].sources[]`` entry ``type: kinesis``; see the module docstring."""
+    """A Kinesis data stream read by the daemon, exactly once into the spool (Firehose:
+    KinesisStreamSourceConfiguration). It must be the stream's only source, and the stream takes no
+    Direct PUT (Firehose's DeliveryStreamType KinesisStreamAsSource)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     stream_type: ClassVar[str] = "KinesisStreamAsSource"
     exclusive: ClassVar[bool] = True  # Firehose: a KinesisStreamAsSource stream has no other source
 
-    type: Literal["kinesis"]
-    stream_arn: str | None = None
-    stream_name: str | None = Field(default=None, validate_default=True)
-    region: str | None = None
-    endpoint_url: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    initial_position: Literal["trim_horizon", "latest", "at_timestamp"] = "latest"
-    timestamp: datetime | str | None = Field(default=None, validate_default=True)
-    poll_interval_ms: int = Field(default=1000, ge=200, le=60_000)
-    max_records_per_call: int = Field(default=10_000, ge=1, le=10_000)
-    shard_discovery_interval_secs: int = Field(default=30, ge=1, le=3600)
-    connect_timeout_secs: int = Field(default=5, ge=1, le=300)
-    read_timeout_secs: int = Field(default=30, ge=1, le=300)
-    retry_initial_backoff_ms: int = Field(default=200, ge=1)
-    retry_max_backoff_ms: int = Field(default=10_000, ge=1)
+    type: Literal["kinesis"] = Field(description="`kinesis`.")
+    stream_arn: str | None = Field(
+        default=None,
+        description="The data stream's ARN, `arn:aws:kinesis:<region>:<account>:stream/<name>` (Firehose: "
+        "KinesisStreamSourceConfiguration.KinesisStreamARN). Give this or `stream_name`.",
+    )
+    stream_name: str | None = Field(
+        default=None, validate_default=True,
+        description="The data stream's name, `[a-zA-Z0-9_.-]{1,128}`; with `stream_arn` it must match. Give "
+        "this or `stream_arn`.",
+    )
+    region: str | None = Field(
+        default=None,
+        description="The data stream's region; unset: the ARN's region, else `api.region`.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="A Kinesis-compatible endpoint URL (such as kinesalite); unset: AWS's endpoint for the "
+        "region.",
+    )
+    access_key_id: str | None = Field(
+        default=None,
+        description="The access key id; unset: boto3's usual credential chain (environment, profile, "
+        "instance role).",
+    )
+    secret_access_key: str | None = Field(
+        default=None,
+        description="The secret access key (write it as `${ENV}`).",
+    )
+    initial_position: Literal["trim_horizon", "latest", "at_timestamp"] = Field(
+        default="latest",
+        description="Where shards are read from at the stream's first start: `trim_horizon` (the oldest "
+        "record kept), `latest` (records from the first start on; Firehose: DeliveryStartTimestamp) or "
+        "`at_timestamp` (from `timestamp`) (Kinesis: ShardIteratorType). Later starts resume from the "
+        "checkpoints in the spool.",
+    )
+    timestamp: datetime | str | None = Field(
+        default=None, validate_default=True,
+        description="With `initial_position: at_timestamp` (and only then): an ISO 8601 time with a time "
+        "zone, such as `2024-05-01T00:00:00Z` (Kinesis: Timestamp).",
+    )
+    poll_interval_ms: int = Field(
+        default=1000, ge=200, le=60_000,
+        description="Milliseconds between GetRecords calls on a shard that is caught up (Kinesis allows 5 "
+        "calls a second per shard, shared with other consumers).",
+    )
+    max_records_per_call: int = Field(
+        default=10_000, ge=1, le=10_000,
+        description="Records one GetRecords call returns at most (Kinesis: GetRecords Limit).",
+    )
+    shard_discovery_interval_secs: int = Field(
+        default=30, ge=1, le=3600,
+        description="Seconds between ListShards calls looking for new shards (a shard reaching its end also "
+        "triggers one).",
+    )
+    connect_timeout_secs: int = Field(
+        default=5, ge=1, le=300,
+        description="Seconds to connect to Kinesis before the call fails (and is retried).",
+    )
+    read_timeout_secs: int = Field(
+        default=30, ge=1, le=300,
+        description="Seconds to wait for Kinesis's answer before the call fails (and is retried).",
+    )
+    retry_initial_backoff_ms: int = Field(
+        default=200, ge=1,
+        description="Milliseconds before retrying a failed or throttled call; doubled on each further "
+        "failure (with jitter), up to `retry_max_backoff_ms`. Calls are retried without limit.",
+    )
+    retry_max_backoff_ms: int = Field(
+        default=10_000, ge=1,
+        description="Milliseconds between retries of a failing call at most.",
+    )
 
     @field_validator("stream_arn")
     @classmethod
