@@ -194,13 +194,27 @@ def _flow(flow: Mapping[str, Any], where: str, notes: list[str]) -> tuple[str, d
     source["max_record_bytes"] = AGENT_MAX_RECORD_BYTES
     source["truncated_record_terminator"] = str(flow.get("truncatedRecordTerminator", "\n"))
 
-    processing: list[dict[str, Any]] = []
-    options = flow.get("dataProcessingOptions") or []
+    processing = _processing(flow.get("dataProcessingOptions") or [], f"{where}.dataProcessingOptions", notes)
+    if processing:
+        source["processing"] = processing
+
+    for key in flow:
+        if key in _FLOW_MAPPED:
+            continue
+        reason = _FLOW_NOTES.get(key, "not a Kinesis Agent flow setting")
+        notes.append(f"{where}.{key}: not mapped: {reason}")
+    return stream, source
+
+
+def _processing(options: Any, where: str, notes: list[str]) -> list[dict[str, Any]]:
+    """A flow's dataProcessingOptions as the file source's ``processing:`` entries; an option that
+    cannot be mapped is left out, with a note."""
     if not isinstance(options, list):
-        notes.append(f"{where}.dataProcessingOptions: not mapped: must be a list")
-        options = []
+        notes.append(f"{where}: not mapped: must be a list")
+        return []
+    processing: list[dict[str, Any]] = []
     for j, option in enumerate(options):
-        at = f"{where}.dataProcessingOptions[{j}]"
+        at = f"{where}[{j}]"
         if not isinstance(option, Mapping):
             notes.append(f"{at}: not mapped: must be an object")
             continue
@@ -211,15 +225,7 @@ def _flow(flow: Mapping[str, Any], where: str, notes: list[str]) -> tuple[str, d
             continue
         notes.extend(f"{at}: {n}" for n in option_notes)
         processing.append(converted)
-    if processing:
-        source["processing"] = processing
-
-    for key in flow:
-        if key in _FLOW_MAPPED:
-            continue
-        reason = _FLOW_NOTES.get(key, "not a Kinesis Agent flow setting")
-        notes.append(f"{where}.{key}: not mapped: {reason}")
-    return stream, source
+    return processing
 
 
 class _Dumper(yaml.SafeDumper):

@@ -42,31 +42,28 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import glob
-import hashlib
 import os
 import re
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from firehose.interfaces import BuildContext, Source, SourceSink
+from firehose.sources.file_position import FINGERPRINT_BYTES, FollowedFile, fingerprint, starts_with
+from firehose.sources.file_records import RecordSplitter
+from firehose.sources.identity_search import SEARCH_ENTRIES_PER_SCAN as SEARCH_ENTRIES_PER_SCAN  # re-exported
+from firehose.sources.identity_search import Ident, IdentitySearch
+from firehose.sources.identity_search import SearchStep as SearchStep  # re-exported
 from firehose.spool import SpoolFullError
 
-FINGERPRINT_BYTES = 1024
 CHUNK_BYTES = 1 << 20
 SMALL_CHUNK_BYTES = 64 << 10  # when the spool's cap is too small for a full chunk
 COPY_HOLD_SECS = 5.0
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")
 STARTED_KEY = "file/started"
-# Directory entries a scan examines looking for rotated files that went missing: a pass over a
-# larger directory spans several scans, so a huge /var/log never stalls discovery.
-SEARCH_ENTRIES_PER_SCAN = 4096
-
-Ident = tuple[int, int]  # (device, inode)
 
 
 class FileSourceConfig(BaseModel):
@@ -171,63 +168,6 @@ class FileSourceConfig(BaseModel):
         return FileSource(self, ctx, sink)
 
 
-@dataclass
-class _File:
-    """One file being read: its identity, handle and the position committed in the spool."""
-
-    dev: int
-    ino: int
-    path: str
-    fp: str  # hex digest of the first fp_len bytes
-    fp_len: int
-    offset: int  # after the last record in the spool
-    fd: int = -1
-    skip_line: bool = False  # inside a cut line: skip to its newline
-    header_left: int = 0
-    matched: bool = True  # found at a matching path on the last scan
-    # A new file with the same first bytes as a file being read may be copytruncate's copy of it:
-    # it waits (until ``held_until``) for that file's truncation, then continues at its position.
-    held_by: tuple[int, int] | None = None
-    held_since: float = 0.0
-    held_until: float = 0.0
-    skip_record: bool = False  # inside a multi-line record cut at max_record_bytes: skip to the next start
-    stall: tuple[int, bool, bool] | None = None  # (size, eof, final) of the last read that found nothing
-    seen_size: int = -1
-    last_growth: float = field(default_factory=time.monotonic)
-
-    @property
-    def key(self) -> str:
-        return f"file/{self.dev}:{self.ino}"
-
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Take up a position read back from the spool (what ``position`` wrote)."""
-        self.offset = int(saved["offset"])
-        self.fp, self.fp_len = str(saved["fp"]), int(saved["fp_len"])
-        self.skip_line = bool(saved.get("skip_line"))
-        self.skip_record = bool(saved.get("skip_record"))
-        self.header_left = int(saved.get("header_left", 0))
-
-    def position(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"path": self.path, "fp": self.fp, "fp_len": self.fp_len, "offset": self.offset}
-        if self.skip_line:
-            doc["skip_line"] = True
-        if self.skip_record:
-            doc["skip_record"] = True
-        if self.header_left:
-            doc["header_left"] = self.header_left
-        return doc
-
-
-def _fingerprint(fd: int, length: int) -> tuple[str, int]:
-    data = os.pread(fd, length, 0)
-    return hashlib.sha1(data).hexdigest(), len(data)
-
-
-def _starts_with(fd: int, fp: str, fp_len: int) -> bool:
-    """Whether the file's first ``fp_len`` bytes have the fingerprint ``fp``."""
-    return _fingerprint(fd, fp_len)[0] == fp
-
-
 def matched_by(path: str, patterns: list[str]) -> bool:
     """Whether ``glob.glob`` of one of ``patterns`` could return ``path`` (component by component,
     with glob's rule that a wildcard does not match a leading dot)."""
@@ -242,136 +182,6 @@ def matched_by(path: str, patterns: list[str]) -> bool:
     return False
 
 
-class _Entries(Protocol):
-    """An open directory listing (what ``os.scandir`` returns)."""
-
-    def __next__(self) -> os.DirEntry[str]: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass
-class _Directory:
-    wanted: set[Ident]  # files looked for here
-    due: set[Ident] = field(default_factory=set)  # wanted when the current pass began: gone if it ends without them
-    entries: _Entries | None = None  # the current pass
-
-
-@dataclass
-class SearchStep:
-    """What one ``IdentitySearch.step`` learnt."""
-
-    found: list[tuple[Ident, str]] = field(default_factory=list)  # (identity, the name it has now)
-    gone: list[tuple[Ident, str]] = field(default_factory=list)  # (identity, "not_found" | "directory_gone")
-    failed: list[tuple[str, OSError]] = field(default_factory=list)  # directories that could not be listed
-    examined: int = 0  # directory entries looked at
-
-
-class IdentitySearch:
-    """Looks for files by (device, inode) in the directories they were last seen in, as a rotated
-    file renamed out of ``paths`` is found again.
-
-    Bounded: ``step`` examines at most ``budget`` directory entries (one ``lstat`` each), so a pass
-    over a large directory spans several steps; one listing is open per directory searched, and
-    memory is one small record per file looked for. A file is ``gone`` once a whole pass that began
-    after it was wanted did not find it. Not thread-safe: one caller at a time.
-    """
-
-    def __init__(self, budget: int = SEARCH_ENTRIES_PER_SCAN) -> None:
-        self.budget = budget
-        self._dirs: dict[str, _Directory] = {}
-        self._where: dict[Ident, str] = {}
-
-    def __contains__(self, ident: object) -> bool:
-        return ident in self._where
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def want(self, directory: str, ident: Ident) -> None:
-        """Look for the file ``ident`` in ``directory``."""
-        self.drop(ident)
-        self._where[ident] = directory
-        self._dirs.setdefault(directory, _Directory(set())).wanted.add(ident)
-
-    def drop(self, ident: Ident) -> None:
-        """Stop looking for ``ident`` (found, or back where it was)."""
-        directory = self._where.pop(ident, None)
-        if directory is None:
-            return
-        d = self._dirs[directory]
-        d.wanted.discard(ident)
-        d.due.discard(ident)
-        if not d.wanted:
-            self._end_pass(d)
-            del self._dirs[directory]
-
-    def step(self) -> SearchStep:
-        """Examine up to ``budget`` entries, continuing each directory's pass where it stopped."""
-        out = SearchStep()
-        for directory in list(self._dirs):
-            if out.examined >= self.budget:
-                break
-            d = self._dirs[directory]
-            if d.entries is None:
-                try:
-                    d.entries = os.scandir(directory)
-                except (FileNotFoundError, NotADirectoryError):
-                    for ident in list(d.wanted):
-                        out.gone.append((ident, "directory_gone"))
-                        self.drop(ident)
-                    continue
-                except OSError as exc:  # unreadable now: tried again next step, nothing given up
-                    out.failed.append((directory, exc))
-                    continue
-                d.due = set(d.wanted)
-            self._walk(directory, d, out)
-        return out
-
-    def _walk(self, directory: str, d: _Directory, out: SearchStep) -> None:
-        assert d.entries is not None
-        while out.examined < self.budget:
-            try:
-                entry = next(d.entries, None)
-            except OSError as exc:
-                self._end_pass(d)
-                out.failed.append((directory, exc))
-                return
-            if entry is None:  # a whole pass: what it was due to find is not in the directory
-                due = d.due
-                self._end_pass(d)
-                for ident in due:
-                    out.gone.append((ident, "not_found"))
-                    self.drop(ident)
-                if directory in self._dirs:  # wanted since the pass began: another pass, after the others
-                    self._dirs[directory] = self._dirs.pop(directory)
-                return
-            out.examined += 1
-            try:
-                st = entry.stat(follow_symlinks=False)  # not d_ino: it can differ from st_ino (overlayfs)
-            except OSError:
-                continue  # gone since it was listed
-            ident = (st.st_dev, st.st_ino)
-            if ident in d.wanted and stat.S_ISREG(st.st_mode):
-                out.found.append((ident, entry.path))
-                self.drop(ident)
-                if directory not in self._dirs:
-                    return
-
-    @staticmethod
-    def _end_pass(d: _Directory) -> None:
-        if d.entries is not None:
-            d.entries.close()
-            d.entries = None
-        d.due = set()
-
-    def close(self) -> None:
-        for d in self._dirs.values():
-            self._end_pass(d)
-        self._dirs.clear()
-        self._where.clear()
-
-
 class FileSource(Source):
     """Tails the files of one ``type: file`` source into its stream's spool; see the module docstring."""
 
@@ -381,7 +191,7 @@ class FileSource(Source):
         self.config = config
         self.sink = sink
         self.log = ctx.log.bind(source="file")
-        self._files: dict[tuple[int, int], _File] = {}
+        self._files: dict[tuple[int, int], FollowedFile] = {}
         # Fingerprints of truncated files and their old positions: a copy made by copytruncate
         # continues there (kept for a while after the truncation).
         self._truncated: list[tuple[str, int, int, float]] = []
@@ -389,18 +199,14 @@ class FileSource(Source):
         self._truncated_at: dict[tuple[int, int], tuple[int, float]] = {}
         # Files with a position that went missing from ``paths`` with no open handle, looked for
         # by identity; and the positions recovered at start, checked against the first scan.
-        self._missing: dict[Ident, _File] = {}
+        self._missing: dict[Ident, FollowedFile] = {}
         self._search = IdentitySearch()
-        self._recovered: list[_File] = []
+        self._recovered: list[FollowedFile] = []
         self._convert: Callable[[bytes], bytes] | None = None
         if config.processing:
             from firehose.sources.file_options import build_converter
 
             self._convert = build_converter(config.processing)
-        # MULTILINE: the pattern is tried at line starts inside a chunk, where "^" must match.
-        self._start = (re.compile(config.multi_line_start_pattern.encode(), re.MULTILINE)
-                       if config.multi_line_start_pattern else None)
-        self._terminator = config.truncated_record_terminator.encode()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._first_scan = True
@@ -416,6 +222,11 @@ class FileSource(Source):
             "files": m.file_files.labels(label),
         }
         self._m_errors = m.file_errors
+        # MULTILINE: the pattern is tried at line starts inside a chunk, where "^" must match.
+        start = (re.compile(config.multi_line_start_pattern.encode(), re.MULTILINE)
+                 if config.multi_line_start_pattern else None)
+        self._splitter = RecordSplitter(config.max_record_bytes, config.truncated_record_terminator.encode(), start,
+                                        self._m["truncated"].inc)
         self._stream = label
 
     # ------------------------------------------------------------------ lifecycle
@@ -487,36 +298,8 @@ class FileSource(Source):
     # ------------------------------------------------------------------ discovery
     def _scan(self) -> None:
         """Find the files ``paths`` match now (runs on a worker thread: only stat/open calls)."""
-        seen: set[tuple[int, int]] = set()
-        for pattern in self.config.paths:
-            for path in sorted(glob.glob(pattern)):
-                try:
-                    st = os.stat(path)
-                except OSError as exc:
-                    self._error(path, "stat", exc)
-                    continue
-                if not stat.S_ISREG(st.st_mode) or path.endswith(COMPRESSED_SUFFIXES):
-                    continue  # logrotate's compressed rotations are not logs to tail (Kinesis Agent skips them too)
-                ident = (st.st_dev, st.st_ino)
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                f = self._files.get(ident)
-                if f is None and ident in self._missing:  # back under a name ``paths`` matches
-                    f = self._back(self._missing.pop(ident), path)
-                if f is not None:
-                    f.path, f.matched = path, True
-                    if f.fd < 0 and st.st_size != f.offset:
-                        self._open(f)
-                    continue
-                self._track(path, st)
-        for ident, f in list(self._files.items()):
-            if ident not in seen:
-                f.matched = False
-                if f.fd < 0:  # closed at its end while idle, then renamed away or deleted: look for it
-                    del self._files[ident]
-                    self._truncated_at.pop(ident, None)
-                    self._look_for(f)
+        seen = self._scan_paths()
+        self._unmatched(seen)
         for f in self._recovered:  # the first scan: positions whose file is no longer at its name
             if (f.dev, f.ino) not in seen and (f.dev, f.ino) not in self._files:
                 self._look_for(f)
@@ -526,8 +309,56 @@ class FileSource(Source):
         horizon = time.monotonic() - 600
         self._truncated = [t for t in self._truncated if t[3] >= horizon]
 
+    def _scan_paths(self) -> set[Ident]:
+        """Follow each file ``paths`` matches now (once, under its first name); returns their identities."""
+        seen: set[Ident] = set()
+        for pattern in self.config.paths:
+            for path in sorted(glob.glob(pattern)):
+                st = self._stat_log(path)
+                if st is None or (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                self._matched(path, st)
+        return seen
+
+    def _stat_log(self, path: str) -> os.stat_result | None:
+        """The status of a file ``paths`` matched, or None if it is not a log to tail (or, reported,
+        cannot be examined)."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            self._error(path, "stat", exc)
+            return None
+        if not stat.S_ISREG(st.st_mode) or path.endswith(COMPRESSED_SUFFIXES):
+            return None  # logrotate's compressed rotations are not logs to tail (Kinesis Agent skips them too)
+        return st
+
+    def _matched(self, path: str, st: os.stat_result) -> None:
+        """A file at ``path``, which ``paths`` matches: followed already, back from missing, or new."""
+        ident = (st.st_dev, st.st_ino)
+        f = self._files.get(ident)
+        if f is None and ident in self._missing:  # back under a name ``paths`` matches
+            f = self._back(self._missing.pop(ident), path)
+        if f is None:
+            self._track(path, st)
+            return
+        f.path, f.matched = path, True
+        if f.fd < 0 and st.st_size != f.offset:
+            self._open(f)
+
+    def _unmatched(self, seen: set[Ident]) -> None:
+        """Files followed that ``paths`` no longer matches (renamed away or deleted): one still open
+        is read to its end through its descriptor; one closed while idle is looked for by identity."""
+        for ident, f in list(self._files.items()):
+            if ident not in seen:
+                f.matched = False
+                if f.fd < 0:  # closed at its end while idle, then renamed away or deleted: look for it
+                    del self._files[ident]
+                    self._truncated_at.pop(ident, None)
+                    self._look_for(f)
+
     # ------------------------------------------------------------------ rotated files gone missing
-    def _tracked_positions(self) -> list[_File]:
+    def _tracked_positions(self) -> list[FollowedFile]:
         """The files the spool holds positions for, under names this source's ``paths`` match (a
         stream's other file sources keep theirs)."""
         out = []
@@ -536,7 +367,7 @@ class FileSource(Source):
                 continue
             try:
                 dev, ino = (int(n) for n in key.removeprefix("file/").split(":"))
-                f = _File(dev, ino, str(pos["path"]), "", 0, 0, matched=False)
+                f = FollowedFile(dev, ino, str(pos["path"]), "", 0, 0, matched=False)
                 f.restore(pos)
             except (KeyError, TypeError, ValueError):
                 continue
@@ -544,21 +375,21 @@ class FileSource(Source):
                 out.append(f)
         return out
 
-    def _look_for(self, f: _File) -> None:
+    def _look_for(self, f: FollowedFile) -> None:
         """``f`` has a position but is no longer at a name ``paths`` matches, and no descriptor
         follows it: look for it by identity where it was (rename rotation while we did not look)."""
         f.matched = False
         self._missing[(f.dev, f.ino)] = f
         self._search.want(os.path.dirname(f.path) or os.curdir, (f.dev, f.ino))
 
-    def _back(self, f: _File, path: str) -> _File | None:
+    def _back(self, f: FollowedFile, path: str) -> FollowedFile | None:
         """A missing file's inode is at ``path`` again: the same file, or (reused) another one."""
         self._search.drop((f.dev, f.ino))
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
                 st = os.fstat(fd)
-                same = (st.st_dev, st.st_ino) == (f.dev, f.ino) and _starts_with(fd, f.fp, f.fp_len)
+                same = (st.st_dev, st.st_ino) == (f.dev, f.ino) and starts_with(fd, f.fp, f.fp_len)
             finally:
                 os.close(fd)
         except OSError:
@@ -578,7 +409,7 @@ class FileSource(Source):
         for ident, path in step.found:
             self._take_up(self._missing.pop(ident), path)
 
-    def _take_up(self, f: _File, path: str) -> None:
+    def _take_up(self, f: FollowedFile, path: str) -> None:
         """Follow a missing file found at ``path``: from its position to its end, then released
         like any file renamed away (``_read``)."""
         try:
@@ -599,7 +430,7 @@ class FileSource(Source):
                 os.close(fd)
                 self._look_for(f)
                 return
-            same = _starts_with(fd, f.fp, f.fp_len)
+            same = starts_with(fd, f.fp, f.fp_len)
         except OSError as exc:
             os.close(fd)
             self._lost(f, "unreadable", error=str(exc))
@@ -615,7 +446,7 @@ class FileSource(Source):
         self.log.info("file_source_rotated_file_found", path=f.path, found_as=path, offset=f.offset,
                       bytes_unread=max(st.st_size - f.offset, 0))
 
-    def _lost(self, f: _File, reason: str, *, error: str | None = None, bytes_unread: int | None = None) -> None:
+    def _lost(self, f: FollowedFile, reason: str, *, error: str | None = None, bytes_unread: int | None = None) -> None:
         """Give up a missing file: its position is released, the loss reported and counted.
         ``bytes_unread`` is None when unknowable (a file gone takes its size with it)."""
         self._unsaved[f.key] = None
@@ -629,7 +460,7 @@ class FileSource(Source):
         self.log.warning("file_source_rotated_file_lost", path=f.path, reason=reason, offset=f.offset,
                          bytes_unread=bytes_unread, error=error)
 
-    def _open(self, f: _File) -> bool:
+    def _open(self, f: FollowedFile) -> bool:
         try:
             fd = os.open(f.path, os.O_RDONLY)
             st = os.fstat(fd)
@@ -646,14 +477,14 @@ class FileSource(Source):
         try:
             fd = os.open(path, os.O_RDONLY)
             st = os.fstat(fd)  # the file actually opened (a rotation may have come after the stat)
-            fp, fp_len = _fingerprint(fd, FINGERPRINT_BYTES)
+            fp, fp_len = fingerprint(fd, FINGERPRINT_BYTES)
         except OSError as exc:
             self._error(path, "open", exc)
             return
         if (st.st_dev, st.st_ino) in self._files:
             os.close(fd)
             return
-        f = _File(st.st_dev, st.st_ino, path, fp, fp_len, 0, fd=fd, header_left=self.config.skip_header_lines)
+        f = FollowedFile(st.st_dev, st.st_ino, path, fp, fp_len, 0, fd=fd, header_left=self.config.skip_header_lines)
         saved = self.sink.positions.get(f.key)
         if isinstance(saved, dict) and self._same_content(fd, saved):
             f.restore(saved)
@@ -673,225 +504,186 @@ class FileSource(Source):
         self.log.info("file_source_following", path=path, offset=f.offset)
 
     @staticmethod
-    def _same_start(f: _File) -> bool:
+    def _same_start(f: FollowedFile) -> bool:
         try:
-            return _starts_with(f.fd, f.fp, f.fp_len)
+            return starts_with(f.fd, f.fp, f.fp_len)
         except OSError:
             return True  # unreadable now: reported by the read that follows
 
     @staticmethod
     def _same_content(fd: int, saved: dict[str, Any]) -> bool:
         try:
-            return _starts_with(fd, str(saved["fp"]), int(saved["fp_len"]))
+            return starts_with(fd, str(saved["fp"]), int(saved["fp_len"]))
         except (KeyError, ValueError, TypeError, OSError):
             return False
 
     def _copy_of(self, fd: int, size: int) -> int | None:
         """The old position, if this new file is copytruncate's copy of a truncated file."""
         for fp, fp_len, offset, _when in self._truncated:
-            if fp_len >= 64 and size >= offset and _starts_with(fd, fp, fp_len):
+            if fp_len >= 64 and size >= offset and starts_with(fd, fp, fp_len):
                 return offset
         return None
 
     def _original_of(self, fd: int, size: int) -> tuple[int, int] | None:
         """A file being read whose first bytes this new file repeats (a copy in the making)."""
         for ident, other in self._files.items():
-            if other.fp_len >= 64 and size >= other.fp_len and _starts_with(fd, other.fp, other.fp_len):
+            if other.fp_len >= 64 and size >= other.fp_len and starts_with(fd, other.fp, other.fp_len):
                 return ident
         return None
 
-    def _close(self, f: _File) -> None:
+    def _close(self, f: FollowedFile) -> None:
         if f.fd >= 0:
             os.close(f.fd)
             f.fd = -1
 
     # ------------------------------------------------------------------ reading
-    async def _read(self, f: _File) -> bool:
+    async def _read(self, f: FollowedFile) -> bool:
         """Read what ``f`` has past its position; returns True if it made progress."""
-        if f.fd < 0:
-            return False
-        try:
-            st = os.fstat(f.fd)
-        except OSError as exc:
-            self._error(f.path, "read", exc)
+        st = self._stat_open(f)
+        if st is None:
             return False
         now = time.monotonic()
         # Truncation is checked even while the spool is full, so a copytruncate during an outage
         # is not mistaken for growth: a smaller size, or (when it grew) other first bytes.
         grew = st.st_size != f.seen_size
-        if st.st_size < f.offset or (grew and f.offset and f.fp_len and not self._same_start(f)):
-            self._truncated.append((f.fp, f.fp_len, f.offset, now))
-            self._truncated_at[(f.dev, f.ino)] = (f.offset, now)
-            self.log.info("file_source_truncated", path=f.path, offset=f.offset, size=st.st_size)
-            f.offset, f.skip_line, f.skip_record = 0, False, False
-            f.header_left = self.config.skip_header_lines
-            f.fp, f.fp_len = _fingerprint(f.fd, FINGERPRINT_BYTES)
-            f.seen_size, f.stall = st.st_size, None
-            await self._put([], {f.key: f.position()})
+        if self._truncated_now(f, st.st_size, grew=grew):
+            await self._restart(f, st.st_size, now)
             return True
-        chunk = CHUNK_BYTES if self.sink.has_room(CHUNK_BYTES) else SMALL_CHUNK_BYTES  # a small spool cap
-        room = self.sink.accepting and self.sink.has_room(chunk)
-        if f.held_by is not None:
-            cut = self._truncated_at.get(f.held_by)
-            if grew:  # a copy still being written: keep waiting for the original's truncation
-                f.held_until = max(f.held_until, now + COPY_HOLD_SECS)
-            if cut is not None and cut[1] >= f.held_since:
-                # the original was truncated after this file appeared: this is its copy
-                f.offset, f.header_left, f.held_by = cut[0], 0, None
-                await self._put([], {f.key: f.position()})
-            elif f.held_by not in self._files or (room and now >= f.held_until):
-                f.held_by = None  # not a copy after all: a file of its own, read from its start
-            else:
-                return False
+        chunk, room = self._chunk_and_room()
+        if f.held_by is not None and not await self._hold_ends(f, f.held_by, grew=grew, room=room, now=now):
+            return False
+        if not self._room_to_read(room):
+            return False
+        return await self._read_on(f, st, chunk, now)
+
+    def _stat_open(self, f: FollowedFile) -> os.stat_result | None:
+        """The status of ``f``'s open descriptor; None if it has none, or (reported) cannot be read."""
+        if f.fd < 0:
+            return None
+        try:
+            return os.fstat(f.fd)
+        except OSError as exc:
+            self._error(f.path, "read", exc)
+            return None
+
+    def _truncated_now(self, f: FollowedFile, size: int, *, grew: bool) -> bool:
+        """Whether ``f`` was truncated: its size is below its position or, when it grew, its first
+        bytes changed (truncated, then written past the old position)."""
+        return size < f.offset or bool(grew and f.offset and f.fp_len and not self._same_start(f))
+
+    async def _restart(self, f: FollowedFile, size: int, now: float) -> None:
+        """Read a truncated file again from its start, its position reset in the spool. Its old
+        fingerprint and position are kept, so copytruncate's copy continues there."""
+        self._truncated.append((f.fp, f.fp_len, f.offset, now))
+        self._truncated_at[(f.dev, f.ino)] = (f.offset, now)
+        self.log.info("file_source_truncated", path=f.path, offset=f.offset, size=size)
+        f.offset, f.skip_line, f.skip_record = 0, False, False
+        f.header_left = self.config.skip_header_lines
+        f.fp, f.fp_len = fingerprint(f.fd, FINGERPRINT_BYTES)
+        f.seen_size, f.stall = size, None
+        await self._put([], {f.key: f.position()})
+
+    def _chunk_and_room(self) -> tuple[int, bool]:
+        """The bytes a read takes (fewer when the spool's cap is too small for a full chunk), and
+        whether the spool takes records now."""
+        chunk = CHUNK_BYTES if self.sink.has_room(CHUNK_BYTES) else SMALL_CHUNK_BYTES
+        return chunk, self.sink.accepting and self.sink.has_room(chunk)
+
+    async def _hold_ends(self, f: FollowedFile, original: Ident, *, grew: bool, room: bool, now: float) -> bool:
+        """Whether ``f``, held as a possible copytruncate copy of ``original``, is read now: as the
+        copy (continuing at the original's old position) once the original was truncated after
+        ``f`` appeared; as a file of its own (from its start) once the original is gone, or the
+        hold ran out with room in the spool. Otherwise it keeps waiting."""
+        cut = self._truncated_at.get(original)
+        if grew:  # a copy still being written: keep waiting for the original's truncation
+            f.held_until = max(f.held_until, now + COPY_HOLD_SECS)
+        if cut is not None and cut[1] >= f.held_since:
+            # the original was truncated after this file appeared: this is its copy
+            f.offset, f.header_left, f.held_by = cut[0], 0, None
+            await self._put([], {f.key: f.position()})
+        elif original not in self._files or (room and now >= f.held_until):
+            f.held_by = None  # not a copy after all: a file of its own, read from its start
+        else:
+            return False
+        return True
+
+    def _room_to_read(self, room: bool) -> bool:
+        """Back-pressure: nothing is read while the spool is full (or stopping); the pause and the
+        resumption are logged once each."""
         if not room:
-            if not self._paused:  # back-pressure: the spool is full; read nothing
+            if not self._paused:
                 self._paused = True
                 self.log.info("file_source_paused", reason="spool full" if self.sink.accepting else "stopping")
             return False
         if self._paused:
             self._paused = False
             self.log.info("file_source_resumed")
+        return True
+
+    async def _read_on(self, f: FollowedFile, st: os.stat_result, chunk: int, now: float) -> bool:
+        """Read ``f`` on from its position, with room in the spool; a file at its end is released
+        once finished, or its descriptor closed once idle."""
         if st.st_size != f.seen_size:
             f.seen_size, f.last_growth = st.st_size, now
         quiet = now - f.last_growth
         finished = (not f.matched or st.st_nlink == 0) and quiet >= self.config.close_inactive_ms / 1000.0
         if st.st_size == f.offset:
-            if finished:  # rotated away or deleted, read to its end and quiet: release it
-                self._close(f)
-                del self._files[(f.dev, f.ino)]
-                self._truncated_at.pop((f.dev, f.ino), None)
-                await self._put([], {f.key: None})
-                self.log.info("file_source_released", path=f.path, offset=f.offset)
-                return True
-            if quiet >= self.config.close_inactive_ms / 1000.0 and f.held_by is None:
-                # Idle at its end: give the descriptor back (a scan reopens it when it grows), so
-                # thousands of finished files that still match do not hold thousands of fds.
-                self._close(f)
+            return await self._at_end(f, quiet=quiet, finished=finished)
+        if self._stalled(f, st.st_size, quiet=quiet, finished=finished):
+            return False  # an unchanged partial tail: not read again every poll
+        return await self._read_chunk(f, chunk, st.st_size, quiet=quiet, finished=finished)
+
+    async def _at_end(self, f: FollowedFile, *, quiet: float, finished: bool) -> bool:
+        """``f`` is read to its end: released once finished; returns True if it was."""
+        if finished:  # rotated away or deleted, read to its end and quiet: release it
+            await self._release(f)
+            return True
+        if quiet >= self.config.close_inactive_ms / 1000.0 and f.held_by is None:
+            # Idle at its end: give the descriptor back (a scan reopens it when it grows), so
+            # thousands of finished files that still match do not hold thousands of fds.
+            self._close(f)
+        return False
+
+    async def _release(self, f: FollowedFile) -> None:
+        """Stop following ``f``; its position is removed from the spool."""
+        self._close(f)
+        del self._files[(f.dev, f.ino)]
+        self._truncated_at.pop((f.dev, f.ino), None)
+        await self._put([], {f.key: None})
+        self.log.info("file_source_released", path=f.path, offset=f.offset)
+
+    def _stalled(self, f: FollowedFile, size: int, *, quiet: float, finished: bool) -> bool:
+        """Whether the last read of ``f`` found nothing to send and nothing it depended on changed
+        since: the size, and whether the file has become quiet or finished."""
+        if f.stall is None:
             return False
-        if f.stall is not None:
-            size, eof_was, final_was = f.stall
-            if size == st.st_size and (eof_was or quiet < self.config.multi_line_timeout_ms / 1000.0) and (
-                final_was or not finished
-            ):
-                return False  # an unchanged partial tail: not read again every poll
+        stall_size, eof_was, final_was = f.stall
+        return stall_size == size and (eof_was or quiet < self.config.multi_line_timeout_ms / 1000.0) and (
+            final_was or not finished
+        )
+
+    async def _read_chunk(self, f: FollowedFile, chunk: int, size: int, *, quiet: float, finished: bool) -> bool:
+        """Read up to ``chunk`` bytes at ``f``'s position and put the records they complete into the
+        spool with the position after them; returns True if it did."""
         try:
             data = await asyncio.to_thread(os.pread, f.fd, chunk, f.offset)
         except OSError as exc:
             self._error(f.path, "read", exc)
             return False
         if f.fp_len < FINGERPRINT_BYTES and f.offset < FINGERPRINT_BYTES:
-            f.fp, f.fp_len = _fingerprint(f.fd, FINGERPRINT_BYTES)
-        at_end = f.offset + len(data) >= st.st_size
+            f.fp, f.fp_len = fingerprint(f.fd, FINGERPRINT_BYTES)
+        at_end = f.offset + len(data) >= size
         eof = at_end and quiet >= self.config.multi_line_timeout_ms / 1000.0 and data.endswith(b"\n")
         final = at_end and finished
-        records, consumed = self._split(f, data, eof=eof, final=final)
+        records, consumed = self._splitter.split(f, data, eof=eof, final=final)
         if not records and consumed == 0:
-            f.stall = (st.st_size, eof, final)  # nothing to do until one of these changes
+            f.stall = (size, eof, final)  # nothing to do until one of these changes
             return False
         f.stall = None
         await self._emit(f, records, consumed)
         return True
 
-    def _split(self, f: _File, data: bytes, *, eof: bool, final: bool = False) -> tuple[list[bytes], int]:
-        """Complete records in ``data`` (read at ``f.offset``) and how many bytes they span.
-        ``eof``: the file is quiet, so a pending multi-line record is complete; ``final``: the
-        file is finished, so even a last line without its newline is a record."""
-        limit = self.config.max_record_bytes
-        term = self._terminator
-        records: list[bytes] = []
-        pos = 0
-        n = len(data)
-        if f.skip_line:
-            nl = data.find(b"\n")
-            if nl < 0:
-                return [], n  # still inside the cut line
-            pos = nl + 1
-            f.skip_line = False
-        while f.header_left and pos < n:
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                return records, pos
-            pos = nl + 1
-            f.header_left -= 1
-        if self._start is not None:
-            return self._split_multiline(f, data, pos, eof=eof or final, records=records)
-        while pos < n:
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                if n - pos >= limit:  # a line longer than a record may be: cut it
-                    records.append(data[pos : pos + limit - len(term)] + term)
-                    self._m["truncated"].inc()
-                    f.skip_line = True
-                    return records, n
-                if final:
-                    records.append(data[pos:])
-                    pos = n
-                break
-            end = nl + 1
-            if end - pos > limit:
-                records.append(data[pos : pos + limit - len(term)] + term)
-                self._m["truncated"].inc()
-            else:
-                records.append(data[pos:end])
-            pos = end
-        return records, pos
-
-    def _split_multiline(
-        self, f: _File, data: bytes, pos: int, *, eof: bool, records: list[bytes]
-    ) -> tuple[list[bytes], int]:
-        """Records from one start line to the next. A record that outgrows ``max_record_bytes``
-        is cut there, ends with the terminator, and the rest of it (up to the next start line,
-        across reads and restarts: ``skip_record``) is skipped."""
-        assert self._start is not None
-        limit = self.config.max_record_bytes
-        term = self._terminator
-        n = len(data)
-        line = pos
-        if f.skip_record:  # inside a cut record: skip its lines up to the next start line
-            while line < n:
-                nl = data.find(b"\n", line)
-                if nl < 0:
-                    break
-                if self._start.match(data, line, nl):
-                    f.skip_record = False
-                    break
-                line = nl + 1
-            if f.skip_record:
-                if n - line >= limit:  # a partial line longer than a record: skip it too
-                    f.skip_line = True
-                    return records, n
-                return records, line
-        start = line  # the current record's first byte
-        while line < n:
-            nl = data.find(b"\n", line)
-            if nl < 0:
-                break
-            if line > start and self._start.match(data, line, nl):
-                rec = data[start:line]
-                if len(rec) > limit:
-                    rec = rec[: limit - len(term)] + term
-                    self._m["truncated"].inc()
-                records.append(rec)
-                start = line
-            line = nl + 1
-        if eof and n > start:  # the last record is complete (a finished file's tail too)
-            rec = data[start:n]
-            if len(rec) > limit:
-                rec = rec[: limit - len(term)] + term
-                self._m["truncated"].inc()
-            records.append(rec)
-            return records, n
-        if n - start >= limit:  # the current record is already longer than allowed: cut it now
-            records.append(data[start : start + limit - len(term)] + term)
-            self._m["truncated"].inc()
-            f.skip_record = True
-            if line < n:  # it ends in a partial line: skip that to its newline first
-                f.skip_line = True
-                return records, n
-            return records, line
-        return records, start
-
-    async def _emit(self, f: _File, records: list[bytes], consumed: int) -> None:
+    async def _emit(self, f: FollowedFile, records: list[bytes], consumed: int) -> None:
         """Convert and put ``records`` (which span ``consumed`` bytes from ``f.offset``) in one
         spool frame with the position after them (a read is at most CHUNK_BYTES)."""
         if self._convert is not None:
@@ -907,7 +699,7 @@ class FileSource(Source):
             self._m["records"].inc(len(records))
             self._m["bytes"].inc(sum(map(len, records)))
 
-    def _converted(self, f: _File, record: bytes) -> bytes:
+    def _converted(self, f: FollowedFile, record: bytes) -> bytes:
         from firehose.sources.file_options import ConversionError
 
         assert self._convert is not None

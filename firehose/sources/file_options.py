@@ -420,6 +420,72 @@ def _agent_bool(value: Any, key: str) -> bool:
     raise ValueError(f"{key} must be \"true\" or \"false\", got {value!r}")
 
 
+# Each _from_agent_* makes the processing: entry of one optionName, adding notes on what it ignored.
+def _from_agent_single_line(option: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    parse = option.get("parseOptions") or []
+    if isinstance(parse, str):
+        parse = [parse]
+    out: dict[str, Any] = {"type": "single_line"}
+    for p in parse:
+        if p == "NO_TRIM":
+            out["no_trim"] = True
+        elif p == "ESCAPE_NEW_LINE":
+            out["escape_new_line"] = True
+        else:
+            notes.append(f"SINGLELINE: parseOptions {p!r} is not a Kinesis Agent option; ignored")
+    return out
+
+
+def _from_agent_csv_delimiter(delimiter: Any, notes: list[str]) -> Any:
+    """Kinesis Agent's CSV delimiter (a Java regular expression) as the character csv_to_json splits on."""
+    if not isinstance(delimiter, str):
+        return delimiter  # not a string: refused by csv_to_json's validation
+    if len(delimiter) == 1 and delimiter in _REGEX_METACHARACTERS:
+        notes.append(f"CSVTOJSON: delimiter {delimiter!r} is a regular-expression metacharacter, which Kinesis "
+                     "Agent did not split on as a character; csv_to_json splits on the character itself")
+    elif len(delimiter) == 2 and delimiter[0] == "\\" and (delimiter[1] == "t" or not delimiter[1].isalnum()):
+        return "\t" if delimiter[1] == "t" else delimiter[1]
+    elif len(delimiter) != 1:
+        raise ValueError(f"CSVTOJSON: delimiter {delimiter!r} is a regular expression; "
+                         f"csv_to_json takes one character")
+    return delimiter
+
+
+def _from_agent_csv_to_json(option: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    delimiter = _from_agent_csv_delimiter(option.get("delimiter", ","), notes)
+    return {"type": "csv_to_json", "field_names": option.get("customFieldNames"), "delimiter": delimiter}
+
+
+def _from_agent_log_to_json(option: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    fmt = option.get("logFormat")
+    if fmt not in _AGENT_LOG_FORMATS:
+        raise ValueError(f"LOGTOJSON: logFormat must be one of {', '.join(_AGENT_LOG_FORMATS)}, got {fmt!r}")
+    out: dict[str, Any] = {"type": "log_to_json", "log_format": _AGENT_LOG_FORMATS[fmt]}
+    if option.get("matchPattern") is not None:
+        out["match_pattern"] = option["matchPattern"]
+    if option.get("customFieldNames") is not None:
+        out["field_names"] = option["customFieldNames"]
+    return out
+
+
+def _from_agent_add_metadata(option: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "add_metadata"}
+    if "timestamp" in option:
+        out["timestamp"] = _agent_bool(option["timestamp"], "ADDMETADATA: timestamp")
+    if option.get("metadata") is not None:
+        out["metadata"] = option["metadata"]
+    return out
+
+
+# optionName -> (what makes its processing: entry, adding notes on what it ignored; the parameters it reads)
+_AGENT_OPTIONS: dict[str, tuple[Callable[[Mapping[str, Any], list[str]], dict[str, Any]], frozenset[str]]] = {
+    "SINGLELINE": (_from_agent_single_line, frozenset({"parseOptions"})),
+    "CSVTOJSON": (_from_agent_csv_to_json, frozenset({"customFieldNames", "delimiter", "jsonFormat"})),
+    "LOGTOJSON": (_from_agent_log_to_json, frozenset({"logFormat", "matchPattern", "customFieldNames", "jsonFormat"})),
+    "ADDMETADATA": (_from_agent_add_metadata, frozenset({"timestamp", "metadata", "jsonFormat"})),
+}
+
+
 def from_agent_option(option: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """One of Kinesis Agent's ``dataProcessingOptions`` entries as a file source ``processing:``
     entry, validated, plus notes on parameters that were ignored. Raises ``ValueError`` (saying why,
@@ -427,64 +493,28 @@ def from_agent_option(option: Mapping[str, Any]) -> tuple[dict[str, Any], list[s
     name = str(option.get("optionName", "")).upper()
     if name in _UNMAPPABLE:
         raise ValueError(f"{name}: {_UNMAPPABLE[name]}")
-    notes: list[str] = []
-    used = {"optionName"}
-    out: dict[str, Any]
-    if name == "SINGLELINE":
-        used.add("parseOptions")
-        parse = option.get("parseOptions") or []
-        if isinstance(parse, str):
-            parse = [parse]
-        out = {"type": "single_line"}
-        for p in parse:
-            if p == "NO_TRIM":
-                out["no_trim"] = True
-            elif p == "ESCAPE_NEW_LINE":
-                out["escape_new_line"] = True
-            else:
-                notes.append(f"SINGLELINE: parseOptions {p!r} is not a Kinesis Agent option; ignored")
-    elif name == "CSVTOJSON":
-        used.update(("customFieldNames", "delimiter", "jsonFormat"))
-        delimiter = option.get("delimiter", ",")
-        if isinstance(delimiter, str) and len(delimiter) == 1 and delimiter in _REGEX_METACHARACTERS:
-            notes.append(f"CSVTOJSON: delimiter {delimiter!r} is a regular-expression metacharacter, which Kinesis "
-                         "Agent did not split on as a character; csv_to_json splits on the character itself")
-        elif isinstance(delimiter, str) and len(delimiter) == 2 and delimiter[0] == "\\" and (
-                delimiter[1] == "t" or not delimiter[1].isalnum()):
-            delimiter = "\t" if delimiter[1] == "t" else delimiter[1]
-        elif isinstance(delimiter, str) and len(delimiter) != 1:
-            raise ValueError(f"CSVTOJSON: delimiter {delimiter!r} is a regular expression; "
-                             f"csv_to_json takes one character")
-        out = {"type": "csv_to_json", "field_names": option.get("customFieldNames"), "delimiter": delimiter}
-    elif name == "LOGTOJSON":
-        used.update(("logFormat", "matchPattern", "customFieldNames", "jsonFormat"))
-        fmt = option.get("logFormat")
-        if fmt not in _AGENT_LOG_FORMATS:
-            raise ValueError(f"LOGTOJSON: logFormat must be one of {', '.join(_AGENT_LOG_FORMATS)}, got {fmt!r}")
-        out = {"type": "log_to_json", "log_format": _AGENT_LOG_FORMATS[fmt]}
-        if option.get("matchPattern") is not None:
-            out["match_pattern"] = option["matchPattern"]
-        if option.get("customFieldNames") is not None:
-            out["field_names"] = option["customFieldNames"]
-    elif name == "ADDMETADATA":
-        used.update(("timestamp", "metadata", "jsonFormat"))
-        out = {"type": "add_metadata"}
-        if "timestamp" in option:
-            out["timestamp"] = _agent_bool(option["timestamp"], "ADDMETADATA: timestamp")
-        if option.get("metadata") is not None:
-            out["metadata"] = option["metadata"]
-    else:
+    if name not in _AGENT_OPTIONS:
         raise ValueError(f"unknown optionName {option.get('optionName')!r}")
-    if str(option.get("jsonFormat", "COMPACT")).upper() == "PRETTYPRINT" and "jsonFormat" in used:
-        notes.append(f"{name}: jsonFormat PRETTYPRINT is not supported; records are compact JSON, one a line")
-    for key in option:
-        if key not in used:
-            notes.append(f"{name}: unknown parameter {key!r}; ignored")
+    convert, parameters = _AGENT_OPTIONS[name]
+    notes: list[str] = []
+    out = convert(option, notes)
+    notes.extend(_ignored(name, option, parameters))
     try:
         validated = _ADAPTER.validate_python(out)
     except Exception as exc:  # pydantic's ValidationError: name the option and the reason
         raise ValueError(f"{name}: {_first_error(exc)}") from None
     return validated.model_dump(exclude_defaults=True), notes
+
+
+def _ignored(name: str, option: Mapping[str, Any], parameters: frozenset[str]) -> list[str]:
+    """Notes on what in option ``name`` has no effect here: PRETTYPRINT, and parameters other than
+    ``optionName`` and the option's own ``parameters``."""
+    notes: list[str] = []
+    if str(option.get("jsonFormat", "COMPACT")).upper() == "PRETTYPRINT" and "jsonFormat" in parameters:
+        notes.append(f"{name}: jsonFormat PRETTYPRINT is not supported; records are compact JSON, one a line")
+    used = parameters | {"optionName"}
+    notes.extend(f"{name}: unknown parameter {key!r}; ignored" for key in option if key not in used)
+    return notes
 
 
 def _first_error(exc: Exception) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from firehose.config import ConfigError, load_config_text
 from firehose.interfaces import BuildContext
 from firehose.metrics import Metrics
 from firehose.sources.file import FileSource, FileSourceConfig, IdentitySearch, SearchStep, matched_by
+from firehose.sources.file_position import FollowedFile
+from firehose.sources.file_records import RecordSplitter
 
 
 class MemorySink:
@@ -550,3 +553,46 @@ def test_positions_are_searched_only_under_names_the_source_matches() -> None:
     assert not matched_by("/var/log/app/deep/a.log", ["/var/log/*/*.log"])  # a wildcard stays in one directory
     assert not matched_by("/var/log/.hidden.log", ["/var/log/*.log"])  # as glob: no leading dot for a wildcard
     assert matched_by("/var/log/.hidden.log", ["/var/log/.*.log"])
+
+
+def splitter(limit: int = 16, start: bytes | None = None) -> tuple[RecordSplitter, list[int]]:
+    cuts: list[int] = []
+    pattern = re.compile(start, re.MULTILINE) if start is not None else None
+    return RecordSplitter(limit, b"|\n", pattern, lambda: cuts.append(1)), cuts
+
+
+def test_a_split_covers_complete_lines_only_and_a_cut_line_is_skipped_across_reads() -> None:
+    split, cuts = splitter()
+    f = FollowedFile(1, 2, "a.log", "", 0, 0, header_left=1)
+    assert split.split(f, b"header\none\ntwo", eof=False) == ([b"one\n"], 11)  # "two" waits for its newline
+    assert f.header_left == 0
+    assert split.split(f, b"two\n", eof=False, final=True) == ([b"two\n"], 4)
+    assert split.split(f, b"x" * 20, eof=False) == ([b"x" * 14 + b"|\n"], 20)  # longer than a record: cut now
+    assert f.skip_line and cuts == [1]
+    assert split.split(f, b"xxx", eof=False) == ([], 3)  # still inside the cut line
+    assert split.split(f, b"x\nnext\n", eof=False) == ([b"next\n"], 7)
+    assert not f.skip_line
+    assert split.split(f, b"tail", eof=False, final=True) == ([b"tail"], 4)  # a finished file's last line
+
+
+def test_a_multi_line_record_ends_at_the_next_start_line_or_once_the_file_is_quiet() -> None:
+    split, cuts = splitter(limit=32, start=rb"\d")
+    f = FollowedFile(1, 2, "a.log", "", 0, 0)
+    assert split.split(f, b"1 a\n b\n2 c\n", eof=False) == ([b"1 a\n b\n"], 7)  # "2 c" may go on
+    assert split.split(f, b"2 c\n", eof=True) == ([b"2 c\n"], 4)
+    long = b"3 " + b"y" * 40 + b"\n"
+    assert split.split(f, long + b" more\n4 d\n", eof=False) == ([long[:30] + b"|\n"], len(long + b" more\n"))
+    assert cuts == [1] and not f.skip_record  # the cut record's tail was skipped up to the next start
+    assert split.split(f, b"5 " + b"z" * 40 + b"\n", eof=False) == ([b"5 " + b"z" * 28 + b"|\n"], 43)
+    assert f.skip_record  # no start line yet: the rest of the record is skipped in the next read
+    assert split.split(f, b" rest\n6 e\n", eof=True) == ([b"6 e\n"], 10)
+    assert cuts == [1, 1]
+
+
+def test_a_followed_file_takes_up_the_position_it_wrote() -> None:
+    f = FollowedFile(1, 2, "a.log", "ab12", 1024, 300, skip_line=True, header_left=2)
+    saved = f.position()
+    assert saved == {"path": "a.log", "fp": "ab12", "fp_len": 1024, "offset": 300, "skip_line": True, "header_left": 2}
+    again = FollowedFile(1, 2, "a.log", "", 0, 0)
+    again.restore(saved)
+    assert (again.key, again.position()) == ("file/1:2", saved)
