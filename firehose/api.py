@@ -288,15 +288,15 @@ class FirehoseApi:
         api = self.daemon.config.api
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
-            given = header[7:].strip().encode()
-            return any(hmac.compare_digest(given, t.encode()) for t in api.operator_tokens)
+            given = header[7:].strip().encode("utf-8", "surrogateescape")
+            return any(hmac.compare_digest(given, t.encode("utf-8", "surrogateescape")) for t in api.operator_tokens)
         if header.startswith("AWS4-HMAC-SHA256 ") and request.method == "GET":
             from firehose.auth import AuthError, preverify
 
             try:
                 preverify(request.method, request.raw_path.split("?", 1)[0], request.query_string,
                           list(request.headers.items()), api.auth.credentials).verify(hashlib.sha256(b"").hexdigest())
-            except AuthError:
+            except (AuthError, ValueError):
                 return False
             return True
         return False
@@ -353,17 +353,19 @@ class FirehoseApi:
             return error_response(ApiError("InternalFailure", "An internal error occurred", 500))
 
     async def _read_body(self, request: web.Request, *, hashing: bool) -> _Body:
-        """The request body as sent, read within the deadline and the caps (see :meth:`handle`)."""
+        """The request body as sent, read within the deadline and the caps (see :meth:`handle`).
+        Bytes are reserved as they arrive, so a request that declares a large body and stalls
+        holds only what it sent; when the caps are already reached, 503 before reading."""
         limits = self.budget.limits
         declared = request.content_length
         if declared is not None and declared > MAX_BODY_BYTES:
             raise _too_large()
         authenticated = not hashing and self.daemon.config.api.auth.mode == "none"
-        reserve = declared if declared is not None else MAX_BODY_BYTES
-        if not self.budget.reserve(reserve, authenticated=authenticated):
+        if not self.budget.reserve(min(declared or 1, 1 << 16), authenticated=authenticated):
             self.budget.refused += 1
             log.info("http_body_refused", reason="too many body bytes being read at once", declared_bytes=declared)
             raise ApiError("ServiceUnavailableException", "Slow down.", 503)
+        reserved = min(declared or 1, 1 << 16)
         digest = hashlib.sha256() if hashing else None
         chunks: list[bytes] = []
         size = 0
@@ -376,6 +378,13 @@ class FirehoseApi:
                     size += len(chunk)
                     if size > MAX_BODY_BYTES:
                         raise _too_large()
+                    if size > reserved:
+                        if not self.budget.reserve(size - reserved, authenticated=authenticated):
+                            self.budget.refused += 1
+                            log.info("http_body_refused", reason="too many body bytes being read at once",
+                                     declared_bytes=declared, received_bytes=size)
+                            raise ApiError("ServiceUnavailableException", "Slow down.", 503)
+                        reserved = size
                     if digest is not None:
                         digest.update(chunk)
                     chunks.append(chunk)
@@ -387,7 +396,7 @@ class FirehoseApi:
             log.info("http_client_disconnected", received_bytes=size, declared_bytes=declared)
             raise ApiError("RequestTimeoutException", "The connection closed before the body was read.", 400) from None
         finally:
-            self.budget.release(reserve, authenticated=authenticated)
+            self.budget.release(reserved, authenticated=authenticated)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return _Body(data, digest.hexdigest() if digest is not None else "")
 
@@ -515,10 +524,12 @@ class FirehoseApi:
             key = _tag_text(tag["Key"], f"tags.{i + 1}.member.key", 1, 128, key=True)
             value = _tag_text(tag.get("Value", ""), f"tags.{i + 1}.member.value", 0, 256, key=False)
             new[key] = value
-        current = self.daemon.state.tags(name)
-        if len(set(current) | set(new)) > 50:
-            raise ApiError("LimitExceededException", "A delivery stream can have at most 50 tags")
-        await asyncio.to_thread(self.daemon.state.set_tags, name, {**current, **new})
+        def merge(current: dict[str, str]) -> dict[str, str]:
+            if len(set(current) | set(new)) > 50:
+                raise ApiError("LimitExceededException", "A delivery stream can have at most 50 tags")
+            return {**current, **new}
+
+        await asyncio.to_thread(self.daemon.state.update_tags, name, merge)
         return _response({})
 
     async def untag_stream(self, doc: dict[str, Any]) -> web.Response:
@@ -531,8 +542,8 @@ class FirehoseApi:
             raise _validation("tagKeys", None, "Member must have length less than or equal to 50")
         for i, key in enumerate(keys):
             _tag_text(key, f"tagKeys.{i + 1}.member", 1, 128, key=True)
-        current = self.daemon.state.tags(name)
-        await asyncio.to_thread(self.daemon.state.set_tags, name, {k: v for k, v in current.items() if k not in keys})
+        await asyncio.to_thread(self.daemon.state.update_tags, name,
+                                lambda current: {k: v for k, v in current.items() if k not in keys})
         return _response({})
 
 

@@ -32,11 +32,11 @@ class AuthError(Exception):
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
+    return hmac.new(key, msg.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
 
 
 def signing_key(secret: str, date: str, region: str, service: str) -> bytes:
-    k = _hmac(("AWS4" + secret).encode("utf-8"), date)
+    k = _hmac(("AWS4" + secret).encode("utf-8", "surrogateescape"), date)
     k = _hmac(k, region)
     k = _hmac(k, service)
     return _hmac(k, "aws4_request")
@@ -66,9 +66,11 @@ class PendingSignature:
                             "The provided x-amz-content-sha256 header does not match what was computed.")
         canonical = f"{self._canonical_head}\n{self._signed}\n{body_sha256}"
         scope = f"{self._date}/{self._region}/{self._svc}/aws4_request"
-        to_sign = "\n".join([ALGORITHM, self._amz_date, scope, hashlib.sha256(canonical.encode("utf-8")).hexdigest()])
+        # Header bytes that are not UTF-8 come from aiohttp as surrogate escapes: hash the bytes sent.
+        digest = hashlib.sha256(canonical.encode("utf-8", "surrogateescape")).hexdigest()
+        to_sign = "\n".join([ALGORITHM, self._amz_date, scope, digest])
         key = signing_key(self._secret, self._date, self._region, self._svc)
-        expected = hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+        expected = hmac.new(key, to_sign.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, self._signature):
             raise AuthError(
                 "InvalidSignatureException",

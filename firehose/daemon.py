@@ -7,7 +7,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -33,6 +35,7 @@ class StreamState:
         self.directory = os.path.join(data_dir, "streams")
         os.makedirs(self.directory, exist_ok=True)
         self._docs: dict[str, dict[str, Any]] = {}
+        self._lock = threading.RLock()
 
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, f"{disk_name(name)}.json")
@@ -55,14 +58,17 @@ class StreamState:
         return doc
 
     def _save(self, name: str, doc: dict[str, Any]) -> None:
+        """Write the stream's state atomically. Tag calls run in worker threads, several at once:
+        one lock serialises them, and each write has its own temporary name."""
         doc["format"] = STATE_FORMAT_VERSION
-        tmp = self._path(name) + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path(name))
-        self._docs[name] = doc
+        with self._lock:
+            tmp = f"{self._path(name)}.tmp-{os.getpid()}-{threading.get_ident()}"
+            with open(tmp, "wb") as f:
+                f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path(name))
+            self._docs[name] = doc
 
     def version_for(self, stream: StreamConfig) -> int:
         """The stream's VersionId: 1 at first sight, +1 whenever its config fingerprint changes."""
@@ -98,9 +104,17 @@ class StreamState:
         return dict(doc.get("tags", {}))
 
     def set_tags(self, name: str, tags: dict[str, str]) -> None:
-        doc = dict(self.load(name) or {})
-        doc["tags"] = tags
-        self._save(name, doc)
+        with self._lock:
+            doc = dict(self.load(name) or {})
+            doc["tags"] = tags
+            self._save(name, doc)
+
+    def update_tags(self, name: str, change: Callable[[dict[str, str]], dict[str, str]]) -> None:
+        """Read, change and write the stream's tags as one step (concurrent Tag/Untag calls)."""
+        with self._lock:
+            doc = dict(self.load(name) or {})
+            doc["tags"] = change(dict(doc.get("tags", {})))
+            self._save(name, doc)
 
 
 def sd_notify(message: str) -> None:

@@ -413,7 +413,15 @@ class Spool:
             payload = view[body_start : body_start + length]
             if zlib.crc32(payload, zlib.crc32(bytes((ftype,)))) != crc:
                 break
-            self._apply_frame(seg, pos, ftype, bytes(payload), commits)
+            if ftype == T_RECORDS and length >= _RECORDS_HEAD.size and \
+                    _RECORDS_HEAD.unpack_from(payload, 0)[0] != self.next_seq:
+                break  # a valid frame out of sequence (duplicated or misplaced): damage, not data
+            try:
+                self._apply_frame(seg, pos, ftype, bytes(payload), commits)
+            except (ValueError, KeyError, TypeError, struct.error) as exc:  # orjson's errors are ValueErrors
+                # The CRC matched bytes that are not a frame of ours (chance, or a forged frame).
+                raise SpoolError(f"{seg.path}: the frame at offset {pos} verifies but cannot be read "
+                                 f"({type(exc).__name__}); see `firehose spool check {self.directory}`") from None
             pos = body_start + length
         if pos < end:
             if not last:

@@ -4,7 +4,7 @@ format and the durable marks are described in firehose/spool.py."""
 from __future__ import annotations
 
 import os
-import re
+import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,96 +25,274 @@ from firehose.spool import (
     T_RECORDS,
     T_SEAL,
     _frame,
+    durable_mark_after,
 )
-
-_CANDIDATE_RE = re.compile(rb"\x00.{7}[\x01-\x05]", re.DOTALL)  # a frame header under 16 MiB
 
 
 @dataclass
 class SegmentReport:
-    """What :func:`check` found in one segment file."""
+    """What :func:`check` found in one segment file, and what :func:`salvage` would write."""
 
     name: str
     frames: int = 0
     damaged: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of bad bytes
+    reasons: list[str] = field(default_factory=list)  # one per damaged range
     durable_mark: int = 0  # the highest offset a DURABLE frame says was fsynced
     lost_seqs: list[tuple[int, int]] = field(default_factory=list)  # record ranges with no valid frame
     header_ok: bool = True
+    # The segment as salvage rewrites it: kept frames (bytes) and checkpoints over gaps.
+    plan: list[bytes] = field(default_factory=list, repr=False)
+
+    reordered: bool = False  # frames put back in sequence: the file must be rewritten
 
     @property
     def clean(self) -> bool:
-        return self.header_ok and not self.damaged
+        return self.header_ok and not self.damaged and not self.lost_seqs and not self.reordered
 
 
-def _walk(data: bytes) -> Iterator[tuple[int, int, int, bytes | None]]:
-    """Every frame of a segment body as ``(offset, size, type, payload)``; a run of bytes that is
-    no valid frame comes as ``(offset, size, 0, None)``, and the walk resumes at the next offset
-    where a frame verifies (its header is plausible and its CRC matches)."""
-    pos = _SEG_HEADER.size
-    end = len(data)
-    view = memoryview(data)
-    while pos < end:
-        frame = _frame_at(data, view, pos)
-        if frame is not None:
-            size, ftype, payload = frame
-            yield pos, size, ftype, payload
-            pos += size
-            continue
-        nxt = end
-        for m in _CANDIDATE_RE.finditer(data, pos + 1):
-            if _frame_at(data, view, m.start()) is not None:
-                nxt = m.start()
-                break
-        yield pos, nxt - pos, 0, None
-        pos = nxt
-
-
-def _frame_at(data: bytes, view: memoryview, pos: int) -> tuple[int, int, bytes] | None:
+def _frame_at(data: bytes, pos: int) -> tuple[int, int, bytes] | None:
+    """(size, type, payload) of a frame at ``pos`` whose CRC verifies, else None."""
     if len(data) - pos < _FRAME_HEADER.size:
         return None
     length, crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
     start = pos + _FRAME_HEADER.size
     if ftype not in (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE) or start + length > len(data):
         return None
-    payload = view[start : start + length]
+    payload = data[start : start + length]
     if zlib.crc32(payload, zlib.crc32(bytes((ftype,)))) != crc:
         return None
-    return _FRAME_HEADER.size + length, ftype, bytes(payload)
+    return _FRAME_HEADER.size + length, ftype, payload
+
+
+def _records_shape(payload: bytes) -> tuple[int, int] | None:
+    """(first_seq, count) of a RECORDS payload whose internal layout adds up to its length (so
+    its length field can be trusted even though its CRC failed), else None."""
+    if len(payload) < _RECORDS_HEAD.size:
+        return None
+    first, _arrival, count, flags = _RECORDS_HEAD.unpack_from(payload, 0)
+    table_end = _RECORDS_HEAD.size + 4 * count
+    if table_end > len(payload):
+        return None
+    off = table_end + sum(struct.unpack_from(f"<{count}I", payload, _RECORDS_HEAD.size)) if count else table_end
+    for bit in (1, 2):  # F_META, F_POSITIONS: u32 length + JSON each
+        if flags & bit:
+            if off + 4 > len(payload):
+                return None
+            off += 4 + int.from_bytes(payload[off : off + 4], "big")
+    return (first, count) if off == len(payload) else None
+
+
+def _skip_damaged(data: bytes, pos: int) -> tuple[int, tuple[int, int] | None]:
+    """Where a walk resumes after a frame that fails its CRC at ``pos``, and the (first_seq,
+    count) it held when known. The frame's own length is trusted only when it is plausible and
+    a valid frame (or the end) follows; otherwise the rest of the segment is set aside. Bytes are
+    never searched for something that looks like a frame: a client's record data can contain
+    forged frames, and salvage must not bring them to life."""
+    end = len(data)
+    if end - pos >= _FRAME_HEADER.size:
+        length, _crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
+        nxt = pos + _FRAME_HEADER.size + length
+        if ftype in (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE) and nxt <= end and (
+                nxt == end or _frame_at(data, nxt) is not None):
+            payload = data[pos + _FRAME_HEADER.size : nxt]
+            return nxt, _records_shape(payload) if ftype == T_RECORDS else None
+    return end, None
+
+
+class _Walker:
+    """One pass over a spool's segments, oldest first, carrying the expected next sequence
+    number across them. Within a segment, RECORDS frames are put back in sequence order (frames
+    swapped or moved by damage keep their records); a frame that repeats or overlaps records
+    already kept is set aside; gaps are lost records, bridged by a checkpoint."""
+
+    def __init__(self, firsts: set[int]) -> None:
+        self.next_seq: int | None = None
+        self.seals: dict[int, dict[str, Any]] = {}
+        self.firsts = firsts  # first_seq of every RECORDS frame that verifies, in any segment
+        self.deferred: dict[int, tuple[int, bytes]] = {}  # frames found before their turn
+        self.moved = False  # a frame was deferred or emitted away from its file position
+        self.committed: list[tuple[int, int]] = []  # COMMIT ranges: records already finished
+
+    def segment(self, name: str, data: bytes, *, newest: bool) -> SegmentReport:
+        rep = SegmentReport(name)
+        if len(data) < _SEG_HEADER.size or _SEG_HEADER.unpack_from(data, 0)[0] != SEGMENT_MAGIC:
+            # An empty newest file is a segment created just before a crash; anything else is damage.
+            rep.header_ok = data == b"" and newest
+            if not rep.header_ok:
+                rep.damaged.append((0, len(data)))
+                rep.reasons.append("bad or truncated segment header")
+            return rep
+        rep.durable_mark = durable_mark_after(data, _SEG_HEADER.size - 1, int(name[4:-4]))
+        leading: list[bytes] = []
+        records: list[tuple[int, int, int, bytes]] = []  # (first_seq, count, offset, raw)
+        others: list[bytes] = []
+        first_type = None
+        cp_ahead = 0  # the highest next_seq of a checkpoint met so far after the leading one
+        cp_misplaced = False
+        for pos, size, ftype, payload in self._frames(rep, data):
+            raw = data[pos : pos + size]
+            first_type = first_type or ftype
+            if ftype == T_COMMIT:
+                doc = orjson.loads(payload)
+                self.committed.extend((int(s), int(e)) for s, e in doc.get("ranges", []))
+            if ftype == T_RECORDS:
+                first, _arrival, count, _flags = _RECORDS_HEAD.unpack_from(payload, 0)
+                records.append((first, count, pos, raw))
+                cp_misplaced = cp_misplaced or first < cp_ahead
+            elif ftype == T_CHECKPOINT and not leading:  # the segment's opening state, wherever it ended up
+                leading.append(raw)
+                self._checkpoint_seen(rep, payload)
+            elif ftype == T_CHECKPOINT:
+                others.append(raw)
+                cp_ahead = max(cp_ahead, int(orjson.loads(payload)["next_seq"]))
+            elif ftype == T_SEAL:
+                self.seals[int(orjson.loads(payload)["id"])] = orjson.loads(payload)
+                others.append(raw)
+            elif ftype != T_DURABLE:  # a DURABLE frame's offsets are this file's: meaningless once rewritten
+                others.append(raw)
+        self.moved = False
+        emitted = self._in_sequence(rep, records)
+        rep.plan = [_SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0), *leading, *emitted, *others]
+        kept = [_RECORDS_HEAD.unpack_from(raw, _FRAME_HEADER.size)[0] for raw in emitted if raw[8] == T_RECORDS]
+        kept_set = set(kept)
+        in_order = [first for first, _c, _p, _r in records if first in kept_set]
+        rep.reordered = self.moved or cp_misplaced or kept != in_order or (
+            bool(leading) and first_type != T_CHECKPOINT)
+        return rep
+
+    def _frames(self, rep: SegmentReport, data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+        """The frames that verify and can be read, in file order; the rest is noted as damage."""
+        pos = _SEG_HEADER.size
+        while pos < len(data):
+            frame = _frame_at(data, pos)
+            if frame is not None and _readable(*frame[1:]):
+                size, ftype, payload = frame
+                rep.frames += 1
+                yield pos, size, ftype, payload
+                pos += size
+                continue
+            nxt = _skip_damaged(data, pos)[0] if frame is None else pos + frame[0]
+            rep.damaged.append((pos, nxt - pos))
+            rep.reasons.append("CRC mismatch" if frame is None else "a frame that verifies but cannot be read")
+            pos = nxt
+
+    def _checkpoint_seen(self, rep: SegmentReport, payload: bytes) -> None:
+        target = int(orjson.loads(payload)["next_seq"])
+        if self.next_seq is not None and target > self.next_seq:
+            rep.lost_seqs.append((self.next_seq, target))  # the records of a lost segment
+        self.next_seq = max(self.next_seq or 0, target)
+
+    def _in_sequence(self, rep: SegmentReport, records: list[tuple[int, int, int, bytes]]) -> list[bytes]:
+        out: list[bytes] = []
+        for first, count, pos, raw in sorted(records, key=lambda r: (r[0], r[2])):
+            if self.next_seq is None:
+                self.next_seq = first
+            if first < self.next_seq:
+                rep.damaged.append((pos, len(raw)))
+                rep.reasons.append(f"records {first}..{first + count - 1} repeat records already kept")
+                continue
+            if first > self.next_seq and self.next_seq in self.firsts:
+                self.deferred[first] = (count, raw)  # moved here by damage: its turn comes later
+                self.moved = True
+                continue
+            self._emit(rep, out, first, count, raw)
+        return out
+
+    def _emit(self, rep: SegmentReport, out: list[bytes], first: int, count: int, raw: bytes) -> None:
+        assert self.next_seq is not None
+        if first > self.next_seq:
+            rep.lost_seqs.append((self.next_seq, first))
+            self.next_seq = first
+            out.append(self._checkpoint())
+        out.append(raw)
+        self.next_seq = first + count
+        while self.next_seq in self.deferred:  # frames that were waiting for these records
+            nxt_first = self.next_seq
+            nxt_count, nxt_raw = self.deferred.pop(nxt_first)
+            out.append(nxt_raw)
+            self.next_seq = nxt_first + nxt_count
+            self.moved = True
+
+    def finish(self, rep: SegmentReport) -> None:
+        """Frames still waiting at the end go into the newest segment, in order."""
+        if not self.deferred:
+            return
+        tail: list[bytes] = []
+        for first in sorted(self.deferred):
+            count, raw = self.deferred.pop(first)
+            if self.next_seq is not None and first >= self.next_seq:
+                self._emit(rep, tail, first, count, raw)
+        rep.plan[1:1] = []  # keep the header first
+        rep.plan.extend(tail)
+        rep.reordered = True
+
+    def _checkpoint(self) -> bytes:
+        return _frame(T_CHECKPOINT, orjson.dumps({"next_seq": self.next_seq, "next_batch_id": 0, "positions": {}}))
+
+
+def _readable(ftype: int, payload: bytes) -> bool:
+    """Whether a frame that verifies can also be read (a CRC can match by chance on bytes that
+    were never a frame of ours)."""
+    try:
+        if ftype == T_RECORDS:
+            return _records_shape(payload) is not None
+        if ftype == T_DURABLE:
+            return len(payload) == _DURABLE.size
+        doc = orjson.loads(payload)
+        if ftype == T_SEAL:
+            return isinstance(doc, dict) and isinstance(doc.get("id"), int) and isinstance(doc.get("ranges"), list)
+        if ftype == T_CHECKPOINT:
+            return isinstance(doc, dict) and isinstance(doc.get("next_seq"), int)
+        return isinstance(doc, dict)
+    except (orjson.JSONDecodeError, struct.error, ValueError):
+        return False
 
 
 def _segment_names(directory: str) -> list[str]:
     return sorted(n for n in os.listdir(directory) if n.startswith("seg-") and n.endswith(".log"))
 
 
+def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, Any]]]:
+    names = _segment_names(directory)
+    blobs = []
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as f:
+            blobs.append(f.read())
+    walker = _Walker(_record_firsts(blobs))
+    reports = [walker.segment(name, data, newest=i == len(names) - 1) for i, (name, data) in enumerate(zip(names, blobs, strict=True))]
+    if reports and reports[-1].header_ok and reports[-1].plan:
+        walker.finish(reports[-1])
+    for rep in reports:  # a loss a salvage already recorded (a COMMIT of the range) is not news
+        rep.lost_seqs = [r for r in rep.lost_seqs if _subtract([r], walker.committed)]
+    # Records sealed beyond the last one any valid frame holds were in damaged frames at the end.
+    sealed_end = max((int(e) for doc in walker.seals.values() for _s, e in doc["ranges"]), default=0)
+    if reports and walker.next_seq is not None and sealed_end > walker.next_seq and any(not r.clean for r in reports):
+        reports[-1].lost_seqs.append((walker.next_seq, sealed_end))
+        walker.next_seq = sealed_end
+    return reports, walker.seals
+
+
+def _record_firsts(blobs: list[bytes]) -> set[int]:
+    firsts: set[int] = set()
+    for data in blobs:
+        pos = _SEG_HEADER.size
+        while len(data) >= _SEG_HEADER.size and pos < len(data):
+            frame = _frame_at(data, pos)
+            if frame is None:
+                pos = _skip_damaged(data, pos)[0]
+                continue
+            size, ftype, payload = frame
+            if ftype == T_RECORDS and _readable(ftype, payload):
+                firsts.add(_RECORDS_HEAD.unpack_from(payload, 0)[0])
+            pos += size
+    return firsts
+
+
 def check(directory: str) -> list[SegmentReport]:
     """Read every segment of a spool directory without changing anything and report its damage:
-    byte ranges that are no valid frame, the durable mark, and the records no valid frame holds."""
-    reports = []
-    for name in _segment_names(directory):
-        with open(os.path.join(directory, name), "rb") as f:
-            data = f.read()
-        rep = SegmentReport(name)
-        reports.append(rep)
-        if len(data) < _SEG_HEADER.size or _SEG_HEADER.unpack_from(data, 0)[0] != SEGMENT_MAGIC:
-            rep.header_ok = data == b""  # an empty file is a segment created just before a crash
-            continue
-        prev_end: int | None = None
-        gap_open = False
-        for offset, size, ftype, payload in _walk(data):
-            if payload is None:
-                rep.damaged.append((offset, size))
-                gap_open = True
-                continue
-            rep.frames += 1
-            if ftype == T_DURABLE:
-                rep.durable_mark = max(rep.durable_mark, _DURABLE.unpack(payload)[1])
-            elif ftype == T_RECORDS:
-                first, _arrival, count, _flags = _RECORDS_HEAD.unpack_from(payload, 0)
-                if gap_open and prev_end is not None and first > prev_end:
-                    rep.lost_seqs.append((prev_end, first))
-                prev_end = first + count
-                gap_open = False
-    return reports
+    byte ranges that are no valid frame (or frames out of order), the durable mark, and the
+    records no valid frame holds."""
+    return _analyse(directory)[0]
 
 
 def _subtract(ranges: list[tuple[int, int]], remove: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -133,34 +311,23 @@ def _subtract(ranges: list[tuple[int, int]], remove: list[tuple[int, int]]) -> l
     return out
 
 
-def _salvage_segment(directory: str, rep: SegmentReport, aside: str, seals: dict[int, dict[str, Any]]) -> None:
-    """Keep every valid frame of one segment (rewriting it if it is damaged), noting its seals."""
+def _rewrite(directory: str, rep: SegmentReport, aside: str) -> None:
+    """Set a damaged segment aside (whole, and each damaged range) and write its plan."""
     import shutil
 
     path = os.path.join(directory, rep.name)
+    shutil.copy2(path, os.path.join(aside, rep.name))
     with open(path, "rb") as f:
         data = f.read()
-    if not rep.clean:
-        shutil.copy2(path, os.path.join(aside, rep.name))
-        if not rep.header_ok:
-            os.unlink(path)
-            return
-    out = bytearray(_SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0))
-    for offset, size, ftype, payload in _walk(data):
-        if payload is None:
-            with open(os.path.join(aside, f"{rep.name}.offset-{offset}.length-{size}.bin"), "wb") as f:
-                f.write(data[offset : offset + size])
-            continue
-        if ftype == T_SEAL:
-            doc = orjson.loads(payload)
-            seals[doc["id"]] = doc
-        if ftype != T_DURABLE:  # a DURABLE frame's offsets are the old file's: meaningless once rewritten
-            out += data[offset : offset + size]
-    if rep.clean:
+    for offset, size in rep.damaged:
+        with open(os.path.join(aside, f"{rep.name}.offset-{offset}.length-{size}.bin"), "wb") as f:
+            f.write(data[offset : offset + size])
+    if not rep.plan:  # nothing readable: the segment goes (its records are counted as lost)
+        os.unlink(path)
         return
     tmp = path + ".salvage"
     with open(tmp, "wb") as f:
-        f.write(out)
+        f.write(b"".join(rep.plan))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -171,6 +338,9 @@ def _append_fixups(directory: str, lost: list[tuple[int, int]], seals: dict[int,
     if not lost:
         return
     extra = bytearray(_frame(T_COMMIT, orjson.dumps({"ranges": [list(r) for r in lost]})))
+    # New records continue after the lost ones, never reusing their sequence numbers.
+    end = max(e for _s, e in lost)
+    extra += _frame(T_CHECKPOINT, orjson.dumps({"next_seq": end, "next_batch_id": 0, "positions": {}}))
     for doc in seals.values():
         ranges = [(int(s), int(e)) for s, e in doc["ranges"]]
         kept = _subtract(ranges, lost)
@@ -185,27 +355,28 @@ def _append_fixups(directory: str, lost: list[tuple[int, int]], seals: dict[int,
 
 
 def salvage(directory: str, aside: str | None = None) -> dict[str, Any]:
-    """Rewrite a damaged spool so that it opens: every frame whose CRC verifies is kept, in order;
-    the damaged bytes (and a copy of each damaged segment as it was) go to ``aside`` (default
-    ``<directory>/damaged-<time>``); records no valid frame holds are marked finished, and sealed
-    batches that named them are re-sealed without them. Returns a report of what was dropped.
+    """Rewrite a damaged spool so that it opens: every frame whose CRC verifies and that is in
+    sequence is kept, in order; the damaged bytes (and a copy of each damaged segment as it was)
+    go to ``aside`` (default ``<directory>/damaged-<time>``); records no valid frame holds are
+    marked finished (a checkpoint bridges the gap), and sealed batches that named them are
+    re-sealed without them. Returns a report of what was dropped.
 
     Run it with the daemon stopped. What it cannot know is reported, not guessed: a damaged SEAL
     makes its records be batched again (they may be delivered a second time); a damaged COMMIT
-    makes a delivered batch be delivered again under the same key (an overwrite)."""
+    makes a delivered batch be delivered again under the same key (an overwrite). Where a damaged
+    frame's own length cannot be trusted, the rest of its segment is set aside rather than
+    searched for frames (record data may contain forged ones)."""
     import time as _time
 
-    reports = check(directory)
+    reports, seals = _analyse(directory)
     damaged = [r for r in reports if not r.clean]
     if not damaged:
         return {"damaged_segments": [], "lost_records": 0, "lost_ranges": [], "aside": None}
     aside = aside or os.path.join(directory, f"damaged-{_time.strftime('%Y%m%dT%H%M%SZ', _time.gmtime())}")
     os.makedirs(aside, exist_ok=True)
-    lost: list[tuple[int, int]] = []
-    seals: dict[int, dict[str, Any]] = {}
-    for rep in reports:
-        _salvage_segment(directory, rep, aside, seals)
-        lost.extend(rep.lost_seqs)
+    lost = [r for rep in reports for r in rep.lost_seqs]
+    for rep in damaged:
+        _rewrite(directory, rep, aside)
     _append_fixups(directory, lost, seals)
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -213,7 +384,8 @@ def salvage(directory: str, aside: str | None = None) -> dict[str, Any]:
     finally:
         os.close(dfd)
     return {
-        "damaged_segments": [{"segment": r.name, "damaged": r.damaged, "header_ok": r.header_ok} for r in damaged],
+        "damaged_segments": [{"segment": r.name, "damaged": r.damaged, "reasons": r.reasons,
+                              "header_ok": r.header_ok} for r in damaged],
         "lost_records": sum(e - s for s, e in lost),
         "lost_ranges": lost,
         "aside": aside,

@@ -248,13 +248,13 @@ def _try_put(d: Daemon) -> bool:
 
 def test_unauthenticated_body_bytes_are_capped_across_connections(daemon: Daemon) -> None:
     """Stalled bodies under a known access key id but no valid signature (anyone can know a key
-    id) hold at most max_unauthenticated_body_mib: past it, 503 before the body is read."""
+    id) hold at most max_unauthenticated_body_mib: past it, 503."""
     before = _rss(daemon)
     head = signed_head(daemon, "PutRecordBatch", 3 << 20)
     socks, answers = [], []
     for _ in range(12):
         s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-        s.sendall(head + b"x" * (1 << 20))
+        s.sendall(head + b"x" * (2 << 20))  # 2 of the declared 3 MiB, then nothing
         socks.append(s)
     try:
         for s in socks:
@@ -264,7 +264,9 @@ def test_unauthenticated_body_bytes_are_capped_across_connections(daemon: Daemon
             except TimeoutError:
                 answers.append(b"")
         refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
-        assert 1 <= len(refused) <= 12 - 5, [a[:20] for a in answers]  # 16 MiB / 3 MiB: 5 may read
+        # Bytes received count against the cap (a declared length alone holds nothing):
+        # 16 MiB / 2 MiB received each: at most 8 are read, the rest refused with 503.
+        assert 1 <= len(refused) <= 12 - 7, [a[:20] for a in answers]
         assert _rss(daemon) - before < 64 << 20
     finally:
         for s in socks:
@@ -298,3 +300,33 @@ def test_with_auth_on_healthz_is_minimal_and_details_need_a_token_or_a_signature
     SigV4Auth(Credentials(KEY, SECRET), "firehose", "us-east-1").add_auth(req)
     status, body = _get(daemon, "/metrics", dict(req.headers.items()))
     assert status == 200 and b"firehose_IncomingRecords_total" in body
+
+
+def test_stalled_requests_that_only_declare_a_large_body_do_not_block_others(daemon: Daemon) -> None:
+    """Two requests declaring 15 MiB each that send nothing hold no budget: signed requests from
+    honest clients keep being served while they stall."""
+    stalled = []
+    for _ in range(4):
+        s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        s.sendall(signed_head(daemon, "PutRecordBatch", 15 << 20) + b"{")
+        stalled.append(s)
+    try:
+        for _ in range(5):
+            status, doc = send(daemon, signed(daemon, "PutRecordBatch", put_body([b"through"])))
+            assert (status, doc.get("FailedPutCount")) == (200, 0), doc
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_header_bytes_that_are_not_utf8_get_a_4xx_not_a_500(daemon: Daemon) -> None:
+    req = signed(daemon, "ListDeliveryStreams", b"{}", headers={"X-Custom": "caf\u00e9"})
+    head = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items() if k.lower() not in ("content-length", "x-custom"))
+    raw = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\n{head}".encode() + b"X-Custom: caf\xff\r\n"
+           b"Content-Length: 2\r\n\r\n{}")
+    for request in (raw, b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\xff\r\n\r\n",
+                    b"GET /healthz?detail=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+            s.sendall(request)
+            answer = s.recv(4096)
+        assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 403")), answer[:200]
