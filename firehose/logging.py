@@ -59,6 +59,22 @@ def _renderer(console: bool, stream: TextIO) -> Any:
     return structlog.dev.ConsoleRenderer(colors=colors)
 
 
+def _client_errors_are_not_ours(record: logging.LogRecord) -> bool:
+    """aiohttp logs a malformed request (bad request line, bad header, bad chunking) at ERROR with
+    a traceback. That is a client's error, not the daemon's: it becomes one line at INFO, named
+    ``http_bad_request``, without the traceback (it is dropped when INFO is below the threshold)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.name.startswith("aiohttp.server") and exc is not None and exc.__class__.__module__.startswith(
+            "aiohttp.http_exceptions"):
+        if logging.getLogger().level > logging.INFO:
+            return False
+        record.msg, record.args = "http_bad_request", ()
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def configure(level: int | str = logging.INFO, fmt: LogFormat = "auto", stream: TextIO | None = None) -> None:
     """Send structlog events at ``level`` and up, and library records at WARNING and up (or
     ``level`` when higher), to ``stream`` (stdout), rendered as ``fmt`` decides."""
@@ -91,6 +107,7 @@ def configure(level: int | str = logging.INFO, fmt: LogFormat = "auto", stream: 
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    handler.addFilter(_client_errors_are_not_ours)
     root.addHandler(handler)
     root.setLevel(max(_LIBRARY_LEVEL, lvl))
     logging.captureWarnings(True)  # warnings.warn(...) from libraries: a record, not loose stderr text

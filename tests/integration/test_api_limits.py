@@ -113,3 +113,15 @@ def test_streams_named_dot_and_dot_dot_are_ordinary_streams(tmp_path: Path) -> N
     assert not list(spool_root.glob("seg-*")) and not list((tmp_path / "data").glob("seg-*"))
     for i in range(3):
         assert (tmp_path / f"out-{i}").exists()
+
+
+def test_malformed_http_is_a_client_error_not_an_error_of_the_daemon(daemon: Daemon) -> None:
+    for junk in (b"GARBAGE\r\n\r\n", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+                 b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+            s.sendall(junk)
+            assert s.recv(4096).split(b" ")[1:2] == [b"400"], junk
+    status, doc = _call(daemon, "PutRecord", {"DeliveryStreamName": "s", "Record": {"Data": "aGVsbG8K"}})
+    assert status == 200
+    errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
+    assert errors == [] and "Traceback" not in daemon.logs()
