@@ -285,32 +285,31 @@ class _Reference:
             return self.link(_ref_name(prop["$ref"]), "object")
         alts = [a for a in prop.get("oneOf", prop.get("anyOf", [])) if a.get("type") != "null"]
         if alts:
-            refs = [a for a in alts if "$ref" in a]
-            if len(refs) > 1 and len(refs) == len(alts):
-                links = []
-                for alt in refs:
-                    name = _ref_name(alt["$ref"])
-                    variant = self.defs.get(name, {}).get("properties", {}).get("type", {}).get("const", name)
-                    links.append(self.link(name, f"`{variant}`"))
-                return "object, by `type`: " + ", ".join(links)
-            kinds: list[str] = []
-            for alt in alts:
-                if self.type_of(alt) not in kinds:
-                    kinds.append(self.type_of(alt))
-            return " or ".join(kinds)
+            return self._union(alts)
         kind = prop.get("type")
         if kind == "array":
             return "list of " + self.type_of(prop.get("items", {}))
         if kind == "object":
             values = prop.get("additionalProperties")
             return "map of string to " + self.type_of(values) if isinstance(values, dict) and values else "map"
-        if kind == "string" and prop.get("format") == "password":
-            return "string (secret)"
-        if kind == "string" and prop.get("format") == "date-time":
-            return "date-time"
-        if isinstance(kind, str):
-            return kind
-        return "any"
+        if kind == "string":
+            return {"password": "string (secret)", "date-time": "date-time"}.get(prop.get("format", ""), "string")
+        return kind if isinstance(kind, str) else "any"
+
+    def _union(self, alts: list[dict[str, Any]]) -> str:
+        refs = [a for a in alts if "$ref" in a]
+        if len(refs) > 1 and len(refs) == len(alts):
+            links = []
+            for alt in refs:
+                name = _ref_name(alt["$ref"])
+                variant = self.defs.get(name, {}).get("properties", {}).get("type", {}).get("const", name)
+                links.append(self.link(name, f"`{variant}`"))
+            return "object, by `type`: " + ", ".join(links)
+        kinds: list[str] = []
+        for alt in alts:
+            if self.type_of(alt) not in kinds:
+                kinds.append(self.type_of(alt))
+        return " or ".join(kinds)
 
     @staticmethod
     def range_of(prop: dict[str, Any]) -> str:
@@ -324,27 +323,7 @@ class _Reference:
             return _literal(prop["const"])
         if "enum" in prop:
             return ", ".join(_literal(v) for v in prop["enum"])
-        parts = []
-        low, high = prop.get("minimum"), prop.get("maximum")
-        if low is not None and high is not None:
-            parts.append(f"{low}..{high}")
-        else:
-            if low is not None:
-                parts.append(f"≥ {low}")
-            if prop.get("exclusiveMinimum") is not None:
-                parts.append(f"> {prop['exclusiveMinimum']}")
-            if high is not None:
-                parts.append(f"≤ {high}")
-            if prop.get("exclusiveMaximum") is not None:
-                parts.append(f"< {prop['exclusiveMaximum']}")
-        for unit, lo_key, hi_key in (("characters", "minLength", "maxLength"), ("items", "minItems", "maxItems")):
-            lo, hi = prop.get(lo_key), prop.get(hi_key)
-            if lo is not None and hi is not None:
-                parts.append(f"{lo}..{hi} {unit}")
-            elif lo is not None:
-                parts.append(f"≥ {lo} {unit[:-1] if lo == 1 else unit}")
-            elif hi is not None:
-                parts.append(f"≤ {hi} {unit}")
+        parts = [*_bounds(prop), *_sizes(prop)]
         if prop.get("pattern"):
             parts.append(f"pattern `{prop['pattern']}`")
         return ", ".join(parts)
@@ -408,6 +387,32 @@ def _buffering_table() -> list[str]:
                      f"(default {limits.default_size_mib}) | {limits.min_interval_secs}..{limits.max_interval_secs} "
                      f"(default {limits.default_interval_secs}) |")
     return lines + [""]
+
+
+def _bounds(prop: dict[str, Any]) -> list[str]:
+    """A number's range: ``low..high``, or each bound that is set."""
+    low, high = prop.get("minimum"), prop.get("maximum")
+    if low is not None and high is not None:
+        return [f"{low}..{high}"]
+    parts = []
+    for key, sign in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")):
+        if prop.get(key) is not None:
+            parts.append(f"{sign} {prop[key]}")
+    return parts
+
+
+def _sizes(prop: dict[str, Any]) -> list[str]:
+    """A string's length range and a list's item-count range."""
+    parts = []
+    for unit, lo_key, hi_key in (("characters", "minLength", "maxLength"), ("items", "minItems", "maxItems")):
+        lo, hi = prop.get(lo_key), prop.get(hi_key)
+        if lo is not None and hi is not None:
+            parts.append(f"{lo}..{hi} {unit}")
+        elif lo is not None:
+            parts.append(f"≥ {lo} {unit[:-1] if lo == 1 else unit}")
+        elif hi is not None:
+            parts.append(f"≤ {hi} {unit}")
+    return parts
 
 
 def _literal(value: Any) -> str:

@@ -99,6 +99,18 @@ def _skip_damaged(data: bytes, pos: int) -> tuple[int, tuple[int, int] | None]:
     return end, None
 
 
+@dataclass
+class _Sorted:
+    """One segment's frames as salvage will write them back."""
+
+    leading: list[bytes] = field(default_factory=list)
+    records: list[tuple[int, int, int, bytes]] = field(default_factory=list)  # (first_seq, count, offset, raw)
+    others: list[bytes] = field(default_factory=list)
+    first_type: int = 0
+    cp_ahead: int = 0  # the highest next_seq of a checkpoint met so far after the leading one
+    cp_misplaced: bool = False
+
+
 class _Walker:
     """One pass over a spool's segments, oldest first, carrying the expected next sequence
     number across them. Within a segment, RECORDS frames are put back in sequence order (frames
@@ -123,42 +135,39 @@ class _Walker:
                 rep.reasons.append("bad or truncated segment header")
             return rep
         rep.durable_mark = durable_mark_after(data, _SEG_HEADER.size - 1, int(name[4:-4]))
-        leading: list[bytes] = []
-        records: list[tuple[int, int, int, bytes]] = []  # (first_seq, count, offset, raw)
-        others: list[bytes] = []
-        first_type = None
-        cp_ahead = 0  # the highest next_seq of a checkpoint met so far after the leading one
-        cp_misplaced = False
+        sorted_ = _Sorted()
         for pos, size, ftype, payload in self._frames(rep, data):
-            raw = data[pos : pos + size]
-            first_type = first_type or ftype
-            if ftype == T_COMMIT:
-                doc = orjson.loads(payload)
-                self.committed.extend((int(s), int(e)) for s, e in doc.get("ranges", []))
-            if ftype == T_RECORDS:
-                first, _arrival, count, _flags = _RECORDS_HEAD.unpack_from(payload, 0)
-                records.append((first, count, pos, raw))
-                cp_misplaced = cp_misplaced or first < cp_ahead
-            elif ftype == T_CHECKPOINT and not leading:  # the segment's opening state, wherever it ended up
-                leading.append(raw)
-                self._checkpoint_seen(rep, payload)
-            elif ftype == T_CHECKPOINT:
-                others.append(raw)
-                cp_ahead = max(cp_ahead, int(orjson.loads(payload)["next_seq"]))
-            elif ftype == T_SEAL:
-                self.seals[int(orjson.loads(payload)["id"])] = orjson.loads(payload)
-                others.append(raw)
-            elif ftype != T_DURABLE:  # a DURABLE frame's offsets are this file's: meaningless once rewritten
-                others.append(raw)
+            self._sort(rep, sorted_, pos, data[pos : pos + size], ftype, payload)
         self.moved = False
-        emitted = self._in_sequence(rep, records)
-        rep.plan = [_SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0), *leading, *emitted, *others]
+        emitted = self._in_sequence(rep, sorted_.records)
+        rep.plan = [_SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0), *sorted_.leading, *emitted, *sorted_.others]
         kept = [_RECORDS_HEAD.unpack_from(raw, _FRAME_HEADER.size)[0] for raw in emitted if raw[8] == T_RECORDS]
         kept_set = set(kept)
-        in_order = [first for first, _c, _p, _r in records if first in kept_set]
-        rep.reordered = self.moved or cp_misplaced or kept != in_order or (
-            bool(leading) and first_type != T_CHECKPOINT)
+        in_order = [first for first, _c, _p, _r in sorted_.records if first in kept_set]
+        rep.reordered = self.moved or sorted_.cp_misplaced or kept != in_order or (
+            bool(sorted_.leading) and sorted_.first_type != T_CHECKPOINT)
         return rep
+
+    def _sort(self, rep: SegmentReport, into: _Sorted, pos: int, raw: bytes, ftype: int, payload: bytes) -> None:
+        """File one frame of a segment: the leading checkpoint, a RECORDS frame, or the rest."""
+        into.first_type = into.first_type or ftype
+        if ftype == T_RECORDS:
+            first, _arrival, count, _flags = _RECORDS_HEAD.unpack_from(payload, 0)
+            into.records.append((first, count, pos, raw))
+            into.cp_misplaced = into.cp_misplaced or first < into.cp_ahead
+        elif ftype == T_CHECKPOINT and not into.leading:  # the segment's opening state, wherever it ended up
+            into.leading.append(raw)
+            self._checkpoint_seen(rep, payload)
+        elif ftype == T_CHECKPOINT:
+            into.others.append(raw)
+            into.cp_ahead = max(into.cp_ahead, int(orjson.loads(payload)["next_seq"]))
+        elif ftype != T_DURABLE:  # a DURABLE frame's offsets are this file's: meaningless once rewritten
+            doc = orjson.loads(payload)
+            if ftype == T_SEAL:
+                self.seals[int(doc["id"])] = doc
+            elif ftype == T_COMMIT:
+                self.committed.extend((int(s), int(e)) for s, e in doc.get("ranges", []))
+            into.others.append(raw)
 
     def _frames(self, rep: SegmentReport, data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         """The frames that verify and can be read, in file order; the rest is noted as damage."""
