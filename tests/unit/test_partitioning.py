@@ -72,13 +72,23 @@ async def settle(cond: Any, timeout: float = 10.0) -> None:
 
 async def flush(rt: StreamRuntime, clock: ManualClock, seconds: float) -> None:
     clock.advance(seconds)
-    rt._wake.set()
+    rt.wake()
     await asyncio.sleep(0.05)
 
 
 def buffered(rt: StreamRuntime) -> int:
     """Records waiting in partition buffers."""
-    return sum(b.count for b in rt._partitions.values())
+    assert rt.router is not None
+    return rt.router.buffered_records
+
+
+def held(rt: StreamRuntime) -> int:
+    """What open partitions cost against the memory budget: record bytes held, 16 bytes a range
+    and 512 a partition."""
+    from firehose.stages.router import PARTITION_BYTES, RANGE_BYTES
+
+    assert rt.router is not None and (RANGE_BYTES, PARTITION_BYTES) == (16, 512)
+    return rt.router.memory_bytes
 
 
 def error_docs(objs: dict[str, bytes], kind: str) -> list[dict[str, Any]]:
@@ -192,7 +202,7 @@ def test_active_partition_guard_archives_overflow_until_partitions_are_delivered
         await settle(lambda: exceeded._value.get() == 2)
         assert rt.status()["active_partitions"] == 3
         assert rt.metrics.partition_count_exceeded.labels("s")._value.get() == 1
-        rt._update_gauges()
+        rt.update_gauges()
         assert rt.metrics.partition_count.labels("s")._value.get() == 3
         await flush(rt, clock, 60)
         await settle(lambda: rt.delivered_records == 4 and rt.archived_records == 2)
@@ -253,9 +263,9 @@ def test_memory_budget_keeps_buffers_on_disk_and_flushes_early_without_losing_re
         for i in range(0, n_records, 500):
             await rt.put(sent[i : i + 500])
             await asyncio.sleep(0)
-            peaks.append(rt._memory_held + 16 * rt._ranges_held + 512 * len(rt._partitions))
-        await settle(lambda: rt._cursor >= rt.out.next_seq and rt.out.next_seq > 0, timeout=30)
-        peaks.append(rt._memory_held + 16 * rt._ranges_held + 512 * len(rt._partitions))
+            peaks.append(held(rt))
+        await settle(lambda: rt.batcher.cursor >= rt.out.next_seq and rt.out.next_seq > 0, timeout=30)
+        peaks.append(held(rt))
         await rt.stop(30)
         assert rt.metrics.partition_spills.labels("s")._value.get() > 0
         assert rt.metrics.partition_flushes.labels("s", "memory")._value.get() > 0
@@ -290,7 +300,7 @@ def test_a_partition_batch_is_replayed_under_its_sealed_key_after_a_crash(tmp_pa
         await abandon(rt)
         rt2 = make_runtime(tmp_path, clock=clock, seed=2)  # another seed: a new key would differ
         await rt2.start()
-        assert sorted(p.sealed.key for p in rt2._pending) == sorted(delivered)
+        assert sorted(p.sealed.key for p in rt2.runner.pending) == sorted(delivered)
         assert rt2.status()["active_partitions"] == 2  # undelivered batches count as active
         await settle(lambda: rt2.status()["pending_batches"] == 0)
         await rt2.stop(5)

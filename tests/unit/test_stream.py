@@ -46,11 +46,11 @@ def test_interval_flush_uses_the_clock_not_sleeping(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         assert files(tmp_path) == {}  # 300 s have not passed
         clock.advance(299)
-        rt._wake.set()
+        rt.wake()
         await asyncio.sleep(0.05)
         assert files(tmp_path) == {}
         clock.advance(1)
-        rt._wake.set()
+        rt.wake()
         await settle(lambda: len(files(tmp_path)) == 1)
         (key, body), = files(tmp_path).items()
         assert body == b"ab"

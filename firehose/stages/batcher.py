@@ -1,0 +1,370 @@
+"""The batcher: records from the log into open buffers, sealed into batches.
+
+Owns: the read cursor in the log it batches from (the ingest spool, or the processed spool of
+recorded outcomes), the main buffer, an archive buffer per error-output type (failed records as
+Firehose error records) and the source-backup buffer (``backup: {mode: all}``); which buffer a
+record goes to; sealing a buffer when the next record would not fit (``size_mib``) or its oldest
+record is ``interval_secs`` old, and on stop. A seal decides the batch's identity (its key, from
+the destination, and its ranges) and writes it to the log before any upload; many seals can
+share one fsync (:meth:`Batcher.seal_many`), and a batch whose seal is not yet durable is never
+dispatched. It reads ahead only while the delivery runner has room (``max_in_flight + 1``
+batches), so a backlog stays on disk.
+
+With dynamic partitioning a record goes to its partition's buffer, which the
+:class:`PartitionRouter` keeps (admission, the guard, the memory budget); the batcher fills and
+seals them like its own.
+
+Calls: the :class:`Log` (``frame_at``, ``release_cache``, ``sealed``, ``allocate_batch_id``,
+``append_seal``, ``wait_durable``), the router, the destinations' ``batch_key`` /
+``archive_key``, and the :class:`DeliveryRunner` (``add``, ``has_room``, ``mark_durable``,
+``dispatch``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from firehose.config import StreamConfig
+from firehose.interfaces import Destination
+from firehose.spool import Log, RecordFrame, SealedBatch
+from firehose.stages.archiver import error_record_line
+from firehose.stages.common import OpenBuffer, PendingBatch, StageContext
+from firehose.stages.delivery import DeliveryRunner
+from firehose.stages.router import Partition, PartitionRouter
+
+SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (backup mode: all)
+
+#: Which buffer: "" the main buffer, an error-output type an archive buffer, a tuple a partition.
+BufferKey = str | Partition
+
+
+def routes(metas: list[Any]) -> bool:
+    """Whether a frame's records need the per-record path: some go elsewhere than the main
+    buffer (failed, or source copies). Metadata that only describes records (a Kinesis source's
+    kinesisRecordMetadata) does not."""
+    return any(isinstance(m, dict) and ("err" in m or "src" in m) for m in metas)
+
+
+class Batcher:
+    """Builds one stream's batches. All methods run on the stream's event loop."""
+
+    def __init__(
+        self, ctx: StageContext, config: StreamConfig, out: Log, destination: Destination, archive: Destination,
+        router: PartitionRouter, runner: DeliveryRunner, *, converter: Any = None,
+    ) -> None:
+        self.ctx = ctx
+        self.name, self.clock, self.metrics, self.log = ctx.name, ctx.clock, ctx.metrics, ctx.log
+        self.signals, self.rng = ctx.signals, ctx.rng
+        self.size_limit = config.size_bytes
+        self.interval_ms = config.interval_secs * 1000
+        self.out = out
+        self.destination = destination
+        self.archive = archive
+        self.router = router
+        self.runner = runner
+        self.converter = converter
+        self.cursor = 0  # the next record of the log to buffer
+        self.task: asyncio.Task[None] | None = None
+        self._buffer = OpenBuffer()
+        self._archive_buffers: dict[str, OpenBuffer] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, cursor: int) -> None:
+        """Batch from ``cursor`` on (records already sealed are skipped), in a task."""
+        self.cursor = cursor
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def cancel(self) -> None:
+        """Stop the batching task (open buffers stay: :meth:`seal_all` seals them)."""
+        if self.task is not None:
+            self.signals.batcher.set()
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def seal_all(self, deadline: float) -> None:
+        """At stop: seal every open buffer, within ``deadline`` (``time.monotonic()``), and make
+        the seals durable so they can be delivered. What cannot be sealed stays in the log."""
+        try:
+            for key in ["", *self._archive_buffers]:
+                await asyncio.wait_for(self.seal(key), max(0.1, deadline - time.monotonic()))
+            partitions = self.router.open()
+            if partitions:
+                await asyncio.wait_for(self.seal_many(partitions, "stop"), max(0.1, deadline - time.monotonic()))
+        except (TimeoutError, OSError) as exc:
+            self.log.warning("stream_seal_on_stop_failed", error=str(exc))
+        # Seals written without their fsync (a batcher cancelled in seal_many) become deliverable
+        # once they are on disk.
+        if self.runner.awaiting_durability:
+            try:
+                await self.out.wait_durable(force=True)
+                self.runner.mark_durable()
+            except OSError as exc:
+                self.log.warning("stream_seal_on_stop_failed", error=str(exc))
+
+    # ------------------------------------------------------------------ what it holds
+    @property
+    def buffered_records(self) -> int:
+        """Records read into open buffers and not sealed yet: the main buffer, every partition's
+        buffer and the archive buffers."""
+        return (self._buffer.count + self.router.buffered_records
+                + sum(b.count for b in self._archive_buffers.values()))
+
+    @property
+    def caught_up(self) -> bool:
+        """Every record of the log has been read into a buffer (or was sealed already)."""
+        return self.cursor >= self.out.next_seq
+
+    def oldest_ms(self) -> int | None:
+        """Arrival of the oldest record in an open buffer (None: all are empty)."""
+        times = [b.oldest_ms for b in (self._buffer, *self._archive_buffers.values()) if b.count]
+        partitions = self.router.oldest_ms()
+        if partitions is not None:
+            times.append(partitions)
+        return min(times) if times else None
+
+    # ------------------------------------------------------------------ the loop
+    async def _run(self) -> None:
+        while not self.signals.stopping:
+            await self._wait()
+            try:
+                await self.pump()
+                # While a backlog is still on disk the buffer fills by size; sealing it on time
+                # would only cut the backlog into small objects.
+                if self.caught_up:
+                    await self.seal_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep the stream alive; the records stay in the spool
+                self.log.exception("batcher_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+            self.ctx.on_progress()
+
+    async def _wait(self) -> None:
+        """Until woken, or until the oldest buffered record is due (when caught up)."""
+        timeout: float | None = None
+        oldest = self.oldest_ms()
+        if oldest is not None and self.caught_up:
+            timeout = max(0.0, (oldest + self.interval_ms - self.clock.now_ms()) / 1000.0)
+        if timeout is None or timeout > 0:
+            try:
+                await asyncio.wait_for(self.signals.batcher.wait(), timeout)
+            except TimeoutError:
+                pass
+        self.signals.batcher.clear()
+
+    async def seal_due(self) -> None:
+        """Seal every buffer whose oldest record is ``interval_secs`` old."""
+        now = self.clock.now_ms()
+        for key, buf in [("", self._buffer), *self._archive_buffers.items()]:
+            if buf.count and now >= buf.oldest_ms + self.interval_ms:
+                await self.seal(key)
+        due = self.router.due(now, self.interval_ms)
+        if due:
+            await self.seal_many(due, "interval")
+
+    async def pump(self) -> None:
+        """Move records from the log into open buffers, sealing whenever the next record would
+        not fit. Stops, mid-frame if need be, when the delivery runner has no room."""
+        spool = self.out
+        while self.cursor < spool.next_seq and self.runner.has_room() and not self.signals.stopping:
+            if self.cursor < spool.min_seq:
+                self.cursor = spool.min_seq
+                continue
+            frame = spool.frame_at(self.cursor)
+            if frame is None:  # pragma: no cover - the index always covers [min_seq, next_seq)
+                self.log.error("spool_gap", seq=self.cursor)
+                self.cursor += 1
+                continue
+            if self.router.partitioning or (frame.meta is not None and routes(frame.meta)):
+                done = await self._pump_routed(frame)
+            else:
+                done = await self._pump_frame(frame)
+            if not done:
+                return
+
+    async def _pump_frame(self, frame: RecordFrame) -> bool:
+        """Records without routing into the main buffer, by runs (a bisect over cumulative sizes),
+        not one by one. Returns False when it stopped for lack of room (the cursor marks where)."""
+        size_limit = self.size_limit
+        sealed = self.out.sealed
+        first = frame.first_seq
+        n = len(frame.records)
+        cum = frame.cum
+        i = self.cursor - first
+        while i < n:
+            seq = first + i
+            gap = sealed.next_gap(seq)
+            if gap != seq:  # already sealed before a restart: skip it
+                i = min(n, gap - first)
+                continue
+            nxt = sealed.next_start_after(seq)
+            end = n if nxt is None else min(n, nxt - first)
+            space = size_limit - self._buffer.nbytes
+            j = bisect.bisect_right(cum, cum[i] + space, i, end + 1) - 1
+            if j == i and not self._buffer.count:
+                j = i + 1  # a record larger than the buffer goes out on its own
+            if j > i:
+                self._buffer.extend(frame, i, j, cum[j] - cum[i])
+                i = j
+            if i < end or self._buffer.nbytes >= size_limit:
+                await self.seal()
+                if not self.runner.has_room() and i < n:
+                    self.cursor = first + i
+                    return False
+        self.cursor = frame.end_seq
+        self.out.release_cache(first)
+        return True
+
+    async def _pump_routed(self, frame: RecordFrame) -> bool:
+        """Records with per-record metadata (transform outcomes), or any record when the stream
+        partitions, one by one to the buffer :meth:`_route` picks. Returns False when it stopped
+        for lack of room (the cursor marks where)."""
+        sealed = self.out.sealed
+        metas = frame.meta
+        first = frame.first_seq
+        for i in range(self.cursor - first, len(frame.records)):
+            seq = first + i
+            if seq in sealed:
+                continue
+            key, record = self._route(metas[i] if metas is not None else None, frame.records[i], frame.arrival_ms)
+            # The cursor moves with every record, before any await: a seal that fails here is
+            # retried from this record, and records already buffered are not buffered again.
+            self.cursor = seq
+            await self._buffer_record(key, seq, record, frame.arrival_ms)
+            self.cursor = seq + 1
+            if not self.runner.has_room():
+                if self.cursor >= frame.end_seq:
+                    self.out.release_cache(first)
+                return False
+        self.cursor = frame.end_seq
+        self.out.release_cache(first)
+        return True
+
+    def _route(self, meta: Any, record: bytes, arrival_ms: int) -> tuple[BufferKey, bytes]:
+        """Which buffer a record goes to, and what it is there: failed ones to an archive buffer
+        per error-output type as Firehose error records, source copies to the backup buffer, the
+        rest to the main buffer or, with dynamic partitioning, to their partition's."""
+        err = meta.get("err") if isinstance(meta, dict) else None
+        key: BufferKey = ""
+        if err is None and isinstance(meta, dict) and meta.get("src"):
+            key = SOURCE_BACKUP
+        elif err is None and self.router.partitioning:
+            ident = self.router.partition_of(meta)
+            err = self.router.admit(ident, arrival_ms)
+            if err is None and ident is not None:
+                key = ident
+        if err is not None:
+            return err["t"], error_record_line(record, err)
+        return key, record
+
+    async def _buffer_record(self, key: BufferKey, seq: int, record: bytes, arrival_ms: int) -> None:
+        """Add one record to buffer ``key``, sealing before it if it would not fit and after it
+        if the buffer is full (or one record over the limit: out now, as whole frames do)."""
+        size_limit = self.size_limit
+        buf = self._peek(key)
+        if buf is not None and buf.count and buf.nbytes + len(record) > size_limit:
+            await self.seal(key, reason="size")
+        if isinstance(key, tuple):
+            buf = self.router.add(key, seq, record, arrival_ms)
+        else:
+            buf = self._buffer_for(key)
+            buf.add(seq, record, arrival_ms)
+        if buf.nbytes >= size_limit:
+            await self.seal(key, reason="size")
+        elif isinstance(key, tuple) and self.router.over_budget():
+            flush = self.router.relieve()
+            if flush:
+                await self.seal_many(flush, "memory")
+
+    # ------------------------------------------------------------------ buffers
+    def _peek(self, key: BufferKey) -> OpenBuffer | None:
+        if isinstance(key, tuple):
+            return self.router.buffer(key)
+        return self._archive_buffers.get(key) if key else self._buffer
+
+    def _buffer_for(self, key: str) -> OpenBuffer:
+        return self._archive_buffers.setdefault(key, OpenBuffer()) if key else self._buffer
+
+    def _forget(self, key: BufferKey) -> None:
+        if isinstance(key, tuple):
+            self.router.close(key)
+        elif key:
+            self._archive_buffers[key] = OpenBuffer()
+        else:
+            self._buffer = OpenBuffer()
+
+    # ------------------------------------------------------------------ sealing
+    async def seal_many(self, keys: list[Partition], reason: str) -> None:
+        """Seal several partition buffers with one fsync; none is delivered before it."""
+        try:
+            for key in keys:
+                await self.seal(key, reason=reason, sync=False)
+        finally:
+            await self.out.wait_durable(force=True)
+            self.runner.mark_durable()
+            self.runner.dispatch()
+
+    async def seal(self, buffer_key: BufferKey = "", reason: str | None = None, *, sync: bool = True) -> None:
+        """Seal buffer ``buffer_key`` (nothing if it is empty): its identity is written to the log
+        (fsynced unless ``sync`` is False, when the caller makes it durable) and the batch goes to
+        the delivery runner."""
+        buf = self._peek(buffer_key)
+        if buf is None or not buf.count:
+            return
+        key, info, partition, records = self._identity(buffer_key, buf, reason)
+        ranges = buf.ranges
+        sealed = SealedBatch(self.out.allocate_batch_id(), key, ranges, buf.oldest_ms, info)
+        pending = PendingBatch(sealed, records, partition=partition, durable=sync)
+        if partition is not None:
+            self.router.count_batch(partition)
+        # The buffer is forgotten only once its seal is written; a failed write leaves it to be
+        # sealed again. (A seal written but not yet fsynced is never re-sealed: it is pending.)
+        written = False
+        try:
+            await self.out.append_seal(sealed, durable=sync)
+            written = True
+        finally:
+            if written or self.out.sealed.covers(ranges[0][0], ranges[0][1]):
+                self._forget(buffer_key)
+                self.runner.add(pending)
+            elif partition is not None:
+                self.router.release(partition)
+        self.log.debug("batch_sealed", batch_id=sealed.batch_id, key=key, records=buf.count, reason=reason)
+        if sync:
+            self.runner.dispatch()
+
+    def _identity(
+        self, buffer_key: BufferKey, buf: OpenBuffer, reason: str | None,
+    ) -> tuple[str, dict[str, Any], Partition | None, list[bytes] | None]:
+        """A new batch's key, seal info, partition and held records (None: read back at delivery)."""
+        oldest = datetime.fromtimestamp(buf.oldest_ms / 1000.0, tz=UTC)
+        info: dict[str, Any] = {"records": buf.count, "bytes": buf.nbytes}
+        partition: Partition | None = None
+        records: list[bytes] | None = None if buf.spilled else buf.records
+        if buffer_key == SOURCE_BACKUP:
+            key = self.archive.batch_key(oldest, self.rng)
+            info.update({"sink": "source"})
+        elif isinstance(buffer_key, tuple):
+            from firehose.destinations.keys import PrefixError
+
+            try:
+                key = self.destination.batch_key(oldest, self.rng, self.router.keys(buffer_key))  # type: ignore[call-arg]
+                partition = buffer_key
+                info["p"] = list(buffer_key)
+            except PrefixError:  # cannot happen for an admitted partition; archive, never drop
+                key = self.archive.archive_key(oldest, self.rng, "partitioning-failed")  # type: ignore[attr-defined]
+                info.update({"sink": "archive", "type": "partitioning-failed", "p": list(buffer_key)})
+                records = None  # error records are rebuilt from the spool at delivery
+            self.metrics.partition_flushes.labels(self.name, reason or "size").inc()
+        elif buffer_key:
+            key = self.archive.archive_key(oldest, self.rng, buffer_key)  # type: ignore[attr-defined]
+            info.update({"sink": "archive", "type": buffer_key})
+        else:
+            key = self.destination.batch_key(oldest, self.rng)
+        if info.get("sink", "main") == "main" and self.converter is not None:
+            info["fmt"] = self.converter.fingerprint  # the schema its records were checked against
+        return key, info, partition, records

@@ -1,0 +1,125 @@
+"""What the stages of a stream runtime share: the open buffer a batch is built in, a sealed batch
+waiting for delivery, and the signals the stages pass each other (stopping, wake-ups).
+
+None of these objects does I/O; each belongs to the stream's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from firehose.clock import Clock
+from firehose.intervals import Ranges
+from firehose.metrics import Metrics
+from firehose.spool import Log, RecordFrame, SealedBatch
+
+
+class Signals:
+    """How the stages of one stream nudge each other. ``stopping`` is set once by the runtime;
+    ``batcher`` wakes the batcher (records or room arrived), ``processing`` the processing stage."""
+
+    __slots__ = ("stopping", "batcher", "processing")
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.batcher = asyncio.Event()
+        self.processing = asyncio.Event()
+
+    def wake(self) -> None:
+        """Records arrived, or delivery made room: every stage looks again."""
+        self.batcher.set()
+        self.processing.set()
+
+
+@dataclass
+class StageContext:
+    """What every stage of one stream is given: the stream's name (metric label, task names),
+    the injected clock, the metrics, the stream's logger, the signals the stages share, the
+    random source batch keys are drawn from (seeded in tests) and ``on_progress``, called after
+    a batcher pass or a delivery (the runtime updates its gauges)."""
+
+    name: str
+    clock: Clock
+    metrics: Metrics
+    log: Any
+    signals: Signals = field(default_factory=Signals)
+    rng: random.Random = field(default_factory=random.Random)
+    on_progress: Callable[[], None] = lambda: None
+
+
+@dataclass(eq=False)  # compared by identity: deque membership and removal stay cheap
+class PendingBatch:
+    """A sealed batch not yet finished (delivered, or archived)."""
+
+    sealed: SealedBatch
+    records: list[bytes] | None  # None: read back from the spool when its delivery starts
+    task: asyncio.Task[None] | None = None
+    spool: Log | None = None  # the log the batch was sealed in (default: the batcher's)
+    partition: tuple[str, ...] | None = None  # dynamic partitioning: the partition it counts for
+    durable: bool = True  # its seal is on disk, so it may be delivered
+
+
+class OpenBuffer:
+    """Records waiting to be sealed into one batch, and the spool ranges they come from (a flat
+    array of ``[start, end)`` pairs: a partition's records are scattered through the spool). A
+    *spilled* buffer keeps only its ranges; its batch is read back from the spool at delivery."""
+
+    __slots__ = ("records", "bounds", "nbytes", "count", "oldest_ms", "spilled")
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.bounds = array("q")
+        self.nbytes = 0
+        self.count = 0
+        self.oldest_ms = 0
+        self.spilled = False
+
+    @property
+    def ranges(self) -> Ranges:
+        return Ranges.from_flat(self.bounds)
+
+    @property
+    def memory_bytes(self) -> int:
+        return 0 if self.spilled else self.nbytes
+
+    def add(self, seq: int, record: bytes, arrival_ms: int) -> None:
+        if not self.count or arrival_ms < self.oldest_ms:
+            self.oldest_ms = arrival_ms
+        if not self.spilled:
+            self.records.append(record)
+        self.count += 1
+        self.nbytes += len(record)
+        b = self.bounds
+        if b and b[-1] == seq:
+            b[-1] = seq + 1
+        else:
+            b.append(seq)
+            b.append(seq + 1)
+
+    def extend(self, frame: RecordFrame, i: int, j: int, nbytes: int) -> None:
+        """Add records ``i..j-1`` of ``frame`` (``nbytes`` in all)."""
+        if not self.count or frame.arrival_ms < self.oldest_ms:
+            self.oldest_ms = frame.arrival_ms
+        self.records.extend(frame.records[i:j] if (i, j) != (0, len(frame.records)) else frame.records)
+        self.count += j - i
+        self.nbytes += nbytes
+        start, end = frame.first_seq + i, frame.first_seq + j
+        b = self.bounds
+        if b and b[-1] == start:
+            b[-1] = end
+        else:
+            b.append(start)
+            b.append(end)
+
+    def spill(self) -> int:
+        """Forget the record bytes (they are in the spool); returns the bytes freed."""
+        freed = self.memory_bytes
+        self.records = []
+        self.spilled = True
+        return freed
+

@@ -1,0 +1,324 @@
+"""The processing stage: the transform chain over ingested records, outcomes recorded in order.
+
+Owns: the read cursor in the ingest log; processing buffers (Firehose's processing buffer hints:
+the chain's ``buffer_size_bytes`` / ``buffer_interval_secs``), several in the chain at once
+(``concurrency``, at least 2); recording every buffer's outcomes, strictly in order, as one frame
+of the outcome log with the position ``{"raw_end": n}``, fsynced, and only then committing the
+raw records (:meth:`Log.commit_ranges`); the count of dropped records. A restart resumes at
+``raw_end``, so no transform runs twice on a record whose outcome is recorded.
+
+An outcome frame holds, per output record, None (Ok, no keys), ``{"pk": {...}}`` (Ok with
+partition keys, namespaced ``partitionKeyFromQuery:k`` / ``partitionKeyFromLambda:k``),
+``{"err": {...}}`` (failed: the compact error record the archiver formats) or, with
+``backup: {mode: all}``, ``{"src": 1}`` for the untransformed copy of each source record.
+
+While the outcome log holds half the stream's spool cap the stage stops reading (the batcher is
+far behind), so the ingest cap applies back-pressure.
+
+Calls: the chain (``process``; its buffer hints, ``lambda_arn``), the ingest :class:`Log`
+(``frame_at``, ``release_cache``, ``next_seq``, ``min_seq``, ``commit_ranges``), the outcome
+:class:`Log` (``append_records``, ``wait_durable``, ``size_bytes``), and wakes the batcher once
+outcomes are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from firehose.config import StreamConfig
+from firehose.spool import Log, SpoolError
+from firehose.stages.common import StageContext
+
+#: One ingested record in a processing buffer: (sequence number, data, arrival ms, source metadata).
+Item = tuple[int, bytes, int, Any]
+
+
+def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda_arn: str | None,
+                  backup_all: bool) -> tuple[list[bytes], list[Any], int]:
+    """The records and per-record metadata that record ``outcomes`` of the buffer ``items``, and
+    how many records were dropped (they leave nothing behind)."""
+    records: list[bytes] = []
+    metas: list[Any] = []
+    dropped = 0
+    for o in outcomes:
+        if o.result == "Dropped":
+            dropped += 1
+            continue
+        records.append(o.data)
+        metas.append(_ok_meta(o) if o.result == "Ok" else {"err": _error(o, items[o.source], now_ms, lambda_arn)})
+    if backup_all:
+        for _seq, data, _arrival, _meta in items:
+            records.append(data)
+            metas.append({"src": 1})
+    return records, metas, dropped
+
+
+def _ok_meta(o: Any) -> dict[str, Any] | None:
+    if o.partition_keys is None and o.query_keys is None:
+        return None
+    # Namespaced, so a query key and a Lambda key of the same name stay apart.
+    pk = {}
+    for name, value in (o.query_keys or {}).items():
+        pk["partitionKeyFromQuery:" + name] = value
+    for name, value in (o.partition_keys or {}).items():
+        pk["partitionKeyFromLambda:" + name] = value
+    return {"pk": pk}
+
+
+def _error(o: Any, item: Item, now_ms: int, lambda_arn: str | None) -> dict[str, Any]:
+    err = {"c": o.error_code, "m": o.error_message, "t": o.error_output_type, "a": o.attempts,
+           "ts": item[2], "e": now_ms, "l": lambda_arn}
+    source_meta = item[3]
+    if isinstance(source_meta, dict) and "kinesis" in source_meta:  # a KDS source's record
+        err["sequenceNumber"] = source_meta["kinesis"].get("sequenceNumber")
+        err["subSequenceNumber"] = source_meta["kinesis"].get("subsequenceNumber")
+    return err
+
+
+async def load_chain(config: StreamConfig, *, region: str, account_id: str, converter: Any) -> Any:
+    """Build and start a stream's processing chain (``transforms/chain.py``, through the registry)."""
+    from firehose.registry import PROCESSING_CHAIN, load
+
+    arn = f"arn:aws:firehose:{region}:{account_id}:deliverystream/{config.name}"
+    kinesis = [s for s in config.sources if s.stream_type == "KinesisStreamAsSource"]
+    chain = load(PROCESSING_CHAIN)(
+        config.processing, stream_arn=arn, region=region, converter=converter,
+        source_kinesis_stream_arn=kinesis[0].arn_for(region, account_id) if kinesis else None,
+    )
+    await chain.start()
+    return chain
+
+
+async def load_converter(fmt: Any) -> Any:
+    """The record format converter for a stream's ``format:`` (None for JSON, or no format)."""
+    if fmt is None or fmt.type == "json":
+        return None
+    from firehose.registry import CONVERTER, load
+
+    return await asyncio.to_thread(load(CONVERTER), fmt)
+
+
+def resume_point(ingest: Log, raw_end: int, *, after_sealed: bool, name: str) -> int:
+    """Where processing resumes after a restart: at ``raw_end``, the end of the raw records whose
+    outcome is recorded in the outcome log ``name`` (they are committed again: their commit may
+    have been lost), or, when batches were sealed in the ingest log before processing was turned
+    on (``after_sealed``; they are still delivered from there), after those."""
+    if raw_end > ingest.next_seq:
+        raise SpoolError(
+            f"{name}: outcomes are recorded up to record {raw_end} but the ingest "
+            f"spool ends at {ingest.next_seq}; refusing to guess (was the spool replaced?)"
+        )
+    done = raw_end
+    if after_sealed:
+        done = max(done, ingest.sealed.next_gap(ingest.min_seq))
+    if done > ingest.min_seq and not ingest.committed.covers(ingest.min_seq, done):
+        ingest.commit_ranges([(ingest.min_seq, done)])
+    return max(done, ingest.min_seq)
+
+
+class _Buffer:
+    """The processing buffer being filled."""
+
+    __slots__ = ("items", "nbytes")
+
+    def __init__(self) -> None:
+        self.items: list[Item] = []
+        self.nbytes = 0
+
+    def take(self) -> list[Item]:
+        items, self.items, self.nbytes = self.items, [], 0
+        return items
+
+
+class ProcessingStage:
+    """Runs one stream's processing chain. All methods run on the stream's event loop."""
+
+    def __init__(self, ctx: StageContext, chain: Any, ingest: Log, out: Log, *, cap_bytes: int,
+                 backup_all: bool) -> None:
+        self.name, self.clock, self.metrics, self.log = ctx.name, ctx.clock, ctx.metrics, ctx.log
+        self.signals = ctx.signals
+        self.chain = chain
+        self.ingest = ingest
+        self.out = out
+        self.throttle_bytes = cap_bytes // 2  # outcomes waiting on disk past this: stop reading
+        self.backup_all = backup_all
+        self.cursor = 0  # the next ingested record to put in a processing buffer
+        self.recorded_upto = 0  # raw records up to here have their outcome appended
+        self.dropped_records = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, cursor: int) -> None:
+        """Process ingested records from ``cursor`` on, in a task."""
+        self.cursor = cursor
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"processing-{self.name}")
+        self.signals.processing.set()  # records ingested before the restart are waiting
+
+    async def cancel(self) -> None:
+        """Stop processing; buffers in the chain are cancelled (their records are processed
+        again after a restart: their outcomes were not recorded)."""
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    @property
+    def _throttled(self) -> bool:
+        return self.out.size_bytes >= self.throttle_bytes
+
+    # ------------------------------------------------------------------ reading and submitting
+    async def _run(self) -> None:
+        """Fill processing buffers from the ingest log and hand each to the chain; several are in
+        processing at once (Firehose keeps up to 5 invocations outstanding per shard); the
+        recorder records their outcomes strictly in order."""
+        depth = max(2, int(getattr(self.chain, "concurrency", 2)))
+        queue: asyncio.Queue[tuple[list[Item], list[Any], asyncio.Task[Any]]] = asyncio.Queue(maxsize=depth)
+        recorder = asyncio.get_running_loop().create_task(self._record_loop(queue), name=f"recorder-{self.name}")
+        buf = _Buffer()
+        try:
+            while not self.signals.stopping:
+                await self._wait(buf)
+                try:
+                    await self._fill(queue, buf)
+                    if buf.items and self._due(buf):
+                        await self._submit(queue, buf.take())
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # re-read the unsubmitted records on the next pass
+                    self.log.exception("processing_failed", error=str(exc))
+                    if buf.items:
+                        self.cursor = buf.take()[0][0]
+                    await asyncio.sleep(1.0)
+        finally:
+            recorder.cancel()
+            while not queue.empty():
+                queue.get_nowait()[2].cancel()
+            await asyncio.gather(recorder, return_exceptions=True)
+
+    def _due(self, buf: _Buffer) -> bool:
+        interval_ms = self.chain.buffer_interval_secs * 1000
+        return not interval_ms or self.clock.now_ms() >= buf.items[0][2] + interval_ms
+
+    async def _wait(self, buf: _Buffer) -> None:
+        """Until woken, or the buffer's interval is up, or (throttled) a second has passed."""
+        interval_ms = self.chain.buffer_interval_secs * 1000
+        timeout: float | None = None
+        if buf.items and interval_ms:
+            timeout = max(0.0, (buf.items[0][2] + interval_ms - self.clock.now_ms()) / 1000.0)
+        if self._throttled:
+            timeout = 1.0 if timeout is None else min(timeout, 1.0)  # throttled: look again soon
+        if not buf.items or timeout:
+            try:
+                await asyncio.wait_for(self.signals.processing.wait(), timeout)
+            except TimeoutError:
+                pass
+        self.signals.processing.clear()
+
+    async def _fill(self, queue: asyncio.Queue[Any], buf: _Buffer) -> None:
+        """Read ingested records into the buffer, submitting it whenever it reaches the size hint.
+        Outcomes wait on disk like records do: stop reading when the batcher is far behind."""
+        limit = self.chain.buffer_size_bytes
+        ingest = self.ingest
+        while self.cursor < ingest.next_seq and not self.signals.stopping and not self._throttled:
+            frame = ingest.frame_at(self.cursor)
+            if frame is None:
+                self.cursor = max(self.cursor, ingest.min_seq)
+                break
+            meta, first, arrival, recs = frame.meta, frame.first_seq, frame.arrival_ms, frame.records
+            i = self.cursor - first
+            while i < len(recs):
+                buf.items.append((first + i, recs[i], arrival, meta[i] if meta is not None else None))
+                buf.nbytes += len(recs[i])
+                i += 1
+                if buf.nbytes >= limit:
+                    self.cursor = first + i
+                    await self._submit(queue, buf.take())
+            self.cursor = frame.end_seq
+            ingest.release_cache(first)
+
+    async def _submit(self, queue: asyncio.Queue[Any], items: list[Item]) -> None:
+        from firehose.transforms.records import SourceRecord
+
+        sources = [
+            SourceRecord(str(seq), data, arrival, meta.get("kinesis") if isinstance(meta, dict) else None)
+            for seq, data, arrival, meta in items
+        ]
+        task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
+        await queue.put((items, sources, task))
+
+    async def _run_chain(self, items: list[Item], sources: list[Any]) -> list[Any]:
+        t0 = time.monotonic()
+        # A record its source already failed (a KPL aggregate that does not verify) skips the chain.
+        failed = {i: m["err"] for i, (_, _, _, m) in enumerate(items) if isinstance(m, dict) and "err" in m}
+        if not failed:
+            outcomes = list(await self.chain.process(sources))
+        else:
+            from firehose.transforms.records import Outcome
+
+            keep = [i for i in range(len(sources)) if i not in failed]
+            outcomes = list(await self.chain.process([sources[i] for i in keep])) if keep else []
+            for o in outcomes:
+                o.source = keep[o.source]
+            outcomes += [Outcome(i, sources[i].data).failed(e["c"], e["m"], e["t"]) for i, e in failed.items()]
+            outcomes.sort(key=lambda o: o.source)  # stable: a record's outcomes keep their order
+        self.metrics.execute_processing_seconds.labels(self.name).inc(time.monotonic() - t0)
+        self.metrics.execute_processing_calls.labels(self.name).inc()
+        return outcomes
+
+    # ------------------------------------------------------------------ recording
+    async def _record_loop(self, queue: asyncio.Queue[Any]) -> None:
+        while True:
+            items, sources, task = await queue.get()
+            while True:
+                try:
+                    outcomes = await task
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a bug in a stage: run the same buffer again, in order
+                    self.log.exception("processing_failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+                    task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
+            await self._record_reliably(items, outcomes)
+
+    async def _record_reliably(self, items: list[Item], outcomes: list[Any]) -> None:
+        """Record an outcome, retrying on local I/O errors. The frame is appended at most once:
+        after a successful append only the fsync (and the raw commit) are retried."""
+        failures = 0
+        while True:
+            try:
+                await self._record(items, outcomes)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self.log.exception("outcome_recording_failed", error=str(exc), attempt=failures)
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                if self.recorded_upto >= items[-1][0] + 1:
+                    # Appended already: finish the durability and the release, not the append.
+                    await self.out.wait_durable(force=True)
+                    self.ingest.commit_ranges([(items[0][0], items[-1][0] + 1)])
+                    self.signals.batcher.set()
+                    return
+
+    async def _record(self, items: list[Item], outcomes: list[Any]) -> None:
+        records, metas, dropped = outcome_frame(outcomes, items, now_ms=self.clock.now_ms(),
+                                                lambda_arn=self.chain.lambda_arn, backup_all=self.backup_all)
+        start, end = items[0][0], items[-1][0] + 1
+        has_meta = any(m is not None for m in metas)
+        self.out.append_records(
+            records, items[0][2], meta=metas if has_meta else None, positions={"raw_end": end}, enforce_cap=False
+        )
+        self.recorded_upto = end
+        await self.out.wait_durable(force=True)
+        self.ingest.commit_ranges([(start, end)])
+        self.dropped_records += dropped
+        failed = sum(1 for o in outcomes if o.result == "ProcessingFailed")
+        ok_bytes = sum(len(o.data) for o in outcomes if o.result == "Ok")
+        self.metrics.dropped_records.labels(self.name).inc(dropped)
+        self.metrics.failed_processing_records.labels(self.name).inc(failed)
+        self.metrics.succeed_processing_records.labels(self.name).inc(len(outcomes) - failed - dropped)
+        self.metrics.succeed_processing_bytes.labels(self.name).inc(ok_bytes)
+        self.log.debug("records_processed", records=len(items), outputs=len(records), dropped=dropped, failed=failed)
+        self.signals.batcher.set()

@@ -1,0 +1,208 @@
+"""The processing stage on its own, between two real spools: outcomes recorded in order before the
+raw records are released, what an outcome frame holds, where a restart resumes, and
+back-pressure from the outcome spool."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from firehose.clock import ManualClock
+from firehose.metrics import Metrics
+from firehose.spool import SealedBatch, Spool, SpoolError
+from firehose.stages.common import StageContext
+from firehose.stages.processing import ProcessingStage, outcome_frame, resume_point
+from firehose.transforms.records import Outcome, SourceRecord
+
+ARN = "arn:aws:lambda:us-east-1:000000000000:function:f"
+
+
+class Chain:
+    """A processing chain: upper-cases records, drops b"drop", fails b"bad", gives b"k=..." a key.
+    Buffers whose first record is in ``slow`` take longer, so several are in flight at once."""
+
+    def __init__(self, buffer_size_bytes: int = 1 << 20, slow: tuple[bytes, ...] = ()) -> None:
+        self.buffer_size_bytes = buffer_size_bytes
+        self.buffer_interval_secs = 0
+        self.concurrency = 3
+        self.lambda_arn: str | None = ARN
+        self.slow = slow
+        self.calls: list[list[bytes]] = []
+        self.fail_next = 0
+
+    async def process(self, records: list[SourceRecord]) -> list[Outcome]:
+        self.calls.append([r.data for r in records])
+        if records and records[0].data in self.slow:
+            await asyncio.sleep(0.05)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RuntimeError("a bug in a stage")
+        outs = []
+        for i, r in enumerate(records):
+            o = Outcome(i, r.data.upper())
+            if r.data == b"drop":
+                o.result = "Dropped"
+            elif r.data == b"bad":
+                o = o.failed("Lambda.FunctionError", "no")
+            elif r.data.startswith(b"k="):
+                o.query_keys = {"c": r.data[2:].decode()}
+            outs.append(o)
+        return outs
+
+
+class Setup:
+    def __init__(self, tmp: Path, chain: Chain, *, cap_bytes: int = 1 << 30, backup_all: bool = False) -> None:
+        self.clock = ManualClock()
+        self.ctx = StageContext("s", self.clock, Metrics(), structlog.get_logger())
+        self.ingest = Spool(str(tmp / "spool"))
+        self.ingest.open()
+        self.out = Spool(str(tmp / "spool" / "processed"))
+        self.out.open()
+        self.chain = chain
+        self.stage = ProcessingStage(self.ctx, chain, self.ingest, self.out, cap_bytes=cap_bytes,
+                                     backup_all=backup_all)
+
+    def outcomes(self) -> list[tuple[bytes, Any]]:
+        """Every recorded outcome record with its metadata, in order."""
+        records, metas = self.out.read_ranges([(self.out.min_seq, self.out.next_seq)])
+        return list(zip(records, metas or [None] * len(records), strict=True))
+
+    async def run_until(self, raw_end: int) -> None:
+        self.stage.start(self.ingest.min_seq)
+        for _ in range(500):
+            if self.out.positions.get("raw_end") == raw_end:
+                break
+            await asyncio.sleep(0.01)
+        self.ctx.signals.stopping = True
+        await self.stage.cancel()
+
+    async def close(self) -> None:
+        await self.ingest.aclose()
+        await self.out.aclose()
+
+
+def test_an_outcome_frame_records_keys_errors_and_drops() -> None:
+    items = [(10, b"a", 100, None), (11, b"b", 200, {"kinesis": {"sequenceNumber": "49", "subsequenceNumber": 2}}),
+             (12, b"c", 300, None)]
+    outs = [Outcome(0, b"A", query_keys={"c": "x"}, partition_keys={"c": "y"}), Outcome(0, b"A2"),
+            Outcome(1, b"b").failed("Lambda.FunctionError", "boom"), Outcome(2, b"c", result="Dropped")]
+    records, metas, dropped = outcome_frame(outs, items, now_ms=999, lambda_arn=ARN, backup_all=True)
+    assert dropped == 1
+    assert records == [b"A", b"A2", b"b", b"a", b"b", b"c"]  # outcomes, then the source copies
+    assert metas[0] == {"pk": {"partitionKeyFromQuery:c": "x", "partitionKeyFromLambda:c": "y"}}
+    assert metas[1] is None
+    assert metas[2] == {"err": {"c": "Lambda.FunctionError", "m": "boom", "t": "processing-failed", "a": 1,
+                                "ts": 200, "e": 999, "l": ARN, "sequenceNumber": "49", "subSequenceNumber": 2}}
+    assert metas[3:] == [{"src": 1}] * 3
+
+
+def test_outcomes_are_recorded_in_order_before_the_raw_records_are_released(tmp_path: Path) -> None:
+    # One record a buffer, the first slowest: they finish out of order, are recorded in order.
+    chain = Chain(buffer_size_bytes=1, slow=(b"k=a",))
+    s = Setup(tmp_path, chain)
+
+    async def go() -> None:
+        s.ingest.append_records([b"k=a", b"drop", b"bad", b"plain"], 100)
+        s.ctx.signals.batcher.clear()
+        await s.run_until(4)
+        assert s.ctx.signals.batcher.is_set()  # the batcher is told outcomes are there
+        await s.close()
+
+    asyncio.run(go())
+    assert chain.calls == [[b"k=a"], [b"drop"], [b"bad"], [b"plain"]]
+    got = s.outcomes()
+    assert [r for r, _ in got] == [b"K=A", b"BAD", b"PLAIN"]
+    assert got[0][1] == {"pk": {"partitionKeyFromQuery:c": "a"}}
+    assert got[1][1]["err"]["c"] == "Lambda.FunctionError" and got[2][1] is None
+    assert s.ingest.committed.covers(0, 4)  # released only after the outcomes were recorded
+    assert s.stage.dropped_records == 1 and s.stage.recorded_upto == 4
+    assert s.ctx.metrics.failed_processing_records.labels("s")._value.get() == 1
+
+
+def test_source_copies_are_recorded_beside_the_outcomes(tmp_path: Path) -> None:
+    s = Setup(tmp_path, Chain(), backup_all=True)
+
+    async def go() -> None:
+        s.ingest.append_records([b"x", b"drop"], 100)
+        await s.run_until(2)
+        await s.close()
+
+    asyncio.run(go())
+    assert s.outcomes() == [(b"X", None), (b"x", {"src": 1}), (b"drop", {"src": 1})]
+
+
+def test_a_record_its_source_failed_skips_the_chain(tmp_path: Path) -> None:
+    chain = Chain()
+    s = Setup(tmp_path, chain)
+    err = {"c": "Kinesis.Aggregate", "m": "bad digest", "t": "processing-failed"}
+
+    async def go() -> None:
+        s.ingest.append_records([b"a", b"agg", b"b"], 100, meta=[None, {"err": err}, None])
+        await s.run_until(3)
+        await s.close()
+
+    asyncio.run(go())
+    assert chain.calls == [[b"a", b"b"]]
+    got = s.outcomes()
+    assert [r for r, _ in got] == [b"A", b"agg", b"B"]
+    assert (got[1][1]["err"]["c"], got[1][1]["err"]["m"]) == ("Kinesis.Aggregate", "bad digest")
+
+
+def test_a_chain_that_fails_is_run_again_on_the_same_buffer(tmp_path: Path, monkeypatch: Any) -> None:
+    chain = Chain()
+    chain.fail_next = 1
+    s = Setup(tmp_path, chain)
+    real_sleep = asyncio.sleep
+
+    async def short(delay: float) -> None:
+        await real_sleep(min(delay, 0.01))
+
+    async def go() -> None:
+        monkeypatch.setattr(asyncio, "sleep", short)
+        s.ingest.append_records([b"a", b"b"], 100)
+        await s.run_until(2)
+        monkeypatch.undo()
+        await s.close()
+
+    asyncio.run(go())
+    assert chain.calls == [[b"a", b"b"], [b"a", b"b"]]
+    assert [r for r, _ in s.outcomes()] == [b"A", b"B"]
+
+
+def test_nothing_is_read_while_the_outcome_spool_holds_half_the_cap(tmp_path: Path) -> None:
+    chain = Chain()
+    s = Setup(tmp_path, chain, cap_bytes=0)  # any outcome spool is over half of it
+
+    async def go() -> None:
+        s.ingest.append_records([b"a"], 100)
+        s.stage.start(0)
+        await asyncio.sleep(0.05)
+        s.ctx.signals.stopping = True
+        await s.stage.cancel()
+        await s.close()
+
+    asyncio.run(go())
+    assert chain.calls == [] and s.stage.cursor == 0
+
+
+def test_a_restart_resumes_after_the_recorded_outcomes_and_releases_them_again(tmp_path: Path) -> None:
+    async def go() -> None:
+        ingest = Spool(str(tmp_path / "spool"))
+        ingest.open()
+        ingest.append_records([b"a", b"b", b"c", b"d", b"e", b"f"], 100)
+        # Batches sealed here before processing was turned on are delivered from here: skipped.
+        await ingest.append_seal(SealedBatch(ingest.allocate_batch_id(), "k", [(0, 2)], 100))
+        assert resume_point(ingest, 0, after_sealed=True, name="processed") == 2
+        # Outcomes were recorded up to record 4, but the raw commit was lost in a crash.
+        assert resume_point(ingest, 4, after_sealed=False, name="processed") == 4
+        assert ingest.committed.covers(0, 4) and not ingest.committed.covers(4, 5)
+        with pytest.raises(SpoolError, match="processed: outcomes are recorded up to record 9 but the ingest spool "
+                                             "ends at 6; refusing to guess"):
+            resume_point(ingest, 9, after_sealed=False, name="processed")
+        await ingest.aclose()
+
+    asyncio.run(go())
