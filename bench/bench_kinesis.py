@@ -51,7 +51,7 @@ KPL_MAX_BYTES = 51_200  # the KPL's AggregationMaxSize default
 def fill(server: Any, stream: str, records: list[bytes]) -> int:
     """Put the first half of ``records`` as plain records and the second half as KPL aggregates;
     returns the number of Kinesis records put."""
-    from firehose.transforms.kpl import aggregate
+    from firehose.kpl import aggregate
 
     half = len(records) // 2
     puts: list[list[dict[str, Any]]] = []

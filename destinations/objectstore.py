@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from firehose.destinations.keys import (
+from firehose.interfaces import Batch, BufferingLimits, BuildContext, DeliveryResult, Destination
+from firehose.keys import (
     PrefixError,
     check_path_prefix,
     evaluate_prefix,
@@ -19,7 +20,6 @@ from firehose.destinations.keys import (
     random_object_suffix,
     validate_prefixes,
 )
-from firehose.interfaces import Batch, BufferingLimits, BuildContext, DeliveryResult, Destination
 from firehose.transforms.compression import Codec, get_codec
 
 # Firehose's ranges for S3 (reference §3): 1-128 MiB (5), 0-900 s (300).
@@ -133,7 +133,7 @@ class ObjectStoreConfig(BaseModel):
 
     def archive_key(self, stream: str, version: int, oldest: datetime, rng: random.Random, error_output_type: str) -> str:
         """Where failed records go: ErrorOutputPrefix, or else ``<prefix><type>/yyyy/MM/dd/HH/``."""
-        from firehose.destinations.keys import evaluate_error_prefix
+        from firehose.keys import evaluate_error_prefix
 
         prefix = evaluate_error_prefix(self.prefix, self.error_output_prefix or None, oldest, rng, error_output_type)
         return prefix + object_name(stream, version, oldest, random_object_suffix(rng), self.extension)

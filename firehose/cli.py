@@ -31,7 +31,7 @@ def _problems(lines: list[str]) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from firehose.config import validate_file
+    from firehose.config_checks import validate_file
 
     cfg, problems = validate_file(args.path, handler_timeout_secs=args.import_timeout)
     if problems or cfg is None:
@@ -42,7 +42,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from firehose import logging as fh_logging
-    from firehose.config import validate_file
+    from firehose.config_checks import validate_file
 
     try:
         level = fh_logging.parse_level(os.environ.get("FIREHOSE_LOG_LEVEL"))
@@ -124,7 +124,7 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     import time
 
     from firehose import logging as fh_logging
-    from firehose.config import check_handlers, check_schemas
+    from firehose.config_checks import check_handlers, check_schemas
 
     # stdout is the preview: logs (a worker that crashed, ...) go to stderr, warnings and up.
     fh_logging.configure("warning", "auto", sys.stderr)
@@ -141,8 +141,8 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     problems = check_schemas(one) + check_handlers(one)
     if problems:
         return _problems(problems)
+    from firehose.records import SourceRecord
     from firehose.registry import CONVERTER, PROCESSING_CHAIN, load
-    from firehose.transforms.records import SourceRecord
 
     converter = None
     fmt = stream.format
@@ -210,7 +210,7 @@ def _partition_prefix(stream: Any, o: Any, now_ms: int) -> str:
     import random
     from datetime import UTC, datetime
 
-    from firehose.destinations.keys import PrefixError, evaluate_prefix
+    from firehose.keys import PrefixError, evaluate_prefix
 
     keys = {f"partitionKeyFromQuery:{k}": v for k, v in (o.query_keys or {}).items()}
     keys.update({f"partitionKeyFromLambda:{k}": v for k, v in (o.partition_keys or {}).items()})

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from firehose.config_errors import _collect, _line_for
 from firehose.interfaces import BufferingLimits
 from firehose.registry import PluginError, UnknownTypeError, destination_config_class
 from firehose.yamlload import Path, YamlError, format_path, load_yaml
@@ -38,7 +39,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RuntimeCheck:
     """A check config loading defers because it needs I/O or runs user code (see
-    :func:`run_checks`): ``handler`` imports a local Lambda handler (``target`` is its
+    :func:`firehose.config_checks.run_checks`): ``handler`` imports a local Lambda handler (``target`` is its
     ``module:attr``), ``schema`` compiles a ``format:`` schema given inline or as an Avro file
     (``target`` is the :class:`~firehose.transforms.formats.FormatConfig`). ``where`` is
     ``file:line: field`` of the key to blame."""
@@ -408,51 +409,6 @@ class DaemonConfig(_Model):
         return None
 
 
-def _line_for(path: Path, lines: Mapping[Path, int]) -> int | None:
-    p = tuple(path)
-    while True:
-        if p in lines:
-            return lines[p]
-        if not p:
-            return None
-        p = p[:-1]
-
-
-def _describe_error(err: Any) -> str:
-    etype = err["type"]
-    value = err.get("input")
-    if etype == "extra_forbidden":
-        return "unknown field"
-    if etype == "missing":
-        return "required field is missing"
-    msg = str(err["msg"])
-    if msg.startswith("Value error, "):
-        return msg[len("Value error, ") :]
-    shown = "<redacted>" if _is_secret(err.get("loc", ())) else _short(value)
-    return f"{msg[0].lower()}{msg[1:]}, got {shown}"
-
-
-# A field whose value is a secret is never echoed in an error, whatever its type.
-_SECRET_FIELD = re.compile(r"pass|secret|token|credential|private|(^|_)key$|access_keys|hec_token", re.I)
-
-
-def _is_secret(loc: Any) -> bool:
-    return any(isinstance(part, str) and _SECRET_FIELD.search(part) for part in loc)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _collect(exc: ValidationError, base: Path, file: str, lines: Mapping[Path, int], out: list[str]) -> None:
-    for err in exc.errors():
-        path = base + tuple(err["loc"])
-        line = _line_for(path, lines)
-        where = f"{file}:{line}" if line is not None else file
-        out.append(f"{where}: {format_path(path)}: {_describe_error(err)}")
-
-
 def parse_config(data: Any, file: str, lines: Mapping[Path, int] | None = None) -> DaemonConfig:
     """Validate already-loaded config data. Raises :class:`ConfigError` listing every problem.
 
@@ -661,7 +617,7 @@ def _resolve_sources(stream: StreamConfig, at: _At) -> list[Any]:
 
 def _resolve_processing(stream: StreamConfig, at: _At) -> list[Any]:
     """Validate ``processing:`` items through the processor registry, then the rules across them.
-    Each local Lambda handler is recorded for :func:`check_handlers` (importing it runs user code)."""
+    Each local Lambda handler is recorded for :func:`firehose.config_checks.check_handlers` (importing it runs user code)."""
     from firehose.registry import PROCESSING_CHECK, load, processor_config_class
 
     ppath = at.base + ("processing",)
@@ -703,7 +659,7 @@ def _resolve_format(
 ) -> tuple[Any, BufferingConfig | None]:
     """``format:`` and Firehose's rules for format conversion (a columnar format needs an
     uncompressed object-store destination and buffers of at least 64 MiB, 128 by default). A
-    schema given inline or as a file is recorded for :func:`check_schemas`."""
+    schema given inline or as a file is recorded for :func:`firehose.config_checks.check_schemas`."""
     from firehose.registry import FORMAT_CONFIG, load
 
     if stream.format is None:
@@ -758,7 +714,7 @@ def _check_partitioning(
     if stream.interval_secs == 0:
         return error(base + ("buffering", "interval_secs"),
                      "zero buffering is not supported with dynamic partitioning (Firehose's rule); use 1 or more")
-    from firehose.destinations.keys import partition_key_refs
+    from firehose.keys import partition_key_refs
 
     ok = True
     for ref in partition_key_refs(prefix):
@@ -773,7 +729,7 @@ def _check_partitioning(
 def _deferred(
     procs: list[Any], fmt: Any, base: Path, positions: list[int] | None = None
 ) -> list[tuple[Literal["handler", "schema"], Path, Any]]:
-    """What a stream leaves to :func:`run_checks`: its local Lambda handlers (at their
+    """What a stream leaves to :func:`firehose.config_checks.run_checks`: its local Lambda handlers (at their
     ``function:`` key; ``positions`` are the processors' indexes in the file when some failed)
     and a schema given inline or as an Avro file (a Glue table is fetched when the stream starts,
     never by a check)."""
@@ -787,99 +743,6 @@ def _deferred(
         avro = ("avro_schema",) if schema.avro_schema is not None else ()
         out.append(("schema", base + ("format", "schema", *avro), fmt))
     return out
-
-
-def config_checks(cfg: DaemonConfig) -> tuple[RuntimeCheck, ...]:
-    """The deferred checks of the streams in ``cfg`` (a copy holding some of a file's streams
-    gets theirs only, still pointing at their lines in the file)."""
-    names = {s.name for s in cfg.streams}
-    if cfg._checks is not None:
-        return tuple(c for c in cfg._checks if c.stream in names)
-    out = []  # a config built in code: no lines to point at
-    for i, s in enumerate(cfg.streams):
-        for kind, path, target in _deferred(s.processing, s.format, ("streams", i)):
-            out.append(RuntimeCheck(kind, s.name, cfg.source, f"{cfg.source}: {format_path(path)}", target))
-    return tuple(out)
-
-
-def run_checks(
-    checks: Sequence[RuntimeCheck], *, handler_timeout_secs: float | None = None, cwd: str | None = None
-) -> list[str]:
-    """Run deferred checks; returns their problems (``file:line: field: message``), in file order.
-
-    Schemas are compiled here, in process (an Avro schema file is read). Handlers are imported in
-    one child process, as the transformation workers would import them (see
-    :func:`firehose.transforms.lambda_.check_local_handlers`); remote functions are not invoked.
-    """
-    from firehose.registry import CONVERTER, load
-    from firehose.transforms.lambda_ import HANDLER_IMPORT_TIMEOUT_SECS, check_local_handlers
-
-    handlers = [c.target for c in checks if c.kind == "handler"]
-    failed: dict[str, str] = {}
-    if handlers:
-        timeout = HANDLER_IMPORT_TIMEOUT_SECS if handler_timeout_secs is None else handler_timeout_secs
-        failed = check_local_handlers(handlers, timeout_secs=timeout)
-    problems: list[str] = []
-    for c in checks:
-        if c.kind == "handler" and c.target in failed:
-            problems.append(f"{c.where}: {failed[c.target]}{_module_hint(c, failed[c.target], cwd)}")
-        elif c.kind == "schema":
-            try:
-                load(CONVERTER)(c.target)
-            except Exception as exc:  # SchemaError mostly; pyarrow and fastavro raise their own types
-                text = " ".join(str(exc).split())
-                problems.append(f"{c.where}: schema does not compile: {text or type(exc).__name__}")
-    return problems
-
-
-def _module_hint(check: RuntimeCheck, problem: str, cwd: str | None) -> str:
-    """Why a handler beside the config file is not found: handlers are imported from the working
-    directory (and sys.path), as `firehose run` imports them, not from the config's directory."""
-    import os
-
-    if "ModuleNotFoundError" not in problem or check.file == DEFAULT_CONFIG_NAME:
-        return ""
-    spec = str(check.target)
-    module = spec.partition(":")[0] if ":" in spec else spec.rpartition(".")[0]
-    top = module.split(".")[0]
-    cwd = os.path.realpath(cwd or os.getcwd())
-    config_dir = os.path.realpath(os.path.dirname(check.file) or ".")
-    if not top or config_dir == cwd:
-        return ""
-    if not (os.path.isfile(os.path.join(config_dir, top + ".py")) or os.path.isdir(os.path.join(config_dir, top))):
-        return ""
-    return (f" ({top!r} is in the config file's directory {config_dir}, but handlers are imported from "
-            f"the working directory {cwd} and sys.path, as `firehose run` imports them: start firehose "
-            f"in {config_dir} or add it to PYTHONPATH)")
-
-
-def check_handlers(cfg: DaemonConfig, *, timeout_secs: float | None = None) -> list[str]:
-    """Import every local Lambda handler of ``cfg``'s streams in one child process; returns the
-    problems, each ``file:line: streams[i].processing[j].function: message``. Blocking."""
-    return run_checks([c for c in config_checks(cfg) if c.kind == "handler"], handler_timeout_secs=timeout_secs)
-
-
-def check_schemas(cfg: DaemonConfig) -> list[str]:
-    """Compile the inline and Avro-file schemas of ``cfg``'s ``format:`` blocks; returns the
-    problems, each ``file:line: field: message`` (Glue tables are not fetched)."""
-    return run_checks([c for c in config_checks(cfg) if c.kind == "schema"])
-
-
-def validate_file(
-    path: str | None, env: Mapping[str, str] | None = None, *, handler_timeout_secs: float | None = None
-) -> tuple[DaemonConfig | None, list[str]]:
-    """Everything ``firehose validate`` checks: the file (every problem, not the first), then
-    every local handler imported and every inline or file schema compiled, for each part that is
-    valid. Returns the config (None when invalid) and the problems."""
-    try:
-        cfg: DaemonConfig | None = load_config(path, env)
-        assert cfg is not None
-        errors: list[str] = []
-        checks = config_checks(cfg)
-    except ConfigError as exc:
-        cfg, errors, checks = None, list(exc.errors), exc.checks
-    errors += run_checks(checks, handler_timeout_secs=handler_timeout_secs)
-    return (cfg if not errors else None), errors
 
 
 def load_config_text(text: str, file: str, env: Mapping[str, str] | None = None) -> DaemonConfig:

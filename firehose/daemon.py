@@ -377,7 +377,7 @@ def _one_line(exc: BaseException) -> str:
 def _precheck(new: DaemonConfig, old: DaemonConfig) -> list[str]:
     """Problems with the streams a reload would add or change, found without stopping anything:
     Lambda handlers that do not import (checked in a subprocess, as ``firehose validate`` does)."""
-    from firehose.config import check_handlers
+    from firehose.config_checks import check_handlers
 
     previous = {s.name: s for s in old.streams}
     changed = [s for s in new.streams if previous.get(s.name) != s]

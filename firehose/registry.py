@@ -45,6 +45,9 @@ BACKUP_CONFIG = "firehose.transforms.config:BackupConfig"
 PROCESSING_CHAIN = "firehose.transforms.chain:ProcessingChain"
 FORMAT_CONFIG = "firehose.transforms.formats:FormatConfig"
 CONVERTER = "firehose.transforms.formats:Converter"
+HANDLER_CHECK = "firehose.transforms.handler_check:check_local_handlers"
+HANDLER_IMPORT_TIMEOUT = "firehose.transforms.handler_check:HANDLER_IMPORT_TIMEOUT_SECS"
+HARNESS = "firehose.transforms.testing"
 
 
 def load(target: str) -> Any:

@@ -29,14 +29,8 @@ A segment written before watermarks existed (format version 1) can only have an 
 frame truncated; any other damage in it refuses to start. Damage in a segment that is not the
 newest always refuses to start.
 
-File format, version 2 (version 1 lacks DURABLE frames and is still read). Each segment ``seg-<number>.log`` starts with a 12-byte header
-(``FHSPOOL\\0``, u16 format version, u16 reserved); frames follow, each ``u32 payload length, u32
-CRC32 of type+payload, u8 type`` then the payload. A RECORDS payload is ``u64 first_seq, u64
-arrival_ms, u32 count, u16 flags``, ``count`` little-endian u32 lengths, the record bytes, then
-optional JSON sections (per-record metadata, source positions) each prefixed by a u32 length.
-SEAL, COMMIT and CHECKPOINT payloads are JSON; a DURABLE payload is ``u64 segment number,
-u64 offset``. A reader refuses a newer format version with a
-message that says so, rather than guessing.
+The file format (version 2; version 1, without DURABLE frames, is still read) is described in
+firehose/spool_format.py.
 
 Thread-safety: a Spool belongs to one asyncio event loop; only fsyncs run on its worker thread.
 """
@@ -45,237 +39,54 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import functools
 import itertools
 import os
-import re
 import struct
-import sys
 import threading
 import zlib
 from array import array
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import orjson
 import structlog
 
 from firehose.intervals import IntervalSet, Ranges
+from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, Log, ... are re-exported)
+    _DURABLE,
+    _FRAME_HEADER,
+    _LITTLE,
+    _RECORDS_HEAD,
+    _SEG_HEADER,
+    F_POSITIONS,
+    FORMAT_VERSION,
+    LENGTH_TABLE_ENTRIES,
+    ROLL_DONE_ACTIVE_BYTES,
+    SEGMENT_MAGIC,
+    T_CHECKPOINT,
+    T_COMMIT,
+    T_DURABLE,
+    T_RECORDS,
+    T_SEAL,
+    FsyncPolicy,
+    Log,
+    RecordFrame,
+    RecoveryState,
+    SealedBatch,
+    SpoolError,
+    SpoolFullError,
+    _frame,
+    _FrameRef,
+    _incomplete_tail,
+    _Segment,
+    _segment_name,
+    decode_records_payload,
+    durable_mark_after,
+    encode_records_frame,
+)
 
 log = structlog.get_logger()
-
-FORMAT_VERSION = 2
-SEGMENT_MAGIC = b"FHSPOOL\x00"
-_SEG_HEADER = struct.Struct(">8sHH")
-_FRAME_HEADER = struct.Struct(">IIB")
-_RECORDS_HEAD = struct.Struct(">QQIH")
-
-T_RECORDS = 1
-T_SEAL = 2
-T_COMMIT = 3
-T_CHECKPOINT = 4
-T_DURABLE = 5
-_DURABLE = struct.Struct(">QQ")
-# A DURABLE frame's header: payload length 16, any CRC, type 5 (found again past damage by this).
-_DURABLE_HEADER_RE = re.compile(rb"\x00\x00\x00\x10.{4}\x05", re.DOTALL)
-
-ROLL_DONE_ACTIVE_BYTES = 1 << 20
-LENGTH_TABLE_ENTRIES = 1 << 20  # record offsets read_planned keeps (8 bytes each: 8 MiB at most)
-
-F_META = 1
-F_POSITIONS = 2
-
-FsyncPolicy = Literal["always", "interval", "never"]
-
-
-class SpoolError(Exception):
-    """The spool cannot be opened or written; the message names the file."""
-
-
-class SpoolFullError(SpoolError):
-    """The stream's spool is at its size cap; callers answer with back-pressure."""
-
-
-@dataclass
-class RecordFrame:
-    """A RECORDS frame as read back: the records of one append, in order."""
-
-    first_seq: int
-    arrival_ms: int
-    records: list[bytes]
-    meta: list[Any] | None = None
-
-    @property
-    def end_seq(self) -> int:
-        return self.first_seq + len(self.records)
-
-    @functools.cached_property
-    def cum(self) -> list[int]:
-        """Cumulative record sizes: ``cum[j] - cum[i]`` is the size of records ``i..j-1``."""
-        return [0, *itertools.accumulate(map(len, self.records))]
-
-
-@dataclass
-class SealedBatch:
-    """A batch identity recorded by ``append_seal``."""
-
-    batch_id: int
-    key: str
-    ranges: Sequence[tuple[int, int]]  # a list, or compact Ranges for a partition's scattered records
-    oldest_arrival_ms: int
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def record_count(self) -> int:
-        return sum(e - s for s, e in self.ranges)
-
-
-@dataclass(slots=True)
-class _FrameRef:
-    segment: int
-    offset: int  # offset of the frame header in the segment file
-    length: int  # payload length
-    first_seq: int
-    end_seq: int
-
-
-@dataclass
-class _Segment:
-    number: int
-    path: str
-    size: int
-    first_seq: int | None = None
-    end_seq: int | None = None
-    seal_ids: set[int] = field(default_factory=set)
-    version: int = FORMAT_VERSION
-
-
-def _segment_name(number: int) -> str:
-    return f"seg-{number:012d}.log"
-
-
-_LITTLE = sys.byteorder == "little"
-
-
-def encode_records_frame(
-    first_seq: int,
-    arrival_ms: int,
-    records: Sequence[bytes],
-    meta: list[Any] | None = None,
-    positions: dict[str, Any] | None = None,
-) -> bytes:
-    lengths = array("I", [len(r) for r in records])
-    if not _LITTLE:  # pragma: no cover - the format is little-endian on disk
-        lengths.byteswap()
-    flags = (F_META if meta is not None else 0) | (F_POSITIONS if positions else 0)
-    parts: list[bytes] = [_RECORDS_HEAD.pack(first_seq, arrival_ms, len(records), flags), lengths.tobytes()]
-    parts.extend(records)
-    if meta is not None:
-        blob = orjson.dumps(meta)
-        parts.append(struct.pack(">I", len(blob)))
-        parts.append(blob)
-    if positions:
-        blob = orjson.dumps(positions)
-        parts.append(struct.pack(">I", len(blob)))
-        parts.append(blob)
-    return _frame(T_RECORDS, b"".join(parts))
-
-
-def _frame(ftype: int, payload: bytes) -> bytes:
-    crc = zlib.crc32(payload, zlib.crc32(bytes((ftype,))))
-    return _FRAME_HEADER.pack(len(payload), crc, ftype) + payload
-
-
-def _incomplete_tail(data: bytes, pos: int) -> bool:
-    """Whether the frame at ``pos`` runs past the end of the data (a write cut short)."""
-    if len(data) - pos < _FRAME_HEADER.size:
-        return True
-    length, _crc, _ftype = _FRAME_HEADER.unpack_from(data, pos)
-    return pos + _FRAME_HEADER.size + length > len(data)
-
-
-def durable_mark_after(data: bytes, pos: int, segment: int) -> int:
-    """The highest offset of ``segment`` that a valid DURABLE frame found after ``pos`` records as
-    fsynced (0 if none). Found by their fixed header, so damage before them does not hide them."""
-    best = 0
-    for m in _DURABLE_HEADER_RE.finditer(data, pos + 1):
-        start = m.start()
-        length, crc, ftype = _FRAME_HEADER.unpack_from(data, start)
-        payload = data[start + _FRAME_HEADER.size : start + _FRAME_HEADER.size + length]
-        if len(payload) != length or zlib.crc32(payload, zlib.crc32(bytes((ftype,)))) != crc:
-            continue
-        number, offset = _DURABLE.unpack(payload)
-        if number == segment and offset <= start:
-            best = max(best, offset)
-    return best
-
-
-def decode_records_payload(payload: bytes) -> tuple[RecordFrame, dict[str, Any] | None]:
-    first_seq, arrival_ms, count, flags = _RECORDS_HEAD.unpack_from(payload, 0)
-    pos = _RECORDS_HEAD.size
-    lengths = array("I")
-    lengths.frombytes(payload[pos : pos + 4 * count])
-    if not _LITTLE:  # pragma: no cover
-        lengths.byteswap()
-    pos += 4 * count
-    view = memoryview(payload)
-    records: list[bytes] = []
-    for n in lengths:
-        records.append(bytes(view[pos : pos + n]))
-        pos += n
-    meta = None
-    positions = None
-    if flags & F_META:
-        (n,) = struct.unpack_from(">I", payload, pos)
-        meta = orjson.loads(view[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    if flags & F_POSITIONS:
-        (n,) = struct.unpack_from(">I", payload, pos)
-        positions = orjson.loads(view[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    return RecordFrame(first_seq, arrival_ms, records, meta), positions
-
-
-@dataclass
-class RecoveryState:
-    """What :meth:`Spool.open` found: work to resume."""
-
-    pending: list[SealedBatch]
-    positions: dict[str, Any]
-    unsealed_records: int
-    truncated_bytes: int
-
-
-class Log(Protocol):
-    """The spool's interface as the rest of the daemon uses it (append and acknowledge, read,
-    seal, commit), so a replicated log can replace the local one."""
-
-    next_seq: int
-    min_seq: int
-    sealed: IntervalSet
-    committed: IntervalSet
-    size_bytes: int
-
-    def open(self) -> RecoveryState: ...
-    def has_room(self, nbytes: int) -> bool: ...
-    def append_records(
-        self, records: Sequence[bytes], arrival_ms: int, *, meta: list[Any] | None = None,
-        positions: dict[str, Any] | None = None, enforce_cap: bool = True, nbytes: int | None = None,
-    ) -> int: ...
-    async def wait_durable(self, *, force: bool = False) -> None: ...
-    def allocate_batch_id(self) -> int: ...
-    async def append_seal(self, batch: SealedBatch, *, durable: bool = True) -> None: ...
-    def append_commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None: ...
-    def commit_ranges(self, ranges: Sequence[tuple[int, int]]) -> None: ...
-    def frame_at(self, seq: int) -> RecordFrame | None: ...
-    def release_cache(self, first_seq: int) -> None: ...
-    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]: ...
-    def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
-    def plan_records(self, ranges: Sequence[tuple[int, int]]) -> list[Any]: ...
-    def read_planned(self, plan: list[Any]) -> list[bytes]: ...
-    async def aclose(self) -> None: ...
 
 
 class Spool:

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from firehose.spool import (
+from firehose.spool_format import (
     _DURABLE,
     _FRAME_HEADER,
     _RECORDS_HEAD,

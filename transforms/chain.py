@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
+from firehose.records import Outcome, SourceRecord, initial_outcomes
 from firehose.transforms import processors
 from firehose.transforms.config import (
     AppendDelimiterConfig,
@@ -20,7 +21,6 @@ from firehose.transforms.config import (
     MetadataExtractionConfig,
     RecordDeaggregationConfig,
 )
-from firehose.transforms.records import Outcome, SourceRecord, initial_outcomes
 
 FORMAT_CONVERSION_FAILED = "format-conversion-failed"
 

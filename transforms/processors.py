@@ -44,8 +44,8 @@ from typing import Any, Final, NoReturn
 
 import orjson
 
-from firehose.transforms.kpl import KplError, deaggregate
-from firehose.transforms.records import DECOMPRESSION_FAILED, PARTITIONING_FAILED, Outcome
+from firehose.kpl import KplError, deaggregate
+from firehose.records import DECOMPRESSION_FAILED, PARTITIONING_FAILED, Outcome
 
 __all__ = [
     "MAX_SUB_RECORDS",

@@ -50,9 +50,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from firehose.clock import Clock, SystemClock
 from firehose.interfaces import BuildContext, Source, SourceSink
+from firehose.kpl import MAGIC, KplError, deaggregate
+from firehose.records import PROCESSING_FAILED
 from firehose.spool import SpoolError, SpoolFullError
-from firehose.transforms.kpl import MAGIC, KplError, deaggregate
-from firehose.transforms.records import PROCESSING_FAILED
 
 ARN_RE = re.compile(r"^arn:aws[a-z-]*:kinesis:([a-z0-9-]{1,32}):(\d{12}):stream/([a-zA-Z0-9_.-]{1,128})$")
 STREAM_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")

@@ -349,7 +349,7 @@ class Batcher:
             key = self.archive.batch_key(oldest, self.rng)
             info.update({"sink": "source"})
         elif isinstance(buffer_key, tuple):
-            from firehose.destinations.keys import PrefixError
+            from firehose.keys import PrefixError
 
             try:
                 key = self.destination.batch_key(oldest, self.rng, self.router.keys(buffer_key))  # type: ignore[call-arg]

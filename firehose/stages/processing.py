@@ -237,7 +237,7 @@ class ProcessingStage:
             ingest.release_cache(first)
 
     async def _submit(self, queue: asyncio.Queue[Any], items: list[Item]) -> None:
-        from firehose.transforms.records import SourceRecord
+        from firehose.records import SourceRecord
 
         sources = [
             SourceRecord(str(seq), data, arrival, meta.get("kinesis") if isinstance(meta, dict) else None)
@@ -253,7 +253,7 @@ class ProcessingStage:
         if not failed:
             outcomes = list(await self.chain.process(sources))
         else:
-            from firehose.transforms.records import Outcome
+            from firehose.records import Outcome
 
             keep = [i for i in range(len(sources)) if i not in failed]
             outcomes = list(await self.chain.process([sources[i] for i in keep])) if keep else []

@@ -57,7 +57,7 @@ class PartitionRouter:
         its ``dynamic_partitioning`` limits."""
         refs = None
         if config.partitioned:
-            from firehose.destinations.keys import partition_key_refs
+            from firehose.keys import partition_key_refs
 
             refs = partition_key_refs(config.destination.prefix)
         dp = config.dynamic_partitioning
@@ -144,8 +144,8 @@ class PartitionRouter:
         """Why a record of partition ``ident`` cannot be delivered under the Prefix (None if it can).
         Without ``admitting``, the error of a record archived earlier (its archive batch read
         back): a partition that evaluates was refused by the guard."""
-        from firehose.destinations.keys import PrefixError
-        from firehose.transforms.records import ACTIVE_PARTITION_EXCEEDED, PARTITIONING_FAILED
+        from firehose.keys import PrefixError
+        from firehose.records import ACTIVE_PARTITION_EXCEEDED, PARTITIONING_FAILED
 
         assert self.refs is not None and self.destination is not None
         base = {"a": 1, "ts": arrival_ms, "e": self.clock.now_ms()}

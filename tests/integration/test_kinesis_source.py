@@ -62,7 +62,7 @@ class Producer:
         for r in records:
             data = r["Data"]
             if aggregated:
-                from firehose.transforms.kpl import deaggregate
+                from firehose.kpl import deaggregate
 
                 docs = [orjson.loads(u.data) for u in deaggregate(data) or []]
             else:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from firehose.transforms.kpl import aggregate
+from firehose.kpl import aggregate
 from support import Daemon, daemon_config, local_objects, stream_config, stream_status, wait_for
 
 HANDLERS = '''

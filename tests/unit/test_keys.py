@@ -1,4 +1,4 @@
-"""Tests for firehose.destinations.keys: Firehose's S3 prefixes, error prefixes and object names."""
+"""Tests for firehose.keys: Firehose's S3 prefixes, error prefixes and object names."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from firehose.destinations.keys import (
+from firehose.keys import (
     MAX_EVALUATED_PREFIX_LENGTH,
     PrefixError,
     evaluate_error_prefix,

@@ -15,10 +15,10 @@ from pydantic import BaseModel
 from firehose import registry
 from firehose.config import ConfigError, load_config_text
 from firehose.interfaces import BuildContext
+from firehose.kpl import aggregate
 from firehose.metrics import Metrics
 from firehose.sources.kinesis import KinesisSource, KinesisSourceConfig
 from firehose.spool import SpoolFullError
-from firehose.transforms.kpl import aggregate
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -398,7 +398,7 @@ def test_the_canonical_kpl_fast_path_agrees_with_the_general_parser() -> None:
     """De-aggregation dominates the source's CPU, so aggregates laid out the way KPL encoders
     write them take a fast path; on anything it accepts it must answer what the general parser
     does (it declines everything else)."""
-    from firehose.transforms import kpl
+    from firehose import kpl
 
     rng = random.Random(7)
     accepted = 0

@@ -1,4 +1,4 @@
-"""Tests for firehose.transforms.kpl: KPL aggregates are read and written byte-exactly.
+"""Tests for firehose.kpl: KPL aggregates are read and written byte-exactly.
 
 Independent checks: awslabs' ``aws-kinesis-agg`` library (module ``aws_kinesis_agg``) aggregates
 records that our parser must read and reads aggregates that we write, and its output is compared
@@ -18,7 +18,7 @@ import pytest
 from aws_kinesis_agg.aggregator import RecordAggregator
 from aws_kinesis_agg.deaggregator import deaggregate_records
 
-from firehose.transforms.kpl import (
+from firehose.kpl import (
     DIGEST_SIZE,
     MAGIC,
     KplError,

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from firehose.records import Outcome, SourceRecord
 from firehose.transforms.lambda_ import (
     LambdaContext,
     LambdaInvocationError,
@@ -20,7 +21,6 @@ from firehose.transforms.lambda_ import (
     invoke_with_retries,
     parse_response,
 )
-from firehose.transforms.records import Outcome, SourceRecord
 from firehose.transforms.workers import WorkerPool, load_function
 
 T = TypeVar("T")

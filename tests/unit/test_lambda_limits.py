@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict
 
+from firehose.records import SourceRecord
 from firehose.transforms.lambda_ import FUNCTION_ERROR, LambdaContext, LambdaInvocationError, build_event
-from firehose.transforms.records import SourceRecord
 from firehose.transforms.workers import WorkerPool
 
 

@@ -412,8 +412,8 @@ def test_partitioning_config_errors_use_firehoses_rules_and_name_the_line() -> N
 
 
 def test_a_query_with_no_or_several_results_for_one_record_does_not_shift_the_others() -> None:
+    from firehose.records import Outcome
     from firehose.transforms.processors import metadata_extraction
-    from firehose.transforms.records import Outcome
 
     outs = metadata_extraction(
         [Outcome(0, b'{"c": []}'), Outcome(1, b'{"c": ["x", "y"]}'), Outcome(2, b'{"c": ["z"]}')], "{c: .c[]}")

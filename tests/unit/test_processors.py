@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from firehose.transforms.kpl import aggregate
+from firehose.kpl import aggregate
+from firehose.records import Outcome, SourceRecord, initial_outcomes
 from firehose.transforms.processors import (
     MAX_SUB_RECORDS,
     append_delimiter,
@@ -18,7 +19,6 @@ from firehose.transforms.processors import (
     kpl_deaggregation,
     record_deaggregation,
 )
-from firehose.transforms.records import Outcome, SourceRecord, initial_outcomes
 
 # Firehose's error output types (reference §4.2, §4.3, §6.3), written out rather than imported.
 PROCESSING_FAILED = "processing-failed"

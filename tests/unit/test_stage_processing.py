@@ -13,10 +13,10 @@ import structlog
 
 from firehose.clock import ManualClock
 from firehose.metrics import Metrics
+from firehose.records import Outcome, SourceRecord
 from firehose.spool import SealedBatch, Spool, SpoolError
 from firehose.stages.common import StageContext
 from firehose.stages.processing import ProcessingStage, outcome_frame, resume_point
-from firehose.transforms.records import Outcome, SourceRecord
 
 ARN = "arn:aws:lambda:us-east-1:000000000000:function:f"
 

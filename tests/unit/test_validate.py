@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from firehose.config import ConfigError, check_handlers, check_schemas, load_config, validate_file
+from firehose.config import ConfigError, load_config
+from firehose.config_checks import check_handlers, check_schemas, validate_file
 
 
 def write(path: Path, text: str) -> Path:
