@@ -47,6 +47,7 @@ from firehose.interfaces import (
     Destination,
     RecordFailure,
 )
+from firehose.names import stream_arn
 
 # Firehose's HTTP endpoint ranges (reference §3): 1-64 MiB (5), 0-900 s. The interval default is
 # UNCERTAIN (docs table 60 s, API model 300 s); both are accepted by the SDKs: we take the model's.
@@ -183,9 +184,7 @@ class HttpEndpointDestination(Destination):
         headers = {
             "Content-Type": "application/json",
             "X-Amz-Firehose-Protocol-Version": "1.0",
-            "X-Amz-Firehose-Source-Arn": (
-                f"arn:aws:firehose:{ctx.region}:{ctx.account_id}:deliverystream/{ctx.stream_name}"
-            ),
+            "X-Amz-Firehose-Source-Arn": stream_arn(ctx.region, ctx.account_id, ctx.stream_name),
         }
         if config.access_key is not None:
             headers["X-Amz-Firehose-Access-Key"] = config.access_key.get_secret_value()

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from firehose.interfaces import Batch, BufferingLimits, BuildContext, DeliveryResult, Destination
 from firehose.keys import (
@@ -20,6 +20,7 @@ from firehose.keys import (
     random_object_suffix,
     validate_prefixes,
 )
+from firehose.models import StrictModel
 from firehose.transforms.compression import Codec, get_codec
 
 # Firehose's ranges for S3 (reference §3): 1-128 MiB (5), 0-900 s (300).
@@ -27,15 +28,17 @@ S3_BUFFERING = BufferingLimits(1, 128, 5, 0, 900, 300)
 
 
 def join_records(records: Sequence[bytes], delimiter: bytes | None = None) -> bytes:
-    """An object's uncompressed body: the records verbatim, or each followed by ``delimiter``."""
+    """An object's uncompressed body: the records verbatim, or each followed by ``delimiter``
+    (Firehose's AppendDelimiterToRecord). Every record is terminated, the last one too, not merely
+    separated: NDJSON readers expect newline-terminated records, and objects concatenated together
+    then keep every record on its own line."""
     return delimiter.join(records) + delimiter if delimiter and records else b"".join(records)
 
 
-class ObjectStoreConfig(BaseModel):
+class ObjectStoreConfig(StrictModel):
     """Fields with Firehose's ExtendedS3 semantics (Prefix, ErrorOutputPrefix, CompressionFormat,
     FileExtension)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     BUFFERING: ClassVar[BufferingLimits] = S3_BUFFERING
     # A key names a file on a file system (the local destination): each partition-key value is
     # written as one path segment (keys.path_segment), and prefixes must stay under the root.

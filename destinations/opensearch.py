@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from firehose.destinations.remote import RemoteConfig, connection_error, is_http_url
 from firehose.interfaces import (
@@ -39,6 +39,7 @@ from firehose.interfaces import (
     Destination,
     RecordFailure,
 )
+from firehose.models import StrictModel
 from firehose.redact import url_without_credentials
 
 # Firehose's OpenSearch ranges (reference §3): 1-100 MiB (5), 0-900 s (300).
@@ -55,11 +56,7 @@ _SUFFIX = {"no_rotation": "", "one_hour": "-%Y-%m-%d-%H", "one_day": "-%Y-%m-%d"
 DOCUMENT_IDS = {"firehose_default": "FIREHOSE_DEFAULT", "no_document_id": "NO_DOCUMENT_ID"}
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class BasicAuth(_Model):
+class BasicAuth(StrictModel):
     """HTTP basic authentication."""
 
     type: Literal["basic"] = Field(description="`basic`.")
@@ -67,7 +64,7 @@ class BasicAuth(_Model):
     password: SecretStr = Field(description="The password; write it as `${ENV}`.")
 
 
-class SigV4Auth(_Model):
+class SigV4Auth(StrictModel):
     """AWS SigV4 (Amazon OpenSearch Service). Credentials: the keys given here, else botocore's
     usual chain (environment, profile, instance role)."""
 
@@ -92,7 +89,7 @@ class SigV4Auth(_Model):
     )
 
 
-class NoAuth(_Model):
+class NoAuth(StrictModel):
     """No authentication."""
 
     type: Literal["none"] = Field(description="`none`.")

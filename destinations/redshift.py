@@ -46,7 +46,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from firehose.destinations.objectstore import S3_BUFFERING, join_records
 from firehose.destinations.s3 import S3Destination, S3DestinationConfig
@@ -67,6 +67,7 @@ from firehose.destinations.sql import (
     parse_name,
 )
 from firehose.interfaces import Batch, BufferingLimits, BuildContext, DeliveryResult, Destination
+from firehose.models import StrictModel
 
 # Redshift refuses these staging formats: COPY cannot read them (reference §6.4).
 _UNREADABLE_BY_COPY = ("snappy", "zip", "hadoop_snappy")
@@ -74,11 +75,7 @@ _IAM_ROLE_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
 _UNSAFE_IN_LITERAL = re.compile(r"['\\\x00-\x1f]")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class ConnectionConfig(_Model):
+class ConnectionConfig(StrictModel):
     """Where the database is. ``password`` should come from ``${ENV}``; it is never logged, and it
     may be left out for libpq's other sources (``PGPASSWORD``, ``~/.pgpass``)."""
 
@@ -123,7 +120,7 @@ class ConnectionConfig(_Model):
         return [self.password.get_secret_value()] if self.password is not None else []
 
 
-class CopyCredentials(_Model):
+class CopyCredentials(StrictModel):
     """An access key pair COPY presents to S3 (Redshift's ACCESS_KEY_ID / SECRET_ACCESS_KEY /
     SESSION_TOKEN), for clusters without an IAM role."""
 
@@ -195,7 +192,7 @@ class StagingConfig(S3DestinationConfig):
         return v
 
 
-class RedshiftDestinationConfig(_Model):
+class RedshiftDestinationConfig(StrictModel):
     """Amazon Redshift, or a PostgreSQL-compatible database: each batch is staged in S3 with a
     manifest and loaded with one ``COPY``, exactly once (Firehose: RedshiftDestinationConfiguration).
     See docs/redshift.md."""

@@ -11,13 +11,14 @@ import ssl
 from typing import Any, ClassVar
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from firehose.models import StrictModel
 
 
-class RemoteConfig(BaseModel):
+class RemoteConfig(StrictModel):
     """Base of the non-object-store destination configs (validated and frozen, no I/O)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     requires_backup: ClassVar[bool] = True  # the config loader insists on the stream's backup:
     #: Firehose's S3BackupMode names for (failed_only, all) in DescribeDeliveryStream.
     BACKUP_MODE_NAMES: ClassVar[tuple[str, str]] = ("FailedDataOnly", "AllData")

@@ -16,7 +16,6 @@ import asyncio
 import binascii
 import hashlib
 import hmac
-import re
 import unicodedata
 import uuid
 import zlib
@@ -29,6 +28,7 @@ import structlog
 from aiohttp import ClientPayloadError, web
 
 from firehose.httpserver import BodyBudget, HttpLimits
+from firehose.names import STREAM_NAME_RE
 from firehose.spool import SpoolError, SpoolFullError
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ MAX_RECORD_BYTES = 1_024_000
 MAX_BATCH_RECORDS = 500
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
-STREAM_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")
 
 log = structlog.get_logger()
 

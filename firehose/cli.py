@@ -141,6 +141,7 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     problems = check_schemas(one) + check_handlers(one)
     if problems:
         return _problems(problems)
+    from firehose.names import stream_arn
     from firehose.records import SourceRecord
     from firehose.registry import CONVERTER, PROCESSING_CHAIN, load
 
@@ -157,7 +158,7 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     lines = sys.stdin.buffer.read().splitlines()
     now = time.time_ns() // 1_000_000
     records = [SourceRecord(str(i), line, now) for i, line in enumerate(lines)]
-    arn = f"arn:aws:firehose:{cfg.api.region}:{cfg.api.account_id}:deliverystream/{stream.name}"
+    arn = stream_arn(cfg.api.region, cfg.api.account_id, stream.name)
     chain = load(PROCESSING_CHAIN)(stream.processing, stream_arn=arn, region=cfg.api.region, converter=converter)
 
     async def go() -> list[Any]:

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from firehose.config_errors import _collect, _line_for
 from firehose.interfaces import BufferingLimits
+from firehose.models import StrictModel
+from firehose.names import STREAM_NAME_RE
 from firehose.registry import PluginError, UnknownTypeError, destination_config_class
 from firehose.yamlload import Path, YamlError, format_path, load_yaml
 
-STREAM_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")
 DEFAULT_CONFIG_NAME = "<embedded default config>"
 
 
@@ -51,11 +52,7 @@ class RuntimeCheck:
     target: Any
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class AuthConfig(_Model):
+class AuthConfig(StrictModel):
     """``mode: sigv4`` verifies AWS Signature Version 4 on every API request against
     ``credentials`` (access key id -> secret; use ``${ENV}`` for secrets). ``none`` accepts any."""
 
@@ -83,7 +80,7 @@ class AuthConfig(_Model):
             raise ValueError("mode sigv4 needs at least one entry in credentials")
 
 
-class HealthConfig(_Model):
+class HealthConfig(StrictModel):
     """``GET /healthz``: a stream whose destination has failed for longer than
     ``degraded_after_secs`` makes the daemon ``degraded`` (still HTTP 200)."""
 
@@ -94,7 +91,7 @@ class HealthConfig(_Model):
     )
 
 
-class ApiLimitsConfig(_Model):
+class ApiLimitsConfig(StrictModel):
     """Bounds on the API's connections: open connections, deadlines for
     a request's headers and body and for an idle kept-alive connection, and the body bytes being
     read at once across every request (and from requests not yet authenticated)."""
@@ -130,7 +127,7 @@ class ApiLimitsConfig(_Model):
     )
 
 
-class ApiConfig(_Model):
+class ApiConfig(StrictModel):
     """The Firehose API the daemon serves (``PutRecord``, ``PutRecordBatch``, ...), with
     ``GET /healthz`` and ``GET /metrics`` on the same address."""
 
@@ -200,7 +197,7 @@ class ApiConfig(_Model):
         return int(self.listen.rpartition(":")[2])
 
 
-class BufferingConfig(_Model):
+class BufferingConfig(StrictModel):
     """Firehose's BufferingHints: a batch is delivered once its records reach ``size_mib`` or
     ``interval_secs`` after its first record, whichever comes first. The ranges and defaults are
     the destination's (see the table below)."""
@@ -217,7 +214,7 @@ class BufferingConfig(_Model):
     )
 
 
-class SpoolConfig(_Model):
+class SpoolConfig(StrictModel):
     """The stream's spool on disk (under ``<data_dir>/spool``): records are written there before
     they are acknowledged and stay until delivered."""
 
@@ -242,7 +239,7 @@ class SpoolConfig(_Model):
     )
 
 
-class DeliveryConfig(_Model):
+class DeliveryConfig(StrictModel):
     """How the delivery runner treats this stream's destination."""
 
     max_in_flight: int = Field(
@@ -262,7 +259,7 @@ class DeliveryConfig(_Model):
     )
 
 
-class DynamicPartitioningConfig(_Model):
+class DynamicPartitioningConfig(StrictModel):
     """Firehose's DynamicPartitioningConfiguration, without its fixed limits: the active-partition
     cap is a configurable guard, and ``memory_budget_mib`` bounds what open partition buffers hold
     in memory (beyond it, buffers are kept on disk or flushed early)."""
@@ -290,7 +287,7 @@ class DynamicPartitioningConfig(_Model):
     )
 
 
-class StreamConfig(_Model):
+class StreamConfig(StrictModel):
     """One delivery stream: where its records come from, what is done to them and where they are
     delivered."""
 
@@ -380,7 +377,7 @@ class StreamConfig(_Model):
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-class DaemonConfig(_Model):
+class DaemonConfig(StrictModel):
     """The config file: the API the daemon serves, where it keeps its state, and its streams."""
 
     api: ApiConfig = Field(default=ApiConfig(), description="The Firehose API the daemon serves.")

@@ -19,7 +19,7 @@ from firehose.api import FirehoseApi
 from firehose.config import ConfigError, DaemonConfig, StreamConfig, load_config
 from firehose.httpserver import GuardedServer
 from firehose.metrics import Metrics
-from firehose.names import disk_name
+from firehose.names import disk_name, stream_arn
 from firehose.spool import SpoolError
 from firehose.stream import StreamRuntime
 
@@ -201,7 +201,7 @@ class Daemon:
             }
         return {
             "DeliveryStreamName": name,
-            "DeliveryStreamARN": f"arn:aws:firehose:{api.region}:{api.account_id}:deliverystream/{name}",
+            "DeliveryStreamARN": stream_arn(api.region, api.account_id, name),
             "DeliveryStreamStatus": "ACTIVE",
             "DeliveryStreamType": self.stream_type(name),
             "VersionId": str(rt.version),
@@ -265,9 +265,6 @@ class Daemon:
         except Exception as exc:  # a failed reload must not go unnoticed, nor leave systemd waiting
             log.exception("config_reload_failed", error=str(exc))
             sd_notify("READY=1\nSTATUS=reload failed; see the log")
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
     async def shutdown(self) -> int:
         sd_notify("STOPPING=1")

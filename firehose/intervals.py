@@ -75,17 +75,6 @@ class IntervalSet:
         return f"IntervalSet({list(self.ranges())})"
 
 
-def to_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
-    """Compress ascending sequence numbers into ``[start, end)`` ranges."""
-    out: list[tuple[int, int]] = []
-    for s in seqs:
-        if out and out[-1][1] == s:
-            out[-1] = (out[-1][0], s + 1)
-        else:
-            out.append((s, s + 1))
-    return out
-
-
 class Ranges(Sequence[tuple[int, int]]):
     """A batch's ``[start, end)`` record ranges in one int64 array (16 bytes a range, where a list
     of tuples costs about 120): a partition's batch has a range per record."""

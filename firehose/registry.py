@@ -138,10 +138,6 @@ def _plugins(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
-def known_destination_types() -> list[str]:
-    return sorted(set(BUILTIN_DESTINATIONS) | set(_plugins("firehose.destinations")))
-
-
 def destination_config_class(type_name: str) -> type:
     """The config class for a destination ``type:``; ``UnknownTypeError`` names the known ones,
     ``PluginError`` says why a plugin's cannot be used."""

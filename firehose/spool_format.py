@@ -89,10 +89,6 @@ class SealedBatch:
     oldest_arrival_ms: int
     info: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def record_count(self) -> int:
-        return sum(e - s for s, e in self.ranges)
-
 
 @dataclass(slots=True)
 class _FrameRef:

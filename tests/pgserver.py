@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from support import free_port
 
 PG_BIN = Path(os.environ.get("FIREHOSE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SUPERUSER = "postgres"
@@ -31,12 +32,6 @@ def available() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PostgresServer:
     """``start()`` runs initdb (first time) and starts the server; ``stop()`` stops it (the data
     stays, so ``start()`` brings the same database back); ``cleanup()`` stops and deletes it."""
@@ -46,7 +41,7 @@ class PostgresServer:
         self.data = self.dir / "data"
         self.socket_dir = self.dir / "sock"
         self.log = self.dir / "server.log"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.fsync = fsync
         self._as_postgres = os.geteuid() == 0
         self._initialised = False

@@ -449,6 +449,32 @@ def runtime_from_yaml(tmp: Path, text: str, *, clock: Any = None, seed: int = 1)
                          rng=random.Random(seed))
 
 
+def make_runtime(tmp: Path, *, name: str = "s", out: Path | None = None, size_mib: int = 1, interval: int = 60,
+                 delivery: str = "", backup: bool = False, clock: Any = None, seed: int = 1) -> Any:
+    """:func:`runtime_from_yaml` for one stream ``name`` delivering to a local directory (``tmp/out``
+    unless ``out``); ``delivery`` is its ``delivery:`` mapping in flow style; ``backup`` keeps its
+    failed records under ``tmp/backup``."""
+    lines = [f"  - name: {name}", f"    buffering: {{size_mib: {size_mib}, interval_secs: {interval}}}"]
+    if delivery:
+        lines.append(f"    delivery: {delivery}")
+    lines.append(f"    destination: {{type: local, path: {out or tmp / 'out'}}}")
+    if backup:
+        lines.append(f"    backup: {{path: {tmp / 'backup'}}}")
+    return runtime_from_yaml(tmp, "streams:\n" + "\n".join(lines) + "\n", clock=clock, seed=seed)
+
+
+async def settle(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``cond`` every 10 ms, letting the running event loop work in between, until it holds;
+    fail after ``timeout`` seconds."""
+    import asyncio
+
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``predicate`` every 0.2 s until it holds; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

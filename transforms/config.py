@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import base64
 import functools
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+from firehose.models import StrictModel
 
 
 def _processor(kind: str, **params: Any) -> dict[str, Any]:
@@ -25,7 +23,7 @@ def _processor(kind: str, **params: Any) -> dict[str, Any]:
     return {"Type": kind, "Parameters": [{"ParameterName": k, "ParameterValue": str(v)} for k, v in params.items()]}
 
 
-class LambdaProcessorConfig(_Model):
+class LambdaProcessorConfig(StrictModel):
     """A Firehose Lambda processor: a Python callable run in worker processes the daemon owns
     (``function: pkg.module:handler``), or a real Lambda function invoked through boto3 (``arn:``)."""
 
@@ -105,7 +103,7 @@ class LambdaProcessorConfig(_Model):
                           BufferSizeInMBs=self.buffer_size_mib, BufferIntervalInSeconds=self.buffer_interval_secs)
 
 
-class AppendDelimiterConfig(_Model):
+class AppendDelimiterConfig(StrictModel):
     """Firehose's AppendDelimiterToRecord: a delimiter after every record, when objects are written."""
 
     type: Literal["append_delimiter"] = Field(
@@ -127,7 +125,7 @@ class AppendDelimiterConfig(_Model):
         return _processor("AppendDelimiterToRecord", Delimiter=self.delimiter.encode("unicode_escape").decode())
 
 
-class RecordDeaggregationConfig(_Model):
+class RecordDeaggregationConfig(StrictModel):
     """Firehose's RecordDeAggregation: splits records that hold several (KPL aggregates, JSON
     objects one after another, or delimited records) before anything else runs."""
 
@@ -173,7 +171,7 @@ class RecordDeaggregationConfig(_Model):
         return _processor("RecordDeAggregation", **params)
 
 
-class DecompressionConfig(_Model):
+class DecompressionConfig(StrictModel):
     """Firehose's Decompression: gunzips records (CloudWatch Logs subscription payloads)."""
 
     type: Literal["decompression"] = Field(
@@ -188,7 +186,7 @@ class DecompressionConfig(_Model):
         return _processor("Decompression", CompressionFormat="GZIP")
 
 
-class CloudWatchLogProcessingConfig(_Model):
+class CloudWatchLogProcessingConfig(StrictModel):
     """Firehose's CloudWatchLogProcessing: one record per log event of a CloudWatch Logs
     subscription payload; needs a ``decompression`` processor."""
 
@@ -205,7 +203,7 @@ class CloudWatchLogProcessingConfig(_Model):
         return _processor("CloudWatchLogProcessing", DataMessageExtraction=str(self.data_message_extraction).lower())
 
 
-class MetadataExtractionConfig(_Model):
+class MetadataExtractionConfig(StrictModel):
     """Firehose's MetadataExtraction: a jq query whose output object gives a record's partition
     keys (``!{partitionKeyFromQuery:<key>}``), for dynamic partitioning. The query is compiled
     here, once, so a syntax error is a config error naming the field."""
@@ -250,22 +248,6 @@ def compile_query(query: str) -> Any:
     return jq.compile(query)
 
 
-ProcessorConfig = Annotated[
-    LambdaProcessorConfig
-    | AppendDelimiterConfig
-    | RecordDeaggregationConfig
-    | DecompressionConfig
-    | CloudWatchLogProcessingConfig
-    | MetadataExtractionConfig,
-    Field(discriminator="type"),
-]
-
-PROCESSOR_TYPES = (
-    "lambda", "append_delimiter", "record_deaggregation", "decompression", "cloudwatch_log_processing",
-    "metadata_extraction",
-)
-
-
 def check_processing(processors: list[Any]) -> None:
     """Cross-processor rules (Firehose's): at most one Lambda; CloudWatch Logs extraction needs
     decompression; each built-in at most once."""
@@ -296,7 +278,7 @@ BACKUP_MODES = {
 }
 
 
-class BackupConfig(_Model):
+class BackupConfig(StrictModel):
     """Where failed records (and with ``mode: all`` every source record) are archived: a local
     directory (``path``) or an S3 bucket, with Firehose's prefix semantics."""
 

@@ -61,7 +61,6 @@ __all__ = [
     "LocalFunction",
     "RemoteFunction",
     "build_event",
-    "delivery_stream_arn",
     "invoke_with_retries",
     "parse_response",
 ]
@@ -125,14 +124,6 @@ class LambdaInvocationError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
-
-
-def delivery_stream_arn(stream_name: str, region: str, account_id: str) -> str:
-    """The ARN Firehose gives a delivery stream.
-
-    ``arn:aws:firehose:<region>:<account>:deliverystream/<name>``.
-    """
-    return f"arn:aws:firehose:{region}:{account_id}:deliverystream/{stream_name}"
 
 
 # --------------------------------------------------------------------------------------------------

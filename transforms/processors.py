@@ -11,7 +11,7 @@ RecordDeAggregation             :func:`record_deaggregation`
 Decompression                   :func:`decompression`
 CloudWatchLogProcessing         :func:`cloudwatch_log_processing`
 MetadataExtraction              :func:`metadata_extraction`
-AppendDelimiterToRecord         :func:`append_delimiter` (applied to output bytes, not outcomes)
+AppendDelimiterToRecord         (applied when objects are written: ``Batch.delimiter``)
 ==============================  ==========================================================
 
 Shared contract of the outcome processors:
@@ -38,7 +38,6 @@ import gzip
 import json
 import re
 import zlib
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Final, NoReturn
 
@@ -49,7 +48,6 @@ from firehose.records import DECOMPRESSION_FAILED, PARTITIONING_FAILED, Outcome
 
 __all__ = [
     "MAX_SUB_RECORDS",
-    "append_delimiter",
     "cloudwatch_log_processing",
     "decompression",
     "kpl_deaggregation",
@@ -237,23 +235,6 @@ def cloudwatch_log_processing(outcomes: list[Outcome], data_message_extraction: 
                 for i, message in enumerate(messages)
             )
     return result
-
-
-def append_delimiter(records: Sequence[bytes], delimiter: bytes) -> list[bytes]:
-    """Firehose's AppendDelimiterToRecord as applied at output: ``delimiter`` after *every* record.
-
-    The reference (§4.3) records an observation of a third-party emulator that the delimiter goes
-    only *between* records, not after the last one. It is marked as an observation, not documented
-    behaviour, and the daemon deliberately terminates every record instead: downstream NDJSON
-    readers (Athena's and Hive's JSON SerDes, ``jq``, line-oriented tools) expect newline-
-    terminated records, and when objects are concatenated -- several buffers' worth in one object,
-    or objects catted together -- a terminated last record keeps every record on its own line,
-    where a merely separated one would glue the last record of one batch to the first of the next.
-
-    Returns a new list with one entry per record; an empty ``delimiter`` returns the records as
-    they are.
-    """
-    return [record + delimiter for record in records]
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from firehose.names import stream_arn
 from firehose.records import SourceRecord
 from firehose.transforms.lambda_ import (
     FUNCTION_ERROR,
@@ -62,7 +63,6 @@ from firehose.transforms.lambda_ import (
     LambdaContext,
     LambdaInvocationError,
     build_event,
-    delivery_stream_arn,
     parse_response,
 )
 
@@ -175,7 +175,7 @@ def make_event(
     return build_event(
         make_records(records, arrival_ms=arrival_ms),
         invocation_id=invocation_id,
-        delivery_stream_arn=delivery_stream_arn(stream_name, region, account_id),
+        delivery_stream_arn=stream_arn(region, account_id, stream_name),
         region=region,
     )
 
@@ -265,7 +265,7 @@ def run_transform(
     event = build_event(
         source,
         invocation_id=invocation_id,
-        delivery_stream_arn=delivery_stream_arn(stream_name, region, account_id),
+        delivery_stream_arn=stream_arn(region, account_id, stream_name),
         region=region,
     )
     ctx = context if context is not None else make_context(region=region, account_id=account_id)

@@ -49,9 +49,10 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from firehose.interfaces import BuildContext, Source, SourceSink
+from firehose.models import StrictModel
 from firehose.sources.file_position import FINGERPRINT_BYTES, FollowedFile, fingerprint, starts_with
 from firehose.sources.file_records import RecordSplitter
 from firehose.sources.identity_search import SEARCH_ENTRIES_PER_SCAN as SEARCH_ENTRIES_PER_SCAN  # re-exported
@@ -66,12 +67,10 @@ COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")
 STARTED_KEY = "file/started"
 
 
-class FileSourceConfig(BaseModel):
+class FileSourceConfig(StrictModel):
     """Log files tailed by the daemon, with Kinesis Agent's options, exactly once into the spool:
     positions are kept in the spool, rotations (rename, copytruncate, delete) are followed. The
     stream still takes Direct PUT."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     stream_type: ClassVar[str] = "DirectPut"
     exclusive: ClassVar[bool] = False

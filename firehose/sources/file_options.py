@@ -39,9 +39,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import Field, TypeAdapter, field_validator, model_validator
 
 from firehose.clock import Clock, SystemClock
+from firehose.models import StrictModel
 
 __all__ = [
     "FILE_OPTION_TYPES",
@@ -61,11 +62,7 @@ class ConversionError(ValueError):
     """A record an option cannot convert; the message names the option and what did not match."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class SingleLineOption(_Model):
+class SingleLineOption(StrictModel):
     """Kinesis Agent's ``SINGLELINE`` (``parseOptions``: ``NO_TRIM``, ``ESCAPE_NEW_LINE``)."""
 
     type: Literal["single_line"] = Field(description="`single_line` (Kinesis Agent: SINGLELINE).")
@@ -80,7 +77,7 @@ class SingleLineOption(_Model):
     )
 
 
-class CsvToJsonOption(_Model):
+class CsvToJsonOption(StrictModel):
     """Kinesis Agent's ``CSVTOJSON`` (``customFieldNames``, ``delimiter``)."""
 
     type: Literal["csv_to_json"] = Field(description="`csv_to_json` (Kinesis Agent: CSVTOJSON).")
@@ -154,7 +151,7 @@ LOG_FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 _COMPILED: dict[str, re.Pattern[str]] = {name: re.compile(p, re.ASCII) for name, p in _PATTERNS.items()}
 
 
-class LogToJsonOption(_Model):
+class LogToJsonOption(StrictModel):
     """Kinesis Agent's ``LOGTOJSON`` (``logFormat``, ``matchPattern``, ``customFieldNames``).
 
     ``match_pattern`` is a Python regular expression matched against the whole line; it needs
@@ -200,7 +197,7 @@ class LogToJsonOption(_Model):
         return self
 
 
-class AddMetadataOption(_Model):
+class AddMetadataOption(StrictModel):
     """Kinesis Agent's ``ADDMETADATA`` (``timestamp``, ``metadata``)."""
 
     type: Literal["add_metadata"] = Field(description="`add_metadata` (Kinesis Agent: ADDMETADATA).")

@@ -29,22 +29,22 @@ from typing import Any, ClassVar, Literal
 import orjson
 import pybase64
 from aiohttp import ClientPayloadError, web
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from firehose.httpserver import GuardedServer, HttpLimits
 from firehose.interfaces import BuildContext, Source, SourceSink
+from firehose.models import StrictModel
 from firehose.spool import SpoolFullError
 
 KEY_PREFIX = "firehose_http/"
 MAX_RECORDS = 10_000
 
 
-class FirehoseHttpSourceConfig(BaseModel):
+class FirehoseHttpSourceConfig(StrictModel):
     """The receiving side of Firehose's HTTP endpoint delivery: AWS Firehose, or another daemon's
     ``http_endpoint`` destination, delivers into this stream, exactly once per request id. The
     stream still takes Direct PUT."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     stream_type: ClassVar[str] = "DirectPut"
 
     type: Literal["firehose_http"] = Field(description="`firehose_http`.")

@@ -46,12 +46,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from firehose.clock import Clock, SystemClock
 from firehose.interfaces import BuildContext, Source, SourceSink
 from firehose.kpl import MAGIC, KplError, deaggregate
+from firehose.models import StrictModel
 from firehose.records import PROCESSING_FAILED
+from firehose.retry import jittered_backoff
 from firehose.spool import SpoolError, SpoolFullError
 
 ARN_RE = re.compile(r"^arn:aws[a-z-]*:kinesis:([a-z0-9-]{1,32}):(\d{12}):stream/([a-zA-Z0-9_.-]{1,128})$")
@@ -77,12 +79,11 @@ def _epoch_ms(value: Any, default: int) -> int:
     return default
 
 
-class KinesisSourceConfig(BaseModel):
+class KinesisSourceConfig(StrictModel):
     """A Kinesis data stream read by the daemon, exactly once into the spool (Firehose:
     KinesisStreamSourceConfiguration). It must be the stream's only source, and the stream takes no
     Direct PUT (Firehose's DeliveryStreamType KinesisStreamAsSource)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     stream_type: ClassVar[str] = "KinesisStreamAsSource"
     exclusive: ClassVar[bool] = True  # Firehose: a KinesisStreamAsSource stream has no other source
@@ -414,8 +415,7 @@ class KinesisSource(Source):
 
     def _backoff(self, failures: int) -> float:
         c = self.config
-        ms = min(c.retry_max_backoff_ms, c.retry_initial_backoff_ms * 2 ** min(failures - 1, 20))
-        return self.rng.uniform(ms / 2, ms) / 1000.0
+        return jittered_backoff(self.rng, failures, c.retry_initial_backoff_ms, c.retry_max_backoff_ms)
 
     # ------------------------------------------------------------------ shard discovery
     async def _run(self) -> None:

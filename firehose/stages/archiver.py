@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from firehose.interfaces import Batch, Destination, RecordFailure
+from firehose.retry import local_failure_pause
 from firehose.spool import SealedBatch
 from firehose.stages.common import StageContext
 from firehose.stages.health import DeliveryHealth
@@ -108,6 +109,6 @@ class Archiver:
             attempt += 1
             self.log.warning("archive_retry_scheduled", batch_id=sealed.batch_id, key=key, attempt=attempt,
                              error_code=first.error_code)
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)))
+            await asyncio.sleep(local_failure_pause(attempt))
         self.health.succeeded()
         self.count(len(lines))

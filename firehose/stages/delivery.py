@@ -31,6 +31,7 @@ from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import Batch, DeliveryResult, Destination, RecordFailure
+from firehose.retry import jittered_backoff, local_failure_pause
 from firehose.spool import Log, SealedBatch
 from firehose.stages.archiver import Archiver, error_record_line
 from firehose.stages.common import PendingBatch, StageContext
@@ -185,7 +186,7 @@ class DeliveryRunner:
                     # A bug or a local I/O error (reading the spool, writing the commit): retry
                     # this batch after a pause, in this task, never in a tight loop.
                     failures += 1
-                    delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                    delay = local_failure_pause(failures)
                     self.log.exception("delivery_failed", batch_id=pending.sealed.batch_id, error=str(exc),
                                        retry_in_secs=delay)
                     self._health_of(pending.sealed.info.get("sink", "main")).failed(
@@ -334,8 +335,7 @@ class DeliveryRunner:
             run.expires = self.clock.monotonic() + run.window
         run.todo = [run.todo[i] for i in sorted(failures)]
         d = self.delivery
-        backoff_ms = min(d.retry_max_backoff_ms, d.retry_initial_backoff_ms * (2 ** min(run.attempt - 1, 20)))
-        delay = self.rng.uniform(backoff_ms / 2, backoff_ms) / 1000.0
+        delay = jittered_backoff(self.rng, run.attempt, d.retry_initial_backoff_ms, d.retry_max_backoff_ms)
         self.metrics.delivery_retries.labels(self.name).inc()
         self.log.warning(
             "delivery_retry_scheduled",

@@ -28,6 +28,8 @@ import time
 from typing import Any
 
 from firehose.config import StreamConfig
+from firehose.names import stream_arn
+from firehose.retry import local_failure_pause
 from firehose.spool import Log, SpoolError
 from firehose.stages.common import StageContext
 
@@ -81,7 +83,7 @@ async def load_chain(config: StreamConfig, *, region: str, account_id: str, conv
     """Build and start a stream's processing chain (``transforms/chain.py``, through the registry)."""
     from firehose.registry import PROCESSING_CHAIN, load
 
-    arn = f"arn:aws:firehose:{region}:{account_id}:deliverystream/{config.name}"
+    arn = stream_arn(region, account_id, config.name)
     kinesis = [s for s in config.sources if s.stream_type == "KinesisStreamAsSource"]
     chain = load(PROCESSING_CHAIN)(
         config.processing, stream_arn=arn, region=region, converter=converter,
@@ -294,7 +296,7 @@ class ProcessingStage:
             except Exception as exc:
                 failures += 1
                 self.log.exception("outcome_recording_failed", error=str(exc), attempt=failures)
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                await asyncio.sleep(local_failure_pause(failures))
                 if self.recorded_upto >= items[-1][0] + 1:
                     # Appended already: finish the durability and the release, not the append.
                     await self.out.wait_durable(force=True)

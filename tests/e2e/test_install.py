@@ -118,6 +118,17 @@ def all_modules() -> list[str]:
     return seen
 
 
+def test_every_package_of_the_repository_is_installed() -> None:
+    """A package folder the wheel's package list forgets would pass an editable install and fail
+    a user's: every folder with an __init__.py is importable under its installed name."""
+    roots = {"firehose": "firehose", "transforms": "firehose.transforms", "destinations": "firehose.destinations"}
+    for folder, name in roots.items():
+        for init in sorted((REPO / folder).rglob("__init__.py")):
+            rel = init.parent.relative_to(REPO / folder).parts
+            module = ".".join((name, *rel))
+            assert importlib.util.find_spec(module) is not None, f"{module} ({init.parent}) is not installed"
+
+
 def test_version_matches_the_distribution() -> None:
     assert firehose.__version__ == importlib.metadata.version("firehose")
 

@@ -4,17 +4,12 @@ start again on the same port (an outage)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from typing import Any
 
 from aiohttp import web
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from support import free_port
 
 
 class ThreadedServer:
@@ -22,7 +17,7 @@ class ThreadedServer:
     server's thread, assertions in the test's)."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

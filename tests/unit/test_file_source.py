@@ -20,6 +20,7 @@ from firehose.metrics import Metrics
 from firehose.sources.file import FileSource, FileSourceConfig, IdentitySearch, SearchStep, matched_by
 from firehose.sources.file_position import FollowedFile
 from firehose.sources.file_records import RecordSplitter
+from support import settle
 
 
 class MemorySink:
@@ -50,14 +51,6 @@ def source(paths: list[str], sink: MemorySink, **options: Any) -> FileSource:
     return FileSource(config, ctx, sink)  # type: ignore[arg-type]
 
 
-async def until(cond: Any, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
@@ -70,12 +63,12 @@ def test_a_partial_line_waits_for_its_newline(tmp_path: Path) -> None:
     async def go() -> None:
         src = source([str(log)], sink)
         await src.start()
-        await until(lambda: sink.records == [b"one\n"])
+        await settle(lambda: sink.records == [b"one\n"])
         await asyncio.sleep(0.2)
         assert sink.records == [b"one\n"]  # "tw" has no newline yet
         with open(log, "ab") as f:
             f.write(b"o\nthree\n")
-        await until(lambda: sink.records == [b"one\n", b"two\n", b"three\n"])
+        await settle(lambda: sink.records == [b"one\n", b"two\n", b"three\n"])
         await src.stop()
 
     run(go())
@@ -94,10 +87,10 @@ def test_multi_line_records_are_assembled_across_reads(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         with open(log, "ab") as f:
             f.write(b"  at frame 2\n2024-05-01 second\n")
-        await until(lambda: len(sink.records) == 1)
+        await settle(lambda: len(sink.records) == 1)
         assert sink.records == [b"2024-05-01 first\n  at frame 1\n  at frame 2\n"]
         # The last record has no successor yet: it goes once the file is quiet.
-        await until(lambda: len(sink.records) == 2)
+        await settle(lambda: len(sink.records) == 2)
         assert sink.records[1] == b"2024-05-01 second\n"
         await src.stop()
 
@@ -112,13 +105,13 @@ def test_a_multi_line_record_outgrowing_the_limit_is_cut_and_its_tail_skipped(tm
     async def go() -> None:
         src = source([str(log)], sink, multi_line_start_pattern=r"^\d{4}-", max_record_bytes=64)
         await src.start()
-        await until(lambda: len(sink.records) == 1)
+        await settle(lambda: len(sink.records) == 1)
         with open(log, "ab") as f:  # more of the same record, then the next one
             f.write(b"  at frame\n" * 3 + b"2024-05-01 two\n" + b"z" * 200)
         await asyncio.sleep(0.1)
         with open(log, "ab") as f:
             f.write(b"\n  at end\n2024-05-01 three\n")
-        await until(lambda: len(sink.records) == 3)
+        await settle(lambda: len(sink.records) == 3)
         await src.stop()
 
     run(go())
@@ -135,7 +128,7 @@ def test_a_line_longer_than_max_record_bytes_is_cut_and_ends_with_the_terminator
     async def go() -> None:
         src = source([str(log)], sink, max_record_bytes=32, truncated_record_terminator="|\n")
         await src.start()
-        await until(lambda: len(sink.records) == 3)
+        await settle(lambda: len(sink.records) == 3)
         await src.stop()
 
     run(go())
@@ -150,10 +143,10 @@ def test_a_cut_line_still_being_written_is_skipped_to_its_end(tmp_path: Path) ->
     async def go() -> None:
         src = source([str(log)], sink, max_record_bytes=16)
         await src.start()
-        await until(lambda: len(sink.records) == 1)
+        await settle(lambda: len(sink.records) == 1)
         with open(log, "ab") as f:
             f.write(b"zzzz\nnext\n")
-        await until(lambda: len(sink.records) == 2)
+        await settle(lambda: len(sink.records) == 2)
         await src.stop()
 
     run(go())
@@ -168,7 +161,7 @@ def test_compressed_rotations_are_not_tailed(tmp_path: Path) -> None:
     async def go() -> None:
         src = source([str(tmp_path / "access.log*")], sink)
         await src.start()
-        await until(lambda: len(sink.records) == 1)
+        await settle(lambda: len(sink.records) == 1)
         await asyncio.sleep(0.1)
         await src.stop()
 
@@ -184,7 +177,7 @@ def test_header_lines_are_skipped_in_each_file(tmp_path: Path) -> None:
     async def go() -> None:
         src = source([str(tmp_path / "*.csv")], sink, skip_header_lines=2)
         await src.start()
-        await until(lambda: len(sink.records) == 2)
+        await settle(lambda: len(sink.records) == 2)
         await src.stop()
 
     run(go())
@@ -203,13 +196,13 @@ def test_end_of_file_applies_to_files_found_at_first_start_only(tmp_path: Path) 
         (tmp_path / "new.log").write_bytes(b"fresh\n")
         with open(old, "ab") as f:
             f.write(b"appended\n")
-        await until(lambda: len(sink.records) == 2)
+        await settle(lambda: len(sink.records) == 2)
         await src.stop()
         # A restart with the spool's positions: end_of_file no longer applies.
         (tmp_path / "later.log").write_bytes(b"while down\n")
         src2 = source([str(tmp_path / "*.log")], sink, initial_position="end_of_file")
         await src2.start()
-        await until(lambda: len(sink.records) == 3)
+        await settle(lambda: len(sink.records) == 3)
         await asyncio.sleep(0.1)
         await src2.stop()
 
@@ -229,7 +222,7 @@ def test_a_full_spool_stops_reading(tmp_path: Path) -> None:
         await asyncio.sleep(0.2)
         assert sink.records == []
         sink.room = True
-        await until(lambda: len(sink.records) == 10)
+        await settle(lambda: len(sink.records) == 10)
         await src.stop()
 
     run(go())
@@ -246,7 +239,7 @@ def test_a_reused_inode_with_other_content_is_a_new_file(tmp_path: Path) -> None
     async def go() -> None:
         src = source([str(log)], sink)
         await src.start()
-        await until(lambda: len(sink.records) == 1)
+        await settle(lambda: len(sink.records) == 1)
         await src.stop()
 
     run(go())
@@ -281,7 +274,7 @@ def test_an_idle_file_skipped_by_end_of_file_stays_skipped_after_a_restart(tmp_p
     async def go() -> None:
         src = source([str(tmp_path / "*.log")], sink, initial_position="end_of_file")
         await src.start()
-        await until(lambda: any(k.startswith("file/") and k != "file/started" for k in sink.positions))
+        await settle(lambda: any(k.startswith("file/") and k != "file/started" for k in sink.positions))
         await src.stop()
         src2 = source([str(tmp_path / "*.log")], sink, initial_position="end_of_file")
         await src2.start()
@@ -300,7 +293,7 @@ def test_a_truncation_during_back_pressure_is_seen_before_reading_resumes(tmp_pa
     async def go() -> None:
         src = source([str(log)], sink)
         await src.start()
-        await until(lambda: len(sink.records) == 50)
+        await settle(lambda: len(sink.records) == 50)
         sink.room = False  # the spool is full
         os.truncate(log, 0)
         await asyncio.sleep(0.1)
@@ -308,7 +301,7 @@ def test_a_truncation_during_back_pressure_is_seen_before_reading_resumes(tmp_pa
             f.write(b"".join(b"new %03d\n" % i for i in range(150)))
         await asyncio.sleep(0.1)
         sink.room = True
-        await until(lambda: len(sink.records) == 200)
+        await settle(lambda: len(sink.records) == 200)
         await src.stop()
 
     run(go())
@@ -327,15 +320,15 @@ def test_idle_files_give_their_descriptors_back_and_are_reopened_when_they_grow(
         src = source([str(tmp_path / "*.log")], sink)
         before = len(list(proc_fds.iterdir()))
         await src.start()
-        await until(lambda: len(sink.records) == 50)
+        await settle(lambda: len(sink.records) == 50)
         await asyncio.sleep(0.4)  # past close_inactive_ms: every descriptor is given back
         assert len(list(proc_fds.iterdir())) <= before + 2
         with open(tmp_path / "f07.log", "ab") as f:
             f.write(b"more\n")
-        await until(lambda: len(sink.records) == 51)
+        await settle(lambda: len(sink.records) == 51)
         with capture_logs() as captured:
             os.unlink(tmp_path / "f08.log")  # read to its end, closed, then gone: released, nothing lost
-            await until(lambda: not any(isinstance(v, dict) and v.get("path", "").endswith("f08.log")
+            await settle(lambda: not any(isinstance(v, dict) and v.get("path", "").endswith("f08.log")
                                         for v in sink.positions.values()))
         events.extend(captured)
         await src.stop()
@@ -384,7 +377,7 @@ def test_a_file_renamed_while_the_source_was_down_is_read_from_its_checkpoint_to
     async def go() -> None:
         src = source([str(log)], sink)
         await src.start()
-        await until(lambda: len(sink.records) == 10)
+        await settle(lambda: len(sink.records) == 10)
         await src.stop()  # down (a kill -9 leaves the same spool: positions are committed with records)
         with open(log, "ab") as f:
             f.write(lines(10, 20))  # written before the rotation, never read
@@ -394,7 +387,7 @@ def test_a_file_renamed_while_the_source_was_down_is_read_from_its_checkpoint_to
         with capture_logs() as events:
             src2 = source([str(log)], sink)
             await src2.start()
-            await until(lambda: len(sink.records) >= 40 and sink.positions.get(key, {}) is None)
+            await settle(lambda: len(sink.records) >= 40 and sink.positions.get(key, {}) is None)
             await src2.stop()
         found = [e for e in events if e["event"] == "file_source_rotated_file_found"]
         assert [(e["path"], e["found_as"], e["bytes_unread"]) for e in found] == [
@@ -414,14 +407,14 @@ def test_a_file_renamed_while_its_descriptor_was_closed_is_read_to_its_end(tmp_p
     async def go() -> None:
         src = source([str(log)], sink)  # close_inactive_ms=100
         await src.start()
-        await until(lambda: len(sink.records) == 10)
-        await until(lambda: not descriptor_open(log))  # idle at its end: the descriptor is given back
+        await settle(lambda: len(sink.records) == 10)
+        await settle(lambda: not descriptor_open(log))  # idle at its end: the descriptor is given back
         with open(log, "ab") as f:
             f.write(lines(10, 20))
             os.rename(log, tmp_path / "app.log.1")
             f.write(lines(20, 30))
         log.write_bytes(lines(30, 40))
-        await until(lambda: len(sink.records) >= 40 and sink.positions.get(key, {}) is None)
+        await settle(lambda: len(sink.records) >= 40 and sink.positions.get(key, {}) is None)
         await src.stop()
 
     run(go())
@@ -447,7 +440,7 @@ def test_a_tracked_file_deleted_while_the_source_was_down_is_released_and_report
         with capture_logs() as events:
             src = source([str(log)], sink)
             await src.start()
-            await until(lambda: sink.positions[key] is None)
+            await settle(lambda: sink.positions[key] is None)
             await src.stop()
         lost = [e for e in events if e["event"] == "file_source_rotated_file_lost"]
         assert [(e["log_level"], e["path"], e["reason"], e["bytes_unread"]) for e in lost] == [
@@ -471,7 +464,7 @@ def test_a_tracked_inode_now_holding_other_content_is_reported_lost_and_not_read
         with capture_logs() as events:
             src = source([str(tmp_path / "app.log")], sink)
             await src.start()
-            await until(lambda: sink.positions[key] is None)
+            await settle(lambda: sink.positions[key] is None)
             await src.stop()
         lost = [e for e in events if e["event"] == "file_source_rotated_file_lost"]
         assert [(e["path"], e["reason"]) for e in lost] == [(str(tmp_path / "app.log"), "other_content")]

@@ -14,29 +14,11 @@ from firehose.api import health_report
 from firehose.clock import ManualClock
 from firehose.destinations.local import LocalDestinationConfig
 from firehose.interfaces import BuildContext
-from firehose.stream import StreamRuntime, health_message
-from support import runtime_from_yaml
+from firehose.stream import health_message
+from support import make_runtime, settle
 
 START = "2024-05-01T12:20:00.000Z"  # ManualClock's epoch
-
-
-def make_runtime(tmp: Path, out: Path, clock: ManualClock, name: str = "s") -> StreamRuntime:
-    text = f"""
-streams:
-  - name: {name}
-    buffering: {{size_mib: 1, interval_secs: 0}}
-    delivery: {{retry_initial_backoff_ms: 5, retry_max_backoff_ms: 20}}
-    destination: {{type: local, path: {out}}}
-"""
-    return runtime_from_yaml(tmp / name, text, clock=clock)
-
-
-async def settle(cond: Any, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
+RETRY = "{retry_initial_backoff_ms: 5, retry_max_backoff_ms: 20}"
 
 
 def test_a_failing_destination_shows_its_error_and_since_when_until_a_delivery_succeeds(tmp_path: Path) -> None:
@@ -45,7 +27,7 @@ def test_a_failing_destination_shows_its_error_and_since_when_until_a_delivery_s
     out.write_text("a file where the destination directory should be")
 
     async def go() -> None:
-        rt = make_runtime(tmp_path, out, clock)
+        rt = make_runtime(tmp_path / "s", out=out, interval=0, delivery=RETRY, clock=clock)
         await rt.start()
         before = rt.status()
         assert (before["last_delivery_error"], before["failing_since"], before["oldest_pending_age_secs"]) == (
@@ -89,8 +71,8 @@ def test_status_is_starting_before_ready_and_unavailable_only_when_no_stream_acc
     clock = ManualClock()
 
     async def go() -> None:
-        a = make_runtime(tmp_path, tmp_path / "out-a", clock, "a")
-        b = make_runtime(tmp_path, tmp_path / "out-b", clock, "b")
+        a = make_runtime(tmp_path / "a", name="a", out=tmp_path / "out-a", interval=0, delivery=RETRY, clock=clock)
+        b = make_runtime(tmp_path / "b", name="b", out=tmp_path / "out-b", interval=0, delivery=RETRY, clock=clock)
         await a.start()
         await b.start()
         assert health_report({"a": a, "b": b}, ready=False, degraded_after_secs=300)[:1] == (503,)
@@ -152,7 +134,7 @@ def test_a_failed_preflight_is_a_warning_and_the_stream_runs_on(tmp_path: Path) 
 
     async def go() -> list[dict[str, Any]]:
         with capture_logs() as logs:
-            rt = make_runtime(tmp_path, out, ManualClock())
+            rt = make_runtime(tmp_path / "s", out=out, interval=0, delivery=RETRY, clock=ManualClock())
             await rt.start()
             await settle(lambda: any(e["event"].startswith("destination_preflight") for e in logs))
             await rt.put([b"accepted all the same"])

@@ -16,7 +16,7 @@ from firehose.clock import ManualClock
 from firehose.config import load_config_text
 from firehose.interfaces import Batch, DeliveryResult
 from firehose.stream import StreamRuntime
-from support import abandon, crash_after_upload, runtime_from_yaml
+from support import abandon, crash_after_upload, runtime_from_yaml, settle
 
 
 def make_runtime(
@@ -60,14 +60,6 @@ def files(tmp: Path) -> dict[str, bytes]:
 
 def partition_of(key: str) -> str:
     return key.split("/", 1)[0]
-
-
-async def settle(cond: Any, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 async def flush(rt: StreamRuntime, clock: ManualClock, seconds: float) -> None:

@@ -13,7 +13,6 @@ from firehose.kpl import aggregate
 from firehose.records import Outcome, SourceRecord, initial_outcomes
 from firehose.transforms.processors import (
     MAX_SUB_RECORDS,
-    append_delimiter,
     cloudwatch_log_processing,
     decompression,
     kpl_deaggregation,
@@ -403,29 +402,3 @@ def test_decompression_failure_is_not_reprocessed_by_cloudwatch_logs() -> None:
     [out] = cloudwatch_log_processing(decompression(_batch(b"garbage")))
     assert out.error_code == "Decompression.Failed"
     assert out.error_output_type == "decompression-failed"
-
-
-# --- AppendDelimiterToRecord ---------------------------------------------------------------------
-
-
-def test_append_delimiter_after_every_record() -> None:
-    assert append_delimiter([b'{"a":1}', b'{"a":2}'], b"\n") == [b'{"a":1}\n', b'{"a":2}\n']
-    assert b"".join(append_delimiter([b"x", b"y", b"z"], b"\n")) == b"x\ny\nz\n"
-
-
-def test_append_delimiter_multi_byte_and_empty_records() -> None:
-    assert append_delimiter([b"", b"a"], b"\r\n") == [b"\r\n", b"a\r\n"]
-    assert append_delimiter([], b"\n") == []
-    assert append_delimiter([b"a", b"b"], b"") == [b"a", b"b"]
-
-
-def test_append_delimiter_keeps_batches_line_aligned() -> None:
-    first = b"".join(append_delimiter([b'{"n":1}', b'{"n":2}'], b"\n"))
-    second = b"".join(append_delimiter([b'{"n":3}'], b"\n"))
-    assert (first + second).splitlines() == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
-
-
-def test_append_delimiter_does_not_mutate_input() -> None:
-    records = [b"a", b"b"]
-    append_delimiter(records, b"\n")
-    assert records == [b"a", b"b"]

@@ -12,21 +12,7 @@ import orjson
 
 from firehose.clock import ManualClock
 from firehose.interfaces import Batch, DeliveryResult, RecordFailure
-from firehose.stream import StreamRuntime
-from support import runtime_from_yaml
-from unit.test_stream import settle
-
-
-def make_runtime(tmp: Path, clock: ManualClock) -> StreamRuntime:
-    text = f"""
-streams:
-  - name: s
-    buffering: {{size_mib: 1, interval_secs: 0}}
-    delivery: {{retry_initial_backoff_ms: 1, retry_max_backoff_ms: 2}}
-    destination: {{type: local, path: {tmp / 'out'}}}
-    backup: {{path: {tmp / 'backup'}}}
-"""
-    return runtime_from_yaml(tmp, text, clock=clock)
+from support import make_runtime, settle
 
 
 def error_docs(tmp: Path, kind: str) -> list[dict[str, Any]]:
@@ -42,7 +28,8 @@ async def run(tmp: Path, clock: ManualClock, window: int, kind: str, deliver: An
               done: Any) -> None:
     """Put ``records`` through a stream whose destination declares ``window`` and ``kind`` and
     delivers with ``deliver``; return once ``done(runtime)`` holds."""
-    rt = make_runtime(tmp, clock)
+    rt = make_runtime(tmp, interval=0, delivery="{retry_initial_backoff_ms: 1, retry_max_backoff_ms: 2}", backup=True,
+                      clock=clock)
     await rt.start()
     dest: Any = rt.destination
     dest.retry_duration_secs = window

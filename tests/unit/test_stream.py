@@ -4,36 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from firehose.clock import ManualClock
 from firehose.interfaces import Batch, DeliveryResult
-from firehose.stream import StreamRuntime
-from support import abandon, crash_after_upload, runtime_from_yaml
-
-
-def make_runtime(tmp: Path, size_mib: int = 1, interval: int = 60, clock: ManualClock | None = None,
-                 seed: int = 1) -> StreamRuntime:
-    text = f"""
-streams:
-  - name: s
-    buffering: {{size_mib: {size_mib}, interval_secs: {interval}}}
-    destination: {{type: local, path: {tmp / 'out'}}}
-"""
-    return runtime_from_yaml(tmp, text, clock=clock, seed=seed)
+from support import abandon, crash_after_upload, make_runtime, runtime_from_yaml, settle
 
 
 def files(tmp: Path) -> dict[str, bytes]:
     root = tmp / "out"
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()} if root.exists() else {}
-
-
-async def settle(cond: Any, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 def test_interval_flush_uses_the_clock_not_sleeping(tmp_path: Path) -> None:

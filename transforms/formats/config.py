@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from firehose.models import StrictModel
 from firehose.transforms.formats.hive import parse_hive_type
 from firehose.transforms.formats.timestamps import _compile_joda
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _lower(value: Any) -> Any:
@@ -19,7 +16,7 @@ def _lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
-class ParquetOptions(_Model):
+class ParquetOptions(StrictModel):
     """Firehose's ``ParquetSerDe``. ``block_size_mib`` sets the row-group size (rows are sized
     from the batch's average in-memory row); Hadoop's ``MaxPaddingBytes`` has no pyarrow knob."""
 
@@ -35,7 +32,7 @@ class ParquetOptions(_Model):
         return _lower(value)
 
 
-class OrcOptions(_Model):
+class OrcOptions(StrictModel):
     """Firehose's ``OrcSerDe``. Padding and ``BlockSizeBytes`` (Hadoop block alignment) have no
     pyarrow equivalent and are not offered; ``dictionary_key_threshold`` None keeps pyarrow's."""
 
@@ -52,7 +49,7 @@ class OrcOptions(_Model):
         return _lower(value)
 
 
-class DeserializerConfig(_Model):
+class DeserializerConfig(StrictModel):
     """Firehose's ``OpenXJsonSerDe`` (``openx_json``) or ``HiveJsonSerDe`` (``hive_json``).
 
     ``case_insensitive``, ``column_to_json_key_mappings`` and
@@ -91,7 +88,7 @@ class DeserializerConfig(_Model):
         return self
 
 
-class ColumnConfig(_Model):
+class ColumnConfig(StrictModel):
     """One column: its name and a Glue/Hive type string, parsed here so a typo fails at load."""
 
     name: str = Field(min_length=1)
@@ -104,7 +101,7 @@ class ColumnConfig(_Model):
         return value
 
 
-class GlueConfig(_Model):
+class GlueConfig(StrictModel):
     """A Glue Data Catalog table whose storage-descriptor columns are the schema (fetched once,
     when the :class:`Converter` is built)."""
 
@@ -114,7 +111,7 @@ class GlueConfig(_Model):
     endpoint_url: str | None = None
 
 
-class SchemaConfig(_Model):
+class SchemaConfig(StrictModel):
     """Where the schema comes from: exactly one of ``columns``, ``avro_schema`` (path to an
     ``.avsc`` file) and ``glue``."""
 
@@ -138,7 +135,7 @@ class SchemaConfig(_Model):
         return self
 
 
-class FormatConfig(_Model):
+class FormatConfig(StrictModel):
     """A destination's output format. ``schema`` is required for parquet, orc and avro."""
 
     type: Literal["parquet", "orc", "avro", "json"] = "json"
