@@ -49,7 +49,10 @@ class RemoteConfig(StrictModel):
         from firehose.registry import destination_config_class
 
         dest = backup.destination_dict()
-        cfg = destination_config_class(dest["type"]).model_validate(dest)  # type: ignore[attr-defined]
+        from firehose.destinations.objectstore import ObjectStoreConfig
+
+        cfg = destination_config_class(dest["type"]).model_validate(dest)
+        assert isinstance(cfg, ObjectStoreConfig)  # a backup is an s3 or local destination
         arn = f"arn:aws:s3:::{dest.get('bucket') or 'local'}"
         s3 = cfg.describe_destination(arn, buffering, account_id)["S3DestinationDescription"]
         mode = self.BACKUP_MODE_NAMES[1 if backup.mode == "all" else 0]

@@ -12,16 +12,24 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from firehose.config_errors import _collect, _line_for
-from firehose.interfaces import BufferingLimits
+from firehose.interfaces import (
+    BufferingLimits,
+    DestinationConfig,
+    ProcessorConfig,
+    SourceConfig,
+    ValidatedConfig,
+)
 from firehose.models import StrictModel
 from firehose.names import STREAM_NAME_RE
 from firehose.registry import PluginError, UnknownTypeError, destination_config_class
 from firehose.yamlload import Path, YamlError, format_path, load_yaml
+
+_Config = TypeVar("_Config", bound=ValidatedConfig)
 
 DEFAULT_CONFIG_NAME = "<embedded default config>"
 
@@ -524,7 +532,7 @@ def _stream_shell(raw: Any, at: _At) -> tuple[StreamConfig | None, set[str]]:
         return None, broken
 
 
-def _resolve_destination(stream: StreamConfig, partitioned: bool, at: _At) -> Any:
+def _resolve_destination(stream: StreamConfig, partitioned: bool, at: _At) -> DestinationConfig | None:
     raw = stream.destination
     dpath = at.base + ("destination",)
     if not isinstance(raw, dict):
@@ -540,7 +548,7 @@ def _resolve_destination(stream: StreamConfig, partitioned: bool, at: _At) -> An
         at.error(dpath + ("type",), str(exc))
         return None
     try:
-        return cls.model_validate(raw, context={"dynamic_partitioning": partitioned})  # type: ignore[attr-defined]
+        return cls.model_validate(raw, context={"dynamic_partitioning": partitioned})
     except ValidationError as exc:
         at.collect(exc, dpath)
         return None
@@ -569,14 +577,14 @@ def _resolve_buffering(stream: StreamConfig, dest: Any, at: _At) -> BufferingCon
 
 
 def _validate_typed(
-    items: list[Any], class_for: Callable[[str], type], path: Path, file: str, lines: Mapping[Path, int],
+    items: list[Any], class_for: Callable[[str], type[_Config]], path: Path, file: str, lines: Mapping[Path, int],
     errors: list[str], positions: list[int] | None = None,
-) -> tuple[list[Any], bool]:
+) -> tuple[list[_Config], bool]:
     """Validate a list of ``type:``-keyed items (sources, processors) through their registry
     lookup ``class_for``; returns the config objects and whether every item was valid. The
     position of each object in ``items`` is appended to ``positions`` when given."""
     ok = True
-    out: list[Any] = []
+    out: list[_Config] = []
     for j, raw in enumerate(items):
         ipath = path + (j,)
         if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
@@ -584,7 +592,7 @@ def _validate_typed(
             ok = False
             continue
         try:
-            out.append(class_for(raw["type"]).model_validate(raw))  # type: ignore[attr-defined]
+            out.append(class_for(raw["type"]).model_validate(raw))
             if positions is not None:
                 positions.append(j)
         except (UnknownTypeError, PluginError) as exc:
@@ -596,7 +604,7 @@ def _validate_typed(
     return out, ok
 
 
-def _resolve_sources(stream: StreamConfig, at: _At) -> list[Any]:
+def _resolve_sources(stream: StreamConfig, at: _At) -> list[SourceConfig]:
     """Validate ``sources:`` items through the source registry. A source whose config class says
     ``exclusive`` (Kinesis: Firehose's KinesisStreamAsSource) must be the stream's only one."""
     from firehose.registry import source_config_class
@@ -607,12 +615,12 @@ def _resolve_sources(stream: StreamConfig, at: _At) -> list[Any]:
         for j, source in enumerate(resolved):
             if getattr(source, "exclusive", False):
                 at.error(at.base + ("sources", j), f"a {source.type} source cannot be mixed with other sources "
-                         f"(Firehose's {source.stream_type} stream has exactly one source)")
+                         f"(Firehose's {getattr(source, 'stream_type', 'DirectPut')} stream has exactly one source)")
                 break
     return resolved
 
 
-def _resolve_processing(stream: StreamConfig, at: _At) -> list[Any]:
+def _resolve_processing(stream: StreamConfig, at: _At) -> list[ProcessorConfig]:
     """Validate ``processing:`` items through the processor registry, then the rules across them.
     Each local Lambda handler is recorded for :func:`firehose.config_checks.check_handlers` (importing it runs user code)."""
     from firehose.registry import PROCESSING_CHECK, load, processor_config_class
@@ -644,7 +652,7 @@ def _resolve_backup(stream: StreamConfig, dest: Any, at: _At) -> Any:
     try:
         backup = load(BACKUP_CONFIG).model_validate(stream.backup)
         target = backup.destination_dict()
-        destination_config_class(target["type"]).model_validate(target)  # type: ignore[attr-defined]
+        destination_config_class(target["type"]).model_validate(target)
     except ValidationError as exc:
         at.collect(exc, bpath)
         return None

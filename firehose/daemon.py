@@ -192,7 +192,7 @@ class Daemon:
         dest = cfg.destination.describe(cfg.buffering, api.account_id, **backup)
         extended = dest.get("ExtendedS3DestinationDescription")
         if extended is not None:
-            procs = [p.describe() for p in cfg.processing if hasattr(p, "describe")]
+            procs = [p.describe() for p in cfg.processing]
             extended["ProcessingConfiguration"] = {"Enabled": bool(procs), "Processors": procs}
             dp = cfg.dynamic_partitioning
             extended["DynamicPartitioningConfiguration"] = {

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import abc
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, Self, runtime_checkable
 
 import structlog
 
@@ -157,6 +157,61 @@ class Destination(abc.ABC):
         return None
 
 
+@runtime_checkable
+class PartitionedKeys(Protocol):
+    """Capability of a destination whose Prefix can use dynamic partition keys (S3, local): its
+    ``batch_key`` takes the partition's key values too. The config loader allows dynamic
+    partitioning only for such destinations."""
+
+    def batch_key(
+        self, oldest_arrival: datetime, rng: random.Random, partition_keys: Mapping[str, str] | None = None
+    ) -> str:
+        """The identity of a new batch of the partition ``partition_keys`` (None: unpartitioned)."""
+        ...
+
+
+@runtime_checkable
+class Archive(Protocol):
+    """Capability of a destination that can hold failed records (S3, local, Redshift's staging
+    bucket): the key of an archive object in Firehose's error-output layout. A stream's archive
+    is its ``backup:`` destination, else its destination (the config loader insists on a backup
+    for a destination without it)."""
+
+    def archive_key(self, oldest_arrival: datetime, rng: random.Random, error_output_type: str) -> str:
+        """The key of an archive object of ``error_output_type`` (``processing-failed``, ...)."""
+        ...
+
+
+@runtime_checkable
+class FormatEncoder(Protocol):
+    """Capability of a destination that writes columnar files (record format conversion)."""
+
+    def set_converter(self, converter: Any) -> None:
+        """Write batches with ``converter`` instead of as concatenated records."""
+        ...
+
+
+def partitioned_keys(destination: Destination) -> PartitionedKeys:
+    """``destination`` as one whose batch keys take partition keys (TypeError if it is not)."""
+    if not isinstance(destination, PartitionedKeys):
+        raise TypeError(f"{type(destination).__name__} cannot key batches by partition")
+    return destination
+
+
+def format_encoder(destination: Destination | None) -> FormatEncoder:
+    """``destination`` as one that writes converted formats (TypeError if it cannot)."""
+    if not isinstance(destination, FormatEncoder):
+        raise TypeError(f"{type(destination).__name__} cannot write converted record formats")
+    return destination
+
+
+def archive_of(destination: Destination) -> Archive:
+    """``destination`` as an archive of failed records (TypeError if it cannot hold them)."""
+    if not isinstance(destination, Archive):
+        raise TypeError(f"{type(destination).__name__} cannot archive failed records (no archive_key)")
+    return destination
+
+
 class SourceSink(Protocol):
     """What a source writes into: its stream's durable spool (a :class:`StreamRuntime`)."""
 
@@ -216,3 +271,64 @@ class Source(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """The member of DescribeDeliveryStream's ``Source`` this source fills."""
         return {}
+
+
+class ValidatedConfig(Protocol):
+    """A plugin's config class: a pydantic model, validated from its YAML mapping."""
+
+    @classmethod
+    def model_validate(cls, obj: Any, *, context: Any = None) -> Self:
+        """Validate (and freeze) one ``type:``-keyed mapping; raises pydantic's ``ValidationError``."""
+        ...
+
+
+class DestinationConfig(ValidatedConfig, Protocol):
+    """What the core calls on a destination's config object (checked for a plugin's class by the
+    registry). ``requires_backup`` (a destination that archives failed records only to the
+    stream's ``backup:``) is optional: absent means False."""
+
+    @property
+    def type(self) -> str:
+        """The destination's ``type:``."""
+        ...
+
+    def buffering_limits(self) -> BufferingLimits:
+        """Firehose's buffering hint ranges and defaults for this destination."""
+        ...
+
+    def build(self, ctx: BuildContext) -> Destination:
+        """The runtime destination of one stream version."""
+        ...
+
+    def describe(self, buffering: Any, account_id: str, **backup: Any) -> dict[str, Any]:
+        """DescribeDeliveryStream's destination description; ``backup=`` (the stream's backup
+        config) is passed only when ``requires_backup``."""
+        ...
+
+
+class SourceConfig(ValidatedConfig, Protocol):
+    """What the core calls on a source's config object. ``stream_type`` (Firehose's
+    DeliveryStreamType, default ``DirectPut``) and ``exclusive`` (must be the stream's only
+    source, default False) are optional class attributes."""
+
+    @property
+    def type(self) -> str:
+        """The source's ``type:``."""
+        ...
+
+    def build(self, ctx: BuildContext, sink: SourceSink) -> Source:
+        """The runtime source, writing into ``sink``."""
+        ...
+
+
+class ProcessorConfig(ValidatedConfig, Protocol):
+    """What the core calls on a processor's config object (built-in processors only)."""
+
+    @property
+    def type(self) -> str:
+        """The processor's ``type:``."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The processor as a member of Firehose's ``ProcessingConfiguration.Processors``."""
+        ...

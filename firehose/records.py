@@ -62,3 +62,43 @@ class Outcome:
 
 def initial_outcomes(records: list[SourceRecord]) -> list[Outcome]:
     return [Outcome(i, r.data) for i, r in enumerate(records)]
+
+
+@dataclass(slots=True)
+class ErrorInfo:
+    """Why a record was not delivered, as its spool metadata keeps it (``{"err": ...}``) until the
+    archiver writes it as a Firehose error record. :meth:`encode` / :meth:`decode` are the one
+    place that knows the compact spool keys: ``c`` code, ``m`` message, ``t`` error-output type,
+    ``a`` attempts, ``ts`` arrival, ``e`` attempt end, ``l`` Lambda ARN, ``x`` a destination's own
+    members; any other key (``sequenceNumber``, ...) is kept in ``extra``."""
+
+    code: str | None
+    message: str | None
+    output_type: str | None = PROCESSING_FAILED
+    attempts: int = 1
+    arrival_ms: int | None = None
+    end_ms: int | None = None
+    lambda_arn: str | None = None
+    fields: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> dict[str, Any]:
+        """The compact spool form (``l`` and ``x`` only when set)."""
+        doc: dict[str, Any] = {"c": self.code, "m": self.message, "t": self.output_type, "a": self.attempts,
+                               "ts": self.arrival_ms, "e": self.end_ms}
+        if self.lambda_arn is not None:
+            doc["l"] = self.lambda_arn
+        if self.fields is not None:
+            doc["x"] = self.fields
+        doc.update(self.extra)
+        return doc
+
+    @classmethod
+    def decode(cls, doc: dict[str, Any]) -> ErrorInfo:
+        """Read the compact spool form (as written by every version: missing keys default)."""
+        extra = {k: v for k, v in doc.items() if k not in _ERR_KEYS}
+        return cls(doc.get("c"), doc.get("m"), doc.get("t"), doc.get("a", 1), doc.get("ts"), doc.get("e"),
+                   doc.get("l"), doc.get("x"), extra)
+
+
+_ERR_KEYS = frozenset(("c", "m", "t", "a", "ts", "e", "l", "x"))

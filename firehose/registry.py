@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from firehose.interfaces import DestinationConfig, ProcessorConfig, SourceConfig
 
 BUILTIN_DESTINATIONS: dict[str, str] = {
     "s3": "firehose.destinations.s3:S3DestinationConfig",
@@ -76,9 +79,9 @@ _CONTRACTS: dict[str, tuple[str, ...]] = {
 _UNSUPPORTED = {"firehose.processors": "processor"}
 
 
-def _config_class(type_name: str, builtins: dict[str, str], group: str) -> type:
+def _config_class(type_name: str, builtins: dict[str, str], group: str) -> Any:
     if type_name in builtins:
-        return load(builtins[type_name])  # type: ignore[no-any-return]
+        return load(builtins[type_name])
     plugins = _plugins(group)
     if type_name in plugins:
         return _plugin_class(type_name, plugins[type_name], group)
@@ -122,23 +125,23 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def processor_config_class(type_name: str) -> type:
+def processor_config_class(type_name: str) -> type[ProcessorConfig]:
     """The config class for a processor ``type:``. Only built-ins run: a plugin's processor type
     raises :class:`PluginError`, an unknown one :class:`UnknownTypeError`."""
-    return _config_class(type_name, BUILTIN_PROCESSORS, "firehose.processors")
+    return cast("type[ProcessorConfig]", _config_class(type_name, BUILTIN_PROCESSORS, "firehose.processors"))
 
 
-def source_config_class(type_name: str) -> type:
+def source_config_class(type_name: str) -> type[SourceConfig]:
     """The config class for a source ``type:``; ``UnknownTypeError`` names the known ones,
     ``PluginError`` says why a plugin's cannot be used."""
-    return _config_class(type_name, BUILTIN_SOURCES, "firehose.sources")
+    return cast("type[SourceConfig]", _config_class(type_name, BUILTIN_SOURCES, "firehose.sources"))
 
 
 def _plugins(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
-def destination_config_class(type_name: str) -> type:
+def destination_config_class(type_name: str) -> type[DestinationConfig]:
     """The config class for a destination ``type:``; ``UnknownTypeError`` names the known ones,
     ``PluginError`` says why a plugin's cannot be used."""
-    return _config_class(type_name, BUILTIN_DESTINATIONS, "firehose.destinations")
+    return cast("type[DestinationConfig]", _config_class(type_name, BUILTIN_DESTINATIONS, "firehose.destinations"))

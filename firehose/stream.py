@@ -25,7 +25,7 @@ import structlog
 
 from firehose.clock import Clock, SystemClock
 from firehose.config import StreamConfig
-from firehose.interfaces import BuildContext, Destination, Source
+from firehose.interfaces import BuildContext, Destination, Source, format_encoder
 from firehose.metrics import Metrics
 from firehose.names import disk_name
 from firehose.spool import RecoveryState, Spool, SpoolFullError
@@ -115,7 +115,7 @@ class StreamRuntime:
         self.backup_all = self.config.backup is not None and self.config.backup.mode == "all"
         converter = await load_converter(self.config.format)
         if converter is not None:
-            self.destination.set_converter(converter)  # type: ignore[union-attr]
+            format_encoder(self.destination).set_converter(converter)
         proc_cursor, recovery = await self._open_processing(converter)
         self._wire()
         self._recover(recovery)
@@ -146,7 +146,7 @@ class StreamRuntime:
             from firehose.registry import destination_config_class
 
             dest = self.config.backup.destination_dict()
-            self.archive = destination_config_class(dest["type"]).model_validate(dest).build(ctx)  # type: ignore[attr-defined]
+            self.archive = destination_config_class(dest["type"]).model_validate(dest).build(ctx)
             await self.archive.start()
             self.health.backup = DeliveryHealth("backup")
             checks.append(("backup", str(dest["type"]), self.archive))

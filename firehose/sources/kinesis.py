@@ -52,7 +52,7 @@ from firehose.clock import Clock, SystemClock
 from firehose.interfaces import BuildContext, Source, SourceSink
 from firehose.kpl import MAGIC, KplError, deaggregate
 from firehose.models import StrictModel
-from firehose.records import PROCESSING_FAILED
+from firehose.records import PROCESSING_FAILED, ErrorInfo
 from firehose.retry import jittered_backoff
 from firehose.spool import SpoolError, SpoolFullError
 
@@ -627,8 +627,7 @@ class KinesisSource(Source):
                     self._m_kpl_failed.inc()
                     self.log.warning("kinesis_kpl_record_invalid", shard_id=shard_id, sequence_number=seq,
                                      error=err[:300])
-                    meta["err"] = {"c": KPL_DEAGGREGATION_FAILED, "m": err, "t": PROCESSING_FAILED, "a": 1,
-                                   "ts": arrival, "e": now}
+                    meta["err"] = ErrorInfo(KPL_DEAGGREGATION_FAILED, err, PROCESSING_FAILED, 1, arrival, now).encode()
                 datas.append(data)
                 metas.append(meta)
                 nbytes += len(data)

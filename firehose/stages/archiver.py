@@ -20,45 +20,46 @@ from typing import Any
 
 import orjson
 
-from firehose.interfaces import Batch, Destination, RecordFailure
+from firehose.interfaces import Batch, Destination, RecordFailure, archive_of
+from firehose.records import ErrorInfo
 from firehose.retry import local_failure_pause
 from firehose.spool import SealedBatch
 from firehose.stages.common import StageContext
 from firehose.stages.health import DeliveryHealth
 
 
-def error_record_line(data: bytes, err: dict[str, Any]) -> bytes:
+def error_record_line(data: bytes, err: dict[str, Any] | ErrorInfo) -> bytes:
     """One Firehose error record (reference §4.2), a JSON document per line. ``rawData`` is the
-    record as it was before the failing stage. ``err`` is the compact form recorded in the
-    spool: ``t`` error-output type, ``c`` code, ``m`` message, ``a`` attempts, ``ts`` arrival,
-    ``e`` attempt end, ``l`` Lambda ARN, ``x`` a destination's own members."""
-    if err.get("t") == "format-conversion-failed":
+    record as it was before the failing stage. ``err`` is why (or its compact spool form, see
+    :class:`firehose.records.ErrorInfo`)."""
+    info = err if isinstance(err, ErrorInfo) else ErrorInfo.decode(err)
+    if info.output_type == "format-conversion-failed":
         # Firehose spells these two with capitals in format-conversion error records (§5).
         doc: dict[str, Any] = {
-            "attemptsMade": err.get("a", 1),
-            "arrivalTimestamp": err.get("ts"),
-            "ErrorCode": err.get("c"),
-            "ErrorMessage": err.get("m"),
-            "attemptEndingTimestamp": err.get("e"),
+            "attemptsMade": info.attempts,
+            "arrivalTimestamp": info.arrival_ms,
+            "ErrorCode": info.code,
+            "ErrorMessage": info.message,
+            "attemptEndingTimestamp": info.end_ms,
             "rawData": base64.b64encode(data).decode("ascii"),
         }
         for key in ("sequenceNumber", "subSequenceNumber"):
-            if key in err:
-                doc[key] = err[key]
+            if key in info.extra:
+                doc[key] = info.extra[key]
         return orjson.dumps(doc) + b"\n"
     doc = {
-        "attemptsMade": err.get("a", 1),
-        "arrivalTimestamp": err.get("ts"),
-        "errorCode": err.get("c"),
-        "errorMessage": err.get("m"),
-        "attemptEndingTimestamp": err.get("e"),
+        "attemptsMade": info.attempts,
+        "arrivalTimestamp": info.arrival_ms,
+        "errorCode": info.code,
+        "errorMessage": info.message,
+        "attemptEndingTimestamp": info.end_ms,
         "rawData": base64.b64encode(data).decode("ascii"),
     }
-    if err.get("l") and err.get("t") == "processing-failed":
-        doc["lambdaArn"] = err["l"]
-    if err.get("x"):  # a destination's own members (esDocumentId, EventId, ...), before rawData
+    if info.lambda_arn and info.output_type == "processing-failed":
+        doc["lambdaArn"] = info.lambda_arn
+    if info.fields:  # a destination's own members (esDocumentId, EventId, ...), before rawData
         raw = doc.pop("rawData")
-        doc.update(err["x"])
+        doc.update(info.fields)
         doc["rawData"] = raw
     return orjson.dumps(doc) + b"\n"
 
@@ -86,8 +87,8 @@ class Archiver:
         now = self.clock.now_ms()
         lines = []
         for pos, f in items:
-            err = {"c": f.error_code, "m": f.error_message, "t": error_output_type, "a": attempt,
-                   "ts": sealed.oldest_arrival_ms, "e": now, "x": f.fields}
+            err = ErrorInfo(f.error_code, f.error_message, error_output_type, attempt, sealed.oldest_arrival_ms,
+                            now, fields=f.fields)
             lines.append(error_record_line(records[pos], err))
         await self.archive_lines(sealed, error_output_type, lines, [pos for pos, _ in items])
 
@@ -100,7 +101,7 @@ class Archiver:
         oldest = datetime.fromtimestamp(sealed.oldest_arrival_ms / 1000.0, tz=UTC)
         which = "" if positions is None else f":{zlib.crc32(array('q', positions).tobytes())}:{len(positions)}"
         rng = random.Random(f"{self.name}:{sealed.batch_id}:{sealed.key}:{error_output_type}{which}")
-        key = self.destination.archive_key(oldest, rng, error_output_type)  # type: ignore[attr-defined]
+        key = archive_of(self.destination).archive_key(oldest, rng, error_output_type)
         batch = Batch(self.name, sealed.batch_id, key, lines, sealed.oldest_arrival_ms, archive=True)
         attempt = 0
         while not (result := await self.destination.deliver(batch)).ok:

@@ -94,6 +94,6 @@ class Backlog:
         oldest = self.oldest_pending_ms()
         age = 0.0 if oldest is None else max(0.0, (self.clock.now_ms() - oldest) / 1000.0)
         self.metrics.data_freshness.labels(labels).set(age)
-        prefix = getattr(self.destination, "metrics_prefix", None)
+        prefix = self.destination.metrics_prefix if self.destination is not None else None
         if prefix is not None:
             self.metrics.destination(prefix).freshness.labels(labels).set(age)

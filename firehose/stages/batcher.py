@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from firehose.config import StreamConfig
-from firehose.interfaces import Destination
+from firehose.interfaces import Destination, archive_of, partitioned_keys
 from firehose.spool import Log, RecordFrame, SealedBatch
 from firehose.stages.archiver import error_record_line
 from firehose.stages.common import OpenBuffer, PendingBatch, StageContext
@@ -352,16 +352,16 @@ class Batcher:
             from firehose.keys import PrefixError
 
             try:
-                key = self.destination.batch_key(oldest, self.rng, self.router.keys(buffer_key))  # type: ignore[call-arg]
+                key = partitioned_keys(self.destination).batch_key(oldest, self.rng, self.router.keys(buffer_key))
                 partition = buffer_key
                 info["p"] = list(buffer_key)
             except PrefixError:  # cannot happen for an admitted partition; archive, never drop
-                key = self.archive.archive_key(oldest, self.rng, "partitioning-failed")  # type: ignore[attr-defined]
+                key = archive_of(self.archive).archive_key(oldest, self.rng, "partitioning-failed")
                 info.update({"sink": "archive", "type": "partitioning-failed", "p": list(buffer_key)})
                 records = None  # error records are rebuilt from the spool at delivery
             self.metrics.partition_flushes.labels(self.name, reason or "size").inc()
         elif buffer_key:
-            key = self.archive.archive_key(oldest, self.rng, buffer_key)  # type: ignore[attr-defined]
+            key = archive_of(self.archive).archive_key(oldest, self.rng, buffer_key)
             info.update({"sink": "archive", "type": buffer_key})
         else:
             key = self.destination.batch_key(oldest, self.rng)

@@ -31,6 +31,7 @@ from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import Batch, DeliveryResult, Destination, RecordFailure
+from firehose.records import ErrorInfo
 from firehose.retry import jittered_backoff, local_failure_pause
 from firehose.spool import Log, SealedBatch
 from firehose.stages.archiver import Archiver, error_record_line
@@ -357,8 +358,8 @@ class DeliveryRunner:
         """The retry window is over: archive the records not delivered."""
         sealed = run.sealed
         if run.expire_type == DELIVERY_FAILED:
-            err = {"c": first.error_code, "m": first.error_message, "t": DELIVERY_FAILED, "a": run.attempt,
-                   "ts": sealed.oldest_arrival_ms, "e": self.clock.now_ms()}
+            err = ErrorInfo(first.error_code, first.error_message, DELIVERY_FAILED, run.attempt,
+                            sealed.oldest_arrival_ms, self.clock.now_ms())
             lines = [error_record_line(run.records[i], err) for i in run.todo]
             await self.archiver.archive_lines(sealed, DELIVERY_FAILED, lines)
         else:
@@ -402,8 +403,7 @@ class DeliveryRunner:
         lines = []
         for i in bad:
             code, message = verdicts[i]
-            err = {"c": code, "m": message, "t": "format-conversion-failed", "a": 1,
-                   "ts": sealed.oldest_arrival_ms, "e": now}
+            err = ErrorInfo(code, message, "format-conversion-failed", 1, sealed.oldest_arrival_ms, now)
             lines.append(error_record_line(records[i], err))
         await self.archiver.archive_lines(sealed, "format-conversion-failed", lines)
         keep = set(range(len(records))) - set(bad)

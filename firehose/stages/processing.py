@@ -29,6 +29,7 @@ from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.names import stream_arn
+from firehose.records import ErrorInfo
 from firehose.retry import local_failure_pause
 from firehose.spool import Log, SpoolError
 from firehose.stages.common import StageContext
@@ -70,13 +71,12 @@ def _ok_meta(o: Any) -> dict[str, Any] | None:
 
 
 def _error(o: Any, item: Item, now_ms: int, lambda_arn: str | None) -> dict[str, Any]:
-    err = {"c": o.error_code, "m": o.error_message, "t": o.error_output_type, "a": o.attempts,
-           "ts": item[2], "e": now_ms, "l": lambda_arn}
+    err = ErrorInfo(o.error_code, o.error_message, o.error_output_type, o.attempts, item[2], now_ms, lambda_arn)
     source_meta = item[3]
     if isinstance(source_meta, dict) and "kinesis" in source_meta:  # a KDS source's record
-        err["sequenceNumber"] = source_meta["kinesis"].get("sequenceNumber")
-        err["subSequenceNumber"] = source_meta["kinesis"].get("subsequenceNumber")
-    return err
+        err.extra["sequenceNumber"] = source_meta["kinesis"].get("sequenceNumber")
+        err.extra["subSequenceNumber"] = source_meta["kinesis"].get("subsequenceNumber")
+    return err.encode()
 
 
 async def load_chain(config: StreamConfig, *, region: str, account_id: str, converter: Any) -> Any:

@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from firehose.config import StreamConfig
-from firehose.interfaces import Destination
+from firehose.interfaces import Destination, partitioned_keys
+from firehose.records import ErrorInfo
 from firehose.spool import SealedBatch
 from firehose.stages.common import OpenBuffer, StageContext
 
@@ -148,23 +149,26 @@ class PartitionRouter:
         from firehose.records import ACTIVE_PARTITION_EXCEEDED, PARTITIONING_FAILED
 
         assert self.refs is not None and self.destination is not None
-        base = {"a": 1, "ts": arrival_ms, "e": self.clock.now_ms()}
+        now = self.clock.now_ms()
         if ident is None:
             missing = ", ".join(self.refs)
-            return {**base, "t": PARTITIONING_FAILED, "c": "DynamicPartitioning.PartitionKeyMissing",
-                    "m": f"the record has no value for a partition key the prefix uses ({missing})"}
+            return ErrorInfo("DynamicPartitioning.PartitionKeyMissing",
+                             f"the record has no value for a partition key the prefix uses ({missing})",
+                             PARTITIONING_FAILED, 1, arrival_ms, now).encode()
         try:
             when = datetime.fromtimestamp(arrival_ms / 1000.0, tz=UTC)
-            self.destination.batch_key(when, random.Random(0), self.keys(ident))  # type: ignore[call-arg]
+            partitioned_keys(self.destination).batch_key(when, random.Random(0), self.keys(ident))
         except PrefixError as exc:
-            return {**base, "t": PARTITIONING_FAILED, "c": "DynamicPartitioning.PrefixEvaluationFailed", "m": str(exc)}
+            return ErrorInfo("DynamicPartitioning.PrefixEvaluationFailed", str(exc), PARTITIONING_FAILED, 1,
+                             arrival_ms, now).encode()
         limit = self.max_active
         if not admitting or (ident not in self._active and len(self._active) >= limit):
             self.metrics.partition_count_exceeded.labels(self.name).set(1)
             self.metrics.partition_exceeded_records.labels(self.name).inc()
-            return {**base, "t": ACTIVE_PARTITION_EXCEEDED, "c": "DynamicPartitioning.ActivePartitionsLimitExceeded",
-                    "m": f"the stream has {len(self._active)} active partitions, the limit "
-                         f"(dynamic_partitioning.max_active_partitions) is {limit}"}
+            return ErrorInfo("DynamicPartitioning.ActivePartitionsLimitExceeded",
+                             f"the stream has {len(self._active)} active partitions, the limit "
+                             f"(dynamic_partitioning.max_active_partitions) is {limit}",
+                             ACTIVE_PARTITION_EXCEEDED, 1, arrival_ms, now).encode()
         return None
 
     def routing_error(self, meta: Any, sealed: SealedBatch) -> dict[str, Any]:
@@ -175,9 +179,9 @@ class PartitionRouter:
             if err is not None:
                 return err
         # Dynamic partitioning was turned off since: the batch's type is all that is known.
-        return {"t": sealed.info.get("type", "partitioning-failed"), "c": "DynamicPartitioning.Failed",
-                "m": "archived by dynamic partitioning", "a": 1, "ts": sealed.oldest_arrival_ms,
-                "e": self.clock.now_ms()}
+        return ErrorInfo("DynamicPartitioning.Failed", "archived by dynamic partitioning",
+                         sealed.info.get("type", "partitioning-failed"), 1, sealed.oldest_arrival_ms,
+                         self.clock.now_ms()).encode()
 
     def keys(self, ident: Partition) -> dict[str, str]:
         """A partition's key values by namespaced key, as ``batch_key`` takes them."""
