@@ -190,12 +190,7 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         """The daemon's ``GET /healthz`` document (whatever its HTTP status)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request("GET", "/healthz")
-            return orjson.loads(conn.getresponse().read())  # type: ignore[no-any-return]
-        finally:
-            conn.close()
+        return healthz(self.port)
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -513,16 +508,20 @@ class CheckedThread(threading.Thread):
             raise self.error
 
 
-def stream_status(port: int, stream: str) -> dict[str, Any]:
-    """One stream's part of the daemon's ``GET /healthz`` (``delivered_records``,
-    ``pending_batches``, ``open_buffer_records``, ...)."""
+def healthz(port: int) -> dict[str, Any]:
+    """A daemon's ``GET /healthz`` document (whatever its HTTP status)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request("GET", "/healthz")
-        body = conn.getresponse().read()
+        return orjson.loads(conn.getresponse().read())  # type: ignore[no-any-return]
     finally:
         conn.close()
-    return orjson.loads(body)["streams"][stream]  # type: ignore[no-any-return]
+
+
+def stream_status(port: int, stream: str) -> dict[str, Any]:
+    """One stream's part of the daemon's ``GET /healthz`` (``delivered_records``,
+    ``pending_batches``, ``open_buffer_records``, ...)."""
+    return healthz(port)["streams"][stream]  # type: ignore[no-any-return]
 
 
 def stream_idle(port: int, stream: str) -> bool:

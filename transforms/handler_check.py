@@ -105,24 +105,20 @@ def _probe_main(specs: list[str], conn: Any) -> None:
     """The checking child: import each handler as a worker would and report how it went."""
     import os
     import signal
-    import sys
 
-    from firehose.transforms.workers import _describe, load_function
+    from firehose.transforms.workers import add_working_directory, describe_exception, load_function
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a worker: Ctrl-C is for the parent
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # what modules print at import is not the checker's output
     os.dup2(devnull, 2)
-    # The worker's rule (workers._serve): the working directory after the inherited sys.path.
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.append(cwd)
+    add_working_directory()  # the workers' rule, so a handler imports here exactly as it will there
     for i, spec in enumerate(specs):
         conn.send(("start", i, ""))
         try:
             load_function(spec)
         except BaseException as exc:  # SyntaxError, SystemExit in module code...: all are load failures
-            conn.send(("failed", i, _describe(exc)))
+            conn.send(("failed", i, describe_exception(exc)))
         else:
             conn.send(("loaded", i, ""))
     conn.send(("done", -1, ""))

@@ -95,7 +95,7 @@ def load_function(spec: str) -> Callable[..., Any]:
     return target
 
 
-def _describe(exc: BaseException) -> str:
+def describe_exception(exc: BaseException) -> str:
     try:
         text = str(exc)
     except Exception:  # a broken __str__ must not take the worker down
@@ -134,17 +134,23 @@ def _marshal(result: object) -> bytes:
         return json.dumps(result, default=_decimal_as_float).encode("utf-8")
 
 
+def add_working_directory() -> None:
+    """Where a worker imports handlers from: the daemon's ``sys.path``, then the working
+    directory, after it, so the project never shadows an installed package."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+
+
 def _serve(function: str, conn: Connection) -> None:
     """Worker process main loop: import the handler once, then answer requests until told to stop."""
     # Ctrl-C reaches the whole process group; the daemon decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.append(cwd)  # after the daemon's own path, so the project never shadows an installed package
+    add_working_directory()
     try:
         handler = load_function(function)
     except BaseException as exc:  # SyntaxError, SystemExit in module code...: all are load failures
-        conn.send_bytes(bytes([_LOAD_FAILED]) + _describe(exc).encode("utf-8", "replace"))
+        conn.send_bytes(bytes([_LOAD_FAILED]) + describe_exception(exc).encode("utf-8", "replace"))
         return
     conn.send_bytes(bytes([_READY]))
     while True:
@@ -160,7 +166,7 @@ def _serve(function: str, conn: Connection) -> None:
         except Exception as exc:
             # SystemExit/KeyboardInterrupt are not caught: like on Lambda, they end the runtime.
             traceback.print_exc(file=sys.stderr)
-            conn.send_bytes(bytes([_ERROR]) + _describe(exc).encode("utf-8", "replace"))
+            conn.send_bytes(bytes([_ERROR]) + describe_exception(exc).encode("utf-8", "replace"))
             continue
         try:
             body = _marshal(result)
