@@ -39,6 +39,8 @@ class ObjectStoreConfig(StrictModel):
     """Fields with Firehose's ExtendedS3 semantics (Prefix, ErrorOutputPrefix, CompressionFormat,
     FileExtension)."""
 
+    requires_backup: ClassVar[bool] = False  # failed records go under error_output_prefix
+
     BUFFERING: ClassVar[BufferingLimits] = S3_BUFFERING
     # A key names a file on a file system (the local destination): each partition-key value is
     # written as one path segment (keys.path_segment), and prefixes must stay under the root.

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -196,6 +196,8 @@ class RedshiftDestinationConfig(StrictModel):
     """Amazon Redshift, or a PostgreSQL-compatible database: each batch is staged in S3 with a
     manifest and loaded with one ``COPY``, exactly once (Firehose: RedshiftDestinationConfiguration).
     See docs/redshift.md."""
+
+    requires_backup: ClassVar[bool] = False  # a backup: is optional
 
     type: Literal["redshift"] = Field(description="`redshift`.")
     connection: ConnectionConfig = Field(

@@ -28,8 +28,8 @@ import structlog
 from aiohttp import ClientPayloadError, web
 
 from firehose.httpserver import BodyBudget, HttpLimits
+from firehose.log import LogError, LogFullError
 from firehose.names import STREAM_NAME_RE
-from firehose.spool import SpoolError, SpoolFullError
 
 if TYPE_CHECKING:
     from firehose.daemon import Daemon
@@ -424,10 +424,10 @@ class FirehoseApi:
             raise ApiError("ServiceUnavailableException", "Slow down.", 503)
         try:
             return int(await rt.put(records, nbytes=nbytes))
-        except SpoolFullError:
+        except LogFullError:
             self.daemon.metrics.throttled_records.labels(rt.name).inc(len(records))
             raise ApiError("ServiceUnavailableException", "Slow down.", 503) from None
-        except (SpoolError, OSError) as exc:
+        except (LogError, OSError) as exc:
             log.error("spool_append_failed", stream=rt.name, error=str(exc))
             raise ApiError("ServiceUnavailableException", "Slow down.", 503) from None
 

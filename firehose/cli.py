@@ -71,13 +71,13 @@ def _serve(cfg: Any, path: str | None) -> int:
 
     import structlog
 
-    from firehose.spool import SpoolError
+    from firehose.log import LogError
 
     try:
         return asyncio.run(_run_daemon(cfg, path))
     except ConfigError as exc:
         return _problems(exc.errors)
-    except SpoolError as exc:
+    except LogError as exc:
         print(f"firehose: cannot start: {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:

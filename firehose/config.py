@@ -20,6 +20,7 @@ from firehose.config_errors import _collect, _line_for
 from firehose.interfaces import (
     BufferingLimits,
     DestinationConfig,
+    ObjectStoreDestinationConfig,
     ProcessorConfig,
     SourceConfig,
     ValidatedConfig,
@@ -353,7 +354,7 @@ class StreamConfig(StrictModel):
     def stream_type(self) -> str:
         """Firehose's DeliveryStreamType: what the stream's sources make it."""
         for source in self.sources:
-            return str(getattr(source, "stream_type", "DirectPut"))
+            return str(source.stream_type)
         return "DirectPut"
 
     @property
@@ -613,9 +614,9 @@ def _resolve_sources(stream: StreamConfig, at: _At) -> list[SourceConfig]:
                                    at.lines, at.errors)
     if ok and len(resolved) > 1:
         for j, source in enumerate(resolved):
-            if getattr(source, "exclusive", False):
+            if source.exclusive:
                 at.error(at.base + ("sources", j), f"a {source.type} source cannot be mixed with other sources "
-                         f"(Firehose's {getattr(source, 'stream_type', 'DirectPut')} stream has exactly one source)")
+                         f"(Firehose's {source.stream_type} stream has exactly one source)")
                 break
     return resolved
 
@@ -644,7 +645,7 @@ def _resolve_backup(stream: StreamConfig, dest: Any, at: _At) -> Any:
 
     bpath = at.base + ("backup",)
     if stream.backup is None:
-        if getattr(dest, "requires_backup", False):
+        if dest is not None and dest.requires_backup:
             # Firehose's S3Configuration of OpenSearch, Splunk and HTTP endpoints: failed records go there.
             at.error(bpath, f"required for a {dest.type} destination (where its failed records are archived)",
                      line_of=at.base + ("destination",))
@@ -679,7 +680,7 @@ def _resolve_format(
         return fmt, buffering
     for kind, path, target in _deferred([], fmt, at.base):
         at.defer(kind, stream.name, path, target)
-    if dest is not None and getattr(dest, "type", None) not in ("s3", "local"):
+    if dest is not None and not isinstance(dest, ObjectStoreDestinationConfig):
         at.error(fpath, "format conversion needs an s3 or local destination")
     elif dest is not None and dest.compression != "none":
         at.error(fpath, f"format conversion compresses inside the file; set "
@@ -712,10 +713,10 @@ def _check_partitioning(
             return error(base + ("processing",), "metadata_extraction needs dynamic_partitioning.enabled: true "
                          "(Firehose's MetadataExtraction exists for dynamic partitioning)")
         return True
-    prefix = getattr(stream.destination, "prefix", None)
-    if not isinstance(prefix, str) or not hasattr(stream.destination, "object_key"):
+    if not isinstance(stream.destination, ObjectStoreDestinationConfig):
         return error(dpath, "dynamic partitioning needs an s3 or local destination "
-                     f"(got {getattr(stream.destination, 'type', '?')!r})")
+                     f"(got {stream.destination.type!r})")
+    prefix = stream.destination.prefix
     if stream.interval_secs == 0:
         return error(base + ("buffering", "interval_secs"),
                      "zero buffering is not supported with dynamic partitioning (Firehose's rule); use 1 or more")
@@ -740,10 +741,10 @@ def _deferred(
     never by a check)."""
     out: list[tuple[Literal["handler", "schema"], Path, Any]] = []
     for j, proc in enumerate(procs):
-        if getattr(proc, "type", None) == "lambda" and getattr(proc, "function", None):
+        if proc.type == "lambda" and proc.function:
             at = positions[j] if positions is not None else j
             out.append(("handler", base + ("processing", at, "function"), proc.function))
-    schema = getattr(fmt, "schema_", None)
+    schema = fmt.schema_ if fmt is not None else None
     if schema is not None and fmt.type != "json" and schema.glue is None:
         avro = ("avro_schema",) if schema.avro_schema is not None else ()
         out.append(("schema", base + ("format", "schema", *avro), fmt))

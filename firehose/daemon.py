@@ -17,10 +17,11 @@ import structlog
 
 from firehose.api import FirehoseApi
 from firehose.config import ConfigError, DaemonConfig, StreamConfig, load_config
+from firehose.filelog import lock_directory
 from firehose.httpserver import GuardedServer
+from firehose.log import LogBusyError, LogError
 from firehose.metrics import Metrics
 from firehose.names import disk_name, stream_arn
-from firehose.spool import SpoolError
 from firehose.stream import StreamRuntime
 
 STATE_FORMAT_VERSION = 1
@@ -188,7 +189,7 @@ class Daemon:
         doc = self.state.load(name) or {}
         api = self.config.api
         # Destinations with an S3 backup (OpenSearch, Splunk, HTTP endpoint) describe it too.
-        backup = {"backup": cfg.backup} if getattr(cfg.destination, "requires_backup", False) else {}
+        backup = {"backup": cfg.backup} if cfg.destination.requires_backup else {}
         dest = cfg.destination.describe(cfg.buffering, api.account_id, **backup)
         extended = dest.get("ExtendedS3DestinationDescription")
         if extended is not None:
@@ -223,10 +224,22 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # One daemon per data_dir: a second one would write the same spools and state beside it.
+        # Raises LogBusyError (the CLI's one-line "cannot start") naming the holder's pid.
+        self._dir_lock, _ = await asyncio.to_thread(lock_directory, self.config.data_dir, "the data_dir")
+        try:
+            return await self._serve(loop)
+        finally:
+            os.close(self._dir_lock)  # the lock drops with it
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
         for cfg in self.config.streams:
             try:
                 self.streams[cfg.name] = await self._start_stream(cfg)
-            except SpoolError as exc:
+            except LogBusyError as exc:
+                self.failed_streams[cfg.name] = "spool in use by another process; see the log"
+                log.error("stream_start_failed", stream=cfg.name, reason=_one_line(exc))
+            except LogError as exc:
                 # A damaged spool stops only its own stream: the others run, /healthz names it,
                 # and producers get 503 for it until an operator runs `firehose spool salvage`.
                 self.failed_streams[cfg.name] = "spool damaged; see the log and `firehose spool check`"

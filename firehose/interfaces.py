@@ -16,6 +16,8 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 import structlog
 
+from firehose.records import Outcome, SourceRecord
+
 #: How long a destination's :meth:`Destination.preflight` may take before the stream gives up on
 #: it (and logs that it did not answer). Start never waits for it.
 PREFLIGHT_TIMEOUT_SECS = 15.0
@@ -284,12 +286,17 @@ class ValidatedConfig(Protocol):
 
 class DestinationConfig(ValidatedConfig, Protocol):
     """What the core calls on a destination's config object (checked for a plugin's class by the
-    registry). ``requires_backup`` (a destination that archives failed records only to the
-    stream's ``backup:``) is optional: absent means False."""
+    registry)."""
 
     @property
     def type(self) -> str:
         """The destination's ``type:``."""
+        ...
+
+    @property
+    def requires_backup(self) -> bool:
+        """Whether it archives failed records only to the stream's ``backup:``, which it then
+        requires (a class attribute; OpenSearch, Splunk and HTTP endpoints: True)."""
         ...
 
     def buffering_limits(self) -> BufferingLimits:
@@ -306,14 +313,34 @@ class DestinationConfig(ValidatedConfig, Protocol):
         ...
 
 
+@runtime_checkable
+class ObjectStoreDestinationConfig(Protocol):
+    """A destination config with Firehose's ExtendedS3 object layout (``s3``, ``local``, and plugins
+    that subclass them): what format conversion and dynamic partitioning need."""
+
+    prefix: str
+    error_output_prefix: str | None
+    compression: str
+
+
 class SourceConfig(ValidatedConfig, Protocol):
-    """What the core calls on a source's config object. ``stream_type`` (Firehose's
-    DeliveryStreamType, default ``DirectPut``) and ``exclusive`` (must be the stream's only
-    source, default False) are optional class attributes."""
+    """What the core calls on a source's config object (checked for a plugin's class by the
+    registry)."""
 
     @property
     def type(self) -> str:
         """The source's ``type:``."""
+        ...
+
+    @property
+    def stream_type(self) -> str:
+        """Firehose's DeliveryStreamType of a stream this source feeds (a class attribute:
+        ``DirectPut``, or ``KinesisStreamAsSource``)."""
+        ...
+
+    @property
+    def exclusive(self) -> bool:
+        """Whether it must be the stream's only source (a class attribute; Kinesis: True)."""
         ...
 
     def build(self, ctx: BuildContext, sink: SourceSink) -> Source:
@@ -321,12 +348,81 @@ class SourceConfig(ValidatedConfig, Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ProcessorContext:
+    """What a processor is built with: the stream it serves (as its Lambda event names it)."""
+
+    stream_arn: str
+    region: str
+    source_kinesis_stream_arn: str | None = None  # a stream fed by a Kinesis data stream
+
+
+class Processor(Protocol):
+    """One step of a stream's processing chain, built from its config. The chain runs its steps
+    in Firehose's fixed order; each takes the outcomes so far (one per record still in play, each
+    naming its source record) and returns the next ones. It never raises for a bad record: it
+    marks it ProcessingFailed (with Firehose's error code) or Dropped."""
+
+    async def start(self) -> None:
+        """Before the first buffer (start worker processes, open clients)."""
+        ...
+
+    async def process(self, outcomes: list[Outcome], records: list[SourceRecord]) -> list[Outcome]:
+        """The outcomes after this step, for one processing buffer of ``records``."""
+        ...
+
+    async def close(self) -> None:
+        """After the last buffer."""
+        ...
+
+
+class ProcessingChain(Protocol):
+    """A stream's processors in Firehose's order, as the processing stage drives them (the
+    built-in is firehose/transforms/chain.py)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether records pass through any step (``append_delimiter`` alone is none)."""
+        ...
+
+    @property
+    def buffer_size_bytes(self) -> int: ...
+    @property
+    def buffer_interval_secs(self) -> int: ...
+    @property
+    def concurrency(self) -> int:
+        """Processing buffers in the chain at once."""
+        ...
+
+    @property
+    def lambda_arn(self) -> str | None: ...
+    @property
+    def delimiter(self) -> bytes | None:
+        """What ``append_delimiter`` writes after each record (None: nothing)."""
+        ...
+
+    @property
+    def converter(self) -> Any:
+        """The record format converter (None: JSON as it is)."""
+        ...
+
+    async def start(self) -> None: ...
+    async def process(self, records: list[SourceRecord]) -> list[Outcome]: ...
+    async def close(self) -> None: ...
+
+
 class ProcessorConfig(ValidatedConfig, Protocol):
-    """What the core calls on a processor's config object (built-in processors only)."""
+    """What the core calls on a processor's config object (checked for a plugin's class by the
+    registry)."""
 
     @property
     def type(self) -> str:
         """The processor's ``type:``."""
+        ...
+
+    def build(self, ctx: ProcessorContext) -> Processor | None:
+        """The processing step; None for a processor applied elsewhere (``append_delimiter``
+        applies when objects are written)."""
         ...
 
     def describe(self) -> dict[str, Any]:

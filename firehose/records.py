@@ -102,3 +102,54 @@ class ErrorInfo:
 
 
 _ERR_KEYS = frozenset(("c", "m", "t", "a", "ts", "e", "l", "x"))
+
+
+class RecordMeta:
+    """A record's metadata in the spool: None, or one JSON object whose members only this class
+    names. ``err``: why the record failed (:class:`ErrorInfo`'s compact form); ``pk``: its
+    partition keys, namespaced (``partitionKeyFromQuery:k``, ``partitionKeyFromLambda:k``);
+    ``src``: an untransformed source copy (``backup: {mode: all}``); ``kinesis``: the
+    kinesisRecordMetadata of a record read from a Kinesis data stream. Plain dicts, not objects:
+    routing reads them once per record."""
+
+    SOURCE_COPY: dict[str, Any] = {"src": 1}
+
+    @staticmethod
+    def failed(err: ErrorInfo, kinesis: dict[str, Any] | None = None) -> dict[str, Any]:
+        doc: dict[str, Any] = {"err": err.encode()}
+        if kinesis is not None:
+            doc["kinesis"] = kinesis
+        return doc
+
+    @staticmethod
+    def keyed(partition_keys: dict[str, str]) -> dict[str, Any]:
+        return {"pk": partition_keys}
+
+    @staticmethod
+    def from_kinesis(kinesis: dict[str, Any]) -> dict[str, Any]:
+        return {"kinesis": kinesis}
+
+    @staticmethod
+    def error(meta: Any) -> dict[str, Any] | None:
+        """The compact error of a failed record (None: it did not fail)."""
+        return meta.get("err") if isinstance(meta, dict) else None
+
+    @staticmethod
+    def is_source_copy(meta: Any) -> bool:
+        return isinstance(meta, dict) and bool(meta.get("src"))
+
+    @staticmethod
+    def routed(meta: Any) -> bool:
+        """Whether the record goes to a buffer of its own (failed, or a source copy)."""
+        return isinstance(meta, dict) and ("err" in meta or "src" in meta)
+
+    @staticmethod
+    def partition_keys(meta: Any) -> dict[str, Any] | None:
+        pk = meta.get("pk") if isinstance(meta, dict) else None
+        return pk if isinstance(pk, dict) else None
+
+    @staticmethod
+    def kinesis(meta: Any) -> dict[str, Any] | None:
+        """The kinesisRecordMetadata of a record read from a Kinesis data stream."""
+        kinesis = meta.get("kinesis") if isinstance(meta, dict) else None
+        return kinesis if isinstance(kinesis, dict) else None

@@ -2,10 +2,11 @@
 
 Built-ins are named here as import strings and imported lazily, so the core never imports a
 plugin it does not use and a missing optional dependency fails only for the stream that needs
-it. Third-party plugins register through the ``firehose.destinations`` and ``firehose.sources``
-entry-point groups (a ``pydantic`` config class with the methods the core calls; see
-``_CONTRACTS``). The ``firehose.processors`` group is read only to refuse its types clearly: the
-processing chain runs built-in processors only, and a plugin is run or refused, never skipped.
+it. Third-party plugins register through the ``firehose.destinations``, ``firehose.sources`` and
+``firehose.processors`` entry-point groups (a ``pydantic`` config class with the methods the
+core calls; see ``_CONTRACTS``). A plugin is run or refused, never skipped. A plugin processor
+runs after Firehose's built-in record transforms and before the Lambda (see
+firehose/transforms/chain.py for the whole order).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ class UnknownTypeError(ValueError):
 
 
 class PluginError(ValueError):
-    """A ``type:`` provided by a third-party plugin that cannot run: its kind is not supported
-    yet (processors), its entry point does not load, or its class lacks the config contract."""
+    """A ``type:`` provided by a third-party plugin that cannot run: its entry point does not
+    load, or its class lacks the config contract."""
 
 
 # What the core calls on a plugin's config class (besides pydantic's ``model_validate`` and
@@ -72,11 +73,13 @@ class PluginError(ValueError):
 _CONTRACTS: dict[str, tuple[str, ...]] = {
     "firehose.destinations": ("build", "buffering_limits", "describe"),
     "firehose.sources": ("build",),
+    "firehose.processors": ("build", "describe"),
 }
-
-# Plugin kinds the daemon cannot run yet: the processing chain only knows the built-in configs,
-# so a plugin processor would validate and then be skipped silently.
-_UNSUPPORTED = {"firehose.processors": "processor"}
+# The class attributes it declares (see firehose/interfaces.py); subclassing a built-in gives them.
+_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "firehose.destinations": ("requires_backup",),
+    "firehose.sources": ("stream_type", "exclusive"),
+}
 
 
 def _config_class(type_name: str, builtins: dict[str, str], group: str) -> Any:
@@ -93,11 +96,6 @@ def _plugin_class(type_name: str, ep: Any, group: str) -> type:
     """Load a plugin's config class, or refuse it with :class:`PluginError`."""
     kind = group.rpartition(".")[2].rstrip("s")
     origin = f"the plugin package {_dist_name(ep)!r} (entry point {group}: {ep.name} = {ep.value})"
-    if group in _UNSUPPORTED:
-        raise PluginError(
-            f"{_UNSUPPORTED[group]} type {type_name!r} comes from {origin}; "
-            f"third-party {_UNSUPPORTED[group]}s are not supported yet"
-        )
     try:
         cls = ep.load()
     except Exception as exc:  # ImportError, AttributeError, or whatever its module raises
@@ -106,11 +104,11 @@ def _plugin_class(type_name: str, ep: Any, group: str) -> type:
 
     if not isinstance(cls, type) or not issubclass(cls, BaseModel):
         raise PluginError(f"{kind} type {type_name!r} from {origin} is not a pydantic model class")
-    missing = [name for name in _CONTRACTS.get(group, ()) if not callable(getattr(cls, name, None))]
+    missing = [name + "()" for name in _CONTRACTS.get(group, ()) if not callable(getattr(cls, name, None))]
+    missing += [name for name in _ATTRIBUTES.get(group, ()) if not hasattr(cls, name)]
     if missing:
         raise PluginError(
-            f"{kind} type {type_name!r} from {origin} lacks {', '.join(m + '()' for m in missing)} "
-            f"of the {kind} config contract"
+            f"{kind} type {type_name!r} from {origin} lacks {', '.join(missing)} of the {kind} config contract"
         )
     return cls
 
@@ -126,8 +124,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def processor_config_class(type_name: str) -> type[ProcessorConfig]:
-    """The config class for a processor ``type:``. Only built-ins run: a plugin's processor type
-    raises :class:`PluginError`, an unknown one :class:`UnknownTypeError`."""
+    """The config class for a processor ``type:``; ``UnknownTypeError`` names the known ones,
+    ``PluginError`` says why a plugin's cannot be used."""
     return cast("type[ProcessorConfig]", _config_class(type_name, BUILTIN_PROCESSORS, "firehose.processors"))
 
 

@@ -45,7 +45,7 @@ import struct
 import threading
 import zlib
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,7 +53,8 @@ import orjson
 import structlog
 
 from firehose.intervals import IntervalSet, Ranges
-from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, Log, ... are re-exported)
+from firehose.log import RecordFrame, RecoveryState, SealedBatch
+from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, ... are re-exported)
     _DURABLE,
     _FRAME_HEADER,
     _LITTLE,
@@ -70,10 +71,6 @@ from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, Log, ... are
     T_RECORDS,
     T_SEAL,
     FsyncPolicy,
-    Log,
-    RecordFrame,
-    RecoveryState,
-    SealedBatch,
     SpoolError,
     SpoolFullError,
     _frame,
@@ -90,7 +87,8 @@ log = structlog.get_logger()
 
 
 class Spool:
-    """One stream's durable log (implements :class:`Log`). See the module docstring."""
+    """One durable log in one directory: the engine of :class:`firehose.filelog.FileLog`, which
+    is what the stages use. See the module docstring."""
 
     def __init__(
         self,
@@ -581,6 +579,19 @@ class Spool:
         frame, _ = decode_records_payload(self._read_payload(ref))
         return frame
 
+    def release_below(self, seq: int) -> None:
+        """The reader has consumed every record below ``seq``: drop the frames it passed from the
+        cache (they were cached in order, so the oldest come first)."""
+        while self._cache:
+            first = next(iter(self._cache))
+            if self._cache[first].end_seq > seq:
+                break
+            self.release_cache(first)
+
+    def has_seal(self, batch_id: int) -> bool:
+        """Whether ``batch_id`` was sealed in this log (and is still known to it)."""
+        return batch_id in self._seals or batch_id in self._committed_ids
+
     def release_cache(self, first_seq: int) -> None:
         """The batcher has consumed this frame; drop the in-memory copy."""
         frame = self._cache.pop(first_seq, None)
@@ -673,10 +684,6 @@ class Spool:
                 out.extend(bytes(view[offsets[k] - base : offsets[k + 1] - base]) for k in range(lo, hi))
         return out
 
-    def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """``read_planned(plan_records(ranges))``, in one call (on the event loop's thread)."""
-        return self.read_planned(self.plan_records(ranges))
-
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:
         """Record bytes (and per-record metadata, if any) for sealed ranges, in order."""
         out: list[bytes] = []
@@ -698,15 +705,6 @@ class Spool:
                     metas.extend([None] * (hi - lo))
                 seq = frame.first_seq + hi
         return out, (metas if has_meta else None)
-
-    def iter_frames(self, from_seq: int) -> Iterator[RecordFrame]:
-        seq = from_seq
-        while seq < self.next_seq:
-            frame = self.frame_at(seq)
-            if frame is None:
-                return
-            yield frame
-            seq = frame.end_seq
 
     # ------------------------------------------------------------------ trimming
     def _segment_done(self, seg: _Segment) -> bool:

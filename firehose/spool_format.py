@@ -1,6 +1,5 @@
 """The spool's file format (see firehose/spool.py for the whole contract): segment and frame
-headers, frame types, the RECORDS payload layout, durable marks, and the records and batches as
-read back; the Log protocol the stream's stages use.
+headers, frame types, the RECORDS payload layout and durable marks.
 
 File format, version 2 (version 1 lacks DURABLE frames and is still read). Each segment ``seg-<number>.log`` starts with a 12-byte header
 (``FHSPOOL\\0``, u16 format version, u16 reserved); frames follow, each ``u32 payload length, u32
@@ -13,8 +12,6 @@ message that says so, rather than guessing."""
 
 from __future__ import annotations
 
-import functools
-import itertools
 import re
 import struct
 import sys
@@ -22,11 +19,11 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import orjson
 
-from firehose.intervals import IntervalSet
+from firehose.log import LogError, LogFullError, RecordFrame
 
 FORMAT_VERSION = 2
 SEGMENT_MAGIC = b"FHSPOOL\x00"
@@ -52,42 +49,12 @@ F_POSITIONS = 2
 FsyncPolicy = Literal["always", "interval", "never"]
 
 
-class SpoolError(Exception):
+class SpoolError(LogError):
     """The spool cannot be opened or written; the message names the file."""
 
 
-class SpoolFullError(SpoolError):
+class SpoolFullError(SpoolError, LogFullError):
     """The stream's spool is at its size cap; callers answer with back-pressure."""
-
-
-@dataclass
-class RecordFrame:
-    """A RECORDS frame as read back: the records of one append, in order."""
-
-    first_seq: int
-    arrival_ms: int
-    records: list[bytes]
-    meta: list[Any] | None = None
-
-    @property
-    def end_seq(self) -> int:
-        return self.first_seq + len(self.records)
-
-    @functools.cached_property
-    def cum(self) -> list[int]:
-        """Cumulative record sizes: ``cum[j] - cum[i]`` is the size of records ``i..j-1``."""
-        return [0, *itertools.accumulate(map(len, self.records))]
-
-
-@dataclass
-class SealedBatch:
-    """A batch identity recorded by ``append_seal``."""
-
-    batch_id: int
-    key: str
-    ranges: Sequence[tuple[int, int]]  # a list, or compact Ranges for a partition's scattered records
-    oldest_arrival_ms: int
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -194,43 +161,3 @@ def decode_records_payload(payload: bytes) -> tuple[RecordFrame, dict[str, Any] 
         positions = orjson.loads(view[pos + 4 : pos + 4 + n])
         pos += 4 + n
     return RecordFrame(first_seq, arrival_ms, records, meta), positions
-
-
-@dataclass
-class RecoveryState:
-    """What :meth:`Spool.open` found: work to resume."""
-
-    pending: list[SealedBatch]
-    positions: dict[str, Any]
-    unsealed_records: int
-    truncated_bytes: int
-
-
-class Log(Protocol):
-    """The spool's interface as the rest of the daemon uses it (append and acknowledge, read,
-    seal, commit), so a replicated log can replace the local one."""
-
-    next_seq: int
-    min_seq: int
-    sealed: IntervalSet
-    committed: IntervalSet
-    size_bytes: int
-
-    def open(self) -> RecoveryState: ...
-    def has_room(self, nbytes: int) -> bool: ...
-    def append_records(
-        self, records: Sequence[bytes], arrival_ms: int, *, meta: list[Any] | None = None,
-        positions: dict[str, Any] | None = None, enforce_cap: bool = True, nbytes: int | None = None,
-    ) -> int: ...
-    async def wait_durable(self, *, force: bool = False) -> None: ...
-    def allocate_batch_id(self) -> int: ...
-    async def append_seal(self, batch: SealedBatch, *, durable: bool = True) -> None: ...
-    def append_commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None: ...
-    def commit_ranges(self, ranges: Sequence[tuple[int, int]]) -> None: ...
-    def frame_at(self, seq: int) -> RecordFrame | None: ...
-    def release_cache(self, first_seq: int) -> None: ...
-    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]: ...
-    def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
-    def plan_records(self, ranges: Sequence[tuple[int, int]]) -> list[Any]: ...
-    def read_planned(self, plan: list[Any]) -> list[bytes]: ...
-    async def aclose(self) -> None: ...

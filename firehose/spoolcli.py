@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from firehose.filelog import held
+from firehose.log import LogBusyError
 from firehose.spool_repair import check, salvage
 
 
@@ -59,7 +61,12 @@ def cmd_salvage(args: argparse.Namespace) -> int:
         return _nothing_there(args.path)
     repaired = 0
     for directory in dirs:
-        result = salvage(directory)
+        try:
+            with held(directory):  # never beside a daemon writing the same spool
+                result = salvage(directory)
+        except LogBusyError as exc:
+            print(f"firehose: {exc}; stop the daemon first", file=sys.stderr)
+            return 2
         if not result["damaged_segments"]:
             continue
         repaired += 1

@@ -25,10 +25,10 @@ import structlog
 
 from firehose.clock import Clock, SystemClock
 from firehose.config import StreamConfig
-from firehose.interfaces import BuildContext, Destination, Source, format_encoder
+from firehose.filelog import FileLogs
+from firehose.interfaces import BuildContext, Destination, ProcessingChain, Source, format_encoder
+from firehose.log import INGEST, PROCESSED, Log, LogFencedError, LogFullError, LogStore, RecoveryState
 from firehose.metrics import Metrics
-from firehose.names import disk_name
-from firehose.spool import RecoveryState, Spool, SpoolFullError
 from firehose.stages.archiver import Archiver, error_record_line
 from firehose.stages.backlog import Backlog
 from firehose.stages.batcher import Batcher
@@ -60,7 +60,8 @@ class StreamRuntime:
     """Runs one configured stream. All methods run on the daemon's event loop."""
 
     def __init__(self, config: StreamConfig, *, data_dir: str, version: int, region: str, account_id: str,
-                 metrics: Metrics, clock: Clock | None = None, rng: random.Random | None = None) -> None:
+                 metrics: Metrics, clock: Clock | None = None, rng: random.Random | None = None,
+                 logs: LogStore | None = None) -> None:
         self.config = config
         self.name = config.name
         self.version = version
@@ -71,13 +72,15 @@ class StreamRuntime:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
         self.log = structlog.get_logger().bind(stream=self.name)
-        self.spool = self._make_spool(os.path.join(data_dir, "spool", disk_name(self.name)))
-        # The spool the batcher reads: the ingest spool, or (with processing) the spool of
-        # recorded transform outcomes.
-        self.out: Spool = self.spool
+        # Where the stream's logs live: the file spool under data_dir unless told otherwise.
+        self.logs: LogStore = logs if logs is not None else FileLogs(data_dir, config.spool)
+        self.spool: Log = self.logs.log(self.name, INGEST)
+        # The log the batcher reads: the ingest log, or (with processing) the log of recorded
+        # transform outcomes.
+        self.out: Log = self.spool
         self.destination: Destination | None = None
         self.archive: Destination | None = None  # where failed records go (backup, or the destination)
-        self.chain: Any = None
+        self.chain: ProcessingChain | None = None
         self.sources: list[Source] = []
         self.backup_all = False
         self.recovery: RecoveryState | None = None
@@ -100,16 +103,10 @@ class StreamRuntime:
         self._m_in_bytes = metrics.incoming_bytes.labels(self.name)
         self._m_in_requests = metrics.incoming_put_requests.labels(self.name)
 
-    def _make_spool(self, directory: str, cache_bytes: int = 64 << 20) -> Spool:
-        sp = self.config.spool
-        return Spool(directory, fsync=sp.fsync, fsync_interval_ms=sp.fsync_interval_ms,
-                     max_size_bytes=sp.max_size_mib << 20, segment_size_bytes=sp.segment_size_mib << 20,
-                     cache_bytes=cache_bytes)
-
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> RecoveryState:
         """Recover the spool, build the destinations and the stages, start batching and delivery."""
-        self.recovery = await asyncio.to_thread(self.spool.open)
+        self.recovery = await self.spool.open()
         ctx = BuildContext(self.name, self.version, self.region, self.account_id, self.data_dir, self.log)
         await self._open_destinations(ctx)
         self.backup_all = self.config.backup is not None and self.config.backup.mode == "all"
@@ -160,22 +157,21 @@ class StreamRuntime:
         where processing resumes (None: no processing stage) and the recovery of the spool the
         batcher reads."""
         assert self.recovery is not None
-        processed_dir = os.path.join(self.spool.directory, "processed")
         # A processed spool left by an earlier config keeps the stage on (an empty chain passes
         # records through) so its recorded outcomes are not stranded when processing is turned off.
         # Source-record backup rides the stage too: the untransformed records are recorded beside
         # the outcomes, so the copy is exactly-once.
-        leftover = os.path.isdir(processed_dir)
+        leftover = self.logs.exists(self.name, PROCESSED)
         if self.config.processing or self.backup_all or converter is not None or leftover:
             self.chain = await load_chain(self.config, region=self.region, account_id=self.account_id,
                                           converter=converter)
         if self.chain is None or not (self.chain.enabled or self.backup_all or leftover):
             return None, self.recovery
         # The batcher reads outcomes right after they are recorded: a small cache serves that.
-        self.out = self._make_spool(processed_dir, cache_bytes=16 << 20)
-        recovery = await asyncio.to_thread(self.out.open)
+        self.out = self.logs.log(self.name, PROCESSED, cache_bytes=16 << 20)
+        recovery = await self.out.open()
         raw_end = int(self.out.positions.get("raw_end", 0))
-        cursor = resume_point(self.spool, raw_end, after_sealed=bool(self.recovery.pending), name=self.out.directory)
+        cursor = await resume_point(self.spool, raw_end, after_sealed=bool(self.recovery.pending), name=self.out.name)
         return cursor, recovery
 
     def _wire(self) -> None:
@@ -184,7 +180,7 @@ class StreamRuntime:
         ctx = self.stage_context
         self.archiver = Archiver(ctx, self.archive, self.health.archive)
         self.router = PartitionRouter.for_stream(ctx, self.config, self.destination)
-        converter = getattr(self.chain, "converter", None)
+        converter = self.chain.converter if self.chain is not None else None
         self.runner = DeliveryRunner(
             ctx, self.config, self.out, self.destination, self.archiver, self.health.main, converter=converter,
             delimiter=self.chain.delimiter if self.chain is not None else None,
@@ -192,7 +188,8 @@ class StreamRuntime:
         )
         self.batcher = Batcher(ctx, self.config, self.out, self.destination, self.archive, self.router,
                                self.runner, converter=converter)
-        if self.out is not self.spool:
+        if self.out is not self.spool:  # an outcome log is opened only with a chain
+            assert self.chain is not None
             self.processing = ProcessingStage(ctx, self.chain, self.spool, self.out,
                                               cap_bytes=self.spool.max_size_bytes, backup_all=self.backup_all)
         self.backlog = Backlog(ctx, self.spool, self.out, self.runner, self.batcher, self.router, self.destination)
@@ -249,15 +246,14 @@ class StreamRuntime:
         A source passes per-record ``meta`` (``{"kinesis": {...}}``: kinesisRecordMetadata) and
         the ``positions`` the records bring it to, written in the same frame.
 
-        Raises :class:`SpoolFullError` (nothing written) when the spool is at its cap."""
+        Raises :class:`LogFullError` (nothing written) when the spool is at its cap."""
         if not self._accepting:
-            raise SpoolFullError(f"stream {self.name} is not accepting records")
+            raise LogFullError(f"stream {self.name} is not accepting records")
         arrival = self.clock.now_ms() if arrival_ms is None else arrival_ms
         if nbytes is None:
             nbytes = sum(map(len, records))
-        first = self.spool.append_records(records, arrival, nbytes=nbytes, meta=meta, positions=positions)
+        first = await self.spool.append(records, arrival, nbytes=nbytes, meta=meta, positions=positions)
         self.signals.wake()
-        await self.spool.wait_durable()
         if records:  # a source's position-only write is not an incoming request
             self._m_in_records.inc(len(records))
             self._m_in_bytes.inc(nbytes)
@@ -327,8 +323,15 @@ class StreamRuntime:
 
     @property
     def fenced(self) -> bool:
-        """An fsync of one of the stream's spools failed: it refuses records until a restart."""
+        """One of the stream's logs failed (an fsync failed, or another writer took it): it
+        refuses records until a restart."""
         return self.spool.failed is not None or self.out.failed is not None
+
+    def _failure_code(self) -> str | None:
+        error = self.spool.failed or self.out.failed
+        if error is None:
+            return None
+        return "fenced" if isinstance(error, LogFencedError) else "fsync_failed"
 
     @property
     def can_accept(self) -> bool:
@@ -360,5 +363,5 @@ class StreamRuntime:
             "archived_records": self.archived_records,
             "backed_up_records": self.backed_up_records,
             # A stable code: the spool's own message (with its directory) is in the log.
-            "spool_failed": "fsync_failed" if self.fenced else None,
+            "spool_failed": self._failure_code(),
         }

@@ -69,3 +69,22 @@ def kinesalite() -> Iterator[object]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["file", "memory"])
+def make_log(request: pytest.FixtureRequest, tmp_path: Path) -> object:
+    """Makes a stream log by name, not yet opened: the file spool (FileLog) or the in-memory log
+    (MemoryLog), so a stage's tests run on both sides of the Log seam. Asking again for a name
+    gives a new writer on the same log: a restart."""
+    from firehose.filelog import FileLog
+    from firehose.memlog import MemoryLog, MemoryLogStore
+
+    stores: dict[str, MemoryLogStore] = {}
+
+    def make(name: str = "spool", **kwargs: object) -> object:
+        if request.param == "file":
+            return FileLog(str(tmp_path / name), **kwargs)  # type: ignore[arg-type]
+        size = kwargs.get("max_size_bytes", 1 << 30)
+        return MemoryLog(stores.setdefault(name, MemoryLogStore(name)), max_size_bytes=size)  # type: ignore[arg-type]
+
+    return make

@@ -426,11 +426,16 @@ async def abandon(rt: Any) -> None:
         if task is not None:
             task.cancel()
     await asyncio.sleep(0.05)
+    for log in {id(rt.spool): rt.spool, id(rt.out): rt.out}.values():
+        abandon_log = getattr(log, "abandon", None)
+        if abandon_log is not None:
+            abandon_log()  # the kernel drops a dead process's locks
 
 
-def runtime_from_yaml(tmp: Path, text: str, *, clock: Any = None, seed: int = 1) -> Any:
+def runtime_from_yaml(tmp: Path, text: str, *, clock: Any = None, seed: int = 1, logs: Any = None) -> Any:
     """An in-process StreamRuntime for the first stream of a YAML config, with an injected clock
-    (a ManualClock by default) and a seeded rng, its data under ``tmp/data``."""
+    (a ManualClock by default) and a seeded rng, its data under ``tmp/data``; ``logs``: where its
+    logs live (the file spool under ``tmp/data`` by default)."""
     import random
 
     from firehose.clock import ManualClock
@@ -441,11 +446,12 @@ def runtime_from_yaml(tmp: Path, text: str, *, clock: Any = None, seed: int = 1)
     cfg = load_config_text(text, "t.yaml", {})
     return StreamRuntime(cfg.streams[0], data_dir=str(tmp / "data"), version=1, region="us-east-1",
                          account_id="000000000000", metrics=Metrics(), clock=clock or ManualClock(),
-                         rng=random.Random(seed))
+                         rng=random.Random(seed), logs=logs)
 
 
 def make_runtime(tmp: Path, *, name: str = "s", out: Path | None = None, size_mib: int = 1, interval: int = 60,
-                 delivery: str = "", backup: bool = False, clock: Any = None, seed: int = 1) -> Any:
+                 delivery: str = "", backup: bool = False, clock: Any = None, seed: int = 1,
+                 logs: Any = None) -> Any:
     """:func:`runtime_from_yaml` for one stream ``name`` delivering to a local directory (``tmp/out``
     unless ``out``); ``delivery`` is its ``delivery:`` mapping in flow style; ``backup`` keeps its
     failed records under ``tmp/backup``."""
@@ -455,7 +461,7 @@ def make_runtime(tmp: Path, *, name: str = "s", out: Path | None = None, size_mi
     lines.append(f"    destination: {{type: local, path: {out or tmp / 'out'}}}")
     if backup:
         lines.append(f"    backup: {{path: {tmp / 'backup'}}}")
-    return runtime_from_yaml(tmp, "streams:\n" + "\n".join(lines) + "\n", clock=clock, seed=seed)
+    return runtime_from_yaml(tmp, "streams:\n" + "\n".join(lines) + "\n", clock=clock, seed=seed, logs=logs)
 
 
 async def settle(cond: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -529,3 +535,47 @@ def stream_idle(port: int, stream: str) -> bool:
     before this call has been delivered (or archived)."""
     status = stream_status(port, stream)
     return status["open_buffer_records"] == 0 and status["pending_batches"] == 0
+
+
+#: The source of a plugin module: a ``copy`` destination, a ``tail`` source (subclasses of the
+#: built-ins) and an ``upper`` processor written against the Processor contract alone.
+PLUGIN_SOURCE = """
+from dataclasses import replace
+from typing import Literal
+
+from pydantic import BaseModel
+
+from firehose.destinations.local import LocalDestinationConfig
+from firehose.sources.file import FileSourceConfig
+
+
+class CopyDestinationConfig(LocalDestinationConfig):
+    type: Literal["copy"]
+
+
+class TailSourceConfig(FileSourceConfig):
+    type: Literal["tail"]
+
+
+class Upper:
+    \"\"\"Upper-cases every record still Ok.\"\"\"
+
+    async def start(self):
+        pass
+
+    async def process(self, outcomes, records):
+        return [replace(o, data=o.data.upper()) if o.ok else o for o in outcomes]
+
+    async def close(self):
+        pass
+
+
+class UpperConfig(BaseModel):
+    type: Literal["upper"]
+
+    def build(self, ctx):
+        return Upper()
+
+    def describe(self):
+        return {"Type": "Upper", "Parameters": []}
+"""

@@ -1,4 +1,18 @@
-"""A stream's processing chain: Firehose's built-in processors and its Lambda, in Firehose's order.
+"""A stream's processing chain: its processors as a list of steps, run in Firehose's order.
+
+Each ``processing:`` item's config builds its step (:class:`firehose.interfaces.Processor`);
+whatever their order in the list, the steps run in Firehose's fixed order (reference §4.1):
+
+1. ``record_deaggregation`` (KPL aggregates, or JSON / delimited records split),
+2. ``decompression``,
+3. ``cloudwatch_log_processing``,
+4. third-party processors (entry point ``firehose.processors``), in the order listed: they see
+   de-aggregated, decompressed records, and what they return is what the Lambda gets,
+5. ``lambda``,
+6. ``metadata_extraction`` (dynamic partitioning's query, on what the Lambda returned),
+7. the record format conversion check, when the stream converts to Parquet/ORC/Avro.
+
+``append_delimiter`` builds no step: it applies when objects are written.
 
 ``process`` never raises for bad records or failed invocations: every source record comes back
 as one or more :class:`Outcome` (Ok, Dropped or ProcessingFailed with Firehose's error code), so
@@ -8,19 +22,13 @@ the caller can record the outcome durably before anything is delivered or archiv
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from firehose.interfaces import Processor, ProcessorContext
 from firehose.records import Outcome, SourceRecord, initial_outcomes
-from firehose.transforms import processors
-from firehose.transforms.config import (
-    AppendDelimiterConfig,
-    CloudWatchLogProcessingConfig,
-    DecompressionConfig,
-    LambdaProcessorConfig,
-    MetadataExtractionConfig,
-    RecordDeaggregationConfig,
-)
+from firehose.transforms.config import AppendDelimiterConfig, LambdaProcessorConfig
 
 FORMAT_CONVERSION_FAILED = "format-conversion-failed"
 
@@ -29,46 +37,127 @@ FORMAT_CONVERSION_FAILED = "format-conversion-failed"
 BUILTIN_BUFFER_BYTES = 1 << 20
 CONVERSION_BUFFER_BYTES = 8 << 20
 
+#: Where each built-in runs in Firehose's order; every other (third-party) type runs at PLUGIN_ORDER.
+ORDER = {"record_deaggregation": 10, "decompression": 20, "cloudwatch_log_processing": 30,
+         "lambda": 50, "metadata_extraction": 60}
+PLUGIN_ORDER = 40
+
+
+class ThreadStep:
+    """A step that is a function of the outcomes, run on a worker thread (CPU-bound: gzip, JSON,
+    jq, schema checks) so the event loop keeps serving."""
+
+    def __init__(self, fn: Callable[[list[Outcome]], list[Outcome]]) -> None:
+        self.fn = fn
+
+    async def start(self) -> None:
+        """Nothing to start."""
+
+    async def process(self, outcomes: list[Outcome], records: list[SourceRecord]) -> list[Outcome]:
+        return await asyncio.to_thread(self.fn, outcomes)
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+def _unchanged(outcomes: list[Outcome], records: list[SourceRecord]) -> bool:
+    """Whether the outcomes are still the source records themselves (no step changed them)."""
+    return len(outcomes) == len(records) and all(
+        o.ok and o.source == i and o.data is records[i].data for i, o in enumerate(outcomes))
+
+
+class LambdaStep:
+    """The Lambda function: a local handler in worker processes, or a real Lambda through boto3."""
+
+    def __init__(self, config: LambdaProcessorConfig, ctx: ProcessorContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self._invoker: Any = None
+
+    async def start(self) -> None:
+        from firehose.transforms.lambda_ import LocalFunction, RemoteFunction
+
+        c = self.config
+        if c.function is not None:
+            self._invoker = LocalFunction(c.function, timeout_secs=c.timeout_secs, processes=c.workers)
+            await self._invoker.start()
+        else:
+            assert c.arn is not None
+            self._invoker = RemoteFunction(c.arn, endpoint_url=c.endpoint_url, region=c.region or self.ctx.region,
+                                           timeout_secs=c.timeout_secs)
+
+    async def close(self) -> None:
+        if self._invoker is not None:
+            await self._invoker.close()
+            self._invoker = None
+
+    async def _invoke(self, batch: list[SourceRecord]) -> list[Outcome]:
+        from firehose.transforms.lambda_ import invoke_with_retries
+
+        return await invoke_with_retries(
+            self._invoker, batch, retries=self.config.retries, stream_arn=self.ctx.stream_arn,
+            region=self.ctx.region, source_kinesis_stream_arn=self.ctx.source_kinesis_stream_arn,
+        )
+
+    async def process(self, outcomes: list[Outcome], records: list[SourceRecord]) -> list[Outcome]:
+        if _unchanged(outcomes, records):
+            # Straight to the function, under the records' own ids: its outcomes index them.
+            return await self._invoke(records)
+        return await self._run_lambda(records, outcomes)
+
+    async def _run_lambda(self, records: list[SourceRecord], outs: list[Outcome]) -> list[Outcome]:
+        """Records changed by earlier steps (split, decompressed): those still Ok go to the
+        function under new ids, and its outcomes are mapped back to their source records."""
+        ok = [o for o in outs if o.ok]
+        if not ok:
+            return outs
+        batch = [
+            SourceRecord(str(k), o.data, records[o.source].arrival_ms, records[o.source].kinesis)
+            for k, o in enumerate(ok)
+        ]
+        results = await self._invoke(batch)
+        mapped: dict[int, list[Outcome]] = {}
+        for r in results:
+            src = ok[r.source]
+            mapped.setdefault(r.source, []).append(
+                replace(r, source=src.source, sub_index=src.sub_index, meta={**src.meta, **r.meta})
+            )
+        final: list[Outcome] = []
+        k = 0
+        for o in outs:
+            if o.ok:
+                final.extend(mapped.get(k, []))
+                k += 1
+            else:
+                final.append(o)
+        return final
+
 
 class ProcessingChain:
+    """A stream's processing steps, built from its ``processing:`` configs (see the module
+    docstring for their order), plus the format conversion check when ``converter`` is given."""
+
     def __init__(
         self, configs: list[Any], *, stream_arn: str, region: str, converter: Any = None,
         source_kinesis_stream_arn: str | None = None,
     ) -> None:
-        self.stream_arn = stream_arn
-        self.region = region
-        self.source_kinesis_stream_arn = source_kinesis_stream_arn  # the event's sourceKinesisStreamArn
+        ctx = ProcessorContext(stream_arn, region, source_kinesis_stream_arn)
+        ordered = sorted(enumerate(configs), key=lambda item: (ORDER.get(item[1].type, PLUGIN_ORDER), item[0]))
+        self.steps: list[Processor] = [step for _, c in ordered if (step := c.build(ctx)) is not None]
         # Record format conversion: each record is checked against the schema here, so a record
         # that cannot be converted is archived (format-conversion-failed) instead of poisoning
         # its batch; batches are encoded at delivery with records known to convert.
         self.converter = converter
-        self._lambda: LambdaProcessorConfig | None = None
-        self._deagg: RecordDeaggregationConfig | None = None
-        self._decompress: DecompressionConfig | None = None
-        self._cwl: CloudWatchLogProcessingConfig | None = None
-        self._extract: MetadataExtractionConfig | None = None
-        self.delimiter: bytes | None = None
-        for c in configs:
-            if isinstance(c, LambdaProcessorConfig):
-                self._lambda = c
-            elif isinstance(c, RecordDeaggregationConfig):
-                self._deagg = c
-            elif isinstance(c, DecompressionConfig):
-                self._decompress = c
-            elif isinstance(c, CloudWatchLogProcessingConfig):
-                self._cwl = c
-            elif isinstance(c, MetadataExtractionConfig):
-                self._extract = c
-            elif isinstance(c, AppendDelimiterConfig):
-                self.delimiter = c.delimiter.encode()
-        self._invoker: Any = None
+        if converter is not None:
+            self.steps.append(ThreadStep(self._check_conversion))
+        self._lambda = next((c for c in configs if isinstance(c, LambdaProcessorConfig)), None)
+        delimiters = [c.delimiter.encode() for c in configs if isinstance(c, AppendDelimiterConfig)]
+        self.delimiter: bytes | None = delimiters[0] if delimiters else None
 
     @property
     def enabled(self) -> bool:
-        """True when records pass through a processing stage (append_delimiter alone does not)."""
-        return any(
-            x is not None for x in (self._lambda, self._deagg, self._decompress, self._cwl, self._extract, self.converter)
-        )
+        """True when records pass through a processing step (append_delimiter alone does not)."""
+        return bool(self.steps)
 
     @property
     def buffer_size_bytes(self) -> int:
@@ -95,41 +184,25 @@ class ProcessingChain:
         return self._lambda.lambda_arn if self._lambda is not None else None
 
     async def start(self) -> None:
-        if self._lambda is None:
-            return
-        from firehose.transforms.lambda_ import LocalFunction, RemoteFunction
-
-        c = self._lambda
-        if c.function is not None:
-            self._invoker = LocalFunction(c.function, timeout_secs=c.timeout_secs, processes=c.workers)
-        else:
-            assert c.arn is not None
-            self._invoker = RemoteFunction(c.arn, endpoint_url=c.endpoint_url, region=c.region or self.region,
-                                           timeout_secs=c.timeout_secs)
-        start = getattr(self._invoker, "start", None)
-        if start is not None:
-            await start()
+        started: list[Processor] = []
+        try:
+            for step in self.steps:
+                await step.start()
+                started.append(step)
+        except BaseException:
+            for step in reversed(started):
+                await step.close()
+            raise
 
     async def close(self) -> None:
-        if self._invoker is not None:
-            await self._invoker.close()
-            self._invoker = None
-
-    @property
-    def _has_builtins(self) -> bool:
-        return any(x is not None for x in (self._deagg, self._decompress, self._cwl))
+        for step in reversed(self.steps):
+            await step.close()
 
     async def process(self, records: list[SourceRecord]) -> list[Outcome]:
-        outs = await self._transform(records)
-        if self.converter is None and self._extract is None:
-            return outs
-        return await asyncio.to_thread(self._finish, outs)
-
-    def _finish(self, outs: list[Outcome]) -> list[Outcome]:
-        """The stages that read the final records: partition-key extraction, then the schema check."""
-        if self._extract is not None:
-            outs = processors.metadata_extraction(outs, self._extract.query)
-        return outs if self.converter is None else self._check_conversion(outs)
+        outs = initial_outcomes(records)
+        for step in self.steps:
+            outs = await step.process(outs, records)
+        return outs
 
     def _check_conversion(self, outs: list[Outcome]) -> list[Outcome]:
         ok = [o for o in outs if o.ok]
@@ -143,63 +216,3 @@ class ProcessingChain:
                 o.error_code, o.error_message = code, message
                 o.error_output_type = FORMAT_CONVERSION_FAILED
         return outs
-
-    async def _transform(self, records: list[SourceRecord]) -> list[Outcome]:
-        if self._has_builtins:
-            outs = await asyncio.to_thread(self._builtins, records)
-        elif self._lambda is not None:
-            # Straight to the function: its outcomes already index the source records.
-            from firehose.transforms.lambda_ import invoke_with_retries
-
-            return await invoke_with_retries(
-                self._invoker, records, retries=self._lambda.retries, stream_arn=self.stream_arn, region=self.region,
-                source_kinesis_stream_arn=self.source_kinesis_stream_arn,
-            )
-        else:
-            outs = initial_outcomes(records)
-        if self._lambda is None:
-            return outs
-        return await self._run_lambda(records, outs)
-
-    def _builtins(self, records: list[SourceRecord]) -> list[Outcome]:
-        outs = initial_outcomes(records)
-        if self._deagg is not None and self._deagg.format.lower() == "kpl":
-            outs = processors.kpl_deaggregation(outs)
-        elif self._deagg is not None:
-            outs = processors.record_deaggregation(outs, self._deagg.format.upper(), self._deagg.delimiter_bytes)
-        if self._decompress is not None:
-            outs = processors.decompression(outs)
-        if self._cwl is not None:
-            outs = processors.cloudwatch_log_processing(outs, self._cwl.data_message_extraction)
-        return outs
-
-    async def _run_lambda(self, records: list[SourceRecord], outs: list[Outcome]) -> list[Outcome]:
-        from firehose.transforms.lambda_ import invoke_with_retries
-
-        assert self._lambda is not None
-        ok = [o for o in outs if o.ok]
-        if not ok:
-            return outs
-        batch = [
-            SourceRecord(str(k), o.data, records[o.source].arrival_ms, records[o.source].kinesis)
-            for k, o in enumerate(ok)
-        ]
-        results = await invoke_with_retries(
-            self._invoker, batch, retries=self._lambda.retries, stream_arn=self.stream_arn, region=self.region,
-            source_kinesis_stream_arn=self.source_kinesis_stream_arn,
-        )
-        mapped: dict[int, list[Outcome]] = {}
-        for r in results:
-            src = ok[r.source]
-            mapped.setdefault(r.source, []).append(
-                replace(r, source=src.source, sub_index=src.sub_index, meta={**src.meta, **r.meta})
-            )
-        final: list[Outcome] = []
-        k = 0
-        for o in outs:
-            if o.ok:
-                final.extend(mapped.get(k, []))
-                k += 1
-            else:
-                final.append(o)
-        return final

@@ -4,7 +4,8 @@ Processors take Firehose's names and parameters. Whatever their order in the lis
 Firehose's fixed order (reference §4.1): KPL de-aggregation, JSON/delimited de-aggregation,
 decompression, CloudWatch Logs message extraction, the Lambda function, then metadata extraction
 (dynamic partitioning's jq query, on what the Lambda returned);
-``append_delimiter`` applies at output, when objects are written.
+``append_delimiter`` applies at output, when objects are written. Each config's ``build`` gives
+its step of the processing chain (firehose/transforms/chain.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from firehose.interfaces import Processor, ProcessorContext
 from firehose.models import StrictModel
 
 
@@ -98,6 +100,11 @@ class LambdaProcessorConfig(StrictModel):
         """The ``lambdaArn`` written into error records: the ARN, or the ``function:`` value."""
         return self.arn or self.function or ""
 
+    def build(self, ctx: ProcessorContext) -> Processor:
+        from firehose.transforms.chain import LambdaStep
+
+        return LambdaStep(self, ctx)
+
     def describe(self) -> dict[str, Any]:
         return _processor("Lambda", LambdaArn=self.lambda_arn, NumberOfRetries=self.retries,
                           BufferSizeInMBs=self.buffer_size_mib, BufferIntervalInSeconds=self.buffer_interval_secs)
@@ -120,6 +127,10 @@ class AppendDelimiterConfig(StrictModel):
         if not v:
             raise ValueError("must not be empty")
         return v
+
+    def build(self, ctx: ProcessorContext) -> None:
+        """No processing step: the delimiter is written with the records, when objects are written."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return _processor("AppendDelimiterToRecord", Delimiter=self.delimiter.encode("unicode_escape").decode())
@@ -164,6 +175,15 @@ class RecordDeaggregationConfig(StrictModel):
             return base64.b64decode(self.delimiter_base64)
         return (self.delimiter or "").encode()
 
+    def build(self, ctx: ProcessorContext) -> Processor:
+        from firehose.transforms import processors
+        from firehose.transforms.chain import ThreadStep
+
+        if self.format.lower() == "kpl":
+            return ThreadStep(processors.kpl_deaggregation)
+        kind, delimiter = self.format.upper(), self.delimiter_bytes
+        return ThreadStep(lambda outs: processors.record_deaggregation(outs, kind, delimiter))
+
     def describe(self) -> dict[str, Any]:
         params: dict[str, Any] = {"SubRecordType": self.format.upper()}
         if self.format.lower() == "delimited":
@@ -182,6 +202,12 @@ class DecompressionConfig(StrictModel):
         description="The records' compression; gzip only (Firehose: CompressionFormat).",
     )
 
+    def build(self, ctx: ProcessorContext) -> Processor:
+        from firehose.transforms import processors
+        from firehose.transforms.chain import ThreadStep
+
+        return ThreadStep(processors.decompression)
+
     def describe(self) -> dict[str, Any]:
         return _processor("Decompression", CompressionFormat="GZIP")
 
@@ -198,6 +224,13 @@ class CloudWatchLogProcessingConfig(StrictModel):
         description="Each log event's `message` becomes a record, control messages are dropped (Firehose: "
         "DataMessageExtraction).",
     )
+
+    def build(self, ctx: ProcessorContext) -> Processor:
+        from firehose.transforms import processors
+        from firehose.transforms.chain import ThreadStep
+
+        extract = self.data_message_extraction
+        return ThreadStep(lambda outs: processors.cloudwatch_log_processing(outs, extract))
 
     def describe(self) -> dict[str, Any]:
         return _processor("CloudWatchLogProcessing", DataMessageExtraction=str(self.data_message_extraction).lower())
@@ -234,6 +267,13 @@ class MetadataExtractionConfig(StrictModel):
     @property
     def program(self) -> Any:
         return compile_query(self.query)
+
+    def build(self, ctx: ProcessorContext) -> Processor:
+        from firehose.transforms import processors
+        from firehose.transforms.chain import ThreadStep
+
+        query = self.query
+        return ThreadStep(lambda outs: processors.metadata_extraction(outs, query))
 
     def describe(self) -> dict[str, Any]:
         return _processor("MetadataExtraction", MetadataExtractionQuery=self.query,

@@ -52,13 +52,13 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from firehose.interfaces import BuildContext, Source, SourceSink
+from firehose.log import LogFullError
 from firehose.models import StrictModel
 from firehose.sources.file_position import FINGERPRINT_BYTES, FollowedFile, fingerprint, starts_with
 from firehose.sources.file_records import RecordSplitter
 from firehose.sources.identity_search import SEARCH_ENTRIES_PER_SCAN as SEARCH_ENTRIES_PER_SCAN  # re-exported
 from firehose.sources.identity_search import Ident, IdentitySearch
 from firehose.sources.identity_search import SearchStep as SearchStep  # re-exported
-from firehose.spool import SpoolFullError
 
 CHUNK_BYTES = 1 << 20
 SMALL_CHUNK_BYTES = 64 << 10  # when the spool's cap is too small for a full chunk
@@ -718,5 +718,5 @@ class FileSource(Source):
             try:
                 await self.sink.put(records, nbytes=nbytes, positions=positions)
                 return
-            except SpoolFullError:
+            except LogFullError:
                 await asyncio.sleep(0.05)

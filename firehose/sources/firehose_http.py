@@ -33,8 +33,8 @@ from pydantic import Field, SecretStr, field_validator
 
 from firehose.httpserver import GuardedServer, HttpLimits
 from firehose.interfaces import BuildContext, Source, SourceSink
+from firehose.log import LogFullError
 from firehose.models import StrictModel
-from firehose.spool import SpoolFullError
 
 KEY_PREFIX = "firehose_http/"
 MAX_RECORDS = 10_000
@@ -46,6 +46,7 @@ class FirehoseHttpSourceConfig(StrictModel):
     stream still takes Direct PUT."""
 
     stream_type: ClassVar[str] = "DirectPut"
+    exclusive: ClassVar[bool] = False
 
     type: Literal["firehose_http"] = Field(description="`firehose_http`.")
     listen: str = Field(
@@ -171,7 +172,7 @@ class FirehoseHttpSource(Source):
             positions[KEY_PREFIX + old] = None
         try:
             await self.sink.put(records, positions=positions)
-        except SpoolFullError as exc:
+        except LogFullError as exc:
             return _answer(rid, 503, f"The stream cannot take records now: {exc}")
         self._seen[rid] = now
         return _answer(rid, 200)

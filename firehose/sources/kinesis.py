@@ -51,10 +51,10 @@ from pydantic import Field, ValidationInfo, field_validator
 from firehose.clock import Clock, SystemClock
 from firehose.interfaces import BuildContext, Source, SourceSink
 from firehose.kpl import MAGIC, KplError, deaggregate
+from firehose.log import LogError, LogFullError
 from firehose.models import StrictModel
-from firehose.records import PROCESSING_FAILED, ErrorInfo
+from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
 from firehose.retry import jittered_backoff
-from firehose.spool import SpoolError, SpoolFullError
 
 ARN_RE = re.compile(r"^arn:aws[a-z-]*:kinesis:([a-z0-9-]{1,32}):(\d{12}):stream/([a-zA-Z0-9_.-]{1,128})$")
 STREAM_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
@@ -619,15 +619,15 @@ class KinesisSource(Source):
                 except KplError as exc:
                     err = str(exc)
             if users is None:
-                meta: dict[str, Any] = {"kinesis": {
-                    "shardId": shard_id, "partitionKey": r.get("PartitionKey"), "approximateArrivalTimestamp": arrival,
-                    "sequenceNumber": seq, "subsequenceNumber": 0,
-                }}
+                kinesis = {"shardId": shard_id, "partitionKey": r.get("PartitionKey"),
+                           "approximateArrivalTimestamp": arrival, "sequenceNumber": seq, "subsequenceNumber": 0}
+                meta = RecordMeta.from_kinesis(kinesis)
                 if err is not None:
                     self._m_kpl_failed.inc()
                     self.log.warning("kinesis_kpl_record_invalid", shard_id=shard_id, sequence_number=seq,
                                      error=err[:300])
-                    meta["err"] = ErrorInfo(KPL_DEAGGREGATION_FAILED, err, PROCESSING_FAILED, 1, arrival, now).encode()
+                    info = ErrorInfo(KPL_DEAGGREGATION_FAILED, err, PROCESSING_FAILED, 1, arrival, now)
+                    meta = RecordMeta.failed(info, kinesis)
                 datas.append(data)
                 metas.append(meta)
                 nbytes += len(data)
@@ -639,10 +639,10 @@ class KinesisSource(Source):
                     if skip is not None and seq == skip[0] and sub <= skip[1]:
                         continue
                     datas.append(user.data)
-                    metas.append({"kinesis": {
+                    metas.append(RecordMeta.from_kinesis({
                         "shardId": shard_id, "partitionKey": user.partition_key,
                         "approximateArrivalTimestamp": arrival, "sequenceNumber": seq, "subsequenceNumber": sub,
-                    }})
+                    }))
                     nbytes += len(user.data)
                     if nbytes >= self._frame_bytes and sub != last:
                         await self._put_reliably(datas, metas, {key: {"seq": seq, "sub": sub, "whole": False}}, nbytes)
@@ -667,9 +667,9 @@ class KinesisSource(Source):
                 await self.sink.put(datas, self.clock.now_ms(), nbytes=nbytes,
                                     meta=metas if datas else None, positions=positions)
                 break
-            except SpoolFullError:
+            except LogFullError:
                 await asyncio.sleep(0.2)
-            except (SpoolError, OSError) as exc:
+            except (LogError, OSError) as exc:
                 failures += 1
                 delay = self._backoff(failures)
                 self.log.error("kinesis_spool_append_failed", error=str(exc)[:300], retry_in_secs=round(delay, 3))

@@ -21,9 +21,9 @@ from typing import Any
 import orjson
 
 from firehose.interfaces import Batch, Destination, RecordFailure, archive_of
+from firehose.log import SealedBatch
 from firehose.records import ErrorInfo
 from firehose.retry import local_failure_pause
-from firehose.spool import SealedBatch
 from firehose.stages.common import StageContext
 from firehose.stages.health import DeliveryHealth
 

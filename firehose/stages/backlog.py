@@ -6,13 +6,13 @@ the batcher) — and the gauges that follow from it and from the spools: spool b
 records, active partitions, ``DataFreshness`` (and the destination's own freshness metric).
 
 Calls: the delivery runner's and the batcher's ``oldest_ms``, the router's counts, and the logs'
-counters and ``frame_at`` (one frame, remembered while the same record heads the backlog).
+counters and ``read_frame`` (one frame, remembered while the same record heads the backlog).
 """
 
 from __future__ import annotations
 
 from firehose.interfaces import Destination
-from firehose.spool import Log, SpoolError
+from firehose.log import Log, LogError
 from firehose.stages.batcher import Batcher
 from firehose.stages.common import StageContext
 from firehose.stages.delivery import DeliveryRunner
@@ -33,8 +33,8 @@ class _HeadArrival:
         if last is not None and last[0] is log and last[1] == seq:
             return last[2]
         try:
-            frame = log.frame_at(seq)  # from the cache, or one frame read from disk
-        except (OSError, SpoolError):
+            frame = log.read_frame(seq)  # from memory, or one frame read from storage
+        except (OSError, LogError):
             return None
         if frame is None:
             return None

@@ -6,18 +6,17 @@ Firehose error records) and the source-backup buffer (``backup: {mode: all}``); 
 record goes to; sealing a buffer when the next record would not fit (``size_mib``) or its oldest
 record is ``interval_secs`` old, and on stop. A seal decides the batch's identity (its key, from
 the destination, and its ranges) and writes it to the log before any upload; many seals can
-share one fsync (:meth:`Batcher.seal_many`), and a batch whose seal is not yet durable is never
-dispatched. It reads ahead only while the delivery runner has room (``max_in_flight + 1``
+share one durable write (:meth:`Batcher.seal_many`), and a batch whose seal is not yet durable is
+never dispatched. It reads ahead only while the delivery runner has room (``max_in_flight + 1``
 batches), so a backlog stays on disk.
 
 With dynamic partitioning a record goes to its partition's buffer, which the
 :class:`PartitionRouter` keeps (admission, the guard, the memory budget); the batcher fills and
 seals them like its own.
 
-Calls: the :class:`Log` (``frame_at``, ``release_cache``, ``sealed``, ``allocate_batch_id``,
-``append_seal``, ``wait_durable``), the router, the destinations' ``batch_key`` /
-``archive_key``, and the :class:`DeliveryRunner` (``add``, ``has_room``, ``mark_durable``,
-``dispatch``).
+Calls: the :class:`Log` (``read_frame``, ``reader_passed``, ``sealed``, ``allocate_batch_id``,
+``seal``), the router, the destinations' ``batch_key`` / ``archive_key``, and the
+:class:`DeliveryRunner` (``add``, ``has_room``, ``not_durable``, ``mark_durable``, ``dispatch``).
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import Destination, archive_of, partitioned_keys
-from firehose.spool import Log, RecordFrame, SealedBatch
+from firehose.log import Log, LogError, RecordFrame, SealedBatch
+from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
 from firehose.stages.archiver import error_record_line
 from firehose.stages.common import OpenBuffer, PendingBatch, StageContext
 from firehose.stages.delivery import DeliveryRunner
@@ -46,7 +46,7 @@ def routes(metas: list[Any]) -> bool:
     """Whether a frame's records need the per-record path: some go elsewhere than the main
     buffer (failed, or source copies). Metadata that only describes records (a Kinesis source's
     kinesisRecordMetadata) does not."""
-    return any(isinstance(m, dict) and ("err" in m or "src" in m) for m in metas)
+    return any(map(RecordMeta.routed, metas))
 
 
 class Batcher:
@@ -96,13 +96,14 @@ class Batcher:
                 await asyncio.wait_for(self.seal_many(partitions, "stop"), max(0.1, deadline - time.monotonic()))
         except (TimeoutError, OSError) as exc:
             self.log.warning("stream_seal_on_stop_failed", error=str(exc))
-        # Seals written without their fsync (a batcher cancelled in seal_many) become deliverable
-        # once they are on disk.
-        if self.runner.awaiting_durability:
+        # Seals written by a call that did not finish (cancelled by the deadline) become
+        # deliverable once the log has them durably: passed again, they are not recorded twice.
+        again = self.runner.not_durable()
+        if again:
             try:
-                await self.out.wait_durable(force=True)
-                self.runner.mark_durable()
-            except OSError as exc:
+                await self.out.seal([p.sealed for p in again])
+                self.runner.mark_durable(again)
+            except (OSError, LogError) as exc:
                 self.log.warning("stream_seal_on_stop_failed", error=str(exc))
 
     # ------------------------------------------------------------------ what it holds
@@ -174,7 +175,7 @@ class Batcher:
             if self.cursor < spool.min_seq:
                 self.cursor = spool.min_seq
                 continue
-            frame = spool.frame_at(self.cursor)
+            frame = spool.read_frame(self.cursor)
             if frame is None:  # pragma: no cover - the index always covers [min_seq, next_seq)
                 self.log.error("spool_gap", seq=self.cursor)
                 self.cursor += 1
@@ -216,7 +217,7 @@ class Batcher:
                     self.cursor = first + i
                     return False
         self.cursor = frame.end_seq
-        self.out.release_cache(first)
+        self.out.reader_passed(self.cursor)
         return True
 
     async def _pump_routed(self, frame: RecordFrame) -> bool:
@@ -237,20 +238,19 @@ class Batcher:
             await self._buffer_record(key, seq, record, frame.arrival_ms)
             self.cursor = seq + 1
             if not self.runner.has_room():
-                if self.cursor >= frame.end_seq:
-                    self.out.release_cache(first)
+                self.out.reader_passed(self.cursor)
                 return False
         self.cursor = frame.end_seq
-        self.out.release_cache(first)
+        self.out.reader_passed(self.cursor)
         return True
 
     def _route(self, meta: Any, record: bytes, arrival_ms: int) -> tuple[BufferKey, bytes]:
         """Which buffer a record goes to, and what it is there: failed ones to an archive buffer
         per error-output type as Firehose error records, source copies to the backup buffer, the
         rest to the main buffer or, with dynamic partitioning, to their partition's."""
-        err = meta.get("err") if isinstance(meta, dict) else None
+        err = RecordMeta.error(meta)
         key: BufferKey = ""
-        if err is None and isinstance(meta, dict) and meta.get("src"):
+        if err is None and RecordMeta.is_source_copy(meta):
             key = SOURCE_BACKUP
         elif err is None and self.router.partitioning:
             ident = self.router.partition_of(meta)
@@ -258,7 +258,8 @@ class Batcher:
             if err is None and ident is not None:
                 key = ident
         if err is not None:
-            return err["t"], error_record_line(record, err)
+            info = ErrorInfo.decode(err)
+            return info.output_type or PROCESSING_FAILED, error_record_line(record, info)
         return key, record
 
     async def _buffer_record(self, key: BufferKey, seq: int, record: bytes, arrival_ms: int) -> None:
@@ -299,43 +300,48 @@ class Batcher:
 
     # ------------------------------------------------------------------ sealing
     async def seal_many(self, keys: list[Partition], reason: str) -> None:
-        """Seal several partition buffers with one fsync; none is delivered before it."""
-        try:
-            for key in keys:
-                await self.seal(key, reason=reason, sync=False)
-        finally:
-            await self.out.wait_durable(force=True)
-            self.runner.mark_durable()
-            self.runner.dispatch()
+        """Seal several partition buffers in one durable write; none is delivered before it."""
+        await self._seal_buffers(list(keys), reason)
 
-    async def seal(self, buffer_key: BufferKey = "", reason: str | None = None, *, sync: bool = True) -> None:
-        """Seal buffer ``buffer_key`` (nothing if it is empty): its identity is written to the log
-        (fsynced unless ``sync`` is False, when the caller makes it durable) and the batch goes to
-        the delivery runner."""
-        buf = self._peek(buffer_key)
-        if buf is None or not buf.count:
+    async def seal(self, buffer_key: BufferKey = "", reason: str | None = None) -> None:
+        """Seal buffer ``buffer_key`` (nothing if it is empty): its identity is written durably to
+        the log and the batch goes to the delivery runner."""
+        await self._seal_buffers([buffer_key], reason)
+
+    async def _seal_buffers(self, keys: list[BufferKey], reason: str | None) -> None:
+        new: list[tuple[BufferKey, PendingBatch]] = []
+        for buffer_key in keys:
+            buf = self._peek(buffer_key)
+            if buf is None or not buf.count:
+                continue
+            key, info, partition, records = self._identity(buffer_key, buf, reason)
+            sealed = SealedBatch(self.out.allocate_batch_id(), key, buf.ranges, buf.oldest_ms, info)
+            new.append((buffer_key, PendingBatch(sealed, records, partition=partition, durable=False)))
+            if partition is not None:
+                self.router.count_batch(partition)
+        if not new:
             return
-        key, info, partition, records = self._identity(buffer_key, buf, reason)
-        ranges = buf.ranges
-        sealed = SealedBatch(self.out.allocate_batch_id(), key, ranges, buf.oldest_ms, info)
-        pending = PendingBatch(sealed, records, partition=partition, durable=sync)
-        if partition is not None:
-            self.router.count_batch(partition)
-        # The buffer is forgotten only once its seal is written; a failed write leaves it to be
-        # sealed again. (A seal written but not yet fsynced is never re-sealed: it is pending.)
-        written = False
+        # Seals an earlier call wrote without finishing (cancelled at stop, or failed midway) are
+        # passed again: the log records none twice, and they become durable with these.
+        again = self.runner.not_durable()
+        batches = [*again, *(pending for _key, pending in new)]
+        # A buffer is forgotten once its seal is written; a failed write leaves it to be sealed
+        # again. (A seal written but not yet durable is never re-sealed: it is pending.)
         try:
-            await self.out.append_seal(sealed, durable=sync)
-            written = True
+            await self.out.seal([p.sealed for p in batches])
+            self.runner.mark_durable(batches)
         finally:
-            if written or self.out.sealed.covers(ranges[0][0], ranges[0][1]):
-                self._forget(buffer_key)
-                self.runner.add(pending)
-            elif partition is not None:
-                self.router.release(partition)
-        self.log.debug("batch_sealed", batch_id=sealed.batch_id, key=key, records=buf.count, reason=reason)
-        if sync:
-            self.runner.dispatch()
+            for buffer_key, pending in new:
+                first = pending.sealed.ranges[0]
+                if pending.durable or self.out.sealed.covers(first[0], first[1]):
+                    self._forget(buffer_key)
+                    self.runner.add(pending)
+                elif pending.partition is not None:
+                    self.router.release(pending.partition)
+        for _key, pending in new:
+            self.log.debug("batch_sealed", batch_id=pending.sealed.batch_id, key=pending.sealed.key,
+                           records=pending.sealed.info.get("records"), reason=reason)
+        self.runner.dispatch()
 
     def _identity(
         self, buffer_key: BufferKey, buf: OpenBuffer, reason: str | None,

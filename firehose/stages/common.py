@@ -15,8 +15,8 @@ from typing import Any
 
 from firehose.clock import Clock
 from firehose.intervals import Ranges
+from firehose.log import Log, RecordFrame, SealedBatch
 from firehose.metrics import Metrics
-from firehose.spool import Log, RecordFrame, SealedBatch
 
 
 class Signals:

@@ -10,10 +10,10 @@ counts of delivered and backed-up records.
 One delivery is four steps: *load* the records (from the sealed batch, else read back from the
 log; a batch sealed under another schema is checked again), *attempt* (one ``deliver`` call),
 *classify* the result (done; rejected records archived; the rest retried or, past the window,
-archived), *commit* (``append_commit``, then the batch is forgotten). Nothing is dropped: a
+archived), *commit* (``commit``, then the batch is forgotten). Nothing is dropped: a
 record ends delivered or archived.
 
-Calls: the :class:`Log` (``plan_records``, ``read_planned``, ``read_ranges``, ``append_commit``),
+Calls: the :class:`Log` (``read_records``, ``read_ranges``, ``commit``),
 the destinations' ``deliver``, the :class:`Archiver`, and callbacks the runtime wires:
 ``routing_error`` (the partition router's error for a record it archived, when its archive batch
 is read back after a restart) and ``release_partition``; it wakes the other stages when a
@@ -31,9 +31,9 @@ from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import Batch, DeliveryResult, Destination, RecordFailure
-from firehose.records import ErrorInfo
+from firehose.log import Log, SealedBatch
+from firehose.records import ErrorInfo, RecordMeta
 from firehose.retry import jittered_backoff, local_failure_pause
-from firehose.spool import Log, SealedBatch
 from firehose.stages.archiver import Archiver, error_record_line
 from firehose.stages.common import PendingBatch, StageContext
 from firehose.stages.health import DeliveryHealth
@@ -113,13 +113,14 @@ class DeliveryRunner:
         """Whether the batcher may seal another batch (``max_in_flight + 1`` are held at most)."""
         return len(self.pending) <= self.delivery.max_in_flight
 
-    @property
-    def awaiting_durability(self) -> bool:
-        return any(not p.durable for p in self.pending)
+    def not_durable(self) -> list[PendingBatch]:
+        """Batches whose seal was written by a call that did not finish: held back until a later
+        seal makes them durable."""
+        return [p for p in self.pending if not p.durable]
 
-    def mark_durable(self) -> None:
-        """Every seal written so far is on disk (the caller awaited ``wait_durable``)."""
-        for p in self.pending:
+    def mark_durable(self, batches: Iterable[PendingBatch]) -> None:
+        """These batches' seals are durable (the log's ``seal`` returned): they may go."""
+        for p in batches:
             p.durable = True
 
     def dispatch(self) -> None:
@@ -207,7 +208,7 @@ class DeliveryRunner:
         spool = pending.spool or self.out
         records = await self._load(pending, spool)
         if records is None:  # every record was archived by the schema check: no empty file
-            spool.append_commit(pending.sealed.batch_id, {"attempts": 0})
+            await spool.commit(pending.sealed.batch_id, {"attempts": 0})
             self._finish(pending)
             return
         run = self._plan(pending, records)
@@ -216,7 +217,7 @@ class DeliveryRunner:
             failures = await self._classify(run, result)
             if failures is None or await self._retry_or_expire(run, failures):
                 break
-        self._commit(pending, spool, run)
+        await self._commit(pending, spool, run)
 
     async def _load(self, pending: PendingBatch, spool: Log) -> list[bytes] | None:
         """The batch's records: held since the seal, or read back from the log. None when a main
@@ -227,26 +228,23 @@ class DeliveryRunner:
         if pending.records is not None:
             records = pending.records
         elif sink != "archive":
-            # The frame index is read here, on the loop (trimming shifts it); only reads go to a thread.
-            records = await asyncio.to_thread(spool.read_planned, spool.plan_records(sealed.ranges))
+            records = await spool.read_records(sealed.ranges)
         else:
-            records = self._read_error_records(spool, sealed)
+            records = await self._read_error_records(spool, sealed)
         if sink == "main":
             records = await self._recheck_schema(sealed, records)
             if not records:
                 return None
         return records
 
-    def _read_error_records(self, spool: Log, sealed: SealedBatch) -> list[bytes]:
+    async def _read_error_records(self, spool: Log, sealed: SealedBatch) -> list[bytes]:
         """An archive batch read back (after a restart): its records' error records, rebuilt from
-        their metadata. On the loop: frame lookups must not race the trimming of the index (this
-        path is rare)."""
-        records, metas = spool.read_ranges(sealed.ranges)
+        their metadata."""
+        records, metas = await spool.read_ranges(sealed.ranges)
         lines = []
         for r, m in zip(records, metas or [None] * len(records), strict=True):
-            if isinstance(m, dict) and "err" in m:
-                err = m["err"]
-            else:
+            err = RecordMeta.error(m)
+            if err is None:
                 assert self.routing_error is not None
                 err = self.routing_error(m, sealed)
             lines.append(error_record_line(r, err))
@@ -371,10 +369,10 @@ class DeliveryRunner:
                          batch_id=sealed.batch_id, key=sealed.key, archived_records=len(run.todo),
                          error_code=first.error_code)
 
-    def _commit(self, pending: PendingBatch, spool: Log, run: _Run) -> None:
+    async def _commit(self, pending: PendingBatch, spool: Log, run: _Run) -> None:
         """The batch is finished: commit it (its spool space can be freed) and count it."""
         sealed = run.sealed
-        spool.append_commit(sealed.batch_id, {"attempts": run.attempt})
+        await spool.commit(sealed.batch_id, {"attempts": run.attempt})
         n = len(run.records)
         if run.sink == "archive":
             self.archiver.count(n)

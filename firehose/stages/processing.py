@@ -3,7 +3,7 @@
 Owns: the read cursor in the ingest log; processing buffers (Firehose's processing buffer hints:
 the chain's ``buffer_size_bytes`` / ``buffer_interval_secs``), several in the chain at once
 (``concurrency``, at least 2); recording every buffer's outcomes, strictly in order, as one frame
-of the outcome log with the position ``{"raw_end": n}``, fsynced, and only then committing the
+of the outcome log with the position ``{"raw_end": n}``, durably, and only then committing the
 raw records (:meth:`Log.commit_ranges`); the count of dropped records. A restart resumes at
 ``raw_end``, so no transform runs twice on a record whose outcome is recorded.
 
@@ -16,9 +16,9 @@ While the outcome log holds half the stream's spool cap the stage stops reading 
 far behind), so the ingest cap applies back-pressure.
 
 Calls: the chain (``process``; its buffer hints, ``lambda_arn``), the ingest :class:`Log`
-(``frame_at``, ``release_cache``, ``next_seq``, ``min_seq``, ``commit_ranges``), the outcome
-:class:`Log` (``append_records``, ``wait_durable``, ``size_bytes``), and wakes the batcher once
-outcomes are recorded.
+(``read_frame``, ``reader_passed``, ``next_seq``, ``min_seq``, ``commit_ranges``), the outcome
+:class:`Log` (``append``, durable on return whatever the stream's fsync policy; ``size_bytes``),
+and wakes the batcher once outcomes are recorded.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import time
 from typing import Any
 
 from firehose.config import StreamConfig
+from firehose.interfaces import ProcessingChain
+from firehose.log import Log, LogError
 from firehose.names import stream_arn
-from firehose.records import ErrorInfo
+from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
 from firehose.retry import local_failure_pause
-from firehose.spool import Log, SpoolError
 from firehose.stages.common import StageContext
 
 #: One ingested record in a processing buffer: (sequence number, data, arrival ms, source metadata).
@@ -50,11 +51,12 @@ def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda
             dropped += 1
             continue
         records.append(o.data)
-        metas.append(_ok_meta(o) if o.result == "Ok" else {"err": _error(o, items[o.source], now_ms, lambda_arn)})
+        metas.append(_ok_meta(o) if o.result == "Ok" else RecordMeta.failed(_error(o, items[o.source], now_ms,
+                                                                                     lambda_arn)))
     if backup_all:
         for _seq, data, _arrival, _meta in items:
             records.append(data)
-            metas.append({"src": 1})
+            metas.append(RecordMeta.SOURCE_COPY)
     return records, metas, dropped
 
 
@@ -67,19 +69,19 @@ def _ok_meta(o: Any) -> dict[str, Any] | None:
         pk["partitionKeyFromQuery:" + name] = value
     for name, value in (o.partition_keys or {}).items():
         pk["partitionKeyFromLambda:" + name] = value
-    return {"pk": pk}
+    return RecordMeta.keyed(pk)
 
 
-def _error(o: Any, item: Item, now_ms: int, lambda_arn: str | None) -> dict[str, Any]:
+def _error(o: Any, item: Item, now_ms: int, lambda_arn: str | None) -> ErrorInfo:
     err = ErrorInfo(o.error_code, o.error_message, o.error_output_type, o.attempts, item[2], now_ms, lambda_arn)
-    source_meta = item[3]
-    if isinstance(source_meta, dict) and "kinesis" in source_meta:  # a KDS source's record
-        err.extra["sequenceNumber"] = source_meta["kinesis"].get("sequenceNumber")
-        err.extra["subSequenceNumber"] = source_meta["kinesis"].get("subsequenceNumber")
-    return err.encode()
+    kinesis = RecordMeta.kinesis(item[3])
+    if kinesis is not None:  # a KDS source's record
+        err.extra["sequenceNumber"] = kinesis.get("sequenceNumber")
+        err.extra["subSequenceNumber"] = kinesis.get("subsequenceNumber")
+    return err
 
 
-async def load_chain(config: StreamConfig, *, region: str, account_id: str, converter: Any) -> Any:
+async def load_chain(config: StreamConfig, *, region: str, account_id: str, converter: Any) -> ProcessingChain:
     """Build and start a stream's processing chain (``transforms/chain.py``, through the registry)."""
     from firehose.registry import PROCESSING_CHAIN, load
 
@@ -102,13 +104,13 @@ async def load_converter(fmt: Any) -> Any:
     return await asyncio.to_thread(load(CONVERTER), fmt)
 
 
-def resume_point(ingest: Log, raw_end: int, *, after_sealed: bool, name: str) -> int:
+async def resume_point(ingest: Log, raw_end: int, *, after_sealed: bool, name: str) -> int:
     """Where processing resumes after a restart: at ``raw_end``, the end of the raw records whose
     outcome is recorded in the outcome log ``name`` (they are committed again: their commit may
     have been lost), or, when batches were sealed in the ingest log before processing was turned
     on (``after_sealed``; they are still delivered from there), after those."""
     if raw_end > ingest.next_seq:
-        raise SpoolError(
+        raise LogError(
             f"{name}: outcomes are recorded up to record {raw_end} but the ingest "
             f"spool ends at {ingest.next_seq}; refusing to guess (was the spool replaced?)"
         )
@@ -116,7 +118,7 @@ def resume_point(ingest: Log, raw_end: int, *, after_sealed: bool, name: str) ->
     if after_sealed:
         done = max(done, ingest.sealed.next_gap(ingest.min_seq))
     if done > ingest.min_seq and not ingest.committed.covers(ingest.min_seq, done):
-        ingest.commit_ranges([(ingest.min_seq, done)])
+        await ingest.commit_ranges([(ingest.min_seq, done)])
     return max(done, ingest.min_seq)
 
 
@@ -137,7 +139,7 @@ class _Buffer:
 class ProcessingStage:
     """Runs one stream's processing chain. All methods run on the stream's event loop."""
 
-    def __init__(self, ctx: StageContext, chain: Any, ingest: Log, out: Log, *, cap_bytes: int,
+    def __init__(self, ctx: StageContext, chain: ProcessingChain, ingest: Log, out: Log, *, cap_bytes: int,
                  backup_all: bool) -> None:
         self.name, self.clock, self.metrics, self.log = ctx.name, ctx.clock, ctx.metrics, ctx.log
         self.signals = ctx.signals
@@ -173,7 +175,7 @@ class ProcessingStage:
         """Fill processing buffers from the ingest log and hand each to the chain; several are in
         processing at once (Firehose keeps up to 5 invocations outstanding per shard); the
         recorder records their outcomes strictly in order."""
-        depth = max(2, int(getattr(self.chain, "concurrency", 2)))
+        depth = max(2, self.chain.concurrency)
         queue: asyncio.Queue[tuple[list[Item], list[Any], asyncio.Task[Any]]] = asyncio.Queue(maxsize=depth)
         recorder = asyncio.get_running_loop().create_task(self._record_loop(queue), name=f"recorder-{self.name}")
         buf = _Buffer()
@@ -222,7 +224,7 @@ class ProcessingStage:
         limit = self.chain.buffer_size_bytes
         ingest = self.ingest
         while self.cursor < ingest.next_seq and not self.signals.stopping and not self._throttled:
-            frame = ingest.frame_at(self.cursor)
+            frame = ingest.read_frame(self.cursor)
             if frame is None:
                 self.cursor = max(self.cursor, ingest.min_seq)
                 break
@@ -236,13 +238,13 @@ class ProcessingStage:
                     self.cursor = first + i
                     await self._submit(queue, buf.take())
             self.cursor = frame.end_seq
-            ingest.release_cache(first)
+            ingest.reader_passed(self.cursor)
 
     async def _submit(self, queue: asyncio.Queue[Any], items: list[Item]) -> None:
         from firehose.records import SourceRecord
 
         sources = [
-            SourceRecord(str(seq), data, arrival, meta.get("kinesis") if isinstance(meta, dict) else None)
+            SourceRecord(str(seq), data, arrival, RecordMeta.kinesis(meta))
             for seq, data, arrival, meta in items
         ]
         task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
@@ -251,7 +253,7 @@ class ProcessingStage:
     async def _run_chain(self, items: list[Item], sources: list[Any]) -> list[Any]:
         t0 = time.monotonic()
         # A record its source already failed (a KPL aggregate that does not verify) skips the chain.
-        failed = {i: m["err"] for i, (_, _, _, m) in enumerate(items) if isinstance(m, dict) and "err" in m}
+        failed = {i: ErrorInfo.decode(e) for i, (_, _, _, m) in enumerate(items) if (e := RecordMeta.error(m)) is not None}
         if not failed:
             outcomes = list(await self.chain.process(sources))
         else:
@@ -261,7 +263,9 @@ class ProcessingStage:
             outcomes = list(await self.chain.process([sources[i] for i in keep])) if keep else []
             for o in outcomes:
                 o.source = keep[o.source]
-            outcomes += [Outcome(i, sources[i].data).failed(e["c"], e["m"], e["t"]) for i, e in failed.items()]
+            outcomes += [Outcome(i, sources[i].data).failed(e.code or "", e.message or "",
+                                                            e.output_type or PROCESSING_FAILED)
+                         for i, e in failed.items()]
             outcomes.sort(key=lambda o: o.source)  # stable: a record's outcomes keep their order
         self.metrics.execute_processing_seconds.labels(self.name).inc(time.monotonic() - t0)
         self.metrics.execute_processing_calls.labels(self.name).inc()
@@ -298,9 +302,8 @@ class ProcessingStage:
                 self.log.exception("outcome_recording_failed", error=str(exc), attempt=failures)
                 await asyncio.sleep(local_failure_pause(failures))
                 if self.recorded_upto >= items[-1][0] + 1:
-                    # Appended already: finish the durability and the release, not the append.
-                    await self.out.wait_durable(force=True)
-                    self.ingest.commit_ranges([(items[0][0], items[-1][0] + 1)])
+                    # Appended (durably) already: finish the release, not the append.
+                    await self.ingest.commit_ranges([(items[0][0], items[-1][0] + 1)])
                     self.signals.batcher.set()
                     return
 
@@ -309,12 +312,11 @@ class ProcessingStage:
                                                 lambda_arn=self.chain.lambda_arn, backup_all=self.backup_all)
         start, end = items[0][0], items[-1][0] + 1
         has_meta = any(m is not None for m in metas)
-        self.out.append_records(
+        await self.out.append(
             records, items[0][2], meta=metas if has_meta else None, positions={"raw_end": end}, enforce_cap=False
         )
         self.recorded_upto = end
-        await self.out.wait_durable(force=True)
-        self.ingest.commit_ranges([(start, end)])
+        await self.ingest.commit_ranges([(start, end)])
         self.dropped_records += dropped
         failed = sum(1 for o in outcomes if o.result == "ProcessingFailed")
         ok_bytes = sum(len(o.data) for o in outcomes if o.result == "Ok")

@@ -24,8 +24,8 @@ from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import Destination, partitioned_keys
-from firehose.records import ErrorInfo
-from firehose.spool import SealedBatch
+from firehose.log import SealedBatch
+from firehose.records import ErrorInfo, RecordMeta
 from firehose.stages.common import OpenBuffer, StageContext
 
 # What an open partition's bookkeeping costs, counted against dynamic_partitioning.memory_budget_mib
@@ -115,8 +115,8 @@ class PartitionRouter:
     def partition_of(self, meta: Any) -> Partition | None:
         """A record's partition: its values for the keys the Prefix uses, or None if one is missing."""
         assert self.refs is not None
-        pk = meta.get("pk") if isinstance(meta, dict) else None
-        if not isinstance(pk, dict):
+        pk = RecordMeta.partition_keys(meta)
+        if pk is None:
             return None
         values = []
         for ref in self.refs:

@@ -19,7 +19,7 @@ import orjson
 import pytest
 import yaml
 
-from support import Daemon, daemon_config, free_port, local_objects, stream_config, wait_for
+from support import PLUGIN_SOURCE, Daemon, daemon_config, free_port, local_objects, stream_config, wait_for
 
 
 def firehose(*args: str, cwd: Path, stdin: bytes = b"", env: dict[str, str] | None = None,
@@ -144,43 +144,51 @@ def test_version_and_help_say_what_each_command_reads_and_prints(tmp_path: Path)
 # Plugins
 # --------------------------------------------------------------------------------------------------
 
-PLUGIN = '''
-from typing import Literal
+def _plugin_wheel(tmp_path: Path) -> Path:
+    """A tiny plugin distribution as a wheel, the way a user's plugin package is shipped."""
+    import zipfile
 
-from firehose.destinations.local import LocalDestinationConfig
-from firehose.sources.file import FileSourceConfig
+    wheel = tmp_path / "fh_e2e_plugin-1.0-py3-none-any.whl"
+    info = "fh_e2e_plugin-1.0.dist-info"
+    files = {
+        "fh_e2e_plugin.py": PLUGIN_SOURCE,
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: fh-e2e-plugin\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/entry_points.txt": "[firehose.destinations]\ncopy = fh_e2e_plugin:CopyDestinationConfig\n\n"
+                                    "[firehose.sources]\ntail = fh_e2e_plugin:TailSourceConfig\n\n"
+                                    "[firehose.processors]\nupper = fh_e2e_plugin:UpperConfig\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return wheel
 
 
-class CopyDestinationConfig(LocalDestinationConfig):
-    type: Literal["copy"]
-
-
-class TailSourceConfig(FileSourceConfig):
-    type: Literal["tail"]
-'''
-
-
-def test_destination_and_source_plugins_run_end_to_end(tmp_path: Path) -> None:
-    """A distribution with entry points in firehose.destinations and firehose.sources, found
-    through its .dist-info on PYTHONPATH, as pip would install it: both run in the daemon."""
+def test_destination_source_and_processor_plugins_run_end_to_end(tmp_path: Path) -> None:
+    """A plugin package installed by pip (into a directory on PYTHONPATH, so the test venv stays
+    as it is) with entry points in firehose.destinations, firehose.sources and
+    firehose.processors: all three run in the daemon."""
     plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "fh_e2e_plugin.py").write_text(PLUGIN)
-    info = plugins / "fh_e2e_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fh-e2e-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(
-        "[firehose.destinations]\ncopy = fh_e2e_plugin:CopyDestinationConfig\n\n"
-        "[firehose.sources]\ntail = fh_e2e_plugin:TailSourceConfig\n")
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                          "--target", str(plugins), str(_plugin_wheel(tmp_path))], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
     log = tmp_path / "app.log"
     log.write_text("first\nsecond\n")
     stream = stream_config("p", {"type": "copy", "path": str(tmp_path / "out")},
-                           sources=[{"type": "tail", "paths": [str(log)], "initial_position": "start_of_file"}])
+                           sources=[{"type": "tail", "paths": [str(log)], "initial_position": "start_of_file"}],
+                           processing=[{"type": "upper"}])
     env = {"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
     d = Daemon(tmp_path, daemon_config(tmp_path, [stream]), env=env).start()
     try:
-        wait_for(lambda: b"".join(local_objects(tmp_path / "out").values()) == b"first\nsecond\n", 30,
-                 "the plugin source's records in the plugin destination")
+        d.firehose().put_record(DeliveryStreamName="p", Record={"Data": b"third\n"})
+        got = lambda: sorted(b"".join(local_objects(tmp_path / "out").values()).splitlines())  # noqa: E731
+        wait_for(lambda: got() == [b"FIRST", b"SECOND", b"THIRD"], 30,
+                 "the plugin source's records, through the plugin processor, in the plugin destination")
+        described = d.firehose().describe_delivery_stream(DeliveryStreamName="p")["DeliveryStreamDescription"]
+        extended = described["Destinations"][0]["ExtendedS3DestinationDescription"]
+        assert extended["ProcessingConfiguration"] == {"Enabled": True,
+                                                       "Processors": [{"Type": "Upper", "Parameters": []}]}
     finally:
         assert d.stop() == 0
 

@@ -76,3 +76,28 @@ def test_a_damaged_stream_waits_for_salvage_while_the_others_run(tmp_path: Path)
     delivered = sorted(orjson.loads(line)["i"] for v in local_objects(tmp_path / "out-a").values()
                        for line in v.splitlines())
     assert delivered == [i for i in range(20) if i != 5]
+
+
+def test_one_daemon_per_data_dir_and_no_salvage_beside_a_running_daemon(tmp_path: Path) -> None:
+    """A second daemon on the same data_dir, or a salvage of a spool a daemon is writing, would
+    write beside it: both are refused with one line naming the holder's pid."""
+    stream = stream_config("a", {"type": "local", "path": str(tmp_path / "out")})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    try:
+        d.firehose().put_record(DeliveryStreamName="a", Record={"Data": b"kept\n"})
+        second = tmp_path / "second"
+        second.mkdir()
+        other = Daemon(second, {**daemon_config(tmp_path, [stream]), "data_dir": str(tmp_path / "data")})
+        res = subprocess.run(other.command, capture_output=True, text=True, timeout=60, cwd=second)
+        pid = d.proc.pid
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip() == (f"firehose: cannot start: {tmp_path / 'data'}: the data_dir is in use by "
+                                      f"another process (pid {pid})")
+        salvage = _cli("spool", "salvage", str(tmp_path / "data" / "spool" / "a"))
+        assert salvage.returncode == 2
+        assert salvage.stderr.strip() == (f"firehose: {tmp_path / 'data' / 'spool' / 'a'}: the spool is in use by "
+                                          f"another process (pid {pid}); stop the daemon first")
+        assert d.health()["streams"]["a"]["status"] == "ok"  # the running daemon is untouched
+    finally:
+        assert d.stop() == 0
+    assert local_objects(tmp_path / "out") and b"kept" in b"".join(local_objects(tmp_path / "out").values())

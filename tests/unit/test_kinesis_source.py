@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -101,8 +101,10 @@ def test_source_config_errors_name_file_line_and_field(source: str, expected: st
 
 
 class OtherSourceConfig(BaseModel):
-    """A stand-in for a future source type (a file tailer, say)."""
+    """A stand-in for another source type (a file tailer, say)."""
 
+    stream_type: ClassVar[str] = "DirectPut"
+    exclusive: ClassVar[bool] = False
     type: Literal["tail"]
     path: str
 

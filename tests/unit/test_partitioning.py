@@ -436,15 +436,15 @@ def test_a_seal_that_fails_mid_frame_does_not_buffer_records_twice(tmp_path: Pat
     async def go() -> None:
         rt = make_runtime(tmp_path, clock=clock, interval=900)
         await rt.start()
-        real = rt.out.append_seal
+        real = rt.out.seal
         failures = [OSError(errno.ENOSPC, "No space left on device")]
 
-        async def flaky(batch: Any, *, durable: bool = True) -> None:
+        async def flaky(batches: Any) -> None:
             if failures:
                 raise failures.pop()
-            await real(batch, durable=durable)
+            await real(batches)
 
-        rt.out.append_seal = flaky  # type: ignore[method-assign]
+        rt.out.seal = flaky
         await rt.put([orjson.dumps({"c": "a", "i": i, "pad": "x" * 300_000}) for i in range(5)])
         await settle(lambda: rt.delivered_records >= 3, timeout=10)
         await rt.stop(5)

@@ -1,16 +1,18 @@
-"""Plugins through entry points: destinations and sources that implement the config contract
-load; processors, which the processing chain cannot run, are refused at config load instead of
-validating and then being skipped; a plugin that does not load is one config error."""
+"""Plugins through entry points: destinations, sources and processors that implement the config
+contract load (a plugin processor runs in its place in Firehose's order); one that lacks the
+contract, or does not load, is one config error naming its package."""
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from firehose.config import ConfigError, load_config_text
 from firehose.registry import PluginError, destination_config_class, processor_config_class
+from support import PLUGIN_SOURCE
 
 
 def install_plugin(root: Path, module_code: str, entry_points: dict[str, dict[str, str]]) -> tuple[str, str]:
@@ -30,26 +32,13 @@ def install_plugin(root: Path, module_code: str, entry_points: dict[str, dict[st
     return dist, module
 
 
-PLUGIN_CODE = '''
-from typing import Literal
+PLUGIN_CODE = PLUGIN_SOURCE + '''
 
-from pydantic import BaseModel
+class NoStep(BaseModel):
+    type: Literal["nostep"]
 
-from firehose.destinations.local import LocalDestinationConfig
-from firehose.sources.file import FileSourceConfig
-from firehose.transforms.config import AppendDelimiterConfig
-
-
-class CopyDestinationConfig(LocalDestinationConfig):
-    type: Literal["copy"]
-
-
-class TailSourceConfig(FileSourceConfig):
-    type: Literal["tail"]
-
-
-class UpperConfig(AppendDelimiterConfig):
-    type: Literal["upper"]
+    def describe(self):
+        return {}
 
 
 class NoBuild(BaseModel):
@@ -70,7 +59,7 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
         "firehose.destinations": {"copy": "MOD:CopyDestinationConfig", "nobuild": "MOD:NoBuild",
                                   "plain": "MOD:NotAModel", "broken": "fh_no_such_module_xyz:Config"},
         "firehose.sources": {"tail": "MOD:TailSourceConfig"},
-        "firehose.processors": {"upper": "MOD:UpperConfig"},
+        "firehose.processors": {"upper": "MOD:UpperConfig", "nostep": "MOD:NoStep"},
     })
     monkeypatch.syspath_prepend(str(tmp_path))
     return dist, module
@@ -82,16 +71,49 @@ def errors_of(text: str) -> list[str]:
     return info.value.errors
 
 
-def test_a_plugin_processor_is_refused_at_load_naming_its_package(plugin: tuple[str, str]) -> None:
+def test_a_plugin_processor_runs_after_the_built_in_transforms_and_before_the_lambda(
+        plugin: tuple[str, str]) -> None:
+    """Listed first, the plugin still runs in its place: it sees the decompressed record, and the
+    partition-key query (after the Lambda's place) sees its output."""
+    import asyncio
+    import gzip
+
+    from firehose.records import SourceRecord
+    from firehose.registry import PROCESSING_CHAIN, load
+
+    text = """streams:
+  - name: a
+    processing:
+      - {type: upper}
+      - {type: metadata_extraction, query: '{c: .C}'}
+      - {type: decompression}
+    dynamic_partitioning: {enabled: true}
+    destination: {type: local, path: o, prefix: "!{partitionKeyFromQuery:c}/", error_output_prefix: e/}
+"""
+    stream = load_config_text(text, "f.yaml", {}).streams[0]
+    assert [p.describe()["Type"] for p in stream.processing] == ["Upper", "MetadataExtraction", "Decompression"]
+    chain = load(PROCESSING_CHAIN)(stream.processing, stream_arn="arn", region="us-east-1")
+
+    async def go() -> list[Any]:
+        await chain.start()
+        try:
+            return await chain.process([SourceRecord("0", gzip.compress(b'{"c": "a"}'), 1, None)])
+        finally:
+            await chain.close()
+
+    (out,) = asyncio.run(go())
+    assert (out.result, out.data, out.query_keys) == ("Ok", b'{"C": "A"}', {"c": "A"})
+
+
+def test_a_processor_plugin_without_the_contract_is_refused_naming_its_package(plugin: tuple[str, str]) -> None:
     dist, module = plugin
-    text = "streams:\n  - name: a\n    processing:\n      - {type: upper}\n    destination: {type: local, path: o}\n"
+    text = "streams:\n  - name: a\n    processing:\n      - {type: nostep}\n    destination: {type: local, path: o}\n"
     assert errors_of(text) == [
-        f"f.yaml:4: streams[0].processing[0].type: processor type 'upper' comes from the plugin package "
-        f"{dist!r} (entry point firehose.processors: upper = {module}:UpperConfig); third-party processors "
-        "are not supported yet"
+        f"f.yaml:4: streams[0].processing[0].type: processor type 'nostep' from the plugin package {dist!r} "
+        f"(entry point firehose.processors: nostep = {module}:NoStep) lacks build() of the processor config contract"
     ]
     with pytest.raises(PluginError):
-        processor_config_class("upper")
+        processor_config_class("nostep")
 
 
 def test_destination_and_source_plugins_that_implement_the_contract_load(plugin: tuple[str, str]) -> None:
@@ -109,7 +131,7 @@ def test_a_destination_plugin_without_the_contract_is_refused(plugin: tuple[str,
     (err,) = errors_of("streams:\n  - name: a\n    destination: {type: nobuild}\n")
     assert err == (f"f.yaml:3: streams[0].destination.type: destination type 'nobuild' from the plugin package "
                    f"{dist!r} (entry point firehose.destinations: nobuild = {module}:NoBuild) lacks build(), "
-                   "describe() of the destination config contract")
+                   "describe(), requires_backup of the destination config contract")
     (err,) = errors_of("streams:\n  - name: a\n    destination: {type: plain}\n")
     assert err == (f"f.yaml:3: streams[0].destination.type: destination type 'plain' from the plugin package "
                    f"{dist!r} (entry point firehose.destinations: plain = {module}:NotAModel) is not a pydantic "

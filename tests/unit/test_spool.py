@@ -34,7 +34,7 @@ def test_append_recover_returns_unsealed_records_in_order(tmp_path: Path) -> Non
         state = sp2.open()
         assert state.unsealed_records == 12
         assert state.pending == []
-        got = [r for f in sp2.iter_frames(sp2.min_seq) for r in f.records]
+        got = sp2.read_ranges([(sp2.min_seq, sp2.next_seq)])[0]
         assert got == expected
         assert sp2.next_seq == 12
         await sp2.aclose()
@@ -237,7 +237,7 @@ def test_a_failed_write_leaves_no_partial_frame(tmp_path: Path, monkeypatch: pyt
         sp2 = Spool(str(tmp_path))
         state = sp2.open()
         assert state.truncated_bytes == 0
-        assert [r for f in sp2.iter_frames(0) for r in f.records] == [b"good", b"after"]
+        assert sp2.read_ranges([(0, sp2.next_seq)])[0] == [b"good", b"after"]
         await sp2.aclose()
 
     run(go())
@@ -253,7 +253,7 @@ def test_an_empty_segment_left_by_a_crash_is_removed_not_taken_for_damage(tmp_pa
         for _ in range(2):  # the second restart must not find a "truncated header" either
             sp2 = Spool(str(tmp_path))
             sp2.open()
-            assert [r for f in sp2.iter_frames(sp2.min_seq) for r in f.records] == [b"kept"]
+            assert sp2.read_ranges([(sp2.min_seq, sp2.next_seq)])[0] == [b"kept"]
             await sp2.aclose()
 
     run(go())
@@ -303,8 +303,8 @@ def test_a_failed_fsync_fences_the_spool(tmp_path: Path, monkeypatch: pytest.Mon
     run(go())
 
 
-def test_read_records_picks_scattered_records_from_disk_and_cache(tmp_path: Path) -> None:
-    """A partition's records are a few per frame: read_records reads just those, from the frame
+def test_planned_reads_pick_scattered_records_from_disk_and_cache(tmp_path: Path) -> None:
+    """A partition's records are a few per frame: a planned read reads just those, from the frame
     cache when the frame is there and from disk otherwise, and gives what read_ranges gives."""
 
     async def go() -> None:
@@ -318,10 +318,10 @@ def test_read_records_picks_scattered_records_from_disk_and_cache(tmp_path: Path
             sp.release_cache(first)
         ranges = [(0, 1), (3, 5), (9, 12), (25, 26), (29, 31), (40, 41), (47, 60)]
         want = [r for s, e in ranges for r in records[s:e]]
-        assert sp.read_records(ranges) == want
+        assert sp.read_planned(sp.plan_records(ranges)) == want
         assert sp.read_ranges(ranges)[0] == want
         with pytest.raises(SpoolError, match="record 60 is missing"):
-            sp.read_records([(59, 61)])
+            sp.read_planned(sp.plan_records([(59, 61)]))
         await sp.aclose()
 
     run(go())

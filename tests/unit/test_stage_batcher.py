@@ -1,4 +1,4 @@
-"""The batcher on its own, reading a real spool: buffers sealed on size, on time and on stop,
+"""The batcher on its own, reading a real log (the file spool, and the in-memory log): buffers sealed on size, on time and on stop,
 back-pressure from the delivery runner, routed records (error records, source copies,
 partitions), records sealed before a restart skipped, and a failed seal retried."""
 
@@ -18,8 +18,8 @@ import structlog
 from firehose.clock import ManualClock
 from firehose.config import load_config_text
 from firehose.interfaces import Batch, BuildContext, DeliveryResult, Destination
+from firehose.log import SealedBatch
 from firehose.metrics import Metrics
-from firehose.spool import SealedBatch, Spool
 from firehose.stages.batcher import SOURCE_BACKUP, Batcher, routes
 from firehose.stages.common import PendingBatch, StageContext
 from firehose.stages.router import PartitionRouter
@@ -42,12 +42,11 @@ class Runner:
     def has_room(self) -> bool:
         return self.max_pending is None or len(self.pending) <= self.max_pending
 
-    @property
-    def awaiting_durability(self) -> bool:
-        return any(not p.durable for p in self.pending)
+    def not_durable(self) -> list[PendingBatch]:
+        return [p for p in self.pending if not p.durable]
 
-    def mark_durable(self) -> None:
-        for p in self.pending:
+    def mark_durable(self, batches: list[PendingBatch]) -> None:
+        for p in batches:
             p.durable = True
 
     def dispatch(self) -> None:
@@ -73,11 +72,12 @@ class Backup(Keys):
 
 
 class Setup:
-    def __init__(self, tmp: Path, *, size_mib: int = 1, interval: int = 60, partitioned: bool = False) -> None:
+    def __init__(self, tmp: Path, make_log: Any, *, size_mib: int = 1, interval: int = 60,
+                 partitioned: bool = False) -> None:
         self.clock = ManualClock()
         self.ctx = StageContext("s", self.clock, Metrics(), structlog.get_logger(), rng=random.Random(1))
-        self.spool = Spool(str(tmp / "spool"))
-        self.recovery = self.spool.open()
+        self.spool = make_log("spool")
+        self.recovery = asyncio.run(self.spool.open())
         self.runner = Runner()
         if partitioned:
             text = f"""
@@ -105,8 +105,8 @@ streams:
         self.batcher = Batcher(self.ctx, config, self.spool, destination, Backup(), self.router,
                                self.runner)  # type: ignore[arg-type]
 
-    def put(self, records: list[bytes], meta: list[Any] | None = None) -> int:
-        return self.spool.append_records(records, self.clock.now_ms(), meta=meta)
+    async def put(self, records: list[bytes], meta: list[Any] | None = None) -> int:
+        return await self.spool.append(records, self.clock.now_ms(), meta=meta)
 
     def sealed(self) -> list[SealedBatch]:
         return [p.sealed for p in self.runner.pending]
@@ -120,13 +120,13 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_a_buffer_is_sealed_when_the_next_record_would_not_fit(tmp_path: Path) -> None:
-    s = Setup(tmp_path, size_mib=1)
+def test_a_buffer_is_sealed_when_the_next_record_would_not_fit(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, size_mib=1)
     rec = b"x" * 100_000
 
     async def go() -> None:
         for _ in range(25):
-            s.put([rec])
+            await s.put([rec])
         await s.batcher.pump()
         await s.spool.aclose()
 
@@ -137,15 +137,15 @@ def test_a_buffer_is_sealed_when_the_next_record_would_not_fit(tmp_path: Path) -
     assert [list(b.ranges) for b in s.sealed()] == [[(0, 10)], [(10, 20)]]
     assert all(p.records == [rec] * 10 and p.durable for p in s.runner.pending)
     assert s.batcher.buffered_records == 5 and s.batcher.caught_up and s.runner.dispatched == 2
-    again = Spool(s.spool.directory)
-    assert [b.key for b in again.open().pending] == ["main/122000", "main/122000"]  # seals are on disk
+    again = make_log("spool")  # a restart: the seals are durable
+    assert [b.key for b in run(again.open()).pending] == ["main/122000", "main/122000"]
 
 
-def test_a_record_larger_than_the_buffer_goes_out_on_its_own(tmp_path: Path) -> None:
-    s = Setup(tmp_path, size_mib=1)
+def test_a_record_larger_than_the_buffer_goes_out_on_its_own(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, size_mib=1)
 
     async def go() -> None:
-        s.put([b"a", b"x" * 1_100_000, b"b"])
+        await s.put([b"a", b"x" * 1_100_000, b"b"])
         await s.batcher.pump()
         await s.spool.aclose()
 
@@ -154,12 +154,12 @@ def test_a_record_larger_than_the_buffer_goes_out_on_its_own(tmp_path: Path) -> 
     assert s.batcher.buffered_records == 1
 
 
-def test_without_room_the_batcher_stops_reading_and_resumes_where_it_stopped(tmp_path: Path) -> None:
-    s = Setup(tmp_path, size_mib=1)
+def test_without_room_the_batcher_stops_reading_and_resumes_where_it_stopped(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, size_mib=1)
     rec = b"y" * 500_000
 
     async def go() -> None:
-        s.put([rec] * 10)  # one frame
+        await s.put([rec] * 10)  # one frame
         s.runner.max_pending = 0
         await s.batcher.pump()
         # It sealed the first full buffer, then stopped mid-frame: the rest stays on disk.
@@ -174,13 +174,13 @@ def test_without_room_the_batcher_stops_reading_and_resumes_where_it_stopped(tmp
     assert s.batcher.buffered_records == 2
 
 
-def test_buffers_are_sealed_on_time_by_the_clock(tmp_path: Path) -> None:
-    s = Setup(tmp_path, interval=300)
+def test_buffers_are_sealed_on_time_by_the_clock(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, interval=300)
 
     async def go() -> None:
-        s.put([b"a"])
+        await s.put([b"a"])
         s.clock.advance(100)
-        s.put([b"b"])
+        await s.put([b"b"])
         await s.batcher.pump()
         assert s.batcher.oldest_ms() == ARRIVAL
         s.clock.advance(199)
@@ -195,14 +195,14 @@ def test_buffers_are_sealed_on_time_by_the_clock(tmp_path: Path) -> None:
     assert _count(batch) == 2 and batch.oldest_arrival_ms == ARRIVAL and s.batcher.oldest_ms() is None
 
 
-def test_the_loop_reads_when_woken_and_reports_progress(tmp_path: Path) -> None:
-    s = Setup(tmp_path, interval=0)
+def test_the_loop_reads_when_woken_and_reports_progress(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, interval=0)
     progress: list[int] = []
     s.ctx.on_progress = lambda: progress.append(1)
 
     async def go() -> None:
         s.batcher.start(s.spool.min_seq)
-        s.put([b"now"])
+        await s.put([b"now"])
         s.ctx.signals.batcher.set()
         for _ in range(200):
             if s.runner.pending:
@@ -216,14 +216,14 @@ def test_the_loop_reads_when_woken_and_reports_progress(tmp_path: Path) -> None:
     assert [p.records for p in s.runner.pending] == [[b"now"]] and progress
 
 
-def test_failed_records_and_source_copies_go_to_their_own_buffers(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
+def test_failed_records_and_source_copies_go_to_their_own_buffers(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log)
     err = {"t": "processing-failed", "c": "Lambda.X", "m": "bad", "a": 2, "ts": ARRIVAL, "e": ARRIVAL}
     metas = [None, {"err": err}, {"src": 1}, {"kinesis": {"sequenceNumber": "1"}}]
     assert routes(metas) and not routes([None, {"kinesis": {}}])
 
     async def go() -> None:
-        s.put([b"ok", b"failed", b"copy", b"ok2"], meta=metas)
+        await s.put([b"ok", b"failed", b"copy", b"ok2"], meta=metas)
         await s.batcher.pump()
         assert s.batcher.buffered_records == 4
         await s.batcher.seal_all(deadline=float("inf"))
@@ -242,16 +242,16 @@ def test_failed_records_and_source_copies_go_to_their_own_buffers(tmp_path: Path
     assert SOURCE_BACKUP not in by_key
 
 
-def test_records_sealed_before_a_restart_are_not_batched_again(tmp_path: Path) -> None:
-    first = Setup(tmp_path)
+def test_records_sealed_before_a_restart_are_not_batched_again(tmp_path: Path, make_log: Any) -> None:
+    first = Setup(tmp_path, make_log)
 
     async def seal_some() -> None:
-        first.put([b"a", b"b", b"c", b"d"])
-        await first.spool.append_seal(SealedBatch(first.spool.allocate_batch_id(), "old", [(1, 3)], ARRIVAL))
+        await first.put([b"a", b"b", b"c", b"d"])
+        await first.spool.seal([SealedBatch(first.spool.allocate_batch_id(), "old", [(1, 3)], ARRIVAL)])
         await first.spool.aclose()
 
     run(seal_some())
-    s = Setup(tmp_path)  # the same spool, recovered
+    s = Setup(tmp_path, make_log)  # the same spool, recovered
     assert [b.key for b in s.recovery.pending] == ["old"]
 
     async def go() -> None:
@@ -264,12 +264,12 @@ def test_records_sealed_before_a_restart_are_not_batched_again(tmp_path: Path) -
     assert list(batch.ranges) == [(0, 1), (3, 4)]
 
 
-def test_partitions_are_sealed_together_with_one_fsync_and_their_keys(tmp_path: Path) -> None:
-    s = Setup(tmp_path, interval=60, partitioned=True)
+def test_partitions_are_sealed_together_with_one_fsync_and_their_keys(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, interval=60, partitioned=True)
     pk = "partitionKeyFromQuery:c"
 
     async def go() -> None:
-        s.put([b"1", b"2", b"3", b"4"], meta=[{"pk": {pk: "a"}}, {"pk": {pk: "b"}}, {"pk": {pk: "a"}}, {"pk": {}}])
+        await s.put([b"1", b"2", b"3", b"4"], meta=[{"pk": {pk: "a"}}, {"pk": {pk: "b"}}, {"pk": {pk: "a"}}, {"pk": {}}])
         await s.batcher.pump()
         assert (s.router.open_partitions, s.router.buffered_records, s.batcher.buffered_records) == (2, 3, 4)
         s.clock.advance(60)
@@ -288,20 +288,20 @@ def test_partitions_are_sealed_together_with_one_fsync_and_their_keys(tmp_path: 
     assert flushes == 2
 
 
-def test_a_seal_that_cannot_be_written_leaves_the_buffer_to_be_sealed_again(tmp_path: Path) -> None:
-    s = Setup(tmp_path, interval=0)
-    real = s.spool.append_seal
+def test_a_seal_that_cannot_be_written_leaves_the_buffer_to_be_sealed_again(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, interval=0)
+    real = s.spool.seal
     failures = [OSError(errno.ENOSPC, "No space left on device")]
 
-    async def flaky(batch: SealedBatch, *, durable: bool = True) -> None:
+    async def flaky(batches: list[SealedBatch]) -> None:
         if failures:
             raise failures.pop()
-        await real(batch, durable=durable)
+        await real(batches)
 
-    s.spool.append_seal = flaky  # type: ignore[method-assign]
+    s.spool.seal = flaky
 
     async def go() -> None:
-        s.put([b"a", b"b"])
+        await s.put([b"a", b"b"])
         await s.batcher.pump()
         try:
             await s.batcher.seal_due()

@@ -1,4 +1,4 @@
-"""The delivery runner on its own, over a real spool: batches delivered and committed, at most
+"""The delivery runner on its own, over a real log (the file spool, and the in-memory log): batches delivered and committed, at most
 ``max_in_flight`` at once, partial failures resent, rejected records archived at once, retry
 windows, and what a stop leaves behind."""
 
@@ -19,8 +19,8 @@ import structlog
 from firehose.clock import ManualClock
 from firehose.config import StreamConfig, load_config_text
 from firehose.interfaces import Batch, DeliveryResult, Destination, RecordFailure
+from firehose.log import SealedBatch
 from firehose.metrics import Metrics
-from firehose.spool import SealedBatch, Spool
 from firehose.stages.archiver import Archiver
 from firehose.stages.common import PendingBatch, StageContext
 from firehose.stages.delivery import DeliveryRunner
@@ -55,7 +55,7 @@ class Dest(Destination):
 class Setup:
     """A runner over a fresh spool, its destination and archive, and what it reports."""
 
-    def __init__(self, tmp: Path, dest: Dest, *, delivery: str = "", dp: bool = False) -> None:
+    def __init__(self, tmp: Path, make_log: Any, dest: Dest, *, delivery: str = "", dp: bool = False) -> None:
         extra = "\n    dynamic_partitioning: {enabled: true, retry_duration_secs: 10}" if dp else ""
         prefix = ', prefix: "c=!{partitionKeyFromQuery:c}/", error_output_prefix: "e/"' if dp else ""
         processing = "\n    processing: [{type: metadata_extraction, query: '{c: .c}'}]" if dp else ""
@@ -67,8 +67,8 @@ streams:
 """
         self.config: StreamConfig = load_config_text(text, "t.yaml", {}).streams[0]
         self.clock = ManualClock()
-        self.spool = Spool(str(tmp / "spool"))
-        self.spool.open()
+        self.spool = make_log("spool")
+        asyncio.run(self.spool.open())
         self.dest = dest
         self.archive = Dest()
         self.health = DeliveryHealth("destination")
@@ -90,10 +90,10 @@ streams:
 
     async def seal(self, records: list[bytes], *, info: dict[str, Any] | None = None, meta: list[Any] | None = None,
                    keep: bool = True, partition: tuple[str, ...] | None = None) -> PendingBatch:
-        first = self.spool.append_records(records, ARRIVAL, meta=meta)
+        first = await self.spool.append(records, ARRIVAL, meta=meta)
         sealed = SealedBatch(self.spool.allocate_batch_id(), f"key-{first}", [(first, first + len(records))],
                              ARRIVAL, info or {})
-        await self.spool.append_seal(sealed)
+        await self.spool.seal([sealed])
         pending = PendingBatch(sealed, list(records) if keep else None, partition=partition)
         self.runner.add(pending)
         return pending
@@ -107,8 +107,8 @@ async def settle(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     raise AssertionError("condition not reached")
 
 
-def test_batches_are_delivered_committed_and_counted(tmp_path: Path) -> None:
-    s = Setup(tmp_path, Dest())
+def test_batches_are_delivered_committed_and_counted(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, Dest())
 
     async def go() -> None:
         await s.seal([b"a", b"b"])
@@ -125,11 +125,11 @@ def test_batches_are_delivered_committed_and_counted(tmp_path: Path) -> None:
     assert sorted((b.key, list(b.records)) for b in s.dest.batches) == [
         ("key-0", [b"a", b"b"]), ("key-2", [b"c"]), ("key-3", [b"d"])]
     assert s.runner.delivered_records == 4 and s.released == [("x",)] and s.progress == 3
-    again = Spool(s.spool.directory)
-    assert again.open().pending == []  # committed: nothing to re-send after a restart
+    again = make_log("spool")
+    assert asyncio.run(again.open()).pending == []  # committed: nothing to re-send after a restart
 
 
-def test_at_most_max_in_flight_deliveries_run_and_room_is_max_in_flight_plus_one(tmp_path: Path) -> None:
+def test_at_most_max_in_flight_deliveries_run_and_room_is_max_in_flight_plus_one(tmp_path: Path, make_log: Any) -> None:
     gate = asyncio.Event()
     running = 0
     peak = 0
@@ -142,7 +142,7 @@ def test_at_most_max_in_flight_deliveries_run_and_room_is_max_in_flight_plus_one
         running -= 1
         return DeliveryResult.delivered()
 
-    s = Setup(tmp_path, Dest(slow), delivery=", max_in_flight: 2")
+    s = Setup(tmp_path, make_log, Dest(slow), delivery=", max_in_flight: 2")
 
     async def go() -> None:
         for i in range(3):
@@ -159,17 +159,17 @@ def test_at_most_max_in_flight_deliveries_run_and_room_is_max_in_flight_plus_one
     assert peak == 2 and s.runner.delivered_records == 3 and s.runner.oldest_ms() is None
 
 
-def test_a_batch_whose_seal_is_not_durable_waits(tmp_path: Path) -> None:
-    s = Setup(tmp_path, Dest())
+def test_a_batch_whose_seal_is_not_durable_waits(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, Dest())
 
     async def go() -> None:
         pending = await s.seal([b"a"])
         pending.durable = False
-        assert s.runner.awaiting_durability
+        assert s.runner.not_durable() == [pending]
         s.runner.dispatch()
         await asyncio.sleep(0.02)
         assert s.dest.batches == []
-        s.runner.mark_durable()
+        s.runner.mark_durable([pending])
         s.runner.dispatch()
         await settle(lambda: not s.runner.pending)
         await s.spool.aclose()
@@ -178,14 +178,14 @@ def test_a_batch_whose_seal_is_not_durable_waits(tmp_path: Path) -> None:
     assert len(s.dest.batches) == 1
 
 
-def test_partial_failures_resend_only_the_failed_records_with_their_positions(tmp_path: Path) -> None:
+def test_partial_failures_resend_only_the_failed_records_with_their_positions(tmp_path: Path, make_log: Any) -> None:
     answers = [DeliveryResult({1: RecordFailure(True, "Throttled", "slow down"), 3: RecordFailure(True, "T", "x")}),
                DeliveryResult({0: RecordFailure(True, "Throttled", "again")})]
 
     async def flaky(batch: Batch) -> DeliveryResult:
         return answers.pop(0) if answers else DeliveryResult.delivered()
 
-    s = Setup(tmp_path, Dest(flaky))
+    s = Setup(tmp_path, make_log, Dest(flaky))
 
     async def go() -> None:
         await s.seal([b"a", b"b", b"c", b"d", b"e"])
@@ -203,7 +203,7 @@ def test_partial_failures_resend_only_the_failed_records_with_their_positions(tm
     assert s.ctx.metrics.delivery_retries.labels("s")._value.get() == 2
 
 
-def test_rejected_records_are_archived_at_once_and_a_window_archives_the_rest(tmp_path: Path) -> None:
+def test_rejected_records_are_archived_at_once_and_a_window_archives_the_rest(tmp_path: Path, make_log: Any) -> None:
     async def refuse(batch: Batch) -> DeliveryResult:
         s.clock.advance(4)
         if batch.attempt == 1:
@@ -214,7 +214,7 @@ def test_rejected_records_are_archived_at_once_and_a_window_archives_the_rest(tm
     dest = Dest(refuse)
     dest.retry_duration_secs = 10
     dest.error_output_type = "AmazonOpenSearchService-failed"
-    s = Setup(tmp_path, dest)
+    s = Setup(tmp_path, make_log, dest)
 
     async def go() -> None:
         await s.seal([b"a", b"b", b"c"])
@@ -231,12 +231,12 @@ def test_rejected_records_are_archived_at_once_and_a_window_archives_the_rest(tm
     assert s.runner.delivered_records == 1 and s.archiver.archived_records == 2
 
 
-def test_a_partitions_batch_is_archived_as_delivery_failed_after_its_retry_duration(tmp_path: Path) -> None:
+def test_a_partitions_batch_is_archived_as_delivery_failed_after_its_retry_duration(tmp_path: Path, make_log: Any) -> None:
     async def denied(batch: Batch) -> DeliveryResult:
         s.clock.advance(3)
         return DeliveryResult.all_failed(len(batch.records), retryable=True, code="S3.AccessDenied", message="no")
 
-    s = Setup(tmp_path, Dest(denied), dp=True)
+    s = Setup(tmp_path, make_log, Dest(denied), dp=True)
 
     async def go() -> None:
         await s.seal([b"x", b"y"], partition=("b",))
@@ -254,8 +254,8 @@ def test_a_partitions_batch_is_archived_as_delivery_failed_after_its_retry_durat
     assert s.health.failing_since_ms is not None  # the prefix never went through
 
 
-def test_an_archive_batch_read_back_gets_its_error_records_rebuilt(tmp_path: Path) -> None:
-    s = Setup(tmp_path, Dest())
+def test_an_archive_batch_read_back_gets_its_error_records_rebuilt(tmp_path: Path, make_log: Any) -> None:
+    s = Setup(tmp_path, make_log, Dest())
     err = {"t": "processing-failed", "c": "Lambda.X", "m": "bad", "a": 1, "ts": 5, "e": 6}
 
     async def go() -> None:
@@ -275,7 +275,7 @@ def test_an_archive_batch_read_back_gets_its_error_records_rebuilt(tmp_path: Pat
     assert s.archiver.archived_records == 2 and s.runner.delivered_records == 0
 
 
-def test_a_local_error_is_retried_after_a_pause_and_shows_in_health(tmp_path: Path, monkeypatch: Any) -> None:
+def test_a_local_error_is_retried_after_a_pause_and_shows_in_health(tmp_path: Path, make_log: Any, monkeypatch: Any) -> None:
     calls = 0
 
     async def broken(batch: Batch) -> DeliveryResult:
@@ -285,7 +285,7 @@ def test_a_local_error_is_retried_after_a_pause_and_shows_in_health(tmp_path: Pa
             raise OSError("disk on fire")
         return DeliveryResult.delivered()
 
-    s = Setup(tmp_path, Dest(broken))
+    s = Setup(tmp_path, make_log, Dest(broken))
     slept: list[float] = []
     real_sleep = asyncio.sleep
 
@@ -308,12 +308,12 @@ def test_a_local_error_is_retried_after_a_pause_and_shows_in_health(tmp_path: Pa
     assert s.health.failing_since_ms is None and s.runner.delivered_records == 1
 
 
-def test_drain_stops_at_the_deadline_and_leaves_the_batch_sealed(tmp_path: Path) -> None:
+def test_drain_stops_at_the_deadline_and_leaves_the_batch_sealed(tmp_path: Path, make_log: Any) -> None:
     async def never(batch: Batch) -> DeliveryResult:
         await asyncio.Event().wait()
         raise AssertionError
 
-    s = Setup(tmp_path, Dest(never))
+    s = Setup(tmp_path, make_log, Dest(never))
 
     async def go() -> None:
         await s.seal([b"a"])
@@ -323,5 +323,5 @@ def test_drain_stops_at_the_deadline_and_leaves_the_batch_sealed(tmp_path: Path)
         await s.spool.aclose()
 
     asyncio.run(go())
-    again = Spool(s.spool.directory)
-    assert [b.key for b in again.open().pending] == ["key-0"]  # re-sent under its key after a restart
+    again = make_log("spool")
+    assert [b.key for b in asyncio.run(again.open()).pending] == ["key-0"]  # re-sent under its key after a restart
