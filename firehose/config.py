@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
+from firehose.cluster import ClusterConfig, cluster_problems
 from firehose.config_errors import _collect, _line_for
 from firehose.interfaces import (
     BufferingLimits,
@@ -401,6 +402,11 @@ class DaemonConfig(StrictModel):
         "for the next start.",
     )
     streams: list[StreamConfig] = Field(default=[], description="The delivery streams.")
+    cluster: ClusterConfig | None = Field(
+        default=None,
+        description="Cluster mode: every stream's log in NATS JetStream, shared by several daemons "
+        "(docs/cluster.md). Absent: the local spool.",
+    )
     source: str = Field(
         default=DEFAULT_CONFIG_NAME, exclude=True,
         description="Not a config key: the file the config was read from, set by the loader.",
@@ -448,6 +454,9 @@ def parse_config(data: Any, file: str, lines: Mapping[Path, int] | None = None) 
         resolved = _resolve_stream(raw, at)
         if resolved is not None:
             streams.append(resolved)
+        if data.get("cluster") is not None:
+            for path, message in cluster_problems(raw):
+                at.error(at.base + path, message)
     if errors or cfg is None:
         raise ConfigError(errors, checks=checks)
     out = cfg.model_copy(update={"streams": streams})

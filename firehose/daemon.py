@@ -16,10 +16,11 @@ import orjson
 import structlog
 
 from firehose.api import FirehoseApi
+from firehose.cluster import Cluster, ClusterConfig, ClusteredStream, node_name
 from firehose.config import ConfigError, DaemonConfig, StreamConfig, load_config
 from firehose.filelog import lock_directory
 from firehose.httpserver import GuardedServer
-from firehose.log import LogBusyError, LogError
+from firehose.log import LogBusyError, LogError, LogStore
 from firehose.metrics import Metrics
 from firehose.names import disk_name, stream_arn
 from firehose.stream import StreamRuntime
@@ -138,7 +139,8 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics()
-        self.streams: dict[str, StreamRuntime] = {}
+        self.streams: dict[str, Any] = {}  # StreamRuntime, or ClusteredStream in cluster mode
+        self.cluster: Cluster | None = None
         self.state = StreamState(config.data_dir)
         self.api = FirehoseApi(self)
         self.ready = False
@@ -153,10 +155,11 @@ class Daemon:
         self._server: GuardedServer | None = None
 
     # ------------------------------------------------------------------ streams
-    async def _start_stream(self, cfg: StreamConfig) -> StreamRuntime:
-        """Start a stream's runtime. If the start fails, what it had opened (spool files, worker
-        processes, clients) is closed again before the error propagates, so the same spool can be
-        opened by another runtime at once (a reload rolling back)."""
+    async def _start_stream(self, cfg: StreamConfig, logs: LogStore | None = None) -> StreamRuntime:
+        """Start a stream's runtime (on ``logs``: a cluster partition's; default the local spool).
+        If the start fails, what it had opened (spool files, worker processes, clients) is closed
+        again before the error propagates, so the same spool can be opened by another runtime at
+        once (a reload rolling back)."""
         version = self.state.version_for(cfg)
         rt = StreamRuntime(
             cfg,
@@ -165,6 +168,7 @@ class Daemon:
             region=self.config.api.region,
             account_id=self.config.api.account_id,
             metrics=self.metrics,
+            logs=logs,
         )
         try:
             await rt.start()
@@ -233,7 +237,9 @@ class Daemon:
             os.close(self._dir_lock)  # the lock drops with it
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
-        for cfg in self.config.streams:
+        if self.config.cluster is not None:
+            self._join_cluster(self.config.cluster)
+        for cfg in self.config.streams if self.config.cluster is None else ():
             try:
                 self.streams[cfg.name] = await self._start_stream(cfg)
             except LogBusyError as exc:
@@ -255,6 +261,14 @@ class Daemon:
         sd_notify("READY=1\nSTATUS=serving")
         await self._stop.wait()
         return await self.shutdown()
+
+    def _join_cluster(self, config: ClusterConfig) -> None:
+        """Cluster mode: every stream answers through a ClusteredStream whose partitions this
+        daemon runs while it holds their leases (firehose/cluster.py)."""
+        for cfg in self.config.streams:
+            self.streams[cfg.name] = ClusteredStream(cfg, self.state.version_for(cfg), node_name(config))
+        self.cluster = Cluster(config, self.streams, self._start_stream)
+        self.cluster.start()
 
     def _interrupt(self) -> None:
         """Ctrl-C: the first stops as SIGTERM does (flush within shutdown_timeout_secs); a second
@@ -286,6 +300,8 @@ class Daemon:
         for rt in self.streams.values():
             rt._accepting = False
         timeout = float(self.config.shutdown_timeout_secs)
+        if self.cluster is not None:
+            await self.cluster.stop(timeout)  # stops the partitions, then gives their leases up
         results = await asyncio.gather(*(rt.stop(timeout) for rt in self.streams.values()), return_exceptions=True)
         if self._server is not None:
             await self._server.close()
@@ -310,6 +326,9 @@ class Daemon:
                 problems = await asyncio.to_thread(_precheck, new, self.config)
                 if problems:
                     raise ConfigError(problems)
+                if self.cluster is not None or new.cluster is not None:
+                    raise ConfigError(["cluster mode: a reload does not apply stream changes yet; restart the "
+                                       "daemons one at a time (docs/cluster.md)"])
             except ConfigError as exc:
                 log.error("config_reload_rejected", errors=exc.errors)
                 sd_notify("READY=1\nSTATUS=reload rejected; old config running")

@@ -186,8 +186,12 @@ class FileLog:
         self._spool.commit_ranges(ranges)
 
     # ------------------------------------------------------------------ reading
-    def read_frame(self, seq: int) -> RecordFrame | None:
+    async def read_frame(self, seq: int) -> RecordFrame | None:
         return self._spool.frame_at(seq)
+
+    def arrival_of(self, seq: int) -> int | None:
+        frame = self._spool.frame_at(seq)
+        return frame.arrival_ms if frame is not None else None
 
     def reader_passed(self, seq: int) -> None:
         self._spool.release_below(seq)

@@ -145,9 +145,13 @@ class Log(Protocol):
         frame is durable. Concurrent appends share the work of making them durable. Raises
         :class:`LogFullError` at the cap (nothing written) unless ``enforce_cap`` is False."""
 
-    def read_frame(self, seq: int) -> RecordFrame | None:
-        """The frame holding record ``seq`` (None outside ``[min_seq, next_seq)``). Blocking at
-        most for one read of local storage."""
+    async def read_frame(self, seq: int) -> RecordFrame | None:
+        """The frame holding record ``seq`` (None outside ``[min_seq, next_seq)``): from memory
+        when recent, else one read of storage."""
+
+    def arrival_of(self, seq: int) -> int | None:
+        """The arrival time (ms) of record ``seq`` (None outside ``[min_seq, next_seq)``), for
+        ``/healthz``: cheap, blocking at most for one read of local storage."""
 
     def reader_passed(self, seq: int) -> None:
         """The stage reading this log has consumed every record below ``seq``; the log may drop
@@ -190,6 +194,23 @@ class LogStore(Protocol):
 
     def exists(self, stream: str, name: str) -> bool:
         """Whether the log was ever written (a leftover log keeps its stage on)."""
+
+
+async def read_ranges_by_frame(log: Log, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:
+    """:meth:`Log.read_ranges` done with :meth:`Log.read_frame`, for logs that read whole frames."""
+    out: list[bytes] = []
+    metas: list[Any] = []
+    for start, end in ranges:
+        seq = start
+        while seq < end:
+            frame = await log.read_frame(seq)
+            if frame is None:
+                raise LogError(f"{log.name}: record {seq} is missing from the log")
+            lo, hi = seq - frame.first_seq, min(end, frame.end_seq) - frame.first_seq
+            out.extend(frame.records[lo:hi])
+            metas.extend(frame.meta[lo:hi] if frame.meta is not None else [None] * (hi - lo))
+            seq = frame.first_seq + hi
+    return out, (metas if any(m is not None for m in metas) else None)
 
 
 INGEST = "ingest"

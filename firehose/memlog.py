@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from firehose.intervals import IntervalSet
-from firehose.log import Log, LogError, LogFencedError, LogFullError, RecordFrame, RecoveryState, SealedBatch
+from firehose.log import (
+    Log,
+    LogError,
+    LogFencedError,
+    LogFullError,
+    RecordFrame,
+    RecoveryState,
+    SealedBatch,
+    read_ranges_by_frame,
+)
 
 
 @dataclass
@@ -167,7 +176,14 @@ class MemoryLog:
         st.sealed.discard_below(st.min_seq)
 
     # ------------------------------------------------------------------ reading
-    def read_frame(self, seq: int) -> RecordFrame | None:
+    async def read_frame(self, seq: int) -> RecordFrame | None:
+        return self._frame(seq)
+
+    def arrival_of(self, seq: int) -> int | None:
+        frame = self._frame(seq)
+        return frame.arrival_ms if frame is not None else None
+
+    def _frame(self, seq: int) -> RecordFrame | None:
         st = self.store
         i = bisect.bisect_right(st.starts, seq) - 1
         if i < 0 or not st.frames[i].first_seq <= seq < st.frames[i].end_seq:
@@ -181,19 +197,7 @@ class MemoryLog:
         return (await self.read_ranges(ranges))[0]
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:
-        out: list[bytes] = []
-        metas: list[Any] = []
-        for start, end in ranges:
-            seq = start
-            while seq < end:
-                frame = self.read_frame(seq)
-                if frame is None:
-                    raise LogError(f"{self.name}: record {seq} is missing from the log")
-                lo, hi = seq - frame.first_seq, min(end, frame.end_seq) - frame.first_seq
-                out.extend(frame.records[lo:hi])
-                metas.extend(frame.meta[lo:hi] if frame.meta is not None else [None] * (hi - lo))
-                seq = frame.first_seq + hi
-        return out, (metas if any(m is not None for m in metas) else None)
+        return await read_ranges_by_frame(self, ranges)
 
     async def aclose(self) -> None:
         """Nothing to flush: every call was complete when it returned."""

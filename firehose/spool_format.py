@@ -17,7 +17,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -91,6 +91,17 @@ def encode_records_frame(
     meta: list[Any] | None = None,
     positions: dict[str, Any] | None = None,
 ) -> bytes:
+    return _frame(T_RECORDS, records_payload(first_seq, arrival_ms, records, meta, positions))
+
+
+def records_payload(
+    first_seq: int,
+    arrival_ms: int,
+    records: Sequence[bytes],
+    meta: list[Any] | None = None,
+    positions: dict[str, Any] | None = None,
+) -> bytes:
+    """A RECORDS frame's payload (see the module docstring)."""
     lengths = array("I", [len(r) for r in records])
     if not _LITTLE:  # pragma: no cover - the format is little-endian on disk
         lengths.byteswap()
@@ -105,7 +116,23 @@ def encode_records_frame(
         blob = orjson.dumps(positions)
         parts.append(struct.pack(">I", len(blob)))
         parts.append(blob)
-    return _frame(T_RECORDS, b"".join(parts))
+    return b"".join(parts)
+
+
+def iter_frames(data: bytes, where: str) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of every frame in ``data``, a whole number of frames; a frame that fails
+    its CRC or runs past the end raises :class:`SpoolError` naming ``where``."""
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < _FRAME_HEADER.size:
+            raise SpoolError(f"{where}: a frame is cut short at offset {pos}")
+        length, crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
+        start = pos + _FRAME_HEADER.size
+        payload = data[start : start + length]
+        if len(payload) != length or zlib.crc32(payload, zlib.crc32(bytes((ftype,)))) != crc:
+            raise SpoolError(f"{where}: the frame at offset {pos} fails its CRC")
+        yield ftype, payload
+        pos = start + length
 
 
 def _frame(ftype: int, payload: bytes) -> bytes:

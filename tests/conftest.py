@@ -18,13 +18,21 @@ sys.path.insert(0, str(TESTS))
 os.environ["PYTHONSAFEPATH"] = "1"
 os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
 
-from support import MotoServer, unavailable  # noqa: E402
+from support import MotoServer, NatsServer, unavailable  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def moto() -> Iterator[MotoServer]:
     server = MotoServer()
     server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One real nats-server with JetStream for the session (fsync on every write)."""
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
     yield server
     server.stop()
 

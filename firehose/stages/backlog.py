@@ -6,7 +6,7 @@ the batcher) — and the gauges that follow from it and from the spools: spool b
 records, active partitions, ``DataFreshness`` (and the destination's own freshness metric).
 
 Calls: the delivery runner's and the batcher's ``oldest_ms``, the router's counts, and the logs'
-counters and ``read_frame`` (one frame, remembered while the same record heads the backlog).
+counters and ``arrival_of`` (one frame, remembered while the same record heads the backlog).
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ class _HeadArrival:
         if last is not None and last[0] is log and last[1] == seq:
             return last[2]
         try:
-            frame = log.read_frame(seq)  # from memory, or one frame read from storage
+            arrival = log.arrival_of(seq)  # from memory, or one frame read from storage
         except (OSError, LogError):
             return None
-        if frame is None:
+        if arrival is None:
             return None
-        self._last = (log, seq, frame.arrival_ms)
-        return frame.arrival_ms
+        self._last = (log, seq, arrival)
+        return arrival
 
 
 class Backlog:

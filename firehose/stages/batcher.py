@@ -175,7 +175,7 @@ class Batcher:
             if self.cursor < spool.min_seq:
                 self.cursor = spool.min_seq
                 continue
-            frame = spool.read_frame(self.cursor)
+            frame = await spool.read_frame(self.cursor)
             if frame is None:  # pragma: no cover - the index always covers [min_seq, next_seq)
                 self.log.error("spool_gap", seq=self.cursor)
                 self.cursor += 1

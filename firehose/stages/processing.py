@@ -224,7 +224,7 @@ class ProcessingStage:
         limit = self.chain.buffer_size_bytes
         ingest = self.ingest
         while self.cursor < ingest.next_seq and not self.signals.stopping and not self._throttled:
-            frame = ingest.read_frame(self.cursor)
+            frame = await ingest.read_frame(self.cursor)
             if frame is None:
                 self.cursor = max(self.cursor, ingest.min_seq)
                 break

@@ -89,7 +89,7 @@ def test_schema_covers_every_typed_part(schema: dict[str, Any]) -> None:
     file_options = schema["$defs"]["FileSourceConfig"]["properties"]["processing"]["items"]
     assert set(file_options["discriminator"]["mapping"]) == {"single_line", "csv_to_json", "log_to_json",
                                                              "add_metadata"}
-    assert set(schema["properties"]) == {"api", "data_dir", "shutdown_timeout_secs", "streams"}  # not `source`
+    assert set(schema["properties"]) == {"api", "data_dir", "shutdown_timeout_secs", "streams", "cluster"}  # not `source`
 
 
 def valid() -> dict[str, Any]:

@@ -29,9 +29,9 @@ def test_appends_read_back_in_order_with_metadata_and_positions(make_log: Any) -
         assert (state.pending, state.unsealed_records, log.next_seq) == ([], 0, 0)
         assert await log.append([b"a", b"b"], 10, meta=[{"k": 1}, None], positions={"shard": "1"}) == 0
         assert await log.append([b"c"], 20, positions={"shard": "2", "gone": None}) == 2
-        frame = log.read_frame(1)
+        frame = await log.read_frame(1)
         assert (frame.first_seq, frame.records, frame.meta, frame.arrival_ms) == (0, [b"a", b"b"], [{"k": 1}, None], 10)
-        assert log.read_frame(3) is None
+        assert await log.read_frame(3) is None and log.arrival_of(2) == 20
         assert await log.read_records([(1, 3)]) == [b"b", b"c"]
         assert await log.read_ranges([(0, 3)]) == ([b"a", b"b", b"c"], [{"k": 1}, None, None])
         assert log.positions == {"shard": "2"}

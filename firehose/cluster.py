@@ -1,0 +1,413 @@
+"""Cluster mode: several daemons share the streams through NATS JetStream (docs/cluster.md).
+
+Every daemon of a cluster has the same ``streams:``. Each delivery stream is cut into
+``jetstream.partitions`` partitions; a partition's logs (ingest, processed) are JetStream streams
+of their own (firehose/jslog.py), and one daemon at a time runs a partition: it holds the
+partition's lease, a key in the JetStream key-value bucket ``FH_LEASES`` (value: the node),
+renewed with revision-checked writes well within the bucket's TTL. A daemon that stops releases
+its leases; one that dies loses them when the TTL runs out, and the others take its partitions
+over: they open the partition's logs (which fences any writer still holding them) and re-send
+its sealed batches under their keys. Members announce themselves in ``FH_MEMBERS`` (same TTL);
+each daemon takes its fair share (all partitions / members, rounded up) and gives up what is
+over it, so partitions rebalance when a daemon joins or leaves.
+
+Ingest: a daemon appends a request's records to one of the partitions it owns (the one with the
+fewest bytes waiting), so any daemon behind a load balancer answers for every stream. A daemon
+that owns none of a stream's partitions (more daemons than partitions, or while the cluster
+settles) answers 503 "Slow down.", which every SDK retries.
+
+A daemon's local disk holds nothing that matters in cluster mode: records, batch identities,
+processing outcomes and leases are all in JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import socket
+import time
+from typing import Any
+
+import structlog
+from pydantic import Field, field_validator
+
+from firehose.models import StrictModel
+
+log = structlog.get_logger()
+
+NODE_RE = r"^[A-Za-z0-9_-]{1,64}$"
+LEASES = "FH_LEASES"
+MEMBERS = "FH_MEMBERS"
+SEQ_BITS = 48  # a partition's record sequence numbers stay below 2**48; the partition goes above
+
+
+class JetStreamSettings(StrictModel):
+    """Where the cluster's JetStream is, and how each delivery stream is laid out on it."""
+
+    servers: list[str] = Field(
+        min_length=1,
+        description="NATS server URLs (`nats://host:4222`, or `tls://`); the client fails over among them.",
+    )
+    replicas: int = Field(
+        default=1, ge=1, le=5,
+        description="Replicas of every JetStream stream (1 for one NATS server, 3 for a three-server cluster). "
+        "An acknowledgement means the records are stored on a quorum of them.",
+    )
+    partitions: int = Field(
+        default=8, ge=1, le=1024,
+        description="Partitions per delivery stream: the unit of ownership (one daemon at a time) and of "
+        "JetStream leadership (each partition's log has its own Raft leader).",
+    )
+    credentials: str | None = Field(
+        default=None, description="A NATS credentials file (`.creds`), if the servers require one.",
+    )
+    connect_timeout_secs: float = Field(
+        default=5.0, gt=0, le=60, description="Seconds one connection attempt may take; attempts repeat.",
+    )
+
+    @field_validator("servers")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("nats://", "tls://")):
+                raise ValueError(f"must be nats:// or tls:// URLs, got {url!r}")
+        return v
+
+
+class ClusterConfig(StrictModel):
+    """Cluster mode: every stream's log is in NATS JetStream, shared by the daemons of the cluster."""
+
+    node: str | None = Field(
+        default=None,
+        description="This daemon's name in the cluster, unique per daemon (default: the host name).",
+        pattern=NODE_RE,
+    )
+    jetstream: JetStreamSettings = Field(description="The NATS JetStream servers and the layout on them.")
+    lease_ttl_secs: int = Field(
+        default=10, ge=2, le=300,
+        description="How long a dead daemon's partitions stay unowned before the others take them over.",
+    )
+
+
+def cluster_problems(raw_stream: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    """What a stream's config may not hold in cluster mode: (path within the stream, message)."""
+    if not isinstance(raw_stream, dict):
+        return []
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    if raw_stream.get("sources"):
+        out.append((("sources",), "sources are not supported in cluster mode yet: its streams are DirectPut "
+                    "(records come through the API of any daemon)"))
+    if "spool" in raw_stream:
+        out.append((("spool",), "means nothing in cluster mode: the stream's log is in JetStream (each "
+                    "partition's log holds up to 1 GiB); remove it"))
+    return out
+
+
+def node_name(config: ClusterConfig) -> str:
+    """This daemon's node name: ``cluster.node``, else the host name (made a valid name)."""
+    import re
+
+    return config.node or re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64] or "node"
+
+
+class ClusteredStream:
+    """A delivery stream in cluster mode: the partitions of it this daemon runs, each a
+    :class:`firehose.stream.StreamRuntime` on that partition's JetStream logs. It answers the
+    API as one stream does."""
+
+    def __init__(self, config: Any, version: int, node: str) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = version
+        self.node = node
+        self.partitions: dict[int, Any] = {}
+        self.sources: list[Any] = []
+        self.record_id_prefix = ""
+        self._rr = random.Random()
+
+    def _open(self) -> list[tuple[int, Any]]:
+        return [(p, rt) for p, rt in sorted(self.partitions.items()) if rt.can_accept]
+
+    @property
+    def accepting(self) -> bool:
+        return bool(self._open())
+
+    @property
+    def can_accept(self) -> bool:
+        return bool(self._open())
+
+    @property
+    def fenced(self) -> bool:
+        return bool(self.partitions) and all(rt.fenced for rt in self.partitions.values())
+
+    def has_room(self, nbytes: int) -> bool:
+        return any(rt.has_room(nbytes) for _, rt in self._open())
+
+    async def put(self, records: list[bytes], arrival_ms: int | None = None, *, nbytes: int | None = None,
+                  meta: list[Any] | None = None, positions: dict[str, Any] | None = None) -> int:
+        """Append to the owned partition with the least waiting; returns the partition and the
+        first record's sequence number packed in one int (see :meth:`record_id`)."""
+        from firehose.log import LogFullError
+
+        need = nbytes if nbytes is not None else sum(map(len, records))
+        choices = [(rt.spool.size_bytes, self._rr.random(), p, rt) for p, rt in self._open() if rt.has_room(need)]
+        if not choices:
+            raise LogFullError(f"stream {self.name}: this daemon owns no partition with room")
+        _, _, partition, rt = min(choices)
+        first = await rt.put(records, arrival_ms, nbytes=nbytes, meta=meta, positions=positions)
+        return (partition << SEQ_BITS) | first
+
+    def record_id(self, packed: int) -> str:
+        partition, seq = packed >> SEQ_BITS, packed & ((1 << SEQ_BITS) - 1)
+        rt = self.partitions.get(partition)
+        prefix = rt.record_id_prefix if rt is not None else "0" * 24
+        return f"{prefix}{partition:04x}{seq:012x}"
+
+    def failing_for_secs(self) -> float | None:
+        times = [t for rt in self.partitions.values() if (t := rt.failing_for_secs()) is not None]
+        return max(times) if times else None
+
+    def status(self) -> dict[str, Any]:
+        parts = [rt.status() for rt in self.partitions.values()]
+        summed = ("spool_bytes", "pending_batches", "open_buffer_records", "open_partitions", "active_partitions",
+                  "delivered_records", "dropped_records", "archived_records", "backed_up_records")
+        doc: dict[str, Any] = {k: sum(int(s.get(k) or 0) for s in parts) for k in summed}
+        errors = [s["last_delivery_error"] for s in parts if s.get("last_delivery_error")]
+        failing = [s["failing_since"] for s in parts if s.get("failing_since")]
+        doc.update({
+            "accepting_records": self.can_accept,
+            "oldest_pending_age_secs": max((float(s["oldest_pending_age_secs"]) for s in parts), default=0.0),
+            "last_delivery_error": errors[0] if errors else None,
+            "failing_since": min(failing) if failing else None,
+            "spool_failed": next((s["spool_failed"] for s in parts if s.get("spool_failed")), None),
+            "node": self.node,
+            "owned_partitions": sorted(self.partitions),
+        })
+        return doc
+
+    async def stop(self, timeout: float) -> bool:
+        results = await asyncio.gather(*(rt.stop(timeout) for rt in self.partitions.values()),
+                                       return_exceptions=True)
+        self.partitions.clear()
+        return all(r is True for r in results)
+
+
+class Cluster:
+    """This daemon's membership of the cluster: the connection, the leases it holds, and the
+    partition runtimes it runs. ``make_runtime(config, logs)`` builds a partition's runtime."""
+
+    def __init__(self, config: ClusterConfig, streams: dict[str, ClusteredStream], make_runtime: Any,
+                 *, max_size_bytes: int = 1 << 30) -> None:
+        self.config = config
+        self.node = node_name(config)
+        self.streams = streams
+        self.make_runtime = make_runtime
+        self.max_size_bytes = max_size_bytes
+        self.nc: Any = None
+        self.js: Any = None
+        self._leases: Any = None
+        self._members: Any = None
+        self.held: dict[tuple[str, int], int] = {}  # (stream, partition) -> lease revision
+        self.members: list[str] = []
+        self.lease_moves = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.max_payload = 8 << 20
+
+    @property
+    def tick_secs(self) -> float:
+        return max(0.5, self.config.lease_ttl_secs / 5)
+
+    def start(self) -> None:
+        """Connect and take part in the background: the daemon serves (503 for the streams)
+        until partitions are owned, and an unreachable NATS is retried, never a crash."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster")
+
+    async def _connect(self) -> None:
+        import nats
+
+        js_cfg = self.config.jetstream
+        attempt = 0
+        while not self._stopping:
+            attempt += 1
+            try:
+                # The client retries unreachable servers itself, for ever; every failed attempt
+                # (before and after the first connection) is one log line, never a traceback.
+                kwargs: dict[str, Any] = {"servers": js_cfg.servers, "connect_timeout": js_cfg.connect_timeout_secs,
+                                          "max_reconnect_attempts": -1, "name": f"firehose-{self.node}",
+                                          "allow_reconnect": True, "error_cb": self._on_error,
+                                          "disconnected_cb": self._on_disconnect, "reconnected_cb": self._on_reconnect}
+                if js_cfg.credentials:
+                    kwargs["user_credentials"] = js_cfg.credentials
+                self.nc = await nats.connect(**kwargs)
+                self.js = self.nc.jetstream()
+                ttl = float(self.config.lease_ttl_secs)
+                self._leases = await self.js.create_key_value(bucket=LEASES, ttl=ttl, history=1,
+                                                              replicas=js_cfg.replicas)
+                self._members = await self.js.create_key_value(bucket=MEMBERS, ttl=ttl, history=1,
+                                                               replicas=js_cfg.replicas)
+                self.max_payload = int(self.nc.max_payload)
+                if self.max_payload < (5 << 20):
+                    log.warning("cluster_max_payload_small", max_payload=self.max_payload,
+                                hint="set max_payload: 8MB on the NATS servers; larger requests are refused")
+                log.info("cluster_connected", node=self.node, servers=js_cfg.servers, attempts=attempt)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure to reach NATS is retried
+                log.error("cluster_connect_failed", node=self.node, servers=js_cfg.servers,
+                          error=" ".join(str(exc).split()) or type(exc).__name__, attempt=attempt)
+                if self.nc is not None:
+                    await self.nc.close()
+                    self.nc = None
+                await asyncio.sleep(min(5.0, 0.5 * attempt))
+
+    async def _on_error(self, exc: Exception) -> None:
+        event = "cluster_nats_error" if self.js is not None else "cluster_connect_failed"
+        log.error(event, node=self.node, servers=self.config.jetstream.servers,
+                  error=" ".join(str(exc).split()) or type(exc).__name__)
+
+    async def _on_disconnect(self) -> None:
+        log.warning("cluster_disconnected", node=self.node)
+
+    async def _on_reconnect(self) -> None:
+        log.info("cluster_reconnected", node=self.node)
+
+    async def _run(self) -> None:
+        await self._connect()
+        # Renewals run on their own, so a slow takeover or release never lets a lease lapse.
+        renewals = asyncio.get_running_loop().create_task(self._renew_loop(), name="cluster-leases")
+        try:
+            while not self._stopping:
+                try:
+                    await self.tick()
+                except Exception as exc:  # noqa: BLE001 - one failed round is retried at the next
+                    log.warning("cluster_tick_failed", node=self.node, error=" ".join(str(exc).split()))
+                await asyncio.sleep(self.tick_secs)
+        finally:
+            renewals.cancel()
+            await asyncio.gather(renewals, return_exceptions=True)
+
+    async def _renew_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._members.put(self.node, str(time.time()).encode())
+            except Exception as exc:  # noqa: BLE001 - NATS away: the leases lapse, as they must
+                log.warning("cluster_heartbeat_failed", node=self.node, error=" ".join(str(exc).split()))
+            for key in list(self.held):
+                await self._renew(key)
+            await asyncio.sleep(self.tick_secs)
+
+    def _key(self, stream: str, partition: int) -> str:
+        from firehose.jslog import jetstream_names
+
+        return jetstream_names(stream, partition, "lease")[1].removeprefix("fh.").replace(".lease", "")
+
+    async def tick(self) -> None:
+        """One round: announce this member, renew held leases, give up what is over the fair
+        share, take free partitions up to it, and restart partitions whose log failed."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        self.members = sorted(await self._member_keys())
+        total = len(self.streams) * self.config.jetstream.partitions
+        fair = math.ceil(total / max(1, len(self.members)))
+        for key in sorted(self.held, reverse=True)[: max(0, len(self.held) - fair)]:
+            await self._release(key, "rebalance")
+        for name in sorted(self.streams):
+            for partition in range(self.config.jetstream.partitions):
+                key = (name, partition)
+                if len(self.held) >= fair or key in self.held:
+                    continue
+                try:
+                    await self._leases.get(self._key(name, partition))
+                    continue  # held by another member
+                except KeyNotFoundError:
+                    pass
+                try:
+                    revision = await self._leases.create(self._key(name, partition), self.node.encode())
+                except KeyWrongLastSequenceError:
+                    continue  # another member took it first
+                self.held[key] = revision
+                self.lease_moves += 1
+                await self._start_partition(name, partition)
+        for (name, partition) in list(self.held):
+            rt = self.streams[name].partitions.get(partition)
+            if rt is None or rt.fenced:
+                await self._restart_partition(name, partition)
+
+    async def _member_keys(self) -> list[str]:
+        try:
+            return list(await self._members.keys())
+        except Exception:  # noqa: BLE001 - no keys yet
+            return [self.node]
+
+    async def _renew(self, key: tuple[str, int]) -> None:
+        if key not in self.held:
+            return
+        try:
+            self.held[key] = await self._leases.update(self._key(*key), self.node.encode(), last=self.held[key])
+        except Exception as exc:  # noqa: BLE001 - lost (expired and taken) or unreachable
+            log.warning("cluster_lease_lost", node=self.node, stream=key[0], partition=key[1],
+                        error=" ".join(str(exc).split()))
+            self.held.pop(key, None)
+            rt = self.streams[key[0]].partitions.pop(key[1], None)
+            if rt is not None:
+                await rt.stop(0.0)  # its log is fenced by the new owner; nothing more is written
+
+    async def _release(self, key: tuple[str, int], reason: str) -> None:
+        rt = self.streams[key[0]].partitions.pop(key[1], None)
+        if rt is not None:
+            await rt.stop(self.config.lease_ttl_secs / 2)  # seal and deliver what it can; the rest stays sealed
+        revision = self.held.pop(key, None)
+        if revision is not None:
+            try:
+                await self._leases.delete(self._key(*key), last=revision)
+            except Exception:  # noqa: BLE001 - it expires by its TTL anyway
+                pass
+        self.lease_moves += 1
+        log.info("cluster_partition_released", node=self.node, stream=key[0], partition=key[1], reason=reason)
+
+    async def _start_partition(self, name: str, partition: int) -> None:
+        from firehose.jslog import JetStreamLogs
+
+        stream = self.streams[name]
+        logs = JetStreamLogs(self.js, partition=partition, replicas=self.config.jetstream.replicas,
+                             max_size_bytes=self.max_size_bytes, max_payload=self.max_payload)
+        await logs.refresh()
+        try:
+            rt = await self.make_runtime(stream.config, logs)
+        except Exception as exc:  # noqa: BLE001 - retried at the next round
+            log.error("cluster_partition_start_failed", node=self.node, stream=name, partition=partition,
+                      error=" ".join(str(exc).split()))
+            return
+        stream.partitions[partition] = rt
+        log.info("cluster_partition_taken", node=self.node, stream=name, partition=partition,
+                 pending_batches=len(rt.recovery.pending) if rt.recovery is not None else 0)
+
+    async def _restart_partition(self, name: str, partition: int) -> None:
+        rt = self.streams[name].partitions.pop(partition, None)
+        if rt is not None:
+            await rt.stop(0.0)
+        await self._start_partition(name, partition)
+
+    async def stop(self, timeout: float) -> None:
+        """Leave: stop the partitions (sealing and delivering within ``timeout``), release the
+        leases so the others take over at once, and close the connection."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        runtimes = [self.streams[name].partitions.pop(p, None) for name, p in self.held]
+        await asyncio.gather(*(rt.stop(timeout) for rt in runtimes if rt is not None), return_exceptions=True)
+        for key, revision in list(self.held.items()):
+            try:
+                await self._leases.delete(self._key(*key), last=revision)
+            except Exception:  # noqa: BLE001 - it expires by its TTL anyway
+                pass
+        self.held.clear()
+        if self._members is not None:
+            try:
+                await self._members.delete(self.node)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.nc is not None:
+            await self.nc.close()

@@ -1,0 +1,521 @@
+"""A :class:`firehose.log.Log` on NATS JetStream: cluster mode's replicated log.
+
+Each log (one partition of a delivery stream, ingest or processed) is a JetStream stream of its
+own, so its writes go to its own Raft leader and the leaders of many logs spread over the NATS
+servers. A message's body is one or more spool frames (firehose/spool_format.py: RECORDS, SEAL,
+COMMIT, CHECKPOINT), so the records' layout, the batch identities and the recovery rules are
+the file spool's.
+
+Guarantees (the :class:`Log` protocol's):
+
+* **Durable on return.** An append, seal or commit returns once JetStream acknowledged the
+  message, that is once it is stored on a quorum of the stream's replicas (and, with the
+  servers' ``sync_interval: always``, fsynced there; see docs/cluster.md). Concurrent calls share
+  one message (group commit): while one publish is in flight, the next calls' frames gather and
+  go out together, up to the server's ``max_payload``.
+* **Conditional.** Every message carries ``Nats-Expected-Last-Sequence``: the stream's last
+  sequence as this writer knows it. If any other writer (a daemon that took the partition's
+  lease, after this one lost it) wrote in between, JetStream refuses the message and this log
+  fences itself (:class:`LogFencedError`): it writes nothing more, and its stream stops. Opening
+  a log writes a CHECKPOINT first, so an earlier writer is fenced at its next write.
+* A publish that fails for another reason (a timeout, no quorum) leaves the log unknown to this
+  writer (the message may be stored): the log is failed, the caller answers 503, and the cluster
+  reopens the partition, which reads what is really stored.
+
+Trimming: once every record and seal in the oldest messages is committed, a CHECKPOINT
+(counters and source positions) is written and those messages are purged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from firehose.intervals import IntervalSet, Ranges
+from firehose.log import (
+    LogError,
+    LogFencedError,
+    LogFullError,
+    RecordFrame,
+    RecoveryState,
+    SealedBatch,
+    read_ranges_by_frame,
+)
+from firehose.spool_format import (
+    _RECORDS_HEAD,
+    F_POSITIONS,
+    T_CHECKPOINT,
+    T_COMMIT,
+    T_RECORDS,
+    T_SEAL,
+    _frame,
+    decode_records_payload,
+    iter_frames,
+    records_payload,
+)
+
+# JetStream's error codes for a failed expectation (another writer moved the stream) and a full stream.
+_WRONG_LAST_SEQUENCE = {10071, 10164}
+_STREAM_FULL = {10047, 10077}
+EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
+# Frames kept in memory for the reader that follows the writer (the batcher).
+TRIM_MESSAGES = 32  # purge once this many leading messages are finished
+
+
+@dataclass
+class _Message:
+    """One stored message: its stream sequence, size, and what it holds (for trimming)."""
+
+    seq: int
+    nbytes: int
+    records: tuple[int, int] | None = None  # the span of the records its RECORDS frames hold
+    seal_ids: set[int] = field(default_factory=set)
+
+
+class JetStreamLog:
+    """One log in one JetStream stream (implements :class:`Log`). See the module docstring."""
+
+    def __init__(self, js: Any, *, stream: str, subject: str, replicas: int = 1,
+                 max_size_bytes: int = 1 << 30, cache_bytes: int = 64 << 20, max_payload: int = 8 << 20) -> None:
+        self.js = js
+        self.stream = stream
+        self.subject = subject
+        self.replicas = replicas
+        self._max_size_bytes = max_size_bytes
+        self._cache_limit = cache_bytes
+        self.max_payload = max_payload
+        self._last = 0  # the stream's last sequence, as this writer knows it
+        self._messages: list[_Message] = []
+        self._starts: list[int] = []  # RECORDS frames: first_seq, ascending
+        self._frames: list[tuple[int, int, int]] = []  # (end_seq, arrival_ms, message seq)
+        self._cache: dict[int, RecordFrame] = {}
+        self._cache_size = 0
+        self._next_seq = 0  # records below it are stored and indexed: readable
+        self._assigned = 0  # records below it have a sequence number (some may be in flight)
+        self._min_seq = 0
+        self._sealed = IntervalSet()
+        self._committed = IntervalSet()
+        self._seals: dict[int, SealedBatch] = {}
+        self._committed_ids: set[int] = set()
+        self._positions: dict[str, Any] = {}
+        self.next_batch_id = 1
+        self._size = 0
+        self._failed: LogError | None = None
+        self._queue: list[tuple[list[bytes], asyncio.Future[None]]] = []
+        # Per queued write: what to index once its message's sequence is known.
+        self._pending_meta: list[tuple[asyncio.Future[None], tuple[int, int, int] | None, list[int]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._trimming = False
+        self._queued_bytes = 0  # frames waiting for (or in) a publish
+        self._closed = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    def name(self) -> str:
+        return f"jetstream:{self.stream}"
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def min_seq(self) -> int:
+        return self._min_seq
+
+    @property
+    def sealed(self) -> IntervalSet:
+        return self._sealed
+
+    @property
+    def committed(self) -> IntervalSet:
+        return self._committed
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    @property
+    def max_size_bytes(self) -> int:
+        return self._max_size_bytes
+
+    @property
+    def positions(self) -> dict[str, Any]:
+        return self._positions
+
+    @property
+    def failed(self) -> LogError | None:
+        return self._failed
+
+    # ------------------------------------------------------------------ open and recovery
+    async def open(self) -> RecoveryState:
+        from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+
+        config = StreamConfig(name=self.stream, subjects=[self.subject], num_replicas=self.replicas,
+                              storage=StorageType.FILE, discard=DiscardPolicy.NEW,
+                              max_bytes=self._max_size_bytes + 2 * self.max_payload,
+                              max_msg_size=self.max_payload)
+        try:
+            info = await self.js.add_stream(config)
+        except Exception as exc:
+            raise LogError(f"{self.name}: cannot create or open the JetStream stream: {_one_line(exc)}") from None
+        state = info.state
+        commits: list[int] = []
+        seq = state.first_seq
+        while state.messages and seq <= state.last_seq:
+            msg = await self._get(seq)
+            if msg is not None:
+                self._apply_message(msg.seq, msg.data or b"", commits)
+            seq = (msg.seq if msg is not None else seq) + 1
+        self._last = state.last_seq
+        self._assigned = self._next_seq
+        for batch_id in commits:
+            self._finish_seal(batch_id)
+        self._min_seq = self._starts[0] if self._starts else self._next_seq
+        self._sealed.discard_below(self._min_seq)
+        self._committed.discard_below(self._min_seq)
+        pending = [b for _, b in sorted(self._seals.items())]
+        # Taking the log: this write moves the stream, so an earlier writer's next write fails.
+        await self._write([self._checkpoint()])
+        unsealed = self._next_seq - self._min_seq - len(self._sealed)
+        return RecoveryState(pending, dict(self._positions), unsealed, 0)
+
+    async def _get(self, seq: int) -> Any:
+        from nats.js.errors import NotFoundError
+
+        try:
+            return await self.js.get_msg(self.stream, seq)
+        except NotFoundError:
+            return None  # purged or deleted
+
+    def _apply_message(self, msg_seq: int, body: bytes, commits: list[int]) -> None:
+        message = _Message(msg_seq, len(body))
+        for ftype, payload in iter_frames(body, f"{self.name} message {msg_seq}"):
+            if ftype == T_RECORDS:
+                first, arrival, count, flags = _RECORDS_HEAD.unpack_from(payload, 0)
+                if count:
+                    self._index(first, first + count, arrival, msg_seq, message)
+                self._next_seq = max(self._next_seq, first + count)
+                if flags & F_POSITIONS:
+                    self._merge_positions(decode_records_payload(payload)[1] or {})
+            elif ftype == T_SEAL:
+                doc = orjson.loads(payload)
+                self._add_seal(SealedBatch(doc["id"], doc["key"], Ranges(doc["ranges"]), doc["oldest"],
+                                           doc.get("info", {})), message)
+            elif ftype == T_COMMIT:
+                doc = orjson.loads(payload)
+                if "ranges" in doc:
+                    for s, e in doc["ranges"]:
+                        self._committed.add(s, e)
+                else:
+                    commits.append(doc["id"])
+            elif ftype == T_CHECKPOINT:
+                doc = orjson.loads(payload)
+                self._next_seq = max(self._next_seq, doc["next_seq"])
+                self.next_batch_id = max(self.next_batch_id, doc["next_batch_id"])
+                self._merge_positions(doc.get("positions", {}))
+        self._messages.append(message)
+        self._size += message.nbytes
+
+    def _index(self, first: int, end: int, arrival: int, msg_seq: int, message: _Message) -> None:
+        self._next_seq = max(self._next_seq, end)
+        self._starts.append(first)
+        self._frames.append((end, arrival, msg_seq))
+        lo = first if message.records is None else message.records[0]
+        message.records = (lo, end)
+
+    def _add_seal(self, batch: SealedBatch, message: _Message) -> None:
+        self._seals[batch.batch_id] = batch
+        message.seal_ids.add(batch.batch_id)
+        for s, e in batch.ranges:
+            self._sealed.add(s, e)
+        self.next_batch_id = max(self.next_batch_id, batch.batch_id + 1)
+
+    def _finish_seal(self, batch_id: int) -> None:
+        self._committed_ids.add(batch_id)
+        batch = self._seals.pop(batch_id, None)
+        if batch is not None:
+            for s, e in batch.ranges:
+                self._committed.add(s, e)
+
+    def _merge_positions(self, positions: dict[str, Any]) -> None:
+        for key, value in positions.items():
+            if value is None:
+                self._positions.pop(key, None)
+            else:
+                self._positions[key] = value
+
+    def _checkpoint(self) -> bytes:
+        return _frame(T_CHECKPOINT, orjson.dumps({"next_seq": self._assigned, "next_batch_id": self.next_batch_id,
+                                                  "positions": self._positions}))
+
+    # ------------------------------------------------------------------ writing
+    def has_room(self, nbytes: int) -> bool:
+        return self._failed is None and self._size + self._queued_bytes + nbytes <= self._max_size_bytes
+
+    async def append(self, records: Sequence[bytes], arrival_ms: int, *, meta: list[Any] | None = None,
+                     positions: dict[str, Any] | None = None, enforce_cap: bool = True,
+                     nbytes: int | None = None) -> int:
+        if self._failed is not None:
+            raise self._failed
+        first = self._assigned
+        payload = records_payload(first, arrival_ms, records, meta, positions)
+        if len(payload) + 64 > self.max_payload:
+            raise LogError(f"{self.name}: one append of {len(payload)} bytes is over the NATS server's "
+                           f"max_payload ({self.max_payload}); raise max_payload to 8MB (docs/cluster.md)")
+        if enforce_cap and not self.has_room(len(payload)):
+            raise LogFullError(f"{self.name} is at its cap of {self._max_size_bytes} bytes")
+        self._assigned = first + len(records)
+        if positions:
+            self._merge_positions(positions)
+        if records:
+            frame = RecordFrame(first, arrival_ms, list(records), meta)
+            size = sum(map(len, records)) if nbytes is None else nbytes
+            if self._cache_size + size <= self._cache_limit:
+                self._cache[first] = frame
+                self._cache_size += size
+        # Indexed once stored (its message sequence is known then): see _flush.
+        await self._write([_frame(T_RECORDS, payload)], records=(first, first + len(records), arrival_ms))
+        return first
+
+    def allocate_batch_id(self) -> int:
+        bid = self.next_batch_id
+        self.next_batch_id += 1
+        return bid
+
+    async def seal(self, batches: Sequence[SealedBatch]) -> None:
+        if self._failed is not None:
+            raise self._failed
+        new = [b for b in batches if b.batch_id not in self._seals and b.batch_id not in self._committed_ids]
+        frames = [_frame(T_SEAL, orjson.dumps({"id": b.batch_id, "key": b.key, "ranges": list(b.ranges),
+                                                "oldest": b.oldest_arrival_ms, "info": b.info})) for b in new]
+        for b in new:
+            self._seals[b.batch_id] = b
+            for s, e in b.ranges:
+                self._sealed.add(s, e)
+        await self._write(frames, seals=[b.batch_id for b in new])
+
+    async def commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None:
+        if self._failed is not None:
+            raise self._failed
+        doc: dict[str, Any] = {"id": batch_id}
+        if info:
+            doc["info"] = info
+        await self._write([_frame(T_COMMIT, orjson.dumps(doc))])
+        self._finish_seal(batch_id)
+        await self._trim()
+
+    async def commit_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        if self._failed is not None:
+            raise self._failed
+        await self._write([_frame(T_COMMIT, orjson.dumps({"ranges": [list(r) for r in ranges]}))])
+        for s, e in ranges:
+            self._committed.add(s, e)
+        await self._trim()
+
+    # ------------------------------------------------------------------ group commit
+    async def _write(self, frames: list[bytes], *, records: tuple[int, int, int] | None = None,
+                     seals: list[int] | None = None) -> None:
+        """Queue frames for the next message and wait until it is stored."""
+        if not frames:
+            if seals is not None and self._flusher is not None:
+                await asyncio.shield(self._flusher)  # a seal made again: wait for the one in flight
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((frames, fut))
+        self._queued_bytes += sum(map(len, frames))
+        self._pending_meta.append((fut, records, seals or []))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        await asyncio.shield(fut)
+
+    async def _flush(self) -> None:
+        while self._queue:
+            take, size = 0, 0
+            while take < len(self._queue):
+                n = sum(map(len, self._queue[take][0]))
+                if take and size + n > self.max_payload - 1024:
+                    break
+                take += 1
+                size += n
+            group, self._queue = self._queue[:take], self._queue[take:]
+            metas, self._pending_meta = self._pending_meta[:take], self._pending_meta[take:]
+            body = b"".join(f for frames, _ in group for f in frames)
+            try:
+                seq = await self._publish(body)
+                self._queued_bytes -= len(body)
+            except LogError as exc:
+                self._failed = exc
+                for _, fut in group + self._queue:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                self._queue, self._pending_meta = [], []
+                return
+            message = _Message(seq, len(body))
+            for _, records, seal_ids in metas:
+                if records is not None and records[1] > records[0]:
+                    self._index(records[0], records[1], records[2], seq, message)
+                message.seal_ids.update(seal_ids)
+            self._messages.append(message)
+            self._size += len(body)
+            for _, fut in group:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _publish(self, body: bytes) -> int:
+        from nats.js.errors import APIError
+
+        try:
+            ack = await self.js.publish(self.subject, body, stream=self.stream,
+                                        headers={EXPECTED_LAST_SEQUENCE: str(self._last)})
+        except APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise LogFencedError(f"{self.name}: another writer wrote to this log (its lease moved); "
+                                     "this writer stops") from None
+            if exc.err_code in _STREAM_FULL:
+                raise LogFullError(f"{self.name}: the JetStream stream is full") from None
+            raise LogError(f"{self.name}: publish failed: {_one_line(exc)}") from None
+        except Exception as exc:  # a timeout, no responders, a closed connection
+            raise LogError(f"{self.name}: publish failed: {_one_line(exc)}") from None
+        self._last = ack.seq
+        return int(ack.seq)
+
+    # ------------------------------------------------------------------ reading
+    def _locate(self, seq: int) -> int:
+        i = bisect.bisect_right(self._starts, seq) - 1
+        if i < 0 or seq >= self._frames[i][0]:
+            return -1
+        return i
+
+    async def read_frame(self, seq: int) -> RecordFrame | None:
+        i = self._locate(seq)
+        if i < 0:
+            return None
+        first = self._starts[i]
+        cached = self._cache.get(first)
+        if cached is not None:
+            return cached
+        msg = await self._get(self._frames[i][2])
+        if msg is None:
+            raise LogError(f"{self.name}: the message holding record {seq} is gone")
+        for ftype, payload in iter_frames(msg.data or b"", f"{self.name} message {msg.seq}"):
+            if ftype == T_RECORDS and _RECORDS_HEAD.unpack_from(payload, 0)[0] == first:
+                return decode_records_payload(payload)[0]
+        raise LogError(f"{self.name}: record {seq} is not in its message")
+
+    def arrival_of(self, seq: int) -> int | None:
+        i = self._locate(seq)
+        return self._frames[i][1] if i >= 0 else None
+
+    def reader_passed(self, seq: int) -> None:
+        while self._cache:
+            first = next(iter(self._cache))
+            frame = self._cache[first]
+            if frame.end_seq > seq:
+                break
+            del self._cache[first]
+            self._cache_size -= sum(map(len, frame.records))
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:
+        return await read_ranges_by_frame(self, ranges)
+
+    async def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return (await self.read_ranges(ranges))[0]
+
+    # ------------------------------------------------------------------ trimming
+    def _done(self, message: _Message) -> bool:
+        if message.records is not None and not self._committed.covers(*message.records):
+            return False
+        return all(b in self._committed_ids for b in message.seal_ids)
+
+    async def _trim(self, force: bool = False) -> None:
+        if self._trimming:
+            return
+        self._trimming = True
+        try:
+            await self._trim_once(force)
+        finally:
+            self._trimming = False
+
+    async def _trim_once(self, force: bool) -> None:
+        done = 0
+        while done < len(self._messages) - 1 and self._done(self._messages[done]):
+            done += 1
+        if not done or (done < TRIM_MESSAGES and not force):
+            return
+        keep = self._messages[done].seq
+        await self._write([self._checkpoint()])  # the counters survive the purge
+        try:
+            await self.js.purge_stream(self.stream, seq=keep)
+        except Exception:  # noqa: BLE001 - trimming is an aid: a failed purge is retried at the next commit
+            return
+        gone, self._messages = self._messages[:done], self._messages[done:]
+        for message in gone:
+            self._size -= message.nbytes
+            self._committed_ids.difference_update(message.seal_ids)
+        drop = bisect.bisect_left([f[2] for f in self._frames], keep)
+        for first in self._starts[:drop]:
+            frame = self._cache.pop(first, None)
+            if frame is not None:
+                self._cache_size -= sum(map(len, frame.records))
+        del self._starts[:drop]
+        del self._frames[:drop]
+        self._min_seq = self._starts[0] if self._starts else self._next_seq
+        self._committed.discard_below(self._min_seq)
+        self._sealed.discard_below(self._min_seq)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def jetstream_names(stream: str, partition: int, log: str) -> tuple[str, str]:
+    """The JetStream stream name and subject of one log: readable, and unique by a hash of the
+    delivery stream's name (JetStream names cannot hold '.', '*', '>' or path separators)."""
+    import hashlib
+    import re
+
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", stream)[:32]
+    digest = hashlib.sha256(stream.encode()).hexdigest()[:10]
+    ident = f"{readable}_{digest}"
+    return f"FH_{ident}_P{partition}_{log}", f"fh.{ident}.p{partition}.{log}"
+
+
+class JetStreamLogs:
+    """The JetStream :class:`firehose.log.LogStore` of one partition: every stream's logs of
+    partition ``partition``. ``known`` holds the JetStream stream names that exist (read by
+    :meth:`refresh`), so :meth:`exists` needs no round trip."""
+
+    def __init__(self, js: Any, *, partition: int = 0, replicas: int = 1, max_size_bytes: int = 1 << 30,
+                 max_payload: int = 8 << 20) -> None:
+        self.js = js
+        self.partition = partition
+        self.replicas = replicas
+        self.max_size_bytes = max_size_bytes
+        self.max_payload = max_payload
+        self.known: set[str] = set()
+
+    async def refresh(self) -> None:
+        self.known = {info.config.name for info in await self.js.streams_info()}
+
+    def log(self, stream: str, name: str, *, cache_bytes: int = 64 << 20) -> JetStreamLog:
+        js_stream, subject = jetstream_names(stream, self.partition, name)
+        self.known.add(js_stream)
+        return JetStreamLog(self.js, stream=js_stream, subject=subject, replicas=self.replicas,
+                            max_size_bytes=self.max_size_bytes, cache_bytes=cache_bytes,
+                            max_payload=self.max_payload)
+
+    def exists(self, stream: str, name: str) -> bool:
+        return jetstream_names(stream, self.partition, name)[0] in self.known

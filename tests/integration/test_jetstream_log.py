@@ -1,0 +1,178 @@
+"""The JetStream log (cluster mode's) against a real nats-server: the Log protocol's guarantees
+(appends read back, seals durable and idempotent, commits trimming, recovery by a new writer),
+group commit, fencing of a writer whose log was taken, and a whole StreamRuntime on it through a
+crash."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firehose.jslog import JetStreamLogs
+from firehose.log import LogFencedError, LogFullError, SealedBatch
+from support import NatsServer, abandon, make_runtime
+
+
+def with_js(server: NatsServer, body: Callable[[Any], Awaitable[None]]) -> None:
+    async def go() -> None:
+        import nats
+
+        nc = await nats.connect(server.url)
+        try:
+            await body(nc.jetstream())
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def fresh() -> str:
+    return f"s-{uuid.uuid4().hex[:8]}"
+
+
+def test_appends_seals_and_commits_come_back_to_the_next_writer(nats_server: NatsServer) -> None:
+    async def body(js: Any) -> None:
+        logs = JetStreamLogs(js)
+        name = fresh()
+        log = logs.log(name, "ingest")
+        assert (await log.open()).pending == []
+        assert await log.append([b"a", b"b"], 10, meta=[{"k": 1}, None], positions={"shard": "1"}) == 0
+        assert await log.append([b"c", b"d"], 20) == 2
+        frame = await log.read_frame(1)
+        assert frame is not None and (frame.first_seq, frame.records, frame.meta) == (0, [b"a", b"b"], [{"k": 1}, None])
+        one = SealedBatch(log.allocate_batch_id(), "key-1", [(0, 2)], 10, {"records": 2})
+        two = SealedBatch(log.allocate_batch_id(), "key-2", [(2, 4)], 20)
+        await log.seal([one, two])
+        await log.seal([one])  # made again: recorded once
+        await log.commit(two.batch_id)
+        await log.aclose()
+
+        again = logs.log(name, "ingest")  # a restart, or another daemon taking the partition
+        state = await again.open()
+        assert [(b.key, list(b.ranges), b.info) for b in state.pending] == [("key-1", [(0, 2)], {"records": 2})]
+        assert again.positions == {"shard": "1"} and again.next_seq == 4
+        assert again.allocate_batch_id() > two.batch_id
+        # Not from any cache: read back from JetStream.
+        assert await again.read_ranges([(0, 4)]) == ([b"a", b"b", b"c", b"d"], [{"k": 1}, None, None, None])
+        assert again.arrival_of(3) == 20 and again.arrival_of(4) is None
+        await again.aclose()
+
+    with_js(nats_server, body)
+
+
+def test_concurrent_appends_share_messages_and_keep_their_order(nats_server: NatsServer) -> None:
+    async def body(js: Any) -> None:
+        log = JetStreamLogs(js).log(fresh(), "ingest")
+        await log.open()
+        firsts = await asyncio.gather(*(log.append([b"r%d" % i], i) for i in range(200)))
+        assert sorted(firsts) == list(range(200))
+        info = await js.stream_info(log.stream)
+        assert info.state.messages < 200  # group commit: fewer messages than appends
+        got = await log.read_records([(0, 200)])
+        assert sorted(got) == sorted(b"r%d" % i for i in range(200))
+        assert [got[f] for f in firsts] == [b"r%d" % i for i in range(200)]  # each at its own seq
+        await log.aclose()
+
+    with_js(nats_server, body)
+
+
+def test_a_writer_whose_log_was_taken_is_fenced(nats_server: NatsServer) -> None:
+    async def body(js: Any) -> None:
+        logs = JetStreamLogs(js)
+        name = fresh()
+        first = logs.log(name, "ingest")
+        await first.open()
+        await first.append([b"a"], 1)
+        second = logs.log(name, "ingest")  # the partition's lease moved to another daemon
+        await second.open()
+        batch = SealedBatch(first.allocate_batch_id(), "stale", [(0, 1)], 1)
+        with pytest.raises(LogFencedError, match="another writer wrote to this log"):
+            await first.seal([batch])
+        with pytest.raises(LogFencedError):
+            await first.append([b"b"], 1)
+        assert first.failed is not None and not first.has_room(1)
+        await second.seal([SealedBatch(second.allocate_batch_id(), "fresh", [(0, 1)], 1)])
+        third = logs.log(name, "ingest")
+        assert [b.key for b in (await third.open()).pending] == ["fresh"]  # the stale seal never landed
+
+    with_js(nats_server, body)
+
+
+def test_finished_messages_are_purged_and_the_counters_survive(nats_server: NatsServer) -> None:
+    async def body(js: Any) -> None:
+        logs = JetStreamLogs(js)
+        name = fresh()
+        log = logs.log(name, "ingest")
+        await log.open()
+        for i in range(80):
+            await log.append([b"x%d" % i], i, positions={"file": i})
+            batch = SealedBatch(log.allocate_batch_id(), f"k{i}", [(i, i + 1)], i)
+            await log.seal([batch])
+            await log.commit(batch.batch_id)
+        info = await js.stream_info(log.stream)
+        assert info.state.messages < 100 and log.min_seq > 0  # trimmed as it went
+        await log.aclose()
+        again = logs.log(name, "ingest")
+        state = await again.open()
+        assert state.pending == [] and again.next_seq == 80 and again.positions == {"file": 79}
+        assert again.allocate_batch_id() == 81 and again.committed.covers(again.min_seq, 80)
+        assert again.min_seq > 40  # the finished head is gone from JetStream
+        await again.aclose()
+
+    with_js(nats_server, body)
+
+
+def test_the_cap_refuses_an_append(nats_server: NatsServer) -> None:
+    async def body(js: Any) -> None:
+        log = JetStreamLogs(js, max_size_bytes=4096).log(fresh(), "ingest")
+        await log.open()
+        await log.append([b"x" * 1000], 1)
+        with pytest.raises(LogFullError):
+            await log.append([b"y" * 8000], 1)
+        assert log.next_seq == 1
+        await log.aclose()
+
+    with_js(nats_server, body)
+
+
+def test_a_stream_on_jetstream_delivers_exactly_once_through_a_crash(nats_server: NatsServer, tmp_path: Path) -> None:
+    """The whole runtime on the JetStream log: what was acknowledged before a kill -9 is
+    delivered by the next owner, and the crashed owner can no longer write."""
+    from support import settle
+
+    async def body(js: Any) -> None:
+        name = fresh()
+        logs = JetStreamLogs(js)
+        first = make_runtime(tmp_path, name=name, interval=900, logs=logs)
+        await first.start()
+        await first.put([b"a\n", b"b\n"])
+        await first.batcher.seal_all(float("inf"))  # sealed: its key is decided
+        await abandon(first)  # kill -9, the delivery perhaps done, perhaps not committed
+        # Another process: its own random key parts (the test's runtimes are seeded).
+        second = make_runtime(tmp_path, name=name, interval=900, logs=JetStreamLogs(js), seed=2)
+        await second.start()
+        assert len(second.recovery.pending) <= 1 and second.recovery.unsealed_records == 0
+        await second.put([b"c\n"])
+        await settle(lambda: second.delivered_records >= 2)
+        assert await second.stop(10)
+        with pytest.raises(LogFencedError):
+            await first.put([b"stale\n"])
+
+    with_js(nats_server, body)
+    lines = sorted(line for f in (tmp_path / "out").rglob("*") if f.is_file() for line in f.read_bytes().splitlines())
+    assert lines == [b"a", b"b", b"c"]
+    assert len([f for f in (tmp_path / "out").rglob("*") if f.is_file()]) == 2  # the sealed batch once
+
+
+def test_log_names_are_valid_and_distinct() -> None:
+    from firehose.jslog import jetstream_names
+
+    names = {jetstream_names(s, p, log) for s in ("a.b", "a_b", "a b/c") for p in (0, 1) for log in ("ingest", "processed")}
+    assert len(names) == 12
+    for stream, subject in names:
+        assert not set(stream) & set(". *>/\\") and subject.startswith("fh.") and "*" not in subject
