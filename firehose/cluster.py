@@ -122,6 +122,7 @@ class ClusteredStream:
         self.version = version
         self.node = node
         self.partitions: dict[int, Any] = {}
+        self.members: list[str] = []  # the cluster's live members, as last seen (set by Cluster)
         self.sources: list[Any] = []
         self.record_id_prefix = ""
         self._rr = random.Random()
@@ -183,6 +184,7 @@ class ClusteredStream:
             "spool_failed": next((s["spool_failed"] for s in parts if s.get("spool_failed")), None),
             "node": self.node,
             "owned_partitions": sorted(self.partitions),
+            "cluster_members": list(self.members),
         })
         return doc
 
@@ -198,8 +200,9 @@ class Cluster:
     partition runtimes it runs. ``make_runtime(config, logs)`` builds a partition's runtime."""
 
     def __init__(self, config: ClusterConfig, streams: dict[str, ClusteredStream], make_runtime: Any,
-                 *, max_size_bytes: int = 1 << 30) -> None:
+                 *, max_size_bytes: int = 1 << 30, metrics: Any = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.node = node_name(config)
         self.streams = streams
         self.make_runtime = make_runtime
@@ -308,6 +311,8 @@ class Cluster:
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
         self.members = sorted(await self._member_keys())
+        for stream in self.streams.values():
+            stream.members = self.members
         total = len(self.streams) * self.config.jetstream.partitions
         fair = math.ceil(total / max(1, len(self.members)))
         for key in sorted(self.held, reverse=True)[: max(0, len(self.held) - fair)]:
@@ -327,12 +332,19 @@ class Cluster:
                 except KeyWrongLastSequenceError:
                     continue  # another member took it first
                 self.held[key] = revision
-                self.lease_moves += 1
+                self._moved(name, "taken")
                 await self._start_partition(name, partition)
         for (name, partition) in list(self.held):
             rt = self.streams[name].partitions.get(partition)
             if rt is None or rt.fenced:
                 await self._restart_partition(name, partition)
+
+    def _moved(self, stream: str, kind: str) -> None:
+        self.lease_moves += 1
+        if self.metrics is not None:
+            self.metrics.cluster_lease_moves.labels(stream, kind).inc()
+            owned = sum(1 for name, _ in self.held if name == stream)
+            self.metrics.cluster_owned_partitions.labels(stream).set(owned)
 
     async def _member_keys(self) -> list[str]:
         try:
@@ -349,21 +361,22 @@ class Cluster:
             log.warning("cluster_lease_lost", node=self.node, stream=key[0], partition=key[1],
                         error=" ".join(str(exc).split()))
             self.held.pop(key, None)
+            self._moved(key[0], "lost")
             rt = self.streams[key[0]].partitions.pop(key[1], None)
-            if rt is not None:
-                await rt.stop(0.0)  # its log is fenced by the new owner; nothing more is written
+            if rt is not None:  # its log is fenced by the new owner; nothing more is written
+                await _stop_quietly(rt, 0.0, *key)
 
     async def _release(self, key: tuple[str, int], reason: str) -> None:
         rt = self.streams[key[0]].partitions.pop(key[1], None)
-        if rt is not None:
-            await rt.stop(self.config.lease_ttl_secs / 2)  # seal and deliver what it can; the rest stays sealed
+        if rt is not None:  # seal and deliver what it can; the rest stays sealed for the next owner
+            await _stop_quietly(rt, self.config.lease_ttl_secs / 2, *key)
         revision = self.held.pop(key, None)
         if revision is not None:
             try:
                 await self._leases.delete(self._key(*key), last=revision)
             except Exception:  # noqa: BLE001 - it expires by its TTL anyway
                 pass
-        self.lease_moves += 1
+        self._moved(key[0], "released")
         log.info("cluster_partition_released", node=self.node, stream=key[0], partition=key[1], reason=reason)
 
     async def _start_partition(self, name: str, partition: int) -> None:
@@ -371,7 +384,7 @@ class Cluster:
 
         stream = self.streams[name]
         logs = JetStreamLogs(self.js, partition=partition, replicas=self.config.jetstream.replicas,
-                             max_size_bytes=self.max_size_bytes, max_payload=self.max_payload)
+                             max_size_bytes=self.max_size_bytes, max_payload=self.max_payload, metrics=self.metrics)
         await logs.refresh()
         try:
             rt = await self.make_runtime(stream.config, logs)
@@ -384,9 +397,13 @@ class Cluster:
                  pending_batches=len(rt.recovery.pending) if rt.recovery is not None else 0)
 
     async def _restart_partition(self, name: str, partition: int) -> None:
+        """A partition whose log failed (a publish timed out during a NATS leader election, say):
+        its state is unknown to this writer, so it is opened again from what JetStream stored."""
         rt = self.streams[name].partitions.pop(partition, None)
         if rt is not None:
-            await rt.stop(0.0)
+            await _stop_quietly(rt, 0.0, name, partition)
+            self._moved(name, "reopened")
+            log.warning("cluster_partition_reopened", node=self.node, stream=name, partition=partition)
         await self._start_partition(name, partition)
 
     async def stop(self, timeout: float) -> None:
@@ -411,3 +428,13 @@ class Cluster:
                 pass
         if self.nc is not None:
             await self.nc.close()
+
+
+async def _stop_quietly(rt: Any, timeout: float, stream: str, partition: int) -> None:
+    """Stop a partition's runtime; a failure is logged (its log is what matters, and it is in
+    JetStream), never raised into the lease loop."""
+    try:
+        await rt.stop(timeout)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("cluster_partition_stop_failed", stream=stream, partition=partition,
+                    error=" ".join(str(exc).split()) or type(exc).__name__)

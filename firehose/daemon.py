@@ -267,7 +267,7 @@ class Daemon:
         daemon runs while it holds their leases (firehose/cluster.py)."""
         for cfg in self.config.streams:
             self.streams[cfg.name] = ClusteredStream(cfg, self.state.version_for(cfg), node_name(config))
-        self.cluster = Cluster(config, self.streams, self._start_stream)
+        self.cluster = Cluster(config, self.streams, self._start_stream, metrics=self.metrics)
         self.cluster.start()
 
     def _interrupt(self) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,8 +82,12 @@ class JetStreamLog:
     """One log in one JetStream stream (implements :class:`Log`). See the module docstring."""
 
     def __init__(self, js: Any, *, stream: str, subject: str, replicas: int = 1,
-                 max_size_bytes: int = 1 << 30, cache_bytes: int = 64 << 20, max_payload: int = 8 << 20) -> None:
+                 max_size_bytes: int = 1 << 30, cache_bytes: int = 64 << 20, max_payload: int = 8 << 20,
+                 metrics: Any = None, label: str = "") -> None:
         self.js = js
+        # Publish latency and bytes awaiting acknowledgement, under the delivery stream's name.
+        self._m_publish = metrics.jetstream_publish_seconds.labels(label) if metrics is not None else None
+        self._m_pending = metrics.jetstream_pending_bytes.labels(label) if metrics is not None else None
         self.stream = stream
         self.subject = subject
         self.replicas = replicas
@@ -369,6 +374,9 @@ class JetStreamLog:
     async def _publish(self, body: bytes) -> int:
         from nats.js.errors import APIError
 
+        started = time.monotonic()
+        if self._m_pending is not None:
+            self._m_pending.inc(len(body))
         try:
             ack = await self.js.publish(self.subject, body, stream=self.stream,
                                         headers={EXPECTED_LAST_SEQUENCE: str(self._last)})
@@ -381,6 +389,11 @@ class JetStreamLog:
             raise LogError(f"{self.name}: publish failed: {_one_line(exc)}") from None
         except Exception as exc:  # a timeout, no responders, a closed connection
             raise LogError(f"{self.name}: publish failed: {_one_line(exc)}") from None
+        finally:
+            if self._m_pending is not None:
+                self._m_pending.dec(len(body))
+        if self._m_publish is not None:
+            self._m_publish.observe(time.monotonic() - started)
         self._last = ack.seq
         return int(ack.seq)
 
@@ -499,8 +512,9 @@ class JetStreamLogs:
     :meth:`refresh`), so :meth:`exists` needs no round trip."""
 
     def __init__(self, js: Any, *, partition: int = 0, replicas: int = 1, max_size_bytes: int = 1 << 30,
-                 max_payload: int = 8 << 20) -> None:
+                 max_payload: int = 8 << 20, metrics: Any = None) -> None:
         self.js = js
+        self.metrics = metrics
         self.partition = partition
         self.replicas = replicas
         self.max_size_bytes = max_size_bytes
@@ -515,7 +529,7 @@ class JetStreamLogs:
         self.known.add(js_stream)
         return JetStreamLog(self.js, stream=js_stream, subject=subject, replicas=self.replicas,
                             max_size_bytes=self.max_size_bytes, cache_bytes=cache_bytes,
-                            max_payload=self.max_payload)
+                            max_payload=self.max_payload, metrics=self.metrics, label=stream)
 
     def exists(self, stream: str, name: str) -> bool:
         return jetstream_names(stream, self.partition, name)[0] in self.known

@@ -7,7 +7,7 @@ one. Gauges keep the plain name (``firehose_DeliveryToS3_DataFreshness``).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LABEL = "DeliveryStreamName"
 
@@ -86,6 +86,17 @@ class Metrics:
         self.file_files = gauge("FileSourceFiles", "Files being followed")
         self.spool_bytes = gauge("SpoolBytes", "Bytes held in the stream's spool")
         self.backlog_records = gauge("BacklogRecords", "Acknowledged records not yet delivered")
+
+        # Cluster mode (docs/cluster.md).
+        self.cluster_lease_moves = Counter(
+            "firehose_ClusterLeaseMoves_total", "Partitions this daemon took or gave up, by kind (taken, released, "
+            "lost, reopened)", [LABEL, "kind"], registry=r)
+        self.cluster_owned_partitions = gauge("ClusterOwnedPartitions", "Partitions of the stream this daemon runs")
+        self.jetstream_publish_seconds = Histogram(
+            "firehose_JetStreamPublish_seconds", "Time from publishing a log message to JetStream's acknowledgement",
+            [LABEL], registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0))
+        self.jetstream_pending_bytes = gauge(
+            "JetStreamPendingBytes", "Log bytes published or queued and not yet acknowledged by JetStream")
 
         self._destinations: dict[str, DestinationMetrics] = {}
 

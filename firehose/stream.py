@@ -171,7 +171,7 @@ class StreamRuntime:
         self.out = self.logs.log(self.name, PROCESSED, cache_bytes=16 << 20)
         recovery = await self.out.open()
         raw_end = int(self.out.positions.get("raw_end", 0))
-        cursor = await resume_point(self.spool, raw_end, after_sealed=bool(self.recovery.pending), name=self.out.name)
+        cursor = await resume_point(self.spool, raw_end, name=self.out.name)
         return cursor, recovery
 
     def _wire(self) -> None:

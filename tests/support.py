@@ -166,6 +166,13 @@ class NatsServer:
             self.proc = None
 
 
+def nats_cluster(root: Path, size: int = 3) -> list[NatsServer]:
+    """``size`` nats-servers routed into one JetStream cluster (not started)."""
+    ports = [free_port() for _ in range(size)]
+    return [NatsServer(root / f"n{i + 1}", name=f"n{i + 1}", cluster_port=ports[i],
+                       routes=[p for j, p in enumerate(ports) if j != i]) for i in range(size)]
+
+
 def s3_objects(client: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     paginator = client.get_paginator("list_objects_v2")

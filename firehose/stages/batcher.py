@@ -94,7 +94,7 @@ class Batcher:
             partitions = self.router.open()
             if partitions:
                 await asyncio.wait_for(self.seal_many(partitions, "stop"), max(0.1, deadline - time.monotonic()))
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, LogError) as exc:
             self.log.warning("stream_seal_on_stop_failed", error=str(exc))
         # Seals written by a call that did not finish (cancelled by the deadline) become
         # deliverable once the log has them durably: passed again, they are not recorded twice.

@@ -104,22 +104,30 @@ async def load_converter(fmt: Any) -> Any:
     return await asyncio.to_thread(load(CONVERTER), fmt)
 
 
-async def resume_point(ingest: Log, raw_end: int, *, after_sealed: bool, name: str) -> int:
+async def resume_point(ingest: Log, raw_end: int, *, name: str) -> int:
     """Where processing resumes after a restart: at ``raw_end``, the end of the raw records whose
     outcome is recorded in the outcome log ``name`` (they are committed again: their commit may
-    have been lost), or, when batches were sealed in the ingest log before processing was turned
-    on (``after_sealed``; they are still delivered from there), after those."""
+    have been lost), or after the leading records the ingest log already sealed or finished
+    before processing was turned on (delivered from there, or being delivered: never again)."""
     if raw_end > ingest.next_seq:
         raise LogError(
             f"{name}: outcomes are recorded up to record {raw_end} but the ingest "
             f"spool ends at {ingest.next_seq}; refusing to guess (was the spool replaced?)"
         )
-    done = raw_end
-    if after_sealed:
-        done = max(done, ingest.sealed.next_gap(ingest.min_seq))
+    done = max(raw_end, _first_unbatched(ingest))
     if done > ingest.min_seq and not ingest.committed.covers(ingest.min_seq, done):
         await ingest.commit_ranges([(ingest.min_seq, done)])
     return max(done, ingest.min_seq)
+
+
+def _first_unbatched(ingest: Log) -> int:
+    """The first record from ``min_seq`` on that is neither sealed nor committed."""
+    seq = ingest.min_seq
+    while True:
+        nxt = ingest.committed.next_gap(ingest.sealed.next_gap(seq))
+        if nxt == seq:
+            return seq
+        seq = nxt
 
 
 class _Buffer:

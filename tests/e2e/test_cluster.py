@@ -17,11 +17,18 @@ from support import Daemon, NatsServer, daemon_config, local_objects, stream_con
 PARTITIONS = 4
 
 
-def _cluster_daemon(tmp_path: Path, node: str, nats: NatsServer, out: Path) -> Daemon:
+def _fresh() -> str:
+    """A stream name of its own per test: the session's nats-server keeps every test's logs."""
+    import uuid
+
+    return f"clicks-{uuid.uuid4().hex[:6]}"
+
+
+def _cluster_daemon(tmp_path: Path, node: str, nats: NatsServer, out: Path, name: str, **extra: Any) -> Daemon:
     work = tmp_path / node
     work.mkdir()
-    stream = stream_config("clicks", {"type": "local", "path": str(out)},
-                           buffering={"size_mib": 1, "interval_secs": 1})
+    destination = {"type": "local", "path": str(out), **extra.pop("destination", {})}
+    stream = stream_config(name, destination, buffering={"size_mib": 1, "interval_secs": 1}, **extra)
     cfg = daemon_config(work, [stream], cluster={
         "node": node, "lease_ttl_secs": 3,
         "jetstream": {"servers": [nats.url], "replicas": 1, "partitions": PARTITIONS},
@@ -29,9 +36,9 @@ def _cluster_daemon(tmp_path: Path, node: str, nats: NatsServer, out: Path) -> D
     return Daemon(work, cfg)
 
 
-def _owned(d: Daemon) -> list[int]:
+def _owned(d: Daemon, name: str) -> list[int]:
     try:
-        return list(d.health()["streams"]["clicks"].get("owned_partitions", []))
+        return list(d.health()["streams"][name].get("owned_partitions", []))
     except Exception:  # noqa: BLE001 - the daemon is down
         return []
 
@@ -43,7 +50,9 @@ def _delivered(out: Path) -> list[bytes]:
 class Loader:
     """Puts numbered records through several daemons in turn; remembers what was acknowledged."""
 
-    def __init__(self, daemons: list[Daemon]) -> None:
+    def __init__(self, daemons: list[Daemon], name: str, record: Any = None) -> None:
+        self.name = name
+        self.record = record or (lambda i: {"i": i})
         self.clients = [d.firehose() for d in daemons]
         self.acked: set[int] = set()
         self.sent: set[int] = set()
@@ -58,8 +67,8 @@ class Loader:
             self.sent.update(batch)
             client = self.clients[(self.n // 50) % len(self.clients)]
             try:
-                res = client.put_record_batch(DeliveryStreamName="clicks", Records=[
-                    {"Data": orjson.dumps({"i": i}) + b"\n"} for i in batch])
+                res = client.put_record_batch(DeliveryStreamName=self.name, Records=[
+                    {"Data": orjson.dumps(self.record(i)) + b"\n"} for i in batch])
             except Exception:  # noqa: BLE001 - a dead daemon: not acknowledged
                 time.sleep(0.05)
                 continue
@@ -72,19 +81,21 @@ class Loader:
 def test_a_killed_daemons_partitions_are_taken_over_and_every_acked_record_arrives_once(
         tmp_path: Path, nats_server: NatsServer) -> None:
     out = tmp_path / "out"
-    a = _cluster_daemon(tmp_path, "n1", nats_server, out).start()
-    b = _cluster_daemon(tmp_path, "n2", nats_server, out).start()
+    name = _fresh()
+    a = _cluster_daemon(tmp_path, "n1", nats_server, out, name).start()
+    b = _cluster_daemon(tmp_path, "n2", nats_server, out, name).start()
     try:
-        wait_for(lambda: len(_owned(a)) + len(_owned(b)) == PARTITIONS and _owned(a) and _owned(b), 30,
+        wait_for(lambda: len(_owned(a, name)) + len(_owned(b, name)) == PARTITIONS and _owned(a, name) and _owned(b, name), 30,
                  "the partitions shared by both daemons")
-        assert set(_owned(a)).isdisjoint(_owned(b))
-        assert a.health()["streams"]["clicks"]["node"] == "n1"
-        loader = Loader([a, b])
+        assert set(_owned(a, name)).isdisjoint(_owned(b, name))
+        assert a.health()["streams"][name]["node"] == "n1"
+        wait_for(lambda: a.health()["streams"][name]["cluster_members"] == ["n1", "n2"], 10, "both members seen")
+        loader = Loader([a, b], name)
         loader.thread.start()
         wait_for(lambda: len(loader.acked) >= 1000, 60, "records acknowledged through both daemons")
-        had = _owned(a)
+        had = _owned(a, name)
         a.kill9()
-        wait_for(lambda: len(_owned(b)) == PARTITIONS, 30, "the survivor owning every partition")
+        wait_for(lambda: len(_owned(b, name)) == PARTITIONS, 30, "the survivor owning every partition")
         time.sleep(1)
         loader.stop.set()
         loader.thread.join(30)
@@ -96,6 +107,11 @@ def test_a_killed_daemons_partitions_are_taken_over_and_every_acked_record_arriv
         assert set(lines) <= loader.sent, "a record nobody sent"
         taken = {e["partition"] for e in b.events() if e.get("event") == "cluster_partition_taken"}
         assert set(had) <= taken  # the dead daemon's partitions, taken over
+        metrics = _metrics(b)
+        label = f'DeliveryStreamName="{name}"'
+        assert metrics[f'firehose_ClusterLeaseMoves_total{{{label},kind="taken"}}'] >= PARTITIONS
+        assert metrics[f"firehose_ClusterOwnedPartitions{{{label}}}"] == PARTITIONS
+        assert metrics[f"firehose_JetStreamPublish_seconds_count{{{label}}}"] > 0
     finally:
         for d in (a, b):
             if d.proc is not None and d.proc.poll() is None:
@@ -106,9 +122,10 @@ def test_no_reachable_nats_is_retried_with_a_clear_message_not_a_crash(tmp_path:
     from support import free_port
 
     out = tmp_path / "out"
+    name = _fresh()
     nowhere = NatsServer(tmp_path / "nats")
     nowhere.port = free_port()  # nothing listens there yet
-    d = _cluster_daemon(tmp_path, "n1", nowhere, out).start(wait=False)
+    d = _cluster_daemon(tmp_path, "n1", nowhere, out, name).start(wait=False)
     try:
         wait_for(lambda: _answers(d), 30, "the API up while NATS is not")
         assert d.health()["status"] == "unavailable"  # a load balancer sends elsewhere meanwhile
@@ -117,21 +134,21 @@ def test_no_reachable_nats_is_retried_with_a_clear_message_not_a_crash(tmp_path:
         failed = next(e for e in d.events() if e.get("event") == "cluster_connect_failed")
         assert failed["servers"] == [nowhere.url] and failed["level"] == "error"
         assert "Traceback" not in d.logs()
-        status, body = _put(d)
+        status, body = _put(d, name)
         assert (status, body["__type"]) == (503, "ServiceUnavailableException")
         nowhere.start()  # NATS comes up: the daemon joins without a restart
-        wait_for(lambda: len(_owned(d)) == PARTITIONS, 60, "the partitions owned once NATS is up")
-        wait_for(lambda: _put(d)[0] == 200, 30, "records taken")
+        wait_for(lambda: len(_owned(d, name)) == PARTITIONS, 60, "the partitions owned once NATS is up")
+        wait_for(lambda: _put(d, name)[0] == 200, 30, "records taken")
         wait_for(lambda: _delivered(out) == [b"x"], 30, "the record delivered")
     finally:
         d.stop()
         nowhere.stop()
 
 
-def _put(d: Daemon) -> tuple[int, Any]:
+def _put(d: Daemon, name: str) -> tuple[int, Any]:
     from support import raw_call
 
-    return raw_call(d.port, "PutRecord", orjson.dumps({"DeliveryStreamName": "clicks", "Record": {"Data": "eA=="}}))
+    return raw_call(d.port, "PutRecord", orjson.dumps({"DeliveryStreamName": name, "Record": {"Data": "eA=="}}))
 
 
 def _answers(d: Daemon) -> bool:
@@ -140,3 +157,106 @@ def _answers(d: Daemon) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_three_nats_servers_with_replicas_3_survive_a_server_killed_under_load(tmp_path: Path) -> None:
+    """replicas: 3 on a three-server JetStream cluster: one NATS server is kill -9ed under load
+    and restarted. Publishes that fail while a Raft leader is re-elected are answered 503 (the
+    partition is reopened from what JetStream stored); every acknowledged record is delivered
+    exactly once."""
+    from support import nats_cluster
+
+    servers = nats_cluster(tmp_path / "nats")
+    for server in servers:
+        server.start()
+    out = tmp_path / "out"
+    name = _fresh()
+    daemons = []
+    try:
+        for node in ("d1", "d2"):
+            work = tmp_path / node
+            work.mkdir()
+            stream = stream_config(name, {"type": "local", "path": str(out)},
+                                   buffering={"size_mib": 1, "interval_secs": 1})
+            cfg = daemon_config(work, [stream], cluster={
+                "node": node, "lease_ttl_secs": 3,
+                "jetstream": {"servers": [s.url for s in servers], "replicas": 3, "partitions": PARTITIONS}})
+            daemons.append(Daemon(work, cfg).start(wait=False))
+        wait_for(lambda: sum(len(_owned(d, name)) for d in daemons) == PARTITIONS, 90, "every partition owned")
+        loader = Loader(daemons, name)
+        loader.thread.start()
+        wait_for(lambda: len(loader.acked) >= 500, 60, "records acknowledged")
+        servers[0].kill9()
+        before = len(loader.acked)
+        wait_for(lambda: len(loader.acked) >= before + 500, 90, "records acknowledged with a server down")
+        servers[0].start()
+        wait_for(lambda: len(loader.acked) >= before + 1000, 90, "records acknowledged after its restart")
+        loader.stop.set()
+        loader.thread.join(30)
+        acked = set(loader.acked)
+        wait_for(lambda: acked <= {orjson.loads(x)["i"] for x in _delivered(out)}, 120,
+                 "every acknowledged record delivered")
+        lines = [orjson.loads(x)["i"] for x in _delivered(out)]
+        assert len(lines) == len(set(lines)), "a record was delivered twice"
+        assert set(lines) <= loader.sent
+        for d in daemons:
+            assert "Traceback" not in d.logs()
+    finally:
+        for d in daemons:
+            d.stop()
+        for server in servers:
+            server.stop()
+
+
+def _metrics(d: Daemon) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{d.endpoint}/metrics", timeout=10).read().decode()
+    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()
+                                        if line and not line.startswith("#"))}
+
+
+def test_a_lambda_and_dynamic_partitioning_survive_a_takeover_mid_stream(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """Records transformed by a Lambda (in each daemon's worker processes) and partitioned by the
+    keys it returns: after a kill -9 and a takeover, every acknowledged record is delivered once,
+    transformed, under its partition's prefix."""
+    out = tmp_path / "out"
+    extra = {
+        "processing": [{"type": "lambda", "function": "handlers.upper:handler", "workers": 1,
+                        "buffer_interval_secs": 1}],
+        "dynamic_partitioning": {"enabled": True},
+        "destination": {"prefix": "customer=!{partitionKeyFromLambda:customer}/", "error_output_prefix": "errors/"},
+    }
+    name = _fresh()
+    a = _cluster_daemon(tmp_path, "n1", nats_server, out, name, **extra).start(wait=False)
+    b = _cluster_daemon(tmp_path, "n2", nats_server, out, name, **extra).start(wait=False)
+    try:
+        wait_for(lambda: len(_owned(a, name)) + len(_owned(b, name)) == PARTITIONS and _owned(a, name) and _owned(b, name), 60,
+                 "the partitions shared by both daemons")
+        loader = Loader([a, b], name, record=lambda i: {"i": i, "name": "n", "customer": i % 3})
+        loader.thread.start()
+        wait_for(lambda: len(loader.acked) >= 600, 60, "records acknowledged")
+        a.kill9()
+        wait_for(lambda: len(_owned(b, name)) == PARTITIONS, 30, "the survivor owning every partition")
+        time.sleep(1)
+        loader.stop.set()
+        loader.thread.join(30)
+        acked = set(loader.acked)
+
+        def delivered() -> list[tuple[str, dict[str, Any]]]:
+            return [(key, orjson.loads(line)) for key, body in local_objects(out).items()
+                    for line in body.splitlines() if line]
+
+        wait_for(lambda: acked <= {doc["i"] for _, doc in delivered()}, 90, "every acknowledged record delivered")
+        docs = delivered()
+        seen = [doc["i"] for _, doc in docs]
+        assert len(seen) == len(set(seen)), "a record was delivered twice"
+        assert set(seen) <= loader.sent
+        for key, doc in docs:
+            assert key.startswith(f"customer={doc['customer']}/") and doc["name"] == "N", (key, doc)
+        assert not [k for k in local_objects(out) if k.startswith("errors/")]
+    finally:
+        for d in (a, b):
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()

@@ -176,3 +176,37 @@ def test_log_names_are_valid_and_distinct() -> None:
     assert len(names) == 12
     for stream, subject in names:
         assert not set(stream) & set(". *>/\\") and subject.startswith("fh.") and "*" not in subject
+
+
+def test_turning_processing_on_does_not_process_records_already_delivered(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """Records delivered without processing stay in the log until a purge; a restart with a
+    processing stage (backup mode all is one) must not process and deliver them again."""
+    from support import runtime_from_yaml, settle
+
+    name = fresh()
+    out = tmp_path / "out"
+    plain = f"streams:\n  - name: {name}\n    destination: {{type: local, path: {out}}}\n"
+    with_stage = plain + f"    backup: {{path: {tmp_path / 'backup'}, mode: all}}\n"
+
+    async def body(js: Any) -> None:
+        first = runtime_from_yaml(tmp_path, plain, logs=JetStreamLogs(js))
+        await first.start()
+        await first.put([b"a\n", b"b\n"])
+        assert await first.stop(10)
+        logs = JetStreamLogs(js)
+        await logs.refresh()
+        second = runtime_from_yaml(tmp_path, with_stage, seed=2, logs=logs)
+        await second.start()
+        assert second.spool.min_seq == 0  # the delivered records are still in the log
+        await second.put([b"c\n"])
+        await settle(lambda: second._recorded_upto == 3)  # "c" went through the processing stage
+        assert await second.stop(10)
+
+    with_js(nats_server, body)
+
+    def lines(root: Path) -> list[bytes]:
+        return sorted(line for f in root.rglob("*") if f.is_file() for line in f.read_bytes().splitlines())
+
+    assert lines(out) == [b"a", b"b", b"c"]
+    assert lines(tmp_path / "backup") == [b"c"]

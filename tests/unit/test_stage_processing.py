@@ -198,13 +198,14 @@ def test_a_restart_resumes_after_the_recorded_outcomes_and_releases_them_again(t
         await ingest.append([b"a", b"b", b"c", b"d", b"e", b"f"], 100)
         # Batches sealed here before processing was turned on are delivered from here: skipped.
         await ingest.seal([SealedBatch(ingest.allocate_batch_id(), "k", [(0, 2)], 100)])
-        assert await resume_point(ingest, 0, after_sealed=True, name="processed") == 2
+        assert await resume_point(ingest, 0, name="processed") == 2
         # Outcomes were recorded up to record 4, but the raw commit was lost in a crash.
-        assert await resume_point(ingest, 4, after_sealed=False, name="processed") == 4
+        assert await resume_point(ingest, 4, name="processed") == 4
         assert ingest.committed.covers(0, 4) and not ingest.committed.covers(4, 5)
         with pytest.raises(LogError, match="processed: outcomes are recorded up to record 9 but the ingest spool "
                                              "ends at 6; refusing to guess"):
-            await resume_point(ingest, 9, after_sealed=False, name="processed")
+            await resume_point(ingest, 9, name="processed")
         await ingest.aclose()
 
     asyncio.run(go())
+
