@@ -270,7 +270,8 @@ class Cluster:
                   error=" ".join(str(exc).split()) or type(exc).__name__)
 
     async def _on_disconnect(self) -> None:
-        log.warning("cluster_disconnected", node=self.node)
+        if not self._stopping:  # not our own close at shutdown
+            log.warning("cluster_disconnected", node=self.node)
 
     async def _on_reconnect(self) -> None:
         log.info("cluster_reconnected", node=self.node)
