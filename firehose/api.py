@@ -28,7 +28,7 @@ import structlog
 from aiohttp import ClientPayloadError, web
 
 from firehose.httpserver import BodyBudget, HttpLimits
-from firehose.log import LogError, LogFullError
+from firehose.log import LogError, LogFullError, LogTooLargeError
 from firehose.names import STREAM_NAME_RE
 
 if TYPE_CHECKING:
@@ -427,6 +427,8 @@ class FirehoseApi:
         except LogFullError:
             self.daemon.metrics.throttled_records.labels(rt.name).inc(len(records))
             raise ApiError("ServiceUnavailableException", "Slow down.", 503) from None
+        except LogTooLargeError as exc:  # cluster mode: a retry cannot succeed, so no 503
+            raise ApiError("InvalidArgumentException", str(exc)) from None
         except (LogError, OSError) as exc:
             log.error("spool_append_failed", stream=rt.name, error=str(exc))
             raise ApiError("ServiceUnavailableException", "Slow down.", 503) from None

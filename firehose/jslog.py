@@ -42,6 +42,7 @@ from firehose.log import (
     LogError,
     LogFencedError,
     LogFullError,
+    LogTooLargeError,
     RecordFrame,
     RecoveryState,
     SealedBatch,
@@ -270,8 +271,9 @@ class JetStreamLog:
         first = self._assigned
         payload = records_payload(first, arrival_ms, records, meta, positions)
         if len(payload) + 64 > self.max_payload:
-            raise LogError(f"{self.name}: one append of {len(payload)} bytes is over the NATS server's "
-                           f"max_payload ({self.max_payload}); raise max_payload to 8MB (docs/cluster.md)")
+            raise LogTooLargeError(f"the request is {len(payload)} bytes in the log, over the NATS servers' "
+                                   f"max_payload of {self.max_payload} bytes; set max_payload: 8MB on them "
+                                   "(docs/cluster.md)")
         if enforce_cap and not self.has_room(len(payload)):
             raise LogFullError(f"{self.name} is at its cap of {self._max_size_bytes} bytes")
         self._assigned = first + len(records)

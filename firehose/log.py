@@ -49,6 +49,11 @@ class LogFencedError(LogError):
     """Another writer took the log: this one must stop writing (its view is stale)."""
 
 
+class LogTooLargeError(LogError):
+    """One append is larger than the log can take in one piece (a NATS server's max_payload);
+    nothing was written, and retrying the same request cannot succeed."""
+
+
 class LogBusyError(LogError):
     """The log is held by another live writer, so it cannot be opened now."""
 

