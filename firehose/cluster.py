@@ -29,6 +29,7 @@ import socket
 import time
 from typing import Any
 
+import orjson
 import structlog
 from pydantic import Field, field_validator
 
@@ -216,6 +217,8 @@ class Cluster:
         self.lease_moves = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.state: SharedStreamState | None = None  # set once connected
+        self.on_state: Any = None  # called with it, so the daemon answers from it
         self.max_payload = 8 << 20
 
     @property
@@ -250,6 +253,12 @@ class Cluster:
                                                               replicas=js_cfg.replicas)
                 self._members = await self.js.create_key_value(bucket=MEMBERS, ttl=ttl, history=1,
                                                                replicas=js_cfg.replicas)
+                state_kv = await self.js.create_key_value(bucket=STREAM_STATE, history=1, replicas=js_cfg.replicas)
+                self.state = SharedStreamState(state_kv, asyncio.get_running_loop())
+                for stream in self.streams.values():
+                    stream.version = await self.state.sync_version(stream.config)
+                if self.on_state is not None:
+                    self.on_state(self.state)
                 self.max_payload = int(self.nc.max_payload)
                 if self.max_payload < (5 << 20):
                     log.warning("cluster_max_payload_small", max_payload=self.max_payload,
@@ -314,6 +323,8 @@ class Cluster:
         self.members = sorted(await self._member_keys())
         for stream in self.streams.values():
             stream.members = self.members
+        if self.state is not None:
+            await self.state.refresh(sorted(self.streams))
         total = len(self.streams) * self.config.jetstream.partitions
         fair = math.ceil(total / max(1, len(self.members)))
         for key in sorted(self.held, reverse=True)[: max(0, len(self.held) - fair)]:
@@ -439,3 +450,96 @@ async def _stop_quietly(rt: Any, timeout: float, stream: str, partition: int) ->
     except Exception as exc:  # noqa: BLE001
         log.warning("cluster_partition_stop_failed", stream=stream, partition=partition,
                     error=" ".join(str(exc).split()) or type(exc).__name__)
+
+
+STREAM_STATE = "FH_STREAMS"
+
+
+class SharedStreamState:
+    """Cluster mode's stream state (VersionId, creation and update times, tags) in the JetStream
+    key-value bucket ``FH_STREAMS``, one JSON document per stream, shared by every daemon. Reads
+    answer from a copy refreshed every lease round; writes are revision-checked and retried on a
+    conflict, so two daemons tagging at once lose nothing. The same methods as the local
+    ``StreamState`` the API calls."""
+
+    def __init__(self, kv: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.kv = kv
+        self.loop = loop
+        self._docs: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def _key(name: str) -> str:
+        from firehose.jslog import jetstream_names
+
+        return jetstream_names(name, 0, "state")[1].removeprefix("fh.").removesuffix(".p0.state")
+
+    async def _read(self, name: str) -> tuple[dict[str, Any] | None, int]:
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await self.kv.get(self._key(name))
+        except KeyNotFoundError:
+            return None, 0
+        return orjson.loads(entry.value or b"{}"), int(entry.revision)
+
+    async def _change(self, name: str, change: Any) -> dict[str, Any]:
+        """Apply ``change(doc | None) -> doc`` with a revision check, again on a conflict."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        while True:
+            doc, revision = await self._read(name)
+            new = change(doc)
+            if new is doc:
+                break
+            try:
+                if revision:
+                    await self.kv.update(self._key(name), orjson.dumps(new), last=revision)
+                else:
+                    await self.kv.create(self._key(name), orjson.dumps(new))
+            except KeyWrongLastSequenceError:
+                continue  # another daemon wrote it meanwhile: read again
+            doc = new
+            break
+        assert doc is not None
+        self._docs[name] = doc
+        return doc
+
+    async def sync_version(self, stream: Any) -> int:
+        """The stream's VersionId, shared: 1 at first sight, +1 whenever its config changes."""
+        fp = stream.fingerprint()
+        now = time.time()
+
+        def change(doc: dict[str, Any] | None) -> dict[str, Any]:
+            if doc is None:
+                return {"version": 1, "fingerprint": fp, "created": now, "updated": now, "tags": {}}
+            if doc.get("fingerprint") != fp:
+                return {**doc, "version": int(doc["version"]) + 1, "fingerprint": fp, "updated": now}
+            return doc
+
+        return int((await self._change(stream.name, change))["version"])
+
+    async def refresh(self, names: list[str]) -> None:
+        for name in names:
+            doc, _ = await self._read(name)
+            if doc is not None:
+                self._docs[name] = doc
+
+    # The local StreamState's interface, as the API and the daemon call it.
+    def load(self, name: str) -> dict[str, Any] | None:
+        return self._docs.get(name)
+
+    def version_for(self, stream: Any) -> int:
+        doc = self._docs.get(stream.name)
+        return int(doc["version"]) if doc is not None else 1
+
+    def tags(self, name: str) -> dict[str, str]:
+        return dict((self._docs.get(name) or {}).get("tags", {}))
+
+    def update_tags(self, name: str, change: Any) -> None:
+        """From a worker thread (as the API calls it): one revision-checked write on the loop."""
+
+        def apply(doc: dict[str, Any] | None) -> dict[str, Any]:
+            base = doc or {"version": 1, "created": time.time(), "updated": time.time(), "tags": {}}
+            return {**base, "tags": change(dict(base.get("tags", {})))}
+
+        asyncio.run_coroutine_threadsafe(self._change(name, apply), self.loop).result(timeout=30)

@@ -268,7 +268,11 @@ class Daemon:
         for cfg in self.config.streams:
             self.streams[cfg.name] = ClusteredStream(cfg, self.state.version_for(cfg), node_name(config))
         self.cluster = Cluster(config, self.streams, self._start_stream, metrics=self.metrics)
+        self.cluster.on_state = self._use_state  # VersionId and tags shared through JetStream
         self.cluster.start()
+
+    def _use_state(self, state: Any) -> None:
+        self.state = state
 
     def _interrupt(self) -> None:
         """Ctrl-C: the first stops as SIGTERM does (flush within shutdown_timeout_secs); a second

@@ -252,6 +252,9 @@ class StreamRuntime:
         arrival = self.clock.now_ms() if arrival_ms is None else arrival_ms
         if nbytes is None:
             nbytes = sum(map(len, records))
+        # Woken before the append too: the file log makes records readable before its fsync,
+        # so the stages read them while it runs.
+        self.signals.wake()
         first = await self.spool.append(records, arrival, nbytes=nbytes, meta=meta, positions=positions)
         self.signals.wake()
         if records:  # a source's position-only write is not an incoming request

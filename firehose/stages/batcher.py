@@ -32,7 +32,7 @@ from firehose.interfaces import Destination, archive_of, partitioned_keys
 from firehose.log import Log, LogError, RecordFrame, SealedBatch
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
 from firehose.stages.archiver import error_record_line
-from firehose.stages.common import OpenBuffer, PendingBatch, StageContext
+from firehose.stages.common import OpenBuffer, PendingBatch, StageContext, log_failure
 from firehose.stages.delivery import DeliveryRunner
 from firehose.stages.router import Partition, PartitionRouter
 
@@ -89,6 +89,8 @@ class Batcher:
         """At stop: seal every open buffer, within ``deadline`` (``time.monotonic()``), and make
         the seals durable so they can be delivered. What cannot be sealed stays in the log."""
         try:
+            # Records acknowledged since the batcher last read the log join the buffers first.
+            await asyncio.wait_for(self.pump(final=True), max(0.1, deadline - time.monotonic()))
             for key in ["", *self._archive_buffers]:
                 await asyncio.wait_for(self.seal(key), max(0.1, deadline - time.monotonic()))
             partitions = self.router.open()
@@ -140,7 +142,7 @@ class Batcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the stream alive; the records stay in the spool
-                self.log.exception("batcher_failed", error=str(exc))
+                log_failure(self.log, "batcher_failed", exc)
                 await asyncio.sleep(1.0)
             self.ctx.on_progress()
 
@@ -167,11 +169,12 @@ class Batcher:
         if due:
             await self.seal_many(due, "interval")
 
-    async def pump(self) -> None:
+    async def pump(self, *, final: bool = False) -> None:
         """Move records from the log into open buffers, sealing whenever the next record would
-        not fit. Stops, mid-frame if need be, when the delivery runner has no room."""
+        not fit. Stops, mid-frame if need be, when the delivery runner has no room (or the
+        stream is stopping, unless this is the ``final`` pump of the stop itself)."""
         spool = self.out
-        while self.cursor < spool.next_seq and self.runner.has_room() and not self.signals.stopping:
+        while self.cursor < spool.next_seq and self.runner.has_room() and (final or not self.signals.stopping):
             if self.cursor < spool.min_seq:
                 self.cursor = spool.min_seq
                 continue

@@ -15,7 +15,7 @@ from typing import Any
 
 from firehose.clock import Clock
 from firehose.intervals import Ranges
-from firehose.log import Log, RecordFrame, SealedBatch
+from firehose.log import Log, LogError, RecordFrame, SealedBatch
 from firehose.metrics import Metrics
 
 
@@ -123,3 +123,11 @@ class OpenBuffer:
         self.spilled = True
         return freed
 
+
+def log_failure(log: Any, event: str, exc: BaseException, **fields: Any) -> None:
+    """A stage's failed step, retried: one line for an operational failure (the log, the disk,
+    the network: its message says what), the traceback only for anything else (a bug)."""
+    if isinstance(exc, LogError | OSError):
+        log.error(event, error=str(exc), **fields)
+    else:
+        log.exception(event, error=str(exc), **fields)

@@ -35,7 +35,7 @@ from firehose.log import Log, SealedBatch
 from firehose.records import ErrorInfo, RecordMeta
 from firehose.retry import jittered_backoff, local_failure_pause
 from firehose.stages.archiver import Archiver, error_record_line
-from firehose.stages.common import PendingBatch, StageContext
+from firehose.stages.common import PendingBatch, StageContext, log_failure
 from firehose.stages.health import DeliveryHealth
 
 # The error-output type of records whose partition could not be delivered within
@@ -189,8 +189,8 @@ class DeliveryRunner:
                     # this batch after a pause, in this task, never in a tight loop.
                     failures += 1
                     delay = local_failure_pause(failures)
-                    self.log.exception("delivery_failed", batch_id=pending.sealed.batch_id, error=str(exc),
-                                       retry_in_secs=delay)
+                    log_failure(self.log, "delivery_failed", exc, batch_id=pending.sealed.batch_id,
+                                retry_in_secs=delay)
                     self._health_of(pending.sealed.info.get("sink", "main")).failed(
                         "Daemon.DeliveryFailed", f"{type(exc).__name__}: {exc}", self.clock.now_ms())
                     await asyncio.sleep(delay)

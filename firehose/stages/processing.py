@@ -33,7 +33,7 @@ from firehose.log import Log, LogError
 from firehose.names import stream_arn
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
 from firehose.retry import local_failure_pause
-from firehose.stages.common import StageContext
+from firehose.stages.common import StageContext, log_failure
 
 #: One ingested record in a processing buffer: (sequence number, data, arrival ms, source metadata).
 Item = tuple[int, bytes, int, Any]
@@ -197,7 +197,7 @@ class ProcessingStage:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # re-read the unsubmitted records on the next pass
-                    self.log.exception("processing_failed", error=str(exc))
+                    log_failure(self.log, "processing_failed", exc)
                     if buf.items:
                         self.cursor = buf.take()[0][0]
                     await asyncio.sleep(1.0)
@@ -290,7 +290,7 @@ class ProcessingStage:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a bug in a stage: run the same buffer again, in order
-                    self.log.exception("processing_failed", error=str(exc))
+                    log_failure(self.log, "processing_failed", exc)
                     await asyncio.sleep(1.0)
                     task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
             await self._record_reliably(items, outcomes)
@@ -307,7 +307,7 @@ class ProcessingStage:
                 raise
             except Exception as exc:
                 failures += 1
-                self.log.exception("outcome_recording_failed", error=str(exc), attempt=failures)
+                log_failure(self.log, "outcome_recording_failed", exc, attempt=failures)
                 await asyncio.sleep(local_failure_pause(failures))
                 if self.recorded_upto >= items[-1][0] + 1:
                     # Appended (durably) already: finish the release, not the append.

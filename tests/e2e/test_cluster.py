@@ -90,6 +90,13 @@ def test_a_killed_daemons_partitions_are_taken_over_and_every_acked_record_arriv
         assert set(_owned(a, name)).isdisjoint(_owned(b, name))
         assert a.health()["streams"][name]["node"] == "n1"
         wait_for(lambda: a.health()["streams"][name]["cluster_members"] == ["n1", "n2"], 10, "both members seen")
+        # Stream state is shared: a tag set through one daemon is listed by the other.
+        a.firehose().tag_delivery_stream(DeliveryStreamName=name, Tags=[{"Key": "team", "Value": "web"}])
+        wait_for(lambda: b.firehose().list_tags_for_delivery_stream(DeliveryStreamName=name)["Tags"]
+                 == [{"Key": "team", "Value": "web"}], 10, "the tag seen through the other daemon")
+        versions = {d.firehose().describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
+                    ["VersionId"] for d in (a, b)}
+        assert versions == {"1"}
         loader = Loader([a, b], name)
         loader.thread.start()
         wait_for(lambda: len(loader.acked) >= 1000, 60, "records acknowledged through both daemons")

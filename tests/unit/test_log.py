@@ -218,3 +218,4 @@ def test_a_stream_runs_on_memory_logs_through_a_crash_and_a_fenced_writer(tmp_pa
 
     run(go())
     assert _delivered(tmp_path / "out") == [b"a", b"b", b"c"]
+

@@ -314,3 +314,18 @@ def test_a_seal_that_cannot_be_written_leaves_the_buffer_to_be_sealed_again(tmp_
     run(go())
     (batch,) = s.sealed()
     assert _count(batch) == 2 and list(batch.ranges) == [(0, 2)]
+
+
+def test_the_stop_seals_records_the_batcher_had_not_read_yet(tmp_path: Path, make_log: Any) -> None:
+    """Records acknowledged just before a stop, before the batcher's loop had a turn, are read
+    and sealed by the stop itself: a clean stop leaves nothing acknowledged unsealed."""
+    s = Setup(tmp_path, make_log)
+
+    async def go() -> None:
+        await s.put([b"a", b"b"])
+        s.ctx.signals.stopping = True  # the stream is stopping: the loop reads no more
+        await s.batcher.seal_all(deadline=float("inf"))
+        await s.spool.aclose()
+
+    run(go())
+    assert [list(b.ranges) for b in s.sealed()] == [[(0, 2)]]
