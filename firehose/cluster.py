@@ -397,7 +397,7 @@ class Cluster:
         stream = self.streams[name]
         logs = JetStreamLogs(self.js, partition=partition, replicas=self.config.jetstream.replicas,
                              max_size_bytes=self.max_size_bytes, max_payload=self.max_payload, metrics=self.metrics)
-        await logs.refresh()
+        await logs.refresh(name)
         try:
             rt = await self.make_runtime(stream.config, logs)
         except Exception as exc:  # noqa: BLE001 - retried at the next round

@@ -333,6 +333,9 @@ class JetStreamLog:
                 await asyncio.shield(self._flusher)  # a seal made again: wait for the one in flight
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A caller cancelled while it waited (a client that hung up) leaves the future to the
+        # flusher: its failure is the log's, already reported, not an unretrieved exception.
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._queue.append((frames, fut))
         self._queued_bytes += sum(map(len, frames))
         self._pending_meta.append((fut, records, seals or []))
@@ -510,8 +513,8 @@ def jetstream_names(stream: str, partition: int, log: str) -> tuple[str, str]:
 
 class JetStreamLogs:
     """The JetStream :class:`firehose.log.LogStore` of one partition: every stream's logs of
-    partition ``partition``. ``known`` holds the JetStream stream names that exist (read by
-    :meth:`refresh`), so :meth:`exists` needs no round trip."""
+    partition ``partition``. ``known`` holds the JetStream stream names found to exist (by
+    :meth:`refresh`, or opened here), so :meth:`exists` needs no round trip."""
 
     def __init__(self, js: Any, *, partition: int = 0, replicas: int = 1, max_size_bytes: int = 1 << 30,
                  max_payload: int = 8 << 20, metrics: Any = None) -> None:
@@ -523,8 +526,17 @@ class JetStreamLogs:
         self.max_payload = max_payload
         self.known: set[str] = set()
 
-    async def refresh(self) -> None:
-        self.known = {info.config.name for info in await self.js.streams_info()}
+    async def refresh(self, stream: str) -> None:
+        """Find which of ``stream``'s logs in this partition exist (one lookup each)."""
+        from nats.js.errors import NotFoundError
+
+        for log in ("ingest", "processed"):
+            js_stream = jetstream_names(stream, self.partition, log)[0]
+            try:
+                await self.js.stream_info(js_stream)
+            except NotFoundError:
+                continue
+            self.known.add(js_stream)
 
     def log(self, stream: str, name: str, *, cache_bytes: int = 64 << 20) -> JetStreamLog:
         js_stream, subject = jetstream_names(stream, self.partition, name)

@@ -74,6 +74,10 @@ class DeliveryRunner:
         self.signals, self.rng = ctx.signals, ctx.rng
         self.delivery = config.delivery
         self.dynamic_partitioning = config.dynamic_partitioning
+        # Source copies recorded while backup: {mode: all} was on have nowhere to go once the
+        # stream has no backup: they are dropped (counted), never written to the destination.
+        self.has_backup = config.backup is not None
+        self.dropped_source_copies = 0
         self.out = out
         self.destination = destination
         self.archiver = archiver
@@ -206,6 +210,13 @@ class DeliveryRunner:
     async def _deliver_once(self, pending: PendingBatch) -> None:
         """load -> (attempt -> classify)* -> commit."""
         spool = pending.spool or self.out
+        if pending.sealed.info.get("sink") == "source" and not self.has_backup:
+            await spool.commit(pending.sealed.batch_id, {"attempts": 0})
+            self.dropped_source_copies += int(pending.sealed.info.get("records", 0))
+            self.log.warning("source_copies_dropped", batch_id=pending.sealed.batch_id,
+                             records=pending.sealed.info.get("records"), reason="the stream has no backup any more")
+            self._finish(pending)
+            return
         records = await self._load(pending, spool)
         if records is None:  # every record was archived by the schema check: no empty file
             await spool.commit(pending.sealed.batch_id, {"attempts": 0})

@@ -195,7 +195,7 @@ def test_turning_processing_on_does_not_process_records_already_delivered(
         await first.put([b"a\n", b"b\n"])
         assert await first.stop(10)
         logs = JetStreamLogs(js)
-        await logs.refresh()
+        await logs.refresh(name)
         second = runtime_from_yaml(tmp_path, with_stage, seed=2, logs=logs)
         await second.start()
         assert second.spool.min_seq == 0  # the delivered records are still in the log
@@ -210,3 +210,38 @@ def test_turning_processing_on_does_not_process_records_already_delivered(
 
     assert lines(out) == [b"a", b"b", b"c"]
     assert lines(tmp_path / "backup") == [b"c"]
+
+
+def test_an_outcome_log_left_by_an_earlier_config_is_still_delivered(nats_server: NatsServer, tmp_path: Path) -> None:
+    """Outcomes recorded while processing was on (here backup mode all) and not delivered yet
+    are found by the next owner through the log store, even with processing turned off."""
+    from support import abandon, runtime_from_yaml, settle
+
+    name = fresh()
+    out = tmp_path / "out"
+    base = f"streams:\n  - name: {name}\n    buffering: {{size_mib: 1, interval_secs: 900}}\n" \
+           f"    destination: {{type: local, path: {out}}}\n"
+    with_stage = base + f"    backup: {{path: {tmp_path / 'backup'}, mode: all}}\n"
+    # Backup of failed records only: no processing stage of its own any more.
+    failed_only = base + f"    backup: {{path: {tmp_path / 'backup'}}}\n"
+
+    async def body(js: Any) -> None:
+        first = runtime_from_yaml(tmp_path, with_stage, logs=JetStreamLogs(js))
+        await first.start()
+        await first.put([b"a\n", b"b\n"])
+        await settle(lambda: first._recorded_upto == 2)  # outcomes recorded, nothing sealed yet
+        await abandon(first)
+        logs = JetStreamLogs(js)
+        await logs.refresh(name)
+        assert logs.exists(name, "processed")
+        second = runtime_from_yaml(tmp_path, failed_only, seed=2, logs=logs)
+        await second.start()
+        assert await second.stop(10)
+
+    with_js(nats_server, body)
+
+    def lines(root: Path) -> list[bytes]:
+        return sorted(line for f in root.rglob("*") if f.is_file() for line in f.read_bytes().splitlines())
+
+    assert lines(out) == [b"a", b"b"]
+    assert lines(tmp_path / "backup") == [b"a", b"b"]  # the source copies recorded while mode was all

@@ -209,3 +209,30 @@ def test_a_restart_resumes_after_the_recorded_outcomes_and_releases_them_again(t
 
     asyncio.run(go())
 
+
+
+def test_source_copies_left_when_backup_all_is_turned_off_are_dropped_not_delivered(tmp_path: Path) -> None:
+    """Outcomes and source copies recorded under backup: {mode: all}, then the stream restarts
+    without a backup: the outcomes are delivered, the copies (nowhere to go) are dropped and
+    counted, never written into the destination beside the records themselves."""
+    from support import abandon, runtime_from_yaml, settle
+
+    out = tmp_path / "out"
+    plain = f"streams:\n  - name: s\n    buffering: {{size_mib: 1, interval_secs: 900}}\n" \
+            f"    destination: {{type: local, path: {out}}}\n"
+    with_copies = plain + f"    backup: {{path: {tmp_path / 'backup'}, mode: all}}\n"
+
+    async def go() -> None:
+        first = runtime_from_yaml(tmp_path, with_copies)
+        await first.start()
+        await first.put([b"a\n", b"b\n"])
+        await settle(lambda: first._recorded_upto == 2)  # outcomes and copies recorded, not sealed
+        await abandon(first)
+        second = runtime_from_yaml(tmp_path, plain, seed=2)
+        await second.start()
+        assert await second.stop(10)
+        assert second.runner.dropped_source_copies == 2 and second.delivered_records == 2
+
+    asyncio.run(go())
+    assert sorted(line for f in out.rglob("*") if f.is_file() for line in f.read_bytes().splitlines()) == [b"a", b"b"]
+    assert not (tmp_path / "backup").exists()
