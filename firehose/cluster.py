@@ -34,6 +34,7 @@ import structlog
 from pydantic import Field, field_validator
 
 from firehose.models import StrictModel
+from firehose.registry import one_line
 
 log = structlog.get_logger()
 
@@ -267,7 +268,7 @@ class Cluster:
                 return
             except Exception as exc:  # noqa: BLE001 - any failure to reach NATS is retried
                 log.error("cluster_connect_failed", node=self.node, servers=js_cfg.servers,
-                          error=" ".join(str(exc).split()) or type(exc).__name__, attempt=attempt)
+                          error=one_line(exc), attempt=attempt)
                 if self.nc is not None:
                     await self.nc.close()
                     self.nc = None
@@ -276,7 +277,7 @@ class Cluster:
     async def _on_error(self, exc: Exception) -> None:
         event = "cluster_nats_error" if self.js is not None else "cluster_connect_failed"
         log.error(event, node=self.node, servers=self.config.jetstream.servers,
-                  error=" ".join(str(exc).split()) or type(exc).__name__)
+                  error=one_line(exc))
 
     async def _on_disconnect(self) -> None:
         if not self._stopping:  # not our own close at shutdown
@@ -294,7 +295,7 @@ class Cluster:
                 try:
                     await self.tick()
                 except Exception as exc:  # noqa: BLE001 - one failed round is retried at the next
-                    log.warning("cluster_tick_failed", node=self.node, error=" ".join(str(exc).split()))
+                    log.warning("cluster_tick_failed", node=self.node, error=one_line(exc))
                 await asyncio.sleep(self.tick_secs)
         finally:
             renewals.cancel()
@@ -305,7 +306,7 @@ class Cluster:
             try:
                 await self._members.put(self.node, str(time.time()).encode())
             except Exception as exc:  # noqa: BLE001 - NATS away: the leases lapse, as they must
-                log.warning("cluster_heartbeat_failed", node=self.node, error=" ".join(str(exc).split()))
+                log.warning("cluster_heartbeat_failed", node=self.node, error=one_line(exc))
             for key in list(self.held):
                 await self._renew(key)
             await asyncio.sleep(self.tick_secs)
@@ -371,7 +372,7 @@ class Cluster:
             self.held[key] = await self._leases.update(self._key(*key), self.node.encode(), last=self.held[key])
         except Exception as exc:  # noqa: BLE001 - lost (expired and taken) or unreachable
             log.warning("cluster_lease_lost", node=self.node, stream=key[0], partition=key[1],
-                        error=" ".join(str(exc).split()))
+                        error=one_line(exc))
             self.held.pop(key, None)
             self._moved(key[0], "lost")
             rt = self.streams[key[0]].partitions.pop(key[1], None)
@@ -402,7 +403,7 @@ class Cluster:
             rt = await self.make_runtime(stream.config, logs)
         except Exception as exc:  # noqa: BLE001 - retried at the next round
             log.error("cluster_partition_start_failed", node=self.node, stream=name, partition=partition,
-                      error=" ".join(str(exc).split()))
+                      error=one_line(exc))
             return
         stream.partitions[partition] = rt
         log.info("cluster_partition_taken", node=self.node, stream=name, partition=partition,
@@ -449,7 +450,7 @@ async def _stop_quietly(rt: Any, timeout: float, stream: str, partition: int) ->
         await rt.stop(timeout)
     except Exception as exc:  # noqa: BLE001
         log.warning("cluster_partition_stop_failed", stream=stream, partition=partition,
-                    error=" ".join(str(exc).split()) or type(exc).__name__)
+                    error=one_line(exc))
 
 
 STREAM_STATE = "FH_STREAMS"

@@ -48,6 +48,7 @@ from firehose.log import (
     SealedBatch,
     read_ranges_by_frame,
 )
+from firehose.registry import one_line
 from firehose.spool_format import (
     _RECORDS_HEAD,
     F_POSITIONS,
@@ -168,7 +169,7 @@ class JetStreamLog:
         try:
             info = await self.js.add_stream(config)
         except Exception as exc:
-            raise LogError(f"{self.name}: cannot create or open the JetStream stream: {_one_line(exc)}") from None
+            raise LogError(f"{self.name}: cannot create or open the JetStream stream: {one_line(exc)}") from None
         state = info.state
         commits: list[int] = []
         seq = state.first_seq
@@ -391,9 +392,9 @@ class JetStreamLog:
                                      "this writer stops") from None
             if exc.err_code in _STREAM_FULL:
                 raise LogFullError(f"{self.name}: the JetStream stream is full") from None
-            raise LogError(f"{self.name}: publish failed: {_one_line(exc)}") from None
+            raise LogError(f"{self.name}: publish failed: {one_line(exc)}") from None
         except Exception as exc:  # a timeout, no responders, a closed connection
-            raise LogError(f"{self.name}: publish failed: {_one_line(exc)}") from None
+            raise LogError(f"{self.name}: publish failed: {one_line(exc)}") from None
         finally:
             if self._m_pending is not None:
                 self._m_pending.dec(len(body))
@@ -493,10 +494,6 @@ class JetStreamLog:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def jetstream_names(stream: str, partition: int, log: str) -> tuple[str, str]:

@@ -99,7 +99,7 @@ def _plugin_class(type_name: str, ep: Any, group: str) -> type:
     try:
         cls = ep.load()
     except Exception as exc:  # ImportError, AttributeError, or whatever its module raises
-        raise PluginError(f"{kind} type {type_name!r} from {origin} does not load: {_one_line(exc)}") from None
+        raise PluginError(f"{kind} type {type_name!r} from {origin} does not load: {one_line(exc)}") from None
     from pydantic import BaseModel
 
     if not isinstance(cls, type) or not issubclass(cls, BaseModel):
@@ -118,7 +118,8 @@ def _dist_name(ep: Any) -> str:
     return str(getattr(dist, "name", None) or "?")
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one log or error line: its type and its message, whitespace folded."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

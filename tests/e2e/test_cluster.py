@@ -47,6 +47,19 @@ def _delivered(out: Path) -> list[bytes]:
     return [line for body in local_objects(out).values() for line in body.splitlines() if line]
 
 
+def _stop_and_check(loader: Loader, out: Path, timeout: float) -> None:
+    """Stop the load, wait for every acknowledged record, and check none arrived twice and none
+    that nobody sent."""
+    loader.stop.set()
+    loader.thread.join(30)
+    acked = set(loader.acked)
+    wait_for(lambda: acked <= {orjson.loads(x)["i"] for x in _delivered(out)}, timeout,
+             "every acknowledged record delivered")
+    lines = [orjson.loads(x)["i"] for x in _delivered(out)]
+    assert len(lines) == len(set(lines)), "a record was delivered twice"
+    assert set(lines) <= loader.sent, "a record nobody sent"
+
+
 class Loader:
     """Puts numbered records through several daemons in turn; remembers what was acknowledged."""
 
@@ -104,14 +117,7 @@ def test_a_killed_daemons_partitions_are_taken_over_and_every_acked_record_arriv
         a.kill9()
         wait_for(lambda: len(_owned(b, name)) == PARTITIONS, 30, "the survivor owning every partition")
         time.sleep(1)
-        loader.stop.set()
-        loader.thread.join(30)
-        acked = set(loader.acked)
-        wait_for(lambda: acked <= {orjson.loads(x)["i"] for x in _delivered(out)}, 60,
-                 "every acknowledged record delivered")
-        lines = [orjson.loads(x)["i"] for x in _delivered(out)]
-        assert len(lines) == len(set(lines)), "a record was delivered twice"
-        assert set(lines) <= loader.sent, "a record nobody sent"
+        _stop_and_check(loader, out, 60)
         taken = {e["partition"] for e in b.events() if e.get("event") == "cluster_partition_taken"}
         assert set(had) <= taken  # the dead daemon's partitions, taken over
         metrics = _metrics(b)
@@ -198,14 +204,7 @@ def test_three_nats_servers_with_replicas_3_survive_a_server_killed_under_load(t
         wait_for(lambda: len(loader.acked) >= before + 500, 90, "records acknowledged with a server down")
         servers[0].start()
         wait_for(lambda: len(loader.acked) >= before + 1000, 90, "records acknowledged after its restart")
-        loader.stop.set()
-        loader.thread.join(30)
-        acked = set(loader.acked)
-        wait_for(lambda: acked <= {orjson.loads(x)["i"] for x in _delivered(out)}, 120,
-                 "every acknowledged record delivered")
-        lines = [orjson.loads(x)["i"] for x in _delivered(out)]
-        assert len(lines) == len(set(lines)), "a record was delivered twice"
-        assert set(lines) <= loader.sent
+        _stop_and_check(loader, out, 120)
         for d in daemons:
             assert "Traceback" not in d.logs()
     finally:
