@@ -263,7 +263,8 @@ class Cluster:
                 self.max_payload = int(self.nc.max_payload)
                 if self.max_payload < (5 << 20):
                     log.warning("cluster_max_payload_small", max_payload=self.max_payload,
-                                hint="set max_payload: 8MB on the NATS servers; larger requests are refused")
+                                hint="set max_payload: 8MB on the NATS servers; a larger request is published "
+                                     "as an atomic batch of several messages, which is slower")
                 log.info("cluster_connected", node=self.node, servers=js_cfg.servers, attempts=attempt)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure to reach NATS is retried
@@ -396,7 +397,7 @@ class Cluster:
         from firehose.jslog import JetStreamLogs
 
         stream = self.streams[name]
-        logs = JetStreamLogs(self.js, partition=partition, replicas=self.config.jetstream.replicas,
+        logs = JetStreamLogs(self.nc, partition=partition, replicas=self.config.jetstream.replicas,
                              max_size_bytes=self.max_size_bytes, max_payload=self.max_payload, metrics=self.metrics)
         await logs.refresh(name)
         try:

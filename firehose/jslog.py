@@ -13,6 +13,11 @@ Guarantees (the :class:`Log` protocol's):
   servers' ``sync_interval: always``, fsynced there; see docs/cluster.md). Concurrent calls share
   one message (group commit): while one publish is in flight, the next calls' frames gather and
   go out together, up to the server's ``max_payload``.
+* **All or nothing.** An append larger than one message (a 4 MiB PutRecordBatch against servers
+  left at NATS's default 1 MB ``max_payload``) is split into several RECORDS frames in several
+  messages, published as one JetStream *atomic batch* (``allow_atomic`` on the stream, server
+  2.12+): the server stores every message of it or none, so no record of a request is stored
+  while another is refused.
 * **Conditional.** Every message carries ``Nats-Expected-Last-Sequence``: the stream's last
   sequence as this writer knows it. If any other writer (a daemon that took the partition's
   lease, after this one lost it) wrote in between, JetStream refuses the message and this log
@@ -31,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,9 +71,26 @@ from firehose.spool_format import (
 # JetStream's error codes for a failed expectation (another writer moved the stream) and a full stream.
 _WRONG_LAST_SEQUENCE = {10071, 10164}
 _STREAM_FULL = {10047, 10077}
+_CONFIG_DIFFERS = 10058  # "stream name already in use with a different configuration"
 EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
+# Atomic batch publish (ADR-50): the batch's id, the message's place in it, and the last message's mark.
+BATCH_ID, BATCH_SEQUENCE, BATCH_COMMIT = "Nats-Batch-Id", "Nats-Batch-Sequence", "Nats-Batch-Commit"
+MAX_BATCH_MESSAGES = 1000  # the server's limit on one atomic batch
+PUBLISH_TIMEOUT = 5.0  # seconds: nats-py's default for a JetStream publish
+FRAME_ROOM = 1024  # bytes kept free in a message for the frame header and the NATS headers
 # Frames kept in memory for the reader that follows the writer (the batcher).
 TRIM_MESSAGES = 32  # purge once this many leading messages are finished
+
+
+@dataclass
+class _Write:
+    """One caller's frames waiting for a message. ``tags`` has one entry per frame: the records
+    ``(first, end, arrival_ms)`` a RECORDS frame holds, the batch id a SEAL frame seals, or None."""
+
+    frames: list[bytes]
+    tags: list[Any]
+    future: asyncio.Future[None]
+    nbytes: int
 
 
 @dataclass
@@ -83,10 +106,11 @@ class _Message:
 class JetStreamLog:
     """One log in one JetStream stream (implements :class:`Log`). See the module docstring."""
 
-    def __init__(self, js: Any, *, stream: str, subject: str, replicas: int = 1,
+    def __init__(self, nc: Any, *, stream: str, subject: str, replicas: int = 1,
                  max_size_bytes: int = 1 << 30, cache_bytes: int = 64 << 20, max_payload: int = 8 << 20,
                  metrics: Any = None, label: str = "") -> None:
-        self.js = js
+        self.nc = nc  # the NATS connection: atomic batches are plain requests with headers
+        self.js = nc.jetstream()
         # Publish latency and bytes awaiting acknowledgement, under the delivery stream's name.
         self._m_publish = metrics.jetstream_publish_seconds.labels(label) if metrics is not None else None
         self._m_pending = metrics.jetstream_pending_bytes.labels(label) if metrics is not None else None
@@ -113,9 +137,7 @@ class JetStreamLog:
         self.next_batch_id = 1
         self._size = 0
         self._failed: LogError | None = None
-        self._queue: list[tuple[list[bytes], asyncio.Future[None]]] = []
-        # Per queued write: what to index once its message's sequence is known.
-        self._pending_meta: list[tuple[asyncio.Future[None], tuple[int, int, int] | None, list[int]]] = []
+        self._queue: list[_Write] = []
         self._flusher: asyncio.Task[None] | None = None
         self._trimming = False
         self._queued_bytes = 0  # frames waiting for (or in) a publish
@@ -161,13 +183,19 @@ class JetStreamLog:
     # ------------------------------------------------------------------ open and recovery
     async def open(self) -> RecoveryState:
         from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+        from nats.js.errors import BadRequestError
 
         config = StreamConfig(name=self.stream, subjects=[self.subject], num_replicas=self.replicas,
                               storage=StorageType.FILE, discard=DiscardPolicy.NEW,
                               max_bytes=self._max_size_bytes + 2 * self.max_payload,
-                              max_msg_size=self.max_payload)
+                              max_msg_size=self.max_payload, allow_atomic=True)
         try:
-            info = await self.js.add_stream(config)
+            try:
+                info = await self.js.add_stream(config)
+            except BadRequestError as exc:
+                if exc.err_code != _CONFIG_DIFFERS:
+                    raise
+                info = await self.js.update_stream(config)  # made by an earlier version, or another cap
         except Exception as exc:
             raise LogError(f"{self.name}: cannot create or open the JetStream stream: {one_line(exc)}") from None
         state = info.state
@@ -270,25 +298,59 @@ class JetStreamLog:
         if self._failed is not None:
             raise self._failed
         first = self._assigned
-        payload = records_payload(first, arrival_ms, records, meta, positions)
-        if len(payload) + 64 > self.max_payload:
-            raise LogTooLargeError(f"the request is {len(payload)} bytes in the log, over the NATS servers' "
-                                   f"max_payload of {self.max_payload} bytes; set max_payload: 8MB on them "
-                                   "(docs/cluster.md)")
-        if enforce_cap and not self.has_room(len(payload)):
+        chunks = self._chunks(first, arrival_ms, records, meta, positions)
+        total = sum(len(payload) for _, _, payload in chunks)
+        if enforce_cap and not self.has_room(total):
             raise LogFullError(f"{self.name} is at its cap of {self._max_size_bytes} bytes")
         self._assigned = first + len(records)
         if positions:
             self._merge_positions(positions)
-        if records:
-            frame = RecordFrame(first, arrival_ms, list(records), meta)
-            size = sum(map(len, records)) if nbytes is None else nbytes
-            if self._cache_size + size <= self._cache_limit:
-                self._cache[first] = frame
-                self._cache_size += size
-        # Indexed once stored (its message sequence is known then): see _flush.
-        await self._write([_frame(T_RECORDS, payload)], records=(first, first + len(records), arrival_ms))
+        frames, tags = [], []
+        for lo, hi, payload in chunks:
+            frames.append(_frame(T_RECORDS, payload))
+            tags.append((first + lo, first + hi, arrival_ms))
+            if hi > lo:
+                part = records[lo:hi]
+                frame = RecordFrame(first + lo, arrival_ms, list(part), meta[lo:hi] if meta is not None else None)
+                size = sum(map(len, part)) if nbytes is None or len(chunks) > 1 else nbytes
+                if self._cache_size + size <= self._cache_limit:
+                    self._cache[first + lo] = frame
+                    self._cache_size += size
+        # Indexed once stored (its message's sequence is known then): see _flush.
+        await self._write(frames, tags)
         return first
+
+    def _chunks(self, first: int, arrival_ms: int, records: Sequence[bytes], meta: list[Any] | None,
+                positions: dict[str, Any] | None) -> list[tuple[int, int, bytes]]:
+        """``records`` as RECORDS payloads that each fit one message: ``(lo, hi, payload)`` for
+        ``records[lo:hi]``; the source positions ride on the last one."""
+        limit = self.max_payload - FRAME_ROOM
+        payload = records_payload(first, arrival_ms, records, meta, positions)
+        if len(payload) <= limit:
+            return [(0, len(records), payload)]
+        cost = [4 + len(r) + (len(orjson.dumps(meta[i])) + 1 if meta is not None else 0)
+                for i, r in enumerate(records)]
+        room = limit - len(orjson.dumps(positions or {})) - 64
+        chunks: list[tuple[int, int, bytes]] = []
+        lo = 0
+        while lo < len(records):
+            hi, used = lo, 0
+            while hi < len(records) and (hi == lo or used + cost[hi] <= room):
+                used += cost[hi]
+                hi += 1
+            last = hi == len(records)
+            part = records_payload(first + lo, arrival_ms, records[lo:hi],
+                                   meta[lo:hi] if meta is not None else None, positions if last else None)
+            if len(part) > limit:
+                raise LogTooLargeError(f"record {lo} of the request is {len(records[lo])} bytes, over what one "
+                                       f"message to the NATS servers can hold (max_payload {self.max_payload} "
+                                       "bytes); set max_payload: 8MB on them (docs/cluster.md)")
+            chunks.append((lo, hi, part))
+            lo = hi
+        if len(chunks) > MAX_BATCH_MESSAGES:
+            raise LogTooLargeError(f"the request needs {len(chunks)} messages, over JetStream's "
+                                   f"{MAX_BATCH_MESSAGES} per atomic batch")
+        return chunks
 
     def allocate_batch_id(self) -> int:
         bid = self.next_batch_id
@@ -305,7 +367,7 @@ class JetStreamLog:
             self._seals[b.batch_id] = b
             for s, e in b.ranges:
                 self._sealed.add(s, e)
-        await self._write(frames, seals=[b.batch_id for b in new])
+        await self._write(frames, [b.batch_id for b in new])
 
     async def commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None:
         if self._failed is not None:
@@ -326,82 +388,118 @@ class JetStreamLog:
         await self._trim()
 
     # ------------------------------------------------------------------ group commit
-    async def _write(self, frames: list[bytes], *, records: tuple[int, int, int] | None = None,
-                     seals: list[int] | None = None) -> None:
+    async def _write(self, frames: list[bytes], tags: list[Any] | None = None) -> None:
         """Queue frames for the next message and wait until it is stored."""
         if not frames:
-            if seals is not None and self._flusher is not None:
+            if tags is not None and self._flusher is not None:
                 await asyncio.shield(self._flusher)  # a seal made again: wait for the one in flight
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A caller cancelled while it waited (a client that hung up) leaves the future to the
         # flusher: its failure is the log's, already reported, not an unretrieved exception.
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._queue.append((frames, fut))
-        self._queued_bytes += sum(map(len, frames))
-        self._pending_meta.append((fut, records, seals or []))
+        write = _Write(frames, tags if tags is not None else [None] * len(frames), fut, sum(map(len, frames)))
+        self._queue.append(write)
+        self._queued_bytes += write.nbytes
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
         await asyncio.shield(fut)
 
     async def _flush(self) -> None:
+        limit = self.max_payload - FRAME_ROOM
         while self._queue:
+            # Whole writes, up to one message's worth; a write larger than that goes alone, as
+            # several messages in one atomic batch.
             take, size = 0, 0
             while take < len(self._queue):
-                n = sum(map(len, self._queue[take][0]))
-                if take and size + n > self.max_payload - 1024:
+                n = self._queue[take].nbytes
+                if take and size + n > limit:
                     break
                 take += 1
                 size += n
             group, self._queue = self._queue[:take], self._queue[take:]
-            metas, self._pending_meta = self._pending_meta[:take], self._pending_meta[take:]
-            body = b"".join(f for frames, _ in group for f in frames)
+            messages = _pack([(f, t) for w in group for f, t in zip(w.frames, w.tags, strict=True)], limit)
             try:
-                seq = await self._publish(body)
-                self._queued_bytes -= len(body)
+                seqs = await self._publish([b"".join(f for f, _ in m) for m in messages])
+                self._queued_bytes -= size
             except LogError as exc:
                 self._failed = exc
-                for _, fut in group + self._queue:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                self._queue, self._pending_meta = [], []
+                for w in group + self._queue:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+                self._queue = []
                 return
-            message = _Message(seq, len(body))
-            for _, records, seal_ids in metas:
-                if records is not None and records[1] > records[0]:
-                    self._index(records[0], records[1], records[2], seq, message)
-                message.seal_ids.update(seal_ids)
-            self._messages.append(message)
-            self._size += len(body)
-            for _, fut in group:
-                if not fut.done():
-                    fut.set_result(None)
+            for seq, parts in zip(seqs, messages, strict=True):
+                message = _Message(seq, sum(len(f) for f, _ in parts))
+                for _, tag in parts:
+                    if isinstance(tag, tuple):
+                        if tag[1] > tag[0]:
+                            self._index(tag[0], tag[1], tag[2], seq, message)
+                    elif tag is not None:
+                        message.seal_ids.add(tag)
+                self._messages.append(message)
+                self._size += message.nbytes
+            for w in group:
+                if not w.future.done():
+                    w.future.set_result(None)
 
-    async def _publish(self, body: bytes) -> int:
+    async def _publish(self, bodies: list[bytes]) -> list[int]:
+        """Store ``bodies`` as consecutive messages, all or none; their stream sequences."""
         from nats.js.errors import APIError
 
         started = time.monotonic()
+        nbytes = sum(map(len, bodies))
         if self._m_pending is not None:
-            self._m_pending.inc(len(body))
+            self._m_pending.inc(nbytes)
         try:
-            ack = await self.js.publish(self.subject, body, stream=self.stream,
-                                        headers={EXPECTED_LAST_SEQUENCE: str(self._last)})
+            if len(bodies) == 1:
+                ack = await self.js.publish(self.subject, bodies[0], stream=self.stream,
+                                            headers={EXPECTED_LAST_SEQUENCE: str(self._last)})
+                last, count = int(ack.seq), 1
+            else:
+                last, count = await self._publish_batch(bodies)
         except APIError as exc:
-            if exc.err_code in _WRONG_LAST_SEQUENCE:
-                raise LogFencedError(f"{self.name}: another writer wrote to this log (its lease moved); "
-                                     "this writer stops") from None
-            if exc.err_code in _STREAM_FULL:
-                raise LogFullError(f"{self.name}: the JetStream stream is full") from None
-            raise LogError(f"{self.name}: publish failed: {one_line(exc)}") from None
+            raise self._refused(exc.err_code, one_line(exc)) from None
+        except LogError:
+            raise
         except Exception as exc:  # a timeout, no responders, a closed connection
             raise LogError(f"{self.name}: publish failed: {one_line(exc)}") from None
         finally:
             if self._m_pending is not None:
-                self._m_pending.dec(len(body))
+                self._m_pending.dec(nbytes)
+        if count != len(bodies):
+            raise LogError(f"{self.name}: JetStream stored {count} of a batch of {len(bodies)} messages")
         if self._m_publish is not None:
             self._m_publish.observe(time.monotonic() - started)
-        self._last = ack.seq
-        return int(ack.seq)
+        self._last = last
+        return list(range(last - count + 1, last + 1))
+
+    async def _publish_batch(self, bodies: list[bytes]) -> tuple[int, int]:
+        """One JetStream atomic batch (ADR-50): every message is a request the server answers (an
+        empty reply, or an error that abandons the batch); the last one commits, and its reply is
+        the batch's acknowledgement. The expectation rides on the first message and is checked
+        at the commit, under the stream's lock."""
+        batch = uuid.uuid4().hex
+        for i, body in enumerate(bodies, 1):
+            headers = {BATCH_ID: batch, BATCH_SEQUENCE: str(i)}
+            if i == 1:
+                headers[EXPECTED_LAST_SEQUENCE] = str(self._last)
+            if i == len(bodies):
+                headers[BATCH_COMMIT] = "1"
+            reply = await self.nc.request(self.subject, body, timeout=PUBLISH_TIMEOUT, headers=headers)
+            doc = orjson.loads(reply.data) if reply.data else {}
+            error = doc.get("error")
+            if error:
+                raise self._refused(error.get("err_code"), str(error.get("description", error))[:300])
+        return int(doc["seq"]), int(doc.get("count", 0))
+
+    def _refused(self, err_code: int | None, what: str) -> LogError:
+        """The log's error for a publish JetStream refused."""
+        if err_code in _WRONG_LAST_SEQUENCE:
+            return LogFencedError(f"{self.name}: another writer wrote to this log (its lease moved); this writer stops")
+        if err_code in _STREAM_FULL:
+            return LogFullError(f"{self.name}: the JetStream stream is full")
+        return LogError(f"{self.name}: publish failed: {what}")
 
     # ------------------------------------------------------------------ reading
     def _locate(self, seq: int) -> int:
@@ -496,6 +594,19 @@ class JetStreamLog:
 
 
 
+def _pack(frames: list[tuple[bytes, Any]], limit: int) -> list[list[tuple[bytes, Any]]]:
+    """Frames, in order, into messages of at most ``limit`` bytes (a frame is never cut)."""
+    messages: list[list[tuple[bytes, Any]]] = [[]]
+    size = 0
+    for frame, tag in frames:
+        if messages[-1] and size + len(frame) > limit:
+            messages.append([])
+            size = 0
+        messages[-1].append((frame, tag))
+        size += len(frame)
+    return messages
+
+
 def jetstream_names(stream: str, partition: int, log: str) -> tuple[str, str]:
     """The JetStream stream name and subject of one log: readable, and unique by a hash of the
     delivery stream's name (JetStream names cannot hold '.', '*', '>' or path separators)."""
@@ -513,9 +624,10 @@ class JetStreamLogs:
     partition ``partition``. ``known`` holds the JetStream stream names found to exist (by
     :meth:`refresh`, or opened here), so :meth:`exists` needs no round trip."""
 
-    def __init__(self, js: Any, *, partition: int = 0, replicas: int = 1, max_size_bytes: int = 1 << 30,
+    def __init__(self, nc: Any, *, partition: int = 0, replicas: int = 1, max_size_bytes: int = 1 << 30,
                  max_payload: int = 8 << 20, metrics: Any = None) -> None:
-        self.js = js
+        self.nc = nc
+        self.js = nc.jetstream()
         self.metrics = metrics
         self.partition = partition
         self.replicas = replicas
@@ -538,7 +650,7 @@ class JetStreamLogs:
     def log(self, stream: str, name: str, *, cache_bytes: int = 64 << 20) -> JetStreamLog:
         js_stream, subject = jetstream_names(stream, self.partition, name)
         self.known.add(js_stream)
-        return JetStreamLog(self.js, stream=js_stream, subject=subject, replicas=self.replicas,
+        return JetStreamLog(self.nc, stream=js_stream, subject=subject, replicas=self.replicas,
                             max_size_bytes=self.max_size_bytes, cache_bytes=cache_bytes,
                             max_payload=self.max_payload, metrics=self.metrics, label=stream)
 

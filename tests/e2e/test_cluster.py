@@ -268,10 +268,10 @@ def test_a_lambda_and_dynamic_partitioning_survive_a_takeover_mid_stream(
                 d.stop()
 
 
-def test_a_request_over_the_servers_max_payload_is_refused_whole_not_retried_for_ever(tmp_path: Path) -> None:
-    """NATS servers left at their default 1 MB max_payload: a PutRecordBatch body larger than one
-    message gets InvalidArgumentException saying what to set (a 503 would be retried for ever),
-    nothing of it is stored, and smaller requests go through."""
+def test_a_request_over_the_servers_max_payload_is_stored_as_one_atomic_batch(tmp_path: Path) -> None:
+    """NATS servers left at their default 1 MB max_payload: a 4 MB PutRecordBatch and a 1000 KiB
+    PutRecord are accepted (the first as one atomic batch of several messages) and delivered
+    whole, once."""
     server = NatsServer(tmp_path / "nats", max_payload=None).start()
     out = tmp_path / "out"
     name = _fresh()
@@ -283,12 +283,14 @@ def test_a_request_over_the_servers_max_payload_is_refused_whole_not_retried_for
 
         from support import raw_call
 
-        big = [{"Data": base64.b64encode(c * 600_000).decode()} for c in (b"x", b"y")]  # 1.2 MB in all
+        big = [{"Data": base64.b64encode(bytes([c]) * 800_000 + b"\n").decode()} for c in b"abcde"]  # 4 MB in all
         status, body = raw_call(d.port, "PutRecordBatch", orjson.dumps({"DeliveryStreamName": name, "Records": big}))
-        assert (status, body["__type"]) == (400, "InvalidArgumentException")
-        assert "over the NATS servers' max_payload of 1048576 bytes; set max_payload: 8MB" in body["message"]
-        assert _put(d, name)[0] == 200
-        wait_for(lambda: _delivered(out) == [b"x"], 30, "only the small record delivered")
+        assert (status, body["FailedPutCount"]) == (200, 0), body
+        one = {"DeliveryStreamName": name, "Record": {"Data": base64.b64encode(b"f" * 1_023_999 + b"\n").decode()}}
+        status, body = raw_call(d.port, "PutRecord", orjson.dumps(one))
+        assert status == 200, body
+        expected = sorted([c * 800_000 for c in (b"a", b"b", b"c", b"d", b"e")] + [b"f" * 1_023_999])
+        wait_for(lambda: sorted(_delivered(out)) == expected, 60, "every record delivered once")
     finally:
         d.stop()
         server.stop()

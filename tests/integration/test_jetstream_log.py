@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from firehose.jslog import JetStreamLogs
-from firehose.log import LogFencedError, LogFullError, SealedBatch
+from firehose.log import LogFencedError, LogFullError, LogTooLargeError, SealedBatch
 from support import NatsServer, abandon, make_runtime
 
 
@@ -24,7 +24,7 @@ def with_js(server: NatsServer, body: Callable[[Any], Awaitable[None]]) -> None:
 
         nc = await nats.connect(server.url)
         try:
-            await body(nc.jetstream())
+            await body(nc)
         finally:
             await nc.close()
 
@@ -36,8 +36,8 @@ def fresh() -> str:
 
 
 def test_appends_seals_and_commits_come_back_to_the_next_writer(nats_server: NatsServer) -> None:
-    async def body(js: Any) -> None:
-        logs = JetStreamLogs(js)
+    async def body(nc: Any) -> None:
+        logs = JetStreamLogs(nc)
         name = fresh()
         log = logs.log(name, "ingest")
         assert (await log.open()).pending == []
@@ -66,12 +66,12 @@ def test_appends_seals_and_commits_come_back_to_the_next_writer(nats_server: Nat
 
 
 def test_concurrent_appends_share_messages_and_keep_their_order(nats_server: NatsServer) -> None:
-    async def body(js: Any) -> None:
-        log = JetStreamLogs(js).log(fresh(), "ingest")
+    async def body(nc: Any) -> None:
+        log = JetStreamLogs(nc).log(fresh(), "ingest")
         await log.open()
         firsts = await asyncio.gather(*(log.append([b"r%d" % i], i) for i in range(200)))
         assert sorted(firsts) == list(range(200))
-        info = await js.stream_info(log.stream)
+        info = await nc.jetstream().stream_info(log.stream)
         assert info.state.messages < 200  # group commit: fewer messages than appends
         got = await log.read_records([(0, 200)])
         assert sorted(got) == sorted(b"r%d" % i for i in range(200))
@@ -82,8 +82,8 @@ def test_concurrent_appends_share_messages_and_keep_their_order(nats_server: Nat
 
 
 def test_a_writer_whose_log_was_taken_is_fenced(nats_server: NatsServer) -> None:
-    async def body(js: Any) -> None:
-        logs = JetStreamLogs(js)
+    async def body(nc: Any) -> None:
+        logs = JetStreamLogs(nc)
         name = fresh()
         first = logs.log(name, "ingest")
         await first.open()
@@ -103,9 +103,71 @@ def test_a_writer_whose_log_was_taken_is_fenced(nats_server: NatsServer) -> None
     with_js(nats_server, body)
 
 
+def test_an_append_larger_than_a_message_is_stored_whole_as_one_atomic_batch(nats_server: NatsServer) -> None:
+    """Against a 64 KiB message limit, a 300 KiB append with meta and positions goes out as
+    several messages in one atomic batch and reads back whole from JetStream."""
+    async def body(nc: Any) -> None:
+        logs = JetStreamLogs(nc, max_payload=64 << 10)
+        name = fresh()
+        log = logs.log(name, "ingest")
+        await log.open()
+        records = [bytes([65 + i % 26]) * (9000 + i) for i in range(32)]
+        meta = [{"i": i} for i in range(32)]
+        assert await log.append([b"head"], 5) == 0
+        assert await log.append(records, 7, meta=meta, positions={"shard": "9"}) == 1
+        info = await nc.jetstream().stream_info(log.stream)
+        assert info.config.allow_atomic and info.state.messages >= 1 + 1 + 5  # checkpoint, head, the batch
+        assert await log.read_ranges([(1, 33)]) == (records, meta)  # from the writer's cache
+        await log.aclose()
+        again = logs.log(name, "ingest")
+        await again.open()
+        assert again.next_seq == 33 and again.positions == {"shard": "9"}
+        assert await again.read_ranges([(0, 33)]) == ([b"head", *records], [None, *meta])  # from JetStream
+        assert again.arrival_of(32) == 7
+        await again.aclose()
+
+    with_js(nats_server, body)
+
+
+def test_a_fenced_writers_batch_is_stored_not_at_all(nats_server: NatsServer) -> None:
+    """A stale writer's multi-message append is refused at the commit: none of its messages is
+    stored, so no record is both refused and kept."""
+    async def body(nc: Any) -> None:
+        logs = JetStreamLogs(nc, max_payload=64 << 10)
+        name = fresh()
+        stale = logs.log(name, "ingest")
+        await stale.open()
+        taker = logs.log(name, "ingest")
+        await taker.open()
+        before = (await nc.jetstream().stream_info(stale.stream)).state.messages
+        with pytest.raises(LogFencedError):
+            await stale.append([b"s" * 30_000] * 8, 1)
+        assert (await nc.jetstream().stream_info(stale.stream)).state.messages == before
+        assert await taker.append([b"t"], 2) == 0
+        again = logs.log(name, "ingest")
+        await again.open()
+        assert again.next_seq == 1 and await again.read_records([(0, 1)]) == [b"t"]
+        await again.aclose()
+
+    with_js(nats_server, body)
+
+
+def test_a_single_record_over_a_message_is_refused_before_anything_is_sent(nats_server: NatsServer) -> None:
+    async def body(nc: Any) -> None:
+        log = JetStreamLogs(nc, max_payload=64 << 10).log(fresh(), "ingest")
+        await log.open()
+        with pytest.raises(LogTooLargeError, match="over what one message to the NATS servers can hold"):
+            await log.append([b"ok", b"x" * (70 << 10)], 1)
+        assert log.next_seq == 0 and log.failed is None
+        assert await log.append([b"fine"], 1) == 0
+        await log.aclose()
+
+    with_js(nats_server, body)
+
+
 def test_finished_messages_are_purged_and_the_counters_survive(nats_server: NatsServer) -> None:
-    async def body(js: Any) -> None:
-        logs = JetStreamLogs(js)
+    async def body(nc: Any) -> None:
+        logs = JetStreamLogs(nc)
         name = fresh()
         log = logs.log(name, "ingest")
         await log.open()
@@ -114,7 +176,7 @@ def test_finished_messages_are_purged_and_the_counters_survive(nats_server: Nats
             batch = SealedBatch(log.allocate_batch_id(), f"k{i}", [(i, i + 1)], i)
             await log.seal([batch])
             await log.commit(batch.batch_id)
-        info = await js.stream_info(log.stream)
+        info = await nc.jetstream().stream_info(log.stream)
         assert info.state.messages < 100 and log.min_seq > 0  # trimmed as it went
         await log.aclose()
         again = logs.log(name, "ingest")
@@ -128,8 +190,8 @@ def test_finished_messages_are_purged_and_the_counters_survive(nats_server: Nats
 
 
 def test_the_cap_refuses_an_append(nats_server: NatsServer) -> None:
-    async def body(js: Any) -> None:
-        log = JetStreamLogs(js, max_size_bytes=4096).log(fresh(), "ingest")
+    async def body(nc: Any) -> None:
+        log = JetStreamLogs(nc, max_size_bytes=4096).log(fresh(), "ingest")
         await log.open()
         await log.append([b"x" * 1000], 1)
         with pytest.raises(LogFullError):
@@ -145,16 +207,16 @@ def test_a_stream_on_jetstream_delivers_exactly_once_through_a_crash(nats_server
     delivered by the next owner, and the crashed owner can no longer write."""
     from support import settle
 
-    async def body(js: Any) -> None:
+    async def body(nc: Any) -> None:
         name = fresh()
-        logs = JetStreamLogs(js)
+        logs = JetStreamLogs(nc)
         first = make_runtime(tmp_path, name=name, interval=900, logs=logs)
         await first.start()
         await first.put([b"a\n", b"b\n"])
         await first.batcher.seal_all(float("inf"))  # sealed: its key is decided
         await abandon(first)  # kill -9, the delivery perhaps done, perhaps not committed
         # Another process: its own random key parts (the test's runtimes are seeded).
-        second = make_runtime(tmp_path, name=name, interval=900, logs=JetStreamLogs(js), seed=2)
+        second = make_runtime(tmp_path, name=name, interval=900, logs=JetStreamLogs(nc), seed=2)
         await second.start()
         assert len(second.recovery.pending) <= 1 and second.recovery.unsealed_records == 0
         await second.put([b"c\n"])
@@ -189,12 +251,12 @@ def test_turning_processing_on_does_not_process_records_already_delivered(
     plain = f"streams:\n  - name: {name}\n    destination: {{type: local, path: {out}}}\n"
     with_stage = plain + f"    backup: {{path: {tmp_path / 'backup'}, mode: all}}\n"
 
-    async def body(js: Any) -> None:
-        first = runtime_from_yaml(tmp_path, plain, logs=JetStreamLogs(js))
+    async def body(nc: Any) -> None:
+        first = runtime_from_yaml(tmp_path, plain, logs=JetStreamLogs(nc))
         await first.start()
         await first.put([b"a\n", b"b\n"])
         assert await first.stop(10)
-        logs = JetStreamLogs(js)
+        logs = JetStreamLogs(nc)
         await logs.refresh(name)
         second = runtime_from_yaml(tmp_path, with_stage, seed=2, logs=logs)
         await second.start()
@@ -225,13 +287,13 @@ def test_an_outcome_log_left_by_an_earlier_config_is_still_delivered(nats_server
     # Backup of failed records only: no processing stage of its own any more.
     failed_only = base + f"    backup: {{path: {tmp_path / 'backup'}}}\n"
 
-    async def body(js: Any) -> None:
-        first = runtime_from_yaml(tmp_path, with_stage, logs=JetStreamLogs(js))
+    async def body(nc: Any) -> None:
+        first = runtime_from_yaml(tmp_path, with_stage, logs=JetStreamLogs(nc))
         await first.start()
         await first.put([b"a\n", b"b\n"])
         await settle(lambda: first._recorded_upto == 2)  # outcomes recorded, nothing sealed yet
         await abandon(first)
-        logs = JetStreamLogs(js)
+        logs = JetStreamLogs(nc)
         await logs.refresh(name)
         assert logs.exists(name, "processed")
         second = runtime_from_yaml(tmp_path, failed_only, seed=2, logs=logs)
