@@ -96,10 +96,27 @@ def cluster_problems(raw_stream: Any) -> list[tuple[tuple[str | int, ...], str]]
     """What a stream's config may not hold in cluster mode: (path within the stream, message)."""
     if not isinstance(raw_stream, dict):
         return []
+    from firehose.registry import source_config_class
+
     out: list[tuple[tuple[str | int, ...], str]] = []
-    if raw_stream.get("sources"):
-        out.append((("sources",), "sources are not supported in cluster mode yet: its streams are DirectPut "
-                    "(records come through the API of any daemon)"))
+    sources = raw_stream.get("sources")
+    for i, source in enumerate(sources if isinstance(sources, list) else []):
+        kind = source.get("type") if isinstance(source, dict) else None
+        if not isinstance(kind, str):
+            continue
+        try:
+            cls = source_config_class(kind)
+        except Exception:  # noqa: BLE001 - an unknown type is reported by the stream's own check
+            continue
+        if getattr(cls, "cluster_placement", None) in ("partition", "node"):
+            continue
+        if kind == "file":
+            out.append((("sources", i, "type"), "file sources stay per host: run a single-node daemon on each host "
+                        "that tails the files and delivers with an http_endpoint destination into a firehose_http "
+                        "source of this cluster (docs/cluster.md)"))
+        else:
+            out.append((("sources", i, "type"), f"a {kind} source does not say how it runs in cluster mode "
+                        "(its config class has no cluster_placement)"))
     if "spool" in raw_stream:
         out.append((("spool",), "means nothing in cluster mode: the stream's log is in JetStream (each "
                     "partition's log holds up to 1 GiB); remove it"))
@@ -118,19 +135,32 @@ class ClusteredStream:
     :class:`firehose.stream.StreamRuntime` on that partition's JetStream logs. It answers the
     API as one stream does."""
 
-    def __init__(self, config: Any, version: int, node: str) -> None:
+    def __init__(self, config: Any, version: int, node: str, metrics: Any = None) -> None:
         self.config = config
         self.name = config.name
         self.version = version
         self.node = node
+        self.metrics = metrics  # the SourceSink's, for the sources that run once per daemon
         self.partitions: dict[int, Any] = {}
         self.members: list[str] = []  # the cluster's live members, as last seen (set by Cluster)
-        self.sources: list[Any] = []
+        self.node_sources: list[Any] = []  # sources that run once per daemon (firehose_http)
+        self.max_size_bytes = 1 << 30  # one partition log's cap
         self.record_id_prefix = ""
         self._rr = random.Random()
 
     def _open(self) -> list[tuple[int, Any]]:
         return [(p, rt) for p, rt in sorted(self.partitions.items()) if rt.can_accept]
+
+    @property
+    def sources(self) -> list[Any]:
+        """The per-daemon sources and one owned partition's sources (for DescribeDeliveryStream)."""
+        parts = [rt.sources for _, rt in sorted(self.partitions.items())]
+        return [*self.node_sources, *(parts[0] if parts else [])]
+
+    @property
+    def positions(self) -> dict[str, Any]:
+        """A per-daemon source keeps no position here: it keeps its state in the cluster's facts."""
+        return {}
 
     @property
     def accepting(self) -> bool:
@@ -202,8 +232,9 @@ class Cluster:
     partition runtimes it runs. ``make_runtime(config, logs)`` builds a partition's runtime."""
 
     def __init__(self, config: ClusterConfig, streams: dict[str, ClusteredStream], make_runtime: Any,
-                 *, max_size_bytes: int = 1 << 30, metrics: Any = None) -> None:
+                 *, source_context: Any = None, max_size_bytes: int = 1 << 30, metrics: Any = None) -> None:
         self.config = config
+        self.source_context = source_context  # (stream config, placement) -> BuildContext
         self.metrics = metrics
         self.node = node_name(config)
         self.streams = streams
@@ -221,6 +252,10 @@ class Cluster:
         self.state: SharedStreamState | None = None  # set once connected
         self.on_state: Any = None  # called with it, so the daemon answers from it
         self.max_payload = 8 << 20
+        self.facts: JetStreamFacts | None = None  # the sources' shared facts (FH_SOURCES)
+        self._unstarted_sources: list[tuple[ClusteredStream, Any]] = [
+            (stream, sc) for stream in streams.values() for sc in stream.config.sources
+            if getattr(sc, "cluster_placement", None) == "node"]
 
     @property
     def tick_secs(self) -> float:
@@ -255,6 +290,8 @@ class Cluster:
                 self._members = await self.js.create_key_value(bucket=MEMBERS, ttl=ttl, history=1,
                                                                replicas=js_cfg.replicas)
                 state_kv = await self.js.create_key_value(bucket=STREAM_STATE, history=1, replicas=js_cfg.replicas)
+                self.facts = JetStreamFacts(self.js, await self.js.create_key_value(
+                    bucket=SOURCE_FACTS, history=1, replicas=js_cfg.replicas))
                 self.state = SharedStreamState(state_kv, asyncio.get_running_loop())
                 for stream in self.streams.values():
                     stream.version = await self.state.sync_version(stream.config)
@@ -325,6 +362,8 @@ class Cluster:
         self.members = sorted(await self._member_keys())
         for stream in self.streams.values():
             stream.members = self.members
+            stream.max_size_bytes = self.max_size_bytes
+        await self._start_node_sources()
         if self.state is not None:
             await self.state.refresh(sorted(self.streams))
         total = len(self.streams) * self.config.jetstream.partitions
@@ -352,6 +391,42 @@ class Cluster:
             rt = self.streams[name].partitions.get(partition)
             if rt is None or rt.fenced:
                 await self._restart_partition(name, partition)
+            else:
+                await self._tend(self.streams[name], rt, opened=False)
+
+    def placement(self, partition: int | None) -> Any:
+        from firehose.interfaces import ClusterPlacement
+
+        assert self.facts is not None
+        return ClusterPlacement(self.node, self.config.jetstream.partitions, self.facts, partition,
+                                lease_ttl_secs=self.config.lease_ttl_secs)
+
+    async def _start_node_sources(self) -> None:
+        """Start the sources that run once per daemon (a port to listen on); one that fails to
+        start is tried again at the next round."""
+        waiting, self._unstarted_sources = self._unstarted_sources, []
+        for stream, source_config in waiting:
+            try:
+                source = source_config.build(self.source_context(stream.config, self.placement(None)), stream)
+                await source.start()
+            except Exception as exc:  # noqa: BLE001 - tried again at the next round
+                log.error("cluster_source_start_failed", node=self.node, stream=stream.name,
+                          source=source_config.type, error=one_line(exc))
+                self._unstarted_sources.append((stream, source_config))
+                continue
+            stream.node_sources.append(source)
+
+    async def _tend(self, stream: ClusteredStream, rt: Any, *, opened: bool) -> None:
+        """Let the per-daemon sources see a partition this daemon owns: what an earlier owner
+        stored (``opened``), and positions to forget."""
+        for source in stream.node_sources:
+            tend = getattr(source, "tend_partition", None)
+            if tend is None:
+                continue
+            try:
+                await tend(rt, opened=opened)
+            except Exception as exc:  # noqa: BLE001 - tried again at the next round
+                log.warning("cluster_source_tend_failed", node=self.node, stream=stream.name, error=one_line(exc))
 
     def _moved(self, stream: str, kind: str) -> None:
         self.lease_moves += 1
@@ -401,12 +476,13 @@ class Cluster:
                              max_size_bytes=self.max_size_bytes, max_payload=self.max_payload, metrics=self.metrics)
         await logs.refresh(name)
         try:
-            rt = await self.make_runtime(stream.config, logs)
+            rt = await self.make_runtime(stream.config, logs, self.placement(partition))
         except Exception as exc:  # noqa: BLE001 - retried at the next round
             log.error("cluster_partition_start_failed", node=self.node, stream=name, partition=partition,
                       error=one_line(exc))
             return
         stream.partitions[partition] = rt
+        await self._tend(stream, rt, opened=True)
         log.info("cluster_partition_taken", node=self.node, stream=name, partition=partition,
                  pending_batches=len(rt.recovery.pending) if rt.recovery is not None else 0)
 
@@ -427,6 +503,13 @@ class Cluster:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for stream in self.streams.values():  # first, so what they acknowledged is all in the logs
+            for source in stream.node_sources:
+                try:
+                    await source.stop()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("cluster_source_stop_failed", node=self.node, stream=stream.name, error=one_line(exc))
+            stream.node_sources.clear()
         runtimes = [self.streams[name].partitions.pop(p, None) for name, p in self.held]
         await asyncio.gather(*(rt.stop(timeout) for rt in runtimes if rt is not None), return_exceptions=True)
         for key, revision in list(self.held.items()):
@@ -455,6 +538,50 @@ async def _stop_quietly(rt: Any, timeout: float, stream: str, partition: int) ->
 
 
 STREAM_STATE = "FH_STREAMS"
+SOURCE_FACTS = "FH_SOURCES"
+
+
+class JetStreamFacts:
+    """The sources' shared facts (:class:`firehose.interfaces.SharedFacts`) in the key-value
+    bucket ``FH_SOURCES``: a Kinesis shard read to its end, a firehose_http request id stored.
+    A value may carry its own TTL (JetStream per-message TTL, server 2.11+)."""
+
+    def __init__(self, js: Any, kv: Any) -> None:
+        self.js = js
+        self.kv = kv
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        return entry.value or b"", int(entry.revision)
+
+    async def create(self, key: str, value: bytes, *, ttl_secs: float | None = None) -> int | None:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            return int(await self.kv.create(key, value, msg_ttl=ttl_secs))
+        except KeyWrongLastSequenceError:
+            return None
+
+    async def update(self, key: str, value: bytes, revision: int, *, ttl_secs: float | None = None) -> int | None:
+        from nats.js.errors import APIError
+
+        # kv.update takes no TTL: the same revision-checked write, made as the bucket's publish.
+        try:
+            ack = await self.js.publish(f"$KV.{SOURCE_FACTS}.{key}", value, msg_ttl=ttl_secs,
+                                        headers={"Nats-Expected-Last-Subject-Sequence": str(revision)})
+        except APIError as exc:
+            if exc.err_code in (10071, 10164):  # the key moved on
+                return None
+            raise
+        return int(ack.seq)
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self.kv.put(key, value)
 
 
 class SharedStreamState:

@@ -20,6 +20,7 @@ from firehose.cluster import Cluster, ClusterConfig, ClusteredStream, node_name
 from firehose.config import ConfigError, DaemonConfig, StreamConfig, load_config
 from firehose.filelog import lock_directory
 from firehose.httpserver import GuardedServer
+from firehose.interfaces import BuildContext, ClusterPlacement
 from firehose.log import LogBusyError, LogError, LogStore
 from firehose.metrics import Metrics
 from firehose.names import disk_name, stream_arn
@@ -155,7 +156,8 @@ class Daemon:
         self._server: GuardedServer | None = None
 
     # ------------------------------------------------------------------ streams
-    async def _start_stream(self, cfg: StreamConfig, logs: LogStore | None = None) -> StreamRuntime:
+    async def _start_stream(self, cfg: StreamConfig, logs: LogStore | None = None,
+                            placement: ClusterPlacement | None = None) -> StreamRuntime:
         """Start a stream's runtime (on ``logs``: a cluster partition's; default the local spool).
         If the start fails, what it had opened (spool files, worker processes, clients) is closed
         again before the error propagates, so the same spool can be opened by another runtime at
@@ -169,6 +171,7 @@ class Daemon:
             account_id=self.config.api.account_id,
             metrics=self.metrics,
             logs=logs,
+            placement=placement,
         )
         try:
             await rt.start()
@@ -266,10 +269,16 @@ class Daemon:
         """Cluster mode: every stream answers through a ClusteredStream whose partitions this
         daemon runs while it holds their leases (firehose/cluster.py)."""
         for cfg in self.config.streams:
-            self.streams[cfg.name] = ClusteredStream(cfg, self.state.version_for(cfg), node_name(config))
-        self.cluster = Cluster(config, self.streams, self._start_stream, metrics=self.metrics)
+            self.streams[cfg.name] = ClusteredStream(cfg, self.state.version_for(cfg), node_name(config), self.metrics)
+        self.cluster = Cluster(config, self.streams, self._start_stream, source_context=self._source_context,
+                               metrics=self.metrics)
         self.cluster.on_state = self._use_state  # VersionId and tags shared through JetStream
         self.cluster.start()
+
+    def _source_context(self, cfg: StreamConfig, placement: ClusterPlacement) -> BuildContext:
+        """What a source that runs once per daemon in cluster mode is built with."""
+        return BuildContext(cfg.name, self.state.version_for(cfg), self.config.api.region, self.config.api.account_id,
+                            self.config.data_dir, structlog.get_logger().bind(stream=cfg.name), cluster=placement)
 
     def _use_state(self, state: Any) -> None:
         self.state = state

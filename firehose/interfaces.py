@@ -95,6 +95,40 @@ class Batch:
         return sum(len(r) for r in self.records)
 
 
+class SharedFacts(Protocol):
+    """Cluster mode: small facts every daemon of the cluster sees (a JetStream key-value bucket).
+    Writes are revision-checked: ``create`` and ``update`` fail rather than overwrite a fact
+    another daemon wrote meanwhile. Keys are ``[A-Za-z0-9_=.-]``; a value is small."""
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        """The value and its revision, or None."""
+
+    async def create(self, key: str, value: bytes, *, ttl_secs: float | None = None) -> int | None:
+        """Write ``key`` only if it holds nothing; its revision, or None when it exists."""
+
+    async def update(self, key: str, value: bytes, revision: int, *, ttl_secs: float | None = None) -> int | None:
+        """Write ``key`` only if it is still at ``revision``; the new revision, or None."""
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Write ``key`` whatever it holds."""
+
+
+@dataclass(frozen=True)
+class ClusterPlacement:
+    """Cluster mode (firehose/cluster.py): where a source runs. A source whose config says
+    ``cluster_placement = "partition"`` runs in each cluster partition's runtime (``partition``
+    of ``partitions``) and reads its share; one that says ``"node"`` runs once per daemon
+    (``partition`` None) and writes into any partition this daemon owns; such a source may have
+    ``async tend_partition(sink, *, opened)``, called with each partition runtime this daemon
+    owns when it takes it (``opened``) and at every lease round."""
+
+    node: str
+    partitions: int
+    facts: SharedFacts
+    partition: int | None = None
+    lease_ttl_secs: float = 10.0  # how long a dead daemon's partitions wait for a new owner
+
+
 @dataclass(frozen=True)
 class BuildContext:
     """What a destination config needs to build its runtime object."""
@@ -105,6 +139,7 @@ class BuildContext:
     account_id: str
     data_dir: str
     log: Any = field(default_factory=lambda: structlog.get_logger())
+    cluster: ClusterPlacement | None = None  # cluster mode: where this runtime sits
 
 
 class Destination(abc.ABC):
@@ -342,6 +377,9 @@ class SourceConfig(ValidatedConfig, Protocol):
     def exclusive(self) -> bool:
         """Whether it must be the stream's only source (a class attribute; Kinesis: True)."""
         ...
+
+    # Optional class attribute ``cluster_placement``: "partition" or "node" (see
+    # :class:`ClusterPlacement`); without it, the source is refused in cluster mode.
 
     def build(self, ctx: BuildContext, sink: SourceSink) -> Source:
         """The runtime source, writing into ``sink``."""

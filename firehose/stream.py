@@ -26,7 +26,14 @@ import structlog
 from firehose.clock import Clock, SystemClock
 from firehose.config import StreamConfig
 from firehose.filelog import FileLogs
-from firehose.interfaces import BuildContext, Destination, ProcessingChain, Source, format_encoder
+from firehose.interfaces import (
+    BuildContext,
+    ClusterPlacement,
+    Destination,
+    ProcessingChain,
+    Source,
+    format_encoder,
+)
 from firehose.log import INGEST, PROCESSED, Log, LogFencedError, LogFullError, LogStore, RecoveryState
 from firehose.metrics import Metrics
 from firehose.stages.archiver import Archiver, error_record_line
@@ -61,8 +68,9 @@ class StreamRuntime:
 
     def __init__(self, config: StreamConfig, *, data_dir: str, version: int, region: str, account_id: str,
                  metrics: Metrics, clock: Clock | None = None, rng: random.Random | None = None,
-                 logs: LogStore | None = None) -> None:
+                 logs: LogStore | None = None, placement: ClusterPlacement | None = None) -> None:
         self.config = config
+        self.placement = placement  # cluster mode: this runtime is one partition of the stream
         self.name = config.name
         self.version = version
         self.region = region
@@ -72,6 +80,8 @@ class StreamRuntime:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
         self.log = structlog.get_logger().bind(stream=self.name)
+        if placement is not None:
+            self.log = self.log.bind(partition=placement.partition)
         # Where the stream's logs live: the file spool under data_dir unless told otherwise.
         self.logs: LogStore = logs if logs is not None else FileLogs(data_dir, config.spool)
         self.spool: Log = self.logs.log(self.name, INGEST)
@@ -107,7 +117,8 @@ class StreamRuntime:
     async def start(self) -> RecoveryState:
         """Recover the spool, build the destinations and the stages, start batching and delivery."""
         self.recovery = await self.spool.open()
-        ctx = BuildContext(self.name, self.version, self.region, self.account_id, self.data_dir, self.log)
+        ctx = BuildContext(self.name, self.version, self.region, self.account_id, self.data_dir, self.log,
+                           cluster=self.placement)
         await self._open_destinations(ctx)
         self.backup_all = self.config.backup is not None and self.config.backup.mode == "all"
         converter = await load_converter(self.config.format)
@@ -128,6 +139,8 @@ class StreamRuntime:
         self.signals.batcher.set()
         self.update_gauges()
         for source_config in self.config.sources:
+            if self.placement is not None and getattr(source_config, "cluster_placement", None) != "partition":
+                continue  # a per-daemon source: the cluster runs it once, over every owned partition
             source = source_config.build(ctx, self)
             await source.start()
             self.sources.append(source)

@@ -11,9 +11,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
+from aws_kinesis_agg.aggregator import RecordAggregator
 
 from support import free_port, terminate
 
@@ -98,7 +102,91 @@ class Kinesalite:
                 raise TimeoutError(f"stream {name} did not become ACTIVE")
             time.sleep(0.05)
 
+    def split_first_shard(self, name: str) -> str:
+        """Split the first open shard of ``name`` at the middle of its hash range; its id."""
+        c = self.client()
+        first = open_shards(c, name)[0]
+        lo, hi = int(first["HashKeyRange"]["StartingHashKey"]), int(first["HashKeyRange"]["EndingHashKey"])
+        c.split_shard(StreamName=name, ShardToSplit=first["ShardId"], NewStartingHashKey=str((lo + hi) // 2))
+        self.wait_active(name)
+        return str(first["ShardId"])
+
+    def merge_children(self, name: str, parent: str) -> None:
+        """Merge the two shards a split of ``parent`` made."""
+        c = self.client()
+        children = sorted((s for s in open_shards(c, name) if s.get("ParentShardId") == parent),
+                          key=lambda s: int(s["HashKeyRange"]["StartingHashKey"]))
+        c.merge_shards(StreamName=name, ShardToMerge=children[0]["ShardId"], AdjacentShardToMerge=children[1]["ShardId"])
+        self.wait_active(name)
+
     def stop(self) -> None:
         if self.proc is not None:
             terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Producer:
+    """Puts records from a thread, one partition key after another so each key's order is the
+    order of its puts: ten keys, every round alternating plain PutRecords with one KPL aggregate
+    per key (five user records each). ``acked`` holds ``(key, n)`` of every acknowledged record."""
+
+    def __init__(self, client: Any, stream: str, keys: int = 10) -> None:
+        self.client, self.stream, self.keys = client, stream, keys
+        self.acked: list[tuple[str, int]] = []
+        self.next = dict.fromkeys((f"key-{i}" for i in range(keys)), 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.error: BaseException | None = None
+
+    def _doc(self, key: str) -> bytes:
+        n = self.next[key]
+        self.next[key] = n + 1
+        return orjson.dumps({"k": key, "n": n, "pad": "x" * 100}) + b"\n"
+
+    def _round(self, aggregated: bool) -> None:
+        records = []
+        for key in self.next:
+            if aggregated:
+                agg = RecordAggregator()
+                for _ in range(5):
+                    agg.add_user_record(key, self._doc(key))
+                pk, _, data = agg.clear_and_get().get_contents()
+                records.append({"PartitionKey": pk, "Data": data})
+            else:
+                records.append({"PartitionKey": key, "Data": self._doc(key)})
+        resp = self.client.put_records(StreamName=self.stream, Records=records)
+        assert resp["FailedRecordCount"] == 0, resp  # a gap would break the per-key order checked
+        for r in records:
+            data = r["Data"]
+            if aggregated:
+                from firehose.kpl import deaggregate
+
+                docs = [orjson.loads(u.data) for u in deaggregate(data) or []]
+            else:
+                docs = [orjson.loads(data)]
+            self.acked.extend((d["k"], d["n"]) for d in docs)
+
+    def _loop(self) -> None:
+        i = 0
+        try:
+            while not self._stop.is_set():
+                self._round(aggregated=i % 2 == 1)
+                i += 1
+                time.sleep(0.02)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def start(self) -> Producer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        if self.error is not None:
+            raise self.error
+
+
+def open_shards(client: Any, stream: str) -> list[dict[str, Any]]:
+    shards = client.list_shards(StreamName=stream)["Shards"]
+    return [s for s in shards if "EndingSequenceNumber" not in s["SequenceNumberRange"]]

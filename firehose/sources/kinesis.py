@@ -28,6 +28,13 @@ GetRecords; each response's records go into the spool in the same frame as the s
   ``InvalidArgumentException``) is logged as ``kinesis_checkpoint_trimmed``, counted in
   ``KinesisCheckpointsTrimmed`` and the shard is read again from ``TRIM_HORIZON``.
 * **Back-pressure.** While the spool is at its cap no shard is read; nothing is dropped.
+* **Cluster mode** (docs/cluster.md). The source runs in every cluster partition's runtime and
+  reads the shards whose digest falls in that partition, so a shard has one reader in the
+  cluster, its owner's lease is the shard's lease, and its checkpoints ride in that partition's
+  JetStream log with the records they cover, exactly as on one node. A shard read to its end is
+  also announced in the cluster's shared facts, so a child shard hashed to another partition
+  starts once every listed parent is finished wherever it was read (checked at every discovery
+  pass, every few seconds while a child waits).
 
 GetRecords runs at most ``1000 / poll_interval_ms`` times a second per shard when caught up (Firehose:
 once a second, sharing the shard's 5 calls/s with other consumers), and back to back, at most 5 a
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +95,7 @@ class KinesisSourceConfig(StrictModel):
 
     stream_type: ClassVar[str] = "KinesisStreamAsSource"
     exclusive: ClassVar[bool] = True  # Firehose: a KinesisStreamAsSource stream has no other source
+    cluster_placement: ClassVar[str] = "partition"  # each cluster partition reads its share of the shards
 
     type: Literal["kinesis"] = Field(description="`kinesis`.")
     stream_arn: str | None = Field(
@@ -295,6 +304,9 @@ class KinesisSource(Source):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.cluster = ctx.cluster  # cluster mode: this partition reads its share of the shards
+        self._finished_elsewhere: set[str] = set()  # other partitions' shards read to their end
+        self._waiting_elsewhere = False  # a shard of ours waits for one of another partition
         m = sink.metrics
         label = ctx.stream_name
         self._m_records = m.kinesis_read_records.labels(label)
@@ -315,6 +327,47 @@ class KinesisSource(Source):
 
     def _key(self, shard_id: str) -> str:
         return f"{self._prefix}/{shard_id}"
+
+    # ------------------------------------------------------------------ cluster mode
+    def _mine(self, shard_id: str) -> bool:
+        """Whether this runtime reads the shard: always on one node; in a cluster, when the
+        shard's digest falls in this runtime's partition."""
+        c = self.cluster
+        if c is None or c.partition is None:
+            return True
+        digest = hashlib.sha256(f"{self.arn}\0{shard_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") % c.partitions == c.partition
+
+    def _fact(self, shard_id: str) -> str:
+        return "kinesis." + hashlib.sha256(f"{self.arn}\0{shard_id}".encode()).hexdigest()[:40]
+
+    async def _announce_finished(self, shard_id: str) -> None:
+        """Cluster mode: tell the other partitions a shard was read to its end (after its end is
+        durable in this partition's log; again at every start, so a crash in between is mended)."""
+        if self.cluster is None:
+            return
+        failures = 0
+        while not self._stopping:
+            try:
+                await self.cluster.facts.put(self._fact(shard_id), b"finished")
+                return
+            except Exception as exc:  # noqa: BLE001 - NATS away: its children wait, nothing is lost
+                failures += 1
+                delay = self._backoff(failures)
+                self.log.warning("kinesis_shard_announce_failed", shard_id=shard_id, error=str(exc)[:300],
+                                 retry_in_secs=round(delay, 3))
+                await asyncio.sleep(delay)
+
+    async def _finished(self, shard_id: str) -> bool:
+        """Whether a parent shard was read to its end: by this runtime, or (cluster mode) by the
+        partition it belongs to."""
+        if self._mine(shard_id):
+            return self._shards.setdefault(shard_id, _Shard(shard_id)).done
+        if shard_id not in self._finished_elsewhere and self.cluster is not None:
+            found = await self.cluster.facts.get(self._fact(shard_id))
+            if found is not None and found[0] == b"finished":
+                self._finished_elsewhere.add(shard_id)
+        return shard_id in self._finished_elsewhere
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -422,6 +475,9 @@ class KinesisSource(Source):
         if not self._start_recorded:
             await self._put_reliably([], [], {self._prefix: {"start_ms": self._start_ms}})
             self._start_recorded = True
+        for shard in list(self._shards.values()):
+            if shard.done:
+                await self._announce_finished(shard.shard_id)
         failures = 0
         while not self._stopping:
             try:
@@ -436,8 +492,11 @@ class KinesisSource(Source):
                 self.log.warning("kinesis_list_shards_failed", error=str(exc)[:300], retry_in_secs=round(delay, 3))
                 await asyncio.sleep(delay)
                 continue
+            pause = float(self.config.shard_discovery_interval_secs)
+            if self._waiting_elsewhere:
+                pause = min(pause, 2.0)  # a child waits for a parent another partition reads
             try:
-                await asyncio.wait_for(self._wake.wait(), self.config.shard_discovery_interval_secs)
+                await asyncio.wait_for(self._wake.wait(), pause)
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -454,8 +513,31 @@ class KinesisSource(Source):
             resp = await self._call("list_shards", NextToken=token)
 
     async def _sync(self, listed: dict[str, dict[str, Any]]) -> None:
-        """Start a reader for every listed shard that is not finished and whose listed parents are."""
-        gone = [sid for sid in self._shards if sid not in listed and self._shards[sid].task is None]
+        """Start a reader for every listed shard of ours that is not finished and whose listed
+        parents are."""
+        await self._forget_gone(listed)
+        self._waiting_elsewhere = False
+        for sid in sorted(listed):
+            if not self._mine(sid):
+                continue
+            shard = self._shards.setdefault(sid, _Shard(sid))
+            if shard.done or shard.task is not None:
+                continue
+            info = listed[sid]
+            parents = [p for p in (info.get("ParentShardId"), info.get("AdjacentParentShardId")) if p and p in listed]
+            if not all([await self._finished(p) for p in parents]):
+                self._waiting_elsewhere |= any(not self._mine(p) for p in parents)
+                continue
+            self.log.info("kinesis_shard_reading", shard_id=sid, sequence_number=shard.seq)
+            shard.task = asyncio.get_running_loop().create_task(self._read(shard), name=f"kinesis-{sid}")
+
+    async def _forget_gone(self, listed: dict[str, dict[str, Any]]) -> None:
+        """Drop the shards no longer listed (expired past the stream's retention), and their
+        checkpoints."""
+        gone = [sid for sid in self._shards
+                if sid not in listed and self._shards[sid].task is None and self._mine(sid)]
+        for sid in [sid for sid in self._shards if not self._mine(sid)]:
+            del self._shards[sid]  # another partition's: only its end matters here
         for sid in gone:
             shard = self._shards.pop(sid)
             if not shard.done:
@@ -467,15 +549,6 @@ class KinesisSource(Source):
         forget = {self._key(sid): None for sid in gone if self.sink.positions.get(self._key(sid)) is not None}
         if forget:
             await self.sink.put([], self.clock.now_ms(), positions=forget)
-        for sid in sorted(listed):
-            shard = self._shards.setdefault(sid, _Shard(sid))
-            if shard.done or shard.task is not None:
-                continue
-            info = listed[sid]
-            parents = [p for p in (info.get("ParentShardId"), info.get("AdjacentParentShardId")) if p]
-            if any(p in listed and not self._shards.setdefault(p, _Shard(p)).done for p in parents):
-                continue
-            shard.task = asyncio.get_running_loop().create_task(self._read(shard), name=f"kinesis-{sid}")
 
     # ------------------------------------------------------------------ reading one shard
     async def _read(self, shard: _Shard) -> None:
@@ -529,6 +602,7 @@ class KinesisSource(Source):
                     shard.done = True
                     self._behind.pop(shard.shard_id, None)
                     self.log.info("kinesis_shard_finished", shard_id=shard.shard_id)
+                    await self._announce_finished(shard.shard_id)
                     return
         except asyncio.CancelledError:
             raise

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import threading
 import time
 import uuid
 from collections import Counter
@@ -19,6 +18,7 @@ import pytest
 from aws_kinesis_agg.aggregator import RecordAggregator
 from botocore.exceptions import ClientError
 
+from kinesalite import Producer
 from support import Daemon, daemon_config, local_objects, stream_config, stream_idle, wait_for
 
 
@@ -26,73 +26,6 @@ def delivered_lines(root: Path) -> dict[str, list[dict[str, Any]]]:
     """Each delivered object's JSON lines, objects in key (time) order."""
     return {k: [orjson.loads(line) for line in v.splitlines() if line]
             for k, v in sorted(local_objects(root).items()) if "failed" not in k}
-
-
-class Producer:
-    """Puts records from a thread, one partition key after another so each key's order is the
-    order of its puts: ten keys, every round alternating plain PutRecords with one KPL aggregate
-    per key (five user records each). ``acked`` holds ``(key, n)`` of every acknowledged record."""
-
-    def __init__(self, client: Any, stream: str, keys: int = 10) -> None:
-        self.client, self.stream, self.keys = client, stream, keys
-        self.acked: list[tuple[str, int]] = []
-        self.next = dict.fromkeys((f"key-{i}" for i in range(keys)), 0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.error: BaseException | None = None
-
-    def _doc(self, key: str) -> bytes:
-        n = self.next[key]
-        self.next[key] = n + 1
-        return orjson.dumps({"k": key, "n": n, "pad": "x" * 100}) + b"\n"
-
-    def _round(self, aggregated: bool) -> None:
-        records = []
-        for key in self.next:
-            if aggregated:
-                agg = RecordAggregator()
-                for _ in range(5):
-                    agg.add_user_record(key, self._doc(key))
-                pk, _, data = agg.clear_and_get().get_contents()
-                records.append({"PartitionKey": pk, "Data": data})
-            else:
-                records.append({"PartitionKey": key, "Data": self._doc(key)})
-        resp = self.client.put_records(StreamName=self.stream, Records=records)
-        assert resp["FailedRecordCount"] == 0, resp  # a gap would break the per-key order checked
-        for r in records:
-            data = r["Data"]
-            if aggregated:
-                from firehose.kpl import deaggregate
-
-                docs = [orjson.loads(u.data) for u in deaggregate(data) or []]
-            else:
-                docs = [orjson.loads(data)]
-            self.acked.extend((d["k"], d["n"]) for d in docs)
-
-    def _loop(self) -> None:
-        i = 0
-        try:
-            while not self._stop.is_set():
-                self._round(aggregated=i % 2 == 1)
-                i += 1
-                time.sleep(0.02)
-        except BaseException as exc:  # reported by stop()
-            self.error = exc
-
-    def start(self) -> Producer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        if self.error is not None:
-            raise self.error
-
-
-def open_shards(client: Any, stream: str) -> list[dict[str, Any]]:
-    shards = client.list_shards(StreamName=stream)["Shards"]
-    return [s for s in shards if "EndingSequenceNumber" not in s["SequenceNumberRange"]]
 
 
 def source_stream(kinesalite: Any, tmp: Path, name: str, kds: str, **extra: Any) -> dict[str, Any]:
@@ -111,19 +44,12 @@ def test_split_merge_and_kill9_deliver_every_record_exactly_once_in_key_order(tm
     producer = Producer(client, kds).start()
     try:
         time.sleep(1.5)
-        first = open_shards(client, kds)[0]
-        lo, hi = int(first["HashKeyRange"]["StartingHashKey"]), int(first["HashKeyRange"]["EndingHashKey"])
-        client.split_shard(StreamName=kds, ShardToSplit=first["ShardId"], NewStartingHashKey=str((lo + hi) // 2))
-        kinesalite.wait_active(kds)
+        parent = kinesalite.split_first_shard(kds)
         time.sleep(1.0)
         d.kill9()  # mid-flow, children possibly half read
         d.start()
         time.sleep(1.0)
-        children = sorted((s for s in open_shards(client, kds) if s.get("ParentShardId") == first["ShardId"]),
-                          key=lambda s: int(s["HashKeyRange"]["StartingHashKey"]))
-        client.merge_shards(StreamName=kds, ShardToMerge=children[0]["ShardId"],
-                            AdjacentShardToMerge=children[1]["ShardId"])
-        kinesalite.wait_active(kds)
+        kinesalite.merge_children(kds, parent)
         time.sleep(1.0)
         d.kill9()
         d.start()

@@ -45,8 +45,26 @@ streams:
         "f.yaml:2: cluster.node: string should match pattern '^[A-Za-z0-9_-]{1,64}$', got 'bad name'",
         "f.yaml:3: cluster.jetstream.servers: must be nats:// or tls:// URLs, got 'http://x:4222'",
         "f.yaml:3: cluster.jetstream.replicas: input should be less than or equal to 5, got 7",
-        "f.yaml:7: streams[0].sources: sources are not supported in cluster mode yet: its streams are DirectPut "
-        "(records come through the API of any daemon)",
+        "f.yaml:7: streams[0].sources[0].type: file sources stay per host: run a single-node daemon on each "
+        "host that tails the files and delivers with an http_endpoint destination into a firehose_http source of "
+        "this cluster (docs/cluster.md)",
         "f.yaml:6: streams[0].spool: means nothing in cluster mode: the stream's log is in JetStream (each "
         "partition's log holds up to 1 GiB); remove it",
     ]
+
+
+def test_kinesis_and_firehose_http_sources_run_in_cluster_mode() -> None:
+    text = """cluster:
+  node: n1
+  jetstream: {servers: ["nats://127.0.0.1:4222"]}
+streams:
+  - name: from-kds
+    sources: [{type: kinesis, stream_name: orders}]
+    destination: {type: local, path: out}
+  - name: from-http
+    sources: [{type: firehose_http, listen: "127.0.0.1:8443"}]
+    destination: {type: local, path: out2}
+"""
+    cfg = load_config_text(text, "f.yaml", {})
+    placements = [type(s).cluster_placement for st in cfg.streams for s in st.sources]  # type: ignore[attr-defined]
+    assert placements == ["partition", "node"]
