@@ -254,8 +254,8 @@ class Cluster:
         self.max_payload = 8 << 20
         self.facts: JetStreamFacts | None = None  # the sources' shared facts (FH_SOURCES)
         self._unstarted_sources: list[tuple[ClusteredStream, Any]] = [
-            (stream, sc) for stream in streams.values() for sc in stream.config.sources
-            if getattr(sc, "cluster_placement", None) == "node"]
+            (stream, sc) for stream in streams.values() for sc in _node_sources(stream.config)]
+        self._lock = asyncio.Lock()  # a lease round and a reload never interleave
 
     @property
     def tick_secs(self) -> float:
@@ -331,7 +331,8 @@ class Cluster:
         try:
             while not self._stopping:
                 try:
-                    await self.tick()
+                    async with self._lock:
+                        await self.tick()
                 except Exception as exc:  # noqa: BLE001 - one failed round is retried at the next
                     log.warning("cluster_tick_failed", node=self.node, error=one_line(exc))
                 await asyncio.sleep(self.tick_secs)
@@ -342,7 +343,9 @@ class Cluster:
     async def _renew_loop(self) -> None:
         while not self._stopping:
             try:
-                await self._members.put(self.node, str(time.time()).encode())
+                # The streams it runs: a stream's fair share counts only the members that know it
+                # (during a rolling reload, not every daemon does).
+                await self._members.put(self.node, orjson.dumps({"at": time.time(), "streams": sorted(self.streams)}))
             except Exception as exc:  # noqa: BLE001 - NATS away: the leases lapse, as they must
                 log.warning("cluster_heartbeat_failed", node=self.node, error=one_line(exc))
             for key in list(self.held):
@@ -357,42 +360,88 @@ class Cluster:
     async def tick(self) -> None:
         """One round: announce this member, renew held leases, give up what is over the fair
         share, take free partitions up to it, and restart partitions whose log failed."""
-        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-
-        self.members = sorted(await self._member_keys())
+        knows = await self._member_streams()
+        self.members = sorted(knows)
         for stream in self.streams.values():
             stream.members = self.members
             stream.max_size_bytes = self.max_size_bytes
         await self._start_node_sources()
         if self.state is not None:
             await self.state.refresh(sorted(self.streams))
-        total = len(self.streams) * self.config.jetstream.partitions
-        fair = math.ceil(total / max(1, len(self.members)))
-        for key in sorted(self.held, reverse=True)[: max(0, len(self.held) - fair)]:
-            await self._release(key, "rebalance")
+        # The fair share is per stream (so every daemon owns partitions of every stream and
+        # answers for it), among the members that run the stream.
+        partitions = self.config.jetstream.partitions
         for name in sorted(self.streams):
-            for partition in range(self.config.jetstream.partitions):
-                key = (name, partition)
-                if len(self.held) >= fair or key in self.held:
-                    continue
-                try:
-                    await self._leases.get(self._key(name, partition))
-                    continue  # held by another member
-                except KeyNotFoundError:
-                    pass
-                try:
-                    revision = await self._leases.create(self._key(name, partition), self.node.encode())
-                except KeyWrongLastSequenceError:
-                    continue  # another member took it first
-                self.held[key] = revision
-                self._moved(name, "taken")
-                await self._start_partition(name, partition)
+            fair = math.ceil(partitions / max(1, sum(1 for known in knows.values() if known is None or name in known)))
+            mine = sorted((k for k in self.held if k[0] == name), reverse=True)
+            for key in mine[: max(0, len(mine) - fair)]:
+                await self._release(key, "rebalance")
+            for partition in range(partitions):
+                if sum(1 for k in self.held if k[0] == name) >= fair:
+                    break
+                if (name, partition) not in self.held:
+                    await self._try_take(name, partition)
         for (name, partition) in list(self.held):
             rt = self.streams[name].partitions.get(partition)
             if rt is None or rt.fenced:
                 await self._restart_partition(name, partition)
             else:
                 await self._tend(self.streams[name], rt, opened=False)
+
+    async def apply(self, configs: list[Any], timeout: float) -> None:
+        """A reload (SIGHUP): streams gone from the config give their partitions up; new ones are
+        taken at the next round; a changed stream's owned partitions stop (sealing and delivering
+        within ``timeout``) and start again on the new config from the same JetStream logs, and
+        its VersionId moves on once for the whole cluster. A partition that fails to start on the
+        new config is tried again at every round (``cluster_partition_start_failed``)."""
+        async with self._lock:
+            new = {c.name: c for c in configs}
+            for name in sorted(set(self.streams) - set(new)):
+                await self._remove_stream(name)
+            for name, cfg in sorted(new.items()):
+                current = self.streams.get(name)
+                if current is None or current.config != cfg:
+                    await self._configure_stream(current, cfg, timeout)
+            if self.facts is not None:
+                await self._start_node_sources()
+
+    async def _remove_stream(self, name: str) -> None:
+        stream = self.streams[name]
+        await self._stop_node_sources(stream)
+        self._unstarted_sources = [(s, c) for s, c in self._unstarted_sources if s is not stream]
+        for key in sorted(k for k in self.held if k[0] == name):
+            await self._release(key, "removed")
+        del self.streams[name]
+        log.info("stream_removed", stream=name)
+
+    async def _configure_stream(self, current: ClusteredStream | None, cfg: Any, timeout: float) -> None:
+        """Add a stream, or restart a changed one's owned partitions on ``cfg``."""
+        name = cfg.name
+        version = await self.state.sync_version(cfg) if self.state is not None else 1
+        if current is None:
+            stream = self.streams[name] = ClusteredStream(cfg, version, self.node, self.metrics)
+            stream.members = self.members
+        else:
+            stream = current
+            await self._stop_node_sources(stream)
+            self._unstarted_sources = [(s, c) for s, c in self._unstarted_sources if s is not stream]
+            stream.config, stream.version = cfg, version
+            for partition in sorted(stream.partitions):
+                rt = stream.partitions.pop(partition, None)  # None: its lease was lost meanwhile
+                if rt is not None:
+                    await _stop_quietly(rt, timeout, name, partition)
+                if (name, partition) in self.held:
+                    await self._start_partition(name, partition)
+        self._unstarted_sources += [(stream, sc) for sc in _node_sources(cfg)]
+        log.info("stream_configured", stream=name, version=version, node=self.node)
+
+    async def _stop_node_sources(self, stream: ClusteredStream) -> None:
+        for source in stream.node_sources:
+            try:
+                await source.stop()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cluster_source_stop_failed", node=self.node, stream=stream.name, error=one_line(exc))
+        stream.node_sources.clear()
 
     def placement(self, partition: int | None) -> Any:
         from firehose.interfaces import ClusterPlacement
@@ -428,6 +477,23 @@ class Cluster:
             except Exception as exc:  # noqa: BLE001 - tried again at the next round
                 log.warning("cluster_source_tend_failed", node=self.node, stream=stream.name, error=one_line(exc))
 
+    async def _try_take(self, name: str, partition: int) -> None:
+        """Take a partition whose lease nobody holds, and start it."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        try:
+            await self._leases.get(self._key(name, partition))
+            return  # held by another member
+        except KeyNotFoundError:
+            pass
+        try:
+            revision = await self._leases.create(self._key(name, partition), self.node.encode())
+        except KeyWrongLastSequenceError:
+            return  # another member took it first
+        self.held[(name, partition)] = revision
+        self._moved(name, "taken")
+        await self._start_partition(name, partition)
+
     def _moved(self, stream: str, kind: str) -> None:
         self.lease_moves += 1
         if self.metrics is not None:
@@ -435,11 +501,22 @@ class Cluster:
             owned = sum(1 for name, _ in self.held if name == stream)
             self.metrics.cluster_owned_partitions.labels(stream).set(owned)
 
-    async def _member_keys(self) -> list[str]:
+    async def _member_streams(self) -> dict[str, set[str] | None]:
+        """The live members and the streams each runs (None: unknown, counted as every stream)."""
         try:
-            return list(await self._members.keys())
+            nodes = list(await self._members.keys())
         except Exception:  # noqa: BLE001 - no keys yet
-            return [self.node]
+            return {self.node: set(self.streams)}
+        out: dict[str, set[str] | None] = {self.node: set(self.streams)}
+        for node in nodes:
+            if node == self.node:
+                continue
+            try:
+                doc = orjson.loads((await self._members.get(node)).value or b"")
+                out[node] = set(doc["streams"]) if isinstance(doc, dict) else None
+            except Exception:  # noqa: BLE001 - gone meanwhile, or an older daemon's value
+                out[node] = None
+        return out
 
     async def _renew(self, key: tuple[str, int]) -> None:
         if key not in self.held:
@@ -504,12 +581,7 @@ class Cluster:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for stream in self.streams.values():  # first, so what they acknowledged is all in the logs
-            for source in stream.node_sources:
-                try:
-                    await source.stop()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("cluster_source_stop_failed", node=self.node, stream=stream.name, error=one_line(exc))
-            stream.node_sources.clear()
+            await self._stop_node_sources(stream)
         runtimes = [self.streams[name].partitions.pop(p, None) for name, p in self.held]
         await asyncio.gather(*(rt.stop(timeout) for rt in runtimes if rt is not None), return_exceptions=True)
         for key, revision in list(self.held.items()):
@@ -525,6 +597,11 @@ class Cluster:
                 pass
         if self.nc is not None:
             await self.nc.close()
+
+
+def _node_sources(config: Any) -> list[Any]:
+    """A stream's sources that run once per daemon in cluster mode."""
+    return [sc for sc in config.sources if getattr(sc, "cluster_placement", None) == "node"]
 
 
 async def _stop_quietly(rt: Any, timeout: float, stream: str, partition: int) -> None:

@@ -339,15 +339,17 @@ class Daemon:
                 problems = await asyncio.to_thread(_precheck, new, self.config)
                 if problems:
                     raise ConfigError(problems)
-                if self.cluster is not None or new.cluster is not None:
-                    raise ConfigError(["cluster mode: a reload does not apply stream changes yet; restart the "
-                                       "daemons one at a time (docs/cluster.md)"])
+                if (self.cluster is None) != (new.cluster is None):
+                    raise ConfigError(["cluster: moving between cluster mode and the local spool needs a restart"])
             except ConfigError as exc:
                 log.error("config_reload_rejected", errors=exc.errors)
                 sd_notify("READY=1\nSTATUS=reload rejected; old config running")
                 return
             if new.api != self.config.api or new.data_dir != self.config.data_dir:
                 log.warning("config_reload_restart_required", fields=["api", "data_dir"])
+            if self.cluster is not None:
+                await self._reload_cluster(new)
+                return
             old_streams = {s.name: s for s in self.config.streams}
             new_streams = {s.name: s for s in new.streams}
             timeout = float(new.shutdown_timeout_secs)
@@ -376,6 +378,18 @@ class Daemon:
             self.config = new.model_copy(update={"api": self.config.api, "data_dir": self.config.data_dir})
             log.info("config_reloaded", streams=sorted(self.streams))
             sd_notify("READY=1\nSTATUS=serving")
+
+    async def _reload_cluster(self, new: DaemonConfig) -> None:
+        """Cluster mode: apply the streams on this daemon's partitions (Cluster.apply). The other
+        daemons keep their config until they are reloaded too (docs/cluster.md)."""
+        assert self.cluster is not None
+        if new.cluster != self.config.cluster:
+            log.warning("config_reload_restart_required", fields=["cluster"])
+        await self.cluster.apply(new.streams, float(new.shutdown_timeout_secs))
+        self.config = new.model_copy(update={"api": self.config.api, "data_dir": self.config.data_dir,
+                                             "cluster": self.config.cluster})
+        log.info("config_reloaded", streams=sorted(self.streams))
+        sd_notify("READY=1\nSTATUS=serving")
 
     async def _switch(self, name: str, cfg: StreamConfig, timeout: float) -> None:
         """Stop the stream's runtime (if any) and start it on ``cfg``. While it restarts, ingest

@@ -5,12 +5,15 @@ partitions are taken over by the survivor."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
+from botocore.exceptions import ClientError
 
 from support import Daemon, NatsServer, daemon_config, local_objects, stream_config, wait_for
 
@@ -294,3 +297,55 @@ def test_a_request_over_the_servers_max_payload_is_stored_as_one_atomic_batch(tm
     finally:
         d.stop()
         server.stop()
+
+
+def test_a_rolling_sighup_reload_changes_adds_and_removes_streams_without_losing_a_record(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """Both daemons run stream S (objects under v1/) and R. The new config writes S under v2/,
+    adds T and drops R; it is given to one daemon and then the other, under load. In between the
+    two configs run side by side. Every acknowledged record of S arrives once (under v1/ or
+    v2/), T takes records once both know it, R is gone, and S's VersionId moved on once."""
+    out = tmp_path / "out"
+    s, t, r = _fresh(), _fresh(), _fresh()
+    a = _cluster_daemon(tmp_path, "n1", nats_server, out, s, destination={"prefix": "v1/"})
+    b = _cluster_daemon(tmp_path, "n2", nats_server, out, s, destination={"prefix": "v1/"})
+    for d in (a, b):
+        d.write_config({**d.config, "streams": [*d.config["streams"],
+                                                stream_config(r, {"type": "local", "path": str(tmp_path / "r")})]})
+        d.start(wait=False)
+    try:
+        wait_for(lambda: len(_owned(a, s)) + len(_owned(b, s)) == PARTITIONS, 60, "S's partitions owned")
+        loader = Loader([a, b], s)
+        loader.thread.start()
+        wait_for(lambda: len(loader.acked) >= 500, 60, "records acknowledged")
+        v1 = a.firehose().describe_delivery_stream(DeliveryStreamName=s)["DeliveryStreamDescription"]["VersionId"]
+        for n, d in enumerate((a, b)):
+            old = d.config["streams"]
+            changed = {**old[0], "destination": {**old[0]["destination"], "prefix": "v2/"}}
+            added = stream_config(t, {"type": "local", "path": str(tmp_path / "t")},
+                                  buffering={"size_mib": 1, "interval_secs": 1})
+            d.write_config({**d.config, "streams": [changed, added]})
+            d.signal(signal.SIGHUP)
+            wait_for(lambda d=d: any(e.get("event") == "config_reloaded" for e in d.events()), 60, "the reload")
+            if n == 0:
+                time.sleep(2)  # the two configs side by side under load
+        wait_for(lambda: _owned(a, t) and _owned(b, t) and len(_owned(a, t)) + len(_owned(b, t)) == PARTITIONS, 60,
+                 "T's partitions shared by both daemons")
+        assert b.firehose().put_record(DeliveryStreamName=t, Record={"Data": b"t-record\n"})["RecordId"]
+        for d in (a, b):
+            with pytest.raises(ClientError, match="ResourceNotFoundException"):
+                d.firehose().describe_delivery_stream(DeliveryStreamName=r)
+        wait_for(lambda: sum(len(_owned(d, s)) for d in (a, b)) == PARTITIONS, 60, "S's partitions owned again")
+        time.sleep(1)
+        _stop_and_check(loader, out, 60)
+        prefixes = {k.split("/")[0] for k in local_objects(out)}
+        assert prefixes == {"v1", "v2"}, prefixes
+        wait_for(lambda: _delivered(tmp_path / "t") == [b"t-record"], 30, "T's record delivered")
+        versions = {d.firehose().describe_delivery_stream(DeliveryStreamName=s)["DeliveryStreamDescription"]["VersionId"]
+                    for d in (a, b)}
+        assert versions == {str(int(v1) + 1)}
+        assert not any(e.get("event") == "config_reload_rejected" for d in (a, b) for e in d.events())
+    finally:
+        for d in (a, b):
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()
