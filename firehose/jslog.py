@@ -78,6 +78,7 @@ BATCH_ID, BATCH_SEQUENCE, BATCH_COMMIT = "Nats-Batch-Id", "Nats-Batch-Sequence",
 MAX_BATCH_MESSAGES = 1000  # the server's limit on one atomic batch
 PUBLISH_TIMEOUT = 5.0  # seconds: nats-py's default for a JetStream publish
 FRAME_ROOM = 1024  # bytes kept free in a message for the frame header and the NATS headers
+DIRECT_READ_MESSAGES = 16  # a log of more messages than this is read back through a consumer
 # Frames kept in memory for the reader that follows the writer (the batcher).
 TRIM_MESSAGES = 32  # purge once this many leading messages are finished
 
@@ -200,12 +201,15 @@ class JetStreamLog:
             raise LogError(f"{self.name}: cannot create or open the JetStream stream: {one_line(exc)}") from None
         state = info.state
         commits: list[int] = []
-        seq = state.first_seq
-        while state.messages and seq <= state.last_seq:
-            msg = await self._get(seq)
-            if msg is not None:
-                self._apply_message(msg.seq, msg.data or b"", commits)
-            seq = (msg.seq if msg is not None else seq) + 1
+        if state.messages > DIRECT_READ_MESSAGES:
+            await self._read_stream(state.last_seq, commits)
+        else:
+            seq = state.first_seq
+            while state.messages and seq <= state.last_seq:
+                msg = await self._get(seq)
+                if msg is not None:
+                    self._apply_message(msg.seq, msg.data or b"", commits)
+                seq = (msg.seq if msg is not None else seq) + 1
         self._last = state.last_seq
         self._assigned = self._next_seq
         for batch_id in commits:
@@ -218,6 +222,27 @@ class JetStreamLog:
         await self._write([self._checkpoint()])
         unsealed = self._next_seq - self._min_seq - len(self._sealed)
         return RecoveryState(pending, dict(self._positions), unsealed, 0)
+
+    async def _read_stream(self, last: int, commits: list[int]) -> None:
+        """Read every stored message up to ``last`` through an ordered consumer: the server
+        streams them (with flow control), instead of one request per message."""
+        from nats.js.api import DeliverPolicy
+
+        sub = await self.js.subscribe(self.subject, stream=self.stream, ordered_consumer=True,
+                                      deliver_policy=DeliverPolicy.ALL, pending_bytes_limit=4 * self.max_payload + (64 << 20))
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=PUBLISH_TIMEOUT)
+                seq = int(msg.metadata.sequence.stream)
+                if seq > last:
+                    break
+                self._apply_message(seq, msg.data or b"", commits)
+                if seq == last:
+                    break
+        except Exception as exc:
+            raise LogError(f"{self.name}: cannot read the log back: {one_line(exc)}") from None
+        finally:
+            await sub.unsubscribe()
 
     async def _get(self, seq: int) -> Any:
         from nats.js.errors import NotFoundError

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from firehose.jslog import JetStreamLogs
+from firehose.jslog import DIRECT_READ_MESSAGES, JetStreamLogs
 from firehose.log import LogFencedError, LogFullError, LogTooLargeError, SealedBatch
 from support import NatsServer, abandon, make_runtime
 
@@ -185,6 +185,45 @@ def test_finished_messages_are_purged_and_the_counters_survive(nats_server: Nats
         assert again.allocate_batch_id() == 81 and again.committed.covers(again.min_seq, 80)
         assert again.min_seq > 40  # the finished head is gone from JetStream
         await again.aclose()
+
+    with_js(nats_server, body)
+
+
+def test_a_long_log_reads_back_through_a_consumer_as_it_does_message_by_message(
+        nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A takeover of a log of many messages streams them through an ordered consumer; what it
+    recovers is what reading each message by sequence recovers."""
+    import firehose.jslog
+
+    async def body(nc: Any) -> None:
+        logs = JetStreamLogs(nc)
+        name = fresh()
+        log = logs.log(name, "ingest")
+        await log.open()
+        for i in range(60):
+            await log.append([b"r%d" % i, b"s%d" % i], i, positions={"file": i})
+            if i % 3 == 0:
+                batch = SealedBatch(log.allocate_batch_id(), f"k{i}", [(2 * i, 2 * i + 2)], i)
+                await log.seal([batch])
+                if i % 2 == 0:
+                    await log.commit(batch.batch_id)
+        info = await nc.jetstream().stream_info(log.stream)
+        assert info.state.messages > DIRECT_READ_MESSAGES
+        await log.aclose()
+
+        async def recovered() -> tuple[Any, ...]:
+            again = logs.log(name, "ingest")
+            state = await again.open()
+            got = (again.next_seq, again.min_seq, again.positions, [(b.key, list(b.ranges)) for b in state.pending],
+                   list(again.committed.ranges()), await again.read_records([(again.min_seq, again.next_seq)]))
+            await again.aclose()
+            return got
+
+        streamed = await recovered()
+        monkeypatch.setattr(firehose.jslog, "DIRECT_READ_MESSAGES", 1 << 30)
+        one_by_one = await recovered()
+        assert streamed == one_by_one
+        assert streamed[0] == 120 and streamed[2] == {"file": 59} and len(streamed[3]) == 10
 
     with_js(nats_server, body)
 
