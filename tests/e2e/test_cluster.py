@@ -5,6 +5,7 @@ partitions are taken over by the survivor."""
 
 from __future__ import annotations
 
+import base64
 import signal
 import threading
 import time
@@ -178,8 +179,8 @@ def _answers(d: Daemon) -> bool:
 def test_three_nats_servers_with_replicas_3_survive_a_server_killed_under_load(tmp_path: Path) -> None:
     """replicas: 3 on a three-server JetStream cluster: one NATS server is kill -9ed under load
     and restarted. Publishes that fail while a Raft leader is re-elected are answered 503 (the
-    partition is reopened from what JetStream stored); every acknowledged record is delivered
-    exactly once."""
+    partition is reopened from what JetStream stored). Then two are killed (no quorum): 503
+    "Slow down.", until they are back. Every acknowledged record is delivered exactly once."""
     from support import nats_cluster
 
     servers = nats_cluster(tmp_path / "nats")
@@ -207,6 +208,23 @@ def test_three_nats_servers_with_replicas_3_survive_a_server_killed_under_load(t
         wait_for(lambda: len(loader.acked) >= before + 500, 90, "records acknowledged with a server down")
         servers[0].start()
         wait_for(lambda: len(loader.acked) >= before + 1000, 90, "records acknowledged after its restart")
+        # No quorum: two of the three servers down. A request is answered Firehose's 503 "Slow
+        # down." (after at most a publish timeout), never left hanging nor answered 200.
+        servers[1].kill9()
+        servers[2].kill9()
+        time.sleep(1)
+        from support import raw_call
+
+        loader.sent.add(-1)  # a 503 after a publish timeout may still have been stored
+        started = time.monotonic()
+        status, body = raw_call(daemons[0].port, "PutRecordBatch", orjson.dumps(
+            {"DeliveryStreamName": name, "Records": [{"Data": base64.b64encode(b'{"i": -1}\n').decode()}]}))
+        assert (status, body.get("__type"), body.get("message")) == (503, "ServiceUnavailableException", "Slow down.")
+        assert time.monotonic() - started < 15
+        servers[1].start()
+        servers[2].start()
+        during = len(loader.acked)
+        wait_for(lambda: len(loader.acked) >= during + 500, 120, "records acknowledged once the quorum is back")
         _stop_and_check(loader, out, 120)
         for d in daemons:
             assert "Traceback" not in d.logs()
@@ -282,8 +300,6 @@ def test_a_request_over_the_servers_max_payload_is_stored_as_one_atomic_batch(tm
     try:
         wait_for(lambda: len(_owned(d, name)) == PARTITIONS, 60, "the partitions owned")
         assert any(e.get("event") == "cluster_max_payload_small" for e in d.events())
-        import base64
-
         from support import raw_call
 
         big = [{"Data": base64.b64encode(bytes([c]) * 800_000 + b"\n").decode()} for c in b"abcde"]  # 4 MB in all
