@@ -144,6 +144,7 @@ class ClusteredStream:
         self.partitions: dict[int, Any] = {}
         self.members: list[str] = []  # the cluster's live members, as last seen (set by Cluster)
         self.node_sources: list[Any] = []  # sources that run once per daemon (firehose_http)
+        self.owners: dict[int, str | None] = {}  # every partition's owner as the leases say (set by Cluster)
         self.max_size_bytes = 1 << 30  # one partition log's cap
         self.record_id_prefix = ""
         self._rr = random.Random()
@@ -217,6 +218,7 @@ class ClusteredStream:
             "node": self.node,
             "owned_partitions": sorted(self.partitions),
             "cluster_members": list(self.members),
+            "partition_owners": {str(p): node for p, node in sorted(self.owners.items())},
         })
         return doc
 
@@ -387,6 +389,23 @@ class Cluster:
                 await self._restart_partition(name, partition)
             else:
                 await self._tend(self.streams[name], rt, opened=False)
+        await self._refresh_owners()
+
+    async def _refresh_owners(self) -> None:
+        """Every partition's owner as the lease bucket says: the cluster-wide view /healthz shows."""
+        from nats.js.errors import KeyNotFoundError
+
+        for name, stream in self.streams.items():
+            owners: dict[int, str | None] = {}
+            for partition in range(self.config.jetstream.partitions):
+                if (name, partition) in self.held:
+                    owners[partition] = self.node
+                    continue
+                try:
+                    owners[partition] = ((await self._leases.get(self._key(name, partition))).value or b"").decode()
+                except KeyNotFoundError:
+                    owners[partition] = None
+            stream.owners = owners
 
     async def apply(self, configs: list[Any], timeout: float) -> None:
         """A reload (SIGHUP): streams gone from the config give their partitions up; new ones are

@@ -105,6 +105,10 @@ def test_a_killed_daemons_partitions_are_taken_over_and_every_acked_record_arriv
         wait_for(lambda: len(_owned(a, name)) + len(_owned(b, name)) == PARTITIONS and _owned(a, name) and _owned(b, name), 30,
                  "the partitions shared by both daemons")
         assert set(_owned(a, name)).isdisjoint(_owned(b, name))
+        # Any daemon shows every partition's owner (the cluster-wide view).
+        expected = {**{str(p): "n1" for p in _owned(a, name)}, **{str(p): "n2" for p in _owned(b, name)}}
+        wait_for(lambda: all(d.health()["streams"][name]["partition_owners"] == expected for d in (a, b)), 10,
+                 "both daemons showing every partition's owner")
         assert a.health()["streams"][name]["node"] == "n1"
         wait_for(lambda: a.health()["streams"][name]["cluster_members"] == ["n1", "n2"], 10, "both members seen")
         # Stream state is shared: a tag set through one daemon is listed by the other.
@@ -120,6 +124,7 @@ def test_a_killed_daemons_partitions_are_taken_over_and_every_acked_record_arriv
         had = _owned(a, name)
         a.kill9()
         wait_for(lambda: len(_owned(b, name)) == PARTITIONS, 30, "the survivor owning every partition")
+        wait_for(lambda: set(b.health()["streams"][name]["partition_owners"].values()) == {"n2"}, 10, "owners shown")
         time.sleep(1)
         _stop_and_check(loader, out, 60)
         taken = {e["partition"] for e in b.events() if e.get("event") == "cluster_partition_taken"}
