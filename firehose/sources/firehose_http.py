@@ -213,11 +213,16 @@ class FirehoseHttpSource(Source):
     def _fact(self, rid: str) -> str:
         return request_fact(self.stream_name, rid)
 
+    def _claim_ttl(self) -> float:
+        """Seconds a claim lives: well past a takeover (the lease TTL) and a publish timeout."""
+        assert self.cluster is not None
+        return max(60.0, 6 * self.cluster.lease_ttl_secs)
+
     async def _claim_and_store(self, rid: str, records: list[bytes]) -> web.Response:
         """Cluster mode: claim the id, store the records, mark the id stored (module docstring)."""
         assert self.cluster is not None
         facts = self.cluster.facts
-        claim_ttl = max(60.0, 6 * self.cluster.lease_ttl_secs)
+        claim_ttl = self._claim_ttl()
         try:
             revision = await facts.create(self._fact(rid), CLAIMED, ttl_secs=claim_ttl)
             if revision is None:
@@ -271,10 +276,16 @@ class FirehoseHttpSource(Source):
         for rid, revision in list(self._unmarked.items()):
             await self._mark_stored(rid, revision or None)
         ids = {k[len(KEY_PREFIX):]: v for k, v in sink.positions.items() if k.startswith(KEY_PREFIX) and v is not None}
+        now = int(time.time() * 1000)
         if opened:
-            for rid in ids:
-                await self._mark_stored(rid, None)
-        cutoff = int(time.time() * 1000) - CLUSTER_POSITION_SECS * 1000
+            # Only ids recent enough for their claim to matter (an older claim has expired), a
+            # few at a time.
+            assert self.cluster is not None
+            recent = now - int(2000 * self._claim_ttl())
+            todo = [rid for rid, when in ids.items() if isinstance(when, int) and when >= recent]
+            for i in range(0, len(todo), 64):
+                await asyncio.gather(*(self._mark_stored(rid, None) for rid in todo[i:i + 64]))
+        cutoff = now - CLUSTER_POSITION_SECS * 1000
         old = {KEY_PREFIX + rid: None for rid, when in ids.items() if not isinstance(when, int) or when < cutoff}
         if old:
             await sink.put([], positions=old)
