@@ -190,8 +190,9 @@ def test_a_file_tailed_on_a_host_reaches_the_cluster_exactly_once(tmp_path: Path
                          buffering={"size_mib": 1, "interval_secs": 1},
                          delivery={"retry_initial_backoff_ms": 50, "retry_max_backoff_ms": 500},
                          backup={"path": str(host / "backup")})
-    agent = Daemon(host, daemon_config(host, [tail])).start()
+    agent = Daemon(host, daemon_config(host, [tail]))
     try:
+        agent.start()
         wait_for(lambda: len(_owned(cluster, name)) == PARTITIONS, 60, "the cluster's partitions owned")
         lines = [b"line-%d" % i for i in range(3000)]
         with open(logfile, "ab") as f:
