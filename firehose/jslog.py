@@ -70,7 +70,7 @@ from firehose.spool_format import (
 
 # JetStream's error codes for a failed expectation (another writer moved the stream) and a full stream.
 _WRONG_LAST_SEQUENCE = {10071, 10164}
-_STREAM_FULL = {10047, 10077}
+_STREAM_FULL = {10023, 10047, 10077}  # insufficient resources, storage; stream full
 _CONFIG_DIFFERS = 10058  # "stream name already in use with a different configuration"
 EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
 # Atomic batch publish (ADR-50): the batch's id, the message's place in it, and the last message's mark.
@@ -186,9 +186,12 @@ class JetStreamLog:
         from nats.js.api import DiscardPolicy, StorageType, StreamConfig
         from nats.js.errors import BadRequestError
 
+        # No max_bytes: JetStream reserves a stream's max_bytes out of the server's
+        # max_file_store when the stream is made, so 1 GiB per log would use a server up at a few
+        # dozen logs, whatever they hold. The cap is this writer's (has_room); the servers'
+        # max_file_store is the backstop (a publish over it is LogFullError: 503).
         config = StreamConfig(name=self.stream, subjects=[self.subject], num_replicas=self.replicas,
                               storage=StorageType.FILE, discard=DiscardPolicy.NEW,
-                              max_bytes=self._max_size_bytes + 2 * self.max_payload,
                               max_msg_size=self.max_payload, allow_atomic=True)
         try:
             try:

