@@ -252,6 +252,7 @@ class FirehoseApi:
         self.app.router.add_post("/", self.handle)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/status.json", self.status_json)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """``GET /healthz``. With auth on it stays public for load balancers, with only
@@ -280,6 +281,18 @@ class FirehoseApi:
             return error_response(ApiError("AccessDeniedException", "An operator token or a signed request "
                                            "is needed for metrics.", 403))
         return web.Response(body=self.daemon.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def status_json(self, request: web.Request) -> web.Response:
+        """``GET /status.json`` (firehose/status.py); ``?history=1`` adds the charts' samples."""
+        from firehose.status import status_document
+
+        if self.daemon.config.api.auth.mode != "none" and not self._operator(request):
+            return error_response(ApiError("AccessDeniedException", "An operator token or a signed request "
+                                           "is needed for the status.", 403))
+        history = request.query.get("history") not in (None, "", "0", "false")
+        doc = status_document(self.daemon, self.daemon.status_sampler, history=history)
+        return web.Response(body=orjson.dumps(doc), content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
 
     def _operator(self, request: web.Request) -> bool:
         """Whether a request to an operator endpoint may see details: ``Authorization: Bearer <one
@@ -343,6 +356,7 @@ class FirehoseApi:
                 raise ApiError("SerializationException", "Request body must be a JSON object")
             return await handler(doc)
         except ApiError as err:
+            self.daemon.metrics.refused_requests.labels(err.code).inc()
             return error_response(err)
         except asyncio.CancelledError:
             raise

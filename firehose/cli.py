@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     from firehose.spoolcli import add_parser as add_spool_parser
 
     add_spool_parser(sub)
+    from firehose.statusview import add_parser as add_status_parser
+
+    add_status_parser(sub)
     return parser
 
 

@@ -204,7 +204,8 @@ class ClusteredStream:
 
     def status(self) -> dict[str, Any]:
         parts = [rt.status() for rt in self.partitions.values()]
-        summed = ("spool_bytes", "pending_batches", "open_buffer_records", "open_partitions", "active_partitions",
+        summed = ("spool_bytes", "backlog_records", "pending_batches", "open_buffer_records", "open_partitions",
+                  "active_partitions",
                   "delivered_records", "dropped_records", "archived_records", "backed_up_records")
         doc: dict[str, Any] = {k: sum(int(s.get(k) or 0) for s in parts) for k in summed}
         errors = [s["last_delivery_error"] for s in parts if s.get("last_delivery_error")]

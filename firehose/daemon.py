@@ -24,6 +24,7 @@ from firehose.interfaces import BuildContext, ClusterPlacement
 from firehose.log import LogBusyError, LogError, LogStore
 from firehose.metrics import Metrics
 from firehose.names import disk_name, stream_arn
+from firehose.status import StatusSampler
 from firehose.stream import StreamRuntime
 
 STATE_FORMAT_VERSION = 1
@@ -144,6 +145,7 @@ class Daemon:
         self.cluster: Cluster | None = None
         self.state = StreamState(config.data_dir)
         self.api = FirehoseApi(self)
+        self.status_sampler = StatusSampler(self)  # the rates and charts of /status.json
         self.ready = False
         # Streams being restarted by a reload: ingest answers 503 (retryable) rather than
         # ResourceNotFoundException while the new runtime recovers the same spool.
@@ -260,6 +262,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._interrupt)
         loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
         self.ready = True
+        self.status_sampler.start()
         log.info("daemon_started", listen=api.listen, streams=sorted(self.streams), data_dir=self.config.data_dir)
         sd_notify("READY=1\nSTATUS=serving")
         await self._stop.wait()
@@ -310,6 +313,7 @@ class Daemon:
         sd_notify("STOPPING=1")
         log.info("daemon_stopping", timeout_secs=self.config.shutdown_timeout_secs)
         self.ready = False
+        await self.status_sampler.stop()
         for rt in self.streams.values():
             rt._accepting = False
         timeout = float(self.config.shutdown_timeout_secs)

@@ -27,6 +27,9 @@ class Metrics:
         self.incoming_bytes = counter("IncomingBytes", "Record bytes accepted (IncomingBytes)")
         self.incoming_put_requests = counter("IncomingPutRequests", "Accepted PutRecord/PutRecordBatch calls")
         self.throttled_records = counter("ThrottledRecords", "Records refused with ServiceUnavailableException")
+        self.refused_requests = Counter(
+            "firehose_RefusedRequests_total", "API requests answered with an error, by Firehose error type",
+            ["error"], registry=r)
         self.delivery_records = counter("DeliveryToS3_Records", "Records delivered (DeliveryToS3.Records)")
         self.delivery_bytes = counter("DeliveryToS3_Bytes", "Record bytes delivered (DeliveryToS3.Bytes)")
         self.delivery_objects = counter("DeliveryToS3_ObjectCount", "Objects written")
@@ -47,6 +50,9 @@ class Metrics:
         self.execute_processing_calls = counter("ExecuteProcessing_Calls", "Processing chain runs")
         self.archived_records = counter(
             "BackupToS3_Records", "Failed records archived with their error (BackupToS3.Records)")
+        self.archived_by_type = Counter(
+            "firehose_ArchivedRecords_total", "Failed records archived, by error-output type (processing-failed, "
+            "delivery-failed, ...)", [LABEL, "type"], registry=r)
         # Dynamic partitioning (Firehose: PartitionCount, PartitionCountExceeded, JQProcessing.Duration).
         self.partition_count = gauge("PartitionCount", "Active partitions: open buffers plus undelivered batches")
         self.partition_count_exceeded = gauge(

@@ -328,6 +328,11 @@ class StreamRuntime:
         self.signals.stopping = value
 
     # ------------------------------------------------------------------ observability
+    def backlog_records(self) -> int:
+        """Acknowledged records not yet delivered (nor archived, nor dropped)."""
+        ingest = self.spool
+        return max(0, ingest.next_seq - ingest.min_seq - len(ingest.committed))
+
     def update_gauges(self) -> None:
         if self.backlog is not None:
             self.backlog.update_gauges()
@@ -370,6 +375,7 @@ class StreamRuntime:
             "last_delivery_error": last.to_json() if last is not None else None,
             "failing_since": iso_utc(since) if since is not None else None,
             "spool_bytes": self.spool.size_bytes,
+            "backlog_records": self.backlog_records(),
             "pending_batches": len(self._pending),
             "open_buffer_records": self.buffered_records(),
             "open_partitions": self.open_partitions,

@@ -72,11 +72,14 @@ class Archiver:
         self.destination = destination
         self.health = health
         self.archived_records = 0
+        self.archived_by_type: dict[str, int] = {}
 
-    def count(self, records: int) -> None:
-        """``records`` reached the archive in a sealed archive batch (the delivery runner sent it)."""
+    def count(self, records: int, output_type: str) -> None:
+        """``records`` of ``output_type`` (``processing-failed``, ...) reached the archive."""
         self.archived_records += records
+        self.archived_by_type[output_type] = self.archived_by_type.get(output_type, 0) + records
         self.metrics.archived_records.labels(self.name).inc(records)
+        self.metrics.archived_by_type.labels(self.name, output_type).inc(records)
 
     async def archive_failed(
         self, sealed: SealedBatch, error_output_type: str, records: list[bytes],
@@ -112,4 +115,4 @@ class Archiver:
                              error_code=first.error_code)
             await asyncio.sleep(local_failure_pause(attempt))
         self.health.succeeded()
-        self.count(len(lines))
+        self.count(len(lines), error_output_type)

@@ -386,7 +386,7 @@ class DeliveryRunner:
         await spool.commit(sealed.batch_id, {"attempts": run.attempt})
         n = len(run.records)
         if run.sink == "archive":
-            self.archiver.count(n)
+            self.archiver.count(n, str(sealed.info.get("type", "processing-failed")))
         elif run.sink == "source":
             self.backed_up_records += n
         else:
