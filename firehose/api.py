@@ -253,6 +253,7 @@ class FirehoseApi:
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/status.json", self.status_json)
+        self.app.router.add_get("/status", self.status_page)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """``GET /healthz``. With auth on it stays public for load balancers, with only
@@ -293,6 +294,19 @@ class FirehoseApi:
         doc = status_document(self.daemon, self.daemon.status_sampler, history=history)
         return web.Response(body=orjson.dumps(doc), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        """``GET /status``: the status page, one self-contained HTML file (no external assets).
+        It holds no figures: it reads ``/status.json``, with the operator token from its URL
+        fragment when auth is on, so the page itself can be served to anyone."""
+        from importlib.resources import files
+
+        page = files("firehose").joinpath("status.html").read_bytes()
+        return web.Response(body=page, content_type="text/html", charset="utf-8", headers={
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                       "connect-src 'self'; img-src 'self' data:",
+            "X-Content-Type-Options": "nosniff"})
 
     def _operator(self, request: web.Request) -> bool:
         """Whether a request to an operator endpoint may see details: ``Authorization: Bearer <one

@@ -37,7 +37,7 @@ apt_install() {
     fi
 }
 
-step "services: PostgreSQL 15, JDK + snappy-java, systemd-analyze, node + kinesalite"
+step "services: PostgreSQL 15, JDK + snappy-java, systemd-analyze, node + kinesalite, chromium"
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     apt_install postgresql-15 || echo "note: PostgreSQL could not be installed; the real-database tests will not run" >&2
 fi
@@ -52,6 +52,9 @@ if ! command -v systemd-analyze >/dev/null || ! command -v systemd-sysusers >/de
 fi
 if ! command -v npm >/dev/null; then
     apt_install nodejs npm || echo "note: no node; the Kinesis source tests will not run" >&2
+fi
+if ! command -v chromium >/dev/null; then
+    apt_install chromium || echo "note: chromium could not be installed; the status page browser test will not run" >&2
 fi
 if [ ! -d tests/kinesalite/node_modules ] && command -v npm >/dev/null; then
     (cd tests/kinesalite && npm ci --no-audit --no-fund --loglevel=error) || \

@@ -40,6 +40,19 @@ class Load:
             time.sleep(0.02)
 
 
+def _loaded_daemon(tmp_path: Path, name: str) -> tuple[Daemon, Load]:
+    """A daemon whose stream runs a Lambda failing every "bad" record, under load."""
+    stream = stream_config(name, {"type": "local", "path": str(tmp_path / "out")},
+                           buffering={"size_mib": 1, "interval_secs": 1},
+                           processing=[{"type": "lambda", "function": "handlers.fail_some:handler",
+                                        "buffer_interval_secs": 0, "workers": 1}],
+                           backup={"path": str(tmp_path / "backup")})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    load = Load(d, name)
+    load.thread.start()
+    return d, load
+
+
 def _status(d: Daemon) -> dict[str, Any]:
     with urllib.request.urlopen(f"{d.endpoint}/status.json?history=1", timeout=10) as resp:
         doc: dict[str, Any] = json.loads(resp.read())
@@ -58,14 +71,7 @@ def _screen_rows(text: str, name: str) -> list[list[str]]:
 
 def test_status_json_and_the_live_view_show_a_daemon_under_load(tmp_path: Path) -> None:
     name = "clicks"
-    stream = stream_config(name, {"type": "local", "path": str(tmp_path / "out")},
-                           buffering={"size_mib": 1, "interval_secs": 1},
-                           processing=[{"type": "lambda", "function": "handlers.fail_some:handler",
-                                        "buffer_interval_secs": 0, "workers": 1}],
-                           backup={"path": str(tmp_path / "backup")})
-    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
-    load = Load(d, name)
-    load.thread.start()
+    d, load = _loaded_daemon(tmp_path, name)
     try:
         wait_for(lambda: _status(d)["streams"][name]["archived_records_by_type"].get("processing-failed", 0) > 0
                  and _status(d)["streams"][name]["incoming_records_per_sec"] > 0, 60, "records flowing and archived")
@@ -132,4 +138,45 @@ def test_status_json_needs_an_operator_token_when_auth_is_on(tmp_path: Path) -> 
                                                                              "PATH": "/usr/bin:/bin"})
         assert ok.returncode == 0 and "s" in json.loads(ok.stdout)["streams"], ok.stderr
     finally:
+        d.stop()
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    import shutil
+
+    from support import unavailable
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        unavailable("chromium (Debian's chromium package) is not installed")
+    return subprocess.run([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--no-first-run", "--virtual-time-budget=8000", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_status_page_renders_the_figures_in_a_real_browser(tmp_path: Path) -> None:
+    """Headless Chromium loads GET /status against a daemon under load: the rendered page shows
+    the stream's rates, its archived records and charts drawn from the history."""
+    name = "clicks"
+    d, load = _loaded_daemon(tmp_path, name)
+    try:
+        wait_for(lambda: len(_status(d)["streams"][name]["history"]) >= 3
+                 and _status(d)["streams"][name]["archived_records_by_type"], 60, "history and archived records")
+        page = urllib.request.urlopen(f"{d.endpoint}/status", timeout=10)
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+        assert not re.search(r"""(src|href)=["']?https?:""", page.read().decode())  # no external assets
+        dom = _chromium("--dump-dom", f"{d.endpoint}/status").stdout
+        figures = dict(re.findall(r'data-k="([a-z-]+)">([^<]*)<', dom))
+        assert f'data-stream="{name}"' in dom, dom[:2000]
+        assert float(figures["in-rps"].replace(",", "")) > 0, figures
+        assert "processing-failed" in figures["archived"] and figures["state"] == "ok", figures
+        assert int(figures["delivered-total"].replace(",", "")) > 0
+        assert len(re.findall(r'<path d="M[0-9.]+,[0-9.]+ L', dom)) >= 3  # the charts are drawn
+        shot = tmp_path / "status.png"
+        _chromium("--window-size=1280,900", f"--screenshot={shot}", f"{d.endpoint}/status")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        load.stop.set()
+        load.thread.join(30)
         d.stop()
