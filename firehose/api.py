@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextvars
 import hashlib
 import hmac
+import time
 import unicodedata
 import uuid
 import zlib
@@ -30,6 +32,7 @@ from aiohttp import ClientPayloadError, web
 from firehose.httpserver import BodyBudget, HttpLimits
 from firehose.log import LogError, LogFullError, LogTooLargeError
 from firehose.names import STREAM_NAME_RE
+from firehose.redrive import REDRIVE_HEADER, REDRIVE_ID_RE
 
 if TYPE_CHECKING:
     from firehose.daemon import Daemon
@@ -42,6 +45,8 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 log = structlog.get_logger()
+# The X-Firehose-Redrive-Id of the request being handled (firehose/redrive.py).
+_redrive_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("redrive_id", default=None)
 
 
 class ApiError(Exception):
@@ -368,6 +373,12 @@ class FirehoseApi:
                 raise ApiError("SerializationException", "Request body is not valid JSON") from None
             if not isinstance(doc, dict):
                 raise ApiError("SerializationException", "Request body must be a JSON object")
+            redrive = request.headers.get(REDRIVE_HEADER)
+            if redrive is not None:
+                if op != "PutRecordBatch" or not REDRIVE_ID_RE.fullmatch(redrive):
+                    raise ApiError("InvalidArgumentException",
+                                   f"{REDRIVE_HEADER} must be 8-64 of [A-Za-z0-9_-], on PutRecordBatch only")
+                _redrive_id.set(redrive)
             return await handler(doc)
         except ApiError as err:
             self.daemon.metrics.refused_requests.labels(err.code).inc()
@@ -486,6 +497,9 @@ class FirehoseApi:
         if nbytes > MAX_BATCH_BYTES:
             raise ApiError("InvalidArgumentException", "Records size exceeds 4 MB limit")
         rt = self._direct_put_stream(name)
+        redrive = _redrive_id.get()
+        if redrive is not None:
+            return await self._redriven(rt, redrive, decoded, nbytes)
         first = await self._ingest(rt, decoded, nbytes)
         # Built as text in one pass (C-level map/join): 500 dicts through orjson cost more.
         template = '{"RecordId":"' + rt.record_id_prefix + '%016x"}'
@@ -495,6 +509,28 @@ class FirehoseApi:
             body=body.encode(),
             headers={"Content-Type": JSON_CT, "x-amzn-RequestId": str(uuid.uuid4())},
         )
+
+    async def _redriven(self, rt: Any, redrive: str, records: list[bytes], nbytes: int) -> web.Response:
+        """A request of ``firehose redrive`` (firehose/redrive.py): stored with its id among the
+        positions of the same frame, or, when the stream already holds the id, answered without
+        storing anything."""
+        from firehose.cluster import ClusteredStream
+        from firehose.redrive import redrive_positions
+
+        if isinstance(rt, ClusteredStream):
+            raise ApiError("InvalidArgumentException", "redrive ids are not supported in cluster mode yet")
+        positions = redrive_positions(rt.positions, redrive, int(time.time() * 1000))
+        if positions is None:
+            log.info("redrive_duplicate", stream=rt.name, redrive_id=redrive, records=len(records))
+        else:
+            if not rt.accepting or not rt.has_room(nbytes + 64 + 4 * len(records)):
+                raise ApiError("ServiceUnavailableException", "Slow down.", 503)
+            try:
+                await rt.put(records, nbytes=nbytes, positions=positions)
+            except (LogError, OSError):
+                raise ApiError("ServiceUnavailableException", "Slow down.", 503) from None
+        ids = [hashlib.sha256(f"{redrive}:{i}".encode()).hexdigest()[:40] for i in range(len(records))]
+        return _response({"FailedPutCount": 0, "Encrypted": False, "RequestResponses": [{"RecordId": i} for i in ids]})
 
     # ------------------------------------------------------------------ control plane
     async def list_delivery_streams(self, doc: dict[str, Any]) -> web.Response:

@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     from firehose.statusview import add_parser as add_status_parser
 
     add_status_parser(sub)
+    from firehose.redrive import add_parser as add_redrive_parser
+
+    add_redrive_parser(sub)
     return parser
 
 

@@ -52,6 +52,7 @@ CONVERTER = "firehose.transforms.formats:Converter"
 HANDLER_CHECK = "firehose.transforms.handler_check:check_local_handlers"
 HANDLER_IMPORT_TIMEOUT = "firehose.transforms.handler_check:HANDLER_IMPORT_TIMEOUT_SECS"
 HARNESS = "firehose.transforms.testing"
+CODECS = "firehose.transforms.compression:get_codec"
 
 
 def load(target: str) -> Any:

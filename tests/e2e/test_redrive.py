@@ -1,0 +1,84 @@
+"""``firehose redrive`` as an operator uses it: a Lambda fails some records (archived as
+processing-failed), the handler is fixed, and the archived records are sent back, with the
+redrive killed midway and resumed, then run again with and without its ledger: every
+once-failed record is delivered exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from support import Daemon, daemon_config, local_objects, stream_config, wait_for
+
+
+def _archived(d: Daemon, name: str) -> int:
+    with urllib.request.urlopen(f"{d.endpoint}/status.json", timeout=10) as resp:
+        return int(json.loads(resp.read())["streams"][name]["archived_records_by_type"].get("processing-failed", 0))
+
+
+def _delivered(out: Path) -> Counter[bytes]:
+    return Counter(line for body in local_objects(out).values() for line in body.splitlines() if line)
+
+
+def _redrive(d: Daemon, backup: Path, ledger: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "firehose", "redrive", "--from", str(backup), "--stream", "s",
+                             "--endpoint", d.endpoint, "--error-type", "processing-failed", "--ledger", str(ledger),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_failed_records_are_redriven_once_through_a_kill_and_reruns(tmp_path: Path) -> None:
+    out, backup, ledger = tmp_path / "out", tmp_path / "backup", tmp_path / "ledger.json"
+
+    def config(function: str) -> dict[str, object]:
+        stream = stream_config("s", {"type": "local", "path": str(out)}, buffering={"size_mib": 1, "interval_secs": 1},
+                               processing=[{"type": "lambda", "function": function, "buffer_interval_secs": 0}],
+                               backup={"path": str(backup)})
+        return daemon_config(tmp_path, [stream])
+
+    d = Daemon(tmp_path, config("handlers.fail_some:handler")).start()
+    try:
+        client = d.firehose()
+        for b in range(6):  # 300 "bad" records in several archive objects
+            client.put_record_batch(DeliveryStreamName="s", Records=[
+                {"Data": (b"bad-%d\n" if i % 4 == 0 else b"good-%d\n") % (b * 200 + i)} for i in range(200)])
+            time.sleep(1.2)
+        wait_for(lambda: _archived(d, "s") == 300, 60, "300 records archived as processing-failed")
+    finally:
+        assert d.stop() == 0
+    bad = {b"bad-%d" % n for n in range(0, 1200, 4)}
+    assert not bad & set(_delivered(out))
+
+    d = Daemon(tmp_path, config("handlers.identity:handler")).start()  # the handler, fixed
+    try:
+        dry = subprocess.run([sys.executable, "-m", "firehose", "redrive", "--from", str(backup), "--stream", "s",
+                              "--dry-run", "--error-type", "processing-failed"], capture_output=True, text=True)
+        assert dry.returncode == 0 and len(dry.stdout.splitlines()) == 300
+        first = _redrive(d, backup, ledger, "--rate", "60")  # about 5 s: killed midway
+        wait_for(lambda: ledger.exists(), 30, "the first request answered")
+        time.sleep(1)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        partly = len(json.loads(ledger.read_text())["done"])
+        resumed = _redrive(d, backup, ledger)
+        assert resumed.wait(120) == 0, resumed.stderr.read() if resumed.stderr else ""
+        assert "redrive: 300 records" in (resumed.stdout.read() if resumed.stdout else "")
+        assert 0 < partly < len(json.loads(ledger.read_text())["done"])
+        again = _redrive(d, backup, ledger)  # everything in the ledger: nothing sent
+        assert again.wait(120) == 0
+        ledger.unlink()
+        no_ledger = _redrive(d, backup, ledger)  # the ledger lost: the daemon refuses the ids it holds
+        assert no_ledger.wait(120) == 0
+        wait_for(lambda: bad <= set(_delivered(out)), 60, "every once-failed record delivered")
+        time.sleep(2)
+        counts = _delivered(out)
+        assert all(counts[r] == 1 for r in bad), [r for r in bad if counts[r] != 1][:5]
+        assert sum(n for r, n in counts.items() if r.startswith(b"bad-")) == 300
+        assert any(e.get("event") == "redrive_duplicate" for e in d.events())
+    finally:
+        d.stop()
