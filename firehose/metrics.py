@@ -91,6 +91,7 @@ class Metrics:
         self.file_truncated = counter("FileSourceTruncated", "Records cut at max_record_bytes")
         self.file_files = gauge("FileSourceFiles", "Files being followed")
         self.spool_bytes = gauge("SpoolBytes", "Bytes held in the stream's spool")
+        self.spool_max_bytes = gauge("SpoolMaxBytes", "The spool's cap (spool.max_size_mib); at it, ingest answers 503")
         self.backlog_records = gauge("BacklogRecords", "Acknowledged records not yet delivered")
 
         # Cluster mode (docs/cluster.md).

@@ -87,6 +87,7 @@ class Backlog:
         ingest = self.ingest
         out_bytes = self.out.size_bytes if self.out is not ingest else 0
         self.metrics.spool_bytes.labels(labels).set(ingest.size_bytes + out_bytes)
+        self.metrics.spool_max_bytes.labels(labels).set(ingest.max_size_bytes)
         backlog = ingest.next_seq - ingest.min_seq - len(ingest.committed)
         self.metrics.backlog_records.labels(labels).set(max(0, backlog))
         if self.router.partitioning:
