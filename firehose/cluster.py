@@ -90,6 +90,18 @@ class ClusterConfig(StrictModel):
         default=10, ge=2, le=300,
         description="How long a dead daemon's partitions stay unowned before the others take them over.",
     )
+    advertise_url: str | None = Field(
+        default=None,
+        description="The URL of this daemon's API as the other members and `firehose status --all` reach it "
+        "(default: `http://<api host>:<port>`, with the host name when the API listens on every interface).",
+    )
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        return v.rstrip("/") if v else v
 
 
 def cluster_problems(raw_stream: Any) -> list[tuple[tuple[str | int, ...], str]]:
@@ -249,6 +261,8 @@ class Cluster:
         self._members: Any = None
         self.held: dict[tuple[str, int], int] = {}  # (stream, partition) -> lease revision
         self.members: list[str] = []
+        self.api_url = config.advertise_url or ""  # set by the daemon from api.listen when not configured
+        self.member_urls: dict[str, str] = {}  # node -> its API, as each member announces it
         self.lease_moves = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -348,7 +362,8 @@ class Cluster:
             try:
                 # The streams it runs: a stream's fair share counts only the members that know it
                 # (during a rolling reload, not every daemon does).
-                await self._members.put(self.node, orjson.dumps({"at": time.time(), "streams": sorted(self.streams)}))
+                await self._members.put(self.node, orjson.dumps({"at": time.time(), "streams": sorted(self.streams),
+                                                                 "api": self.api_url}))
             except Exception as exc:  # noqa: BLE001 - NATS away: the leases lapse, as they must
                 log.warning("cluster_heartbeat_failed", node=self.node, error=one_line(exc))
             for key in list(self.held):
@@ -528,14 +543,18 @@ class Cluster:
         except Exception:  # noqa: BLE001 - no keys yet
             return {self.node: set(self.streams)}
         out: dict[str, set[str] | None] = {self.node: set(self.streams)}
+        urls = {self.node: self.api_url}
         for node in nodes:
             if node == self.node:
                 continue
             try:
                 doc = orjson.loads((await self._members.get(node)).value or b"")
                 out[node] = set(doc["streams"]) if isinstance(doc, dict) else None
+                if isinstance(doc, dict) and isinstance(doc.get("api"), str):
+                    urls[node] = doc["api"]
             except Exception:  # noqa: BLE001 - gone meanwhile, or an older daemon's value
                 out[node] = None
+        self.member_urls = {n: u for n, u in sorted(urls.items()) if n in out and u}
         return out
 
     async def _renew(self, key: tuple[str, int]) -> None:

@@ -276,6 +276,10 @@ class Daemon:
         self.cluster = Cluster(config, self.streams, self._start_stream, source_context=self._source_context,
                                metrics=self.metrics)
         self.cluster.on_state = self._use_state  # VersionId and tags shared through JetStream
+        if not self.cluster.api_url:
+            api = self.config.api
+            host = socket.gethostname() if api.host in ("0.0.0.0", "::", "") else api.host
+            self.cluster.api_url = f"http://{f'[{host}]' if ':' in host else host}:{api.port}"
         self.cluster.start()
 
     def _source_context(self, cfg: StreamConfig, placement: ClusterPlacement) -> BuildContext:

@@ -239,12 +239,30 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         return 1
 
 
+def _read_ledger(path: Path) -> set[str]:
+    """The ids already answered; an unreadable ledger is started afresh (the daemon still
+    refuses the ids it holds, so nothing is sent twice)."""
+    if not path.exists():
+        return set()
+    try:
+        return set(json.loads(path.read_text())["done"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"firehose redrive: warning: {path}: unreadable ledger ({exc}); starting afresh", file=sys.stderr)
+        return set()
+
+
+def _write_ledger(path: Path, stream: str, done: set[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"stream": stream, "done": sorted(done)}))
+    os.replace(tmp, path)  # whole or not at all, even if the run is killed mid-write
+
+
 def _run(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     ledger_path = Path(args.ledger or f".firehose-redrive-{args.stream}.json")
-    done: set[str] = set(json.loads(ledger_path.read_text())["done"]) if ledger_path.exists() else set()
+    done = _read_ledger(ledger_path)
     todo = list(batches(selected(args), args.stream))
     client = _client(args.endpoint)
     try:
@@ -264,6 +282,7 @@ def _run(args: argparse.Namespace) -> int:
                   transient=not sys.stderr.isatty(), console=None) as progress:
         task = progress.add_task("redrive", total=total, mib=0.0, total_mib=total_bytes / (1 << 20))
         nbytes = 0
+        paced = 0  # records sent by this run (the rate applies to them, not to skipped ones)
         for ident, batch in todo:
             if ident not in done:
                 try:
@@ -271,12 +290,13 @@ def _run(args: argparse.Namespace) -> int:
                 except (ClientError, BotoCoreError) as exc:
                     raise RedriveError(f"sending to {args.stream!r}: {exc}") from None
                 done.add(ident)
-                ledger_path.write_text(json.dumps({"stream": args.stream, "done": sorted(done)}))
+                _write_ledger(ledger_path, args.stream, done)
+                paced += len(batch)
             sent += len(batch)
             nbytes += sum(len(r.data) for r in batch)
             progress.update(task, completed=sent, mib=nbytes / (1 << 20))
             if args.rate:
-                ahead = sent / args.rate - (time.monotonic() - started)
+                ahead = paced / args.rate - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
     print(f"redrive: {total:,} records in {len(todo):,} requests to {args.stream}")

@@ -151,6 +151,7 @@ def status_document(daemon: Any, sampler: StatusSampler, *, history: bool = Fals
         "ready": bool(daemon.ready),
         "node": cluster.node if cluster is not None else None,
         "cluster_members": list(cluster.members) if cluster is not None else None,
+        "cluster_member_urls": dict(cluster.member_urls) if cluster is not None else None,
         "rate_window_secs": RATE_WINDOW_SECS,
         "refused_requests_by_error": _refused(registry),
         "failed_streams": dict(sorted(daemon.failed_streams.items())),

@@ -4,7 +4,9 @@ terminal view (rich), one snapshot (``--once``), or the JSON itself (``--json``)
 The endpoint is ``--endpoint``, else the API address of ``--config``, else
 ``http://127.0.0.1:4573``. With API auth on, ``--token`` (or ``FIREHOSE_OPERATOR_TOKEN``) is one
 of ``api.operator_tokens``. In cluster mode ``--all`` shows every member whose address is given
-with ``--endpoint`` (repeat it): each table says which daemon it shows.
+with ``--endpoint`` (repeat it), or, with ``--all``, every member the first endpoint knows (the
+members announce their API URL, ``cluster.advertise_url``): each table says which daemon it
+shows.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-import time
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
@@ -31,6 +34,8 @@ def add_parser(sub: Any) -> None:
                          "repeat it to show several daemons of a cluster")
     st.add_argument("--config", default=None, help="take the endpoint from this config file's api.listen")
     st.add_argument("--token", default=None, help="an operator token (default: $FIREHOSE_OPERATOR_TOKEN)")
+    st.add_argument("--all", action="store_true",
+                    help="cluster mode: every member the (first) endpoint knows, one table each")
     st.add_argument("--once", action="store_true", help="print one snapshot and exit")
     st.add_argument("--json", action="store_true", help="print /status.json and exit")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
@@ -128,10 +133,18 @@ def _row(name: str, s: dict[str, Any]) -> list[Any]:
 def cmd_status(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FIREHOSE_OPERATOR_TOKEN") or None
     endpoints = _endpoints(args)
+
+    def targets() -> list[str]:
+        if not args.all:
+            return endpoints
+        return list((fetch(endpoints[0], token).get("cluster_member_urls") or {}).values()) or endpoints
+
     try:
         if args.json:
-            docs = [fetch(e, token) for e in endpoints]
-            print(json.dumps(docs[0] if len(docs) == 1 else dict(zip(endpoints, docs, strict=True)), indent=2))
+            urls = targets()
+            docs = [fetch(e, token) for e in urls]
+            print(json.dumps(docs[0] if len(docs) == 1 and not args.all else dict(zip(urls, docs, strict=True)),
+                             indent=2))
             return 0
         from rich.console import Console, Group
         from rich.live import Live
@@ -140,18 +153,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         console = Console() if sys.stdout.isatty() else Console(width=200)
 
         def snapshot() -> Any:
-            return Group(*(render(e, fetch(e, token)) for e in endpoints))
+            return Group(*(render(e, fetch(e, token)) for e in targets()))
 
         if args.once:
             console.print(snapshot())
             return 0
+        # Ctrl-C or SIGTERM ends the view between two refreshes, whatever it was doing then.
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with Live(snapshot(), console=console, refresh_per_second=4, screen=False) as live:
-            while True:
-                time.sleep(max(0.2, args.interval))
+            while not stop.wait(max(0.2, args.interval)):
                 try:
                     live.update(snapshot())
                 except StatusUnavailable as exc:
                     live.update(Group(snapshot_error(str(exc))))
+        return 0
     except StatusUnavailable as exc:
         print(f"firehose status: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -105,6 +107,13 @@ def test_a_killed_daemons_partitions_are_taken_over_and_every_acked_record_arriv
         wait_for(lambda: len(_owned(a, name)) + len(_owned(b, name)) == PARTITIONS and _owned(a, name) and _owned(b, name), 30,
                  "the partitions shared by both daemons")
         assert set(_owned(a, name)).isdisjoint(_owned(b, name))
+        # firehose status --all: every member, each table naming its node (members announce their API).
+        wait_for(lambda: len(a.health()["streams"][name]["cluster_members"]) == 2, 10, "both members seen")
+        view = subprocess.run([sys.executable, "-m", "firehose", "status", "--once", "--all", "--endpoint", a.endpoint],
+                              capture_output=True, text=True, timeout=60)
+        assert view.returncode == 0, view.stderr
+        assert view.stdout.count("node n1 · members n1, n2") == 1 and view.stdout.count("node n2 · members") == 1
+        assert a.endpoint in view.stdout and b.endpoint in view.stdout
         # Any daemon shows every partition's owner (the cluster-wide view).
         expected = {**{str(p): "n1" for p in _owned(a, name)}, **{str(p): "n2" for p in _owned(b, name)}}
         wait_for(lambda: all(d.health()["streams"][name]["partition_owners"] == expected for d in (a, b)), 10,

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from support import Daemon, daemon_config, local_objects, stream_config, wait_for
 
@@ -82,3 +83,39 @@ def test_failed_records_are_redriven_once_through_a_kill_and_reruns(tmp_path: Pa
         assert any(e.get("event") == "redrive_duplicate" for e in d.events())
     finally:
         d.stop()
+
+
+def test_the_selection_reads_s3_archives_and_applies_every_filter(moto: Any) -> None:
+    """--from s3://bucket/prefix: gzip and plain archive objects as the daemon writes them; only
+    the source stream's objects of the chosen type, within the time range, are selected."""
+    import base64
+    import gzip
+    import os
+
+    s3 = moto.client()
+    bucket = f"archive-{int(time.time() * 1000)}"
+    s3.create_bucket(Bucket=bucket)
+
+    def doc(data: bytes, ended: int) -> bytes:
+        return json.dumps({"attemptsMade": 1, "arrivalTimestamp": ended - 5, "errorCode": "Lambda.FunctionError",
+                           "errorMessage": "x", "attemptEndingTimestamp": ended,
+                           "rawData": base64.b64encode(data).decode()}).encode() + b"\n"
+
+    s3.put_object(Bucket=bucket, Key="errors/processing-failed/2026/12/06/00/s-1-2026-12-06-00-00-00-a.gz",
+                  Body=gzip.compress(doc(b"old", 1_000) + doc(b"in-range-1", 5_000) + doc(b"in-range-2", 6_000)))
+    s3.put_object(Bucket=bucket, Key="errors/processing-failed/2026/12/06/00/s-1-2026-12-06-00-00-01-b",
+                  Body=doc(b"in-range-3", 7_000) + doc(b"too-late", 9_000))
+    s3.put_object(Bucket=bucket, Key="errors/delivery-failed/2026/12/06/00/s-1-2026-12-06-00-00-02-c",
+                  Body=doc(b"other-type", 5_000))
+    s3.put_object(Bucket=bucket, Key="errors/processing-failed/2026/12/06/00/other-1-2026-12-06-00-00-03-d",
+                  Body=doc(b"other-stream", 5_000))
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto.endpoint, "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+    run = subprocess.run([sys.executable, "-m", "firehose", "redrive", "--dry-run", "--from", f"s3://{bucket}/errors/",
+                          "--stream", "s", "--source-stream", "s", "--error-type", "processing-failed",
+                          "--since", "4000", "--until", "1970-01-01T00:00:08Z"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    picked = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [base64.b64decode(p["data"]) for p in picked] == [b"in-range-1", b"in-range-2", b"in-range-3"]
+    assert {p["errorType"] for p in picked} == {"processing-failed"}

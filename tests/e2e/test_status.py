@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -101,8 +102,8 @@ def test_status_json_and_the_live_view_show_a_daemon_under_load(tmp_path: Path) 
             last = rows[-1]
             assert float(last[1].replace(",", "")) > 0, last  # in rec/s
             assert last[-1] == "ok" and "processing-failed" in last[-3], last
-            view.sendintr()
-            view.expect(pexpect.EOF, timeout=10)
+            view.kill(signal.SIGINT)  # Ctrl-C
+            view.expect(pexpect.EOF, timeout=30)
         finally:
             view.close(force=True)
         assert view.exitstatus == 0
