@@ -38,7 +38,7 @@ from typing import Any
 REDRIVE_HEADER = "X-Firehose-Redrive-Id"
 REDRIVE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 POSITION_PREFIX = "redrive/"
-REMEMBERED_IDS = 100_000
+REMEMBERED_IDS = 10_000  # ids ride in the spool's positions: ~60 bytes each in every checkpoint
 MAX_RECORDS, MAX_BYTES = 500, 4 << 20
 PROCESSING_TYPES = ("processing-failed", "format-conversion-failed", "partitioning-failed")
 
