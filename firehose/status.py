@@ -112,6 +112,8 @@ class StatusSampler:
 def status_document(daemon: Any, sampler: StatusSampler, *, history: bool = False) -> dict[str, Any]:
     """The ``/status.json`` body (docs/operations.md, "Status")."""
     registry = daemon.metrics.registry
+    totals = _totals(registry)
+    archived = totals.get("firehose_ArchivedRecords", [])
     streams: dict[str, Any] = {}
     for name, rt in sorted(daemon.streams.items()):
         st = rt.status()
@@ -132,7 +134,9 @@ def status_document(daemon: Any, sampler: StatusSampler, *, history: bool = Fals
             "processing": {"ok": counter("firehose_SucceedProcessing_Records_total"),
                            "dropped": counter("firehose_DroppedRecords_total"),
                            "failed": counter("firehose_FailedProcessing_Records_total")},
-            "archived_records_by_type": _archived_by_type(registry, name),
+            "archived_records_by_type": {s.labels["type"]: int(s.value) for s in
+                                         sorted(archived, key=lambda s: s.labels["type"])
+                                         if s.labels.get(LABEL) == name},
             "throttled_records_total": counter("firehose_ThrottledRecords_total"),
             "last_delivery_error": st.get("last_delivery_error"),
             "failing_since": st.get("failing_since"),
@@ -153,28 +157,15 @@ def status_document(daemon: Any, sampler: StatusSampler, *, history: bool = Fals
         "cluster_members": list(cluster.members) if cluster is not None else None,
         "cluster_member_urls": dict(cluster.member_urls) if cluster is not None else None,
         "rate_window_secs": RATE_WINDOW_SECS,
-        "refused_requests_by_error": _refused(registry),
+        "refused_requests_by_error": {s.labels["error"]: int(s.value) for s in
+                                      sorted(totals.get("firehose_RefusedRequests", []), key=lambda s: s.labels["error"])},
         "failed_streams": dict(sorted(daemon.failed_streams.items())),
         "streams": streams,
     }
 
 
-def _archived_by_type(registry: Any, stream: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for family in registry.collect():
-        if family.name != "firehose_ArchivedRecords":
-            continue
-        for s in family.samples:
-            if s.name.endswith("_total") and s.labels.get(LABEL) == stream:
-                out[s.labels["type"]] = int(s.value)
-    return dict(sorted(out.items()))
-
-
-def _refused(registry: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for family in registry.collect():
-        if family.name == "firehose_RefusedRequests":
-            for s in family.samples:
-                if s.name.endswith("_total"):
-                    out[s.labels["error"]] = int(s.value)
-    return dict(sorted(out.items()))
+def _totals(registry: Any) -> dict[str, list[Any]]:
+    """The ``_total`` samples of the labelled families the document breaks down, read once."""
+    wanted = ("firehose_ArchivedRecords", "firehose_RefusedRequests")
+    return {f.name: [s for s in f.samples if s.name.endswith("_total")]
+            for f in registry.collect() if f.name in wanted}

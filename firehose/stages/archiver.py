@@ -72,12 +72,10 @@ class Archiver:
         self.destination = destination
         self.health = health
         self.archived_records = 0
-        self.archived_by_type: dict[str, int] = {}
 
     def count(self, records: int, output_type: str) -> None:
         """``records`` of ``output_type`` (``processing-failed``, ...) reached the archive."""
         self.archived_records += records
-        self.archived_by_type[output_type] = self.archived_by_type.get(output_type, 0) + records
         self.metrics.archived_records.labels(self.name).inc(records)
         self.metrics.archived_by_type.labels(self.name, output_type).inc(records)
 
