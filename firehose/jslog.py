@@ -548,7 +548,12 @@ class JetStreamLog:
         if msg is None:
             raise LogError(f"{self.name}: the message holding record {seq} is gone")
         for ftype, payload in iter_frames(msg.data or b"", f"{self.name} message {msg.seq}"):
-            if ftype == T_RECORDS and _RECORDS_HEAD.unpack_from(payload, 0)[0] == first:
+            # A message can hold a positions-only frame (no records) with the same first seq as
+            # the records frame after it (a source's checkpoint and its next read, group-committed).
+            if ftype != T_RECORDS:
+                continue
+            head = _RECORDS_HEAD.unpack_from(payload, 0)
+            if head[0] == first and head[2]:
                 return decode_records_payload(payload)[0]
         raise LogError(f"{self.name}: record {seq} is not in its message")
 

@@ -183,6 +183,9 @@ class Batcher:
                 self.log.error("spool_gap", seq=self.cursor)
                 self.cursor += 1
                 continue
+            if not frame.first_seq <= self.cursor < frame.end_seq:  # never spin on a wrong frame
+                raise LogError(f"the log answered record {self.cursor} with records "
+                               f"[{frame.first_seq}, {frame.end_seq})")
             if self.router.partitioning or (frame.meta is not None and routes(frame.meta)):
                 done = await self._pump_routed(frame)
             else:

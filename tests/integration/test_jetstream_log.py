@@ -82,6 +82,32 @@ def test_concurrent_appends_share_messages_and_keep_their_order(nats_server: Nat
     with_js(nats_server, body)
 
 
+def test_a_checkpoint_sharing_a_message_with_records_is_not_read_as_their_frame(nats_server: NatsServer) -> None:
+    """A source's positions-only write (a finished shard) and its next records, group-committed
+    into one message, start at the same seq: read back without a cache, the records are found."""
+    async def body(nc: Any) -> None:
+        logs = JetStreamLogs(nc)
+        name = fresh()
+        log = logs.log(name, "ingest")
+        await log.open()
+        await log.append([b"a"], 1)
+        await asyncio.gather(log.append([], 2, positions={"shard-0": {"done": True}}),
+                             log.append([b"b", b"c"], 3, positions={"shard-3": {"seq": "9"}}))
+        info = await nc.jetstream().stream_info(log.stream)
+        last = await nc.jetstream().get_msg(log.stream, info.state.last_seq)
+        assert last.data.count(b"shard-") == 2  # both writes in one message
+        await log.aclose()
+
+        again = logs.log(name, "ingest")
+        await again.open()
+        frame = await again.read_frame(1)
+        assert frame is not None and (frame.first_seq, frame.records) == (1, [b"b", b"c"])
+        assert await again.read_ranges([(0, 3)]) == ([b"a", b"b", b"c"], None)
+        await again.aclose()
+
+    with_js(nats_server, body)
+
+
 def test_a_writer_whose_log_was_taken_is_fenced(nats_server: NatsServer) -> None:
     async def body(nc: Any) -> None:
         logs = JetStreamLogs(nc)
