@@ -44,19 +44,7 @@ class RemoteConfig(StrictModel):
 
     def backup_description(self, backup: Any, buffering: Any, account_id: str) -> dict[str, Any]:
         """``S3BackupMode`` and ``S3DestinationDescription`` from the stream's ``backup:``."""
-        if backup is None:
-            return {"S3BackupMode": self.BACKUP_MODE_NAMES[0]}
-        from firehose.registry import destination_config_class
-
-        dest = backup.destination_dict()
-        from firehose.destinations.objectstore import ObjectStoreConfig
-
-        cfg = destination_config_class(dest["type"]).model_validate(dest)
-        assert isinstance(cfg, ObjectStoreConfig)  # a backup is an s3 or local destination
-        arn = f"arn:aws:s3:::{dest.get('bucket') or 'local'}"
-        s3 = cfg.describe_destination(arn, buffering, account_id)["S3DestinationDescription"]
-        mode = self.BACKUP_MODE_NAMES[1 if backup.mode == "all" else 0]
-        return {"S3BackupMode": mode, "S3DestinationDescription": s3}
+        return backup_description(self.BACKUP_MODE_NAMES, backup, buffering, account_id)
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         if not self.tls_verify:
@@ -64,6 +52,24 @@ class RemoteConfig(StrictModel):
         if self.ca_file:
             return ssl.create_default_context(cafile=self.ca_file)
         return True
+
+
+def backup_description(mode_names: tuple[str, str], backup: Any, buffering: Any, account_id: str) -> dict[str, Any]:
+    """``S3BackupMode`` (``mode_names``: the destination's names for failed-only and all) and
+    ``S3DestinationDescription`` from a stream's ``backup:``."""
+    if backup is None:
+        return {"S3BackupMode": mode_names[0]}
+    from firehose.registry import destination_config_class
+
+    dest = backup.destination_dict()
+    from firehose.destinations.objectstore import ObjectStoreConfig
+
+    cfg = destination_config_class(dest["type"]).model_validate(dest)
+    assert isinstance(cfg, ObjectStoreConfig)  # a backup is an s3 or local destination
+    arn = f"arn:aws:s3:::{dest.get('bucket') or 'local'}"
+    s3 = cfg.describe_destination(arn, buffering, account_id)["S3DestinationDescription"]
+    mode = mode_names[1 if backup.mode == "all" else 0]
+    return {"S3BackupMode": mode, "S3DestinationDescription": s3}
 
 
 def is_http_url(v: str, max_length: int) -> bool:

@@ -195,6 +195,8 @@ def _print_outcomes(stream: Any, outcomes: list[Any], delimiter: bytes, now: int
             doc["partitionKeys"] = o.partition_keys
         if o.query_keys:
             doc["queryKeys"] = o.query_keys
+        if o.otf:
+            doc["otfMetadata"] = o.otf
         if stream.partitioned and o.result == "Ok":
             doc["prefix"] = _partition_prefix(stream, o, now)
         if o.result == "ProcessingFailed":
@@ -335,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_doc("""
             Prints on stdout one JSON object per outcome: record (the input line's index),
             result (Ok, Dropped, ProcessingFailed), data (or dataBase64), partitionKeys,
-            queryKeys, prefix (with dynamic partitioning), and for archived records errorCode,
-            errorMessage and errorOutputType (processing-failed, format-conversion-failed, ...);
+            queryKeys, otfMetadata (Iceberg routing), prefix (with dynamic partitioning), and
+            for archived records errorCode, errorMessage and errorOutputType
+            (processing-failed, format-conversion-failed, ...);
             then {"summary": {records, delivered, dropped, archived}}. Logs go to stderr."""),
     )
     tr.add_argument("--config", required=True, metavar="FILE", help="the config file")

@@ -718,9 +718,10 @@ def _check_partitioning(
         return False
 
     if not stream.partitioned:
-        if "metadata_extraction" in types:
+        # A destination that routes records by their metadata (Iceberg) uses the query's keys.
+        if "metadata_extraction" in types and not getattr(stream.destination, "routes_by_metadata", False):
             return error(base + ("processing",), "metadata_extraction needs dynamic_partitioning.enabled: true "
-                         "(Firehose's MetadataExtraction exists for dynamic partitioning)")
+                         "or an iceberg destination (Firehose's MetadataExtraction exists for them)")
         return True
     if not isinstance(stream.destination, ObjectStoreDestinationConfig):
         return error(dpath, "dynamic partitioning needs an s3 or local destination "

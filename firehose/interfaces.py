@@ -162,6 +162,9 @@ class Destination(abc.ABC):
 
     retry_duration_secs: float | None = None
     error_output_type: str | None = None
+    #: Whether ``deliver`` needs each record's metadata (``Batch.meta``: what processing
+    #: recorded, e.g. a Lambda's ``otfMetadata``); read back from the log with the records.
+    reads_record_metadata: bool = False
     #: Firehose's CloudWatch prefix for this destination (``DeliveryToSplunk``), besides DeliveryToS3.
     metrics_prefix: str | None = None
 

@@ -48,6 +48,7 @@ class Outcome:
     sub_index: int | None = None  # position within a de-aggregated source record
     meta: dict[str, Any] = field(default_factory=dict)
     query_keys: dict[str, str] | None = None  # MetadataExtraction's output (partitionKeyFromQuery)
+    otf: dict[str, str] | None = None  # a Lambda's metadata.otfMetadata (Iceberg routing)
 
     def failed(self, code: str, message: str, error_output_type: str = PROCESSING_FAILED) -> Outcome:
         return replace(
@@ -109,7 +110,8 @@ class RecordMeta:
     names. ``err``: why the record failed (:class:`ErrorInfo`'s compact form); ``pk``: its
     partition keys, namespaced (``partitionKeyFromQuery:k``, ``partitionKeyFromLambda:k``);
     ``src``: an untransformed source copy (``backup: {mode: all}``); ``kinesis``: the
-    kinesisRecordMetadata of a record read from a Kinesis data stream. Plain dicts, not objects:
+    kinesisRecordMetadata of a record read from a Kinesis data stream; ``otf``: a Lambda's
+    ``otfMetadata`` (the Iceberg table and operation of the record). Plain dicts, not objects:
     routing reads them once per record."""
 
     SOURCE_COPY: dict[str, Any] = {"src": 1}
@@ -147,6 +149,13 @@ class RecordMeta:
     def partition_keys(meta: Any) -> dict[str, Any] | None:
         pk = meta.get("pk") if isinstance(meta, dict) else None
         return pk if isinstance(pk, dict) else None
+
+    @staticmethod
+    def otf(meta: Any) -> dict[str, Any] | None:
+        """A Lambda's ``otfMetadata`` of the record (``destinationDatabaseName``,
+        ``destinationTableName``, ``operation``), or None."""
+        otf = meta.get("otf") if isinstance(meta, dict) else None
+        return otf if isinstance(otf, dict) else None
 
     @staticmethod
     def kinesis(meta: Any) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ BUILTIN_DESTINATIONS: dict[str, str] = {
     "http_endpoint": "firehose.destinations.http_endpoint:HttpEndpointDestinationConfig",
     "opensearch": "firehose.destinations.opensearch:OpenSearchDestinationConfig",
     "splunk": "firehose.destinations.splunk:SplunkDestinationConfig",
+    "iceberg": "firehose.destinations.iceberg:IcebergDestinationConfig",
 }
 
 BUILTIN_SOURCES: dict[str, str] = {

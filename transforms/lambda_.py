@@ -205,21 +205,33 @@ def _b64decode(text: str, record_id: str) -> bytes:
         raise _reject(f"record {record_id!r}: data is not valid base64") from None
 
 
-def _partition_keys(item: dict[str, Any], record_id: str) -> dict[str, str] | None:
+#: The members of ``metadata.otfMetadata`` (Iceberg routing) a function may return.
+OTF_FIELDS = ("destinationDatabaseName", "destinationTableName", "operation")
+
+
+def _metadata(item: dict[str, Any], record_id: str) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    """``metadata.partitionKeys`` and ``metadata.otfMetadata`` of a returned record (each None
+    when absent); values must be strings."""
     metadata = item.get("metadata")
     if metadata is None:
-        return None
+        return None, None
     if not isinstance(metadata, dict):
         raise _reject(f"record {record_id!r}: metadata is not an object")
-    keys = metadata.get("partitionKeys")
+    return (_string_map(metadata, "partitionKeys", record_id, "partition key"),
+            _string_map(metadata, "otfMetadata", record_id, "otfMetadata member", OTF_FIELDS))
+
+
+def _string_map(metadata: dict[str, Any], name: str, record_id: str, what: str,
+                only: tuple[str, ...] | None = None) -> dict[str, str] | None:
+    keys = metadata.get(name)
     if keys is None:
         return None
     if not isinstance(keys, dict):
-        raise _reject(f"record {record_id!r}: metadata.partitionKeys is not an object")
-    for name, value in keys.items():
+        raise _reject(f"record {record_id!r}: metadata.{name} is not an object")
+    for key, value in keys.items():
         if not isinstance(value, str):
-            raise _reject(f"record {record_id!r}: partition key {name!r} is not a string")
-    return dict(keys)
+            raise _reject(f"record {record_id!r}: {what} {key!r} is not a string")
+    return dict(keys) if only is None else {k: v for k, v in keys.items() if k in only}
 
 
 def parse_response(response: object, records: Sequence[SourceRecord]) -> list[Outcome]:
@@ -230,11 +242,13 @@ def parse_response(response: object, records: Sequence[SourceRecord]) -> list[Ou
     every input ``recordId`` exactly once, an object with ``recordId`` (string), ``result``
     (``"Ok"``, ``"Dropped"`` or ``"ProcessingFailed"``) and ``data`` (base64 string; Firehose
     requires it on every record), plus optional ``metadata.partitionKeys`` (an object of string
-    values). Other keys are ignored.
+    values) and ``metadata.otfMetadata`` (Iceberg routing: ``destinationDatabaseName``,
+    ``destinationTableName``, ``operation``, string values). Other keys are ignored.
 
     Returns outcomes in input order (``Outcome.source`` = index into ``records``):
 
-    * ``Ok`` -> ``Outcome(i, decoded data, partition_keys=metadata.partitionKeys or None)``;
+    * ``Ok`` -> ``Outcome(i, decoded data, partition_keys=metadata.partitionKeys or None,
+      otf=metadata.otfMetadata or None)``;
     * ``Dropped`` -> ``Outcome(i, original data, result="Dropped")``;
     * ``ProcessingFailed`` -> ``Outcome(i, original data)`` failed with ``Lambda.ProcessingFailed``
       (the original bytes are what goes to the processing-failed error output).
@@ -278,7 +292,7 @@ def _parse(
             raise _reject(f"record {record_id!r}: 'data' is missing or not a string")
         # Decode every record's data, as Firehose deserialises the whole response before acting on it.
         decoded = _b64decode(data, record_id)
-        keys = _partition_keys(item, record_id)
+        keys, otf = _metadata(item, record_id)
         position = index.get(record_id)
         if position is None:
             raise _reject(f"record {record_id!r} was not in the invocation")
@@ -286,7 +300,7 @@ def _parse(
             raise LambdaInvocationError(DUPLICATED_RECORD_ID, f"{_DUPLICATED_TEXT} (recordId {record_id!r})")
         source = position + offset
         if result == "Ok":
-            outcomes[position] = Outcome(source, decoded, partition_keys=keys, attempts=attempts)
+            outcomes[position] = Outcome(source, decoded, partition_keys=keys, attempts=attempts, otf=otf)
         elif result == "Dropped":
             outcomes[position] = Outcome(source, records[position].data, result="Dropped", attempts=attempts)
         else:

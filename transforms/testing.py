@@ -89,13 +89,15 @@ class TransformResult:
     payload (decoded from base64) for ``Ok`` records, and the *original* input bytes for ``Dropped``
     and ``ProcessingFailed`` ones (what the daemon keeps: a failed record goes to the error output
     with its original data, whatever the function returned). ``partition_keys`` is
-    ``metadata.partitionKeys`` of an ``Ok`` record, or ``None``.
+    ``metadata.partitionKeys`` of an ``Ok`` record, or ``None``; ``otf_metadata`` its
+    ``metadata.otfMetadata`` (Iceberg routing), or ``None``.
     """
 
     record_id: str
     result: str
     data: bytes
     partition_keys: dict[str, str] | None = None
+    otf_metadata: dict[str, str] | None = None
 
     @property
     def text(self) -> str:
@@ -277,6 +279,7 @@ def run_transform(
             result=o.result,
             data=o.data,
             partition_keys=o.partition_keys,
+            otf_metadata=o.otf,
         )
         for o in outcomes
     ]

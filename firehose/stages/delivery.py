@@ -58,6 +58,7 @@ class _Run:
     rejected_type: str | None  # records refused for good are archived at once under it
     attempt: int = 0
     expired: int = 0  # records archived instead of delivered
+    metas: list[Any] | None = None  # each record's metadata, for a destination that reads it
 
 
 class DeliveryRunner:
@@ -223,6 +224,9 @@ class DeliveryRunner:
             self._finish(pending)
             return
         run = self._plan(pending, records)
+        if run.sink == "main" and run.destination.reads_record_metadata:
+            metas = (await spool.read_ranges(pending.sealed.ranges))[1]
+            run.metas = list(metas) if metas is not None else [None] * len(records)
         while True:
             result = await self._attempt(run)
             failures = await self._classify(run, result)
@@ -291,6 +295,8 @@ class DeliveryRunner:
         batch = Batch(self.name, sealed.batch_id, sealed.key, subset, sealed.oldest_arrival_ms, run.attempt)
         if len(todo) != len(records):
             batch.indices = todo
+        if run.metas is not None:
+            batch.meta = run.metas if len(todo) == len(records) else [run.metas[i] for i in todo]
         if run.sink == "main":
             batch.delimiter = self.delimiter
         batch.archive = run.sink != "main"

@@ -61,7 +61,7 @@ def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda
 
 
 def _ok_meta(o: Any) -> dict[str, Any] | None:
-    if o.partition_keys is None and o.query_keys is None:
+    if o.partition_keys is None and o.query_keys is None and o.otf is None:
         return None
     # Namespaced, so a query key and a Lambda key of the same name stay apart.
     pk = {}
@@ -69,7 +69,10 @@ def _ok_meta(o: Any) -> dict[str, Any] | None:
         pk["partitionKeyFromQuery:" + name] = value
     for name, value in (o.partition_keys or {}).items():
         pk["partitionKeyFromLambda:" + name] = value
-    return RecordMeta.keyed(pk)
+    meta = RecordMeta.keyed(pk)
+    if o.otf is not None:
+        meta["otf"] = o.otf
+    return meta
 
 
 def _error(o: Any, item: Item, now_ms: int, lambda_arn: str | None) -> ErrorInfo:

@@ -170,6 +170,17 @@ def test_response_results_map_to_outcomes_in_input_order() -> None:
     assert failed.error_output_type == "processing-failed"
 
 
+def test_otf_metadata_is_kept_for_iceberg_routing_and_unknown_members_dropped() -> None:
+    otf = {"destinationDatabaseName": "lake", "destinationTableName": "users", "operation": "update"}
+    response = {"records": [
+        {"recordId": "id-0", "result": "Ok", "data": b64(b"A"), "metadata": {"otfMetadata": {**otf, "x": "y"}}},
+        {"recordId": "id-1", "result": "Ok", "data": b64(b"B"), "metadata": {"partitionKeys": {"k": "v"}}},
+    ]}
+    first, second = parse_response(response, recs(b"a", b"b"))
+    assert (first.otf, first.partition_keys) == (otf, None)
+    assert (second.otf, second.partition_keys) == (None, {"k": "v"})
+
+
 def test_response_may_omit_base64_padding_and_return_empty_data() -> None:
     records = recs(b"a", b"b")
     response = {
@@ -235,6 +246,12 @@ _DELETE = object()
             {"records": [_item(metadata={"partitionKeys": {"k": None}})]},
             JSON_PROCESSING,
             id="partition-key-null",
+        ),
+        pytest.param({"records": [_item(metadata={"otfMetadata": "t"})]}, JSON_PROCESSING, id="otf-not-object"),
+        pytest.param(
+            {"records": [_item(metadata={"otfMetadata": {"destinationTableName": 7}})]},
+            JSON_PROCESSING,
+            id="otf-member-number",
         ),
         pytest.param({"records": [_item(), _item(recordId="id-9")]}, JSON_PROCESSING, id="unknown-record-id"),
         pytest.param({"records": [_item(), _item()]}, DUPLICATED_RECORD_ID, id="duplicate-record-id"),

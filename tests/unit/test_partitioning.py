@@ -398,7 +398,7 @@ def test_partitioning_config_errors_use_firehoses_rules_and_name_the_line() -> N
     assert syntax.startswith("f.yaml:6: streams[0].processing[0].query: is not a valid jq program: jq: error: syntax error")
     assert dp_errors(enabled="false", prefix="data/", error_prefix="") == [
         "f.yaml:5: streams[0].processing: metadata_extraction needs dynamic_partitioning.enabled: true "
-        "(Firehose's MetadataExtraction exists for dynamic partitioning)"]
+        "or an iceberg destination (Firehose's MetadataExtraction exists for them)"]
     (guard,) = dp_errors(enabled="true, max_active_partitions: 0")
     assert guard.startswith("f.yaml:3: streams[0].dynamic_partitioning.max_active_partitions: input should be greater")
 

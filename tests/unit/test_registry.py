@@ -146,5 +146,5 @@ def test_a_plugin_that_does_not_import_is_one_config_error(plugin: tuple[str, st
 
 def test_unknown_types_list_the_plugin_types_too(plugin: tuple[str, str]) -> None:
     (err,) = errors_of("streams:\n  - name: a\n    destination: {type: cpy}\n")
-    assert "unknown type 'cpy'; known: broken, copy, http_endpoint, local, nobuild, opensearch, plain" in err
+    assert "unknown type 'cpy'; known: broken, copy, http_endpoint, iceberg, local, nobuild, opensearch, plain" in err
     assert destination_config_class("copy").__name__ == "CopyDestinationConfig"

@@ -234,6 +234,14 @@ class Converter(_FastPath):
             table = outcome.table
         return self._write(table)
 
+    def to_arrow(self, records: Sequence[bytes]) -> tuple[pa.Table, np.ndarray[Any, np.dtype[np.int64]],
+                                                          dict[int, tuple[str, str]]]:
+        """The rows of the records that convert (in the schema's Arrow types, in record order),
+        the index of the record each row came from, and the failures (as :meth:`check` reports
+        them). For a writer that does its own encoding (the Iceberg destination)."""
+        outcome = self._process(_as_bytes(records))
+        return outcome.table, outcome.record_of_row, outcome.failures
+
     def clear_cache(self) -> None:
         """Forget the rows ``check`` kept for ``convert``."""
         with self._lock:

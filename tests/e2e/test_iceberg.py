@@ -1,0 +1,245 @@
+"""The Iceberg destination as a user runs it: a daemon, boto3's PutRecordBatch, tables made
+beforehand with pyiceberg, and the results read back with pyiceberg scans and with DuckDB over
+the data files.
+
+* The embedded catalog (SQLite in data_dir, local warehouse): rows inserted by name,
+  case-insensitively, on a day-partitioned table; records that do not fit archived as
+  iceberg-failed error records in the backup; DescribeDeliveryStream.
+* A PostgreSQL catalog with the warehouse on a moto S3 server: a Lambda routes records to two
+  tables by otfMetadata, and updates and deletes by key.
+* A metadata_extraction query routes records (no Lambda, no dynamic partitioning).
+* kill -9 while commits are under way: every acknowledged record is in the table once.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pytest
+
+from support import Daemon, MotoServer, daemon_config, local_objects, stream_config, wait_for
+
+
+def _catalog(props: dict[str, str]) -> Any:
+    from pyiceberg.catalog import load_catalog
+
+    return load_catalog("default", **props)
+
+
+def _embedded(tmp_path: Path) -> dict[str, str]:
+    """The catalog a stream without ``catalog:`` uses (data_dir/iceberg)."""
+    root = tmp_path / "data" / "iceberg"
+    (root / "warehouse").mkdir(parents=True, exist_ok=True)
+    return {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": (root / "warehouse").as_uri()}
+
+
+def _clicks_table(catalog: Any, name: str = "web.clicks") -> Any:
+    from pyiceberg.partitioning import PartitionField, PartitionSpec
+    from pyiceberg.schema import Schema
+    from pyiceberg.transforms import DayTransform
+    from pyiceberg.types import LongType, NestedField, StringType, TimestamptzType
+
+    ns = name.split(".")[0]
+    if (ns,) not in catalog.list_namespaces():
+        catalog.create_namespace(ns)
+    schema = Schema(NestedField(1, "event_id", StringType(), required=True), NestedField(2, "n", LongType()),
+                    NestedField(3, "ts", TimestamptzType()), NestedField(4, "page", StringType()))
+    return catalog.create_table(name, schema, partition_spec=PartitionSpec(
+        PartitionField(3, 1000, DayTransform(), "ts_day")))
+
+
+def _rows(catalog: Any, name: str) -> list[dict[str, Any]]:
+    return catalog.load_table(name).scan().to_arrow().to_pylist()
+
+
+def _data_files(catalog: Any, name: str) -> list[str]:
+    files = catalog.load_table(name).inspect.files().column("file_path").to_pylist()
+    return [f.removeprefix("file://") for f in files]
+
+
+def _put(d: Daemon, stream: str, docs: list[Any]) -> None:
+    client = d.firehose()
+    for i in range(0, len(docs), 500):
+        part = docs[i:i + 500]
+        resp = client.put_record_batch(DeliveryStreamName=stream, Records=[
+            {"Data": d if isinstance(d, bytes) else orjson.dumps(d)} for d in part])
+        assert resp["FailedPutCount"] == 0
+
+
+def _error_records(backup: Path) -> list[dict[str, Any]]:
+    out = []
+    for key, body in local_objects(backup).items():
+        if key.startswith("iceberg-failed/"):
+            out += [orjson.loads(line) for line in body.splitlines()]
+    return out
+
+
+def test_records_are_inserted_by_name_and_those_that_do_not_fit_are_archived(tmp_path: Path) -> None:
+    catalog = _catalog(_embedded(tmp_path))
+    _clicks_table(catalog)
+    backup = tmp_path / "backup"
+    stream = stream_config("clicks", {"type": "iceberg", "destination_tables": [{"database": "web", "table": "clicks"}]},
+                           backup={"path": str(backup)})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    try:
+        good = [{"Event_ID": f"e{i}", "N": i, "ts": f"2026-12-0{1 + i % 3}T10:00:00Z", "page": "/p", "extra": 1}
+                for i in range(300)]
+        bad = [{"event_id": "x1", "n": "not a number"}, {"n": 5, "page": "/no-id"}, b"not json"]
+        _put(d, "clicks", good[:150] + bad + good[150:])
+        wait_for(lambda: len(_rows(catalog, "web.clicks")) >= 300, 60, "300 rows in web.clicks")
+        wait_for(lambda: len(_error_records(backup)) >= 3, 30, "3 iceberg-failed error records")
+        time.sleep(1.5)
+        rows = _rows(catalog, "web.clicks")
+        assert sorted(r["event_id"] for r in rows) == sorted(f"e{i}" for i in range(300))
+        assert {r["n"] for r in rows} == set(range(300)) and {r["page"] for r in rows} == {"/p"}
+        assert {r["ts"].day for r in rows} == {1, 2, 3}
+        # DuckDB over the data files (Parquet, one directory per day partition).
+        files = _data_files(catalog, "web.clicks")
+        assert len(files) >= 3 and all("ts_day=" in f for f in files)
+        count, distinct = duckdb.sql(f"select count(*), count(distinct event_id) from read_parquet({files!r})").fetchall()[0]
+        assert (count, distinct) == (300, 300)
+        errors = {base64.b64decode(e["rawData"]): e for e in _error_records(backup)}
+        assert set(errors) == {orjson.dumps(b) if not isinstance(b, bytes) else b for b in bad}
+        assert {e["errorCode"] for e in errors.values()} == {"Iceberg.SchemaMismatch",
+                                                              "Iceberg.MissingColumnWithinRecord"}
+        assert all(e["attemptsMade"] >= 1 and "arrivalTimestamp" in e for e in errors.values())
+        snapshots = catalog.load_table("web.clicks").metadata.snapshots
+        assert all(s.summary.additional_properties.get("firehose.stream") == "clicks" for s in snapshots)
+        desc = d.firehose().describe_delivery_stream(DeliveryStreamName="clicks")["DeliveryStreamDescription"]
+        iceberg = desc["Destinations"][0]["IcebergDestinationDescription"]
+        assert iceberg["DestinationTableConfigurationList"] == [
+            {"DestinationDatabaseName": "web", "DestinationTableName": "clicks"}]
+        assert iceberg["S3BackupMode"] == "FailedDataOnly"
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_lambda_routes_to_tables_and_updates_and_deletes_by_key_on_postgres_and_s3(
+        tmp_path: Path, postgres: Any, moto: MotoServer) -> None:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import LongType, NestedField, StringType
+
+    bucket = f"lake-{uuid.uuid4().hex[:8]}"
+    moto.client().create_bucket(Bucket=bucket)
+    db = f"ice_{uuid.uuid4().hex[:8]}"
+    postgres.execute(f"create database {db}")
+    p = postgres.params(db)
+    props = {"type": "sql", "uri": f"postgresql+psycopg://{p['user']}:{p['password']}@127.0.0.1:{p['port']}/{db}",
+             "warehouse": f"s3://{bucket}/warehouse", "s3.endpoint": moto.endpoint, "s3.region": "us-east-1",
+             "s3.access-key-id": "testing", "s3.secret-access-key": "testing"}
+    catalog = _catalog(props)
+    catalog.create_namespace("lake")
+    catalog.create_table("lake.users", Schema(NestedField(1, "id", LongType(), required=True),
+                                              NestedField(2, "name", StringType()), NestedField(3, "kind", StringType())))
+    catalog.create_table("lake.events", Schema(NestedField(1, "id", LongType()), NestedField(2, "what", StringType())))
+    backup = tmp_path / "backup"
+    stream = stream_config(
+        "cdc", {"type": "iceberg", "catalog": props,
+                "destination_tables": [{"database": "lake", "table": "users", "unique_keys": ["id"]}]},
+        processing=[{"type": "lambda", "function": "handlers.iceberg_route:handler", "buffer_interval_secs": 0}],
+        backup={"path": str(backup)})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    try:
+        _put(d, "cdc", [{"kind": "users", "id": i, "name": f"user{i}"} for i in range(1, 6)]
+             + [{"kind": "events", "id": i, "what": "signup"} for i in range(1, 6)])
+        wait_for(lambda: len(_rows(catalog, "lake.users")) == 5 and len(_rows(catalog, "lake.events")) == 5,
+                 60, "5 users and 5 events")
+        _put(d, "cdc", [{"kind": "users", "op": "update", "id": 2, "name": "renamed"},
+                        {"kind": "users", "op": "delete", "id": 3},
+                        {"kind": "users", "op": "update", "id": 9, "name": "upserted"},
+                        {"kind": "users", "op": "insert", "id": 4, "name": "again"},
+                        {"kind": "users", "op": "delete", "id": 4},
+                        {"kind": "events", "op": "delete", "id": 1},  # events has no unique keys
+                        {"kind": "nosuch", "id": 1}])
+        wait_for(lambda: len(_error_records(backup)) >= 2, 60, "2 iceberg-failed records")
+        time.sleep(1.5)
+        users = {r["id"]: r["name"] for r in _rows(catalog, "lake.users")}
+        assert users == {1: "user1", 2: "renamed", 5: "user5", 9: "upserted"}
+        assert len(_rows(catalog, "lake.events")) == 5
+        codes = sorted(e["errorCode"] for e in _error_records(backup))
+        assert codes == ["Iceberg.InvalidUniqueKeys", "Iceberg.NoSuchTable"]
+        files = catalog.load_table("lake.users").inspect.files().column("file_path").to_pylist()
+        assert files and all(f.startswith(f"s3://{bucket}/warehouse/") for f in files)
+        listed = moto.client().list_objects_v2(Bucket=bucket, Prefix="warehouse/")["Contents"]
+        assert any(o["Key"].endswith(".parquet") for o in listed)
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_metadata_extraction_query_routes_records(tmp_path: Path) -> None:
+    props = {"type": "sql", "uri": f"sqlite:///{tmp_path / 'cat.db'}", "warehouse": (tmp_path / "wh").as_uri()}
+    (tmp_path / "wh").mkdir()
+    catalog = _catalog(props)
+    _clicks_table(catalog, "web.a")
+    _clicks_table(catalog, "web.b")
+    stream = stream_config(
+        "q", {"type": "iceberg", "catalog": props},
+        processing=[{"type": "metadata_extraction",
+                     "query": '{destinationDatabaseName: "web", destinationTableName: .t}'}],
+        backup={"path": str(tmp_path / "backup")})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    try:
+        _put(d, "q", [{"t": "ab"[i % 2], "event_id": f"e{i}", "ts": "2026-12-06T00:00:00Z"} for i in range(40)])
+        wait_for(lambda: len(_rows(catalog, "web.a")) + len(_rows(catalog, "web.b")) >= 40, 60, "40 rows")
+        assert sorted(r["event_id"] for r in _rows(catalog, "web.a")) == sorted(f"e{i}" for i in range(0, 40, 2))
+        assert sorted(r["event_id"] for r in _rows(catalog, "web.b")) == sorted(f"e{i}" for i in range(1, 40, 2))
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_kill9_during_commits_leaves_every_acknowledged_record_once(tmp_path: Path) -> None:
+    catalog = _catalog(_embedded(tmp_path))
+    _clicks_table(catalog)
+    stream = stream_config("clicks", {"type": "iceberg", "destination_tables": [{"database": "web", "table": "clicks"}]},
+                           buffering={"size_mib": 1, "interval_secs": 0}, backup={"path": str(tmp_path / "backup")})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        n = 0
+        while not stop.is_set():
+            ids = [f"e{n + i}" for i in range(50)]
+            try:
+                resp = d.firehose().put_record_batch(DeliveryStreamName="clicks", Records=[
+                    {"Data": orjson.dumps({"event_id": e, "ts": "2026-12-06T00:00:00Z"})} for e in ids])
+            except Exception:  # the daemon is down: not acknowledged, sent again with new ids
+                time.sleep(0.1)
+                n += 50
+                continue
+            acked.extend(e for e, r in zip(ids, resp["RequestResponses"], strict=True) if "RecordId" in r)
+            n += 50
+            time.sleep(0.02)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        for pause in (1.3, 2.1, 1.7, 2.6):
+            time.sleep(pause)
+            d.kill9()
+            d.start()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        producer.join()
+    try:
+        assert len(acked) > 500
+        wait_for(lambda: len(_rows(catalog, "web.clicks")) >= len(acked), 90, f"{len(acked)} rows")
+        time.sleep(2)
+        ids = [r["event_id"] for r in _rows(catalog, "web.clicks")]
+        assert len(ids) == len(set(ids))  # none twice
+        assert set(acked) <= set(ids)  # none lost (a record sent to a dying daemon may land unacknowledged)
+        commits = [s.summary.additional_properties["firehose.batch-id"]
+                   for s in catalog.load_table("web.clicks").metadata.snapshots]
+        assert len(commits) == len(set(commits))  # one snapshot per batch
+    finally:
+        assert d.stop() == 0
