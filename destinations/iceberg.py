@@ -242,6 +242,7 @@ class _Route:
     table: str
     positions: list[int] = field(default_factory=list)
     operations: list[str] = field(default_factory=list)
+    converted: tuple[int, Any] | None = None  # (schema id, Converter.to_arrow's result), made early
 
 
 @dataclass
@@ -336,6 +337,8 @@ class IcebergDestination(Destination):
     # ------------------------------------------------------------------ delivery
     async def deliver(self, batch: Batch) -> DeliveryResult:
         routes, failures = self._route(batch)
+        for route in routes.values():  # converted before the lock: overlaps another batch's commit
+            await asyncio.to_thread(self._convert_early, batch, route)
         async with self._commit_lock:
             for route in routes.values():
                 started = time.monotonic()
@@ -369,6 +372,17 @@ class IcebergDestination(Destination):
                 route.positions.append(i)
                 route.operations.append("insert" if self.config.append_only else op)
         return routes, failures
+
+    def _convert_early(self, batch: Batch, route: _Route) -> None:
+        """Convert a table's records in the table's current schema (a worker thread); whatever
+        goes wrong here is met again, and reported, by :meth:`_write`."""
+        try:
+            schema = self.catalog().load_table((route.database, route.table)).schema()
+            if _unsupported(schema) is None:
+                converter = self._converter(route, schema)
+                route.converted = (schema.schema_id, converter.to_arrow([batch.records[i] for i in route.positions]))
+        except Exception:  # noqa: BLE001, S110 - the catalog or the table: _write reports it
+            pass
 
     def _write(self, batch: Batch, route: _Route) -> dict[int, RecordFailure]:
         """Commit one table's records (a worker thread); their failures by batch position."""
@@ -427,8 +441,11 @@ class IcebergDestination(Destination):
         if problem:
             plan.failures = {i: _refuse(UNSUPPORTED_TYPE, f"{where}: {problem}") for i in route.positions}
             return plan
-        converter = self._converter(route, schema)
-        rows, record_of_row, failed = converter.to_arrow([batch.records[i] for i in route.positions])
+        if route.converted is not None and route.converted[0] == schema.schema_id:
+            rows, record_of_row, failed = route.converted[1]
+        else:  # the schema changed since (or the early conversion failed)
+            converter = self._converter(route, schema)
+            rows, record_of_row, failed = converter.to_arrow([batch.records[i] for i in route.positions])
         for k, (_code, message) in failed.items():
             plan.failures[route.positions[k]] = _refuse(SCHEMA_MISMATCH, f"{where}: {message}")
         keys = self._unique_keys(route, schema)
