@@ -8,6 +8,8 @@ the data files.
 * A PostgreSQL catalog with the warehouse on a moto S3 server: a Lambda routes records to two
   tables by otfMetadata, and updates and deletes by key.
 * A metadata_extraction query routes records (no Lambda, no dynamic partitioning).
+* The Glue Data Catalog and the warehouse on a moto server: operations from a jq query, keys from
+  the table's identifier fields.
 * kill -9 while commits are under way: every acknowledged record is in the table once.
 """
 
@@ -191,6 +193,46 @@ def test_a_metadata_extraction_query_routes_records(tmp_path: Path) -> None:
         wait_for(lambda: len(_rows(catalog, "web.a")) + len(_rows(catalog, "web.b")) >= 40, 60, "40 rows")
         assert sorted(r["event_id"] for r in _rows(catalog, "web.a")) == sorted(f"e{i}" for i in range(0, 40, 2))
         assert sorted(r["event_id"] for r in _rows(catalog, "web.b")) == sorted(f"e{i}" for i in range(1, 40, 2))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_glue_catalog_with_the_warehouse_in_s3_both_on_moto(tmp_path: Path, moto: MotoServer) -> None:
+    """The Glue Data Catalog (moto server's Glue) with the warehouse in its S3: the catalog type
+    Firehose itself uses; a jq query names each record's operation, deletes find rows by the
+    table's identifier field (no unique_keys in the config)."""
+    import boto3
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import LongType, NestedField, StringType
+
+    bucket = f"glue-{uuid.uuid4().hex[:8]}"
+    moto.client().create_bucket(Bucket=bucket)
+    props = {"type": "glue", "glue.endpoint": moto.endpoint, "glue.region": "us-east-1",
+             "glue.access-key-id": "x", "glue.secret-access-key": "x", "s3.endpoint": moto.endpoint,
+             "s3.region": "us-east-1", "s3.access-key-id": "x", "s3.secret-access-key": "x",
+             "warehouse": f"s3://{bucket}/wh"}
+    catalog = _catalog(props)
+    ns = f"db_{uuid.uuid4().hex[:8]}"
+    catalog.create_namespace(ns)
+    catalog.create_table(f"{ns}.devices", Schema(NestedField(1, "device_id", LongType(), required=True),
+                                                 NestedField(2, "state", StringType()), identifier_field_ids=[1]))
+    stream = stream_config(
+        "g", {"type": "iceberg", "catalog": props, "destination_tables": [{"database": ns, "table": "devices"}]},
+        processing=[{"type": "metadata_extraction", "query": '{operation: (.op // "insert")}'}],
+        backup={"path": str(tmp_path / "backup")})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    try:
+        _put(d, "g", [{"device_id": i, "state": "on"} for i in range(10)])
+        wait_for(lambda: len(_rows(catalog, f"{ns}.devices")) == 10, 60, "10 devices")
+        _put(d, "g", [{"device_id": 1, "op": "delete"}, {"device_id": 2, "state": "off", "op": "update"}])
+        wait_for(lambda: len(_rows(catalog, f"{ns}.devices")) == 9, 60, "device 1 deleted")
+        time.sleep(1.5)
+        states = {r["device_id"]: r["state"] for r in _rows(catalog, f"{ns}.devices")}
+        assert states == {**{i: "on" for i in range(10) if i != 1}, 2: "off"}
+        table = boto3.client("glue", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id="x",
+                             aws_secret_access_key="x").get_table(DatabaseName=ns, Name="devices")["Table"]
+        assert table["Parameters"]["table_type"].upper() == "ICEBERG"
+        assert table["Parameters"]["metadata_location"].startswith(f"s3://{bucket}/wh/")
     finally:
         assert d.stop() == 0
 
