@@ -266,6 +266,7 @@ class IcebergDestination(Destination):
     error_output_type = ERROR_OUTPUT_TYPE
     metrics_prefix = "DeliveryToIceberg"
     reads_record_metadata = True
+    ordered_delivery = True  # an update must not overtake the insert before it
 
     def __init__(self, config: IcebergDestinationConfig, ctx: BuildContext) -> None:
         self.config = config
@@ -274,7 +275,9 @@ class IcebergDestination(Destination):
         self.properties = config.catalog_properties(ctx.data_dir)
         self._catalog: Any = None
         self._catalog_lock = threading.Lock()
-        self._commit_lock = asyncio.Lock()  # one commit at a time: batches land in seal order
+        # One commit at a time, in the order deliveries arrive (the seal order): each waits for
+        # the one before it, though it converts its records while that one commits.
+        self._last_turn: asyncio.Future[None] | None = None
         self._tables = {(t.database.lower(), t.table.lower()): t for t in config.destination_tables}
         self._converters: dict[tuple[str, str, int], Any] = {}
         self.commit_latency_secs: list[float] = []  # the last commits' (bench figures)
@@ -336,15 +339,22 @@ class IcebergDestination(Destination):
 
     # ------------------------------------------------------------------ delivery
     async def deliver(self, batch: Batch) -> DeliveryResult:
-        routes, failures = self._route(batch)
-        for route in routes.values():  # converted before the lock: overlaps another batch's commit
-            await asyncio.to_thread(self._convert_early, batch, route)
-        async with self._commit_lock:
+        before, mine = self._last_turn, asyncio.get_running_loop().create_future()
+        self._last_turn = mine
+        try:
+            routes, failures = self._route(batch)
+            for route in routes.values():  # converted before its turn: overlaps the commit before it
+                await asyncio.to_thread(self._convert_early, batch, route)
+            if before is not None:
+                await asyncio.shield(before)
             for route in routes.values():
                 started = time.monotonic()
                 failures.update(await asyncio.to_thread(self._write, batch, route))
                 self.commit_latency_secs = [*self.commit_latency_secs[-999:], time.monotonic() - started]
-        return DeliveryResult(failures)
+            return DeliveryResult(failures)
+        finally:
+            mine.set_result(None)  # the next delivery's turn, however this one ended
+
 
     def _route(self, batch: Batch) -> tuple[dict[tuple[str, str], _Route], dict[int, RecordFailure]]:
         """Each record's table and operation (see the module doc)."""

@@ -165,6 +165,12 @@ class Destination(abc.ABC):
     #: Whether ``deliver`` needs each record's metadata (``Batch.meta``: what processing
     #: recorded, e.g. a Lambda's ``otfMetadata``); read back from the log with the records.
     reads_record_metadata: bool = False
+    #: Whether batches must reach ``deliver`` in the order they were sealed (their operations
+    #: depend on each other: Iceberg's updates and deletes). The runner then calls ``deliver``
+    #: for a batch's first attempt only after the batch sealed before it has entered its own
+    #: ``deliver``; the destination orders its work by what it does before its first ``await``.
+    #: A retry may still land after later batches.
+    ordered_delivery: bool = False
     #: Firehose's CloudWatch prefix for this destination (``DeliveryToSplunk``), besides DeliveryToS3.
     metrics_prefix: str | None = None
 

@@ -92,6 +92,9 @@ class DeliveryRunner:
         self.backed_up_records = 0
         self._in_flight = 0
         self._delivering: set[asyncio.Task[None]] = set()
+        # An ordered destination's main batches enter deliver() in dispatch order: each waits for
+        # the future of the one dispatched before it (set when that one entered deliver()).
+        self._turn_tail: asyncio.Future[None] | None = None
         self._oldest: tuple[float, int] | None = None  # (when computed, oldest arrival)
 
     # ------------------------------------------------------------------ the queue
@@ -136,7 +139,11 @@ class DeliveryRunner:
                 break
             if pending.task is None and pending.durable:
                 self._in_flight += 1
-                pending.task = loop.create_task(self._deliver(pending), name=f"deliver-{self.name}")
+                turn = None
+                if self.destination.ordered_delivery and pending.sealed.info.get("sink", "main") == "main":
+                    turn = (self._turn_tail, loop.create_future())
+                    self._turn_tail = turn[1]
+                pending.task = loop.create_task(self._deliver(pending, turn), name=f"deliver-{self.name}")
                 self._delivering.add(pending.task)
                 pending.task.add_done_callback(self._delivering.discard)
 
@@ -180,12 +187,13 @@ class DeliveryRunner:
         return self.health if sink == "main" else self.archiver.health
 
     # ------------------------------------------------------------------ one batch
-    async def _deliver(self, pending: PendingBatch) -> None:
+    async def _deliver(self, pending: PendingBatch,
+                       turn: tuple[asyncio.Future[None] | None, asyncio.Future[None]] | None = None) -> None:
         failures = 0
         try:
             while True:
                 try:
-                    await self._deliver_once(pending)
+                    await self._deliver_once(pending, turn)
                     return
                 except asyncio.CancelledError:
                     raise
@@ -200,6 +208,8 @@ class DeliveryRunner:
                         "Daemon.DeliveryFailed", f"{type(exc).__name__}: {exc}", self.clock.now_ms())
                     await asyncio.sleep(delay)
         finally:
+            if turn is not None and not turn[1].done():
+                turn[1].set_result(None)  # it never reached deliver(): the next one goes on
             self._in_flight -= 1
             if pending in self.pending:
                 pending.task = None  # cancelled at shutdown: stays sealed in the spool
@@ -208,8 +218,10 @@ class DeliveryRunner:
                 self.signals.wake()  # the batcher and the processing stage may be waiting for room
             self.ctx.on_progress()
 
-    async def _deliver_once(self, pending: PendingBatch) -> None:
-        """load -> (attempt -> classify)* -> commit."""
+    async def _deliver_once(self, pending: PendingBatch,
+                            turn: tuple[asyncio.Future[None] | None, asyncio.Future[None]] | None = None) -> None:
+        """load -> (attempt -> classify)* -> commit. ``turn`` (an ordered destination): the
+        future of the batch dispatched before this one, and this one's, set on entering deliver()."""
         spool = pending.spool or self.out
         if pending.sealed.info.get("sink") == "source" and not self.has_backup:
             await spool.commit(pending.sealed.batch_id, {"attempts": 0})
@@ -227,8 +239,11 @@ class DeliveryRunner:
         if run.sink == "main" and run.destination.reads_record_metadata:
             metas = (await spool.read_ranges(pending.sealed.ranges))[1]
             run.metas = list(metas) if metas is not None else [None] * len(records)
+        if turn is not None and turn[0] is not None:
+            await asyncio.shield(turn[0])
         while True:
-            result = await self._attempt(run)
+            result = await self._attempt(run, turn[1] if turn is not None else None)
+            turn = None
             failures = await self._classify(run, result)
             if failures is None or await self._retry_or_expire(run, failures):
                 break
@@ -287,8 +302,9 @@ class DeliveryRunner:
         return _Run(sealed, sink, destination, records, list(range(len(records))), window, expires, expire_type,
                     rejected_type)
 
-    async def _attempt(self, run: _Run) -> DeliveryResult:
-        """One ``deliver`` call with the records not delivered yet, counted."""
+    async def _attempt(self, run: _Run, entered: asyncio.Future[None] | None = None) -> DeliveryResult:
+        """One ``deliver`` call with the records not delivered yet, counted; ``entered`` is set as
+        deliver() is entered (its synchronous start has run before the next batch's begins)."""
         run.attempt += 1
         records, todo, sealed = run.records, run.todo, run.sealed
         subset = records if len(todo) == len(records) else [records[i] for i in todo]
@@ -302,7 +318,10 @@ class DeliveryRunner:
         batch.archive = run.sink != "main"
         labels = self.name
         self.metrics.delivery_attempts.labels(labels).inc()
-        result = await run.destination.deliver(batch)
+        call = run.destination.deliver(batch)
+        if entered is not None and not entered.done():
+            entered.set_result(None)  # woken tasks run after this one's deliver() reaches its first await
+        result = await call
         delivered = len(todo) - len(result.failures)
         nbytes = sum(map(len, subset)) - sum(len(subset[i]) for i in result.failures) if delivered else 0
         if delivered:

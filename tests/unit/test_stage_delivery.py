@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import structlog
 
 from firehose.clock import ManualClock
@@ -325,3 +326,38 @@ def test_drain_stops_at_the_deadline_and_leaves_the_batch_sealed(tmp_path: Path,
     asyncio.run(go())
     again = make_log("spool")
     assert [b.key for b in asyncio.run(again.open()).pending] == ["key-0"]  # re-sent under its key after a restart
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_ordered_destination_is_entered_in_seal_order_whatever_the_reads_take(
+        tmp_path: Path, make_log: Any, ordered: bool) -> None:
+    """The first batch is read back from the log slowly, the second is held in memory: an
+    ordered destination (Iceberg) still sees the first one's deliver() start first; another
+    sees whichever is ready first."""
+    entered: list[str] = []
+
+    class Ordered(Dest):
+        ordered_delivery = ordered
+
+        async def deliver(self, batch: Batch) -> DeliveryResult:
+            entered.append(batch.key)  # before any await: what the destination orders by
+            return await super().deliver(batch)
+
+    s = Setup(tmp_path, make_log, Ordered())
+    read = s.spool.read_records
+
+    async def slow_read(ranges: Any) -> list[bytes]:
+        await asyncio.sleep(0.2)
+        return await read(ranges)
+
+    s.spool.read_records = slow_read  # type: ignore[method-assign]
+
+    async def go() -> None:
+        await s.seal([b"first"], keep=False)
+        await s.seal([b"second"])
+        s.runner.dispatch()
+        await settle(lambda: not s.runner.pending)
+        await s.spool.aclose()
+
+    asyncio.run(go())
+    assert entered == (["key-0", "key-1"] if ordered else ["key-1", "key-0"])
