@@ -197,6 +197,14 @@ class IcebergDestinationConfig(StrictModel):
     def buffering_limits(self) -> BufferingLimits:
         return ICEBERG_BUFFERING
 
+    @classmethod
+    def cluster_problem(cls, raw: dict[str, Any]) -> tuple[tuple[str, ...], str] | None:
+        """Cluster mode needs one catalog for every daemon: the embedded one is per data_dir."""
+        if not raw.get("catalog"):
+            return ("catalog",), ("the embedded catalog is in each daemon's data_dir; in cluster mode give every "
+                                  "daemon the same catalog (sql on PostgreSQL, rest or glue)")
+        return None
+
     def catalog_properties(self, data_dir: str) -> dict[str, str]:
         """The catalog's properties; the embedded default when none are given."""
         if self.catalog:

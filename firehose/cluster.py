@@ -108,7 +108,7 @@ def cluster_problems(raw_stream: Any) -> list[tuple[tuple[str | int, ...], str]]
     """What a stream's config may not hold in cluster mode: (path within the stream, message)."""
     if not isinstance(raw_stream, dict):
         return []
-    from firehose.registry import source_config_class
+    from firehose.registry import destination_config_class, source_config_class
 
     out: list[tuple[tuple[str | int, ...], str]] = []
     sources = raw_stream.get("sources")
@@ -129,6 +129,14 @@ def cluster_problems(raw_stream: Any) -> list[tuple[tuple[str | int, ...], str]]
         else:
             out.append((("sources", i, "type"), f"a {kind} source does not say how it runs in cluster mode "
                         "(its config class has no cluster_placement)"))
+    dest = raw_stream.get("destination")
+    try:  # a destination config class's own cluster_problem(raw) (Iceberg's embedded catalog)
+        check = getattr(destination_config_class(str(dest.get("type"))), "cluster_problem", None)
+        problem = check(dest) if callable(check) else None
+    except Exception:  # noqa: BLE001 - not a mapping, or an unknown type: the stream's own check says so
+        problem = None
+    if problem is not None:
+        out.append((("destination", *problem[0]), problem[1]))
     if "spool" in raw_stream:
         out.append((("spool",), "means nothing in cluster mode: the stream's log is in JetStream (each "
                     "partition's log holds up to 1 GiB); remove it"))

@@ -10,6 +10,8 @@ the data files.
 * A metadata_extraction query routes records (no Lambda, no dynamic partitioning).
 * The Glue Data Catalog and the warehouse on a moto server: operations from a jq query, keys from
   the table's identifier fields.
+* Cluster mode: two daemons on NATS JetStream commit to one table on a PostgreSQL catalog, one
+  is killed; every acknowledged record once.
 * kill -9 while commits are under way, inserts and updates: every acknowledged record is in the
   table once, at its last acknowledged version.
 """
@@ -28,7 +30,7 @@ import duckdb
 import orjson
 import pytest
 
-from support import Daemon, MotoServer, daemon_config, local_objects, stream_config, wait_for
+from support import Daemon, MotoServer, NatsServer, daemon_config, local_objects, stream_config, wait_for
 
 
 def _catalog(props: dict[str, str]) -> Any:
@@ -318,3 +320,82 @@ def test_kill9_during_commits_leaves_every_acknowledged_record_once_and_in_order
         assert len(commits) == len(set(commits))  # no batch committed twice
     finally:
         assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_two_cluster_daemons_commit_to_one_table_once_across_a_kill(
+        tmp_path: Path, postgres: Any, nats_server: NatsServer) -> None:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import LongType, NestedField, StringType
+
+    db = f"ice_{uuid.uuid4().hex[:8]}"
+    postgres.execute(f"create database {db}")
+    p = postgres.params(db)
+    (tmp_path / "wh").mkdir()
+    props = {"type": "sql", "uri": f"postgresql+psycopg://{p['user']}:{p['password']}@127.0.0.1:{p['port']}/{db}",
+             "warehouse": (tmp_path / "wh").as_uri()}
+    catalog = _catalog(props)
+    catalog.create_namespace("web")
+    catalog.create_table("web.t", Schema(NestedField(1, "id", LongType(), required=True),
+                                         NestedField(2, "node", StringType())))
+    name = f"ice-{uuid.uuid4().hex[:6]}"
+    daemons = []
+    for node in ("n1", "n2"):
+        work = tmp_path / node
+        work.mkdir()
+        stream = stream_config(name, {"type": "iceberg", "catalog": props,
+                                      "destination_tables": [{"database": "web", "table": "t"}]},
+                               buffering={"size_mib": 1, "interval_secs": 1}, backup={"path": str(work / "backup")})
+        daemons.append(Daemon(work, daemon_config(work, [stream], cluster={
+            "node": node, "lease_ttl_secs": 3,
+            "jetstream": {"servers": [nats_server.url], "replicas": 1, "partitions": 4}})).start(wait=False))
+    acked: list[int] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        n = 0
+        while not stop.is_set():
+            d = daemons[(n // 50) % 2]
+            ids = list(range(n, n + 50))
+            n += 50
+            try:
+                resp = d.firehose().put_record_batch(DeliveryStreamName=name, Records=[
+                    {"Data": orjson.dumps({"id": i, "node": d.workdir.name})} for i in ids])
+            except Exception:  # that daemon is down or not ready: not acknowledged
+                time.sleep(0.1)
+                continue
+            acked.extend(i for i, r in zip(ids, resp["RequestResponses"], strict=True) if "RecordId" in r)
+            time.sleep(0.02)
+
+    try:
+        wait_for(lambda: all(_ready(d, name) for d in daemons), 60, "both daemons serving the stream")
+        producer = threading.Thread(target=produce)
+        producer.start()
+        try:
+            time.sleep(3)
+            daemons[0].kill9()  # its partitions move to n2; its commits in flight are replayed there
+            time.sleep(4)
+            daemons[0].start(wait=False)
+            time.sleep(3)
+        finally:
+            stop.set()
+            producer.join()
+        assert len(acked) > 500
+        wait_for(lambda: len(_rows(catalog, "web.t")) >= len(acked), 120, f"{len(acked)} rows")
+        time.sleep(2)
+        ids = [r["id"] for r in _rows(catalog, "web.t")]
+        assert len(ids) == len(set(ids)) and set(acked) <= set(ids)
+        commits = [(s.summary.additional_properties["firehose.batch-id"], s.summary.operation)
+                   for s in catalog.load_table("web.t").metadata.snapshots]
+        assert len(commits) == len(set(commits))
+    finally:
+        for d in daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()
+
+
+def _ready(d: Daemon, name: str) -> bool:
+    try:
+        return bool(d.health()["streams"][name].get("owned_partitions"))
+    except Exception:  # noqa: BLE001 - not up yet
+        return False

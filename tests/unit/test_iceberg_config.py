@@ -99,3 +99,14 @@ def test_describe_shows_firehoses_shape_without_catalog_secrets() -> None:
 ])
 def test_a_records_route_comes_from_lambda_metadata_then_query_keys(meta: object, want: dict[str, str]) -> None:
     assert _otf(meta) == want
+
+
+def test_cluster_mode_needs_a_catalog_every_daemon_shares() -> None:
+    text = ("cluster: {jetstream: {servers: ['nats://127.0.0.1:4222']}}\n"
+            "streams:\n  - name: s\n    destination: {type: iceberg}\n    backup: {path: /tmp/b}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "f.yaml", {})
+    (error,) = info.value.errors
+    assert error.startswith("f.yaml:4: streams[0].destination.catalog: the embedded catalog is in each daemon's")
+    shared = text.replace("{type: iceberg}", "{type: iceberg, catalog: {type: rest, uri: 'http://cat'}}")
+    assert load_config_text(shared, "f.yaml", {}).streams[0].destination.type == "iceberg"  # type: ignore[attr-defined]
