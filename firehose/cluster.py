@@ -129,7 +129,7 @@ def cluster_problems(raw_stream: Any) -> list[tuple[tuple[str | int, ...], str]]
         else:
             out.append((("sources", i, "type"), f"a {kind} source does not say how it runs in cluster mode "
                         "(its config class has no cluster_placement)"))
-    dest = raw_stream.get("destination")
+    dest: Any = raw_stream.get("destination")
     try:  # a destination config class's own cluster_problem(raw) (Iceberg's embedded catalog)
         check = getattr(destination_config_class(str(dest.get("type"))), "cluster_problem", None)
         problem = check(dest) if callable(check) else None
