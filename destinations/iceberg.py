@@ -420,7 +420,12 @@ class IcebergDestination(Destination):
                 return {i: _refuse(NO_SUCH_TABLE, f"table {where} does not exist") for i in route.positions}
             except Exception as exc:  # noqa: BLE001 - the catalog is away: retried
                 return {i: _retry(CATALOG_FAILED, f"{where}: {one_line(exc)}") for i in route.positions}
-            plan = self._plan(table, batch, route)
+            try:
+                plan = self._plan(table, batch, route)
+            except Exception as exc:  # noqa: BLE001 - the same records would fail again: archived, never looped on
+                self.ctx.log.error("iceberg_write_refused", table=where, batch_id=batch.batch_id, error=one_line(exc)[:300])
+                return {i: _refuse(SCHEMA_MISMATCH, f"{where}: cannot be written: {one_line(exc)}")
+                        for i in route.positions}
             if plan.rows is None and plan.delete is None:
                 return plan.failures
             if committed(table, batch.key, batch.oldest_arrival_ms):

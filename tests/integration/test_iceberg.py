@@ -239,3 +239,17 @@ def test_a_missing_table_and_a_routed_unknown_table_are_refused_not_retried(tmp_
     assert time.monotonic() - started < 30
     assert [(f.retryable, f.error_code) for f in result.failures.values()] in (
         [(True, "Iceberg.CatalogFailure")], [(False, "Iceberg.NoSuchTable")])
+
+
+def test_a_batch_the_writer_cannot_plan_is_refused_not_looped_on(tmp_path: Path) -> None:
+    props = _sqlite(tmp_path)
+    _table(_catalog(props), "web.t")
+    d = _destination(props, tmp_path, [{"database": "web", "table": "t"}])
+
+    def broken(*args: Any) -> Any:
+        raise ArithmeticError("a value pyarrow cannot cast")
+
+    d._plan = broken  # type: ignore[method-assign]
+    result = asyncio.run(d.deliver(_batch(d, [{"id": 1}, {"id": 2}])))
+    assert {(f.retryable, f.error_code) for f in result.failures.values()} == {(False, "Iceberg.SchemaMismatch")}
+    assert len(result.failures) == 2 and "cannot be written" in result.failures[0].error_message
