@@ -43,6 +43,7 @@ default in ``data_dir``, or PostgreSQL through psycopg 3), ``rest`` and ``glue``
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import threading
@@ -79,6 +80,9 @@ STREAM_PROPERTY = "firehose.stream"
 LOOKBACK_MARGIN_MS = 3_600_000
 #: Commits that lose a race with another writer are rebuilt and tried this many times per attempt.
 COMMIT_ATTEMPTS = 8
+#: Bounds on catalog and storage calls a user's properties leave unbounded (seconds).
+NETWORK_TIMEOUT_SECS = 10
+CALL_TIMEOUT_SECS = 120
 #: A batch may name at most this many tables (a record's metadata is input, so is this number).
 MAX_TABLES_PER_BATCH = 100
 
@@ -304,7 +308,7 @@ class IcebergDestination(Destination):
                     warehouse = props.get("warehouse", "")
                     if warehouse.startswith("file://"):
                         Path(warehouse[len("file://"):]).mkdir(parents=True, exist_ok=True)
-                props = {k: v for k, v in props.items() if k != "name"}
+                props = with_timeouts({k: v for k, v in props.items() if k != "name"})
                 self._catalog = load_catalog(self.properties.get("name", DEFAULT_CATALOG_NAME), **props)
             return self._catalog
 
@@ -574,6 +578,47 @@ def committed(table: Any, batch_id: str, oldest_arrival_ms: int) -> bool:
             return True
         snap = snapshots.get(snap.parent_snapshot_id) if snap.parent_snapshot_id is not None else None
     return False
+
+
+def with_timeouts(props: dict[str, str]) -> dict[str, str]:
+    """Catalog properties with a bound on every network call the user left unbounded: S3
+    (pyarrow's connect and request timeouts), PostgreSQL's connect timeout, and a REST catalog
+    whose HTTP session has one (pyiceberg's sends its requests without)."""
+    out = {"s3.connect-timeout": str(NETWORK_TIMEOUT_SECS), "s3.request-timeout": str(CALL_TIMEOUT_SECS), **props}
+    uri = out.get("uri", "")
+    if uri.startswith("postgresql+psycopg:") and "connect_timeout=" not in uri:
+        out["uri"] = f"{uri}{'&' if '?' in uri else '?'}connect_timeout={NETWORK_TIMEOUT_SECS}"
+    if out.get("type") == "rest" and "py-catalog-impl" not in out:
+        del out["type"]  # pyiceberg takes one or the other
+        out["py-catalog-impl"] = f"{__name__}.BoundedRestCatalog"
+    return out
+
+
+@functools.cache
+def _rest_catalog_class() -> type:
+    from pyiceberg.catalog.rest import RestCatalog
+
+    class BoundedRestCatalog(RestCatalog):
+        """pyiceberg's REST catalog, its HTTP requests bounded by :data:`CALL_TIMEOUT_SECS`."""
+
+        def _create_session(self) -> Any:
+            session: Any = super()._create_session()
+            request = session.request
+
+            def bounded(method: str, url: str, **kwargs: Any) -> Any:
+                kwargs.setdefault("timeout", (NETWORK_TIMEOUT_SECS, CALL_TIMEOUT_SECS))
+                return request(method, url, **kwargs)
+
+            session.request = bounded
+            return session
+
+    return BoundedRestCatalog
+
+
+def __getattr__(name: str) -> Any:  # BoundedRestCatalog, made when pyiceberg loads it (imported lazily)
+    if name == "BoundedRestCatalog":
+        return _rest_catalog_class()
+    raise AttributeError(name)
 
 
 def _column(schema: Any, name: str) -> Any:

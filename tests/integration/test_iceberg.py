@@ -253,3 +253,41 @@ def test_a_batch_the_writer_cannot_plan_is_refused_not_looped_on(tmp_path: Path)
     result = asyncio.run(d.deliver(_batch(d, [{"id": 1}, {"id": 2}])))
     assert {(f.retryable, f.error_code) for f in result.failures.values()} == {(False, "Iceberg.SchemaMismatch")}
     assert len(result.failures) == 2 and "cannot be written" in result.failures[0].error_message
+
+
+def test_a_rest_catalog_that_never_answers_fails_the_attempt_in_bounded_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyiceberg's REST client sends without a timeout; the destination's is bounded, so a hung
+    catalog is a retried failure, not a delivery stuck for ever."""
+    import socket
+
+    import firehose.destinations.iceberg as iceberg
+
+    monkeypatch.setattr(iceberg, "NETWORK_TIMEOUT_SECS", 1)
+    monkeypatch.setattr(iceberg, "CALL_TIMEOUT_SECS", 2)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # accepts connections (the kernel does), never answers
+    try:
+        d = _destination({"type": "rest", "uri": f"http://127.0.0.1:{server.getsockname()[1]}"}, tmp_path,
+                         [{"database": "web", "table": "t"}])
+        started = time.monotonic()
+        result = asyncio.run(d.deliver(_batch(d, [{"id": 1}])))
+        assert time.monotonic() - started < 30
+        assert [(f.retryable, f.error_code) for f in result.failures.values()] == [(True, "Iceberg.CatalogFailure")]
+        assert "Timeout" in result.failures[0].error_message
+    finally:
+        server.close()
+
+
+def test_unbounded_properties_get_timeouts_and_set_ones_are_kept() -> None:
+    from firehose.destinations.iceberg import with_timeouts
+
+    props = with_timeouts({"type": "sql", "uri": "postgresql+psycopg://u@h/db?sslmode=require"})
+    assert props["uri"] == "postgresql+psycopg://u@h/db?sslmode=require&connect_timeout=10"
+    assert (props["s3.connect-timeout"], props["s3.request-timeout"]) == ("10", "120")
+    kept = with_timeouts({"type": "sql", "uri": "postgresql+psycopg://u@h/db?connect_timeout=3",
+                          "s3.request-timeout": "9"})
+    assert kept["uri"].endswith("connect_timeout=3") and kept["s3.request-timeout"] == "9"
+    rest = with_timeouts({"type": "rest", "uri": "http://cat"})
+    assert "type" not in rest and rest["py-catalog-impl"] == "firehose.destinations.iceberg.BoundedRestCatalog"
