@@ -6,7 +6,9 @@
   catalog): conflicts are rebuilt and retried, every row lands once;
 * partition specs (identity, hour, day, bucket, truncate), checked file by file against
   pyiceberg's own transforms, and updates and deletes on a bucket-partitioned table;
-* how far back the replay check looks, and what snapshot expiry by another writer does to it.
+* how far back the replay check looks, and what snapshot expiry by another writer does to it;
+* a REST catalog (the protocol, in front of a real SQL catalog) with a token, and one that never
+  answers (bounded).
 """
 
 from __future__ import annotations
@@ -291,3 +293,31 @@ def test_unbounded_properties_get_timeouts_and_set_ones_are_kept() -> None:
     assert kept["uri"].endswith("connect_timeout=3") and kept["s3.request-timeout"] == "9"
     rest = with_timeouts({"type": "rest", "uri": "http://cat"})
     assert "type" not in rest and rest["py-catalog-impl"] == "firehose.destinations.iceberg.BoundedRestCatalog"
+
+
+def test_a_rest_catalog_with_a_token_takes_commits_exactly_once(tmp_path: Path) -> None:
+    """The REST catalog protocol (tests/fakes/iceberg_rest.py, over a real SQL catalog) with a
+    bearer token: inserts and an update committed through it, a replay found; a wrong token is a
+    retried failure that does not show the token."""
+    from fakes.iceberg_rest import IcebergRestCatalog
+
+    sql = _sqlite(tmp_path)
+    _table(_catalog(sql), "web.t")
+    server = IcebergRestCatalog(sql, token="s3cr3t-token").start()
+    try:
+        props = {"type": "rest", "uri": server.endpoint, "token": "s3cr3t-token"}
+        d = _destination(props, tmp_path, [{"database": "web", "table": "t", "unique_keys": ["id"]}])
+        batch = _batch(d, [{"id": i, "s": "a"} for i in range(5)])
+        assert asyncio.run(d.deliver(batch)).ok
+        assert asyncio.run(d.deliver(batch)).ok  # a replay: found through the REST catalog's history
+        update = _batch(d, [{"id": 2, "s": "b"}], [{"otf": {"operation": "update"}}], n=2)
+        assert asyncio.run(d.deliver(update)).ok
+        rows = sorted((r["id"], r["s"]) for r in _catalog(sql).load_table("web.t").scan().to_arrow().to_pylist())
+        assert rows == [(0, "a"), (1, "a"), (2, "b"), (3, "a"), (4, "a")]
+        assert server.commits == 2 and ("POST", "/v1/namespaces/web/tables/t") in server.requests
+        wrong = _destination({**props, "token": "wrong"}, tmp_path / "w", [{"database": "web", "table": "t"}])
+        refused = asyncio.run(wrong.deliver(_batch(wrong, [{"id": 9}])))
+        assert [(f.retryable, f.error_code) for f in refused.failures.values()] == [(True, "Iceberg.CatalogFailure")]
+        assert "s3cr3t" not in repr(refused.failures)
+    finally:
+        server.stop()
