@@ -127,6 +127,29 @@ def test_records_are_inserted_by_name_and_those_that_do_not_fit_are_archived(tmp
         assert d.stop() == 0
 
 
+def test_records_are_archived_once_the_retry_window_passes_with_the_catalog_down(tmp_path: Path) -> None:
+    from support import free_port
+
+    backup = tmp_path / "backup"
+    down = f"postgresql+psycopg://u:p@127.0.0.1:{free_port()}/nothing"  # nothing listens there
+    stream = stream_config("down", {"type": "iceberg", "retry_duration_secs": 2,
+                                    "catalog": {"type": "sql", "uri": down, "warehouse": (tmp_path / "wh").as_uri()},
+                                    "destination_tables": [{"database": "web", "table": "t"}]},
+                           backup={"path": str(backup)}, delivery={"retry_initial_backoff_ms": 100,
+                                                                   "retry_max_backoff_ms": 500})
+    d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
+    try:
+        _put(d, "down", [{"id": i} for i in range(20)])
+        wait_for(lambda: len(_error_records(backup)) >= 20, 60, "20 iceberg-failed records")
+        errors = _error_records(backup)
+        assert sorted(orjson.loads(base64.b64decode(e["rawData"]))["id"] for e in errors) == list(range(20))
+        assert {e["errorCode"] for e in errors} == {"Iceberg.CatalogFailure"}
+        assert all(e["attemptsMade"] >= 2 and "u:p@" not in e["errorMessage"] for e in errors)
+        assert any(e.get("event") == "delivery_retry_expired" for e in d.events())
+    finally:
+        assert d.stop() == 0
+
+
 @pytest.mark.slow
 def test_a_lambda_routes_to_tables_and_updates_and_deletes_by_key_on_postgres_and_s3(
         tmp_path: Path, postgres: Any, moto: MotoServer) -> None:
