@@ -29,3 +29,28 @@ def enrich(event: dict[str, Any], context: Any) -> dict[str, Any]:
         data = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
         out.append({"recordId": record["recordId"], "result": "Ok", "data": base64.b64encode(data).decode()})
     return {"records": out}
+
+
+def route_to_iceberg(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Route change records to Iceberg tables (config/examples/iceberg.yaml): a JSON object's
+    ``_table`` (``database.table``) and ``_op`` (``insert``, ``update``, ``delete``; default
+    insert) become Firehose's ``metadata.otfMetadata`` and are removed from the row; a record
+    without ``_table``, or that is not a JSON object, is ``ProcessingFailed``."""
+    out = []
+    for record in event["records"]:
+        try:
+            doc = json.loads(base64.b64decode(record["data"]))
+        except ValueError:
+            doc = None
+        table = doc.pop("_table", None) if isinstance(doc, dict) else None
+        database, _, name = table.partition(".") if isinstance(table, str) else ("", "", "")
+        if not database or not name:
+            out.append({"recordId": record["recordId"], "result": "ProcessingFailed", "data": record["data"]})
+            continue
+        assert isinstance(doc, dict)
+        otf = {"destinationDatabaseName": database, "destinationTableName": name,
+               "operation": str(doc.pop("_op", "insert"))}
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        out.append({"recordId": record["recordId"], "result": "Ok", "data": base64.b64encode(data).decode(),
+                    "metadata": {"otfMetadata": otf}})
+    return {"records": out}
