@@ -297,7 +297,8 @@ class IcebergDestination(Destination):
 
     # ------------------------------------------------------------------ catalog
     def catalog(self) -> Any:
-        """The pyiceberg catalog, made on first use (a thread: it may connect)."""
+        """The pyiceberg catalog, made on first use, by preflight or the first delivery (in a
+        worker thread: it may connect), never by start, which must not wait for it."""
         with self._catalog_lock:
             if self._catalog is None:
                 from pyiceberg.catalog import load_catalog
@@ -311,12 +312,6 @@ class IcebergDestination(Destination):
                 props = with_timeouts({k: v for k, v in props.items() if k != "name"})
                 self._catalog = load_catalog(self.properties.get("name", DEFAULT_CATALOG_NAME), **props)
             return self._catalog
-
-    async def start(self) -> None:
-        try:
-            await asyncio.to_thread(self.catalog)
-        except Exception as exc:  # noqa: BLE001 - the catalog may be down now; delivery retries
-            self.ctx.log.warning("iceberg_catalog_unavailable", error=one_line(exc)[:300])
 
     async def preflight(self) -> str | None:
         def check() -> str | None:
@@ -366,7 +361,6 @@ class IcebergDestination(Destination):
             return DeliveryResult(failures)
         finally:
             mine.set_result(None)  # the next delivery's turn, however this one ended
-
 
     def _route(self, batch: Batch) -> tuple[dict[tuple[str, str], _Route], dict[int, RecordFailure]]:
         """Each record's table and operation (see the module doc)."""
