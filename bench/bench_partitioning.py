@@ -49,7 +49,25 @@ def query(n: int) -> str:
     return f"{{k: (.user.user_id % {n} | tostring)}}"
 
 
-def stream_yaml(out: Path, n: int, budget_mib: int, in_flight: int) -> str:
+#: The common case (issue 20): field picks only, looked up without libjq (transforms/jqpaths.py);
+#: the same query in parentheses is not path-only, so it runs through libjq.
+PATH_QUERY = "{segment: .user.segment, device: .device.type}"
+PATH_QUERY_JQ = "{segment: (.user.segment), device: (.device.type)}"
+PATH_PREFIX = "segment=!{partitionKeyFromQuery:segment}/device=!{partitionKeyFromQuery:device}/"
+
+
+def stream_yaml(out: Path, n: int, budget_mib: int, in_flight: int, *, jq_query: str | None = None,
+                prefix: str = "k=!{partitionKeyFromQuery:k}/", partitioned: bool = True) -> str:
+    if not partitioned:  # the same stream without dynamic partitioning (and so without the query)
+        return f"""
+streams:
+  - name: bench
+    buffering: {{size_mib: 5, interval_secs: 900}}
+    delivery: {{max_in_flight: {in_flight}}}
+    processing:
+      - {{type: append_delimiter}}
+    destination: {{type: local, path: {out}}}
+"""
     return f"""
 streams:
   - name: bench
@@ -57,21 +75,22 @@ streams:
     dynamic_partitioning: {{enabled: true, max_active_partitions: {max(500, n)}, memory_budget_mib: {budget_mib}}}
     delivery: {{max_in_flight: {in_flight}}}
     processing:
-      - {{type: metadata_extraction, query: '{query(n)}'}}
+      - {{type: metadata_extraction, query: '{jq_query or query(n)}'}}
       - {{type: append_delimiter}}
     destination:
       type: local
       path: {out}
-      prefix: "k=!{{partitionKeyFromQuery:k}}/"
+      prefix: "{prefix}"
       error_output_prefix: "errors/!{{firehose:error-output-type}}/"
 """
 
 
-async def run_pipeline(records: list[bytes], n: int, scratch: Path, budget_mib: int, in_flight: int) -> dict[str, Any]:
+async def run_pipeline(records: list[bytes], n: int, scratch: Path, budget_mib: int, in_flight: int,
+                       **variant: Any) -> dict[str, Any]:
 
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    rt = in_process_runtime(stream_yaml(scratch / "out", n, budget_mib, in_flight), scratch / "data")
+    rt = in_process_runtime(stream_yaml(scratch / "out", n, budget_mib, in_flight, **variant), scratch / "data")
     await rt.start()
     batches = [records[i : i + BATCH_RECORDS] for i in range(0, len(records), BATCH_RECORDS)]
     queue = iter(batches)
@@ -144,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     add_dataset_args(ap)
     ap.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--path-only", action="store_true",
+                    help=f"compare {PATH_QUERY} (looked up, and through libjq) with no partitioning instead")
     args = ap.parse_args(argv)
 
     in_process_setup()
+    if args.path_only:
+        return path_only(args)
 
     dataset = dataset_from_args(args)
     records = [r.rstrip(b"\n") for r in dataset.records]
@@ -184,6 +207,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS of this process over all runs: {peak:.0f} MiB (the data set itself is {nbytes / MIB:.0f} MiB)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def path_only(args: argparse.Namespace) -> int:
+    """The path-only query end to end against the same stream unpartitioned, rounds interleaved:
+    the lookups (transforms/jqpaths.py) and the same query through libjq."""
+    import statistics
+
+    dataset = dataset_from_args(args)
+    records = [r.rstrip(b"\n") for r in dataset.records]
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="firehose-bench-dp-"))
+    variants = {"unpartitioned": {"partitioned": False},
+                "path-only (lookups)": {"jq_query": PATH_QUERY, "prefix": PATH_PREFIX},
+                "path-only (libjq)": {"jq_query": PATH_QUERY_JQ, "prefix": PATH_PREFIX}}
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeat):
+        for name, variant in variants.items():
+            r = asyncio.run(run_pipeline(records, 1, work / "pp", args.budget_mib, args.max_in_flight, **variant))
+            if r["delivered"] != len(records):
+                raise SystemExit(f"{name}: delivered {r['delivered']} of {len(records)} records")
+            rates[name].append(len(records) / r["seconds"])
+    base = rates["unpartitioned"]
+    print(f"{len(records)} records; query {PATH_QUERY}; rounds {args.repeat}, best and median of ratios")
+    for name, got in rates.items():
+        ratios = [g / b for g, b in zip(got, base, strict=True)]
+        print(f"{name:>22}: {max(got):>9,.0f} records/s  ratio {max(got) / max(base):.2f} "
+              f"(median {statistics.median(ratios):.2f})")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -349,6 +349,8 @@ def _key_value(name: str, value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
+        if isinstance(value, int) and not -(1 << 63) <= value < (1 << 64):
+            value = float(value)  # jq holds numbers as doubles: past 64 bits, written as one
         return orjson.dumps(value).decode()
     if value is None:
         raise _ExtractionError(f"partition key {name!r} is null (the query found no value)")
@@ -366,6 +368,27 @@ def _query_keys(result: object) -> dict[str, str]:
     if len(result) > MAX_PARTITION_KEYS:
         raise _ExtractionError(f"the query produced {len(result)} partition keys; at most {MAX_PARTITION_KEYS} are allowed")
     return {name: _key_value(name, value) for name, value in result.items()}
+
+
+def _extract_paths(outcomes: list[Outcome], ok: list[int], paths: Any) -> list[Outcome]:
+    from firehose.transforms.jqpaths import evaluate
+
+    out = list(outcomes)
+    for i in ok:
+        o = outcomes[i]
+        try:
+            try:
+                doc = orjson.loads(o.data)
+            except orjson.JSONDecodeError as exc:
+                raise _ExtractionError(f"the record is not a single JSON document: {exc}") from None
+            try:
+                result = evaluate(paths, doc)
+            except ValueError as exc:
+                raise _ExtractionError(f"the query failed: {exc}") from None
+            o.query_keys = _query_keys(result)
+        except _ExtractionError as exc:
+            out[i] = o.failed(METADATA_EXTRACTION_FAILED, str(exc), PARTITIONING_FAILED)
+    return out
 
 
 def _run_query(program: Any, data: bytes) -> dict[str, str]:
@@ -393,10 +416,14 @@ def metadata_extraction(outcomes: list[Outcome], query: str) -> list[Outcome]:
     reads them as a stream); only a batch with a failing record is evaluated record by record.
     """
     from firehose.transforms.config import compile_query
+    from firehose.transforms.jqpaths import compile_paths
 
     ok = [i for i, o in enumerate(outcomes) if o.result == "Ok"]
     if not ok:
         return outcomes
+    paths = compile_paths(query)
+    if paths is not None:  # field picks only: looked up on the parsed record, libjq's answers exactly
+        return _extract_paths(outcomes, ok, paths)
     program = compile_query(query)
     out = list(outcomes)
     results: list[Any] | None = None
