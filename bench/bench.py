@@ -558,10 +558,14 @@ def loader_main(argv: list[str]) -> int:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--target-bytes", type=int, default=0, help="cycle over the bodies until this many record bytes")
     ap.add_argument("--result", required=True)
+    ap.add_argument("--authorization", default="",
+                    help="an Authorization header to send (peers that route requests by its credential scope)")
     a = ap.parse_args(argv)
 
     bodies = read_bodies(Path(a.bodies))
     headers = {"Content-Type": CONTENT_TYPE, "X-Amz-Target": TARGET}
+    if a.authorization:
+        headers["Authorization"] = a.authorization
     lock = threading.Lock()
     state = {"next": 0, "queued_bytes": 0}
     target = a.target_bytes
@@ -831,7 +835,7 @@ class DaemonRun:
 
 
 def run_loader(procs: Processes, settings: Settings, bodies_path: Path, daemon: DaemonRun, result_path: Path,
-               target_bytes: int = 0) -> dict[str, Any]:
+               target_bytes: int = 0, authorization: str = "") -> dict[str, Any]:
     cmd = [
         settings.python, str(Path(__file__).resolve()), "_loader",
         "--bodies", str(bodies_path),
@@ -839,6 +843,7 @@ def run_loader(procs: Processes, settings: Settings, bodies_path: Path, daemon: 
         "--connections", str(settings.connections),
         "--result", str(result_path),
         "--target-bytes", str(target_bytes),
+        *(["--authorization", authorization] if authorization else []),
     ]
     err_path = result_path.with_suffix(".stderr")
     with open(err_path, "wb") as err:

@@ -103,7 +103,8 @@ async def run_pipeline(records: list[bytes], n: int, scratch: Path, budget_mib: 
 
     t0 = time.perf_counter()
     await asyncio.gather(*(producer() for _ in range(PRODUCERS)))
-    while rt._recorded_upto < rt.spool.next_seq or rt._cursor < rt.out.next_seq:
+    processed = rt.out is not rt.spool  # without a processing stage the batcher reads the spool itself
+    while (processed and rt._recorded_upto < rt.spool.next_seq) or rt._cursor < rt.out.next_seq:
         await asyncio.sleep(0.005)
     routed = time.perf_counter()
     clean = await rt.stop(600)
