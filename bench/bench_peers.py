@@ -18,7 +18,8 @@ turn, until ``--target-mib`` of record bytes are acknowledged:
    ``warnings.deprecated``), made once under
    ``--cache-dir`` with ``localstack-core[runtime]`` pinned with ``cbor2<6``, ``pyopenssl<24.3``,
    ``cryptography<44`` and ``service_identity``; its files under the run's scratch directory
-   (``FILESYSTEM_ROOT``), ``DNS_ADDRESS=0``, ``SERVICES=s3,firehose``.
+   (``FILESYSTEM_ROOT``), ``DNS_ADDRESS=0``, ``SERVICES=s3,firehose,sts,iam`` (its Firehose assumes
+   the stream's role through STS).
 
 A peer that cannot start is skipped with the reason. Prints records/s and MiB/s acknowledged per
 endpoint and this daemon's ratio to each peer.
@@ -126,7 +127,7 @@ def start_localstack(procs: Processes, python: str, scratch: Path) -> Endpoint:
     root = scratch / "localstack"
     root.mkdir(parents=True, exist_ok=True)
     env = {"OVERRIDE_IN_DOCKER": "0", "FILESYSTEM_ROOT": str(root), "DNS_ADDRESS": "0",
-           "GATEWAY_LISTEN": f"127.0.0.1:{port}", "SERVICES": "s3,firehose", "SKIP_SSL_CERT_DOWNLOAD": "1",
+           "GATEWAY_LISTEN": f"127.0.0.1:{port}", "SERVICES": "s3,firehose,sts,iam", "SKIP_SSL_CERT_DOWNLOAD": "1",
            "LOCALSTACK_TELEMETRY_DISABLED": "1", "DISABLE_EVENTS": "1"}
     log = scratch / "localstack.log"
     proc = procs.start("localstack", [python, "-m", "localstack.runtime.main"], log_path=log, env=env, grace=10.0)
