@@ -425,6 +425,22 @@ def load_dataset(path: Path) -> Dataset:
     return Dataset(str(path), records, nbytes, digest)
 
 
+def batches_of(records: list[bytes], batch_bytes: int) -> list[list[bytes]]:
+    """Records in buffers of at most ``batch_bytes`` (one record over it goes alone), as the batcher seals them."""
+    out: list[list[bytes]] = []
+    cur: list[bytes] = []
+    size = 0
+    for r in records:
+        if cur and size + len(r) > batch_bytes:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(r)
+        size += len(r)
+    if cur:
+        out.append(cur)
+    return out
+
+
 def encode_bodies(records: list[bytes], stream: str, max_records: int, max_bytes: int) -> list[Body]:
     bodies: list[Body] = []
     group: list[bytes] = []

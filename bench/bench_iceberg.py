@@ -40,7 +40,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench import MIB, add_dataset_args, dataset_from_args, in_process_setup  # noqa: E402
+from bench import MIB, add_dataset_args, batches_of, dataset_from_args, in_process_setup  # noqa: E402
 
 # The clickstream as a user would declare its table: nested objects as structs, arrays as lists.
 COLUMNS: list[tuple[str, Any]] = [
@@ -60,21 +60,6 @@ COLUMNS: list[tuple[str, Any]] = [
     ("experiment", {"id": "string", "variant": "string"}),
     ("error", {"code": "long", "message": "string"}),
 ]
-
-
-def batches_of(records: list[bytes], batch_bytes: int) -> list[list[bytes]]:
-    out: list[list[bytes]] = []
-    cur: list[bytes] = []
-    size = 0
-    for r in records:
-        if cur and size + len(r) > batch_bytes:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(r)
-        size += len(r)
-    if cur:
-        out.append(cur)
-    return out
 
 
 def schema() -> Any:

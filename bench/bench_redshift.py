@@ -54,6 +54,7 @@ from bench import (  # noqa: E402
     Processes,
     Settings,
     add_dataset_args,
+    batches_of,
     dataset_from_args,
     encode_bodies,
     run_loader,
@@ -78,21 +79,6 @@ COLUMNS = [
     ("page", "jsonb"), ("tags", "jsonb"), ("metrics", "jsonb"), ("referrer", "text"), ("ecommerce", "jsonb"),
     ("experiment", "jsonb"), ("error", "jsonb"),
 ]
-
-
-def batches_of(records: list[bytes], batch_bytes: int) -> list[list[bytes]]:
-    out: list[list[bytes]] = []
-    cur: list[bytes] = []
-    size = 0
-    for r in records:
-        if cur and size + len(r) > batch_bytes:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(r)
-        size += len(r)
-    if cur:
-        out.append(cur)
-    return out
 
 
 def reset_table(pg: Any) -> None:

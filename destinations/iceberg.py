@@ -50,7 +50,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -292,6 +291,7 @@ class IcebergDestination(Destination):
         self._last_turn: asyncio.Future[None] | None = None
         self._tables = {(t.database.lower(), t.table.lower()): t for t in config.destination_tables}
         self._converters: dict[tuple[str, str, int], Any] = {}
+        self._schemas: dict[tuple[str, str], Any] = {}  # each table's schema at its last load
         self.commit_latency_secs: list[float] = []  # the last commits' (bench figures)
         self.commit_conflicts = 0  # commits lost to another writer and rebuilt
 
@@ -393,7 +393,11 @@ class IcebergDestination(Destination):
         """Convert a table's records in the table's current schema (a worker thread); whatever
         goes wrong here is met again, and reported, by :meth:`_write`."""
         try:
-            schema = self.catalog().load_table((route.database, route.table)).schema()
+            # The schema the last commit saw: no catalog call here (_write loads the table anyway,
+            # and converts again only if its schema changed since).
+            schema = self._schemas.get((route.database, route.table))
+            if schema is None:
+                schema = self.catalog().load_table((route.database, route.table)).schema()
             if _unsupported(schema) is None:
                 converter = self._converter(route, schema)
                 route.converted = (schema.schema_id, converter.to_arrow([batch.records[i] for i in route.positions]))
@@ -414,6 +418,9 @@ class IcebergDestination(Destination):
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 table = self.catalog().load_table((route.database, route.table))
+                if len(self._schemas) > 256:  # tables named by records: bounded like the converters
+                    self._schemas.clear()
+                self._schemas[(route.database, route.table)] = table.schema()
             except (NoSuchTableError, NoSuchNamespaceError):
                 return {i: _refuse(NO_SUCH_TABLE, f"table {where} does not exist") for i in route.positions}
             except Exception as exc:  # noqa: BLE001 - the catalog is away: retried
@@ -675,12 +682,8 @@ def _to_table_schema(rows: Any, schema: Any) -> Any:
 
 
 def _literal(v: Any) -> Any:
-    """A key value as a pyiceberg literal takes it."""
-    if isinstance(v, datetime | date):
-        return v.isoformat()
-    if isinstance(v, Decimal):
-        return v
-    return v
+    """A key value as a pyiceberg literal takes it (dates and times as ISO text)."""
+    return v.isoformat() if isinstance(v, datetime | date) else v
 
 
 def _delete_filter(keys: list[str], values: list[tuple[Any, ...]]) -> Any:

@@ -655,3 +655,13 @@ class UpperConfig(BaseModel):
     def describe(self):
         return {"Type": "Upper", "Parameters": []}
 """
+
+
+def fresh_postgres_catalog_uri(postgres: Any) -> str:
+    """A new database on the session's PostgreSQL, as a pyiceberg SQL catalog's URI (psycopg 3)."""
+    import uuid
+
+    db = f"ice_{uuid.uuid4().hex[:8]}"
+    postgres.execute(f"create database {db}")
+    p = postgres.params(db)
+    return f"postgresql+psycopg://{p['user']}:{p['password']}@127.0.0.1:{p['port']}/{db}"

@@ -30,7 +30,16 @@ import duckdb
 import orjson
 import pytest
 
-from support import Daemon, MotoServer, NatsServer, daemon_config, local_objects, stream_config, wait_for
+from support import (
+    Daemon,
+    MotoServer,
+    NatsServer,
+    daemon_config,
+    fresh_postgres_catalog_uri,
+    local_objects,
+    stream_config,
+    wait_for,
+)
 
 
 def _catalog(props: dict[str, str]) -> Any:
@@ -158,10 +167,7 @@ def test_a_lambda_routes_to_tables_and_updates_and_deletes_by_key_on_postgres_an
 
     bucket = f"lake-{uuid.uuid4().hex[:8]}"
     moto.client().create_bucket(Bucket=bucket)
-    db = f"ice_{uuid.uuid4().hex[:8]}"
-    postgres.execute(f"create database {db}")
-    p = postgres.params(db)
-    props = {"type": "sql", "uri": f"postgresql+psycopg://{p['user']}:{p['password']}@127.0.0.1:{p['port']}/{db}",
+    props = {"type": "sql", "uri": fresh_postgres_catalog_uri(postgres),
              "warehouse": f"s3://{bucket}/warehouse", "s3.endpoint": moto.endpoint, "s3.region": "us-east-1",
              "s3.access-key-id": "testing", "s3.secret-access-key": "testing"}
     catalog = _catalog(props)
@@ -351,11 +357,8 @@ def test_two_cluster_daemons_commit_to_one_table_once_across_a_kill(
     from pyiceberg.schema import Schema
     from pyiceberg.types import LongType, NestedField, StringType
 
-    db = f"ice_{uuid.uuid4().hex[:8]}"
-    postgres.execute(f"create database {db}")
-    p = postgres.params(db)
     (tmp_path / "wh").mkdir()
-    props = {"type": "sql", "uri": f"postgresql+psycopg://{p['user']}:{p['password']}@127.0.0.1:{p['port']}/{db}",
+    props = {"type": "sql", "uri": fresh_postgres_catalog_uri(postgres),
              "warehouse": (tmp_path / "wh").as_uri()}
     catalog = _catalog(props)
     catalog.create_namespace("web")

@@ -17,7 +17,6 @@ import asyncio
 import random
 import threading
 import time
-import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import pytest
 
 from firehose.destinations.iceberg import BATCH_ID_PROPERTY, IcebergDestination, IcebergDestinationConfig
 from firehose.interfaces import Batch, BuildContext
-from support import abandon, runtime_from_yaml, settle
+from support import abandon, fresh_postgres_catalog_uri, runtime_from_yaml, settle
 
 
 def _sqlite(tmp: Path) -> dict[str, str]:
@@ -106,10 +105,7 @@ def test_a_replay_after_a_crash_between_the_commit_and_its_record_finds_the_snap
 @pytest.mark.slow
 def test_concurrent_writers_conflict_and_every_row_lands_once(tmp_path: Path, postgres: Any,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    db = f"ice_{uuid.uuid4().hex[:8]}"
-    postgres.execute(f"create database {db}")
-    p = postgres.params(db)
-    props = {"type": "sql", "uri": f"postgresql+psycopg://{p['user']}:{p['password']}@127.0.0.1:{p['port']}/{db}",
+    props = {"type": "sql", "uri": fresh_postgres_catalog_uri(postgres),
              "warehouse": (tmp_path / "wh").as_uri()}
     (tmp_path / "wh").mkdir()
     catalog = _catalog(props)
