@@ -75,11 +75,13 @@ class LambdaStep:
         self._invoker: Any = None
 
     async def start(self) -> None:
-        from firehose.transforms.lambda_ import LocalFunction, RemoteFunction
+        from firehose.transforms.lambda_ import LocalFunction
+        from firehose.transforms.lambda_remote import RemoteFunction
 
         c = self.config
         if c.function is not None:
-            self._invoker = LocalFunction(c.function, timeout_secs=c.timeout_secs, processes=c.workers)
+            self._invoker = LocalFunction(c.function, timeout_secs=c.timeout_secs, processes=c.workers,
+                                          nice=c.worker_nice)
             await self._invoker.start()
         else:
             assert c.arn is not None
@@ -91,7 +93,8 @@ class LambdaStep:
             await self._invoker.close()
             self._invoker = None
 
-    async def _invoke(self, batch: list[SourceRecord]) -> list[Outcome]:
+    async def invoke(self, batch: list[SourceRecord]) -> list[Outcome]:
+        """The function's outcomes for ``batch`` (``Outcome.source`` indexes it)."""
         from firehose.transforms.lambda_ import invoke_with_retries
 
         return await invoke_with_retries(
@@ -102,7 +105,7 @@ class LambdaStep:
     async def process(self, outcomes: list[Outcome], records: list[SourceRecord]) -> list[Outcome]:
         if _unchanged(outcomes, records):
             # Straight to the function, under the records' own ids: its outcomes index them.
-            return await self._invoke(records)
+            return await self.invoke(records)
         return await self._run_lambda(records, outcomes)
 
     async def _run_lambda(self, records: list[SourceRecord], outs: list[Outcome]) -> list[Outcome]:
@@ -115,7 +118,7 @@ class LambdaStep:
             SourceRecord(str(k), o.data, records[o.source].arrival_ms, records[o.source].kinesis)
             for k, o in enumerate(ok)
         ]
-        results = await self._invoke(batch)
+        results = await self.invoke(batch)
         mapped: dict[int, list[Outcome]] = {}
         for r in results:
             src = ok[r.source]
@@ -199,8 +202,14 @@ class ProcessingChain:
             await step.close()
 
     async def process(self, records: list[SourceRecord]) -> list[Outcome]:
-        outs = initial_outcomes(records)
-        for step in self.steps:
+        steps = self.steps
+        if steps and isinstance(steps[0], LambdaStep):
+            # The function comes first: it gets the records as they are, under their own ids.
+            outs = await steps[0].invoke(records)
+            steps = steps[1:]
+        else:
+            outs = initial_outcomes(records)
+        for step in steps:
             outs = await step.process(outs, records)
         return outs
 

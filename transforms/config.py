@@ -72,6 +72,12 @@ class LambdaProcessorConfig(StrictModel):
         default=1, ge=1, le=64,
         description="Worker processes running a local `function` (invocations in parallel).",
     )
+    worker_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="How much lower the CPU priority of the `function` worker processes is than the daemon's "
+        "(`nice`): on a machine short of cores, acknowledgements of incoming records go before "
+        "transformation work, which catches up when the load eases. 0: the same priority.",
+    )
 
     @field_validator("function")
     @classmethod

@@ -16,8 +16,9 @@ reads one response back. This module owns both sides of that exchange exactly as
   last error and its original bytes.
 
 Two invokers exist: :class:`LocalFunction` runs a Python handler (``"package.module:function"``)
-in worker processes owned by the daemon (:mod:`firehose.transforms.workers`), :class:`RemoteFunction`
-calls a real (or emulated) AWS Lambda function through boto3's ``Invoke`` API.
+in worker processes owned by the daemon (:mod:`firehose.transforms.workers`), and
+:class:`firehose.transforms.lambda_remote.RemoteFunction` calls a real (or emulated) AWS Lambda
+function through boto3's ``Invoke`` API.
 """
 
 from __future__ import annotations
@@ -25,19 +26,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast
 
 import orjson
 import pybase64
 import structlog
 
-from firehose.records import Outcome, SourceRecord
+from firehose.records import PROCESSING_FAILED, Outcome, SourceRecord
 
 if TYPE_CHECKING:
     from firehose.transforms.workers import WorkerPool
@@ -59,13 +60,14 @@ __all__ = [
     "LambdaContext",
     "LambdaInvocationError",
     "LocalFunction",
-    "RemoteFunction",
+    "PayloadOverLimit",
     "build_event",
     "invoke_with_retries",
     "parse_response",
 ]
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 # --- error codes (reference §11; the last three are this daemon's own, for conditions AWS cannot reach) ---
 FUNCTION_ERROR: Final = "Lambda.FunctionError"
@@ -124,6 +126,15 @@ class LambdaInvocationError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class PayloadOverLimit(Exception):
+    """The event a worker built for an invocation is ``size`` bytes, over the payload limit it was
+    given: nothing was invoked."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,15 +280,33 @@ def _parse(
     attempts: int,
     failed_meta: dict[str, Any] | None,
 ) -> list[Outcome]:
-    # parse_response with the outcome fields invoke_with_retries needs set at construction time:
-    # rebuilding 500 frozen outcomes with dataclasses.replace would double the cost of a batch.
+    return _outcomes(validate_response(response, [r.record_id for r in records]), records, offset, attempts,
+                     failed_meta)
+
+
+#: One validated record of a response, at its input position: (result, data, partition keys,
+#: otfMetadata). ``result`` is 0 Ok, 1 Dropped, 2 ProcessingFailed; ``data`` is the decoded bytes, or
+#: None when the function returned exactly the base64 text it was sent (the input bytes, unchanged).
+Validated = tuple[int, bytes | None, dict[str, str] | None, dict[str, str] | None]
+_RESULT_CODES: Final = {"Ok": 0, "Dropped": 1, "ProcessingFailed": 2}
+
+
+def validate_response(response: object, ids: Sequence[str], sent: Sequence[str] | None = None) -> list[Validated]:
+    """Firehose's checks of a function's response (see :func:`parse_response`) for an event that
+    carried the records ``ids`` (in event order), as one :data:`Validated` per input position.
+
+    ``sent`` are the base64 ``data`` strings the event carried; a returned ``data`` equal to the one
+    sent is valid base64 of the input bytes, so it is not decoded again (None in the result). Runs in
+    the daemon for remote functions and in the worker process for local ones; both raise the same
+    :class:`LambdaInvocationError` for the same response.
+    """
     if not isinstance(response, dict):
         raise _reject(f"the response is a JSON {_json_type(response)}, not an object")
     items = response.get("records")
     if not isinstance(items, list):
         raise _reject("the response has no 'records' array")
-    index = {r.record_id: i for i, r in enumerate(records)}
-    outcomes: list[Outcome | None] = [None] * len(records)
+    index = {record_id: i for i, record_id in enumerate(ids)}
+    validated: list[Validated | None] = [None] * len(ids)
     for item in items:
         if not isinstance(item, dict):
             raise _reject(f"a returned record is a JSON {_json_type(item)}, not an object")
@@ -290,21 +319,39 @@ def _parse(
         data = item.get("data")
         if not isinstance(data, str):
             raise _reject(f"record {record_id!r}: 'data' is missing or not a string")
-        # Decode every record's data, as Firehose deserialises the whole response before acting on it.
-        decoded = _b64decode(data, record_id)
-        keys, otf = _metadata(item, record_id)
         position = index.get(record_id)
+        # Decode every record's data, as Firehose deserialises the whole response before acting on it.
+        decoded = None if sent is not None and position is not None and data == sent[position] \
+            else _b64decode(data, record_id)
+        keys, otf = _metadata(item, record_id)
         if position is None:
             raise _reject(f"record {record_id!r} was not in the invocation")
-        if outcomes[position] is not None:
+        if validated[position] is not None:
             raise LambdaInvocationError(DUPLICATED_RECORD_ID, f"{_DUPLICATED_TEXT} (recordId {record_id!r})")
+        validated[position] = (_RESULT_CODES[result], decoded, keys, otf)
+    missing = [ids[i] for i, v in enumerate(validated) if v is None]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise LambdaInvocationError(MISSING_RECORD_ID, f"{_MISSING_TEXT} ({len(missing)} missing: {shown})")
+    return cast(list[Validated], validated)
+
+
+def _outcomes(validated: list[Validated], records: Sequence[SourceRecord], offset: int, attempts: int,
+              failed_meta: dict[str, Any] | None) -> list[Outcome]:
+    # The outcome fields invoke_with_retries needs are set at construction time: rebuilding 500
+    # outcomes with dataclasses.replace would double the cost of a batch.
+    outcomes = []
+    for position, (result, decoded, keys, otf) in enumerate(validated):
         source = position + offset
-        if result == "Ok":
-            outcomes[position] = Outcome(source, decoded, partition_keys=keys, attempts=attempts, otf=otf)
-        elif result == "Dropped":
-            outcomes[position] = Outcome(source, records[position].data, result="Dropped", attempts=attempts)
+        if result == 0:
+            data = records[position].data if decoded is None else decoded
+            # Positional: a third cheaper than keywords, and this runs once per record.
+            outcomes.append(Outcome(source, data, "Ok", keys, None, None, PROCESSING_FAILED, attempts, None, {},
+                                    None, otf))
+        elif result == 1:
+            outcomes.append(Outcome(source, records[position].data, result="Dropped", attempts=attempts))
         else:
-            outcomes[position] = Outcome(
+            outcomes.append(Outcome(
                 source,
                 records[position].data,
                 result="ProcessingFailed",
@@ -312,12 +359,8 @@ def _parse(
                 error_message=PROCESSING_FAILED_MESSAGE,
                 attempts=attempts,
                 meta=dict(failed_meta) if failed_meta else {},
-            )
-    missing = [records[i].record_id for i, o in enumerate(outcomes) if o is None]
-    if missing:
-        shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise LambdaInvocationError(MISSING_RECORD_ID, f"{_MISSING_TEXT} ({len(missing)} missing: {shown})")
-    return [o for o in outcomes if o is not None]
+            ))
+    return outcomes
 
 
 def _json_type(value: object) -> str:
@@ -430,7 +473,8 @@ class LocalFunction(Invoker):
     ``Lambda.FunctionError``. ``name`` (default: ``function``) is the ``lambdaArn`` of error
     records; when it is a Lambda ARN its function name and region also feed the handler's context.
     Workers start on :meth:`start` or on the first invocation; :meth:`start` raises
-    :class:`ValueError` when the handler cannot be imported.
+    :class:`ValueError` when the handler cannot be imported. ``nice`` lowers the workers' CPU
+    priority (``os.nice``) so that, on a busy machine, the daemon's ingest goes first.
     """
 
     def __init__(
@@ -444,13 +488,14 @@ class LocalFunction(Invoker):
         account_id: str = "000000000000",
         memory_limit_in_mb: str = "128",
         start_method: str = "spawn",
+        nice: int = 0,
     ) -> None:
         from firehose.transforms.workers import WorkerPool  # workers imports this module; import late
 
         self.function = function
         self.name = name or function
         self.timeout_secs = timeout_secs
-        self.pool: WorkerPool = WorkerPool(function, processes, timeout_secs, start_method=start_method)
+        self.pool: WorkerPool = WorkerPool(function, processes, timeout_secs, start_method=start_method, nice=nice)
         arn = _ARN_RE.match(self.name)
         if arn:
             self._function_name = arn["name"]
@@ -470,7 +515,29 @@ class LocalFunction(Invoker):
 
     async def invoke(self, event: dict[str, Any]) -> object:
         """Run the handler on ``event`` in a worker; see :meth:`firehose.transforms.workers.WorkerPool.call`."""
-        context = LambdaContext.create(
+        return await self.pool.call(event, dataclasses.asdict(self._context()))
+
+    async def invoke_records(
+        self,
+        records: Sequence[SourceRecord],
+        *,
+        invocation_id: str,
+        stream_arn: str,
+        region: str,
+        source_kinesis_stream_arn: str | None,
+        max_payload_bytes: int,
+        finish: Callable[[list[Validated]], T],
+    ) -> T:
+        """One invocation of ``records``, its event built and its response validated in the worker;
+        returns ``finish(validated)`` (see :meth:`firehose.transforms.workers.WorkerPool.invoke_records`)."""
+        return await self.pool.invoke_records(
+            records, invocation_id=invocation_id, stream_arn=stream_arn, region=region,
+            source_kinesis_stream_arn=source_kinesis_stream_arn, max_payload_bytes=max_payload_bytes,
+            context_fields=dataclasses.asdict(self._context()), finish=finish,
+        )
+
+    def _context(self) -> LambdaContext:
+        return LambdaContext.create(
             self._function_name,
             timeout_secs=self.timeout_secs,
             region=self._region,
@@ -478,167 +545,10 @@ class LocalFunction(Invoker):
             memory_limit_in_mb=self._memory,
             invoked_function_arn=self._arn,
         )
-        return await self.pool.call(event, dataclasses.asdict(context))
 
     async def close(self) -> None:
         """Stop the workers (bounded: a few seconds at most)."""
         await self.pool.close()
-
-
-# botocore error codes of the Invoke operation -> Firehose's codes (§11). The VPC ones keep their
-# Lambda names, as Firehose reports them; anything unlisted becomes Lambda.ServiceException.
-_CLIENT_ERROR_CODES: Final = {
-    "TooManyRequestsException": INVOKE_LIMIT_EXCEEDED,
-    "ResourceNotFoundException": RESOURCE_NOT_FOUND,
-    "AccessDeniedException": INVOKE_ACCESS_DENIED,
-    "AccessDeniedError": INVOKE_ACCESS_DENIED,
-    "RequestEntityTooLargeException": PAYLOAD_TOO_LARGE,
-    "RequestTooLargeException": PAYLOAD_TOO_LARGE,
-    "SerializedRequestEntityTooLargeException": PAYLOAD_TOO_LARGE,
-    "InvalidSubnetIDException": "Lambda.InvalidSubnetIDException",
-    "InvalidSecurityGroupIDException": "Lambda.InvalidSecurityGroupIDException",
-    "SubnetIPAddressLimitReachedException": "Lambda.SubnetIPAddressLimitReachedException",
-    "ENILimitReachedException": "Lambda.ENILimitReachedException",
-}
-_CLIENT_ERROR_TEXT: Final = {
-    INVOKE_LIMIT_EXCEEDED: "The Lambda concurrent execution limit is exceeded. Increase the concurrent "
-    "execution limit.",
-    RESOURCE_NOT_FOUND: "The specified Lambda function does not exist. "
-    "Use a different function that does exist.",
-    INVOKE_ACCESS_DENIED: "Access was denied. "
-    "Ensure that the access policy allows access to the Lambda function.",
-}
-
-
-class RemoteFunction(Invoker):
-    """An AWS Lambda function called through boto3's ``Invoke`` (``InvocationType="RequestResponse"``).
-
-    ``function`` is a name, partial ARN or ARN (optionally qualified); it is also :attr:`name`.
-    ``region`` defaults to the ARN's region; ``endpoint_url`` points at a Lambda-compatible
-    endpoint. Each call runs in a thread (``asyncio.to_thread``) with botocore's own retries off
-    (one HTTP request per :meth:`invoke`: retrying is :func:`invoke_with_retries`' job, as in
-    Firehose) and a read timeout of ``timeout_secs``. Failures raise :class:`LambdaInvocationError`:
-
-    * a function error (``X-Amz-Function-Error``) -> ``Lambda.FunctionError`` with
-      ``"<errorType>: <errorMessage>"`` from the payload (just ``errorMessage`` without a type);
-    * ``TooManyRequestsException`` -> ``Lambda.InvokeLimitExceeded``;
-      ``ResourceNotFoundException`` -> ``Lambda.ResourceNotFound``; ``AccessDeniedException`` ->
-      ``Lambda.InvokeAccessDenied``; a 413 (``RequestEntityTooLargeException``) ->
-      ``Lambda.PayloadTooLarge``; the VPC errors keep their names (``Lambda.ENILimitReachedException``...);
-    * no response within ``timeout_secs`` -> ``Lambda.Timeout``;
-    * any other service or connection error -> ``Lambda.ServiceException``;
-    * a payload that is not JSON -> ``Lambda.JsonProcessingException``.
-
-    ``session`` (a ``boto3.session.Session``) supplies credentials; the default session chain is
-    used otherwise. The client is created on first use, in a worker thread.
-    """
-
-    def __init__(
-        self,
-        function: str,
-        *,
-        region: str | None = None,
-        endpoint_url: str | None = None,
-        timeout_secs: float = 300.0,
-        connect_timeout_secs: float = 10.0,
-        qualifier: str | None = None,
-        session: Any = None,
-        max_connections: int = 10,
-    ) -> None:
-        arn = _ARN_RE.match(function)
-        self.name = function
-        self.function = function
-        self.region = region or (arn["region"] if arn and arn["region"] else None)
-        self.endpoint_url = endpoint_url
-        self.timeout_secs = timeout_secs
-        self.connect_timeout_secs = connect_timeout_secs
-        self.qualifier = qualifier
-        self._session = session
-        self._max_connections = max_connections
-        self._client: Any = None
-        self._client_lock = threading.Lock()
-
-    def _get_client(self) -> Any:
-        with self._client_lock:  # botocore client creation is not thread-safe
-            if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                session = self._session or boto3.session.Session()
-                self._client = session.client(
-                    "lambda",
-                    region_name=self.region,
-                    endpoint_url=self.endpoint_url,
-                    config=Config(
-                        read_timeout=self.timeout_secs,
-                        connect_timeout=self.connect_timeout_secs,
-                        retries={"total_max_attempts": 1, "mode": "standard"},
-                        max_pool_connections=self._max_connections,
-                    ),
-                )
-            return self._client
-
-    async def invoke(self, event: dict[str, Any]) -> object:
-        """Invoke the function with ``event`` (serialised as JSON) and return the decoded response."""
-        body = orjson.dumps(event)
-        return await asyncio.to_thread(self._invoke_blocking, body)
-
-    def _invoke_blocking(self, body: bytes) -> object:
-        from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
-
-        kwargs: dict[str, Any] = {
-            "FunctionName": self.function,
-            "InvocationType": "RequestResponse",
-            "Payload": body,
-        }
-        if self.qualifier:
-            kwargs["Qualifier"] = self.qualifier
-        try:
-            response = self._get_client().invoke(**kwargs)
-            payload: bytes = response["Payload"].read()
-        except ClientError as exc:
-            raise _client_error(exc) from None
-        except ReadTimeoutError:
-            raise LambdaInvocationError(TIMEOUT, TIMEOUT_MESSAGE) from None
-        except (BotoCoreError, OSError) as exc:
-            raise LambdaInvocationError(SERVICE_EXCEPTION, f"{type(exc).__name__}: {exc}") from None
-        if response.get("FunctionError"):
-            raise LambdaInvocationError(FUNCTION_ERROR, _function_error_message(payload))
-        try:
-            return orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise _reject(f"the response is not JSON: {exc}") from None
-
-    async def close(self) -> None:
-        """Close the client's connection pool."""
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-
-def _client_error(exc: Any) -> LambdaInvocationError:
-    error = exc.response.get("Error", {})
-    service_code = str(error.get("Code", "")) or "Unknown"
-    service_message = str(error.get("Message", "")) or str(exc)
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    code = _CLIENT_ERROR_CODES.get(service_code)
-    if code is None:
-        code = PAYLOAD_TOO_LARGE if status == 413 else SERVICE_EXCEPTION
-    text = _CLIENT_ERROR_TEXT.get(code)
-    detail = f"{service_code}: {service_message}"
-    return LambdaInvocationError(code, f"{text} ({detail})" if text else detail)
-
-
-def _function_error_message(payload: bytes) -> str:
-    try:
-        body = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return payload.decode("utf-8", "replace")[:1000]
-    if isinstance(body, dict) and "errorMessage" in body:
-        message = str(body["errorMessage"])
-        error_type = body.get("errorType")
-        return f"{error_type}: {message}" if error_type else message
-    return payload.decode("utf-8", "replace")[:1000]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -726,32 +636,40 @@ async def invoke_with_retries(
 
 
 async def _invoke_part(batch: _Batch, records: Sequence[SourceRecord], offset: int) -> list[Outcome]:
-    # Records are encoded once; attempts differ only in invocationId (a uuid: fixed length, so this
-    # size is every attempt's size).
-    event = batch.event(records, str(uuid.uuid4()))
-    size = len(orjson.dumps(event))
-    if size > batch.max_payload_bytes:
-        if len(records) > 1:
-            return await _split(batch, records, offset)
-        message = (
-            f"The record is too large for one Lambda invocation: the event would be {size} bytes, "
-            f"above the {batch.max_payload_bytes}-byte payload limit"
-        )
-        return _fail_all(batch, records, offset, PAYLOAD_TOO_LARGE, message, attempts=0)
-
+    # An invoker with invoke_records (a local function) builds and measures the event, and
+    # validates the response, in its worker process; for any other, it is done here, and the
+    # records are encoded once: attempts differ only in invocationId (a uuid: fixed length, so the
+    # first attempt's size is every attempt's size).
+    by_records = getattr(batch.invoker, "invoke_records", None)
+    invocation_id = str(uuid.uuid4())
+    event: dict[str, Any] = {}
+    if by_records is None:
+        event = batch.event(records, invocation_id)
+        size = len(orjson.dumps(event))
+        if size > batch.max_payload_bytes:
+            return await _over_limit(batch, records, offset, size)
     last: LambdaInvocationError | None = None
     attempts = batch.retries + 1
     for attempt in range(1, attempts + 1):
-        if attempt > 1 and batch.backoff_secs > 0:
-            await asyncio.sleep(batch.backoff_secs * 2 ** (attempt - 2))
         if attempt > 1:
-            # A shallow copy: "invocationId" keeps its first position; the records list is shared
-            # (invokers treat events as read-only).
-            event = {**event, "invocationId": str(uuid.uuid4())}
-        invocation_id = event["invocationId"]
+            if batch.backoff_secs > 0:
+                await asyncio.sleep(batch.backoff_secs * 2 ** (attempt - 2))
+            invocation_id = str(uuid.uuid4())
+            if event:
+                # A shallow copy: "invocationId" keeps its first position; the records list is
+                # shared (invokers treat events as read-only).
+                event = {**event, "invocationId": invocation_id}
         try:
-            response = await batch.invoker.invoke(event)
-            return _parse(response, records, offset, attempt, batch.error_meta())
+            if by_records is not None:
+                return cast(list[Outcome], await by_records(
+                    records, invocation_id=invocation_id, stream_arn=batch.stream_arn, region=batch.region,
+                    source_kinesis_stream_arn=batch.source_kinesis_stream_arn,
+                    max_payload_bytes=batch.max_payload_bytes,
+                    finish=partial(_finish, records=records, offset=offset, attempts=attempt, batch=batch)))
+            validated = validate_response(await batch.invoker.invoke(event), [r.record_id for r in records])
+            return _outcomes(validated, records, offset, attempt, batch.error_meta())
+        except PayloadOverLimit as over:
+            return await _over_limit(batch, records, offset, over.size)
         except LambdaInvocationError as exc:
             last = exc
         except Exception as exc:  # an invoker bug must not lose the batch: count it as a failed attempt
@@ -773,6 +691,23 @@ async def _invoke_part(batch: _Batch, records: Sequence[SourceRecord], offset: i
             return _fail_all(batch, records, offset, last.code, last.message, attempts=attempt)
     assert last is not None
     return _fail_all(batch, records, offset, last.code, last.message, attempts=attempts)
+
+
+def _finish(validated: list[Validated], *, records: Sequence[SourceRecord], offset: int, attempts: int,
+            batch: _Batch) -> list[Outcome]:
+    return _outcomes(validated, records, offset, attempts, batch.error_meta())
+
+
+async def _over_limit(batch: _Batch, records: Sequence[SourceRecord], offset: int, size: int) -> list[Outcome]:
+    """The event for ``records`` would be ``size`` bytes, over the payload limit: halves are
+    invoked on their own; a single record fails without an invocation."""
+    if len(records) > 1:
+        return await _split(batch, records, offset)
+    message = (
+        f"The record is too large for one Lambda invocation: the event would be {size} bytes, "
+        f"above the {batch.max_payload_bytes}-byte payload limit"
+    )
+    return _fail_all(batch, records, offset, PAYLOAD_TOO_LARGE, message, attempts=0)
 
 
 async def _split(batch: _Batch, records: Sequence[SourceRecord], offset: int) -> list[Outcome]:

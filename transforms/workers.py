@@ -16,11 +16,17 @@ Processes are started with ``spawn`` (or ``forkserver``), never ``fork``: the da
 child. Workers are daemonic (they die with the daemon), so a handler cannot itself start
 ``multiprocessing`` children.
 
-IPC is one pipe per worker. A request is the event dict and the context fields pickled together
-once (``data`` stays the base64 text Lambda would deliver); the worker answers with the handler's
-result serialised as JSON, as Lambda's runtime does, so a handler that returns something Lambda
-could not marshal fails here too. The daemon side waits on the pipe in a dedicated thread per
-in-flight call, so the event loop never blocks.
+IPC is one pipe per worker, in two forms. The daemon's own invocations (:meth:`WorkerPool.invoke_records`)
+send only what the event is made of: the record ids, arrival times and raw bytes (and Kinesis
+metadata, when there is any), pickled. The worker builds the event Firehose would send, measures it
+against the payload limit, calls the handler, serialises the result as JSON as Lambda's runtime
+does (so a handler that returns something Lambda could not marshal fails here too), decodes that
+JSON again and runs Firehose's response checks; what comes back is one compact tuple per input
+record (``data`` left out where the function returned the bytes it was given). Base64, JSON and
+validation thus cost the worker processes, not the daemon's event loop. :meth:`WorkerPool.call`
+sends a whole event dict instead and gets the decoded JSON response back (the unit-test harness
+and any caller with its own event use it). The daemon side waits on the pipe in a dedicated
+thread per in-flight call, so the event loop never blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asyncio
 import dataclasses
 import decimal
 import importlib
+import io
 import json
 import multiprocessing
 import os
@@ -38,16 +45,18 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import orjson
 import structlog
 
+from firehose.records import SourceRecord
 from firehose.transforms.lambda_ import (
     FUNCTION_ERROR,
     JSON_PROCESSING,
@@ -56,6 +65,10 @@ from firehose.transforms.lambda_ import (
     TIMEOUT_MESSAGE,
     LambdaContext,
     LambdaInvocationError,
+    PayloadOverLimit,
+    Validated,
+    build_event,
+    validate_response,
 )
 
 __all__ = ["WorkerPool", "load_function"]
@@ -68,7 +81,13 @@ _LOAD_FAILED: Final = 0x4C  # b"L": + utf-8 "<Type>: <message>"
 MAX_RESPONSE_BYTES: Final = 6_291_556  # Lambda's limit for a synchronous invocation's response
 _RESULT: Final = 0x4F  # b"O": + the handler's response as JSON
 _ERROR: Final = 0x45  # b"E": + utf-8 "<errorType>: <errorMessage>"
+_VALIDATED: Final = 0x56  # b"V": + the validated response (pickled list of lambda_.Validated)
+_REJECTED: Final = 0x4A  # b"J": + pickled (code, message): the response fails Firehose's checks
+_TOO_LARGE: Final = 0x5A  # b"Z": + ascii size: the event is over the payload limit; not invoked
 _SHUTDOWN: Final = b""  # daemon -> worker: exit cleanly
+_RECORDS: Final = 0x43  # b"C": daemon -> worker: an invocation as records (a pickle starts with 0x80)
+
+T = TypeVar("T")
 
 _CONTEXT_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(LambdaContext))
 
@@ -142,10 +161,12 @@ def add_working_directory() -> None:
         sys.path.append(cwd)
 
 
-def _serve(function: str, conn: Connection) -> None:
+def _serve(function: str, conn: Connection, nice: int = 0) -> None:
     """Worker process main loop: import the handler once, then answer requests until told to stop."""
     # Ctrl-C reaches the whole process group; the daemon decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
     add_working_directory()
     try:
         handler = load_function(function)
@@ -160,27 +181,68 @@ def _serve(function: str, conn: Connection) -> None:
             return  # the daemon is gone
         if request == _SHUTDOWN:
             return
-        event, fields = pickle.loads(request)
-        try:
-            result = handler(event, LambdaContext(**fields))
-        except Exception as exc:
-            # SystemExit/KeyboardInterrupt are not caught: like on Lambda, they end the runtime.
-            traceback.print_exc(file=sys.stderr)
-            conn.send_bytes(bytes([_ERROR]) + describe_exception(exc).encode("utf-8", "replace"))
-            continue
-        try:
-            body = _marshal(result)
-        except (TypeError, ValueError, RecursionError) as exc:
-            message = f"Runtime.MarshalError: Unable to marshal response: {exc}"
-            conn.send_bytes(bytes([_ERROR]) + message.encode("utf-8", "replace"))
-            continue
-        if len(body) > MAX_RESPONSE_BYTES:
-            # Lambda's synchronous response limit: the invocation fails, as it does on AWS.
-            message = (f"Function.ResponseSizeTooLarge: Response payload size ({len(body)} bytes) exceeded "
-                       f"maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).")
-            conn.send_bytes(bytes([_ERROR]) + message.encode())
-            continue
-        conn.send_bytes(bytes([_RESULT]) + body)
+        if request[0] == _RECORDS:
+            conn.send_bytes(_serve_records(handler, request))
+        else:
+            event, fields = pickle.loads(request)
+            kind, body = _run_handler(handler, event, fields)
+            conn.send_bytes(bytes([kind]) + body)
+
+
+def _run_handler(handler: Callable[..., Any], event: dict[str, Any], fields: dict[str, Any]) -> tuple[int, bytes]:
+    """Call the handler as Lambda's Python runtime does: (_RESULT, its response as JSON), or
+    (_ERROR, "<errorType>: <errorMessage>")."""
+    try:
+        result = handler(event, LambdaContext(**fields))
+    except Exception as exc:
+        # SystemExit/KeyboardInterrupt are not caught: like on Lambda, they end the runtime.
+        traceback.print_exc(file=sys.stderr)
+        return _ERROR, describe_exception(exc).encode("utf-8", "replace")
+    try:
+        body = _marshal(result)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return _ERROR, f"Runtime.MarshalError: Unable to marshal response: {exc}".encode("utf-8", "replace")
+    if len(body) > MAX_RESPONSE_BYTES:
+        # Lambda's synchronous response limit: the invocation fails, as it does on AWS.
+        message = (f"Function.ResponseSizeTooLarge: Response payload size ({len(body)} bytes) exceeded "
+                   f"maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).")
+        return _ERROR, message.encode()
+    return _RESULT, body
+
+
+def _serve_records(handler: Callable[..., Any], request: bytes) -> bytes:
+    """One invocation sent as records (see :meth:`WorkerPool.invoke_records`): the event is built
+    and measured here, and the response decoded and validated here, so the daemon's event loop
+    does none of it. Answers _VALIDATED, _REJECTED, _TOO_LARGE or _ERROR."""
+    stream = io.BytesIO(request)
+    stream.seek(1)
+    header, ids, arrivals, datas, kinesis, max_payload = pickle.load(stream)
+    fields = pickle.load(stream)
+    invocation_id, stream_arn, region, source_arn = header
+    records = [SourceRecord(i, d, a, k) for i, d, a, k in zip(ids, datas, arrivals, kinesis or repeat(None),
+                                                              strict=False)]
+    event = build_event(records, invocation_id=invocation_id, delivery_stream_arn=stream_arn, region=region,
+                        source_kinesis_stream_arn=source_arn)
+    sent = [item["data"] for item in event["records"]]
+    size = len(orjson.dumps(event))
+    if size > max_payload:
+        return bytes([_TOO_LARGE]) + str(size).encode()
+    kind, body = _run_handler(handler, event, fields)
+    if kind != _RESULT:
+        return bytes([kind]) + body
+    try:
+        validated = validate_response(_decode_response(body), ids, sent)
+    except LambdaInvocationError as exc:
+        return bytes([_REJECTED]) + pickle.dumps((exc.code, exc.message))
+    return bytes([_VALIDATED]) + pickle.dumps(validated, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _decode_response(body: bytes | memoryview) -> object:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # Only NaN/Infinity get here (json.dumps emits them); Firehose's parser rejects them.
+        raise LambdaInvocationError(JSON_PROCESSING, f"The response is not valid JSON: {exc}") from None
 
 
 class _WorkerGone(Exception):
@@ -204,6 +266,22 @@ def _exit_reason(exitcode: int | None) -> str:
     return f"Runtime exited with error: exit status {exitcode}"
 
 
+def _reply(reply: bytes) -> object:
+    kind, body = reply[0], memoryview(reply)[1:]
+    if kind == _VALIDATED:
+        return pickle.loads(body)
+    if kind == _RESULT:
+        return _decode_response(body)
+    if kind == _ERROR:
+        raise LambdaInvocationError(FUNCTION_ERROR, bytes(body).decode("utf-8", "replace"))
+    if kind == _REJECTED:
+        code, message = pickle.loads(body)
+        raise LambdaInvocationError(code, message)
+    if kind == _TOO_LARGE:
+        raise PayloadOverLimit(int(bytes(body)))
+    raise LambdaInvocationError(SERVICE_EXCEPTION, f"unexpected message {kind:#x} from the worker")
+
+
 class _Worker:
     """One worker process and the daemon's end of its pipe.
 
@@ -223,26 +301,18 @@ class _Worker:
         self._released = False
 
     def roundtrip(self, event: dict[str, Any], fields: dict[str, Any]) -> object:
-        """Send one invocation and wait for its answer. Runs in a pool thread, never on the event loop."""
-        payload = pickle.dumps((event, fields), protocol=pickle.HIGHEST_PROTOCOL)
+        """Send one invocation as an event and wait for its answer (the decoded JSON response)."""
+        return self.exchange(pickle.dumps((event, fields), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def exchange(self, request: bytes | memoryview) -> object:
+        """Send one request and wait for the answer. Runs in a pool thread, never on the event loop."""
         try:
-            self.conn.send_bytes(payload)
+            self.conn.send_bytes(request)
             reply = self.conn.recv_bytes()
         except (EOFError, OSError):
             # It has closed its pipe, so it is exiting: collect the status for the error message.
             raise _WorkerGone(_exit_reason(self.wait(2.0))) from None
-        kind, body = reply[0], memoryview(reply)[1:]
-        if kind == _RESULT:
-            try:
-                return orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                # Only NaN/Infinity get here (json.dumps emits them); Firehose's parser rejects them.
-                raise LambdaInvocationError(
-                    JSON_PROCESSING, f"The response is not valid JSON: {exc}"
-                ) from None
-        if kind == _ERROR:
-            raise LambdaInvocationError(FUNCTION_ERROR, bytes(body).decode("utf-8", "replace"))
-        raise LambdaInvocationError(SERVICE_EXCEPTION, f"unexpected message {kind:#x} from the worker")
+        return _reply(reply)
 
     def wait(self, timeout: float) -> int | None:
         """Wait up to ``timeout`` seconds for the process to exit; its exit code, or None if running."""
@@ -294,6 +364,10 @@ class WorkerPool:
     * :meth:`close` stops all workers within a few seconds; later calls raise
       ``Lambda.ServiceException``.
 
+    ``nice`` > 0 lowers the workers' CPU priority by that much (``os.nice``): transformation is
+    throughput work, and on a machine short of cores the daemon's acknowledgements should not wait
+    behind it.
+
     Must be used from a single event loop.
     """
 
@@ -305,6 +379,7 @@ class WorkerPool:
         *,
         start_method: str = "spawn",
         start_timeout_secs: float = 60.0,
+        nice: int = 0,
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
@@ -318,6 +393,7 @@ class WorkerPool:
         self.processes = processes
         self.timeout_secs = timeout_secs
         self.start_timeout_secs = start_timeout_secs
+        self.nice = nice
         # Both contexts offer the same Process/Pipe API; typed as the spawn one.
         self._mp = cast(SpawnContext, multiprocessing.get_context(start_method))
         # A slot holds a ready worker, or None when its worker must be (re)started on next use.
@@ -343,7 +419,7 @@ class WorkerPool:
             self._spawned += 1
             number = self._spawned
         process = self._mp.Process(
-            target=_serve, args=(self.function, child_conn), name=f"firehose-transform-{number}", daemon=True
+            target=_serve, args=(self.function, child_conn, self.nice), name=f"firehose-transform-{number}", daemon=True
         )
         process.start()
         # Only the child may hold its end open: its exit must show here as EOF.
@@ -467,6 +543,47 @@ class WorkerPool:
         * ``Lambda.JsonProcessingException`` when the result is JSON Firehose cannot read (NaN);
         * ``Lambda.ServiceException`` when the pool is closed.
         """
+        return await self._dispatch(lambda worker, fields: worker.roundtrip(event, fields), context_fields)
+
+    async def invoke_records(
+        self,
+        records: Sequence[SourceRecord],
+        *,
+        invocation_id: str,
+        stream_arn: str,
+        region: str,
+        source_kinesis_stream_arn: str | None,
+        max_payload_bytes: int,
+        context_fields: dict[str, Any],
+        finish: Callable[[list[Validated]], T],
+    ) -> T:
+        """One invocation whose event the worker builds from ``records`` (as
+        :func:`~firehose.transforms.lambda_.build_event` does) and whose response the worker decodes
+        and validates (:func:`~firehose.transforms.lambda_.validate_response`), so that neither costs
+        the daemon's event loop: only the record bytes cross the pipe, and the validated outcomes
+        come back. Raises :class:`PayloadOverLimit` when the event's JSON would exceed
+        ``max_payload_bytes`` (the handler is not called), and otherwise what :meth:`call` raises,
+        plus the response checks' :class:`~firehose.transforms.lambda_.LambdaInvocationError`.
+
+        Returns ``finish(validated)``, called in the IPC thread: turning a thousand validated
+        records into outcomes there keeps that stretch of work off the event loop."""
+        def roundtrip(worker: _Worker, fields: dict[str, Any]) -> object:
+            # Pickled here, in the IPC thread, not on the event loop; the context fields (the
+            # deadline is set at dispatch) follow as a second pickle.
+            kinesis = [r.kinesis for r in records]
+            request = io.BytesIO()
+            request.write(bytes([_RECORDS]))
+            pickle.dump(((invocation_id, stream_arn, region, source_kinesis_stream_arn),
+                         [r.record_id for r in records], [r.arrival_ms for r in records], [r.data for r in records],
+                         kinesis if any(k is not None for k in kinesis) else None, max_payload_bytes),
+                        request, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(fields, request, protocol=pickle.HIGHEST_PROTOCOL)
+            return finish(cast(list[Validated], worker.exchange(request.getbuffer())))
+
+        return cast(T, await self._dispatch(roundtrip, context_fields))
+
+    async def _dispatch(self, roundtrip: Callable[[_Worker, dict[str, Any]], object],
+                        context_fields: dict[str, Any]) -> object:
         if not self._started:
             try:
                 await self.start()
@@ -484,7 +601,7 @@ class WorkerPool:
         worker.busy = True
         healthy = False
         try:
-            future = loop.run_in_executor(self._executor, worker.roundtrip, event, fields)
+            future = loop.run_in_executor(self._executor, roundtrip, worker, fields)
             done, _ = await asyncio.wait({future}, timeout=self.timeout_secs)
             if not done:
                 # Nobody reads this future's outcome (the pipe breaks when the worker dies).
@@ -505,8 +622,8 @@ class WorkerPool:
                     "transform_worker_died", function=self.function, pid=worker.pid, reason=gone.reason
                 )
                 raise LambdaInvocationError(FUNCTION_ERROR, f"Runtime.ExitError: {gone.reason}") from None
-            except LambdaInvocationError:
-                healthy = True  # the handler failed, the worker is fine
+            except (LambdaInvocationError, PayloadOverLimit):
+                healthy = True  # the handler (or the event) failed, the worker is fine
                 raise
             healthy = True
             return result

@@ -31,7 +31,7 @@ from firehose.config import StreamConfig
 from firehose.interfaces import ProcessingChain
 from firehose.log import Log, LogError
 from firehose.names import stream_arn
-from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
+from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceRecord
 from firehose.retry import local_failure_pause
 from firehose.stages.common import StageContext, log_failure
 
@@ -134,17 +134,21 @@ def _first_unbatched(ingest: Log) -> int:
 
 
 class _Buffer:
-    """The processing buffer being filled."""
+    """The processing buffer being filled: the ingested records, and the same as the chain's
+    :class:`SourceRecord` objects (built as records are read, a frame at a time, rather than a
+    thousand at once when the buffer is handed over)."""
 
-    __slots__ = ("items", "nbytes")
+    __slots__ = ("items", "nbytes", "sources")
 
     def __init__(self) -> None:
         self.items: list[Item] = []
+        self.sources: list[SourceRecord] = []
         self.nbytes = 0
 
-    def take(self) -> list[Item]:
-        items, self.items, self.nbytes = self.items, [], 0
-        return items
+    def take(self) -> tuple[list[Item], list[SourceRecord]]:
+        taken = self.items, self.sources
+        self.items, self.sources, self.nbytes = [], [], 0
+        return taken
 
 
 class ProcessingStage:
@@ -196,13 +200,13 @@ class ProcessingStage:
                 try:
                     await self._fill(queue, buf)
                     if buf.items and self._due(buf):
-                        await self._submit(queue, buf.take())
+                        await self._submit(queue, *buf.take())
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # re-read the unsubmitted records on the next pass
                     log_failure(self.log, "processing_failed", exc)
                     if buf.items:
-                        self.cursor = buf.take()[0][0]
+                        self.cursor = buf.take()[0][0][0]
                     await asyncio.sleep(1.0)
         finally:
             recorder.cancel()
@@ -242,22 +246,22 @@ class ProcessingStage:
             meta, first, arrival, recs = frame.meta, frame.first_seq, frame.arrival_ms, frame.records
             i = self.cursor - first
             while i < len(recs):
-                buf.items.append((first + i, recs[i], arrival, meta[i] if meta is not None else None))
+                m = meta[i] if meta is not None else None
+                buf.items.append((first + i, recs[i], arrival, m))
+                buf.sources.append(SourceRecord(str(first + i), recs[i], arrival,
+                                                None if m is None else RecordMeta.kinesis(m)))
                 buf.nbytes += len(recs[i])
                 i += 1
                 if buf.nbytes >= limit:
                     self.cursor = first + i
-                    await self._submit(queue, buf.take())
+                    await self._submit(queue, *buf.take())
             self.cursor = frame.end_seq
             ingest.reader_passed(self.cursor)
+            # Reading a frame never suspends: give the requests waiting on the loop their turn
+            # between frames, or a backlog of ingested frames is read in one long stretch.
+            await asyncio.sleep(0)
 
-    async def _submit(self, queue: asyncio.Queue[Any], items: list[Item]) -> None:
-        from firehose.records import SourceRecord
-
-        sources = [
-            SourceRecord(str(seq), data, arrival, RecordMeta.kinesis(meta))
-            for seq, data, arrival, meta in items
-        ]
+    async def _submit(self, queue: asyncio.Queue[Any], items: list[Item], sources: list[SourceRecord]) -> None:
         task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
         await queue.put((items, sources, task))
 

@@ -15,11 +15,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from firehose.records import Outcome, SourceRecord
-from firehose.transforms.lambda_ import (
-    LambdaInvocationError,
-    RemoteFunction,
-    invoke_with_retries,
-)
+from firehose.transforms.lambda_ import LambdaInvocationError, invoke_with_retries
+from firehose.transforms.lambda_remote import RemoteFunction
 from handlers import bad_responses, identity, raises, sleeps, upper
 from lambda_server import LambdaServer, running
 

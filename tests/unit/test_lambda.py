@@ -209,55 +209,57 @@ def _item(**overrides: Any) -> dict[str, Any]:
 _DELETE = object()
 
 
-@pytest.mark.parametrize(
-    ("response", "code"),
-    [
-        pytest.param([_item()], JSON_PROCESSING, id="array-not-object"),
-        pytest.param(None, JSON_PROCESSING, id="null"),
-        pytest.param("records", JSON_PROCESSING, id="string"),
-        pytest.param({}, JSON_PROCESSING, id="no-records"),
-        pytest.param({"records": {"id-0": _item()}}, JSON_PROCESSING, id="records-not-array"),
-        pytest.param({"records": ["id-0"]}, JSON_PROCESSING, id="record-not-object"),
-        pytest.param({"records": [_item(recordId=_DELETE)]}, JSON_PROCESSING, id="no-record-id"),
-        pytest.param({"records": [_item(recordId=0)]}, JSON_PROCESSING, id="numeric-record-id"),
-        pytest.param({"records": [_item(result="OK")]}, JSON_PROCESSING, id="result-wrong-case"),
-        pytest.param({"records": [_item(result=_DELETE)]}, JSON_PROCESSING, id="no-result"),
-        pytest.param({"records": [_item(data=_DELETE)]}, JSON_PROCESSING, id="no-data"),
-        pytest.param(
-            {"records": [_item(result="Dropped", data=_DELETE)]}, JSON_PROCESSING, id="dropped-no-data"
-        ),
-        pytest.param({"records": [_item(data=None)]}, JSON_PROCESSING, id="null-data"),
-        pytest.param({"records": [_item(data=["eA=="])]}, JSON_PROCESSING, id="data-not-string"),
-        pytest.param({"records": [_item(data="not base64!")]}, JSON_PROCESSING, id="bad-base64"),
-        pytest.param({"records": [_item(data="eA==\n")]}, JSON_PROCESSING, id="base64-with-newline"),
-        pytest.param({"records": [_item(data="e")]}, JSON_PROCESSING, id="base64-impossible-length"),
-        pytest.param({"records": [_item(metadata="k=v")]}, JSON_PROCESSING, id="metadata-not-object"),
-        pytest.param(
-            {"records": [_item(metadata={"partitionKeys": ["a"]})]},
-            JSON_PROCESSING,
-            id="partition-keys-not-object",
-        ),
-        pytest.param(
-            {"records": [_item(metadata={"partitionKeys": {"year": 2024}})]},
-            JSON_PROCESSING,
-            id="partition-key-number",
-        ),
-        pytest.param(
-            {"records": [_item(metadata={"partitionKeys": {"k": None}})]},
-            JSON_PROCESSING,
-            id="partition-key-null",
-        ),
-        pytest.param({"records": [_item(metadata={"otfMetadata": "t"})]}, JSON_PROCESSING, id="otf-not-object"),
-        pytest.param(
-            {"records": [_item(metadata={"otfMetadata": {"destinationTableName": 7}})]},
-            JSON_PROCESSING,
-            id="otf-member-number",
-        ),
-        pytest.param({"records": [_item(), _item(recordId="id-9")]}, JSON_PROCESSING, id="unknown-record-id"),
-        pytest.param({"records": [_item(), _item()]}, DUPLICATED_RECORD_ID, id="duplicate-record-id"),
-        pytest.param({"records": []}, MISSING_RECORD_ID, id="missing-record-id"),
-    ],
-)
+#: Responses that fail Firehose's checks, each with its code (the worker-side checks are held to
+#: the same list in test_lambda_workers.py).
+INVALID_RESPONSES = [
+    pytest.param([_item()], JSON_PROCESSING, id="array-not-object"),
+    pytest.param(None, JSON_PROCESSING, id="null"),
+    pytest.param("records", JSON_PROCESSING, id="string"),
+    pytest.param({}, JSON_PROCESSING, id="no-records"),
+    pytest.param({"records": {"id-0": _item()}}, JSON_PROCESSING, id="records-not-array"),
+    pytest.param({"records": ["id-0"]}, JSON_PROCESSING, id="record-not-object"),
+    pytest.param({"records": [_item(recordId=_DELETE)]}, JSON_PROCESSING, id="no-record-id"),
+    pytest.param({"records": [_item(recordId=0)]}, JSON_PROCESSING, id="numeric-record-id"),
+    pytest.param({"records": [_item(result="OK")]}, JSON_PROCESSING, id="result-wrong-case"),
+    pytest.param({"records": [_item(result=_DELETE)]}, JSON_PROCESSING, id="no-result"),
+    pytest.param({"records": [_item(data=_DELETE)]}, JSON_PROCESSING, id="no-data"),
+    pytest.param(
+        {"records": [_item(result="Dropped", data=_DELETE)]}, JSON_PROCESSING, id="dropped-no-data"
+    ),
+    pytest.param({"records": [_item(data=None)]}, JSON_PROCESSING, id="null-data"),
+    pytest.param({"records": [_item(data=["eA=="])]}, JSON_PROCESSING, id="data-not-string"),
+    pytest.param({"records": [_item(data="not base64!")]}, JSON_PROCESSING, id="bad-base64"),
+    pytest.param({"records": [_item(data="eA==\n")]}, JSON_PROCESSING, id="base64-with-newline"),
+    pytest.param({"records": [_item(data="e")]}, JSON_PROCESSING, id="base64-impossible-length"),
+    pytest.param({"records": [_item(metadata="k=v")]}, JSON_PROCESSING, id="metadata-not-object"),
+    pytest.param(
+        {"records": [_item(metadata={"partitionKeys": ["a"]})]},
+        JSON_PROCESSING,
+        id="partition-keys-not-object",
+    ),
+    pytest.param(
+        {"records": [_item(metadata={"partitionKeys": {"year": 2024}})]},
+        JSON_PROCESSING,
+        id="partition-key-number",
+    ),
+    pytest.param(
+        {"records": [_item(metadata={"partitionKeys": {"k": None}})]},
+        JSON_PROCESSING,
+        id="partition-key-null",
+    ),
+    pytest.param({"records": [_item(metadata={"otfMetadata": "t"})]}, JSON_PROCESSING, id="otf-not-object"),
+    pytest.param(
+        {"records": [_item(metadata={"otfMetadata": {"destinationTableName": 7}})]},
+        JSON_PROCESSING,
+        id="otf-member-number",
+    ),
+    pytest.param({"records": [_item(), _item(recordId="id-9")]}, JSON_PROCESSING, id="unknown-record-id"),
+    pytest.param({"records": [_item(), _item()]}, DUPLICATED_RECORD_ID, id="duplicate-record-id"),
+    pytest.param({"records": []}, MISSING_RECORD_ID, id="missing-record-id"),
+]
+
+
+@pytest.mark.parametrize(("response", "code"), INVALID_RESPONSES)
 def test_invalid_responses_fail_the_invocation_with_firehoses_code(response: object, code: str) -> None:
     with pytest.raises(LambdaInvocationError) as info:
         parse_response(response, recs(b"x"))
