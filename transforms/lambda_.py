@@ -106,7 +106,6 @@ _DUPLICATED_TEXT: Final = (
 #: Lambda's synchronous request limit is 6 MB; Firehose keeps every event below it.
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 6_000_000
 
-_RESULTS: Final = frozenset({"Ok", "Dropped", "ProcessingFailed"})
 
 
 class LambdaInvocationError(Exception):
@@ -307,28 +306,31 @@ def validate_response(response: object, ids: Sequence[str], sent: Sequence[str] 
         raise _reject("the response has no 'records' array")
     index = {record_id: i for i, record_id in enumerate(ids)}
     validated: list[Validated | None] = [None] * len(ids)
+    codes = _RESULT_CODES
     for item in items:
         if not isinstance(item, dict):
             raise _reject(f"a returned record is a JSON {_json_type(item)}, not an object")
-        record_id = item.get("recordId")
+        get = item.get
+        record_id = get("recordId")
         if not isinstance(record_id, str):
             raise _reject("a returned record has no string 'recordId'")
-        result = item.get("result")
-        if not isinstance(result, str) or result not in _RESULTS:
+        result = get("result")
+        code = codes.get(result) if isinstance(result, str) else None
+        if code is None:
             raise _reject(f"record {record_id!r}: result {result!r} is not Ok, Dropped or ProcessingFailed")
-        data = item.get("data")
+        data = get("data")
         if not isinstance(data, str):
             raise _reject(f"record {record_id!r}: 'data' is missing or not a string")
         position = index.get(record_id)
         # Decode every record's data, as Firehose deserialises the whole response before acting on it.
         decoded = None if sent is not None and position is not None and data == sent[position] \
             else _b64decode(data, record_id)
-        keys, otf = _metadata(item, record_id)
+        keys, otf = (None, None) if get("metadata") is None else _metadata(item, record_id)
         if position is None:
             raise _reject(f"record {record_id!r} was not in the invocation")
         if validated[position] is not None:
             raise LambdaInvocationError(DUPLICATED_RECORD_ID, f"{_DUPLICATED_TEXT} (recordId {record_id!r})")
-        validated[position] = (_RESULT_CODES[result], decoded, keys, otf)
+        validated[position] = (code, decoded, keys, otf)
     missing = [ids[i] for i, v in enumerate(validated) if v is None]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")

@@ -38,6 +38,9 @@ from firehose.stages.common import StageContext, log_failure
 #: One ingested record in a processing buffer: (sequence number, data, arrival ms, source metadata).
 Item = tuple[int, bytes, int, Any]
 
+#: Finished processing buffers recorded in one outcome frame at most (record bytes in).
+GROUP_BYTES = 8 << 20
+
 
 def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda_arn: str | None,
                   backup_all: bool) -> tuple[list[bytes], list[Any], int]:
@@ -288,27 +291,46 @@ class ProcessingStage:
 
     # ------------------------------------------------------------------ recording
     async def _record_loop(self, queue: asyncio.Queue[Any]) -> None:
+        """Record outcomes in order. Buffers the chain finished while the previous frame was being
+        made durable are recorded together, as one frame and one fsync: a stream whose
+        processing keeps several buffers in flight is not held to one fsync per buffer."""
+        head: tuple[list[Item], list[SourceRecord], asyncio.Task[Any]] | None = None
         while True:
-            items, sources, task = await queue.get()
-            while True:
-                try:
-                    outcomes = await task
+            if head is None:
+                head = await queue.get()
+            group = [await self._outcomes_of(*head)]
+            head = None
+            size = sum(len(s.data) for s in group[0][1])
+            while size < GROUP_BYTES and not queue.empty():
+                entry = queue.get_nowait()
+                if not entry[2].done():
+                    head = entry  # still in the chain: it starts the next group
                     break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # a bug in a stage: run the same buffer again, in order
-                    log_failure(self.log, "processing_failed", exc)
-                    await asyncio.sleep(1.0)
-                    task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
-            await self._record_reliably(items, outcomes)
+                group.append(await self._outcomes_of(*entry))
+                size += sum(len(s.data) for s in entry[1])
+            await self._record_reliably([(items, outcomes) for items, _sources, outcomes in group])
 
-    async def _record_reliably(self, items: list[Item], outcomes: list[Any]) -> None:
-        """Record an outcome, retrying on local I/O errors. The frame is appended at most once:
-        after a successful append only the fsync (and the raw commit) are retried."""
+    async def _outcomes_of(self, items: list[Item], sources: list[SourceRecord],
+                           task: asyncio.Task[Any]) -> tuple[list[Item], list[SourceRecord], list[Any]]:
+        while True:
+            try:
+                return items, sources, await task
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in a stage: run the same buffer again, in order
+                log_failure(self.log, "processing_failed", exc)
+                await asyncio.sleep(1.0)
+                task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
+
+    async def _record_reliably(self, group: list[tuple[list[Item], list[Any]]]) -> None:
+        """Record the outcomes of consecutive buffers, retrying on local I/O errors. The frame is
+        appended at most once: after a successful append only the fsync (and the raw commit) are
+        retried."""
+        start, end = group[0][0][0][0], group[-1][0][-1][0] + 1
         failures = 0
         while True:
             try:
-                await self._record(items, outcomes)
+                await self._record(group, start, end)
                 return
             except asyncio.CancelledError:
                 raise
@@ -316,28 +338,38 @@ class ProcessingStage:
                 failures += 1
                 log_failure(self.log, "outcome_recording_failed", exc, attempt=failures)
                 await asyncio.sleep(local_failure_pause(failures))
-                if self.recorded_upto >= items[-1][0] + 1:
+                if self.recorded_upto >= end:
                     # Appended (durably) already: finish the release, not the append.
-                    await self.ingest.commit_ranges([(items[0][0], items[-1][0] + 1)])
+                    await self.ingest.commit_ranges([(start, end)])
                     self.signals.batcher.set()
                     return
 
-    async def _record(self, items: list[Item], outcomes: list[Any]) -> None:
-        records, metas, dropped = outcome_frame(outcomes, items, now_ms=self.clock.now_ms(),
-                                                lambda_arn=self.chain.lambda_arn, backup_all=self.backup_all)
-        start, end = items[0][0], items[-1][0] + 1
+    async def _record(self, group: list[tuple[list[Item], list[Any]]], start: int, end: int) -> None:
+        now_ms = self.clock.now_ms()
+        records: list[bytes] = []
+        metas: list[Any] = []
+        dropped = failed = ok_bytes = count = 0
+        for items, outcomes in group:
+            r, m, d = outcome_frame(outcomes, items, now_ms=now_ms, lambda_arn=self.chain.lambda_arn,
+                                    backup_all=self.backup_all)
+            records += r
+            metas += m
+            dropped += d
+            failed += sum(1 for o in outcomes if o.result == "ProcessingFailed")
+            ok_bytes += sum(len(o.data) for o in outcomes if o.result == "Ok")
+            count += len(outcomes)
         has_meta = any(m is not None for m in metas)
         await self.out.append(
-            records, items[0][2], meta=metas if has_meta else None, positions={"raw_end": end}, enforce_cap=False
+            records, group[0][0][0][2], meta=metas if has_meta else None, positions={"raw_end": end},
+            enforce_cap=False,
         )
         self.recorded_upto = end
         await self.ingest.commit_ranges([(start, end)])
         self.dropped_records += dropped
-        failed = sum(1 for o in outcomes if o.result == "ProcessingFailed")
-        ok_bytes = sum(len(o.data) for o in outcomes if o.result == "Ok")
         self.metrics.dropped_records.labels(self.name).inc(dropped)
         self.metrics.failed_processing_records.labels(self.name).inc(failed)
-        self.metrics.succeed_processing_records.labels(self.name).inc(len(outcomes) - failed - dropped)
+        self.metrics.succeed_processing_records.labels(self.name).inc(count - failed - dropped)
         self.metrics.succeed_processing_bytes.labels(self.name).inc(ok_bytes)
-        self.log.debug("records_processed", records=len(items), outputs=len(records), dropped=dropped, failed=failed)
+        self.log.debug("records_processed", records=end - start, outputs=len(records), dropped=dropped,
+                       failed=failed)
         self.signals.batcher.set()
