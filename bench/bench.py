@@ -74,7 +74,7 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 CHUNK_BYTES = 5 * 1024 * 1024  # bare-cost compression chunk = the daemon's default buffer size
 MIB = 1024 * 1024
 SCENARIOS = ("local-snappy", "local-gzip", "s3-snappy", "s3-gzip", "local-snappy+identity", "local-snappy+delimiter",
-             "local-none+parquet", "jetstream1-snappy", "jetstream3-snappy")
+             "local-snappy+partitioned", "local-none+parquet", "jetstream1-snappy", "jetstream3-snappy")
 # Cluster mode (docs/cluster.md): "jetstream1" is one nats-server with replicas: 1, "jetstream3"
 # three servers on this machine with replicas: 3; both with sync_interval: always, one daemon,
 # the local destination, and this many partitions.
@@ -90,6 +90,8 @@ PROCESSING = {
     "identity": [{"type": "lambda", "function": "bench_handlers:handler", "buffer_size_mib": 1,
                   "buffer_interval_secs": 0, "workers": 2}],
     "delimiter": [{"type": "append_delimiter", "delimiter": "\n"}],
+    # Dynamic partitioning by a path-only query (looked up without libjq; transforms/jqpaths.py).
+    "partitioned": [{"type": "metadata_extraction", "query": "{segment: .user.segment, device: .device.type}"}],
     "parquet": [],
 }
 
@@ -790,6 +792,13 @@ class DaemonRun:
             stream["buffering"] = {"size_mib": 64, "interval_secs": settings.interval_secs}
         if processing:
             (workdir / "bench_handlers.py").write_text(IDENTITY_HANDLER)
+        if processing and processing[0]["type"] == "metadata_extraction":
+            stream = self.config["streams"][0]
+            stream["dynamic_partitioning"] = {"enabled": True}
+            stream["destination"] = {**destination,
+                                     "prefix": "segment=!{partitionKeyFromQuery:segment}/"
+                                               "device=!{partitionKeyFromQuery:device}/",
+                                     "error_output_prefix": "errors/!{firehose:error-output-type}/"}
         self.config_path = workdir / "firehose.yaml"
         self.config_path.write_text(json.dumps(self.config, indent=2))  # JSON is valid YAML
         self.log_path = workdir / "daemon.log"
@@ -1295,7 +1304,8 @@ def build_ratios(bare: dict[str, Any], scenarios: dict[str, Any], backlog: dict[
             rows.append(ratio_row("  same, excluding the final partial buffer's wait",
                                   s["e2e_excl_tail"]["mib_per_s"] / bare[key]["mib_per_s"], None))
     base = scenarios.get("local-snappy")
-    for name, target in (("local-snappy+identity", 0.6), ("local-snappy+delimiter", 0.90)):
+    for name, target in (("local-snappy+identity", 0.6), ("local-snappy+delimiter", 0.90),
+                         ("local-snappy+partitioned", 0.5)):
         s = scenarios.get(name)
         if base is None or s is None:
             continue

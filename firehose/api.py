@@ -17,10 +17,12 @@ import binascii
 import contextvars
 import hashlib
 import hmac
+import sys
 import time
 import unicodedata
 import uuid
 import zlib
+from array import array
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -134,6 +136,21 @@ def decode_records(records: list[Any]) -> tuple[list[bytes], int]:
         i = next(i for i, n in enumerate(lengths) if n > MAX_RECORD_BYTES)
         _decode_data(records[i], i)  # raises the ValidationException naming record i
     return out, sum(lengths)
+
+
+def record_ids_json(prefix: str, first: int, count: int) -> str:
+    """``{"RecordId":"<prefix><16 hex digits of seq>"}`` for ``count`` sequence numbers from
+    ``first``, comma-separated: the hex digits of all of them come from one ``bytes.hex`` of the
+    big-endian sequence numbers (half the cost of formatting 500 ids one by one; 500 dicts
+    through orjson cost more still)."""
+    if count <= 0:
+        return ""
+    seqs = array("Q", range(first, first + count))
+    if sys.byteorder == "little":
+        seqs.byteswap()
+    digits = seqs.tobytes().hex()
+    sep = '"},{"RecordId":"' + prefix
+    return '{"RecordId":"' + prefix + sep.join([digits[i : i + 16] for i in range(0, 16 * count, 16)]) + '"}'
 
 
 class HealthSubject(Protocol):
@@ -501,10 +518,8 @@ class FirehoseApi:
         if redrive is not None:
             return await self._redriven(rt, redrive, decoded, nbytes)
         first = await self._ingest(rt, decoded, nbytes)
-        # Built as text in one pass (C-level map/join): 500 dicts through orjson cost more.
-        template = '{"RecordId":"' + rt.record_id_prefix + '%016x"}'
-        entries = ",".join(map(template.__mod__, range(first, first + len(decoded))))
-        body = '{"FailedPutCount":0,"Encrypted":false,"RequestResponses":[' + entries + "]}"
+        body = '{"FailedPutCount":0,"Encrypted":false,"RequestResponses":[' + record_ids_json(
+            rt.record_id_prefix, first, len(decoded)) + "]}"
         return web.Response(
             body=body.encode(),
             headers={"Content-Type": JSON_CT, "x-amzn-RequestId": str(uuid.uuid4())},

@@ -34,6 +34,36 @@ class IntervalSet:
         self._starts[i:j] = array("q", (start,))
         self._ends[i:j] = array("q", (end,))
 
+    def add_many(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Add every range of ``ranges`` (a sealed batch's, in any order). One pass over the set:
+        a partitioned stream's batch has a fragment per record, and adding those one at a time
+        costs a search and two array splices each."""
+        new = sorted((s, e) for s, e in ranges if e > s)
+        if len(new) < 8:
+            for start, end in new:
+                self.add(start, end)
+            return
+        starts, ends = self._starts, self._ends
+        out_s, out_e = array("q"), array("q")
+        pos = 0  # the next range of the set not yet copied out
+        for start, end in new:
+            i = bisect.bisect_left(ends, start, pos)  # ranges ending before ``start`` go first, untouched
+            out_s.extend(starts[pos:i])
+            out_e.extend(ends[pos:i])
+            pos = i
+            if out_e and out_e[-1] >= start:  # touches the range last copied out: extend it
+                start = out_s.pop()
+                end = max(end, out_e.pop())
+            while pos < len(starts) and starts[pos] <= end:  # and swallow those it touches
+                start = min(start, starts[pos])
+                end = max(end, ends[pos])
+                pos += 1
+            out_s.append(start)
+            out_e.append(end)
+        out_s.extend(starts[pos:])
+        out_e.extend(ends[pos:])
+        self._starts, self._ends = out_s, out_e
+
     def covers(self, start: int, end: int) -> bool:
         """True when every integer in ``[start, end)`` is in the set (an empty range is covered)."""
         if end <= start:

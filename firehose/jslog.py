@@ -272,8 +272,7 @@ class JetStreamLog:
             elif ftype == T_COMMIT:
                 doc = orjson.loads(payload)
                 if "ranges" in doc:
-                    for s, e in doc["ranges"]:
-                        self._committed.add(s, e)
+                    self._committed.add_many(doc["ranges"])
                 else:
                     commits.append(doc["id"])
             elif ftype == T_CHECKPOINT:
@@ -294,16 +293,14 @@ class JetStreamLog:
     def _add_seal(self, batch: SealedBatch, message: _Message) -> None:
         self._seals[batch.batch_id] = batch
         message.seal_ids.add(batch.batch_id)
-        for s, e in batch.ranges:
-            self._sealed.add(s, e)
+        self._sealed.add_many(batch.ranges)
         self.next_batch_id = max(self.next_batch_id, batch.batch_id + 1)
 
     def _finish_seal(self, batch_id: int) -> None:
         self._committed_ids.add(batch_id)
         batch = self._seals.pop(batch_id, None)
         if batch is not None:
-            for s, e in batch.ranges:
-                self._committed.add(s, e)
+            self._committed.add_many(batch.ranges)
 
     def _merge_positions(self, positions: dict[str, Any]) -> None:
         for key, value in positions.items():
@@ -393,8 +390,7 @@ class JetStreamLog:
                                                 "oldest": b.oldest_arrival_ms, "info": b.info})) for b in new]
         for b in new:
             self._seals[b.batch_id] = b
-            for s, e in b.ranges:
-                self._sealed.add(s, e)
+            self._sealed.add_many(b.ranges)
         await self._write(frames, [b.batch_id for b in new])
 
     async def commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None:
@@ -411,8 +407,7 @@ class JetStreamLog:
         if self._failed is not None:
             raise self._failed
         await self._write([_frame(T_COMMIT, orjson.dumps({"ranges": [list(r) for r in ranges]}))])
-        for s, e in ranges:
-            self._committed.add(s, e)
+        self._committed.add_many(ranges)
         await self._trim()
 
     # ------------------------------------------------------------------ group commit

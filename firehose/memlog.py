@@ -145,8 +145,7 @@ class MemoryLog:
                 continue  # sealed already (a call made again after a cancellation)
             st.seals[batch.batch_id] = batch
             st.next_batch_id = max(st.next_batch_id, batch.batch_id + 1)
-            for s, e in batch.ranges:
-                st.sealed.add(s, e)
+            st.sealed.add_many(batch.ranges)
 
     async def commit(self, batch_id: int, info: dict[str, Any] | None = None) -> None:
         self._check_owner()
@@ -161,8 +160,7 @@ class MemoryLog:
 
     async def _commit(self, ranges: Sequence[tuple[int, int]]) -> None:
         st = self.store
-        for s, e in ranges:
-            st.committed.add(s, e)
+        st.committed.add_many(ranges)
         # Trim the front: frames whose every record is committed go.
         drop = 0
         while drop < len(st.frames) and st.committed.covers(st.frames[drop].first_seq, st.frames[drop].end_seq):

@@ -172,8 +172,7 @@ class Spool:
             self._committed_ids.add(batch_id)
             seal = self._seals.get(batch_id)
             if seal is not None:
-                for s, e in seal.ranges:
-                    self.committed.add(s, e)
+                self.committed.add_many(seal.ranges)
         if self._frame_starts:
             self.min_seq = self._frame_starts[0]
         else:
@@ -274,14 +273,12 @@ class Spool:
             )
             self._seals[batch.batch_id] = batch
             seg.seal_ids.add(batch.batch_id)
-            for s, e in batch.ranges:
-                self.sealed.add(s, e)
+            self.sealed.add_many(batch.ranges)
             self.next_batch_id = max(self.next_batch_id, batch.batch_id + 1)
         elif ftype == T_COMMIT:
             doc = orjson.loads(payload)
             if "ranges" in doc:
-                for s, e in doc["ranges"]:
-                    self.committed.add(s, e)
+                self.committed.add_many(doc["ranges"])
             else:
                 commits.append(doc["id"])
         elif ftype == T_DURABLE:
@@ -412,8 +409,7 @@ class Spool:
         seg, _ = self._append(_frame(T_SEAL, orjson.dumps(doc)))
         seg.seal_ids.add(batch.batch_id)
         self._seals[batch.batch_id] = batch
-        for s, e in batch.ranges:
-            self.sealed.add(s, e)
+        self.sealed.add_many(batch.ranges)
         if durable:
             await self.wait_durable(force=True)
 
@@ -432,8 +428,7 @@ class Spool:
         self._committed_ids.add(batch_id)
         batch = self._seals.pop(batch_id, None)
         if batch is not None:
-            for s, e in batch.ranges:
-                self.committed.add(s, e)
+            self.committed.add_many(batch.ranges)
         self._trim()
         if self.fsync_policy != "never":
             self._kick_sync()
@@ -443,8 +438,7 @@ class Spool:
         outcome elsewhere durably). Like :meth:`append_commit`, durability is not awaited."""
         doc = {"ranges": [list(r) for r in ranges]}
         self._append(_frame(T_COMMIT, orjson.dumps(doc)))
-        for s, e in ranges:
-            self.committed.add(s, e)
+        self.committed.add_many(ranges)
         self._trim()
         if self.fsync_policy != "never":
             self._kick_sync()

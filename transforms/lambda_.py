@@ -107,7 +107,6 @@ _DUPLICATED_TEXT: Final = (
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 6_000_000
 
 
-
 class LambdaInvocationError(Exception):
     """A whole invocation failed: every record it carried shares ``code`` and ``message``.
 

@@ -1,0 +1,50 @@
+"""IntervalSet, the spool's record bookkeeping: ranges added one at a time or a batch at once give
+the same set as plain integers would."""
+
+from __future__ import annotations
+
+import random
+
+from firehose.intervals import IntervalSet
+
+
+def as_ranges(values: set[int]) -> list[tuple[int, int]]:
+    """The maximal runs of ``values`` as half-open ranges."""
+    out: list[tuple[int, int]] = []
+    for v in sorted(values):
+        if out and out[-1][1] == v:
+            out[-1] = (out[-1][0], v + 1)
+        else:
+            out.append((v, v + 1))
+    return out
+
+
+def random_ranges(rng: random.Random, n: int, span: int) -> list[tuple[int, int]]:
+    ranges = []
+    for _ in range(n):
+        start = rng.randrange(span)
+        ranges.append((start, start + rng.choice([0, 1, 1, 1, 2, 5, 40])))  # empty ones too
+    rng.shuffle(ranges)
+    return ranges
+
+
+def test_batches_of_scattered_fragments_merge_like_integers() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        reference: set[int] = set()
+        one_by_one, batched = IntervalSet(), IntervalSet()
+        span = rng.choice([50, 400, 5000])
+        for _ in range(rng.randrange(1, 8)):
+            batch = random_ranges(rng, rng.choice([1, 3, 8, 30, 300]), span)
+            for start, end in batch:
+                reference.update(range(start, end))
+                one_by_one.add(start, end)
+            batched.add_many(batch)
+            assert list(batched.ranges()) == as_ranges(reference) == list(one_by_one.ranges())
+
+
+def test_add_many_joins_neighbours_on_both_sides() -> None:
+    s = IntervalSet([(0, 10), (20, 30), (40, 50)])
+    s.add_many([(10, 12), (18, 20), (30, 31), (32, 33), (34, 35), (36, 37), (38, 40), (60, 61), (5, 6)])
+    assert list(s.ranges()) == [(0, 12), (18, 31), (32, 33), (34, 35), (36, 37), (38, 50), (60, 61)]
+    assert s.covers(38, 50) and not s.covers(31, 33) and 32 in s and 33 not in s
