@@ -166,7 +166,10 @@ def _serve(function: str, conn: Connection, nice: int = 0) -> None:
     # Ctrl-C reaches the whole process group; the daemon decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
-        os.nice(nice)
+        try:
+            os.nice(nice)
+        except OSError:
+            pass  # refused (the systemd unit's seccomp filter takes setpriority away): same priority then
     add_working_directory()
     try:
         handler = load_function(function)

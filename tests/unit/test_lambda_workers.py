@@ -193,3 +193,13 @@ def test_oversized_events_are_measured_and_split_in_the_worker_as_in_the_daemon(
                                    max_payload_bytes=1000)
     assert worker == daemon
     assert worker[1][2:4] == ("ProcessingFailed", "Lambda.PayloadTooLarge") and worker[1][6] == 0
+
+
+def test_workers_run_at_a_lower_cpu_priority_than_the_daemon(loop: asyncio.AbstractEventLoop) -> None:
+    function = LocalFunction("handlers.identity:handler", timeout_secs=20, processes=2, nice=7)
+    try:
+        loop.run_until_complete(function.start())
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [os.getpriority(os.PRIO_PROCESS, w.pid) for w in function.pool._workers] == [min(19, mine + 7)] * 2
+    finally:
+        loop.run_until_complete(function.close())

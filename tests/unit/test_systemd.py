@@ -172,7 +172,7 @@ from firehose.transforms.lambda_ import LambdaContext
 from firehose.transforms.workers import WorkerPool
 
 async def roundtrip(method):
-    pool = WorkerPool("handlers.upper:handler", 1, 30, start_method=method)
+    pool = WorkerPool("handlers.upper:handler", 1, 30, start_method=method, nice=10)  # setpriority refused
     await pool.start()
     try:
         event = {"records": [{"recordId": "1", "approximateArrivalTimestamp": 0, "data": "eyJuYW1lIjoiYSJ9"}]}
