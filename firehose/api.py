@@ -474,10 +474,18 @@ class FirehoseApi:
             raise ApiError("InvalidArgumentException", f"This operation is not permitted on {stype} delivery stream type.")
         return rt
 
-    async def _ingest(self, rt: Any, records: list[bytes], nbytes: int) -> int:
-        if not rt.accepting or not rt.has_room(nbytes + 64 + 4 * len(records)):
+    def _refuse_over_limits(self, rt: Any, records: list[bytes], nbytes: int) -> None:
+        """503 "Slow down." for the whole request when the stream is not accepting, its spool is
+        at its cap, or the request is over its quotas (firehose/quotas.py): nothing of it is half
+        stored, and every SDK retries a 503."""
+        quota = self.daemon.quotas.get(rt.name)
+        if (not rt.accepting or not rt.has_room(nbytes + 64 + 4 * len(records))
+                or (quota is not None and not quota.admit(len(records), nbytes))):
             self.daemon.metrics.throttled_records.labels(rt.name).inc(len(records))
             raise ApiError("ServiceUnavailableException", "Slow down.", 503)
+
+    async def _ingest(self, rt: Any, records: list[bytes], nbytes: int) -> int:
+        self._refuse_over_limits(rt, records, nbytes)
         try:
             return int(await rt.put(records, nbytes=nbytes))
         except LogFullError:
@@ -538,8 +546,7 @@ class FirehoseApi:
         if positions is None:
             log.info("redrive_duplicate", stream=rt.name, redrive_id=redrive, records=len(records))
         else:
-            if not rt.accepting or not rt.has_room(nbytes + 64 + 4 * len(records)):
-                raise ApiError("ServiceUnavailableException", "Slow down.", 503)
+            self._refuse_over_limits(rt, records, nbytes)
             try:
                 await rt.put(records, nbytes=nbytes, positions=positions)
             except (LogError, OSError):

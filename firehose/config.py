@@ -28,6 +28,7 @@ from firehose.interfaces import (
 )
 from firehose.models import StrictModel
 from firehose.names import STREAM_NAME_RE
+from firehose.quotas import QuotasConfig
 from firehose.registry import PluginError, UnknownTypeError, destination_config_class
 from firehose.yamlload import Path, YamlError, format_path, load_yaml
 
@@ -334,6 +335,9 @@ class StreamConfig(StrictModel):
         default=None,
         description="Firehose's dynamic partitioning (DynamicPartitioningConfiguration); unset: off.",
     )
+    quotas: QuotasConfig | None = Field(
+        default=None, description="Throughput quotas of PutRecord and PutRecordBatch (Firehose's Direct PUT "
+        "limits); over one, a request is answered 503 \"Slow down.\" whole. Unset: none.")
     sources: list[Any] = Field(
         default=[],
         description="Where records come from besides the Firehose API, which every DirectPut stream has; a "
@@ -382,8 +386,10 @@ class StreamConfig(StrictModel):
         if doc.get("dynamic_partitioning") is None:
             del doc["dynamic_partitioning"]  # absent: the digest of configs written before it existed
         # Where records come from does not shape the output (Firehose bumps VersionId only for
-        # destination updates); a changed source still restarts the stream on reload.
+        # destination updates); a changed source still restarts the stream on reload, a changed
+        # quota does not.
         del doc["sources"]
+        del doc["quotas"]  # nor how fast they may come
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 

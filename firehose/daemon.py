@@ -25,6 +25,7 @@ from firehose.interfaces import BuildContext, ClusterPlacement
 from firehose.log import LogBusyError, LogError, LogStore
 from firehose.metrics import Metrics
 from firehose.names import disk_name, stream_arn
+from firehose.quotas import Quota
 from firehose.status import StatusSampler
 from firehose.stream import StreamRuntime
 
@@ -143,6 +144,7 @@ class Daemon:
         self.config_path = config_path
         self.metrics = Metrics()
         self.streams: dict[str, Any] = {}  # StreamRuntime, or ClusteredStream in cluster mode
+        self.quotas: dict[str, Quota] = {}  # streams with a quotas: block (the API takes from them)
         self.cluster: Cluster | None = None
         self.state = StreamState(config.data_dir)
         self.api = FirehoseApi(self)
@@ -242,7 +244,19 @@ class Daemon:
         finally:
             os.close(self._dir_lock)  # the lock drops with it
 
+    def _set_quotas(self, config: DaemonConfig) -> None:
+        """Token buckets for the streams with a ``quotas:`` block; a stream whose quotas did not
+        change keeps its buckets (and what they hold)."""
+        quotas: dict[str, Quota] = {}
+        for cfg in config.streams:
+            if cfg.quotas is None:
+                continue
+            current = self.quotas.get(cfg.name)
+            quotas[cfg.name] = current if current is not None and current.config == cfg.quotas else Quota(cfg.quotas)
+        self.quotas = quotas
+
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
+        self._set_quotas(self.config)
         if self.config.cluster is not None:
             self._join_cluster(self.config.cluster)
         for cfg in self.config.streams if self.config.cluster is None else ():
@@ -277,7 +291,8 @@ class Daemon:
         """Cluster mode: every stream answers through a ClusteredStream whose partitions this
         daemon runs while it holds their leases (firehose/cluster.py)."""
         for cfg in self.config.streams:
-            self.streams[cfg.name] = ClusteredStream(cfg, self.state.version_for(cfg), node_name(config), self.metrics)
+            self.streams[cfg.name] = ClusteredStream(_shape(cfg), self.state.version_for(cfg), node_name(config),
+                                                     self.metrics)
         self.cluster = Cluster(config, self.streams, self._start_stream, source_context=self._source_context,
                                metrics=self.metrics)
         self.cluster.on_state = self._use_state  # VersionId and tags shared through JetStream
@@ -368,7 +383,7 @@ class Daemon:
             timeout = float(new.shutdown_timeout_secs)
             # Streams that failed to start (a damaged spool, since salvaged) are tried again too.
             changed = [name for name, cfg in sorted(new_streams.items())
-                       if old_streams.get(name) != cfg or name in self.failed_streams]
+                       if _differs(old_streams.get(name), cfg) or name in self.failed_streams]
             saved = {name: self.state.snapshot(name) for name in changed}
             switched: list[str] = []
             for name in changed:
@@ -389,6 +404,7 @@ class Daemon:
                     await rt.stop(timeout)
                 log.info("stream_removed", stream=name)
             self.config = new.model_copy(update={"api": self.config.api, "data_dir": self.config.data_dir})
+            self._set_quotas(new)
             log.info("config_reloaded", streams=sorted(self.streams))
             sd_notify("READY=1\nSTATUS=serving")
 
@@ -398,7 +414,8 @@ class Daemon:
         assert self.cluster is not None
         if new.cluster != self.config.cluster:
             log.warning("config_reload_restart_required", fields=["cluster"])
-        await self.cluster.apply(new.streams, float(new.shutdown_timeout_secs))
+        await self.cluster.apply([_shape(c) for c in new.streams], float(new.shutdown_timeout_secs))
+        self._set_quotas(new)
         self.config = new.model_copy(update={"api": self.config.api, "data_dir": self.config.data_dir,
                                              "cluster": self.config.cluster})
         log.info("config_reloaded", streams=sorted(self.streams))
@@ -438,6 +455,16 @@ class Daemon:
                 self.reloading.discard(name)
 
 
+def _shape(cfg: StreamConfig) -> StreamConfig:
+    """The stream's config as its runtime sees it: without its quotas, which the API applies."""
+    return cfg.model_copy(update={"quotas": None}) if cfg.quotas is not None else cfg
+
+
+def _differs(old: StreamConfig | None, new: StreamConfig) -> bool:
+    """Whether a reload must (re)start the stream: a quota change alone does not."""
+    return old is None or _shape(old) != _shape(new)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -449,7 +476,7 @@ def _precheck(new: DaemonConfig, old: DaemonConfig) -> list[str]:
     from firehose.config_checks import check_handlers
 
     previous = {s.name: s for s in old.streams}
-    changed = [s for s in new.streams if previous.get(s.name) != s]
+    changed = [s for s in new.streams if _differs(previous.get(s.name), s)]
     if not changed:
         return []
     return check_handlers(new.model_copy(update={"streams": changed}))
