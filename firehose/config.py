@@ -30,6 +30,7 @@ from firehose.models import StrictModel
 from firehose.names import STREAM_NAME_RE
 from firehose.quotas import QuotasConfig
 from firehose.registry import PluginError, UnknownTypeError, destination_config_class
+from firehose.tls import TlsConfig
 from firehose.yamlload import Path, YamlError, format_path, load_yaml
 
 _Config = TypeVar("_Config", bound=ValidatedConfig)
@@ -163,6 +164,8 @@ class ApiConfig(StrictModel):
         default=ApiLimitsConfig(),
         description="Bounds on the API's connections and request bodies.",
     )
+    tls: TlsConfig | None = Field(
+        default=None, description="Serve HTTPS with this certificate (reloaded on SIGHUP); unset: HTTP.")
     operator_tokens: list[str] = Field(
         default=[],
         description="Bearer tokens (`Authorization: Bearer <token>`, at least 16 characters each) that may "

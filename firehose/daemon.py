@@ -28,6 +28,8 @@ from firehose.names import disk_name, stream_arn
 from firehose.quotas import Quota
 from firehose.status import StatusSampler
 from firehose.stream import StreamRuntime
+from firehose.tls import TlsContext
+from firehose.tls import reload_all as tls_reload_all
 
 STATE_FORMAT_VERSION = 1
 log = structlog.get_logger()
@@ -145,6 +147,7 @@ class Daemon:
         self.metrics = Metrics()
         self.streams: dict[str, Any] = {}  # StreamRuntime, or ClusteredStream in cluster mode
         self.quotas: dict[str, Quota] = {}  # streams with a quotas: block (the API takes from them)
+        self._api_tls: TlsContext | None = None
         self.cluster: Cluster | None = None
         self.state = StreamState(config.data_dir)
         self.api = FirehoseApi(self)
@@ -271,7 +274,9 @@ class Daemon:
                 self.failed_streams[cfg.name] = "spool damaged; see the log and `firehose spool check`"
                 log.error("stream_start_failed", stream=cfg.name, reason=_one_line(exc))
         api = self.config.api
-        self._server = GuardedServer(self.api.app, api.host, api.port, self.api.limits, name=api.listen)
+        self._api_tls = TlsContext(api.tls) if api.tls is not None else None
+        self._server = GuardedServer(self.api.app, api.host, api.port, self.api.limits, name=api.listen,
+                                     ssl_context=self._api_tls.context if self._api_tls else None)
         await self._server.start()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._interrupt)
@@ -373,7 +378,13 @@ class Daemon:
                 log.error("config_reload_rejected", errors=exc.errors)
                 sd_notify("READY=1\nSTATUS=reload rejected; old config running")
                 return
-            if new.api != self.config.api or new.data_dir != self.config.data_dir:
+            # Certificates are read again from their files (renewed in place, or api.tls moved to
+            # other files); anything else about the API needs a restart.
+            tls_reload_all()
+            if self._api_tls is not None and new.api.tls is not None and new.api.tls != self._api_tls.cfg:
+                self._api_tls.reload(new.api.tls)
+            if (new.api.model_copy(update={"tls": self.config.api.tls}) != self.config.api
+                    or (new.api.tls is None) != (self.config.api.tls is None) or new.data_dir != self.config.data_dir):
                 log.warning("config_reload_restart_required", fields=["api", "data_dir"])
             if self.cluster is not None:
                 await self._reload_cluster(new)

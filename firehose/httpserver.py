@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -156,13 +157,14 @@ class GuardedServer:
     """An aiohttp application served on one address with :class:`HttpLimits`."""
 
     def __init__(self, app: web.Application, host: str, port: int, limits: HttpLimits, name: str, *,
-                 auto_decompress: bool = False) -> None:
+                 auto_decompress: bool = False, ssl_context: ssl.SSLContext | None = None) -> None:
         app.middlewares.insert(0, self._track)
         self.app = app
         self.host, self.port = host, port
         self.limits = limits
         self.name = name
         self.auto_decompress = auto_decompress
+        self.ssl_context = ssl_context
         self.connections: set[_Guard] = set()
         self.by_protocol: dict[int, _Guard] = {}
         self.refused = 0
@@ -193,9 +195,13 @@ class GuardedServer:
         factory = self._runner.server
         assert factory is not None
         loop = asyncio.get_running_loop()
+        # With TLS, a handshake must finish within the header deadline: a client that opens a
+        # connection and stalls before its first request byte is cut off the same either way.
+        tls: dict[str, Any] = ({"ssl": self.ssl_context, "ssl_handshake_timeout": self.limits.header_timeout_secs}
+                               if self.ssl_context is not None else {})
         self._server = await loop.create_server(
             lambda: _Guard(self, factory), self.host, self.port, reuse_address=True, backlog=1024,
-            family=socket.AF_UNSPEC,
+            family=socket.AF_UNSPEC, **tls,
         )
 
     async def close(self) -> None:

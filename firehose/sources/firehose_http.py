@@ -51,6 +51,7 @@ from firehose.httpserver import GuardedServer, HttpLimits
 from firehose.interfaces import BuildContext, Source, SourceSink
 from firehose.log import LogFullError
 from firehose.models import StrictModel
+from firehose.tls import TlsConfig, TlsContext
 
 KEY_PREFIX = "firehose_http/"
 MAX_RECORDS = 10_000
@@ -91,6 +92,9 @@ class FirehoseHttpSourceConfig(StrictModel):
         "413.",
     )
 
+    tls: TlsConfig | None = Field(
+        default=None, description="Serve HTTPS with this certificate (reloaded on SIGHUP); unset: HTTP.")
+
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
@@ -126,6 +130,7 @@ class FirehoseHttpSource(Source):
         self._seen: OrderedDict[str, int] = OrderedDict()  # request id -> when it was spooled
         self._inflight: dict[str, asyncio.Future[web.Response]] = {}
         self._server: GuardedServer | None = None
+        self._tls: TlsContext | None = None
         self.duplicates = 0
         self.stream_name = ctx.stream_name
         self.cluster = ctx.cluster  # cluster mode: request ids are claimed in the shared facts
@@ -139,8 +144,9 @@ class FirehoseHttpSource(Source):
         host, _, port = self.config.listen.rpartition(":")
         # The same bounds as the API: connections, header/body/idle deadlines. aiohttp inflates
         # gzip bodies here, within client_max_size (a compression bomb is refused at that size).
+        self._tls = TlsContext(self.config.tls) if self.config.tls is not None else None
         self._server = GuardedServer(app, host.strip("[]"), int(port), HttpLimits(), name=self.config.listen,
-                                     auto_decompress=True)
+                                     auto_decompress=True, ssl_context=self._tls.context if self._tls else None)
         await self._server.start()
         self.log.info("firehose_http_source_started", remembered_requests=len(self._seen))
 
