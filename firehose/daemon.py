@@ -304,7 +304,8 @@ class Daemon:
         if not self.cluster.api_url:
             api = self.config.api
             host = socket.gethostname() if api.host in ("0.0.0.0", "::", "") else api.host
-            self.cluster.api_url = f"http://{f'[{host}]' if ':' in host else host}:{api.port}"
+            scheme = "https" if api.tls is not None else "http"
+            self.cluster.api_url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{api.port}"
         self.cluster.start()
 
     def _source_context(self, cfg: StreamConfig, placement: ClusterPlacement) -> BuildContext:

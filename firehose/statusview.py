@@ -34,6 +34,9 @@ def add_parser(sub: Any) -> None:
                          "repeat it to show several daemons of a cluster")
     st.add_argument("--config", default=None, help="take the endpoint from this config file's api.listen")
     st.add_argument("--token", default=None, help="an operator token (default: $FIREHOSE_OPERATOR_TOKEN)")
+    st.add_argument("--ca-bundle", default=None,
+                    help="with an https endpoint: the CA certificates (PEM) to trust (default: the system's, "
+                         "or $SSL_CERT_FILE)")
     st.add_argument("--all", action="store_true",
                     help="cluster mode: every member the (first) endpoint knows, one table each")
     st.add_argument("--once", action="store_true", help="print one snapshot and exit")
@@ -50,7 +53,7 @@ def _endpoints(args: argparse.Namespace) -> list[str]:
 
         api = load_config(args.config).api
         host = api.host if api.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        return [f"http://{host}:{api.port}"]
+        return [f"{'https' if api.tls is not None else 'http'}://{host}:{api.port}"]
     return [DEFAULT_ENDPOINT]
 
 
@@ -58,12 +61,16 @@ class StatusUnavailable(Exception):
     """The daemon could not be read (one line, for the CLI)."""
 
 
-def fetch(endpoint: str, token: str | None, timeout: float = 5.0) -> dict[str, Any]:
+def fetch(endpoint: str, token: str | None, timeout: float = 5.0, cafile: str | None = None) -> dict[str, Any]:
+    """``GET /status.json``; an https endpoint is verified against ``cafile`` (None: the system's CAs)."""
+    import ssl
+
     request = urllib.request.Request(f"{endpoint}/status.json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    context = ssl.create_default_context(cafile=cafile) if endpoint.startswith("https:") else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - an http(s) URL we built
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:  # noqa: S310 - an http(s) URL we built
             doc: dict[str, Any] = json.loads(resp.read())
             return doc
     except urllib.error.HTTPError as exc:
@@ -137,12 +144,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     def targets() -> list[str]:
         if not args.all:
             return endpoints
-        return list((fetch(endpoints[0], token).get("cluster_member_urls") or {}).values()) or endpoints
+        return list((fetch(endpoints[0], token, cafile=args.ca_bundle).get("cluster_member_urls") or {}).values()) or endpoints
 
     try:
         if args.json:
             urls = targets()
-            docs = [fetch(e, token) for e in urls]
+            docs = [fetch(e, token, cafile=args.ca_bundle) for e in urls]
             print(json.dumps(docs[0] if len(docs) == 1 and not args.all else dict(zip(urls, docs, strict=True)),
                              indent=2))
             return 0
@@ -153,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         console = Console() if sys.stdout.isatty() else Console(width=200)
 
         def snapshot() -> Any:
-            return Group(*(render(e, fetch(e, token)) for e in targets()))
+            return Group(*(render(e, fetch(e, token, cafile=args.ca_bundle)) for e in targets()))
 
         if args.once:
             console.print(snapshot())

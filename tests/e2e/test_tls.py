@@ -110,6 +110,18 @@ def test_https_api_and_source_with_a_certificate_renewed_on_sighup(tmp_path: Pat
             conn.getresponse().read()
         conn.close()
 
+        # `firehose status` finds https in the config and trusts the CA it is given.
+        status_run = subprocess.run([sys.executable, "-m", "firehose", "status", "--json", "--config",
+                                     str(daemon.config_path), "--ca-bundle", str(ca_pem)],
+                                    capture_output=True, text=True, timeout=60)
+        assert status_run.returncode == 0, status_run.stderr
+        assert "s" in orjson.loads(status_run.stdout)["streams"]
+        refused_run = subprocess.run([sys.executable, "-m", "firehose", "status", "--json", "--config",
+                                      str(daemon.config_path), "--ca-bundle", str(other_pem)],
+                                     capture_output=True, text=True, timeout=60)
+        assert refused_run.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in refused_run.stderr
+        assert "Traceback" not in refused_run.stderr
+
         # The firehose_http source over TLS.
         status = _http_delivery(source_port, ca_pem, [b'{"n": 2}\n'])
         assert status == 200
