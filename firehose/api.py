@@ -31,9 +31,10 @@ import pybase64
 import structlog
 from aiohttp import ClientPayloadError, web
 
+from firehose.access import KeyPolicy, denied_message
 from firehose.httpserver import BodyBudget, HttpLimits
 from firehose.log import LogError, LogFullError, LogTooLargeError
-from firehose.names import STREAM_NAME_RE
+from firehose.names import STREAM_NAME_RE, stream_arn
 from firehose.redrive import REDRIVE_HEADER, REDRIVE_ID_RE
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 log = structlog.get_logger()
 # The X-Firehose-Redrive-Id of the request being handled (firehose/redrive.py).
 _redrive_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("redrive_id", default=None)
+#: The signing key's limits (firehose/access.py) for the request being answered; None: unlimited.
+_caller: contextvars.ContextVar[KeyPolicy | None] = contextvars.ContextVar("caller", default=None)
 
 
 class ApiError(Exception):
@@ -343,7 +346,7 @@ class FirehoseApi:
 
             try:
                 preverify(request.method, request.raw_path.split("?", 1)[0], request.query_string,
-                          list(request.headers.items()), api.auth.credentials).verify(hashlib.sha256(b"").hexdigest())
+                          list(request.headers.items()), api.auth.secrets).verify(hashlib.sha256(b"").hexdigest())
             except (AuthError, ValueError):
                 return False
             return True
@@ -367,7 +370,7 @@ class FirehoseApi:
 
                 try:
                     pending = preverify(request.method, request.raw_path.split("?", 1)[0], request.query_string,
-                                        list(request.headers.items()), auth.credentials)
+                                        list(request.headers.items()), auth.secrets)
                 except AuthError as exc:
                     raise ApiError(exc.code, exc.message, exc.status) from None
             raw = await self._read_body(request, hashing=pending is not None)
@@ -390,6 +393,8 @@ class FirehoseApi:
                 raise ApiError("SerializationException", "Request body is not valid JSON") from None
             if not isinstance(doc, dict):
                 raise ApiError("SerializationException", "Request body must be a JSON object")
+            if pending is not None:
+                self._authorize(pending.akid, op or "", doc)
             redrive = request.headers.get(REDRIVE_HEADER)
             if redrive is not None:
                 if op != "PutRecordBatch" or not REDRIVE_ID_RE.fullmatch(redrive):
@@ -406,6 +411,27 @@ class FirehoseApi:
             log.error("api_request_failed", operation=op, error=f"{type(exc).__name__}: {exc}",
                       exc_info=True)
             return error_response(ApiError("InternalFailure", "An internal error occurred", 500))
+
+    def _authorize(self, akid: str, op: str, doc: dict[str, Any]) -> None:
+        """IAM-lite (firehose/access.py): AccessDeniedException unless the key's ``allow`` matches
+        the action and, for a call on a stream, its ``streams`` match the stream's name. Checked
+        before the call is looked at further, so a key learns nothing about streams it may not see."""
+        api = self.daemon.config.api
+        policy = api.auth.policy(akid)
+        _caller.set(policy)
+        if policy is None:
+            return
+        action = f"firehose:{op}"
+        name = doc.get("DeliveryStreamName")
+        valid_name = isinstance(name, str) and STREAM_NAME_RE.fullmatch(name) is not None
+        if op == "ListDeliveryStreams":
+            allowed = policy.allows_action(action)
+        else:
+            allowed = policy.allows_action(action) and valid_name and policy.allows_stream(str(name))
+        if not allowed:
+            # A name that is not a stream name is not echoed back: the resource is written as *.
+            resource = stream_arn(api.region, api.account_id, str(name) if valid_name else "*")
+            raise ApiError("AccessDeniedException", denied_message(akid, api.account_id, action, resource), 400)
 
     async def _read_body(self, request: web.Request, *, hashing: bool) -> _Body:
         """The request body as sent, read within the deadline and the caps (see :meth:`handle`).
@@ -569,6 +595,9 @@ class FirehoseApi:
             )
         start = doc.get("ExclusiveStartDeliveryStreamName")
         names = sorted(self.daemon.streams)
+        policy = _caller.get()
+        if policy is not None:  # only the streams the caller's key may see
+            names = [n for n in names if policy.allows_stream(n)]
         if stype is not None:
             names = [n for n in names if self.daemon.stream_type(n) == stype]
         if isinstance(start, str):

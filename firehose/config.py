@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
+from firehose.access import AuthConfig
 from firehose.cluster import ClusterConfig, cluster_problems
 from firehose.config_errors import _collect, _line_for
 from firehose.interfaces import (
@@ -62,34 +63,6 @@ class RuntimeCheck:
     file: str
     where: str
     target: Any
-
-
-class AuthConfig(StrictModel):
-    """``mode: sigv4`` verifies AWS Signature Version 4 on every API request against
-    ``credentials`` (access key id -> secret; use ``${ENV}`` for secrets). ``none`` accepts any."""
-
-    mode: Literal["none", "sigv4"] = Field(
-        default="none",
-        description="How API requests are authenticated: `none` accepts every request; `sigv4` verifies "
-        "each request's AWS Signature Version 4 against `credentials` (Firehose: IAM request signing).",
-    )
-    credentials: dict[str, str] = Field(
-        default={},
-        description="Access key id -> secret access key, the key pairs `sigv4` accepts (write secrets as "
-        "`${ENV}`). At least one with `mode: sigv4`.",
-    )
-
-    @field_validator("credentials")
-    @classmethod
-    def _creds(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, secret in v.items():
-            if not key or not secret:
-                raise ValueError("every access key id needs a non-empty secret")
-        return v
-
-    def model_post_init(self, __context: Any) -> None:
-        if self.mode == "sigv4" and not self.credentials:
-            raise ValueError("mode sigv4 needs at least one entry in credentials")
 
 
 class HealthConfig(StrictModel):

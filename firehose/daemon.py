@@ -380,12 +380,15 @@ class Daemon:
                 sd_notify("READY=1\nSTATUS=reload rejected; old config running")
                 return
             # Certificates are read again from their files (renewed in place, or api.tls moved to
-            # other files); anything else about the API needs a restart.
+            # other files) and credentials apply at once; anything else about the API needs a restart.
             tls_reload_all()
             if self._api_tls is not None and new.api.tls is not None and new.api.tls != self._api_tls.cfg:
                 self._api_tls.reload(new.api.tls)
-            if (new.api.model_copy(update={"tls": self.config.api.tls}) != self.config.api
-                    or (new.api.tls is None) != (self.config.api.tls is None) or new.data_dir != self.config.data_dir):
+            old_api = self.config.api
+            same_tls = (new.api.tls is None) == (old_api.tls is None)
+            self.config = self.config.model_copy(update={"api": old_api.model_copy(update={
+                "auth": new.api.auth, "tls": new.api.tls if same_tls else old_api.tls})})
+            if new.api != self.config.api or new.data_dir != self.config.data_dir:
                 log.warning("config_reload_restart_required", fields=["api", "data_dir"])
             if self.cluster is not None:
                 await self._reload_cluster(new)

@@ -665,3 +665,13 @@ def fresh_postgres_catalog_uri(postgres: Any) -> str:
     postgres.execute(f"create database {db}")
     p = postgres.params(db)
     return f"postgresql+psycopg://{p['user']}:{p['password']}@127.0.0.1:{p['port']}/{db}"
+
+
+def validate_config(tmp: Path, config: dict[str, Any]) -> tuple[Path, int, str]:
+    """``config`` written to ``tmp/firehose.yaml`` and checked with ``firehose validate`` as a user
+    runs it: (the file, the exit status, stdout and stderr together)."""
+    path = tmp / "firehose.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "firehose", "validate", str(path)], capture_output=True,
+                            text=True, timeout=120)
+    return path, result.returncode, result.stdout + result.stderr

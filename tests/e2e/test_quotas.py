@@ -16,7 +16,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from support import Daemon, daemon_config, local_objects, stream_config, wait_for
+from support import Daemon, daemon_config, local_objects, stream_config, validate_config, wait_for
 
 
 def throttled(daemon: Daemon, stream: str) -> float:
@@ -112,16 +112,7 @@ def test_a_stream_over_its_quota_answers_slow_down_whole_and_a_reload_changes_it
 
 @pytest.mark.parametrize("quotas", [{"records_per_sec": 0}, {"mib_per_sec": "fast"}, {"bytes": 1}])
 def test_invalid_quotas_are_reported_at_their_line(tmp_path: Path, quotas: dict[str, object]) -> None:
-    import subprocess
-    import sys
-
-    import yaml
-
-    path = tmp_path / "firehose.yaml"
     s = stream_config("q", {"type": "local", "path": str(tmp_path / "out")}, quotas=quotas)
-    path.write_text(yaml.safe_dump(daemon_config(tmp_path, [s]), sort_keys=False))
-    result = subprocess.run([sys.executable, "-m", "firehose", "validate", str(path)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert re.search(rf"{re.escape(str(path))}:\d+: streams\[0\]\.quotas\.", result.stdout + result.stderr), \
-        result.stdout + result.stderr
+    path, status, text = validate_config(tmp_path, daemon_config(tmp_path, [s]))
+    assert status != 0
+    assert re.search(rf"{re.escape(str(path))}:\d+: streams\[0\]\.quotas\.", text), text

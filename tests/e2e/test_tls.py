@@ -18,7 +18,6 @@ from pathlib import Path
 import boto3
 import orjson
 import pytest
-import yaml
 from botocore.config import Config
 from botocore.exceptions import SSLError
 from cryptography import x509
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from support import Daemon, daemon_config, free_port, local_objects, stream_config, wait_for
+from support import Daemon, daemon_config, free_port, local_objects, stream_config, validate_config, wait_for
 
 
 def _name(cn: str) -> x509.Name:
@@ -188,12 +187,8 @@ def test_certificate_problems_are_reported_at_their_line(tmp_path: Path, problem
         key = tmp_path / "other.key"
     cfg = daemon_config(tmp_path, [stream_config("s", {"type": "local", "path": str(tmp_path / "out")})])
     cfg["api"]["tls"] = {"cert": str(cert), "key": str(key)}
-    path = tmp_path / "firehose.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    result = subprocess.run([sys.executable, "-m", "firehose", "validate", str(path)], capture_output=True,
-                            text=True, timeout=120)
-    text = result.stdout + result.stderr
-    assert result.returncode != 0
+    path, status, text = validate_config(tmp_path, cfg)
+    assert status != 0
     assert re.search(rf"{re.escape(str(path))}:\d+: api\.tls: ", text), text
     assert ("no such file" in text) if problem == "missing" else ("do not load as a PEM pair" in text), text
     assert "Traceback" not in text

@@ -67,4 +67,6 @@ streams:
     message = str(info.value)
     for secret in ("987654321012345", "98765432101", "12345678901234"):
         assert secret not in message
-    assert message.count("<redacted>") == 3, message
+    for field in ("api.auth.credentials.AKIDEXAMPLE:", "destination.connection.password:",
+                  "destination.staging.secret_access_key:"):
+        assert field in message, message  # each reported, none with its value
