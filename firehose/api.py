@@ -265,6 +265,10 @@ class FirehoseApi:
             "TagDeliveryStream": self.tag_stream,
             "UntagDeliveryStream": self.untag_stream,
         }
+        if daemon.control is not None:
+            self.ops.update({"CreateDeliveryStream": self.create_delivery_stream,
+                             "DeleteDeliveryStream": self.delete_delivery_stream,
+                             "UpdateDestination": self.update_destination})
         lim = daemon.config.api.limits
         self.limits = HttpLimits(
             max_connections=lim.max_connections, header_timeout_secs=lim.header_timeout_secs,
@@ -494,6 +498,11 @@ class FirehoseApi:
         return rt
 
     def _direct_put_stream(self, name: str) -> Any:
+        control = self.daemon.control
+        if control is not None and (name in control.deleting or name in control.creating):
+            status = control.status(name)
+            raise ApiError("ResourceNotFoundException", f"Firehose {name} under account "
+                           f"{self.daemon.config.api.account_id} is {status}; it takes no records.")
         rt = self._stream(name)
         stype = self.daemon.stream_type(name)
         if stype != "DirectPut":
@@ -594,7 +603,7 @@ class FirehoseApi:
                 "Member must satisfy enum value set: [DirectPut, KinesisStreamAsSource, MSKAsSource, DatabaseAsSource]",
             )
         start = doc.get("ExclusiveStartDeliveryStreamName")
-        names = sorted(self.daemon.streams)
+        names = sorted({*self.daemon.streams, *(self.daemon.control.creating if self.daemon.control else ())})
         policy = _caller.get()
         if policy is not None:  # only the streams the caller's key may see
             names = [n for n in names if policy.allows_stream(n)]
@@ -607,8 +616,43 @@ class FirehoseApi:
 
     async def describe_delivery_stream(self, doc: dict[str, Any]) -> web.Response:
         name = _stream_name(doc)
+        control = self.daemon.control
+        if control is not None and name in control.creating:
+            api = self.daemon.config.api
+            return _response({"DeliveryStreamDescription": {
+                "DeliveryStreamName": name, "DeliveryStreamARN": stream_arn(api.region, api.account_id, name),
+                "DeliveryStreamStatus": "CREATING", "DeliveryStreamType": "DirectPut", "VersionId": "1",
+                "CreateTimestamp": round(time.time(), 3), "Destinations": [], "HasMoreDestinations": False}})
         self._stream(name)
-        return _response({"DeliveryStreamDescription": self.daemon.describe(name)})
+        desc = self.daemon.describe(name)
+        if control is not None:
+            desc["DeliveryStreamStatus"] = control.status(name)
+        return _response({"DeliveryStreamDescription": desc})
+
+    # ------------------------------------------------------------------ control plane (firehose/control.py)
+    async def _control(self, call: Callable[[dict[str, Any]], Awaitable[Any]], doc: dict[str, Any]) -> Any:
+        from firehose.control import ControlError
+
+        try:
+            return await call(doc)
+        except ControlError as exc:
+            raise ApiError(exc.code, exc.message) from None
+
+    async def create_delivery_stream(self, doc: dict[str, Any]) -> web.Response:
+        assert self.daemon.control is not None
+        name = await self._control(self.daemon.control.create, doc)
+        api = self.daemon.config.api
+        return _response({"DeliveryStreamARN": stream_arn(api.region, api.account_id, name)})
+
+    async def delete_delivery_stream(self, doc: dict[str, Any]) -> web.Response:
+        assert self.daemon.control is not None
+        await self._control(self.daemon.control.delete, doc)
+        return _response({})
+
+    async def update_destination(self, doc: dict[str, Any]) -> web.Response:
+        assert self.daemon.control is not None
+        await self._control(self.daemon.control.update_destination, doc)
+        return _response({})
 
     async def list_tags(self, doc: dict[str, Any]) -> web.Response:
         name = _stream_name(doc)

@@ -41,6 +41,37 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from firehose.control import API_STREAMS_FILE
+
+    try:
+        cfg = load_config(args.config)
+        if args.config is None:
+            from importlib import resources
+
+            raw = yaml.safe_load(resources.files("firehose").joinpath("default.yaml").read_text()) or {}
+        else:
+            with open(args.config, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}  # as written: ${ENV} references stay references
+        api_path = os.path.join(cfg.data_dir, API_STREAMS_FILE)
+        api_streams: list[Any] = []
+        if os.path.exists(api_path):
+            with open(api_path, encoding="utf-8") as f:
+                doc = yaml.safe_load(f) or {}
+            deleting = set(doc.get("deleting") or [])
+            api_streams = [s for s in doc.get("streams") or [] if s.get("name") not in deleting]
+    except ConfigError as exc:
+        return _problems(exc.errors)
+    except (OSError, yaml.YAMLError) as exc:
+        print(f"firehose: cannot export the config: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    raw["streams"] = [*(raw.get("streams") or []), *api_streams]
+    sys.stdout.write(yaml.safe_dump(raw, sort_keys=False))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from firehose import logging as fh_logging
     from firehose.config_checks import validate_file
@@ -375,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("path", metavar="AGENT_JSON", help="the agent.json file")
     imp.set_defaults(func=_cmd_import_agent_config)
+    exp = sub.add_parser(
+        "export-config", help="print the whole config as YAML: the file's streams and those made through the API",
+        formatter_class=fmt,
+        description="Print the config file with the streams created through the API (api.control_plane, kept in "
+                    "data_dir/api-streams.yaml) added to its streams: one file that recreates them all.",
+    )
+    exp.add_argument("--config", default=None, metavar="FILE", help="the config file (default: the built-in one)")
+    exp.set_defaults(func=_cmd_export_config)
     schema = sub.add_parser(
         "config-schema", help="print the config file's JSON Schema (or, with --markdown, its reference)",
         formatter_class=fmt,

@@ -137,6 +137,9 @@ class ApiConfig(StrictModel):
         default=ApiLimitsConfig(),
         description="Bounds on the API's connections and request bodies.",
     )
+    control_plane: bool = Field(
+        default=False, description="Serve CreateDeliveryStream, UpdateDestination and DeleteDeliveryStream: streams "
+        "made through the API, kept in `data_dir/api-streams.yaml` beside the YAML-defined ones (firehose/control.py).")
     tls: TlsConfig | None = Field(
         default=None, description="Serve HTTPS with this certificate (reloaded on SIGHUP); unset: HTTP.")
     operator_tokens: list[str] = Field(

@@ -19,6 +19,7 @@ import structlog
 from firehose.api import FirehoseApi
 from firehose.cluster import Cluster, ClusterConfig, ClusteredStream, node_name
 from firehose.config import ConfigError, DaemonConfig, StreamConfig, load_config
+from firehose.control import ControlPlane
 from firehose.filelog import lock_directory
 from firehose.httpserver import GuardedServer
 from firehose.interfaces import BuildContext, ClusterPlacement
@@ -148,6 +149,12 @@ class Daemon:
         self.streams: dict[str, Any] = {}  # StreamRuntime, or ClusteredStream in cluster mode
         self.quotas: dict[str, Quota] = {}  # streams with a quotas: block (the API takes from them)
         self._api_tls: TlsContext | None = None
+        self.control: ControlPlane | None = None
+        if config.api.control_plane:
+            if config.cluster is not None:
+                raise ConfigError(["api.control_plane: not supported in cluster mode yet (API-defined streams would "
+                                   "have to live in JetStream, not on one daemon's disk)"])
+            self.control = ControlPlane(self)
         self.cluster: Cluster | None = None
         self.state = StreamState(config.data_dir)
         self.api = FirehoseApi(self)
@@ -273,6 +280,8 @@ class Daemon:
                 # and producers get 503 for it until an operator runs `firehose spool salvage`.
                 self.failed_streams[cfg.name] = "spool damaged; see the log and `firehose spool check`"
                 log.error("stream_start_failed", stream=cfg.name, reason=_one_line(exc))
+        if self.control is not None:
+            await self.control.start()
         api = self.config.api
         self._api_tls = TlsContext(api.tls) if api.tls is not None else None
         self._server = GuardedServer(self.api.app, api.host, api.port, self.api.limits, name=api.listen,
@@ -344,6 +353,8 @@ class Daemon:
         log.info("daemon_stopping", timeout_secs=self.config.shutdown_timeout_secs)
         self.ready = False
         await self.status_sampler.stop()
+        if self.control is not None:
+            await self.control.close()  # a deletion under way resumes at the next start
         for rt in self.streams.values():
             rt._accepting = False
         timeout = float(self.config.shutdown_timeout_secs)
@@ -369,27 +380,12 @@ class Daemon:
         async with self._reload_lock:
             sd_notify("RELOADING=1")
             try:
-                new = await asyncio.to_thread(load_config, self.config_path)
-                problems = await asyncio.to_thread(_precheck, new, self.config)
-                if problems:
-                    raise ConfigError(problems)
-                if (self.cluster is None) != (new.cluster is None):
-                    raise ConfigError(["cluster: moving between cluster mode and the local spool needs a restart"])
+                new = await self._load_reload()
             except ConfigError as exc:
                 log.error("config_reload_rejected", errors=exc.errors)
                 sd_notify("READY=1\nSTATUS=reload rejected; old config running")
                 return
-            # Certificates are read again from their files (renewed in place, or api.tls moved to
-            # other files) and credentials apply at once; anything else about the API needs a restart.
-            tls_reload_all()
-            if self._api_tls is not None and new.api.tls is not None and new.api.tls != self._api_tls.cfg:
-                self._api_tls.reload(new.api.tls)
-            old_api = self.config.api
-            same_tls = (new.api.tls is None) == (old_api.tls is None)
-            self.config = self.config.model_copy(update={"api": old_api.model_copy(update={
-                "auth": new.api.auth, "tls": new.api.tls if same_tls else old_api.tls})})
-            if new.api != self.config.api or new.data_dir != self.config.data_dir:
-                log.warning("config_reload_restart_required", fields=["api", "data_dir"])
+            self._apply_live_api(new)
             if self.cluster is not None:
                 await self._reload_cluster(new)
                 return
@@ -422,6 +418,34 @@ class Daemon:
             self._set_quotas(new)
             log.info("config_reloaded", streams=sorted(self.streams))
             sd_notify("READY=1\nSTATUS=serving")
+
+    async def _load_reload(self) -> DaemonConfig:
+        """The config file as a reload would apply it; ConfigError for whatever makes it refused."""
+        new = await asyncio.to_thread(load_config, self.config_path)
+        problems = await asyncio.to_thread(_precheck, new, self.config)
+        if problems:
+            raise ConfigError(problems)
+        if (self.cluster is None) != (new.cluster is None):
+            raise ConfigError(["cluster: moving between cluster mode and the local spool needs a restart"])
+        if self.control is not None:
+            clash = sorted({s.name for s in new.streams} & set(self.control.docs))
+            if clash:
+                raise ConfigError([f"streams: {', '.join(clash)} was created through the API ({self.control.path}); "
+                                   "a YAML stream cannot take its name"])
+        return new
+
+    def _apply_live_api(self, new: DaemonConfig) -> None:
+        """Certificates are read again from their files (renewed in place, or api.tls moved to
+        other files) and credentials apply at once; anything else about the API needs a restart."""
+        tls_reload_all()
+        if self._api_tls is not None and new.api.tls is not None and new.api.tls != self._api_tls.cfg:
+            self._api_tls.reload(new.api.tls)
+        old_api = self.config.api
+        same_tls = (new.api.tls is None) == (old_api.tls is None)
+        self.config = self.config.model_copy(update={"api": old_api.model_copy(update={
+            "auth": new.api.auth, "tls": new.api.tls if same_tls else old_api.tls})})
+        if new.api != self.config.api or new.data_dir != self.config.data_dir:
+            log.warning("config_reload_restart_required", fields=["api", "data_dir"])
 
     async def _reload_cluster(self, new: DaemonConfig) -> None:
         """Cluster mode: apply the streams on this daemon's partitions (Cluster.apply). The other

@@ -1,0 +1,269 @@
+"""Firehose's control plane on one daemon (``api.control_plane: true``): streams created, updated
+and deleted through the API, beside the YAML-defined ones.
+
+API-defined streams are kept in ``data_dir/api-streams.yaml`` in the YAML model (``streams:``, as
+a config file writes them; a user can read them, and ``firehose export-config`` prints them with
+the rest), with the request members each destination was made from (``requests:``, so that an
+UpdateDestination merges into them) and the streams being deleted. The file is replaced
+atomically and fsynced before a call is answered, so a stream survives restarts and ``kill -9``.
+
+* ``CreateDeliveryStream`` answers at once; the stream is ``CREATING`` until its runtime has
+  started, then ``ACTIVE``. A name a YAML stream or an API stream has is ``ResourceInUseException``.
+* ``UpdateDestination`` needs the current ``VersionId`` (another is
+  ``ConcurrentModificationException``); the stream restarts on the new destination and its
+  VersionId moves on.
+* ``DeleteDeliveryStream`` marks the stream ``DELETING`` (durably), stops taking records, seals
+  what is buffered and delivers everything acknowledged, retrying for as long as the destination
+  needs (a restart resumes it), and only then removes the spool, the state and the entry.
+  ``AllowForceDelete`` is accepted: in Firehose it concerns KMS grants, never data.
+* YAML-defined streams are read-only here: ``InvalidArgumentException`` says where they are defined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import yaml
+
+from firehose.config import ConfigError, StreamConfig, load_config_text
+from firehose.control_shapes import ShapeError, s3_destination_update, stream_from_create
+from firehose.names import STREAM_NAME_RE, disk_name
+
+if TYPE_CHECKING:
+    from firehose.daemon import Daemon
+
+__all__ = ["API_STREAMS_FILE", "ControlError", "ControlPlane"]
+
+log = structlog.get_logger()
+
+API_STREAMS_FILE = "api-streams.yaml"
+#: How long a deletion keeps delivering before it tries again (it never gives up on acknowledged records).
+DRAIN_ROUND_SECS = 300.0
+
+
+class ControlError(Exception):
+    """A control-plane call refused with Firehose's error ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class ControlPlane:
+    """The API-defined streams of one daemon. Runs on the daemon's event loop."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.path = os.path.join(daemon.config.data_dir, API_STREAMS_FILE)
+        self.docs: dict[str, dict[str, Any]] = {}  # name -> the stream's YAML model
+        self.requests: dict[str, dict[str, Any]] = {}  # name -> its destination's request members
+        self.deleting: set[str] = set()
+        self.creating: dict[str, StreamConfig] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ the file
+    def _validate(self, doc: dict[str, Any], source: str) -> StreamConfig:
+        text = yaml.safe_dump({"data_dir": self.daemon.config.data_dir, "streams": [doc]}, sort_keys=False)
+        try:
+            return load_config_text(text, source, env={}).streams[0]
+        except ConfigError as exc:
+            # "source:line: streams[0].destination.bucket: message" -> "destination.bucket: message"
+            problems = [e.split(": ", 1)[-1].removeprefix("streams[0].") for e in exc.errors]
+            raise ControlError("InvalidArgumentException", "; ".join(problems)) from None
+
+    def load(self) -> list[StreamConfig]:
+        """The API-defined streams in the file (a stream YAML now also defines is left out, with an
+        error in the log: the YAML one runs)."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+        out = []
+        yaml_names = {s.name for s in self.daemon.config.streams}
+        for stream in doc.get("streams") or []:
+            name = stream.get("name")
+            if name in yaml_names:
+                log.error("api_stream_shadowed", stream=name, file=self.path)
+                continue
+            self.docs[name] = stream
+            out.append(self._validate(stream, self.path))
+        self.requests = dict(doc.get("requests") or {})
+        self.deleting = set(doc.get("deleting") or [])
+        return out
+
+    def _save(self) -> None:
+        doc = {"streams": list(self.docs.values()), "requests": self.requests, "deleting": sorted(self.deleting)}
+        text = ("# Streams created through the Firehose API (api.control_plane). Written by the daemon;\n"
+                "# `firehose export-config` prints them with the YAML-defined ones.\n"
+                + yaml.safe_dump(doc, sort_keys=False))
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> None:
+        """Start the API-defined streams; resume the deletions a restart interrupted."""
+        for cfg in await asyncio.to_thread(self.load):
+            try:
+                self.daemon.streams[cfg.name] = await self.daemon._start_stream(cfg)
+            except Exception as exc:
+                self.daemon.failed_streams[cfg.name] = "failed to start; see the log"
+                log.error("stream_start_failed", stream=cfg.name, reason=f"{type(exc).__name__}: {exc}")
+                continue
+            if cfg.name in self.deleting:
+                self._spawn(self._drain_and_remove(cfg.name))
+
+    def status(self, name: str) -> str:
+        if name in self.creating:
+            return "CREATING"
+        return "DELETING" if name in self.deleting else "ACTIVE"
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def read_only(self, name: str) -> None:
+        """InvalidArgumentException for a YAML-defined stream."""
+        if name not in self.docs and name in {s.name for s in self.daemon.config.streams}:
+            where = self.daemon.config_path or "the daemon's built-in default config"
+            raise ControlError("InvalidArgumentException",
+                               f"Delivery stream {name} is defined in {where}; change it there (the API manages "
+                               "only the streams it created)")
+
+    # ------------------------------------------------------------------ calls
+    async def create(self, doc: dict[str, Any]) -> str:
+        """CreateDeliveryStream; returns the new stream's name."""
+        api = self.daemon.config.api
+        try:
+            stream, tags, request = stream_from_create(doc, api.region)
+        except ShapeError as exc:
+            raise ControlError("InvalidArgumentException", str(exc)) from None
+        name = stream["name"]
+        if not isinstance(name, str) or not STREAM_NAME_RE.fullmatch(name):
+            raise ControlError("ValidationException", "1 validation error detected: Value at 'deliveryStreamName' "
+                               "failed to satisfy constraint: Member must satisfy regular expression pattern: "
+                               "[a-zA-Z0-9_.-]+")
+        async with self._lock:
+            if name in self.daemon.streams or name in self.docs or name in self.creating or \
+                    name in {s.name for s in self.daemon.config.streams}:
+                raise ControlError("ResourceInUseException", f"Firehose {name} under accountId "
+                                   f"{api.account_id} already exists")
+            cfg = self._validate(stream, "CreateDeliveryStream")
+            self.docs[name], self.requests[name] = stream, request
+            self.creating[name] = cfg
+            try:
+                await asyncio.to_thread(self._save)
+            except OSError:
+                del self.docs[name], self.requests[name], self.creating[name]
+                raise
+            if tags:
+                self.daemon.state.version_for(cfg)  # the state entry the tags live in
+                self.daemon.state.update_tags(name, lambda current: {**current, **tags})
+        self._spawn(self._start(name, cfg))
+        log.info("api_stream_created", stream=name)
+        return name
+
+    async def _start(self, name: str, cfg: StreamConfig) -> None:
+        try:
+            self.daemon.streams[name] = await self.daemon._start_stream(cfg)
+        except Exception as exc:
+            self.daemon.failed_streams[name] = "failed to start; see the log"
+            log.error("stream_start_failed", stream=name, reason=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.creating.pop(name, None)
+
+    async def update_destination(self, doc: dict[str, Any]) -> None:
+        name = doc.get("DeliveryStreamName")
+        if not isinstance(name, str):
+            raise ControlError("ValidationException", "DeliveryStreamName is required")
+        self.read_only(name)
+        async with self._lock:
+            rt = self.daemon.streams.get(name)
+            if name not in self.docs or rt is None or name in self.deleting or name in self.creating:
+                raise ControlError("ResourceNotFoundException", f"Firehose {name} under account "
+                                   f"{self.daemon.config.api.account_id} not found.")
+            if str(doc.get("CurrentDeliveryStreamVersionId")) != str(rt.version):
+                raise ControlError("ConcurrentModificationException",
+                                   f"Cannot update firehose: {name} since the current version id: {rt.version} "
+                                   f"and the specified version id: {doc.get('CurrentDeliveryStreamVersionId')} "
+                                   "do not match")
+            if doc.get("DestinationId", "destinationId-000000000001") != "destinationId-000000000001":
+                raise ControlError("InvalidArgumentException", f"Destination {doc.get('DestinationId')!r} not found")
+            try:
+                stream, request = s3_destination_update(name, self.requests.get(name, {}), doc,
+                                                        self.daemon.config.api.region)
+            except ShapeError as exc:
+                raise ControlError("InvalidArgumentException", str(exc)) from None
+            cfg = self._validate(stream, "UpdateDestination")
+            previous = self.docs[name], self.requests.get(name, {})
+            self.docs[name], self.requests[name] = stream, request
+            try:
+                await asyncio.to_thread(self._save)
+            except OSError:
+                self.docs[name], self.requests[name] = previous
+                raise
+            await self.daemon._switch(name, cfg, float(self.daemon.config.shutdown_timeout_secs))
+        log.info("api_stream_updated", stream=name, version=self.daemon.streams[name].version)
+
+    async def delete(self, doc: dict[str, Any]) -> None:
+        name = doc.get("DeliveryStreamName")
+        if not isinstance(name, str):
+            raise ControlError("ValidationException", "DeliveryStreamName is required")
+        self.read_only(name)
+        async with self._lock:
+            if name not in self.docs or name in self.deleting:
+                raise ControlError("ResourceNotFoundException", f"Firehose {name} under account "
+                                   f"{self.daemon.config.api.account_id} not found.")
+            self.deleting.add(name)
+            await asyncio.to_thread(self._save)
+        self._spawn(self._drain_and_remove(name))
+        log.info("api_stream_deleting", stream=name)
+
+    async def _drain_and_remove(self, name: str) -> None:
+        """Deliver everything acknowledged, however long the destination takes, then remove it all."""
+        while name in self.creating:
+            await asyncio.sleep(0.05)
+        rt = self.daemon.streams.get(name)
+        while rt is not None:
+            clean = await rt.stop(DRAIN_ROUND_SECS)
+            if clean:
+                break
+            log.warning("api_stream_delete_waiting", stream=name, reason="batches not delivered yet; retrying")
+            rt = await self.daemon._start_stream(rt.config)
+            self.daemon.streams[name] = rt
+            rt._accepting = False
+        self.daemon.streams.pop(name, None)
+        self.daemon.failed_streams.pop(name, None)
+        data_dir = self.daemon.config.data_dir
+        await asyncio.to_thread(shutil.rmtree, os.path.join(data_dir, "spool", disk_name(name)), True)
+        self.daemon.state.restore(name, None)
+        async with self._lock:
+            self.docs.pop(name, None)
+            self.requests.pop(name, None)
+            self.deleting.discard(name)
+            await asyncio.to_thread(self._save)
+        log.info("api_stream_deleted", stream=name, at=time.time())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def export(self) -> list[dict[str, Any]]:
+        """The API-defined streams in the YAML model."""
+        return [doc for name, doc in self.docs.items() if name not in self.deleting]

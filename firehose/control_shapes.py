@@ -1,0 +1,194 @@
+"""Firehose's CreateDeliveryStream and UpdateDestination request shapes, mapped onto the YAML model.
+
+The API's shapes (botocore's service model) become the same stream document a user writes in
+YAML, which the config loader then validates like any other: one model, one set of checks, one
+set of error messages. Every member is either mapped or refused with InvalidArgumentException
+naming it; none is dropped without a word. Members that concern AWS's own plumbing and change
+nothing here are accepted: ``RoleARN`` (there is no IAM role to assume; the daemon's credentials
+are used), CloudWatch logging that is disabled, and encryption that is ``NoEncryption``.
+
+Supported: ``DeliveryStreamType`` ``DirectPut``, ``ExtendedS3DestinationConfiguration`` and
+``S3DestinationConfiguration`` (bucket, prefixes, buffering hints, compression, file extension,
+processing with Lambda, AppendDelimiterToRecord, MetadataExtraction and RecordDeAggregation,
+dynamic partitioning), ``Tags``. S3 endpoints and credentials come from the standard AWS
+configuration (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, profiles, the credential chain), as
+any AWS SDK finds them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ShapeError", "s3_destination_update", "stream_from_create"]
+
+
+class ShapeError(ValueError):
+    """A request member this daemon does not support, or a malformed one (InvalidArgumentException)."""
+
+
+_DESTINATIONS = ("ExtendedS3DestinationConfiguration", "S3DestinationConfiguration",
+                 "RedshiftDestinationConfiguration", "ElasticsearchDestinationConfiguration",
+                 "AmazonopensearchserviceDestinationConfiguration", "SplunkDestinationConfiguration",
+                 "HttpEndpointDestinationConfiguration", "AmazonOpenSearchServerlessDestinationConfiguration",
+                 "SnowflakeDestinationConfiguration", "IcebergDestinationConfiguration")
+_CREATE_MEMBERS = {"DeliveryStreamName", "DeliveryStreamType", "Tags", *_DESTINATIONS}
+_S3_MEMBERS = {"RoleARN", "BucketARN", "Prefix", "ErrorOutputPrefix", "BufferingHints", "CompressionFormat",
+               "EncryptionConfiguration", "CloudWatchLoggingOptions"}
+_EXTENDED_MEMBERS = _S3_MEMBERS | {"ProcessingConfiguration", "S3BackupMode", "DynamicPartitioningConfiguration",
+                                   "FileExtension", "DataFormatConversionConfiguration", "S3BackupConfiguration",
+                                   "CustomTimeZone"}
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ShapeError(f"{where} must be a structure")
+    return value
+
+
+def _refuse_unknown(conf: dict[str, Any], known: set[str], where: str) -> None:
+    extra = sorted(set(conf) - known)
+    if extra:
+        raise ShapeError(f"{where}.{extra[0]} is not supported by this daemon")
+
+
+def stream_from_create(doc: dict[str, Any], region: str) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """The YAML stream document, the tags and the destination request members (kept, so that an
+    UpdateDestination can merge into them) of a CreateDeliveryStream request."""
+    _refuse_unknown(doc, _CREATE_MEMBERS, "CreateDeliveryStream")
+    stype = doc.get("DeliveryStreamType", "DirectPut")
+    if stype != "DirectPut":
+        raise ShapeError(f"DeliveryStreamType {stype!r} is not supported by the control plane (DirectPut is; "
+                         "Kinesis sources are configured in the daemon's YAML file)")
+    given = [d for d in _DESTINATIONS if d in doc]
+    if len(given) != 1:
+        raise ShapeError("exactly one destination configuration is required" if not given
+                         else f"only one destination configuration may be given, not {', '.join(given)}")
+    which = given[0]
+    if which not in ("ExtendedS3DestinationConfiguration", "S3DestinationConfiguration"):
+        raise ShapeError(f"{which} is not supported by the control plane (ExtendedS3DestinationConfiguration "
+                         "and S3DestinationConfiguration are; other destinations are configured in the YAML file)")
+    conf = _obj(doc[which], which)
+    stream = {"name": doc.get("DeliveryStreamName"), **_s3_stream(conf, which, region)}
+    tags = {}
+    for i, tag in enumerate(doc.get("Tags") or []):
+        tag = _obj(tag, f"Tags[{i}]")
+        if not isinstance(tag.get("Key"), str) or not isinstance(tag.get("Value", ""), str):
+            raise ShapeError(f"Tags[{i}] needs a string Key and Value")
+        tags[tag["Key"]] = tag.get("Value", "")
+    return stream, tags, {which: conf}
+
+
+def s3_destination_update(name: str, request: dict[str, Any], doc: dict[str, Any],
+                          region: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The YAML stream document and destination request members after UpdateDestination: the
+    members the update gives replace those of ``request`` (what the stream was created or last
+    updated with), the others stay."""
+    which = next((k for k in ("ExtendedS3DestinationUpdate", "S3DestinationUpdate") if k in doc), None)
+    others = sorted(k for k in doc if k.endswith("DestinationUpdate") and k != which)
+    if which is None or others:
+        raise ShapeError(f"{(others or ['a destination update'])[0]} is not supported by the control plane "
+                         "(ExtendedS3DestinationUpdate and S3DestinationUpdate are)")
+    kind = "ExtendedS3DestinationConfiguration" if which.startswith("Extended") else "S3DestinationConfiguration"
+    merged = dict(next(iter(request.values()), {}))
+    merged.update(_obj(doc[which], which))
+    return {"name": name, **_s3_stream(merged, kind, region)}, {kind: merged}
+
+
+def _s3_stream(conf: dict[str, Any], which: str, region: str) -> dict[str, Any]:
+    extended = which == "ExtendedS3DestinationConfiguration"
+    _refuse_unknown(conf, _EXTENDED_MEMBERS if extended else _S3_MEMBERS, which)
+    bucket = conf.get("BucketARN")
+    if not isinstance(bucket, str):
+        raise ShapeError(f"{which}.BucketARN is required")
+    destination: dict[str, Any] = {"type": "s3", "bucket": bucket, "region": region}
+    for member, field in (("Prefix", "prefix"), ("ErrorOutputPrefix", "error_output_prefix"),
+                          ("CompressionFormat", "compression"), ("FileExtension", "file_extension")):
+        if conf.get(member) is not None:
+            destination[field] = conf[member]
+    _plumbing(conf, which)
+    stream: dict[str, Any] = {"destination": destination}
+    hints = conf.get("BufferingHints")
+    if hints is not None:
+        hints = _obj(hints, f"{which}.BufferingHints")
+        _refuse_unknown(hints, {"SizeInMBs", "IntervalInSeconds"}, f"{which}.BufferingHints")
+        stream["buffering"] = {k: hints[m] for m, k in (("SizeInMBs", "size_mib"), ("IntervalInSeconds", "interval_secs"))
+                               if m in hints}
+    if extended:
+        stream.update(_extended(conf, which))
+    return stream
+
+
+def _plumbing(conf: dict[str, Any], which: str) -> None:
+    logging = conf.get("CloudWatchLoggingOptions")
+    if logging is not None and _obj(logging, f"{which}.CloudWatchLoggingOptions").get("Enabled"):
+        raise ShapeError(f"{which}.CloudWatchLoggingOptions.Enabled is not supported: the daemon logs to its "
+                         "own log and exports metrics at /metrics")
+    encryption = conf.get("EncryptionConfiguration")
+    if encryption is not None and _obj(encryption, f"{which}.EncryptionConfiguration").get(
+            "NoEncryptionConfig", "NoEncryption") != "NoEncryption" or (
+            isinstance(encryption, dict) and "KMSEncryptionConfig" in encryption):
+        raise ShapeError(f"{which}.EncryptionConfiguration with KMS is not supported (NoEncryption is)")
+
+
+def _extended(conf: dict[str, Any], which: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if conf.get("S3BackupMode", "Disabled") != "Disabled" or conf.get("S3BackupConfiguration") is not None:
+        raise ShapeError(f"{which}.S3BackupMode Enabled is not supported by the control plane (a backup: block "
+                         "in the YAML file is)")
+    conversion = conf.get("DataFormatConversionConfiguration")
+    if conversion is not None and _obj(conversion, f"{which}.DataFormatConversionConfiguration").get("Enabled", True):
+        raise ShapeError(f"{which}.DataFormatConversionConfiguration is not supported by the control plane "
+                         "(a format: block in the YAML file is)")
+    if conf.get("CustomTimeZone") not in (None, "UTC"):
+        raise ShapeError(f"{which}.CustomTimeZone is not supported (prefixes are evaluated in UTC)")
+    processing = conf.get("ProcessingConfiguration")
+    if processing is not None:
+        processing = _obj(processing, f"{which}.ProcessingConfiguration")
+        _refuse_unknown(processing, {"Enabled", "Processors"}, f"{which}.ProcessingConfiguration")
+        if processing.get("Enabled", False):
+            out["processing"] = [_processor(_obj(p, f"{which}.ProcessingConfiguration.Processors[{i}]"), i, which)
+                                 for i, p in enumerate(processing.get("Processors") or [])]
+    partitioning = conf.get("DynamicPartitioningConfiguration")
+    if partitioning is not None:
+        partitioning = _obj(partitioning, f"{which}.DynamicPartitioningConfiguration")
+        _refuse_unknown(partitioning, {"Enabled", "RetryOptions"}, f"{which}.DynamicPartitioningConfiguration")
+        if partitioning.get("Enabled", False):
+            dp: dict[str, Any] = {"enabled": True}
+            retry = partitioning.get("RetryOptions")
+            if isinstance(retry, dict) and "DurationInSeconds" in retry:
+                dp["retry_duration_secs"] = retry["DurationInSeconds"]
+            out["dynamic_partitioning"] = dp
+    return out
+
+
+# Processor type -> (YAML type, parameter name -> YAML field, how the value is read).
+_PROCESSORS: dict[str, tuple[str, dict[str, tuple[str, type]]]] = {
+    "Lambda": ("lambda", {"LambdaArn": ("arn", str), "NumberOfRetries": ("retries", int),
+                          "BufferSizeInMBs": ("buffer_size_mib", float),
+                          "BufferIntervalInSeconds": ("buffer_interval_secs", int)}),
+    "AppendDelimiterToRecord": ("append_delimiter", {"Delimiter": ("delimiter", str)}),
+    "MetadataExtraction": ("metadata_extraction", {"MetadataExtractionQuery": ("query", str),
+                                                   "JsonParsingEngine": ("json_parsing_engine", str)}),
+    "RecordDeAggregation": ("record_deaggregation", {"SubRecordType": ("format", str), "Delimiter": ("delimiter", str)}),
+}
+
+
+def _processor(proc: dict[str, Any], i: int, which: str) -> dict[str, Any]:
+    where = f"{which}.ProcessingConfiguration.Processors[{i}]"
+    kind = proc.get("Type")
+    if kind not in _PROCESSORS:
+        raise ShapeError(f"{where}.Type {kind!r} is not supported (Lambda, AppendDelimiterToRecord, "
+                         "MetadataExtraction and RecordDeAggregation are)")
+    yaml_type, params = _PROCESSORS[kind]
+    out: dict[str, Any] = {"type": yaml_type}
+    for j, param in enumerate(proc.get("Parameters") or []):
+        param = _obj(param, f"{where}.Parameters[{j}]")
+        name, value = param.get("ParameterName"), param.get("ParameterValue")
+        if name not in params or not isinstance(value, str):
+            raise ShapeError(f"{where}.Parameters[{j}] {name!r} is not supported for {kind}")
+        field, cast = params[name]
+        try:
+            out[field] = cast(value) if cast is not str else value
+        except ValueError:
+            raise ShapeError(f"{where}.Parameters[{j}] {name}: {value!r} is not a number") from None
+    return out

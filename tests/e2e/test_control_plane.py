@@ -1,0 +1,178 @@
+"""The control plane through boto3, as LocalStack and Terraform users drive it: create a stream
+with an S3 destination through the API (the daemon finding moto's S3 through
+AWS_ENDPOINT_URL_S3), wait for ACTIVE, put, read the objects back, update with the VersionId,
+delete (everything acknowledged delivered first); the stream survives kill -9; YAML streams are
+read-only; names cannot clash either way; unsupported shapes are refused by name."""
+
+from __future__ import annotations
+
+import gzip
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from botocore.exceptions import ClientError
+
+from support import Daemon, MotoServer, daemon_config, stream_config, wait_for
+
+
+def s3_records(moto: MotoServer, bucket: str, prefix: str = "") -> list[int]:
+    s3 = moto.client()
+    out = []
+    for obj in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
+        body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+        if obj["Key"].endswith(".gz"):
+            body = gzip.decompress(body)
+        out += [orjson.loads(line)["n"] for line in body.splitlines() if line]
+    return sorted(out)
+
+
+def status(fh: Any, name: str) -> str:
+    return str(fh.describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]["DeliveryStreamStatus"])
+
+
+def code(call: Any, **kwargs: Any) -> str:
+    with pytest.raises(ClientError) as info:
+        call(**kwargs)
+    return str(info.value.response["Error"]["Code"]) + ": " + str(info.value.response["Error"]["Message"])
+
+
+def gone(fh: Any, name: str) -> bool:
+    try:
+        fh.describe_delivery_stream(DeliveryStreamName=name)
+    except ClientError as exc:
+        return str(exc.response["Error"]["Code"]) == "ResourceNotFoundException"
+    return False
+
+
+def put(fh: Any, name: str, numbers: range) -> list[int]:
+    fh.put_record_batch(DeliveryStreamName=name,
+                        Records=[{"Data": orjson.dumps({"n": n}) + b"\n"} for n in numbers])
+    return list(numbers)
+
+
+def test_create_put_update_delete_through_the_api_and_kill9(tmp_path: Path, moto: MotoServer) -> None:
+    s3 = moto.client()
+    s3.create_bucket(Bucket="api-bucket")
+    yaml_stream = stream_config("from-yaml", {"type": "local", "path": str(tmp_path / "yaml-out")})
+    cfg = daemon_config(tmp_path, [yaml_stream])
+    cfg["api"]["control_plane"] = True
+    env = {"AWS_ENDPOINT_URL_S3": moto.endpoint}
+    daemon = Daemon(tmp_path, cfg, env=env).start()
+    try:
+        fh = daemon.firehose()
+        arn = fh.create_delivery_stream(
+            DeliveryStreamName="clicks", DeliveryStreamType="DirectPut",
+            ExtendedS3DestinationConfiguration={
+                "RoleARN": "arn:aws:iam::000000000000:role/firehose", "BucketARN": "arn:aws:s3:::api-bucket",
+                "Prefix": "clicks/", "ErrorOutputPrefix": "errors/", "CompressionFormat": "GZIP",
+                "BufferingHints": {"SizeInMBs": 1, "IntervalInSeconds": 60},
+                "CloudWatchLoggingOptions": {"Enabled": False},
+                "ProcessingConfiguration": {"Enabled": False},
+            },
+            Tags=[{"Key": "team", "Value": "web"}],
+        )["DeliveryStreamARN"]
+        assert arn == "arn:aws:firehose:us-east-1:000000000000:deliverystream/clicks"
+        assert status(fh, "clicks") in ("CREATING", "ACTIVE")
+        wait_for(lambda: status(fh, "clicks") == "ACTIVE", 60, "the stream to be ACTIVE")
+        desc = fh.describe_delivery_stream(DeliveryStreamName="clicks")["DeliveryStreamDescription"]
+        ext = desc["Destinations"][0]["ExtendedS3DestinationDescription"]
+        assert ext["BucketARN"] == "arn:aws:s3:::api-bucket" and ext["Prefix"] == "clicks/"
+        assert ext["CompressionFormat"] == "GZIP" and desc["VersionId"] == "1"
+        assert fh.list_tags_for_delivery_stream(DeliveryStreamName="clicks")["Tags"] == [{"Key": "team", "Value": "web"}]
+        assert fh.list_delivery_streams()["DeliveryStreamNames"] == ["clicks", "from-yaml"]
+        acked = put(fh, "clicks", range(0, 100))
+
+        # Names cannot clash, either way round; YAML streams are read-only here.
+        assert code(fh.create_delivery_stream, DeliveryStreamName="clicks",
+                    S3DestinationConfiguration={"RoleARN": "r", "BucketARN": "arn:aws:s3:::api-bucket"}
+                    ).startswith("ResourceInUseException")
+        assert code(fh.create_delivery_stream, DeliveryStreamName="from-yaml",
+                    S3DestinationConfiguration={"RoleARN": "r", "BucketARN": "arn:aws:s3:::api-bucket"}
+                    ).startswith("ResourceInUseException")
+        refused = code(fh.delete_delivery_stream, DeliveryStreamName="from-yaml")
+        assert refused.startswith("InvalidArgumentException") and "firehose.yaml" in refused
+        # Shapes this daemon does not support are refused by name, never dropped.
+        assert "RedshiftDestinationConfiguration" in code(
+            fh.create_delivery_stream, DeliveryStreamName="rs",
+            RedshiftDestinationConfiguration={"RoleARN": "r", "ClusterJDBCURL": "jdbc:redshift://h:5439/d",
+                                              "CopyCommand": {"DataTableName": "t"}, "Username": "user", "Password": "password1",
+                                              "S3Configuration": {"RoleARN": "r", "BucketARN": "arn:aws:s3:::b"}})
+        assert "DataFormatConversionConfiguration" in code(
+            fh.create_delivery_stream, DeliveryStreamName="conv",
+            ExtendedS3DestinationConfiguration={"RoleARN": "r", "BucketARN": "arn:aws:s3:::api-bucket",
+                                                "DataFormatConversionConfiguration": {"Enabled": True}})
+        assert "bucket" in code(fh.create_delivery_stream, DeliveryStreamName="bad",
+                                S3DestinationConfiguration={"RoleARN": "r", "BucketARN": "arn:aws:s3:::Not_A_Bucket"})
+
+        # A stale VersionId is refused; the current one moves it on and the new prefix applies.
+        assert code(fh.update_destination, DeliveryStreamName="clicks", CurrentDeliveryStreamVersionId="7",
+                    DestinationId="destinationId-000000000001",
+                    ExtendedS3DestinationUpdate={"Prefix": "v2/"}).startswith("ConcurrentModificationException")
+        fh.update_destination(DeliveryStreamName="clicks", CurrentDeliveryStreamVersionId="1",
+                              DestinationId="destinationId-000000000001",
+                              ExtendedS3DestinationUpdate={"Prefix": "v2/", "BufferingHints": {"SizeInMBs": 1,
+                                                                                                "IntervalInSeconds": 1}})
+        desc = fh.describe_delivery_stream(DeliveryStreamName="clicks")["DeliveryStreamDescription"]
+        assert desc["VersionId"] == "2"
+        ext = desc["Destinations"][0]["ExtendedS3DestinationDescription"]
+        assert ext["Prefix"] == "v2/" and ext["CompressionFormat"] == "GZIP"  # what the update left out stays
+        wait_for(lambda: s3_records(moto, "api-bucket", "clicks/") == acked, 60, "the first records under clicks/")
+        later = put(fh, "clicks", range(100, 150))
+
+        # kill -9: the API stream comes back with its VersionId; nothing acknowledged is lost.
+        daemon.kill9()
+        daemon = Daemon(tmp_path, cfg, env=env).start()
+        fh = daemon.firehose()
+        wait_for(lambda: status(fh, "clicks") == "ACTIVE", 60, "the stream back after kill -9")
+        assert fh.describe_delivery_stream(DeliveryStreamName="clicks")["DeliveryStreamDescription"]["VersionId"] == "2"
+        wait_for(lambda: s3_records(moto, "api-bucket", "v2/") == later, 60, "records put before the kill")
+
+        # A YAML reload cannot take an API stream's name.
+        daemon.write_config({**cfg, "streams": [yaml_stream, stream_config("clicks", {"type": "local",
+                                                                                      "path": str(tmp_path / "x")})]})
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: any(e.get("event") == "config_reload_rejected" for e in daemon.events()), 60, "the rejection")
+        daemon.write_config(cfg)
+
+        # export-config prints both kinds.
+        out = subprocess.run([sys.executable, "-m", "firehose", "export-config", "--config", str(daemon.config_path)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        exported = yaml.safe_load(out.stdout)
+        assert [s["name"] for s in exported["streams"]] == ["from-yaml", "clicks"]
+        assert exported["streams"][1]["destination"]["prefix"] == "v2/"
+
+        # Delete: DELETING, then gone; what was acknowledged is delivered first.
+        last = put(fh, "clicks", range(150, 400))
+        fh.delete_delivery_stream(DeliveryStreamName="clicks", AllowForceDelete=True)
+        assert code(fh.put_record, DeliveryStreamName="clicks", Record={"Data": b"x"}).startswith(
+            "ResourceNotFoundException")
+        wait_for(lambda: gone(fh, "clicks"), 60, "the stream gone")
+        assert s3_records(moto, "api-bucket", "v2/") == later + last
+        assert fh.list_delivery_streams()["DeliveryStreamNames"] == ["from-yaml"]
+        assert not (tmp_path / "data" / "spool" / "clicks").exists()
+        # The name is free again.
+        fh.create_delivery_stream(DeliveryStreamName="clicks",
+                                  S3DestinationConfiguration={"RoleARN": "r", "BucketARN": "arn:aws:s3:::api-bucket"})
+        wait_for(lambda: status(fh, "clicks") == "ACTIVE", 60, "the new stream")
+        assert fh.describe_delivery_stream(DeliveryStreamName="clicks")["DeliveryStreamDescription"]["VersionId"] == "1"
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_the_control_plane_is_off_by_default(tmp_path: Path) -> None:
+    cfg = daemon_config(tmp_path, [stream_config("s", {"type": "local", "path": str(tmp_path / "out")})])
+    daemon = Daemon(tmp_path, cfg).start()
+    try:
+        refused = code(daemon.firehose().create_delivery_stream, DeliveryStreamName="x",
+                       S3DestinationConfiguration={"RoleARN": "r", "BucketARN": "arn:aws:s3:::b"})
+        assert refused.startswith("InvalidArgumentException")
+        assert not (tmp_path / "data" / "api-streams.yaml").exists()
+    finally:
+        assert daemon.stop() == 0
