@@ -17,6 +17,8 @@ atomically and fsynced before a call is answered, so a stream survives restarts 
   needs (a restart resumes it), and only then removes the spool, the state and the entry.
   ``AllowForceDelete`` is accepted: in Firehose it concerns KMS grants, never data.
 * YAML-defined streams are read-only here: ``InvalidArgumentException`` says where they are defined.
+* Firehose's control-plane quotas apply: 5 Create/Update/Delete calls a second and 5,000 streams;
+  past them, ``LimitExceededException``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import yaml
 from firehose.config import ConfigError, StreamConfig, load_config_text
 from firehose.control_shapes import ShapeError, s3_destination_update, stream_from_create
 from firehose.names import STREAM_NAME_RE, disk_name
+from firehose.quotas import TokenBucket
 
 if TYPE_CHECKING:
     from firehose.daemon import Daemon
@@ -42,6 +45,10 @@ __all__ = ["API_STREAMS_FILE", "ControlError", "ControlPlane"]
 log = structlog.get_logger()
 
 API_STREAMS_FILE = "api-streams.yaml"
+#: Firehose's control-plane quota: 5 CreateDeliveryStream/UpdateDestination/DeleteDeliveryStream
+#: calls a second (reference §1.6), and 5,000 delivery streams; past either, LimitExceededException.
+CONTROL_CALLS_PER_SEC = 5
+MAX_STREAMS = 5000
 #: How long a deletion keeps delivering before it tries again (it never gives up on acknowledged records).
 DRAIN_ROUND_SECS = 300.0
 
@@ -66,6 +73,14 @@ class ControlPlane:
         self.creating: dict[str, StreamConfig] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._calls = TokenBucket(CONTROL_CALLS_PER_SEC, time.monotonic())
+
+    def _rate(self) -> None:
+        """LimitExceededException past the control-plane quota (the call is not made)."""
+        self._calls.refill(time.monotonic())
+        if self._calls.tokens < 1:
+            raise ControlError("LimitExceededException", "Rate exceeded")
+        self._calls.tokens -= 1
 
     # ------------------------------------------------------------------ the file
     def _validate(self, doc: dict[str, Any], source: str) -> StreamConfig:
@@ -154,6 +169,10 @@ class ControlPlane:
         except ShapeError as exc:
             raise ControlError("InvalidArgumentException", str(exc)) from None
         name = stream["name"]
+        self._rate()
+        if len(self.daemon.streams) + len(self.creating) >= MAX_STREAMS:
+            raise ControlError("LimitExceededException", f"You have already consumed your firehose quota of "
+                               f"{MAX_STREAMS} hoses")
         if not isinstance(name, str) or not STREAM_NAME_RE.fullmatch(name):
             raise ControlError("ValidationException", "1 validation error detected: Value at 'deliveryStreamName' "
                                "failed to satisfy constraint: Member must satisfy regular expression pattern: "
@@ -188,6 +207,7 @@ class ControlPlane:
             self.creating.pop(name, None)
 
     async def update_destination(self, doc: dict[str, Any]) -> None:
+        self._rate()
         name = doc.get("DeliveryStreamName")
         if not isinstance(name, str):
             raise ControlError("ValidationException", "DeliveryStreamName is required")
@@ -221,6 +241,7 @@ class ControlPlane:
         log.info("api_stream_updated", stream=name, version=self.daemon.streams[name].version)
 
     async def delete(self, doc: dict[str, Any]) -> None:
+        self._rate()
         name = doc.get("DeliveryStreamName")
         if not isinstance(name, str):
             raise ControlError("ValidationException", "DeliveryStreamName is required")

@@ -37,7 +37,7 @@ apt_install() {
     fi
 }
 
-step "services: PostgreSQL 15, JDK + snappy-java, systemd-analyze, node + kinesalite, chromium"
+step "services: PostgreSQL 15, JDK + snappy-java, systemd-analyze, node + kinesalite, chromium, Go + AWS SDK v2, the JS SDK"
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     apt_install postgresql-15 || echo "note: PostgreSQL could not be installed; the real-database tests will not run" >&2
 fi
@@ -55,6 +55,14 @@ if ! command -v npm >/dev/null; then
 fi
 if ! command -v chromium >/dev/null; then
     apt_install chromium || echo "note: chromium could not be installed; the status page browser test will not run" >&2
+fi
+if ! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/github.com/aws/aws-sdk-go-v2/service/firehose ]; then
+    apt_install golang-go golang-github-aws-aws-sdk-go-v2-dev || \
+        echo "note: Go or the AWS SDK for Go v2 could not be installed; the Go SDK test will not run" >&2
+fi
+if [ ! -d tests/sdk/js/node_modules ] && command -v npm >/dev/null; then
+    (cd tests/sdk/js && npm ci --no-audit --no-fund --loglevel=error) || \
+        echo "note: the AWS SDK for JavaScript could not be installed; the JavaScript SDK test will not run" >&2
 fi
 if [ ! -d tests/kinesalite/node_modules ] && command -v npm >/dev/null; then
     (cd tests/kinesalite && npm ci --no-audit --no-fund --loglevel=error) || \

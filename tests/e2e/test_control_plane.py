@@ -10,6 +10,7 @@ import gzip
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,16 @@ def gone(fh: Any, name: str) -> bool:
     return False
 
 
+def client(daemon: Daemon) -> Any:
+    """As SDK users have it: standard retries, which wait out LimitExceededException (the control
+    plane's 5 calls a second)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("firehose", endpoint_url=daemon.endpoint, region_name="us-east-1", aws_access_key_id="x",
+                        aws_secret_access_key="x", config=Config(retries={"mode": "standard", "max_attempts": 10}))
+
+
 def put(fh: Any, name: str, numbers: range) -> list[int]:
     fh.put_record_batch(DeliveryStreamName=name,
                         Records=[{"Data": orjson.dumps({"n": n}) + b"\n"} for n in numbers])
@@ -65,7 +76,16 @@ def test_create_put_update_delete_through_the_api_and_kill9(tmp_path: Path, moto
     env = {"AWS_ENDPOINT_URL_S3": moto.endpoint}
     daemon = Daemon(tmp_path, cfg, env=env).start()
     try:
-        fh = daemon.firehose()
+        fh = client(daemon)
+        # Firehose's control-plane quota: past 5 calls a second, LimitExceededException.
+        import boto3
+        from botocore.config import Config
+
+        once = boto3.client("firehose", endpoint_url=daemon.endpoint, region_name="us-east-1", aws_access_key_id="x",
+                            aws_secret_access_key="x", config=Config(retries={"total_max_attempts": 1}))
+        codes = [code(once.delete_delivery_stream, DeliveryStreamName="none").split(":")[0] for _ in range(8)]
+        assert "LimitExceededException" in codes and "ResourceNotFoundException" in codes, codes
+        time.sleep(1.5)
         arn = fh.create_delivery_stream(
             DeliveryStreamName="clicks", DeliveryStreamType="DirectPut",
             ExtendedS3DestinationConfiguration={
@@ -128,7 +148,7 @@ def test_create_put_update_delete_through_the_api_and_kill9(tmp_path: Path, moto
         # kill -9: the API stream comes back with its VersionId; nothing acknowledged is lost.
         daemon.kill9()
         daemon = Daemon(tmp_path, cfg, env=env).start()
-        fh = daemon.firehose()
+        fh = client(daemon)
         wait_for(lambda: status(fh, "clicks") == "ACTIVE", 60, "the stream back after kill -9")
         assert fh.describe_delivery_stream(DeliveryStreamName="clicks")["DeliveryStreamDescription"]["VersionId"] == "2"
         wait_for(lambda: s3_records(moto, "api-bucket", "v2/") == later, 60, "records put before the kill")
