@@ -33,7 +33,7 @@ import structlog
 import yaml
 
 from firehose.config import ConfigError, StreamConfig, load_config_text
-from firehose.control_shapes import ShapeError, s3_destination_update, stream_from_create
+from firehose.control_shapes import ShapeError, destination_update, stream_from_create
 from firehose.names import STREAM_NAME_RE, disk_name
 from firehose.quotas import TokenBucket
 
@@ -225,7 +225,7 @@ class ControlPlane:
             if doc.get("DestinationId", "destinationId-000000000001") != "destinationId-000000000001":
                 raise ControlError("InvalidArgumentException", f"Destination {doc.get('DestinationId')!r} not found")
             try:
-                stream, request = s3_destination_update(name, self.requests.get(name, {}), doc,
+                stream, request = destination_update(name, self.requests.get(name, {}), doc,
                                                         self.daemon.config.api.region)
             except ShapeError as exc:
                 raise ControlError("InvalidArgumentException", str(exc)) from None

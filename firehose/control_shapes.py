@@ -7,10 +7,17 @@ naming it; none is dropped without a word. Members that concern AWS's own plumbi
 nothing here are accepted: ``RoleARN`` (there is no IAM role to assume; the daemon's credentials
 are used), CloudWatch logging that is disabled, and encryption that is ``NoEncryption``.
 
-Supported: ``DeliveryStreamType`` ``DirectPut``, ``ExtendedS3DestinationConfiguration`` and
+Supported: ``DeliveryStreamType`` ``DirectPut``; ``ExtendedS3DestinationConfiguration`` and
 ``S3DestinationConfiguration`` (bucket, prefixes, buffering hints, compression, file extension,
 processing with Lambda, AppendDelimiterToRecord, MetadataExtraction and RecordDeAggregation,
-dynamic partitioning), ``Tags``. S3 endpoints and credentials come from the standard AWS
+dynamic partitioning); ``HttpEndpointDestinationConfiguration``,
+``SplunkDestinationConfiguration`` and ``AmazonopensearchserviceDestinationConfiguration`` (a
+``ClusterEndpoint``, signed with SigV4 and the daemon's credentials as Firehose signs with its
+role), each with its S3 backup (``S3Configuration``, ``S3BackupMode``), retry options, buffering
+hints and processing; ``Tags``; the matching ``...DestinationUpdate`` members of
+UpdateDestination. Not supported, and refused by name: the Redshift, Elasticsearch, Snowflake,
+Iceberg and OpenSearch Serverless destinations, Kinesis and MSK sources, data format conversion,
+S3 backup of the S3 destinations, VPC and Secrets Manager options, KMS encryption. S3 endpoints and credentials come from the standard AWS
 configuration (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, profiles, the credential chain), as
 any AWS SDK finds them.
 """
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ShapeError", "s3_destination_update", "stream_from_create"]
+__all__ = ["ShapeError", "destination_update", "stream_from_create"]
 
 
 class ShapeError(ValueError):
@@ -64,11 +71,14 @@ def stream_from_create(doc: dict[str, Any], region: str) -> tuple[dict[str, Any]
         raise ShapeError("exactly one destination configuration is required" if not given
                          else f"only one destination configuration may be given, not {', '.join(given)}")
     which = given[0]
-    if which not in ("ExtendedS3DestinationConfiguration", "S3DestinationConfiguration"):
-        raise ShapeError(f"{which} is not supported by the control plane (ExtendedS3DestinationConfiguration "
-                         "and S3DestinationConfiguration are; other destinations are configured in the YAML file)")
     conf = _obj(doc[which], which)
-    stream = {"name": doc.get("DeliveryStreamName"), **_s3_stream(conf, which, region)}
+    if which in _REMOTE:
+        stream = {"name": doc.get("DeliveryStreamName"), **_remote_stream(conf, which, region)}
+    elif which in ("ExtendedS3DestinationConfiguration", "S3DestinationConfiguration"):
+        stream = {"name": doc.get("DeliveryStreamName"), **_s3_stream(conf, which, region)}
+    else:
+        raise ShapeError(f"{which} is not supported by the control plane (the S3, HTTP endpoint, Splunk and "
+                         "OpenSearch destinations are; others are configured in the YAML file)")
     tags = {}
     for i, tag in enumerate(doc.get("Tags") or []):
         tag = _obj(tag, f"Tags[{i}]")
@@ -78,20 +88,35 @@ def stream_from_create(doc: dict[str, Any], region: str) -> tuple[dict[str, Any]
     return stream, tags, {which: conf}
 
 
-def s3_destination_update(name: str, request: dict[str, Any], doc: dict[str, Any],
-                          region: str) -> tuple[dict[str, Any], dict[str, Any]]:
+_UPDATES = {"ExtendedS3DestinationUpdate": "ExtendedS3DestinationConfiguration",
+            "S3DestinationUpdate": "S3DestinationConfiguration",
+            "HttpEndpointDestinationUpdate": "HttpEndpointDestinationConfiguration",
+            "SplunkDestinationUpdate": "SplunkDestinationConfiguration",
+            "AmazonopensearchserviceDestinationUpdate": "AmazonopensearchserviceDestinationConfiguration"}
+
+
+def destination_update(name: str, request: dict[str, Any], doc: dict[str, Any],
+                       region: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The YAML stream document and destination request members after UpdateDestination: the
     members the update gives replace those of ``request`` (what the stream was created or last
-    updated with), the others stay."""
-    which = next((k for k in ("ExtendedS3DestinationUpdate", "S3DestinationUpdate") if k in doc), None)
-    others = sorted(k for k in doc if k.endswith("DestinationUpdate") and k != which)
-    if which is None or others:
-        raise ShapeError(f"{(others or ['a destination update'])[0]} is not supported by the control plane "
-                         "(ExtendedS3DestinationUpdate and S3DestinationUpdate are)")
-    kind = "ExtendedS3DestinationConfiguration" if which.startswith("Extended") else "S3DestinationConfiguration"
-    merged = dict(next(iter(request.values()), {}))
-    merged.update(_obj(doc[which], which))
-    return {"name": name, **_s3_stream(merged, kind, region)}, {kind: merged}
+    updated with), the others stay. The destination keeps its kind (S3 and extended S3 mix)."""
+    given = [k for k in doc if k.endswith("DestinationUpdate")]
+    if len(given) != 1 or given[0] not in _UPDATES:
+        raise ShapeError(f"{(given or ['a destination update'])[0] if len(given) <= 1 else given[1]} is not "
+                         "supported by the control plane (one of " + ", ".join(_UPDATES) + " is)")
+    which = given[0]
+    kind = _UPDATES[which]
+    current_kind, current = next(iter(request.items()), (kind, {}))
+    s3_kinds = {"ExtendedS3DestinationConfiguration", "S3DestinationConfiguration"}
+    if current_kind != kind and not {current_kind, kind} <= s3_kinds:
+        raise ShapeError(f"{which} does not apply to this stream's destination ({current_kind})")
+    merged = dict(current)
+    update = dict(_obj(doc[which], which))
+    if "S3Update" in update:  # the backup bucket of the HTTP endpoint, Splunk and OpenSearch destinations
+        merged["S3Configuration"] = {**(merged.get("S3Configuration") or {}), **_obj(update.pop("S3Update"), "S3Update")}
+    merged.update(update)
+    build = _remote_stream if kind in _REMOTE else _s3_stream
+    return {"name": name, **build(merged, kind, region)}, {kind: merged}
 
 
 def _s3_stream(conf: dict[str, Any], which: str, region: str) -> dict[str, Any]:
@@ -107,15 +132,20 @@ def _s3_stream(conf: dict[str, Any], which: str, region: str) -> dict[str, Any]:
             destination[field] = conf[member]
     _plumbing(conf, which)
     stream: dict[str, Any] = {"destination": destination}
-    hints = conf.get("BufferingHints")
-    if hints is not None:
-        hints = _obj(hints, f"{which}.BufferingHints")
-        _refuse_unknown(hints, {"SizeInMBs", "IntervalInSeconds"}, f"{which}.BufferingHints")
-        stream["buffering"] = {k: hints[m] for m, k in (("SizeInMBs", "size_mib"), ("IntervalInSeconds", "interval_secs"))
-                               if m in hints}
+    stream.update(_buffering(conf, which))
     if extended:
         stream.update(_extended(conf, which))
     return stream
+
+
+def _buffering(conf: dict[str, Any], which: str) -> dict[str, Any]:
+    hints = conf.get("BufferingHints")
+    if hints is None:
+        return {}
+    hints = _obj(hints, f"{which}.BufferingHints")
+    _refuse_unknown(hints, {"SizeInMBs", "IntervalInSeconds"}, f"{which}.BufferingHints")
+    return {"buffering": {k: hints[m] for m, k in (("SizeInMBs", "size_mib"), ("IntervalInSeconds", "interval_secs"))
+                          if m in hints}}
 
 
 def _plumbing(conf: dict[str, Any], which: str) -> None:
@@ -192,3 +222,103 @@ def _processor(proc: dict[str, Any], i: int, which: str) -> dict[str, Any]:
         except ValueError:
             raise ShapeError(f"{where}.Parameters[{j}] {name}: {value!r} is not a number") from None
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP endpoint, Splunk and OpenSearch: a destination and an S3 backup (S3Configuration)
+# --------------------------------------------------------------------------------------------------
+
+_REMOTE_COMMON = {"RoleARN", "BufferingHints", "CloudWatchLoggingOptions", "ProcessingConfiguration", "RetryOptions",
+                  "S3BackupMode", "S3Configuration", "SecretsManagerConfiguration"}
+_REMOTE: dict[str, set[str]] = {
+    "HttpEndpointDestinationConfiguration": _REMOTE_COMMON | {"EndpointConfiguration", "RequestConfiguration"},
+    "SplunkDestinationConfiguration": _REMOTE_COMMON | {"HECEndpoint", "HECEndpointType", "HECToken",
+                                                        "HECAcknowledgmentTimeoutInSeconds"},
+    "AmazonopensearchserviceDestinationConfiguration": _REMOTE_COMMON | {
+        "DomainARN", "ClusterEndpoint", "IndexName", "TypeName", "IndexRotationPeriod", "DocumentIdOptions",
+        "VpcConfiguration"},
+}
+
+
+def _remote_stream(conf: dict[str, Any], which: str, region: str) -> dict[str, Any]:
+    _refuse_unknown(conf, _REMOTE[which], which)
+    secrets = conf.get("SecretsManagerConfiguration")
+    if isinstance(secrets, dict) and secrets.get("Enabled"):
+        raise ShapeError(f"{which}.SecretsManagerConfiguration is not supported (write the secret in the request)")
+    if conf.get("VpcConfiguration") is not None:
+        raise ShapeError(f"{which}.VpcConfiguration is not supported (the daemon reaches the endpoint directly)")
+    _plumbing(conf, which)
+    if which == "HttpEndpointDestinationConfiguration":
+        destination = _http_endpoint(conf, which)
+    elif which == "SplunkDestinationConfiguration":
+        destination = {"type": "splunk", "hec_endpoint": conf.get("HECEndpoint"), "hec_token": conf.get("HECToken")}
+        for member, field in (("HECEndpointType", "hec_endpoint_type"),
+                              ("HECAcknowledgmentTimeoutInSeconds", "hec_ack_timeout_secs")):
+            if member in conf:
+                destination[field] = conf[member]
+    else:
+        destination = _opensearch(conf, which, region)
+    retry = conf.get("RetryOptions")
+    if isinstance(retry, dict) and "DurationInSeconds" in retry:
+        destination["retry_duration_secs"] = retry["DurationInSeconds"]
+    stream: dict[str, Any] = {"destination": destination}
+    stream.update(_buffering(conf, which))
+    stream.update(_extended({"ProcessingConfiguration": conf["ProcessingConfiguration"]}, which)
+                  if conf.get("ProcessingConfiguration") is not None else {})
+    backup = conf.get("S3Configuration")
+    if backup is None:
+        raise ShapeError(f"{which}.S3Configuration is required (where failed records are archived)")
+    backup = _obj(backup, f"{which}.S3Configuration")
+    _refuse_unknown(backup, _S3_MEMBERS, f"{which}.S3Configuration")
+    _plumbing(backup, f"{which}.S3Configuration")
+    if not isinstance(backup.get("BucketARN"), str):
+        raise ShapeError(f"{which}.S3Configuration.BucketARN is required")
+    name = backup["BucketARN"]
+    stream["backup"] = {"bucket": name[len("arn:aws:s3:::"):] if name.startswith("arn:aws:s3:::") else name,
+                        "region": region, **({"mode": conf["S3BackupMode"]} if "S3BackupMode" in conf else {})}
+    for member, field in (("Prefix", "prefix"), ("ErrorOutputPrefix", "error_output_prefix"),
+                          ("CompressionFormat", "compression")):
+        if backup.get(member) is not None:
+            stream["backup"][field] = backup[member]
+    return stream
+
+
+def _http_endpoint(conf: dict[str, Any], which: str) -> dict[str, Any]:
+    endpoint = _obj(conf.get("EndpointConfiguration") or {}, f"{which}.EndpointConfiguration")
+    _refuse_unknown(endpoint, {"Url", "Name", "AccessKey"}, f"{which}.EndpointConfiguration")
+    destination: dict[str, Any] = {"type": "http_endpoint", "url": endpoint.get("Url")}
+    if endpoint.get("Name") is not None:
+        destination["name"] = endpoint["Name"]
+    if endpoint.get("AccessKey") is not None:
+        destination["access_key"] = endpoint["AccessKey"]
+    request = conf.get("RequestConfiguration")
+    if request is not None:
+        request = _obj(request, f"{which}.RequestConfiguration")
+        _refuse_unknown(request, {"ContentEncoding", "CommonAttributes"}, f"{which}.RequestConfiguration")
+        if "ContentEncoding" in request:
+            destination["content_encoding"] = request["ContentEncoding"]
+        attributes = {}
+        for i, attr in enumerate(request.get("CommonAttributes") or []):
+            attr = _obj(attr, f"{which}.RequestConfiguration.CommonAttributes[{i}]")
+            attributes[attr.get("AttributeName")] = attr.get("AttributeValue")
+        if attributes:
+            destination["common_attributes"] = attributes
+    return destination
+
+
+def _opensearch(conf: dict[str, Any], which: str, region: str) -> dict[str, Any]:
+    if conf.get("ClusterEndpoint") is None:
+        raise ShapeError(f"{which}.ClusterEndpoint is required here (a DomainARN cannot be resolved without AWS)")
+    destination: dict[str, Any] = {"type": "opensearch", "endpoint": conf["ClusterEndpoint"],
+                                   "index": conf.get("IndexName"),
+                                   # Firehose signs its requests to the domain with its role: SigV4 here,
+                                   # with the daemon's credentials.
+                                   "auth": {"type": "sigv4", "region": region, "service": "es"}}
+    for member, field in (("TypeName", "type_name"), ("IndexRotationPeriod", "index_rotation")):
+        if conf.get(member) is not None:
+            destination[field] = conf[member]
+    ids = conf.get("DocumentIdOptions")
+    if isinstance(ids, dict) and "DefaultDocumentIdFormat" in ids:
+        destination["document_id"] = ids["DefaultDocumentIdFormat"]
+    return destination
+

@@ -196,3 +196,69 @@ def test_the_control_plane_is_off_by_default(tmp_path: Path) -> None:
         assert not (tmp_path / "data" / "api-streams.yaml").exists()
     finally:
         assert daemon.stop() == 0
+
+
+def test_http_endpoint_splunk_and_opensearch_streams_through_the_api(tmp_path: Path, moto: MotoServer) -> None:
+    from fakes.http_endpoint import HttpEndpointServer
+
+    moto.client().create_bucket(Bucket="backups")
+    endpoint = HttpEndpointServer(access_key="collector-key").start()
+    cfg = daemon_config(tmp_path, [])
+    cfg["api"]["control_plane"] = True
+    daemon = Daemon(tmp_path, cfg, env={"AWS_ENDPOINT_URL_S3": moto.endpoint}).start()
+    try:
+        fh = client(daemon)
+        backup = {"RoleARN": "r", "BucketARN": "arn:aws:s3:::backups", "Prefix": "failed/"}
+        fh.create_delivery_stream(DeliveryStreamName="web", HttpEndpointDestinationConfiguration={
+            "EndpointConfiguration": {"Url": endpoint.endpoint + "/ingest", "Name": "collector",
+                                      "AccessKey": "collector-key"},
+            "RequestConfiguration": {"ContentEncoding": "GZIP",
+                                     "CommonAttributes": [{"AttributeName": "env", "AttributeValue": "prod"}]},
+            "BufferingHints": {"SizeInMBs": 1, "IntervalInSeconds": 1}, "RetryOptions": {"DurationInSeconds": 60},
+            "S3BackupMode": "FailedDataOnly", "S3Configuration": backup, "RoleARN": "r"})
+        wait_for(lambda: status(fh, "web") == "ACTIVE", 60, "ACTIVE")
+        put(fh, "web", range(5))
+        wait_for(lambda: len(endpoint.records()) == 5, 30, "delivery to the endpoint")
+        assert orjson.loads(endpoint.headers[0]["X-Amz-Firehose-Common-Attributes"]) == {"commonAttributes": {"env": "prod"}}
+        assert endpoint.headers[0]["Content-Encoding"] == "gzip"
+        desc = fh.describe_delivery_stream(DeliveryStreamName="web")["DeliveryStreamDescription"]
+        hd = desc["Destinations"][0]["HttpEndpointDestinationDescription"]
+        assert hd["EndpointConfiguration"] == {"Name": "collector"}
+        assert hd["S3DestinationDescription"]["BucketARN"] == "arn:aws:s3:::backups"
+        fh.update_destination(DeliveryStreamName="web", CurrentDeliveryStreamVersionId=desc["VersionId"],
+                              DestinationId="destinationId-000000000001",
+                              HttpEndpointDestinationUpdate={"RequestConfiguration": {
+                                  "ContentEncoding": "NONE",
+                                  "CommonAttributes": [{"AttributeName": "env", "AttributeValue": "staging"}]}})
+        put(fh, "web", range(5, 8))
+        wait_for(lambda: len(endpoint.records()) == 8, 30, "delivery after the update")
+        assert orjson.loads(endpoint.headers[-1]["X-Amz-Firehose-Common-Attributes"]) == {
+            "commonAttributes": {"env": "staging"}}
+        # An update of another kind of destination is refused by name.
+        assert "ExtendedS3DestinationUpdate does not apply" in code(
+            fh.update_destination, DeliveryStreamName="web", CurrentDeliveryStreamVersionId="2",
+            DestinationId="destinationId-000000000001", ExtendedS3DestinationUpdate={"Prefix": "x/"})
+
+        fh.create_delivery_stream(DeliveryStreamName="logs", SplunkDestinationConfiguration={
+            "HECEndpoint": "https://splunk.example:8088", "HECEndpointType": "Event", "HECToken": "hec-token-1",
+            "HECAcknowledgmentTimeoutInSeconds": 200, "S3Configuration": backup, "S3BackupMode": "FailedEventsOnly"})
+        fh.create_delivery_stream(DeliveryStreamName="search", AmazonopensearchserviceDestinationConfiguration={
+            "RoleARN": "r", "ClusterEndpoint": "https://search.example:9200", "IndexName": "clicks",
+            "IndexRotationPeriod": "OneDay", "S3Configuration": backup})
+        wait_for(lambda: status(fh, "logs") == "ACTIVE" and status(fh, "search") == "ACTIVE", 60, "both ACTIVE")
+        splunk = fh.describe_delivery_stream(DeliveryStreamName="logs")["DeliveryStreamDescription"]["Destinations"][0]
+        assert splunk["SplunkDestinationDescription"]["HECEndpointType"] == "Event"
+        assert "hec-token-1" not in json_text(splunk)
+        search = fh.describe_delivery_stream(DeliveryStreamName="search")["DeliveryStreamDescription"]["Destinations"][0]
+        assert search["AmazonopensearchserviceDestinationDescription"]["IndexName"] == "clicks"
+        assert "DomainARN" in code(fh.create_delivery_stream, DeliveryStreamName="domain",
+                                   AmazonopensearchserviceDestinationConfiguration={
+                                       "RoleARN": "r", "DomainARN": "arn:aws:es:us-east-1:1:domain/d",
+                                       "IndexName": "i", "S3Configuration": backup})
+    finally:
+        assert daemon.stop() == 0
+        endpoint.stop()
+
+
+def json_text(doc: Any) -> str:
+    return orjson.dumps(doc, default=str).decode()
