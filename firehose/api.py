@@ -268,7 +268,9 @@ class FirehoseApi:
         if daemon.control is not None:
             self.ops.update({"CreateDeliveryStream": self.create_delivery_stream,
                              "DeleteDeliveryStream": self.delete_delivery_stream,
-                             "UpdateDestination": self.update_destination})
+                             "UpdateDestination": self.update_destination,
+                             "StartDeliveryStreamEncryption": self.start_encryption,
+                             "StopDeliveryStreamEncryption": self.stop_encryption})
         lim = daemon.config.api.limits
         self.limits = HttpLimits(
             max_connections=lim.max_connections, header_timeout_secs=lim.header_timeout_secs,
@@ -647,6 +649,16 @@ class FirehoseApi:
     async def delete_delivery_stream(self, doc: dict[str, Any]) -> web.Response:
         assert self.daemon.control is not None
         await self._control(self.daemon.control.delete, doc)
+        return _response({})
+
+    async def start_encryption(self, doc: dict[str, Any]) -> web.Response:
+        assert self.daemon.control is not None
+        await self._control(lambda d: self.daemon.control.encryption(d, True), doc)  # type: ignore[union-attr]
+        return _response({})
+
+    async def stop_encryption(self, doc: dict[str, Any]) -> web.Response:
+        assert self.daemon.control is not None
+        await self._control(lambda d: self.daemon.control.encryption(d, False), doc)  # type: ignore[union-attr]
         return _response({})
 
     async def update_destination(self, doc: dict[str, Any]) -> web.Response:

@@ -38,7 +38,8 @@ _DESTINATIONS = ("ExtendedS3DestinationConfiguration", "S3DestinationConfigurati
                  "AmazonopensearchserviceDestinationConfiguration", "SplunkDestinationConfiguration",
                  "HttpEndpointDestinationConfiguration", "AmazonOpenSearchServerlessDestinationConfiguration",
                  "SnowflakeDestinationConfiguration", "IcebergDestinationConfiguration")
-_CREATE_MEMBERS = {"DeliveryStreamName", "DeliveryStreamType", "Tags", *_DESTINATIONS}
+_CREATE_MEMBERS = {"DeliveryStreamName", "DeliveryStreamType", "Tags", "DeliveryStreamEncryptionConfigurationInput",
+                   *_DESTINATIONS}
 _S3_MEMBERS = {"RoleARN", "BucketARN", "Prefix", "ErrorOutputPrefix", "BufferingHints", "CompressionFormat",
                "EncryptionConfiguration", "CloudWatchLoggingOptions"}
 _EXTENDED_MEMBERS = _S3_MEMBERS | {"ProcessingConfiguration", "S3BackupMode", "DynamicPartitioningConfiguration",

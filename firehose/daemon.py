@@ -118,6 +118,13 @@ class StreamState:
             doc["tags"] = tags
             self._save(name, doc)
 
+    def set_field(self, name: str, field: str, value: Any) -> None:
+        """One member of the stream's saved state (``encryption``: StartDeliveryStreamEncryption's)."""
+        with self._lock:
+            doc = dict(self.load(name) or {})
+            doc[field] = value
+            self._save(name, doc)
+
     def update_tags(self, name: str, change: Callable[[dict[str, str]], dict[str, str]]) -> None:
         """Read, change and write the stream's tags as one step (concurrent Tag/Untag calls)."""
         with self._lock:
@@ -230,7 +237,7 @@ class Daemon:
             "VersionId": str(rt.version),
             "CreateTimestamp": round(float(doc.get("created", time.time())), 3),
             "LastUpdateTimestamp": round(float(doc.get("updated", time.time())), 3),
-            "DeliveryStreamEncryptionConfiguration": {"Status": "DISABLED"},
+            "DeliveryStreamEncryptionConfiguration": doc.get("encryption") or {"Status": "DISABLED"},
             "Source": self._describe_source(rt),
             "Destinations": [{"DestinationId": "destinationId-000000000001", **dest}],
             "HasMoreDestinations": False,

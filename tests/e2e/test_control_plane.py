@@ -262,3 +262,32 @@ def test_http_endpoint_splunk_and_opensearch_streams_through_the_api(tmp_path: P
 
 def json_text(doc: Any) -> str:
     return orjson.dumps(doc, default=str).decode()
+
+
+def test_encryption_calls_are_recorded_and_described(tmp_path: Path) -> None:
+    cfg = daemon_config(tmp_path, [stream_config("from-yaml", {"type": "local", "path": str(tmp_path / "y")})])
+    cfg["api"]["control_plane"] = True
+    daemon = Daemon(tmp_path, cfg).start()
+    try:
+        fh = client(daemon)
+
+        def encryption(name: str) -> dict[str, Any]:
+            return dict(fh.describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
+                        ["DeliveryStreamEncryptionConfiguration"])
+
+        fh.create_delivery_stream(DeliveryStreamName="enc", S3DestinationConfiguration={
+            "RoleARN": "r", "BucketARN": "arn:aws:s3:::api-bucket"},
+            DeliveryStreamEncryptionConfigurationInput={"KeyType": "AWS_OWNED_CMK"})
+        wait_for(lambda: status(fh, "enc") == "ACTIVE", 60, "ACTIVE")
+        assert encryption("enc") == {"Status": "ENABLED", "KeyType": "AWS_OWNED_CMK"}
+        fh.stop_delivery_stream_encryption(DeliveryStreamName="enc")
+        assert encryption("enc") == {"Status": "DISABLED"}
+        key = "arn:aws:kms:us-east-1:000000000000:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        fh.start_delivery_stream_encryption(DeliveryStreamName="enc", DeliveryStreamEncryptionConfigurationInput={
+            "KeyType": "CUSTOMER_MANAGED_CMK", "KeyARN": key})
+        assert encryption("enc") == {"Status": "ENABLED", "KeyType": "CUSTOMER_MANAGED_CMK", "KeyARN": key}
+        assert code(fh.start_delivery_stream_encryption, DeliveryStreamName="from-yaml").startswith(
+            "InvalidArgumentException")
+        assert encryption("from-yaml") == {"Status": "DISABLED"}
+    finally:
+        assert daemon.stop() == 0
