@@ -233,6 +233,8 @@ class ControlPlane:
                                                         self.daemon.config.api.region)
             except ShapeError as exc:
                 raise ControlError("InvalidArgumentException", str(exc)) from None
+            if self.docs[name].get("sources"):
+                stream["sources"] = self.docs[name]["sources"]  # the source is not the destination's to change
             cfg = self._validate(stream, "UpdateDestination")
             previous = self.docs[name], self.requests.get(name, {})
             self.docs[name], self.requests[name] = stream, request

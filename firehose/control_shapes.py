@@ -7,7 +7,8 @@ naming it; none is dropped without a word. Members that concern AWS's own plumbi
 nothing here are accepted: ``RoleARN`` (there is no IAM role to assume; the daemon's credentials
 are used), CloudWatch logging that is disabled, and encryption that is ``NoEncryption``.
 
-Supported: ``DeliveryStreamType`` ``DirectPut``; ``ExtendedS3DestinationConfiguration`` and
+Supported: ``DeliveryStreamType`` ``DirectPut``, and ``KinesisStreamAsSource`` with its
+``KinesisStreamSourceConfiguration`` (read from LATEST, as Firehose starts); ``ExtendedS3DestinationConfiguration`` and
 ``S3DestinationConfiguration`` (bucket, prefixes, buffering hints, compression, file extension,
 processing with Lambda, AppendDelimiterToRecord, MetadataExtraction and RecordDeAggregation,
 dynamic partitioning); ``HttpEndpointDestinationConfiguration``,
@@ -16,7 +17,7 @@ dynamic partitioning); ``HttpEndpointDestinationConfiguration``,
 role), each with its S3 backup (``S3Configuration``, ``S3BackupMode``), retry options, buffering
 hints and processing; ``Tags``; the matching ``...DestinationUpdate`` members of
 UpdateDestination. Not supported, and refused by name: the Redshift, Elasticsearch, Snowflake,
-Iceberg and OpenSearch Serverless destinations, Kinesis and MSK sources, data format conversion,
+Iceberg and OpenSearch Serverless destinations, MSK sources, data format conversion,
 S3 backup of the S3 destinations, VPC and Secrets Manager options, KMS encryption. S3 endpoints and credentials come from the standard AWS
 configuration (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, profiles, the credential chain), as
 any AWS SDK finds them.
@@ -39,6 +40,7 @@ _DESTINATIONS = ("ExtendedS3DestinationConfiguration", "S3DestinationConfigurati
                  "HttpEndpointDestinationConfiguration", "AmazonOpenSearchServerlessDestinationConfiguration",
                  "SnowflakeDestinationConfiguration", "IcebergDestinationConfiguration")
 _CREATE_MEMBERS = {"DeliveryStreamName", "DeliveryStreamType", "Tags", "DeliveryStreamEncryptionConfigurationInput",
+                   "KinesisStreamSourceConfiguration", "MSKSourceConfiguration", "DirectPutSourceConfiguration",
                    *_DESTINATIONS}
 _S3_MEMBERS = {"RoleARN", "BucketARN", "Prefix", "ErrorOutputPrefix", "BufferingHints", "CompressionFormat",
                "EncryptionConfiguration", "CloudWatchLoggingOptions"}
@@ -64,9 +66,14 @@ def stream_from_create(doc: dict[str, Any], region: str) -> tuple[dict[str, Any]
     UpdateDestination can merge into them) of a CreateDeliveryStream request."""
     _refuse_unknown(doc, _CREATE_MEMBERS, "CreateDeliveryStream")
     stype = doc.get("DeliveryStreamType", "DirectPut")
-    if stype != "DirectPut":
-        raise ShapeError(f"DeliveryStreamType {stype!r} is not supported by the control plane (DirectPut is; "
-                         "Kinesis sources are configured in the daemon's YAML file)")
+    if stype not in ("DirectPut", "KinesisStreamAsSource"):
+        raise ShapeError(f"DeliveryStreamType {stype!r} is not supported by the control plane (DirectPut and "
+                         "KinesisStreamAsSource are)")
+    if doc.get("MSKSourceConfiguration") is not None:
+        raise ShapeError("MSKSourceConfiguration is not supported by this daemon")
+    sources = _kinesis_source(doc) if stype == "KinesisStreamAsSource" else []
+    if stype == "DirectPut" and doc.get("KinesisStreamSourceConfiguration") is not None:
+        raise ShapeError("KinesisStreamSourceConfiguration needs DeliveryStreamType KinesisStreamAsSource")
     given = [d for d in _DESTINATIONS if d in doc]
     if len(given) != 1:
         raise ShapeError("exactly one destination configuration is required" if not given
@@ -80,6 +87,8 @@ def stream_from_create(doc: dict[str, Any], region: str) -> tuple[dict[str, Any]
     else:
         raise ShapeError(f"{which} is not supported by the control plane (the S3, HTTP endpoint, Splunk and "
                          "OpenSearch destinations are; others are configured in the YAML file)")
+    if sources:
+        stream["sources"] = sources
     tags = {}
     for i, tag in enumerate(doc.get("Tags") or []):
         tag = _obj(tag, f"Tags[{i}]")
@@ -87,6 +96,19 @@ def stream_from_create(doc: dict[str, Any], region: str) -> tuple[dict[str, Any]
             raise ShapeError(f"Tags[{i}] needs a string Key and Value")
         tags[tag["Key"]] = tag.get("Value", "")
     return stream, tags, {which: conf}
+
+
+def _kinesis_source(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Kinesis Data Streams source: read from LATEST, as Firehose starts; the Kinesis endpoint
+    and credentials come from the standard AWS configuration (``AWS_ENDPOINT_URL_KINESIS``...)."""
+    conf = doc.get("KinesisStreamSourceConfiguration")
+    if conf is None:
+        raise ShapeError("KinesisStreamSourceConfiguration is required with DeliveryStreamType KinesisStreamAsSource")
+    conf = _obj(conf, "KinesisStreamSourceConfiguration")
+    _refuse_unknown(conf, {"KinesisStreamARN", "RoleARN"}, "KinesisStreamSourceConfiguration")
+    if not isinstance(conf.get("KinesisStreamARN"), str):
+        raise ShapeError("KinesisStreamSourceConfiguration.KinesisStreamARN is required")
+    return [{"type": "kinesis", "stream_arn": conf["KinesisStreamARN"], "initial_position": "latest"}]
 
 
 _UPDATES = {"ExtendedS3DestinationUpdate": "ExtendedS3DestinationConfiguration",

@@ -291,3 +291,51 @@ def test_encryption_calls_are_recorded_and_described(tmp_path: Path) -> None:
         assert encryption("from-yaml") == {"Status": "DISABLED"}
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_kinesis_sourced_stream_through_the_api(tmp_path: Path, moto: MotoServer, kinesalite: Any) -> None:
+    moto.client().create_bucket(Bucket="from-kds")
+    kinesalite.create_stream("clicks-kds", 1)
+    cfg = daemon_config(tmp_path, [])
+    cfg["api"]["control_plane"] = True
+    env = {"AWS_ENDPOINT_URL_S3": moto.endpoint, "AWS_ENDPOINT_URL_KINESIS": kinesalite.endpoint}
+    daemon = Daemon(tmp_path, cfg, env=env).start()
+    try:
+        fh = client(daemon)
+        fh.create_delivery_stream(
+            DeliveryStreamName="from-kds", DeliveryStreamType="KinesisStreamAsSource",
+            KinesisStreamSourceConfiguration={"KinesisStreamARN": "arn:aws:kinesis:us-east-1:000000000000:stream/clicks-kds",
+                                              "RoleARN": "r"},
+            ExtendedS3DestinationConfiguration={"RoleARN": "r", "BucketARN": "arn:aws:s3:::from-kds",
+                                                "BufferingHints": {"SizeInMBs": 1, "IntervalInSeconds": 1}})
+        wait_for(lambda: status(fh, "from-kds") == "ACTIVE", 60, "ACTIVE")
+        desc = fh.describe_delivery_stream(DeliveryStreamName="from-kds")["DeliveryStreamDescription"]
+        assert desc["DeliveryStreamType"] == "KinesisStreamAsSource"
+        assert desc["Source"]["KinesisStreamSourceDescription"]["KinesisStreamARN"].endswith(":stream/clicks-kds")
+        assert code(fh.put_record, DeliveryStreamName="from-kds", Record={"Data": b"x"}).startswith(
+            "InvalidArgumentException")
+        # Firehose reads from LATEST: what is put before the source took its shard iterator is not
+        # read. So: put one record at a time until one arrives; from then on, every record arrives once.
+        kds = kinesalite.client()
+        sent = iter(range(1000))
+
+        def first_arrived() -> bool:
+            n = next(sent)
+            kds.put_record(StreamName="clicks-kds", Data=orjson.dumps({"n": n}) + b"\n", PartitionKey=str(n))
+            return bool(s3_records(moto, "from-kds"))
+
+        wait_for(first_arrived, 60, "the source reading")
+        later = [next(sent) for _ in range(5)]
+        for n in later:
+            kds.put_record(StreamName="clicks-kds", Data=orjson.dumps({"n": n}) + b"\n", PartitionKey=str(n))
+        wait_for(lambda: set(later) <= set(s3_records(moto, "from-kds")), 60, "the Kinesis records in S3")
+        got = s3_records(moto, "from-kds")
+        assert len(got) == len(set(got)) and got == list(range(got[0], later[-1] + 1))
+        fh.update_destination(DeliveryStreamName="from-kds", CurrentDeliveryStreamVersionId=desc["VersionId"],
+                              DestinationId="destinationId-000000000001",
+                              ExtendedS3DestinationUpdate={"Prefix": "v2/"})
+        wait_for(lambda: status(fh, "from-kds") == "ACTIVE", 60, "ACTIVE after the update")
+        desc = fh.describe_delivery_stream(DeliveryStreamName="from-kds")["DeliveryStreamDescription"]
+        assert desc["DeliveryStreamType"] == "KinesisStreamAsSource"  # the source stays
+    finally:
+        assert daemon.stop() == 0
