@@ -8,23 +8,27 @@ nothing here are accepted: ``RoleARN`` (there is no IAM role to assume; the daem
 are used), CloudWatch logging that is disabled, and encryption that is ``NoEncryption``.
 
 Supported: ``DeliveryStreamType`` ``DirectPut``, and ``KinesisStreamAsSource`` with its
-``KinesisStreamSourceConfiguration`` (read from LATEST, as Firehose starts); ``ExtendedS3DestinationConfiguration`` and
-``S3DestinationConfiguration`` (bucket, prefixes, buffering hints, compression, file extension,
-processing with Lambda, AppendDelimiterToRecord, MetadataExtraction and RecordDeAggregation,
-dynamic partitioning); ``HttpEndpointDestinationConfiguration``,
-``SplunkDestinationConfiguration`` and ``AmazonopensearchserviceDestinationConfiguration`` (a
-``ClusterEndpoint``, signed with SigV4 and the daemon's credentials as Firehose signs with its
-role), each with its S3 backup (``S3Configuration``, ``S3BackupMode``), retry options, buffering
-hints and processing; ``Tags``; the matching ``...DestinationUpdate`` members of
-UpdateDestination. Not supported, and refused by name: the Redshift, Elasticsearch, Snowflake,
-Iceberg and OpenSearch Serverless destinations, MSK sources, data format conversion,
-S3 backup of the S3 destinations, VPC and Secrets Manager options, KMS encryption. S3 endpoints and credentials come from the standard AWS
-configuration (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, profiles, the credential chain), as
-any AWS SDK finds them.
+``KinesisStreamSourceConfiguration`` (read from LATEST, as Firehose starts);
+``ExtendedS3DestinationConfiguration`` and ``S3DestinationConfiguration`` (bucket, prefixes,
+buffering hints, compression, file extension, processing with Lambda, AppendDelimiterToRecord,
+MetadataExtraction and RecordDeAggregation, dynamic partitioning);
+``RedshiftDestinationConfiguration`` (``jdbc:redshift://`` with COPY from the S3 staging bucket and
+the RoleARN as IAM_ROLE, ``jdbc:postgresql://`` with COPY FROM STDIN);
+``HttpEndpointDestinationConfiguration``, ``SplunkDestinationConfiguration`` and
+``AmazonopensearchserviceDestinationConfiguration`` (a ``ClusterEndpoint``, signed with SigV4 and
+the daemon's credentials as Firehose signs with its role), each with its S3 backup
+(``S3Configuration``, ``S3BackupMode``), retry options, buffering hints and processing; ``Tags``;
+the matching ``...DestinationUpdate`` members of UpdateDestination. Refused by name: the
+Elasticsearch, Snowflake, Iceberg and OpenSearch Serverless destinations, MSK sources, data
+format conversion, S3 backups of the S3 and Redshift destinations, VPC and Secrets Manager
+options, KMS encryption of the destination. S3 endpoints and credentials come from the standard
+AWS configuration (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, profiles, the credential chain),
+as any AWS SDK finds them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["ShapeError", "destination_update", "stream_from_create"]
@@ -80,13 +84,15 @@ def stream_from_create(doc: dict[str, Any], region: str) -> tuple[dict[str, Any]
                          else f"only one destination configuration may be given, not {', '.join(given)}")
     which = given[0]
     conf = _obj(doc[which], which)
-    if which in _REMOTE:
+    if which == "RedshiftDestinationConfiguration":
+        stream = {"name": doc.get("DeliveryStreamName"), **_redshift_stream(conf, which, region)}
+    elif which in _REMOTE:
         stream = {"name": doc.get("DeliveryStreamName"), **_remote_stream(conf, which, region)}
     elif which in ("ExtendedS3DestinationConfiguration", "S3DestinationConfiguration"):
         stream = {"name": doc.get("DeliveryStreamName"), **_s3_stream(conf, which, region)}
     else:
-        raise ShapeError(f"{which} is not supported by the control plane (the S3, HTTP endpoint, Splunk and "
-                         "OpenSearch destinations are; others are configured in the YAML file)")
+        raise ShapeError(f"{which} is not supported by the control plane (the S3, Redshift, HTTP endpoint, "
+                         "Splunk and OpenSearch destinations are; others are configured in the YAML file)")
     if sources:
         stream["sources"] = sources
     tags = {}
@@ -111,7 +117,8 @@ def _kinesis_source(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"type": "kinesis", "stream_arn": conf["KinesisStreamARN"], "initial_position": "latest"}]
 
 
-_UPDATES = {"ExtendedS3DestinationUpdate": "ExtendedS3DestinationConfiguration",
+_UPDATES = {"RedshiftDestinationUpdate": "RedshiftDestinationConfiguration",
+            "ExtendedS3DestinationUpdate": "ExtendedS3DestinationConfiguration",
             "S3DestinationUpdate": "S3DestinationConfiguration",
             "HttpEndpointDestinationUpdate": "HttpEndpointDestinationConfiguration",
             "SplunkDestinationUpdate": "SplunkDestinationConfiguration",
@@ -138,7 +145,8 @@ def destination_update(name: str, request: dict[str, Any], doc: dict[str, Any],
     if "S3Update" in update:  # the backup bucket of the HTTP endpoint, Splunk and OpenSearch destinations
         merged["S3Configuration"] = {**(merged.get("S3Configuration") or {}), **_obj(update.pop("S3Update"), "S3Update")}
     merged.update(update)
-    build = _remote_stream if kind in _REMOTE else _s3_stream
+    build = _redshift_stream if kind == "RedshiftDestinationConfiguration" else \
+        _remote_stream if kind in _REMOTE else _s3_stream
     return {"name": name, **build(merged, kind, region)}, {kind: merged}
 
 
@@ -281,9 +289,7 @@ def _remote_stream(conf: dict[str, Any], which: str, region: str) -> dict[str, A
                 destination[field] = conf[member]
     else:
         destination = _opensearch(conf, which, region)
-    retry = conf.get("RetryOptions")
-    if isinstance(retry, dict) and "DurationInSeconds" in retry:
-        destination["retry_duration_secs"] = retry["DurationInSeconds"]
+    destination.update(_retry(conf))
     stream: dict[str, Any] = {"destination": destination}
     stream.update(_buffering(conf, which))
     stream.update(_extended({"ProcessingConfiguration": conf["ProcessingConfiguration"]}, which)
@@ -344,4 +350,65 @@ def _opensearch(conf: dict[str, Any], which: str, region: str) -> dict[str, Any]
     if isinstance(ids, dict) and "DefaultDocumentIdFormat" in ids:
         destination["document_id"] = ids["DefaultDocumentIdFormat"]
     return destination
+
+
+# --------------------------------------------------------------------------------------------------
+# Redshift (or a PostgreSQL-compatible database): COPY from an S3 staging bucket
+# --------------------------------------------------------------------------------------------------
+
+_REDSHIFT = {"RoleARN", "ClusterJDBCURL", "CopyCommand", "Username", "Password", "RetryOptions", "S3Configuration",
+             "ProcessingConfiguration", "S3BackupMode", "S3BackupConfiguration", "CloudWatchLoggingOptions",
+             "SecretsManagerConfiguration"}
+_JDBC_RE = re.compile(r"^jdbc:(?P<kind>redshift|postgresql)://(?P<host>[^:/?#]+)(?::(?P<port>\d+))?/(?P<db>[^?#/]+)")
+
+
+def _redshift_stream(conf: dict[str, Any], which: str, region: str) -> dict[str, Any]:
+    """``jdbc:redshift://`` loads with Redshift's ``COPY ... FROM 's3://...'`` (the RoleARN as its
+    IAM_ROLE); ``jdbc:postgresql://`` with ``COPY ... FROM STDIN``. Either way each batch is staged
+    in the S3Configuration bucket first, as Firehose stages it."""
+    _redshift_refusals(conf, which)
+    url = conf.get("ClusterJDBCURL")
+    m = _JDBC_RE.match(url) if isinstance(url, str) else None
+    if m is None:
+        raise ShapeError(f"{which}.ClusterJDBCURL must be jdbc:redshift://host:port/database (or jdbc:postgresql://)")
+    copy = _obj(conf.get("CopyCommand") or {}, f"{which}.CopyCommand")
+    _refuse_unknown(copy, {"DataTableName", "DataTableColumns", "CopyOptions"}, f"{which}.CopyCommand")
+    redshift = m["kind"] == "redshift"
+    connection = {"host": m["host"], "port": int(m["port"] or (5439 if redshift else 5432)), "database": m["db"],
+                  "user": conf.get("Username"), **({"password": conf["Password"]} if "Password" in conf else {})}
+    destination: dict[str, Any] = {"type": "redshift", "connection": connection, "table": copy.get("DataTableName"),
+                                   "load_method": "copy_from_s3" if redshift else "copy_from_stdin"}
+    if copy.get("DataTableColumns"):
+        destination["columns"] = [c.strip() for c in str(copy["DataTableColumns"]).split(",") if c.strip()]
+    if copy.get("CopyOptions"):
+        destination["copy_options"] = copy["CopyOptions"]
+    if redshift and conf.get("RoleARN"):
+        destination["iam_role"] = conf["RoleARN"]
+    destination.update(_retry(conf))
+    staging = _obj(conf.get("S3Configuration") or {}, f"{which}.S3Configuration")
+    _refuse_unknown(staging, _S3_MEMBERS, f"{which}.S3Configuration")
+    _plumbing(staging, f"{which}.S3Configuration")
+    staged = _s3_stream(staging, "S3DestinationConfiguration", region)
+    destination["staging"] = staged["destination"]
+    stream: dict[str, Any] = {"destination": destination, **{k: v for k, v in staged.items() if k == "buffering"}}
+    if conf.get("ProcessingConfiguration") is not None:
+        stream.update(_extended({"ProcessingConfiguration": conf["ProcessingConfiguration"]}, which))
+    return stream
+
+
+def _redshift_refusals(conf: dict[str, Any], which: str) -> None:
+    _refuse_unknown(conf, _REDSHIFT, which)
+    _plumbing(conf, which)
+    secrets = conf.get("SecretsManagerConfiguration")
+    if isinstance(secrets, dict) and secrets.get("Enabled"):
+        raise ShapeError(f"{which}.SecretsManagerConfiguration is not supported (give Username and Password)")
+    if conf.get("S3BackupMode", "Disabled") != "Disabled" or conf.get("S3BackupConfiguration") is not None:
+        raise ShapeError(f"{which}.S3BackupMode Enabled is not supported by the control plane")
+
+
+def _retry(conf: dict[str, Any]) -> dict[str, Any]:
+    retry = conf.get("RetryOptions")
+    if isinstance(retry, dict) and "DurationInSeconds" in retry:
+        return {"retry_duration_secs": retry["DurationInSeconds"]}
+    return {}
 

@@ -118,11 +118,10 @@ def test_create_put_update_delete_through_the_api_and_kill9(tmp_path: Path, moto
         refused = code(fh.delete_delivery_stream, DeliveryStreamName="from-yaml")
         assert refused.startswith("InvalidArgumentException") and "firehose.yaml" in refused
         # Shapes this daemon does not support are refused by name, never dropped.
-        assert "RedshiftDestinationConfiguration" in code(
-            fh.create_delivery_stream, DeliveryStreamName="rs",
-            RedshiftDestinationConfiguration={"RoleARN": "r", "ClusterJDBCURL": "jdbc:redshift://h:5439/d",
-                                              "CopyCommand": {"DataTableName": "t"}, "Username": "user", "Password": "password1",
-                                              "S3Configuration": {"RoleARN": "r", "BucketARN": "arn:aws:s3:::b"}})
+        assert "ElasticsearchDestinationConfiguration" in code(
+            fh.create_delivery_stream, DeliveryStreamName="es",
+            ElasticsearchDestinationConfiguration={"RoleARN": "r", "IndexName": "i", "ClusterEndpoint": "https://es:9200",
+                                                   "S3Configuration": {"RoleARN": "r", "BucketARN": "arn:aws:s3:::b"}})
         assert "DataFormatConversionConfiguration" in code(
             fh.create_delivery_stream, DeliveryStreamName="conv",
             ExtendedS3DestinationConfiguration={"RoleARN": "r", "BucketARN": "arn:aws:s3:::api-bucket",
@@ -337,5 +336,34 @@ def test_a_kinesis_sourced_stream_through_the_api(tmp_path: Path, moto: MotoServ
         wait_for(lambda: status(fh, "from-kds") == "ACTIVE", 60, "ACTIVE after the update")
         desc = fh.describe_delivery_stream(DeliveryStreamName="from-kds")["DeliveryStreamDescription"]
         assert desc["DeliveryStreamType"] == "KinesisStreamAsSource"  # the source stays
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_redshift_stream_into_postgresql_through_the_api(tmp_path: Path, moto: MotoServer, postgres: Any) -> None:
+    moto.client().create_bucket(Bucket="staging")
+    postgres.execute("CREATE TABLE api_clicks (n bigint, page text)")
+    cfg = daemon_config(tmp_path, [])
+    cfg["api"]["control_plane"] = True
+    daemon = Daemon(tmp_path, cfg, env={"AWS_ENDPOINT_URL_S3": moto.endpoint}).start()
+    try:
+        fh = client(daemon)
+        p = postgres.params()
+        fh.create_delivery_stream(DeliveryStreamName="rs", RedshiftDestinationConfiguration={
+            "RoleARN": "r", "ClusterJDBCURL": f"jdbc:postgresql://{p['host']}:{p['port']}/{p['dbname']}",
+            "CopyCommand": {"DataTableName": "api_clicks", "DataTableColumns": "n,page", "CopyOptions": "JSON 'auto'"},
+            "Username": p["user"], "Password": p["password"], "RetryOptions": {"DurationInSeconds": 60},
+            "S3Configuration": {"RoleARN": "r", "BucketARN": "arn:aws:s3:::staging", "Prefix": "stage/",
+                                "BufferingHints": {"SizeInMBs": 1, "IntervalInSeconds": 1}}})
+        wait_for(lambda: status(fh, "rs") == "ACTIVE", 60, "ACTIVE")
+        fh.put_record_batch(DeliveryStreamName="rs", Records=[
+            {"Data": orjson.dumps({"n": n, "page": f"/p{n}"})} for n in range(20)])
+        wait_for(lambda: postgres.execute("SELECT count(*) FROM api_clicks")[0][0] == 20, 60, "the rows")
+        assert postgres.execute("SELECT n, page FROM api_clicks ORDER BY n")[3] == (3, "/p3")
+        desc = fh.describe_delivery_stream(DeliveryStreamName="rs")["DeliveryStreamDescription"]
+        rd = desc["Destinations"][0]["RedshiftDestinationDescription"]
+        assert rd["CopyCommand"]["DataTableName"] == "api_clicks"
+        assert p["password"] not in json_text(desc)
+        assert moto.client().list_objects_v2(Bucket="staging", Prefix="stage/")["KeyCount"] > 0
     finally:
         assert daemon.stop() == 0
