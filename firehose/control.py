@@ -118,7 +118,9 @@ class ControlPlane:
                 "# `firehose export-config` prints them with the YAML-defined ones.\n"
                 + yaml.safe_dump(doc, sort_keys=False))
         tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        # Owner-only: a destination's password, HEC token or access key is in it.
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)  # a tmp file left by a crash keeps its old mode otherwise
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

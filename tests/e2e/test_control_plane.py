@@ -365,5 +365,6 @@ def test_a_redshift_stream_into_postgresql_through_the_api(tmp_path: Path, moto:
         assert rd["CopyCommand"]["DataTableName"] == "api_clicks"
         assert p["password"] not in json_text(desc)
         assert moto.client().list_objects_v2(Bucket="staging", Prefix="stage/")["KeyCount"] > 0
+        assert (tmp_path / "data" / "api-streams.yaml").stat().st_mode & 0o777 == 0o600  # it holds the password
     finally:
         assert daemon.stop() == 0
