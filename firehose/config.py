@@ -19,6 +19,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from firehose.access import AuthConfig
 from firehose.cluster import ClusterConfig, cluster_problems
 from firehose.config_errors import _collect, _line_for
+from firehose.control_shapes import S3Defaults
 from firehose.interfaces import (
     BufferingLimits,
     DestinationConfig,
@@ -140,6 +141,9 @@ class ApiConfig(StrictModel):
     control_plane: bool = Field(
         default=False, description="Serve CreateDeliveryStream, UpdateDestination and DeleteDeliveryStream: streams "
         "made through the API, kept in `data_dir/api-streams.yaml` beside the YAML-defined ones (firehose/control.py).")
+    control_plane_s3: S3Defaults | None = Field(
+        default=None, description="How streams created through the API reach S3; unset: the standard AWS "
+        "configuration (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, profiles, the credential chain).")
     tls: TlsConfig | None = Field(
         default=None, description="Serve HTTPS with this certificate (reloaded on SIGHUP); unset: HTTP.")
     operator_tokens: list[str] = Field(

@@ -33,7 +33,7 @@ import structlog
 import yaml
 
 from firehose.config import ConfigError, StreamConfig, load_config_text
-from firehose.control_shapes import ShapeError, destination_update, stream_from_create
+from firehose.control_shapes import ShapeError, apply_s3_defaults, destination_update, stream_from_create
 from firehose.names import STREAM_NAME_RE, disk_name
 from firehose.quotas import TokenBucket
 
@@ -84,6 +84,9 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ the file
     def _validate(self, doc: dict[str, Any], source: str) -> StreamConfig:
+        # api.control_plane_s3 is applied here, not stored: a change in the config applies to
+        # every API stream at the next start, and its secret stays out of api-streams.yaml.
+        doc = apply_s3_defaults(doc, self.daemon.config.api.control_plane_s3)
         text = yaml.safe_dump({"data_dir": self.daemon.config.data_dir, "streams": [doc]}, sort_keys=False)
         try:
             return load_config_text(text, source, env={}).streams[0]

@@ -31,7 +31,38 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["ShapeError", "destination_update", "stream_from_create"]
+from pydantic import Field
+
+from firehose.models import StrictModel
+
+__all__ = ["S3Defaults", "ShapeError", "apply_s3_defaults", "destination_update", "stream_from_create"]
+
+
+class S3Defaults(StrictModel):
+    """What API-created streams use to reach S3 (their destination bucket, backup or staging)
+    instead of the standard AWS configuration; each field left out still comes from it."""
+
+    endpoint_url: str | None = Field(default=None, description="An S3-compatible server's URL.")
+    region: str | None = Field(default=None, description="The buckets' region (default: `api.region`).")
+    access_key_id: str | None = Field(default=None, description="The access key id.")
+    secret_access_key: str | None = Field(default=None, description="The secret access key (write it as `${ENV}`).")
+
+
+def apply_s3_defaults(stream: dict[str, Any], defaults: S3Defaults | None) -> dict[str, Any]:
+    """``stream`` with ``defaults`` filled in wherever it reaches S3."""
+    if defaults is None:
+        return stream
+    values = {k: v for k, v in defaults.model_dump().items() if v is not None}
+    out = dict(stream)
+    destination = dict(out["destination"])
+    if destination.get("type") == "s3":
+        destination.update(values)
+    if isinstance(destination.get("staging"), dict):
+        destination["staging"] = {**destination["staging"], **values}
+    out["destination"] = destination
+    if isinstance(out.get("backup"), dict) and "bucket" in out["backup"]:
+        out["backup"] = {**out["backup"], **values}
+    return out
 
 
 class ShapeError(ValueError):

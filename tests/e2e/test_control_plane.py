@@ -345,7 +345,10 @@ def test_a_redshift_stream_into_postgresql_through_the_api(tmp_path: Path, moto:
     postgres.execute("CREATE TABLE api_clicks (n bigint, page text)")
     cfg = daemon_config(tmp_path, [])
     cfg["api"]["control_plane"] = True
-    daemon = Daemon(tmp_path, cfg, env={"AWS_ENDPOINT_URL_S3": moto.endpoint}).start()
+    # The staging bucket is reached through the config's defaults for API streams, not the environment.
+    cfg["api"]["control_plane_s3"] = {"endpoint_url": moto.endpoint, "access_key_id": "x",
+                                      "secret_access_key": "staging-secret"}
+    daemon = Daemon(tmp_path, cfg, env={"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}).start()
     try:
         fh = client(daemon)
         p = postgres.params()
@@ -365,6 +368,8 @@ def test_a_redshift_stream_into_postgresql_through_the_api(tmp_path: Path, moto:
         assert rd["CopyCommand"]["DataTableName"] == "api_clicks"
         assert p["password"] not in json_text(desc)
         assert moto.client().list_objects_v2(Bucket="staging", Prefix="stage/")["KeyCount"] > 0
-        assert (tmp_path / "data" / "api-streams.yaml").stat().st_mode & 0o777 == 0o600  # it holds the password
+        stored = tmp_path / "data" / "api-streams.yaml"
+        assert stored.stat().st_mode & 0o777 == 0o600  # it holds the password
+        assert "staging-secret" not in stored.read_text()  # the config's defaults are applied, not stored
     finally:
         assert daemon.stop() == 0
