@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 import yaml
 
@@ -49,6 +51,8 @@ API_STREAMS_FILE = "api-streams.yaml"
 #: calls a second (reference §1.6), and 5,000 delivery streams; past either, LimitExceededException.
 CONTROL_CALLS_PER_SEC = 5
 MAX_STREAMS = 5000
+#: A control-plane request is turned into YAML and validated: bounded well below the body limit.
+MAX_REQUEST_BYTES = 256 * 1024
 #: How long a deletion keeps delivering before it tries again (it never gives up on acknowledged records).
 DRAIN_ROUND_SECS = 300.0
 
@@ -71,6 +75,7 @@ class ControlPlane:
         self.requests: dict[str, dict[str, Any]] = {}  # name -> its destination's request members
         self.deleting: set[str] = set()
         self.creating: dict[str, StreamConfig] = {}
+        self.shadowed: dict[str, dict[str, Any]] = {}  # entries a YAML stream's name hides (kept in the file)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._calls = TokenBucket(CONTROL_CALLS_PER_SEC, time.monotonic())
@@ -96,27 +101,38 @@ class ControlPlane:
             raise ControlError("InvalidArgumentException", "; ".join(problems)) from None
 
     def load(self) -> list[StreamConfig]:
-        """The API-defined streams in the file (a stream YAML now also defines is left out, with an
-        error in the log: the YAML one runs)."""
+        """The API-defined streams in the file that validate. One that does not (a stricter
+        release, a changed ``control_plane_s3``) is logged and counted as failed, its entry kept;
+        one whose name a YAML stream now has is left out, its entry kept too: the YAML one runs."""
         if not os.path.exists(self.path):
             return []
         with open(self.path, encoding="utf-8") as f:
             doc = yaml.safe_load(f) or {}
         out = []
         yaml_names = {s.name for s in self.daemon.config.streams}
-        for stream in doc.get("streams") or []:
-            name = stream.get("name")
-            if name in yaml_names:
-                log.error("api_stream_shadowed", stream=name, file=self.path)
-                continue
-            self.docs[name] = stream
-            out.append(self._validate(stream, self.path))
         self.requests = dict(doc.get("requests") or {})
         self.deleting = set(doc.get("deleting") or [])
+        for stream in doc.get("streams") or []:
+            name = stream.get("name") if isinstance(stream, dict) else None
+            if not isinstance(name, str):
+                log.error("api_stream_invalid", file=self.path, error="an entry without a name")
+                continue
+            if name in yaml_names:
+                log.error("api_stream_shadowed", stream=name, file=self.path)
+                self.shadowed[name] = stream
+                continue
+            self.docs[name] = stream
+            try:
+                out.append(self._validate(stream, self.path))
+            except ControlError as exc:
+                self.daemon.failed_streams[name] = "its entry in api-streams.yaml no longer validates; see the log"
+                log.error("api_stream_invalid", stream=name, file=self.path, error=exc.message)
+        self.deleting &= set(self.docs)
         return out
 
     def _save(self) -> None:
-        doc = {"streams": list(self.docs.values()), "requests": self.requests, "deleting": sorted(self.deleting)}
+        doc = {"streams": [*self.docs.values(), *self.shadowed.values()], "requests": self.requests,
+               "deleting": sorted(self.deleting)}
         text = ("# Streams created through the Firehose API (api.control_plane). Written by the daemon;\n"
                 "# `firehose export-config` prints them with the YAML-defined ones.\n"
                 + yaml.safe_dump(doc, sort_keys=False))
@@ -143,14 +159,13 @@ class ControlPlane:
             except Exception as exc:
                 self.daemon.failed_streams[cfg.name] = "failed to start; see the log"
                 log.error("stream_start_failed", stream=cfg.name, reason=f"{type(exc).__name__}: {exc}")
-                continue
-            if cfg.name in self.deleting:
-                self._spawn(self._drain_and_remove(cfg.name))
+        for name in sorted(self.deleting):
+            self._spawn(self._drain_and_remove(name))
 
     def status(self, name: str) -> str:
         if name in self.creating:
             return "CREATING"
-        return "DELETING" if name in self.deleting else "ACTIVE"
+        return "DELETING" if name in self.deleting and name in self.docs else "ACTIVE"
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -166,15 +181,56 @@ class ControlPlane:
                                "only the streams it created)")
 
     # ------------------------------------------------------------------ calls
-    async def create(self, doc: dict[str, Any]) -> str:
-        """CreateDeliveryStream; returns the new stream's name."""
+    def _admit(self, doc: dict[str, Any]) -> None:
+        """What every mutating call checks first: the daemon is serving, the request is of a
+        reasonable size (it is turned into YAML and validated), and the call quota."""
+        if not self.daemon.ready:
+            raise ControlError("ServiceUnavailableException", "Slow down.")
+        if len(orjson.dumps(doc)) > MAX_REQUEST_BYTES:
+            raise ControlError("InvalidArgumentException", f"the request is over {MAX_REQUEST_BYTES} bytes")
+        self._rate()
+
+    async def create(self, doc: dict[str, Any], *, limited: bool = False) -> str:
+        """CreateDeliveryStream; returns the new stream's name. ``limited``: the caller's key is
+        limited to some actions or streams (firehose/access.py); such a key may create only what
+        stays within S3 (no Kinesis source, Lambda function, or database, HTTP, Splunk or
+        OpenSearch destination: those reach wherever the daemon's own network and credentials can)."""
         api = self.daemon.config.api
+        self._admit(doc)
         try:
             stream, tags, request = stream_from_create(doc, api.region)
         except ShapeError as exc:
             raise ControlError("InvalidArgumentException", str(exc)) from None
+        name = self._check_new(stream, tags, limited)
+        async with self.daemon._reload_lock, self._lock:  # a reload cannot add the same name meanwhile
+            self._check_free(name)
+            cfg = await asyncio.to_thread(self._validate, stream, "CreateDeliveryStream")
+            self.docs[name], self.requests[name] = stream, request
+            self.creating[name] = cfg
+            try:
+                await asyncio.to_thread(self._save)
+                encryption = doc.get("DeliveryStreamEncryptionConfigurationInput")
+                if tags or encryption is not None:
+                    self.daemon.state.version_for(cfg)  # the state entry the tags live in
+                if tags:
+                    self.daemon.state.update_tags(name, lambda current: {**current, **tags})
+                if encryption is not None:
+                    self.daemon.state.set_field(name, "encryption", _encryption(encryption))
+            except BaseException:
+                del self.docs[name], self.requests[name], self.creating[name]
+                self.daemon.state.restore(name, None)
+                await asyncio.to_thread(self._save)
+                raise
+        self._spawn(self._start(name, cfg))
+        log.info("api_stream_created", stream=name)
+        return name
+
+    def _check_new(self, stream: dict[str, Any], tags: dict[str, str], limited: bool) -> str:
+        if limited and (stream.get("sources") or stream["destination"].get("type") != "s3"
+                        or any(p.get("type") == "lambda" for p in stream.get("processing") or [])):
+            raise ControlError("AccessDeniedException", "a key limited to some actions or streams may create only "
+                               "streams that stay within S3; this one needs a key without limits")
         name = stream["name"]
-        self._rate()
         if len(self.daemon.streams) + len(self.creating) >= MAX_STREAMS:
             raise ControlError("LimitExceededException", f"You have already consumed your firehose quota of "
                                f"{MAX_STREAMS} hoses")
@@ -182,29 +238,19 @@ class ControlPlane:
             raise ControlError("ValidationException", "1 validation error detected: Value at 'deliveryStreamName' "
                                "failed to satisfy constraint: Member must satisfy regular expression pattern: "
                                "[a-zA-Z0-9_.-]+")
-        async with self._lock:
-            if name in self.daemon.streams or name in self.docs or name in self.creating or \
-                    name in {s.name for s in self.daemon.config.streams}:
-                raise ControlError("ResourceInUseException", f"Firehose {name} under accountId "
-                                   f"{api.account_id} already exists")
-            cfg = self._validate(stream, "CreateDeliveryStream")
-            self.docs[name], self.requests[name] = stream, request
-            self.creating[name] = cfg
-            try:
-                await asyncio.to_thread(self._save)
-            except OSError:
-                del self.docs[name], self.requests[name], self.creating[name]
-                raise
-            encryption = doc.get("DeliveryStreamEncryptionConfigurationInput")
-            if tags or encryption is not None:
-                self.daemon.state.version_for(cfg)  # the state entry the tags live in
-            if tags:
-                self.daemon.state.update_tags(name, lambda current: {**current, **tags})
-            if encryption is not None:
-                self.daemon.state.set_field(name, "encryption", _encryption(encryption))
-        self._spawn(self._start(name, cfg))
-        log.info("api_stream_created", stream=name)
+        _check_tags(tags)
         return name
+
+    def _check_free(self, name: str) -> None:
+        """ResourceInUseException for a name a stream has, or a former one left its spool or state under."""
+        account = self.daemon.config.api.account_id
+        if name in self.daemon.streams or name in self.docs or name in self.creating or \
+                name in self.shadowed or name in {s.name for s in self.daemon.config.streams}:
+            raise ControlError("ResourceInUseException", f"Firehose {name} under accountId {account} already exists")
+        if os.path.exists(os.path.join(self.daemon.config.data_dir, "spool", disk_name(name))) or \
+                self.daemon.state.load(name):
+            raise ControlError("ResourceInUseException", f"Firehose {name} under accountId {account}: a former "
+                               "stream of that name left its spool or state in the data_dir")
 
     async def _start(self, name: str, cfg: StreamConfig) -> None:
         try:
@@ -216,14 +262,16 @@ class ControlPlane:
             self.creating.pop(name, None)
 
     async def update_destination(self, doc: dict[str, Any]) -> None:
-        self._rate()
+        self._admit(doc)
         name = doc.get("DeliveryStreamName")
         if not isinstance(name, str):
             raise ControlError("ValidationException", "DeliveryStreamName is required")
         self.read_only(name)
-        async with self._lock:
+        async with self.daemon._reload_lock, self._lock:
+            if name in self.creating or name in self.deleting:
+                raise ControlError("ResourceInUseException", f"Firehose {name} is {self.status(name)}")
             rt = self.daemon.streams.get(name)
-            if name not in self.docs or rt is None or name in self.deleting or name in self.creating:
+            if name not in self.docs or rt is None:
                 raise ControlError("ResourceNotFoundException", f"Firehose {name} under account "
                                    f"{self.daemon.config.api.account_id} not found.")
             if str(doc.get("CurrentDeliveryStreamVersionId")) != str(rt.version):
@@ -235,30 +283,42 @@ class ControlPlane:
                 raise ControlError("InvalidArgumentException", f"Destination {doc.get('DestinationId')!r} not found")
             try:
                 stream, request = destination_update(name, self.requests.get(name, {}), doc,
-                                                        self.daemon.config.api.region)
+                                                     self.daemon.config.api.region)
             except ShapeError as exc:
                 raise ControlError("InvalidArgumentException", str(exc)) from None
             if self.docs[name].get("sources"):
                 stream["sources"] = self.docs[name]["sources"]  # the source is not the destination's to change
-            cfg = self._validate(stream, "UpdateDestination")
-            previous = self.docs[name], self.requests.get(name, {})
+            cfg = await asyncio.to_thread(self._validate, stream, "UpdateDestination")
+            previous, old_cfg = (self.docs[name], self.requests.get(name, {})), rt.config
             self.docs[name], self.requests[name] = stream, request
+            await asyncio.to_thread(self._save)
+            snapshot = self.daemon.state.snapshot(name)
             try:
-                await asyncio.to_thread(self._save)
-            except OSError:
+                await self.daemon._switch(name, cfg, float(self.daemon.config.shutdown_timeout_secs))
+            except Exception as exc:
+                # Back to what ran before, under its VersionId; the caller learns why.
                 self.docs[name], self.requests[name] = previous
-                raise
-            await self.daemon._switch(name, cfg, float(self.daemon.config.shutdown_timeout_secs))
+                await asyncio.to_thread(self._save)
+                self.daemon.state.restore(name, snapshot)
+                await self.daemon._roll_back([name], {name: old_cfg}, {name: snapshot},
+                                             float(self.daemon.config.shutdown_timeout_secs))
+                raise ControlError("InvalidArgumentException",
+                                   f"the stream did not start on the new destination ({type(exc).__name__}: {exc}); "
+                                   "it runs its previous one") from None
         log.info("api_stream_updated", stream=name, version=self.daemon.streams[name].version)
 
     async def delete(self, doc: dict[str, Any]) -> None:
-        self._rate()
+        self._admit(doc)
         name = doc.get("DeliveryStreamName")
         if not isinstance(name, str):
             raise ControlError("ValidationException", "DeliveryStreamName is required")
         self.read_only(name)
-        async with self._lock:
-            if name not in self.docs or name in self.deleting:
+        async with self.daemon._reload_lock, self._lock:
+            if name in self.deleting:
+                return  # a repeated delete is accepted, as Firehose accepts it
+            if name in self.creating:
+                raise ControlError("ResourceInUseException", f"Firehose {name} is CREATING")
+            if name not in self.docs:
                 raise ControlError("ResourceNotFoundException", f"Firehose {name} under account "
                                    f"{self.daemon.config.api.account_id} not found.")
             self.deleting.add(name)
@@ -267,15 +327,30 @@ class ControlPlane:
         log.info("api_stream_deleting", stream=name)
 
     async def _drain_and_remove(self, name: str) -> None:
-        """Deliver everything acknowledged, however long the destination takes, then remove it all."""
-        while name in self.creating:
-            await asyncio.sleep(0.05)
+        """Deliver everything acknowledged, however long the destination takes, then remove it
+        all. A failure on the way (a stream that will not start again, a disk error) is logged
+        and the whole step tried again, with a growing pause; a restart resumes it too."""
+        pause = 1.0
+        while True:
+            try:
+                await self._drain_once(name)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("api_stream_delete_failed", stream=name, error=f"{type(exc).__name__}: {exc}",
+                          retry_in_secs=pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 60.0)
+
+    async def _drain_once(self, name: str) -> None:
         rt = self.daemon.streams.get(name)
         while rt is not None:
             clean = await rt.stop(DRAIN_ROUND_SECS)
             if clean:
                 break
             log.warning("api_stream_delete_waiting", stream=name, reason="batches not delivered yet; retrying")
+            self.daemon.streams.pop(name, None)
             rt = await self.daemon._start_stream(rt.config)
             self.daemon.streams[name] = rt
             rt._accepting = False
@@ -295,7 +370,7 @@ class ControlPlane:
         """Start/StopDeliveryStreamEncryption: recorded and shown in DeliveryStreamEncryptionConfiguration.
         The daemon does not encrypt its spool itself (use an encrypted disk); these calls exist so
         that tools that manage them work."""
-        self._rate()
+        self._admit(doc)
         name = doc.get("DeliveryStreamName")
         if not isinstance(name, str):
             raise ControlError("ValidationException", "DeliveryStreamName is required")
@@ -330,4 +405,18 @@ def _encryption(given: Any) -> dict[str, Any]:
     if isinstance(given.get("KeyARN"), str):
         out["KeyARN"] = given["KeyARN"]
     return out
+
+
+def _check_tags(tags: dict[str, str]) -> None:
+    """TagDeliveryStream's rules for the Tags of a create (reference §1.5)."""
+    if len(tags) > 50:
+        raise ControlError("LimitExceededException", "a delivery stream has at most 50 tags")
+    for key, value in tags.items():
+        if not 1 <= len(key) <= 128 or key.startswith("aws:") or not _TAG_KEY_RE.fullmatch(key):
+            raise ControlError("InvalidArgumentException", f"tag key {key[:128]!r} is not valid")
+        if len(value) > 256:
+            raise ControlError("InvalidArgumentException", f"the value of tag {key!r} is over 256 characters")
+
+
+_TAG_KEY_RE = re.compile(r"[\w\s.:/=+\-@%]*")
 

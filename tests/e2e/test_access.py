@@ -52,9 +52,10 @@ def test_keys_limited_to_actions_and_streams(tmp_path: Path) -> None:
         "PRODUCERKEY": {"secret_file": str(secret_file), "allow": ["firehose:PutRecord*"], "streams": ["clicks-*"]},
         "READERKEY": {"secret": "reader-secret", "allow": ["firehose:Describe*", "firehose:list*"],
                       "streams": ["clicks-a"]},
+        "CREATORKEY": {"secret": "creator-secret", "allow": ["firehose:CreateDeliveryStream"], "streams": ["team-*"]},
     }
     streams = [stream_config(n, {"type": "local", "path": str(tmp_path / n)}) for n in ("clicks-a", "clicks-b", "orders")]
-    cfg = daemon_config(tmp_path, streams, api={"listen": f"127.0.0.1:{_port()}",
+    cfg = daemon_config(tmp_path, streams, api={"listen": f"127.0.0.1:{_port()}", "control_plane": True,
                                                 "auth": {"mode": "sigv4", "credentials": credentials}})
     daemon = Daemon(tmp_path, cfg).start()
     try:
@@ -85,6 +86,21 @@ def test_keys_limited_to_actions_and_streams(tmp_path: Path) -> None:
         assert hostile["Error"]["Code"] in ("AccessDeniedException", "ValidationException")
         assert "\u2028" not in hostile["Error"]["Message"]
 
+        # A key limited to some streams creates only what stays within S3: an HTTP endpoint, a Kinesis
+        # source or a Lambda would reach wherever the daemon's own network and credentials can.
+        creator = client(daemon, "CREATORKEY", "creator-secret")
+        s3_dest = {"RoleARN": "r", "BucketARN": "arn:aws:s3:::team-bucket"}
+        creator.create_delivery_stream(DeliveryStreamName="team-s3", S3DestinationConfiguration=s3_dest)
+        web = error_of(creator.create_delivery_stream, DeliveryStreamName="team-web",
+                       HttpEndpointDestinationConfiguration={"EndpointConfiguration": {"Url": "http://169.254.169.254/"},
+                                                             "S3Configuration": s3_dest})
+        assert web["Error"]["Code"] == "AccessDeniedException" and "stay within S3" in web["Error"]["Message"]
+        denied(error_of(creator.create_delivery_stream, DeliveryStreamName="other", S3DestinationConfiguration=s3_dest),
+               "CreateDeliveryStream", "other")
+        # Status and metrics name every stream: only a key without limits may read them.
+        assert _signed_get(daemon, "/status.json", "READERKEY", "reader-secret") == 403
+        assert _signed_get(daemon, "/status.json", "ADMINKEY", "admin-secret") == 200
+
         # The AWS CLI surfaces the same code.
         cli = _aws_cli(daemon, "PRODUCERKEY", "producer-secret-1",
                        ["firehose", "put-record", "--delivery-stream-name", "orders",
@@ -103,6 +119,23 @@ def test_keys_limited_to_actions_and_streams(tmp_path: Path) -> None:
         assert "producer-secret" not in daemon.logs()
     finally:
         assert daemon.stop() == 0
+
+
+def _signed_get(daemon: Daemon, path: str, akid: str, secret: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    req = AWSRequest(method="GET", url=daemon.endpoint + path, data=b"")
+    SigV4Auth(Credentials(akid, secret), "firehose", "us-east-1").add_auth(req)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(req.url, headers=dict(req.headers)), timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def _port() -> int:
