@@ -625,13 +625,19 @@ class FirehoseApi:
     async def describe_delivery_stream(self, doc: dict[str, Any]) -> web.Response:
         name = _stream_name(doc)
         control = self.daemon.control
-        if control is not None and name in control.creating:
+        failed = control is not None and name in control.docs and name not in self.daemon.streams \
+            and name in self.daemon.failed_streams
+        if control is not None and (name in control.creating or failed):
             api = self.daemon.config.api
-            return _response({"DeliveryStreamDescription": {
+            cfg = control.creating.get(name)
+            desc: dict[str, Any] = {
                 "DeliveryStreamName": name, "DeliveryStreamARN": stream_arn(api.region, api.account_id, name),
-                "DeliveryStreamStatus": "CREATING", "DeliveryStreamType": control.creating[name].stream_type,
-                "VersionId": "1",
-                "CreateTimestamp": round(time.time(), 3), "Destinations": [], "HasMoreDestinations": False}})
+                "DeliveryStreamStatus": "CREATING_FAILED" if failed else "CREATING",
+                "DeliveryStreamType": cfg.stream_type if cfg is not None else "DirectPut", "VersionId": "1",
+                "CreateTimestamp": round(time.time(), 3), "Destinations": [], "HasMoreDestinations": False}
+            if failed:
+                desc["FailureDescription"] = {"Type": "UNKNOWN_ERROR", "Details": self.daemon.failed_streams[name]}
+            return _response({"DeliveryStreamDescription": desc})
         self._stream(name)
         desc = self.daemon.describe(name)
         if control is not None:

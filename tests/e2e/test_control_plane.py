@@ -373,3 +373,21 @@ def test_a_redshift_stream_into_postgresql_through_the_api(tmp_path: Path, moto:
         assert "staging-secret" not in stored.read_text()  # the config's defaults are applied, not stored
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_stream_that_cannot_start_is_described_as_creating_failed(tmp_path: Path) -> None:
+    cfg = daemon_config(tmp_path, [])
+    cfg["api"]["control_plane"] = True
+    daemon = Daemon(tmp_path, cfg).start()
+    try:
+        (tmp_path / "data" / "spool").write_text("not a directory")  # no spool can be made under it
+        fh = client(daemon)
+        fh.create_delivery_stream(DeliveryStreamName="broken", S3DestinationConfiguration={
+            "RoleARN": "r", "BucketARN": "arn:aws:s3:::broken-bucket"})
+        wait_for(lambda: status(fh, "broken") == "CREATING_FAILED", 60, "CREATING_FAILED")
+        desc = fh.describe_delivery_stream(DeliveryStreamName="broken")["DeliveryStreamDescription"]
+        assert desc["FailureDescription"]["Type"] == "UNKNOWN_ERROR"
+        fh.delete_delivery_stream(DeliveryStreamName="broken")
+        wait_for(lambda: gone(fh, "broken"), 60, "the failed stream deleted")
+    finally:
+        assert daemon.stop() == 0
