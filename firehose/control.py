@@ -181,6 +181,20 @@ class ControlPlane:
                                "only the streams it created)")
 
     # ------------------------------------------------------------------ calls
+    def _named(self, doc: dict[str, Any]) -> str:
+        """The stream a call on an existing stream names, once the call is admitted and the stream
+        is not a YAML one."""
+        self._admit(doc)
+        name = doc.get("DeliveryStreamName")
+        if not isinstance(name, str):
+            raise ControlError("ValidationException", "DeliveryStreamName is required")
+        self.read_only(name)
+        return name
+
+    def _not_found(self, name: str) -> ControlError:
+        return ControlError("ResourceNotFoundException",
+                            f"Firehose {name} under account {self.daemon.config.api.account_id} not found.")
+
     def _admit(self, doc: dict[str, Any]) -> None:
         """What every mutating call checks first: the daemon is serving, the request is of a
         reasonable size (it is turned into YAML and validated), and the call quota."""
@@ -262,18 +276,13 @@ class ControlPlane:
             self.creating.pop(name, None)
 
     async def update_destination(self, doc: dict[str, Any]) -> None:
-        self._admit(doc)
-        name = doc.get("DeliveryStreamName")
-        if not isinstance(name, str):
-            raise ControlError("ValidationException", "DeliveryStreamName is required")
-        self.read_only(name)
+        name = self._named(doc)
         async with self.daemon._reload_lock, self._lock:
             if name in self.creating or name in self.deleting:
                 raise ControlError("ResourceInUseException", f"Firehose {name} is {self.status(name)}")
             rt = self.daemon.streams.get(name)
             if name not in self.docs or rt is None:
-                raise ControlError("ResourceNotFoundException", f"Firehose {name} under account "
-                                   f"{self.daemon.config.api.account_id} not found.")
+                raise self._not_found(name)
             if str(doc.get("CurrentDeliveryStreamVersionId")) != str(rt.version):
                 raise ControlError("ConcurrentModificationException",
                                    f"Cannot update firehose: {name} since the current version id: {rt.version} "
@@ -308,19 +317,14 @@ class ControlPlane:
         log.info("api_stream_updated", stream=name, version=self.daemon.streams[name].version)
 
     async def delete(self, doc: dict[str, Any]) -> None:
-        self._admit(doc)
-        name = doc.get("DeliveryStreamName")
-        if not isinstance(name, str):
-            raise ControlError("ValidationException", "DeliveryStreamName is required")
-        self.read_only(name)
+        name = self._named(doc)
         async with self.daemon._reload_lock, self._lock:
             if name in self.deleting:
                 return  # a repeated delete is accepted, as Firehose accepts it
             if name in self.creating:
                 raise ControlError("ResourceInUseException", f"Firehose {name} is CREATING")
             if name not in self.docs:
-                raise ControlError("ResourceNotFoundException", f"Firehose {name} under account "
-                                   f"{self.daemon.config.api.account_id} not found.")
+                raise self._not_found(name)
             self.deleting.add(name)
             await asyncio.to_thread(self._save)
         self._spawn(self._drain_and_remove(name))
@@ -370,14 +374,9 @@ class ControlPlane:
         """Start/StopDeliveryStreamEncryption: recorded and shown in DeliveryStreamEncryptionConfiguration.
         The daemon does not encrypt its spool itself (use an encrypted disk); these calls exist so
         that tools that manage them work."""
-        self._admit(doc)
-        name = doc.get("DeliveryStreamName")
-        if not isinstance(name, str):
-            raise ControlError("ValidationException", "DeliveryStreamName is required")
-        self.read_only(name)
+        name = self._named(doc)
         if name not in self.docs or name in self.deleting or name not in self.daemon.streams:
-            raise ControlError("ResourceNotFoundException", f"Firehose {name} under account "
-                               f"{self.daemon.config.api.account_id} not found.")
+            raise self._not_found(name)
         value: dict[str, Any] = {"Status": "DISABLED"}
         if start:
             value = _encryption(doc.get("DeliveryStreamEncryptionConfigurationInput"))
@@ -388,9 +387,6 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def export(self) -> list[dict[str, Any]]:
-        """The API-defined streams in the YAML model."""
-        return [doc for name, doc in self.docs.items() if name not in self.deleting]
 
 
 def _encryption(given: Any) -> dict[str, Any]:

@@ -113,10 +113,7 @@ class StreamState:
         return dict(doc.get("tags", {}))
 
     def set_tags(self, name: str, tags: dict[str, str]) -> None:
-        with self._lock:
-            doc = dict(self.load(name) or {})
-            doc["tags"] = tags
-            self._save(name, doc)
+        self.set_field(name, "tags", tags)
 
     def set_field(self, name: str, field: str, value: Any) -> None:
         """One member of the stream's saved state (``encryption``: StartDeliveryStreamEncryption's)."""

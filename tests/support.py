@@ -264,6 +264,14 @@ class Daemon:
                     pass
         return out
 
+    def metrics_text(self) -> str:
+        """``GET /metrics`` (with API auth off)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("GET", "/metrics")
+        body = conn.getresponse().read().decode()
+        conn.close()
+        return body
+
     def health(self) -> dict[str, Any]:
         """The daemon's ``GET /healthz`` document (whatever its HTTP status)."""
         return healthz(self.port)
@@ -675,3 +683,13 @@ def validate_config(tmp: Path, config: dict[str, Any]) -> tuple[Path, int, str]:
     result = subprocess.run([sys.executable, "-m", "firehose", "validate", str(path)], capture_output=True,
                             text=True, timeout=120)
     return path, result.returncode, result.stdout + result.stderr
+
+
+def aws_cli_path() -> str:
+    """The AWS CLI of the test environment (a test dependency: awscli), beside this interpreter."""
+    import shutil
+
+    aws = shutil.which("aws", path=os.path.dirname(sys.executable)) or shutil.which("aws")
+    assert aws is not None, "the AWS CLI is a test dependency (awscli)"
+    return aws
+

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from support import Daemon, daemon_config, stream_config, validate_config, wait_for
+from support import Daemon, aws_cli_path, daemon_config, free_port, stream_config, validate_config, wait_for
 
 ACCOUNT = "000000000000"
 
@@ -55,7 +53,7 @@ def test_keys_limited_to_actions_and_streams(tmp_path: Path) -> None:
         "CREATORKEY": {"secret": "creator-secret", "allow": ["firehose:CreateDeliveryStream"], "streams": ["team-*"]},
     }
     streams = [stream_config(n, {"type": "local", "path": str(tmp_path / n)}) for n in ("clicks-a", "clicks-b", "orders")]
-    cfg = daemon_config(tmp_path, streams, api={"listen": f"127.0.0.1:{_port()}", "control_plane": True,
+    cfg = daemon_config(tmp_path, streams, api={"listen": f"127.0.0.1:{free_port()}", "control_plane": True,
                                                 "auth": {"mode": "sigv4", "credentials": credentials}})
     daemon = Daemon(tmp_path, cfg).start()
     try:
@@ -138,15 +136,8 @@ def _signed_get(daemon: Daemon, path: str, akid: str, secret: str) -> int:
         return int(exc.code)
 
 
-def _port() -> int:
-    from support import free_port
-
-    return free_port()
-
-
 def _aws_cli(daemon: Daemon, akid: str, secret: str, args: list[str]) -> subprocess.CompletedProcess[str]:
-    aws = shutil.which("aws", path=os.path.dirname(sys.executable)) or shutil.which("aws")
-    assert aws is not None, "the AWS CLI is a test dependency (awscli)"
+    aws = aws_cli_path()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_MAX_ATTEMPTS": "1", "AWS_PAGER": ""}
     return subprocess.run([aws, "--endpoint-url", daemon.endpoint, *args], capture_output=True, text=True,

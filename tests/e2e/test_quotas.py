@@ -4,7 +4,6 @@ VersionId."""
 
 from __future__ import annotations
 
-import http.client
 import re
 import signal
 import time
@@ -20,10 +19,7 @@ from support import Daemon, daemon_config, local_objects, stream_config, validat
 
 
 def throttled(daemon: Daemon, stream: str) -> float:
-    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
-    conn.request("GET", "/metrics")
-    body = conn.getresponse().read().decode()
-    conn.close()
+    body = daemon.metrics_text()
     m = re.search(rf'^firehose_ThrottledRecords_total{{DeliveryStreamName="{stream}"}} (\S+)$', body, re.M)
     return float(m.group(1)) if m else 0.0
 

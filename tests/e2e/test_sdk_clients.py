@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from support import Daemon, MotoServer, daemon_config, stream_config, unavailable, wait_for
+from support import Daemon, MotoServer, aws_cli_path, daemon_config, stream_config, unavailable, wait_for
 
 SDK = Path(__file__).resolve().parent.parent / "sdk"
 GOPATH = "/usr/share/gocode"
@@ -91,8 +90,7 @@ def test_go_sdk_v2(setup: tuple[Daemon, MotoServer], tmp_path: Path) -> None:
 
 def test_aws_cli(setup: tuple[Daemon, MotoServer]) -> None:
     daemon, moto = setup
-    aws = shutil.which("aws", path=os.path.dirname(sys.executable)) or shutil.which("aws")
-    assert aws is not None, "the AWS CLI is a test dependency (awscli)"
+    aws = aws_cli_path()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ADMIN[0], "AWS_SECRET_ACCESS_KEY": ADMIN[1],
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_PAGER": ""}
 

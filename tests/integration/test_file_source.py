@@ -171,7 +171,7 @@ def test_a_bad_file_is_reported_and_the_others_keep_flowing(tmp_path: Path) -> N
     d = Daemon(tmp_path, daemon_config(tmp_path, [stream])).start()
     try:
         wait_for(lambda: len(delivered_lines(tmp_path)) == 3, 30, "three records")
-        metrics = d_metrics(d)
+        metrics = d.metrics_text()
     finally:
         assert d.stop() == 0
     got = delivered_lines(tmp_path)
@@ -182,16 +182,6 @@ def test_a_bad_file_is_reported_and_the_others_keep_flowing(tmp_path: Path) -> N
     assert {e["reason"] for e in events} >= {"stat", "conversion"}
     assert 'firehose_FileSourceErrors_total{DeliveryStreamName="logs",reason="stat"}' in metrics
     assert 'firehose_FileSourceUnconverted_total{DeliveryStreamName="logs"} 2.0' in metrics
-
-
-def d_metrics(d: Daemon) -> str:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
-    conn.request("GET", "/metrics")
-    body = conn.getresponse().read().decode()
-    conn.close()
-    return body
 
 
 def test_many_files_and_a_backlog_larger_than_the_spool_stay_bounded(tmp_path: Path) -> None:
