@@ -236,3 +236,21 @@ def test_source_copies_left_when_backup_all_is_turned_off_are_dropped_not_delive
     asyncio.run(go())
     assert sorted(line for f in out.rglob("*") if f.is_file() for line in f.read_bytes().splitlines()) == [b"a", b"b"]
     assert not (tmp_path / "backup").exists()
+
+
+def test_buffers_finished_while_an_earlier_one_runs_are_recorded_in_one_frame(tmp_path: Path, make_log: Any) -> None:
+    # The first buffer is slow (50 ms); the other three finish meanwhile and wait for it: when it
+    # is done, the four are recorded as one outcome frame (one fsync), still in order.
+    chain = Chain(buffer_size_bytes=1, slow=(b"k=a",))
+    s = Setup(tmp_path, make_log, chain)
+
+    async def go() -> Any:
+        await s.ingest.append([b"k=a", b"drop", b"bad", b"plain"], 100)
+        await s.run_until(4)
+        first = await s.out.read_frame(s.out.min_seq)
+        await s.close()
+        return first
+
+    first = asyncio.run(go())
+    assert first is not None and list(first.records) == [b"K=A", b"BAD", b"PLAIN"]  # every buffer in one frame
+    assert s.out.positions.get("raw_end") == 4
