@@ -12,7 +12,7 @@ destination), and a loader that puts numbered records through every daemon in tu
 a random NATS server instead), and restarts it a few seconds later. At the end it waits for
 every acknowledged record and prints: records acknowledged, delivered, delivered twice (must be
 0), delivered but never sent (must be 0), missing (must be 0), and the kills. Exit 0 when all
-three are 0. The short variant of this run is tests/e2e/test_cluster.py.
+three are 0. The short variant of this run, in CI, is tests/e2e/test_cluster_chaos.py.
 """
 
 from __future__ import annotations
