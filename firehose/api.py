@@ -496,7 +496,9 @@ class FirehoseApi:
     # ------------------------------------------------------------------ data plane
     def _stream(self, name: str) -> Any:
         rt = self.daemon.streams.get(name)
-        if rt is None and (name in self.daemon.reloading or name in self.daemon.failed_streams):
+        control = self.daemon.control
+        if rt is None and (name in self.daemon.reloading or name in self.daemon.failed_streams
+                           or (control is not None and not control.settled)):
             raise ApiError("ServiceUnavailableException", "Slow down.", 503)
         if rt is None:
             raise ApiError(
@@ -625,6 +627,8 @@ class FirehoseApi:
     async def describe_delivery_stream(self, doc: dict[str, Any]) -> web.Response:
         name = _stream_name(doc)
         control = self.daemon.control
+        if control is not None:
+            await control.find(name)
         failed = control is not None and name in control.docs and name not in self.daemon.streams \
             and name in self.daemon.failed_streams
         if control is not None and (name in control.creating or failed):

@@ -57,15 +57,23 @@ def _cmd_export_config(args: argparse.Namespace) -> int:
                 raw = yaml.safe_load(f) or {}  # as written: ${ENV} references stay references
         api_path = os.path.join(cfg.data_dir, API_STREAMS_FILE)
         api_streams: list[Any] = []
-        if os.path.exists(api_path):
+        if cfg.cluster is not None and cfg.api.control_plane:  # they live in the cluster's JetStream
+            from firehose.control_cluster import read_api_streams
+
+            api_streams = read_api_streams(cfg.cluster)
+        elif os.path.exists(api_path):
             with open(api_path, encoding="utf-8") as f:
                 doc = yaml.safe_load(f) or {}
             deleting = set(doc.get("deleting") or [])
             api_streams = [s for s in doc.get("streams") or [] if s.get("name") not in deleting]
     except ConfigError as exc:
         return _problems(exc.errors)
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, TimeoutError) as exc:
         print(f"firehose: cannot export the config: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - NATS refused or unreachable: one line, not a traceback
+        print(f"firehose: cannot read the API streams from the cluster's JetStream: {_one_line(exc)}",
+              file=sys.stderr)
         return 2
     raw["streams"] = [*(raw.get("streams") or []), *api_streams]
     sys.stdout.write(yaml.safe_dump(raw, sort_keys=False))
@@ -410,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export-config", help="print the whole config as YAML: the file's streams and those made through the API",
         formatter_class=fmt,
         description="Print the config file with the streams created through the API (api.control_plane, kept in "
-                    "data_dir/api-streams.yaml) added to its streams: one file that recreates them all.",
+                    "data_dir/api-streams.yaml, or in cluster mode in the cluster's JetStream) added to its streams: one "
+                    "file that recreates them all.",
     )
     exp.add_argument("--config", default=None, metavar="FILE", help="the config file (default: the built-in one)")
     exp.set_defaults(func=_cmd_export_config)

@@ -168,6 +168,7 @@ class ClusteredStream:
         self.owners: dict[int, str | None] = {}  # every partition's owner as the leases say (set by Cluster)
         self.max_size_bytes = 1 << 30  # one partition log's cap
         self.record_id_prefix = ""
+        self.in_flight = 0  # puts being stored now (a deletion waits for them: firehose/control_cluster.py)
         self._rr = random.Random()
 
     def _open(self) -> list[tuple[int, Any]]:
@@ -210,7 +211,11 @@ class ClusteredStream:
         if not choices:
             raise LogFullError(f"stream {self.name}: this daemon owns no partition with room")
         _, _, partition, rt = min(choices)
-        first = await rt.put(records, arrival_ms, nbytes=nbytes, meta=meta, positions=positions)
+        self.in_flight += 1
+        try:
+            first = await rt.put(records, arrival_ms, nbytes=nbytes, meta=meta, positions=positions)
+        finally:
+            self.in_flight -= 1
         return (partition << SEQ_BITS) | first
 
     def record_id(self, packed: int) -> str:
@@ -282,6 +287,7 @@ class Cluster:
         self._unstarted_sources: list[tuple[ClusteredStream, Any]] = [
             (stream, sc) for stream in streams.values() for sc in _node_sources(stream.config)]
         self._lock = asyncio.Lock()  # a lease round and a reload never interleave
+        self.draining: set[tuple[str, int]] = set()  # partitions stopped to seal and deliver (drain_partition)
 
     @property
     def tick_secs(self) -> float:
@@ -409,6 +415,8 @@ class Cluster:
                 if (name, partition) not in self.held:
                     await self._try_take(name, partition)
         for (name, partition) in list(self.held):
+            if (name, partition) in self.draining:
+                continue
             rt = self.streams[name].partitions.get(partition)
             if rt is None or rt.fenced:
                 await self._restart_partition(name, partition)
@@ -565,6 +573,25 @@ class Cluster:
                 out[node] = None
         self.member_urls = {n: u for n, u in sorted(urls.items()) if n in out and u}
         return out
+
+    async def drain_partition(self, name: str, partition: int, timeout: float) -> bool:
+        """Seal and deliver everything in a partition this daemon owns (a stream being deleted):
+        its runtime stops, which seals its buffers, and the next round starts it again from the
+        log, holding what could not be delivered within ``timeout``. True when all was delivered."""
+        async with self._lock:
+            stream = self.streams.get(name)
+            rt = stream.partitions.pop(partition, None) if stream is not None else None
+            if rt is None:
+                return False
+            self.draining.add((name, partition))
+        try:
+            return bool(await rt.stop(timeout))
+        finally:
+            self.draining.discard((name, partition))
+
+    async def members_running(self, name: str) -> set[str]:
+        """The live members that run stream ``name`` (one whose streams are unknown counts)."""
+        return {node for node, known in (await self._member_streams()).items() if known is None or name in known}
 
     async def _renew(self, key: tuple[str, int]) -> None:
         if key not in self.held:

@@ -104,7 +104,9 @@ class SharedStreamState:
                 continue  # another daemon wrote it meanwhile: read again
             doc = new
             break
-        assert doc is not None
+        if doc is None:  # none, and the change made none
+            self._docs.pop(name, None)
+            return {}
         self._docs[name] = doc
         return doc
 
@@ -121,6 +123,42 @@ class SharedStreamState:
             return doc
 
         return int((await self._change(stream.name, change))["version"])
+
+    async def read(self, name: str) -> dict[str, Any] | None:
+        """The stream's state as JetStream holds it now (not the copy of the last round)."""
+        return (await self._read(name))[0]
+
+    async def amend(self, name: str, change: Any) -> dict[str, Any]:
+        """``change(doc) -> doc`` on the stream's state (created at version 1 if it has none)."""
+        now = time.time()
+        return await self._change(name, lambda doc: change(doc or {"version": 1, "created": now, "updated": now,
+                                                                   "tags": {}}))
+
+    async def bump_version(self, name: str, expected: str, fingerprint: str) -> int | None:
+        """UpdateDestination's check and step in one revision-checked write: the VersionId moves
+        on from ``expected`` to the next, for the config ``fingerprint``; None when it is not
+        ``expected`` (another update came first)."""
+        refused = False
+
+        def change(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+            nonlocal refused
+            refused = doc is None or str(doc.get("version")) != expected
+            if doc is None or refused:
+                return doc
+            return {**doc, "version": int(doc["version"]) + 1, "fingerprint": fingerprint, "updated": time.time()}
+
+        doc = await self._change(name, change)
+        return None if refused else int(doc["version"])
+
+    async def forget(self, name: str) -> None:
+        """Remove the stream's state (its stream was deleted through the API)."""
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            await self.kv.delete(self._key(name))
+        except KeyNotFoundError:
+            pass
+        self._docs.pop(name, None)
 
     async def refresh(self, names: list[str]) -> None:
         for name in names:

@@ -140,7 +140,8 @@ class ApiConfig(StrictModel):
     )
     control_plane: bool = Field(
         default=False, description="Serve CreateDeliveryStream, UpdateDestination and DeleteDeliveryStream: streams "
-        "made through the API, kept in `data_dir/api-streams.yaml` beside the YAML-defined ones (firehose/control.py).")
+        "made through the API, kept in `data_dir/api-streams.yaml` beside the YAML-defined ones (firehose/control.py); "
+        "in cluster mode, in the JetStream bucket `FH_API_STREAMS`, shared by every daemon.")
     control_plane_s3: S3Defaults | None = Field(
         default=None, description="How streams created through the API reach S3; unset: the standard AWS "
         "configuration (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, profiles, the credential chain).")

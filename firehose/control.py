@@ -42,7 +42,7 @@ from firehose.quotas import TokenBucket
 if TYPE_CHECKING:
     from firehose.daemon import Daemon
 
-__all__ = ["API_STREAMS_FILE", "ControlError", "ControlPlane"]
+__all__ = ["API_STREAMS_FILE", "ControlError", "ControlPlane", "check_tags", "encryption_of"]
 
 log = structlog.get_logger()
 
@@ -79,6 +79,7 @@ class ControlPlane:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._calls = TokenBucket(CONTROL_CALLS_PER_SEC, time.monotonic())
+        self.settled = True  # every API stream is known (cluster mode: once its bucket has been read)
 
     def _rate(self) -> None:
         """LimitExceededException past the control-plane quota (the call is not made)."""
@@ -92,7 +93,10 @@ class ControlPlane:
         # api.control_plane_s3 is applied here, not stored: a change in the config applies to
         # every API stream at the next start, and its secret stays out of api-streams.yaml.
         doc = apply_s3_defaults(doc, self.daemon.config.api.control_plane_s3)
-        text = yaml.safe_dump({"data_dir": self.daemon.config.data_dir, "streams": [doc]}, sort_keys=False)
+        top: dict[str, Any] = {"data_dir": self.daemon.config.data_dir, "streams": [doc]}
+        if self.daemon.config.cluster is not None:  # what cluster mode refuses is refused
+            top["cluster"] = self.daemon.config.cluster.model_dump(mode="json")
+        text = yaml.safe_dump(top, sort_keys=False)
         try:
             return load_config_text(text, source, env={}).streams[0]
         except ConfigError as exc:
@@ -162,6 +166,9 @@ class ControlPlane:
         for name in sorted(self.deleting):
             self._spawn(self._drain_and_remove(name))
 
+    async def find(self, name: str) -> None:
+        """Make sure a stream created elsewhere is known here (cluster mode); one daemon knows all."""
+
     def status(self, name: str) -> str:
         if name in self.creating:
             return "CREATING"
@@ -209,13 +216,7 @@ class ControlPlane:
         limited to some actions or streams (firehose/access.py); such a key may create only what
         stays within S3 (no Kinesis source, Lambda function, or database, HTTP, Splunk or
         OpenSearch destination: those reach wherever the daemon's own network and credentials can)."""
-        api = self.daemon.config.api
-        self._admit(doc)
-        try:
-            stream, tags, request = stream_from_create(doc, api.region)
-        except ShapeError as exc:
-            raise ControlError("InvalidArgumentException", str(exc)) from None
-        name = self._check_new(stream, tags, limited)
+        stream, tags, request, name = self._parse_create(doc, limited)
         async with self.daemon._reload_lock, self._lock:  # a reload cannot add the same name meanwhile
             self._check_free(name)
             cfg = await asyncio.to_thread(self._validate, stream, "CreateDeliveryStream")
@@ -229,7 +230,7 @@ class ControlPlane:
                 if tags:
                     self.daemon.state.update_tags(name, lambda current: {**current, **tags})
                 if encryption is not None:
-                    self.daemon.state.set_field(name, "encryption", _encryption(encryption))
+                    self.daemon.state.set_field(name, "encryption", encryption_of(encryption))
             except BaseException:
                 del self.docs[name], self.requests[name], self.creating[name]
                 self.daemon.state.restore(name, None)
@@ -238,6 +239,17 @@ class ControlPlane:
         self._spawn(self._start(name, cfg))
         log.info("api_stream_created", stream=name)
         return name
+
+    def _parse_create(self, doc: dict[str, Any], limited: bool) -> tuple[dict[str, Any], dict[str, str],
+                                                                          dict[str, Any], str]:
+        """A CreateDeliveryStream admitted and mapped: (the stream's YAML model, tags, the
+        request members of its destination, its name)."""
+        self._admit(doc)
+        try:
+            stream, tags, request = stream_from_create(doc, self.daemon.config.api.region)
+        except ShapeError as exc:
+            raise ControlError("InvalidArgumentException", str(exc)) from None
+        return stream, tags, request, self._check_new(stream, tags, limited)
 
     def _check_new(self, stream: dict[str, Any], tags: dict[str, str], limited: bool) -> str:
         if limited and (stream.get("sources") or stream["destination"].get("type") != "s3"
@@ -252,7 +264,7 @@ class ControlPlane:
             raise ControlError("ValidationException", "1 validation error detected: Value at 'deliveryStreamName' "
                                "failed to satisfy constraint: Member must satisfy regular expression pattern: "
                                "[a-zA-Z0-9_.-]+")
-        _check_tags(tags)
+        check_tags(tags)
         return name
 
     def _check_free(self, name: str) -> None:
@@ -379,7 +391,7 @@ class ControlPlane:
             raise self._not_found(name)
         value: dict[str, Any] = {"Status": "DISABLED"}
         if start:
-            value = _encryption(doc.get("DeliveryStreamEncryptionConfigurationInput"))
+            value = encryption_of(doc.get("DeliveryStreamEncryptionConfigurationInput"))
         await asyncio.to_thread(self.daemon.state.set_field, name, "encryption", value)
 
     async def close(self) -> None:
@@ -389,7 +401,7 @@ class ControlPlane:
 
 
 
-def _encryption(given: Any) -> dict[str, Any]:
+def encryption_of(given: Any) -> dict[str, Any]:
     """DeliveryStreamEncryptionConfiguration for a DeliveryStreamEncryptionConfigurationInput."""
     given = given if isinstance(given, dict) else {}
     key_type = given.get("KeyType", "AWS_OWNED_CMK")
@@ -403,7 +415,7 @@ def _encryption(given: Any) -> dict[str, Any]:
     return out
 
 
-def _check_tags(tags: dict[str, str]) -> None:
+def check_tags(tags: dict[str, str]) -> None:
     """TagDeliveryStream's rules for the Tags of a create (reference §1.5)."""
     if len(tags) > 50:
         raise ControlError("LimitExceededException", "a delivery stream has at most 50 tags")

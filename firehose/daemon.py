@@ -20,6 +20,7 @@ from firehose.api import FirehoseApi
 from firehose.cluster import Cluster, ClusterConfig, ClusteredStream, node_name
 from firehose.config import ConfigError, DaemonConfig, StreamConfig, load_config
 from firehose.control import ControlPlane
+from firehose.control_cluster import ClusterControlPlane
 from firehose.filelog import lock_directory
 from firehose.httpserver import GuardedServer
 from firehose.interfaces import BuildContext, ClusterPlacement
@@ -155,10 +156,8 @@ class Daemon:
         self._api_tls: TlsContext | None = None
         self.control: ControlPlane | None = None
         if config.api.control_plane:
-            if config.cluster is not None:
-                raise ConfigError(["api.control_plane: not supported in cluster mode yet (API-defined streams would "
-                                   "have to live in JetStream, not on one daemon's disk)"])
-            self.control = ControlPlane(self)
+            # Cluster mode: API-defined streams live in JetStream (firehose/control_cluster.py).
+            self.control = ClusterControlPlane(self) if config.cluster is not None else ControlPlane(self)
         self.cluster: Cluster | None = None
         self.state = StreamState(config.data_dir)
         self.api = FirehoseApi(self)
@@ -457,7 +456,8 @@ class Daemon:
         assert self.cluster is not None
         if new.cluster != self.config.cluster:
             log.warning("config_reload_restart_required", fields=["cluster"])
-        await self.cluster.apply([_shape(c) for c in new.streams], float(new.shutdown_timeout_secs))
+        api_streams = self.control.stream_configs() if isinstance(self.control, ClusterControlPlane) else []
+        await self.cluster.apply([_shape(c) for c in [*new.streams, *api_streams]], float(new.shutdown_timeout_secs))
         self._set_quotas(new)
         self.config = new.model_copy(update={"api": self.config.api, "data_dir": self.config.data_dir,
                                              "cluster": self.config.cluster})

@@ -75,7 +75,10 @@ class Setup:
     async def run_until(self, raw_end: int) -> None:
         self.stage.start(self.ingest.min_seq)
         for _ in range(500):
-            if self.out.positions.get("raw_end") == raw_end:
+            # Recorded (raw_end in the outcome log) and released (the raw records committed):
+            # the stage is done with them only once both are.
+            if self.out.positions.get("raw_end") == raw_end and \
+                    self.ingest.committed.covers(self.ingest.min_seq, raw_end):
                 break
             await asyncio.sleep(0.01)
         self.ctx.signals.stopping = True
