@@ -33,7 +33,7 @@ import orjson
 import structlog
 from pydantic import Field, field_validator
 
-from firehose.cluster_state import SOURCE_FACTS, STREAM_STATE, JetStreamFacts, SharedStreamState
+from firehose.cluster_state import SOURCE_FACTS, STREAM_STATE, JetStreamFacts, SharedStreamState, bucket_keys
 from firehose.models import StrictModel
 from firehose.registry import one_line
 
@@ -555,9 +555,11 @@ class Cluster:
 
     async def _member_streams(self) -> dict[str, set[str] | None]:
         """The live members and the streams each runs (None: unknown, counted as every stream)."""
+        from nats.js.errors import KeyNotFoundError
+
         try:
-            nodes = list(await self._members.keys())
-        except Exception:  # noqa: BLE001 - no keys yet
+            nodes = await bucket_keys(self.js, MEMBERS)
+        except Exception:  # noqa: BLE001 - NATS away: this round knows only itself
             return {self.node: set(self.streams)}
         out: dict[str, set[str] | None] = {self.node: set(self.streams)}
         urls = {self.node: self.api_url}
@@ -566,10 +568,13 @@ class Cluster:
                 continue
             try:
                 doc = orjson.loads((await self._members.get(node)).value or b"")
+            except KeyNotFoundError:
+                continue  # left (its key deleted) or expired
+            try:
                 out[node] = set(doc["streams"]) if isinstance(doc, dict) else None
                 if isinstance(doc, dict) and isinstance(doc.get("api"), str):
                     urls[node] = doc["api"]
-            except Exception:  # noqa: BLE001 - gone meanwhile, or an older daemon's value
+            except Exception:  # noqa: BLE001 - an older daemon's value
                 out[node] = None
         self.member_urls = {n: u for n, u in sorted(urls.items()) if n in out and u}
         return out
@@ -590,8 +595,23 @@ class Cluster:
             self.draining.discard((name, partition))
 
     async def members_running(self, name: str) -> set[str]:
-        """The live members that run stream ``name`` (one whose streams are unknown counts)."""
-        return {node for node, known in (await self._member_streams()).items() if known is None or name in known}
+        """The live members that run stream ``name`` (one whose streams are unknown counts).
+        Raises when the members cannot be read: then nobody may be taken to have stopped."""
+        from nats.js.errors import KeyNotFoundError
+
+        out = {self.node} if name in self.streams else set()
+        for node in await bucket_keys(self.js, MEMBERS):
+            if node == self.node:
+                continue
+            try:
+                doc = orjson.loads((await self._members.get(node)).value or b"")
+            except KeyNotFoundError:
+                continue  # gone meanwhile
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict) or name in (doc.get("streams") or [name]):
+                out.add(node)
+        return out
 
     async def _renew(self, key: tuple[str, int]) -> None:
         if key not in self.held:

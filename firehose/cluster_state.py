@@ -10,7 +10,17 @@ from typing import Any
 
 import orjson
 
-__all__ = ["SOURCE_FACTS", "STREAM_STATE", "JetStreamFacts", "SharedStreamState"]
+__all__ = ["SOURCE_FACTS", "STREAM_STATE", "JetStreamFacts", "SharedStreamState", "bucket_keys"]
+
+
+async def bucket_keys(js: Any, bucket: str) -> list[str]:
+    """The keys of a key-value bucket, from one stream-info request (the server's own list of the
+    bucket stream's subjects). nats-py's ``kv.keys()`` walks a watcher instead, and can miss a
+    key that is being rewritten meanwhile. A deleted key may still be listed (its tombstone):
+    reading it raises ``KeyNotFoundError``."""
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    return sorted(subject.removeprefix(prefix) for subject in (info.state.subjects or {}))
 
 STREAM_STATE = "FH_STREAMS"
 SOURCE_FACTS = "FH_SOURCES"
@@ -134,21 +144,21 @@ class SharedStreamState:
         return await self._change(name, lambda doc: change(doc or {"version": 1, "created": now, "updated": now,
                                                                    "tags": {}}))
 
-    async def bump_version(self, name: str, expected: str, fingerprint: str) -> int | None:
-        """UpdateDestination's check and step in one revision-checked write: the VersionId moves
-        on from ``expected`` to the next, for the config ``fingerprint``; None when it is not
-        ``expected`` (another update came first)."""
-        refused = False
+    async def ensure(self, name: str, version: int, fingerprint: str, initial: dict[str, Any]) -> None:
+        """An API stream's state as its entry says (firehose/control_cluster.py): created with
+        ``initial`` (tags, encryption) if it has none, else given the entry's VersionId and config
+        fingerprint, leaving what TagDeliveryStream and the encryption calls changed since."""
+        now = time.time()
 
-        def change(doc: dict[str, Any] | None) -> dict[str, Any] | None:
-            nonlocal refused
-            refused = doc is None or str(doc.get("version")) != expected
-            if doc is None or refused:
+        def change(doc: dict[str, Any] | None) -> dict[str, Any]:
+            if doc is None:
+                return {"version": version, "fingerprint": fingerprint, "created": now, "updated": now, "tags": {},
+                        **initial}
+            if int(doc.get("version", 0)) == version and doc.get("fingerprint") == fingerprint:
                 return doc
-            return {**doc, "version": int(doc["version"]) + 1, "fingerprint": fingerprint, "updated": time.time()}
+            return {**doc, "version": version, "fingerprint": fingerprint, "updated": now}
 
-        doc = await self._change(name, change)
-        return None if refused else int(doc["version"])
+        await self._change(name, change)
 
     async def forget(self, name: str) -> None:
         """Remove the stream's state (its stream was deleted through the API)."""

@@ -9,18 +9,21 @@ served by all of them, and survives any of them.
 
 * ``CreateDeliveryStream`` is a create-if-absent write: two daemons creating one name at once,
   one wins and the other answers ``ResourceInUseException``.
-* ``UpdateDestination`` moves the shared VersionId on with a revision-checked write (in
-  ``FH_STREAMS``) that fails when another update came first (``ConcurrentModificationException``),
-  then writes the new destination; every daemon restarts its partitions on it.
-* ``DeleteDeliveryStream`` marks the entry deleting. Every member stops taking records for it and
-  records that it has (``stopped``), once its requests under way are stored. When every live
-  member has stopped, the owner of each partition waits until everything acknowledged in it is
-  delivered (or archived) and records the partition ``drained``. When every partition is drained
-  the entry is removed; every daemon then drops the stream, and the daemon that removed the entry
-  deletes the stream's JetStream logs and its state once no member runs it any more. A member
-  that dies meanwhile stops being a member when its heartbeat lapses; its partitions are taken
-  over and drained by the others. A daemon that starts while a stream is being deleted never
-  takes records for it.
+* ``UpdateDestination`` checks the caller's VersionId against the entry's and writes the entry
+  with the next one in one revision-checked write: of two updates naming the same version
+  through two daemons, one wins, the other answers ``ConcurrentModificationException``. Every
+  daemon restarts its partitions on the new destination (the one it went through before it
+  answers, the others within a second).
+* ``DeleteDeliveryStream`` moves the entry to ``deleting``. Every member stops taking records for
+  it (and its sources stop reading), and records that it has (``stopped``) once the requests it
+  was storing are stored. When every live member that runs the stream has, the owner of each
+  partition seals its buffers, delivers everything acknowledged in it (however long the
+  destination takes) and records the partition ``drained``. When every partition is drained,
+  the entry moves to ``removing``: every daemon drops the stream, and once none runs it any
+  more, any daemon deletes the stream's JetStream logs and its state, then the entry (each
+  step can be repeated, so a daemon that dies half-way leaves the rest to the others). A member
+  that dies meanwhile stops counting when its heartbeat lapses; its partitions are taken over
+  and drained by the others. A daemon that starts during a deletion never takes records for it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from firehose.cluster_state import bucket_keys
 from firehose.config import StreamConfig
 from firehose.control import DRAIN_ROUND_SECS, ControlError, ControlPlane, encryption_of
 from firehose.control_shapes import ShapeError, destination_update
@@ -70,6 +74,7 @@ class ClusterControlPlane(ControlPlane):
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._drains: set[tuple[str, int]] = set()  # partitions being sealed and delivered for a deletion
+        self._sync_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ the bucket
     def load(self) -> list[StreamConfig]:
@@ -97,15 +102,11 @@ class ClusterControlPlane(ControlPlane):
         return orjson.loads(entry.value), int(entry.revision)
 
     async def _read_all(self) -> dict[str, tuple[dict[str, Any], int]]:
-        from nats.js.errors import NoKeysError
-
-        kv = await self._bucket()
-        try:
-            keys = list(await kv.keys())
-        except NoKeysError:
-            return {}
+        cluster = self.daemon.cluster
+        assert cluster is not None
+        await self._bucket()
         out = {}
-        for key in keys:
+        for key in await bucket_keys(cluster.js, API_STREAMS_BUCKET):
             try:
                 name = bytes.fromhex(key).decode()
             except ValueError:
@@ -146,36 +147,59 @@ class ClusterControlPlane(ControlPlane):
             self._wake.clear()
 
     async def sync(self) -> None:
-        """Read the bucket, run what it holds (beside the YAML streams), and tend deletions."""
-        found = await self._read_all()
-        yaml_names = {s.name for s in self.daemon.config.streams}
-        for name in sorted(set(self.entries) - set(found)):
-            for table in (self.entries, self.revisions, self.configs, self.docs, self.requests):
-                table.pop(name, None)
-            self.deleting.discard(name)
-            self.daemon.failed_streams.pop(name, None)
-        for name, (entry, revision) in sorted(found.items()):
-            if self.revisions.get(name) == revision:
-                continue
-            self.entries[name], self.revisions[name] = entry, revision
-            self.docs[name], self.requests[name] = entry["stream"], entry.get("request") or {}
-            if entry.get("deleting"):
-                self.deleting.add(name)
-            if name in yaml_names:
-                log.error("api_stream_shadowed", stream=name, file=self.path)
-                self.configs.pop(name, None)
-                continue
-            try:
-                self.configs[name] = await asyncio.to_thread(self._validate, entry["stream"], self.path)
+        """Read the bucket, run what it holds (beside the YAML streams), and tend deletions. One
+        at a time (the loop's, a call's), and an entry is never taken back to an older revision."""
+        async with self._sync_lock:
+            found = await self._read_all()
+            for name in sorted(set(self.entries) - set(found)):
+                # A listing taken while an entry is rewritten can miss it: asked for by name, it is there.
+                entry, revision = await self._read(name)
+                if entry is not None:
+                    found[name] = (entry, revision)
+                    continue
+                for table in (self.entries, self.revisions, self.configs, self.docs, self.requests):
+                    table.pop(name, None)
+                self.deleting.discard(name)
                 self.daemon.failed_streams.pop(name, None)
-            except ControlError as exc:
-                self.configs.pop(name, None)
-                self.daemon.failed_streams[name] = "its entry no longer validates on this daemon; see the log"
-                log.error("api_stream_invalid", stream=name, file=self.path, error=exc.message)
-        await self._apply()
-        self.settled = True
-        for name in sorted(n for n in self.deleting if n in self.entries):
-            await self._tend_deletion(name)
+            for name, (entry, revision) in sorted(found.items()):
+                if revision > self.revisions.get(name, 0):
+                    await self._take(name, entry, revision)
+            await self._apply()
+            self.settled = True
+            for name in sorted(n for n in self.deleting if n in self.entries):
+                await self._tend_deletion(name)
+
+    async def _take(self, name: str, entry: dict[str, Any], revision: int) -> None:
+        """A new or changed entry: validated, its state made to match, ready for ``_apply``."""
+        from firehose.daemon import _shape
+
+        self.entries[name], self.revisions[name] = entry, revision
+        self.docs[name], self.requests[name] = entry["stream"], entry.get("request") or {}
+        phase = entry.get("phase", "active")
+        if phase != "active":
+            self.deleting.add(name)
+        else:  # a new stream of a deleted one's name, whose removal this daemon did not see
+            self.deleting.discard(name)
+        if phase == "removing" or name in {s.name for s in self.daemon.config.streams}:
+            if phase != "removing":
+                log.error("api_stream_shadowed", stream=name, file=self.path)
+            self.configs.pop(name, None)
+            return
+        try:
+            cfg = await asyncio.to_thread(self._validate, entry["stream"], self.path)
+        except ControlError as exc:
+            self.configs.pop(name, None)
+            self.daemon.failed_streams[name] = "its entry no longer validates on this daemon; see the log"
+            log.error("api_stream_invalid", stream=name, file=self.path, error=exc.message)
+            return
+        self.daemon.failed_streams.pop(name, None)
+        if phase == "deleting" and cfg.sources:  # a stream being deleted reads nothing more
+            cfg = cfg.model_copy(update={"sources": []})
+        state = self.daemon.cluster.state if self.daemon.cluster is not None else None
+        if state is not None:  # before it runs, so that the partitions start under this VersionId
+            initial = {k: entry[k] for k in ("tags", "encryption") if entry.get(k) is not None}
+            await state.ensure(name, int(entry.get("version", 1)), _shape(cfg).fingerprint(), initial)
+        self.configs[name] = cfg
 
     async def find(self, name: str) -> None:
         """A name this daemon does not run yet may have been created through another daemon a
@@ -196,13 +220,14 @@ class ClusterControlPlane(ControlPlane):
         from firehose.daemon import _shape
 
         wanted = {c.name: _shape(c) for c in [*self.daemon.config.streams, *self.stream_configs()]}
-        if {n: s.config for n, s in cluster.streams.items()} == wanted:
-            return
-        async with self.daemon._reload_lock:
-            await cluster.apply(list(wanted.values()), float(self.daemon.config.shutdown_timeout_secs))
-        for name in list(self.creating):
-            if name in cluster.streams:
-                del self.creating[name]
+        if {n: s.config for n, s in cluster.streams.items()} != wanted:
+            async with self.daemon._reload_lock:
+                await cluster.apply(list(wanted.values()), float(self.daemon.config.shutdown_timeout_secs))
+        for name in list(self.configs):
+            stream = cluster.streams.get(name)
+            if stream is not None:  # the entry's VersionId (an update that changed nothing moves it on too)
+                stream.version = int(self.entries[name].get("version", stream.version))
+                self.creating.pop(name, None)
 
     def status(self, name: str) -> str:
         if name in self.creating:
@@ -211,30 +236,26 @@ class ClusterControlPlane(ControlPlane):
 
     # ------------------------------------------------------------------ calls
     async def create(self, doc: dict[str, Any], *, limited: bool = False) -> str:
+        """One create-if-absent write holds the stream, its VersionId, tags and encryption: two
+        daemons creating one name at once, one of them answers ResourceInUseException."""
         api = self.daemon.config.api
         stream, tags, request, name = self._parse_create(doc, limited)
         state = self.daemon.cluster.state if self.daemon.cluster is not None else None
         if not self.settled or state is None:
             raise ControlError("ServiceUnavailableException", "Slow down.")
+        encryption = doc.get("DeliveryStreamEncryptionConfigurationInput")
         async with self._lock:
             self._check_free_cluster(name)
             cfg = await asyncio.to_thread(self._validate, stream, "CreateDeliveryStream")
             if (await state.read(name)) is not None:
-                raise ControlError("ResourceInUseException", f"Firehose {name} under accountId {api.account_id}: a "
-                                   "former stream of that name left its state in the cluster")
-            entry = {"stream": stream, "request": request, "created": time.time()}
-            revision = await self._write(name, entry, 0)
-            if revision is None:
+                raise ControlError("ResourceInUseException", f"Firehose {name} under accountId {api.account_id} "
+                                   "already exists (a stream of that name runs, or left its state in the cluster)")
+            entry = {"phase": "active", "stream": stream, "request": request, "created": time.time(), "version": 1,
+                     "tags": tags, "encryption": encryption_of(encryption) if encryption is not None else None}
+            if await self._write(name, entry, 0) is None:
                 raise ControlError("ResourceInUseException", f"Firehose {name} under accountId {api.account_id} "
                                    "already exists")
             self.creating[name] = cfg
-            await state.sync_version(cfg)
-            encryption = doc.get("DeliveryStreamEncryptionConfigurationInput")
-            if tags:
-                await state.amend(name, lambda d: {**d, "tags": {**d.get("tags", {}), **tags}})
-            if encryption is not None:
-                value = encryption_of(encryption)
-                await state.amend(name, lambda d: {**d, "encryption": value})
         self._wake.set()
         log.info("api_stream_created", stream=name)
         return name
@@ -246,16 +267,16 @@ class ClusterControlPlane(ControlPlane):
             raise ControlError("ResourceInUseException", f"Firehose {name} under accountId {account} already exists")
 
     async def update_destination(self, doc: dict[str, Any]) -> None:
+        """The caller's VersionId is checked against the entry's and the entry written with the
+        next one in one revision-checked write: of two updates through two daemons, one wins."""
         name = self._named(doc)
-        state = self.daemon.cluster.state if self.daemon.cluster is not None else None
-        assert state is not None
+        await self.find(name)
         async with self._lock:
             entry, revision = await self._read(name)
-            if entry is None or name not in self.daemon.streams:
+            if entry is None or entry.get("phase") == "removing" or name not in self.daemon.streams:
                 raise self._not_found(name)
-            if entry.get("deleting") or name in self.creating:
-                raise ControlError("ResourceInUseException",
-                                   f"Firehose {name} is {'DELETING' if entry.get('deleting') else 'CREATING'}")
+            if entry.get("phase") == "deleting" or name in self.creating:
+                raise ControlError("ResourceInUseException", f"Firehose {name} is {self.status(name)}")
             if doc.get("DestinationId", "destinationId-000000000001") != "destinationId-000000000001":
                 raise ControlError("InvalidArgumentException", f"Destination {doc.get('DestinationId')!r} not found")
             try:
@@ -265,21 +286,15 @@ class ClusterControlPlane(ControlPlane):
                 raise ControlError("InvalidArgumentException", str(exc)) from None
             if entry["stream"].get("sources"):
                 stream["sources"] = entry["stream"]["sources"]
-            cfg = await asyncio.to_thread(self._validate, stream, "UpdateDestination")
-            given = str(doc.get("CurrentDeliveryStreamVersionId"))
-            # The VersionId moves on first, checked against the caller's: of two updates naming
-            # the same version through two daemons, one wins.
-            version = await state.bump_version(name, given, cfg.fingerprint())
-            if version is None:
-                current = (await state.read(name) or {}).get("version")
+            await asyncio.to_thread(self._validate, stream, "UpdateDestination")
+            given, current = str(doc.get("CurrentDeliveryStreamVersionId")), int(entry.get("version", 1))
+            changed = {**entry, "stream": stream, "request": request, "version": current + 1}
+            if given != str(current) or await self._write(name, changed, revision) is None:
                 raise ControlError("ConcurrentModificationException",
                                    f"Cannot update firehose: {name} since the current version id: {current} "
                                    f"and the specified version id: {given} do not match")
-            if await self._write(name, {**entry, "stream": stream, "request": request}, revision) is None:
-                raise ControlError("ConcurrentModificationException", f"Cannot update firehose: {name}: another "
-                                   "change was made meanwhile")
         await self.sync()  # this daemon runs the new destination before it answers; the others within a second
-        log.info("api_stream_updated", stream=name, version=version)
+        log.info("api_stream_updated", stream=name, version=current + 1)
 
     async def delete(self, doc: dict[str, Any]) -> None:
         name = self._named(doc)
@@ -288,11 +303,11 @@ class ClusterControlPlane(ControlPlane):
                 entry, revision = await self._read(name)
                 if entry is None:
                     raise self._not_found(name)
-                if entry.get("deleting"):
+                if entry.get("phase", "active") != "active":
                     return  # a repeated delete is accepted, as Firehose accepts it
                 if name in self.creating:
                     raise ControlError("ResourceInUseException", f"Firehose {name} is CREATING")
-                marked = {**entry, "deleting": True, "deleting_since": time.time(), "stopped": [], "drained": []}
+                marked = {**entry, "phase": "deleting", "deleting_since": time.time(), "stopped": [], "drained": []}
                 if await self._write(name, marked, revision) is not None:
                     break
             self.deleting.add(name)
@@ -315,19 +330,22 @@ class ClusterControlPlane(ControlPlane):
         cluster = self.daemon.cluster
         assert cluster is not None
         entry, revision = await self._read(name)
-        if entry is None or not entry.get("deleting"):
+        phase = (entry or {}).get("phase")
+        if entry is None or phase == "removing":
+            if entry is not None:
+                await self._tend_removal(name, entry, revision)
+            return
+        if phase != "deleting":
             return
         stream = cluster.streams.get(name)
         stopped, drained = set(entry.get("stopped") or []), set(entry.get("drained") or [])
         if cluster.node not in stopped:
-            if stream is not None and stream.in_flight:
-                return  # requests already taken are being stored; next round
+            if stream is not None and (stream.in_flight or stream.config.sources or stream.node_sources):
+                return  # requests already taken are being stored, or its sources still stopping; next round
             await self._write(name, {**entry, "stopped": sorted(stopped | {cluster.node})}, revision)
             return
-        members = await cluster.members_running(name)
-        if not members <= stopped:
+        if not await cluster.members_running(name) <= stopped:
             return
-        partitions = cluster.config.jetstream.partitions
         newly = self._drained_now(name, stream, drained)
         if newly:
             drained |= newly
@@ -335,17 +353,11 @@ class ClusterControlPlane(ControlPlane):
             if not revision:
                 return
             log.info("api_stream_partitions_drained", stream=name, partitions=sorted(newly), node=cluster.node)
-        if len(drained) < partitions:
-            return
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        try:
-            await (await self._bucket()).delete(entry_key(name), last=revision)
-        except KeyWrongLastSequenceError:
-            return  # moved on meanwhile; next round
-        log.info("api_stream_deleted", stream=name, at=time.time())
-        self._spawn(self._clean_up(name))
-        self._wake.set()
+        if len(drained) >= cluster.config.jetstream.partitions and \
+                await self._write(name, {**entry, "drained": sorted(drained), "phase": "removing",
+                                         "removing_since": time.time()}, revision) is not None:
+            log.info("api_stream_deleted", stream=name, at=time.time())
+            self._wake.set()
 
     def _drained_now(self, name: str, stream: Any, drained: set[int]) -> set[int]:
         """The partitions this daemon owns that hold nothing undelivered now; the others are
@@ -372,17 +384,18 @@ class ClusterControlPlane(ControlPlane):
             self._drains.discard((name, partition))
             self._wake.set()
 
-    async def _clean_up(self, name: str) -> None:
-        """Once no member runs the stream any more, delete its JetStream logs and its state."""
+    async def _tend_removal(self, name: str, entry: dict[str, Any], revision: int) -> None:
+        """Every partition drained: once no member runs the stream any more, any daemon deletes its
+        JetStream logs and its state, then the entry (each step repeatable, so a daemon that dies
+        half-way leaves the rest to the next)."""
         cluster = self.daemon.cluster
         assert cluster is not None
-        deadline = time.monotonic() + CLEANUP_WAIT_SECS
-        while time.monotonic() < deadline:
-            runs = await cluster.members_running(name)
-            if not runs:
-                break
-            await asyncio.sleep(SYNC_SECS)
-        from nats.js.errors import NotFoundError
+        if name in cluster.streams:
+            return  # this daemon has not dropped it yet
+        running = await cluster.members_running(name)
+        if running and time.time() - float(entry.get("removing_since", 0)) < CLEANUP_WAIT_SECS:
+            return
+        from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 
         from firehose.jslog import jetstream_names
 
@@ -394,7 +407,16 @@ class ClusterControlPlane(ControlPlane):
                     pass
         if cluster.state is not None:
             await cluster.state.forget(name)
+        try:
+            await (await self._bucket()).delete(entry_key(name), last=revision)
+        except KeyWrongLastSequenceError:
+            return
+        except APIError as exc:
+            if exc.err_code not in (10071, 10164):  # another daemon removed it first
+                raise
+            return
         log.info("api_stream_logs_removed", stream=name, partitions=cluster.config.jetstream.partitions)
+        self._wake.set()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -413,7 +435,7 @@ def read_api_streams(cluster: Any, timeout: float = 15.0) -> list[dict[str, Any]
 
     async def read() -> list[dict[str, Any]]:
         import nats
-        from nats.js.errors import BucketNotFoundError, NoKeysError
+        from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
         js_cfg = cluster.jetstream
         kwargs: dict[str, Any] = {"servers": js_cfg.servers, "connect_timeout": js_cfg.connect_timeout_secs,
@@ -424,13 +446,17 @@ def read_api_streams(cluster: Any, timeout: float = 15.0) -> list[dict[str, Any]
         try:
             try:
                 kv = await nc.jetstream().key_value(API_STREAMS_BUCKET)
-                keys = list(await kv.keys())
-            except (BucketNotFoundError, NoKeysError):
+                keys = await bucket_keys(nc.jetstream(), API_STREAMS_BUCKET)
+            except BucketNotFoundError:
                 return []
             out = []
-            for key in sorted(keys):
-                entry = orjson.loads((await kv.get(key)).value or b"{}")
-                if isinstance(entry, dict) and not entry.get("deleting") and isinstance(entry.get("stream"), dict):
+            for key in keys:
+                try:
+                    entry = orjson.loads((await kv.get(key)).value or b"{}")
+                except KeyNotFoundError:
+                    continue  # deleted
+                if isinstance(entry, dict) and entry.get("phase", "active") == "active" \
+                        and isinstance(entry.get("stream"), dict):
                     out.append(entry["stream"])
             return sorted(out, key=lambda s: str(s.get("name")))
         finally:
