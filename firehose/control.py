@@ -42,7 +42,7 @@ from firehose.quotas import TokenBucket
 if TYPE_CHECKING:
     from firehose.daemon import Daemon
 
-__all__ = ["API_STREAMS_FILE", "ControlError", "ControlPlane", "check_tags", "encryption_of"]
+__all__ = ["API_STREAMS_FILE", "ControlError", "ControlPlane", "check_tags", "encryption_calls", "encryption_of"]
 
 log = structlog.get_logger()
 
@@ -392,7 +392,10 @@ class ControlPlane:
         value: dict[str, Any] = {"Status": "DISABLED"}
         if start:
             value = encryption_of(doc.get("DeliveryStreamEncryptionConfigurationInput"))
-        await asyncio.to_thread(self.daemon.state.set_field, name, "encryption", value)
+        async with self._lock:
+            calls = encryption_calls((self.daemon.state.load(name) or {}).get("encryption_calls"), time.time())
+            await asyncio.to_thread(self.daemon.state.set_field, name, "encryption_calls", calls)
+            await asyncio.to_thread(self.daemon.state.set_field, name, "encryption", value)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -413,6 +416,22 @@ def encryption_of(given: Any) -> dict[str, Any]:
     if isinstance(given.get("KeyARN"), str):
         out["KeyARN"] = given["KeyARN"]
     return out
+
+
+#: Firehose's quota on StartDeliveryStreamEncryption and StopDeliveryStreamEncryption: 25 calls a
+#: delivery stream in 24 hours, together.
+ENCRYPTION_CALLS_PER_DAY = 25
+
+
+def encryption_calls(previous: Any, now: float) -> list[float]:
+    """The times of the stream's encryption calls in the last 24 hours with this one added;
+    LimitExceededException when it would be the 26th."""
+    recent = [t for t in (previous if isinstance(previous, list) else []) if isinstance(t, (int, float))
+              and now - t < 86400]
+    if len(recent) >= ENCRYPTION_CALLS_PER_DAY:
+        raise ControlError("LimitExceededException", f"StartDeliveryStreamEncryption and StopDeliveryStreamEncryption "
+                           f"may be called {ENCRYPTION_CALLS_PER_DAY} times per delivery stream in 24 hours")
+    return [*recent, now]
 
 
 def check_tags(tags: dict[str, str]) -> None:

@@ -37,7 +37,7 @@ import structlog
 
 from firehose.cluster_state import bucket_keys
 from firehose.config import StreamConfig
-from firehose.control import DRAIN_ROUND_SECS, ControlError, ControlPlane, encryption_of
+from firehose.control import DRAIN_ROUND_SECS, ControlError, ControlPlane, encryption_calls, encryption_of
 from firehose.control_shapes import ShapeError, destination_update
 from firehose.registry import one_line
 
@@ -322,7 +322,9 @@ class ClusterControlPlane(ControlPlane):
         value: dict[str, Any] = {"Status": "DISABLED"}
         if start:
             value = encryption_of(doc.get("DeliveryStreamEncryptionConfigurationInput"))
-        await state.amend(name, lambda d: {**d, "encryption": value})
+        now = time.time()
+        await state.amend(name, lambda d: {**d, "encryption": value,
+                                           "encryption_calls": encryption_calls(d.get("encryption_calls"), now)})
 
     # ------------------------------------------------------------------ deletion
     async def _tend_deletion(self, name: str) -> None:

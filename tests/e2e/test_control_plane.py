@@ -288,6 +288,27 @@ def test_encryption_calls_are_recorded_and_described(tmp_path: Path) -> None:
         assert code(fh.start_delivery_stream_encryption, DeliveryStreamName="from-yaml").startswith(
             "InvalidArgumentException")
         assert encryption("from-yaml") == {"Status": "DISABLED"}
+        # Firehose's quota: 25 Start/Stop calls a stream in 24 hours (two made above), also
+        # across a restart; the 26th is LimitExceededException and changes nothing.
+        import boto3
+        from botocore.config import Config
+
+        once = boto3.client("firehose", endpoint_url=daemon.endpoint, region_name="us-east-1", aws_access_key_id="x",
+                            aws_secret_access_key="x", config=Config(retries={"total_max_attempts": 1}))
+        for i in range(22):
+            time.sleep(0.25)  # under the control plane's 5 calls a second
+            (once.stop_delivery_stream_encryption if i % 2 == 0 else once.start_delivery_stream_encryption)(
+                DeliveryStreamName="enc")
+        assert daemon.stop() == 0
+        daemon = Daemon(tmp_path, daemon.config, env=daemon.env).start()
+        once = boto3.client("firehose", endpoint_url=daemon.endpoint, region_name="us-east-1", aws_access_key_id="x",
+                            aws_secret_access_key="x", config=Config(retries={"total_max_attempts": 1}))
+        wait_for(lambda: status(once, "enc") == "ACTIVE", 60, "ACTIVE after the restart")
+        once.start_delivery_stream_encryption(DeliveryStreamName="enc")  # the 25th
+        time.sleep(0.25)
+        refused = code(once.stop_delivery_stream_encryption, DeliveryStreamName="enc")
+        assert refused.startswith("LimitExceededException") and "24 hours" in refused
+        assert encryption("enc")["Status"] == "ENABLED"
     finally:
         assert daemon.stop() == 0
 
