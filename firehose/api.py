@@ -569,7 +569,9 @@ class FirehoseApi:
         rt = self._direct_put_stream(name)
         redrive = _redrive_id.get()
         if redrive is not None:
-            return await self._redriven(rt, redrive, decoded, nbytes)
+            from firehose.api_redrive import store_redriven
+
+            return await store_redriven(self, rt, redrive, decoded, nbytes)
         first = await self._ingest(rt, decoded, nbytes)
         body = '{"FailedPutCount":0,"Encrypted":false,"RequestResponses":[' + record_ids_json(
             rt.record_id_prefix, first, len(decoded)) + "]}"
@@ -577,27 +579,6 @@ class FirehoseApi:
             body=body.encode(),
             headers={"Content-Type": JSON_CT, "x-amzn-RequestId": str(uuid.uuid4())},
         )
-
-    async def _redriven(self, rt: Any, redrive: str, records: list[bytes], nbytes: int) -> web.Response:
-        """A request of ``firehose redrive`` (firehose/redrive.py): stored with its id among the
-        positions of the same frame, or, when the stream already holds the id, answered without
-        storing anything."""
-        from firehose.cluster import ClusteredStream
-        from firehose.redrive import redrive_positions
-
-        if isinstance(rt, ClusteredStream):
-            raise ApiError("InvalidArgumentException", "redrive ids are not supported in cluster mode yet")
-        positions = redrive_positions(rt.positions, redrive, int(time.time() * 1000))
-        if positions is None:
-            log.info("redrive_duplicate", stream=rt.name, redrive_id=redrive, records=len(records))
-        else:
-            self._refuse_over_limits(rt, records, nbytes)
-            try:
-                await rt.put(records, nbytes=nbytes, positions=positions)
-            except (LogError, OSError):
-                raise ApiError("ServiceUnavailableException", "Slow down.", 503) from None
-        ids = [hashlib.sha256(f"{redrive}:{i}".encode()).hexdigest()[:40] for i in range(len(records))]
-        return _response({"FailedPutCount": 0, "Encrypted": False, "RequestResponses": [{"RecordId": i} for i in ids]})
 
     # ------------------------------------------------------------------ control plane
     async def list_delivery_streams(self, doc: dict[str, Any]) -> web.Response:

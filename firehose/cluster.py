@@ -169,6 +169,7 @@ class ClusteredStream:
         self.max_size_bytes = 1 << 30  # one partition log's cap
         self.record_id_prefix = ""
         self.in_flight = 0  # puts being stored now (a deletion waits for them: firehose/control_cluster.py)
+        self.redrive_ids: Any = None  # ClusterIds of `firehose redrive` batches, once the facts are reachable
         self._rr = random.Random()
 
     def _open(self) -> list[tuple[int, Any]]:
@@ -520,7 +521,13 @@ class Cluster:
     async def _tend(self, stream: ClusteredStream, rt: Any, *, opened: bool) -> None:
         """Let the per-daemon sources see a partition this daemon owns: what an earlier owner
         stored (``opened``), and positions to forget."""
-        for source in stream.node_sources:
+        if stream.redrive_ids is None and self.facts is not None:  # redrive batch ids (firehose/cluster_ids.py)
+            from firehose.cluster_ids import ClusterIds
+            from firehose.redrive import POSITION_PREFIX
+
+            stream.redrive_ids = ClusterIds(self.placement(None), stream.name, prefix=POSITION_PREFIX, kind="redrive",
+                                            log=log.bind(stream=stream.name))
+        for source in [*stream.node_sources, stream.redrive_ids]:
             tend = getattr(source, "tend_partition", None)
             if tend is None:
                 continue

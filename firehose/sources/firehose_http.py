@@ -18,26 +18,16 @@ records again; a retry arriving while the first copy is still being written wait
 too, so positions do not grow).
 
 Cluster mode (docs/cluster.md): the source runs once per daemon, behind the same load balancer as
-the API, and a retry may reach any daemon, so request ids are deduplicated cluster-wide in the
-shared facts (the ``FH_SOURCES`` key-value bucket, keyed by a digest of the stream and the id):
-
-1. the request's id is *claimed* (created only if absent, with a short TTL);
-2. its records go into a partition this daemon owns, with ``firehose_http/<id>`` among the
-   positions of the same frame, as on one node;
-3. the claim becomes *stored* (kept for ``CLUSTER_REMEMBER_SECS``).
-
-A retry that finds the id stored is answered 200 without its records; one that finds it claimed
-(the first attempt still running) gets 503 and comes again. If the daemon dies between 2 and 3,
-the partition's next owner finds the id in the log's positions when it opens it and marks it
-stored; that happens within the lease TTL, well before the claim's TTL lets a retry in. The
-positions are forgotten again after ``CLUSTER_POSITION_SECS``.
+the API, and a retry may reach any daemon, so request ids are deduplicated cluster-wide through
+the shared facts as firehose/cluster_ids.py describes: claimed, stored with ``firehose_http/<id>``
+among the positions of the same frame, then marked stored; a partition's next owner marks the
+ids its log holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
-import hashlib
 import time
 from collections import OrderedDict
 from typing import Any, ClassVar, Literal
@@ -47,6 +37,7 @@ import pybase64
 from aiohttp import ClientPayloadError, web
 from pydantic import Field, SecretStr, field_validator
 
+from firehose.cluster_ids import ClusterIds
 from firehose.httpserver import GuardedServer, HttpLimits
 from firehose.interfaces import BuildContext, Source, SourceSink
 from firehose.log import LogFullError
@@ -55,11 +46,7 @@ from firehose.tls import TlsConfig, TlsContext
 
 KEY_PREFIX = "firehose_http/"
 MAX_RECORDS = 10_000
-# Cluster mode: how long a stored request id is remembered (Firehose retries an HTTP endpoint for
-# at most 7,200 seconds), and how long it stays among a partition log's positions.
-CLUSTER_REMEMBER_SECS = 24 * 3600
-CLUSTER_POSITION_SECS = 600
-STORED, CLAIMED = b"stored", b"claimed"
+
 
 
 class FirehoseHttpSourceConfig(StrictModel):
@@ -107,11 +94,6 @@ class FirehoseHttpSourceConfig(StrictModel):
         return FirehoseHttpSource(self, ctx, sink)
 
 
-def request_fact(stream: str, rid: str) -> str:
-    """Cluster mode: the shared fact's key of a request id (a digest: the id is the sender's)."""
-    return "http." + hashlib.sha256(f"{stream}\0{rid}".encode()).hexdigest()[:40]
-
-
 def _answer(rid: str, status: int, error: str | None = None) -> web.Response:
     doc: dict[str, Any] = {"requestId": rid, "timestamp": int(time.time() * 1000)}
     if error is not None:
@@ -133,8 +115,9 @@ class FirehoseHttpSource(Source):
         self._tls: TlsContext | None = None
         self.duplicates = 0
         self.stream_name = ctx.stream_name
-        self.cluster = ctx.cluster  # cluster mode: request ids are claimed in the shared facts
-        self._unmarked: dict[str, int] = {}  # stored, but the claim not yet turned "stored" (NATS away)
+        # Cluster mode: request ids are claimed in the shared facts (firehose/cluster_ids.py).
+        self.ids = ClusterIds(ctx.cluster, ctx.stream_name, prefix=KEY_PREFIX, kind="http", log=self.log) \
+            if ctx.cluster is not None else None
 
     async def start(self) -> None:
         known = sorted((v, k[len(KEY_PREFIX):]) for k, v in self.sink.positions.items() if k.startswith(KEY_PREFIX))
@@ -181,7 +164,7 @@ class FirehoseHttpSource(Source):
         if not rid or body_rid != rid or not isinstance(stamp, int) or len(records) > MAX_RECORDS:
             return _answer(rid, 400, "requestId must match X-Amz-Firehose-Request-Id, with a timestamp and at most "
                                      f"{MAX_RECORDS} records")
-        if self.cluster is not None:
+        if self.ids is not None:
             return await self._claim_and_store(rid, records)
         if rid in self._seen:
             self.duplicates += 1
@@ -216,82 +199,23 @@ class FirehoseHttpSource(Source):
         return _answer(rid, 200)
 
     # ------------------------------------------------------------------ cluster mode
-    def _fact(self, rid: str) -> str:
-        return request_fact(self.stream_name, rid)
-
-    def _claim_ttl(self) -> float:
-        """Seconds a claim lives: well past a takeover (the lease TTL) and a publish timeout."""
-        assert self.cluster is not None
-        return max(60.0, 6 * self.cluster.lease_ttl_secs)
-
     async def _claim_and_store(self, rid: str, records: list[bytes]) -> web.Response:
-        """Cluster mode: claim the id, store the records, mark the id stored (module docstring)."""
-        assert self.cluster is not None
-        facts = self.cluster.facts
-        claim_ttl = self._claim_ttl()
+        """Cluster mode: claim the id, store the records, mark the id stored (firehose/cluster_ids.py)."""
+        assert self.ids is not None
         try:
-            revision = await facts.create(self._fact(rid), CLAIMED, ttl_secs=claim_ttl)
-            if revision is None:
-                found = await facts.get(self._fact(rid))
-                if found is not None and found[0] == STORED:
-                    self.duplicates += 1
-                    return _answer(rid, 200)
-                return _answer(rid, 503, "The request is being stored by an earlier attempt; send it again")
-        except Exception as exc:  # noqa: BLE001 - NATS away: the sender retries
-            self.log.warning("firehose_http_claim_failed", request_id=rid[:64], error=str(exc)[:300])
-            return _answer(rid, 503, "The cluster cannot take the request now; send it again")
-        try:
-            await self.sink.put(records, positions={KEY_PREFIX + rid: int(time.time() * 1000)})
-        except Exception as exc:  # noqa: BLE001 - nothing of it stored: let a retry claim it again
-            await self._release(rid, revision)
+            outcome = await self.ids.store(rid, lambda positions: self.sink.put(records, positions=positions))
+        except LogFullError as exc:
             return _answer(rid, 503, f"The stream cannot take records now: {str(exc)[:300]}")
-        await self._mark_stored(rid, revision)
+        except Exception as exc:  # noqa: BLE001 - NATS away, or nothing of it stored: the sender retries
+            self.log.warning("firehose_http_claim_failed", request_id=rid[:64], error=str(exc)[:300])
+            return _answer(rid, 503, f"The cluster cannot take the request now; send it again ({str(exc)[:300]})")
+        if outcome == "busy":
+            return _answer(rid, 503, "The request is being stored by an earlier attempt; send it again")
+        if outcome == "duplicate":
+            self.duplicates += 1
         return _answer(rid, 200)
 
-    async def _release(self, rid: str, revision: int) -> None:
-        assert self.cluster is not None
-        try:
-            await self.cluster.facts.update(self._fact(rid), b"", revision, ttl_secs=1)
-        except Exception:  # noqa: BLE001 - the claim's own TTL frees it
-            pass
-
-    async def _mark_stored(self, rid: str, revision: int | None) -> None:
-        assert self.cluster is not None
-        facts = self.cluster.facts
-        try:
-            if revision is not None and await facts.update(self._fact(rid), STORED, revision,
-                                                           ttl_secs=CLUSTER_REMEMBER_SECS) is not None:
-                self._unmarked.pop(rid, None)
-                return
-            found = await facts.get(self._fact(rid))
-            if found is None or found[0] != STORED:
-                new = await facts.create(self._fact(rid), STORED, ttl_secs=CLUSTER_REMEMBER_SECS) if found is None \
-                    else await facts.update(self._fact(rid), STORED, found[1], ttl_secs=CLUSTER_REMEMBER_SECS)
-                if new is None:
-                    raise RuntimeError("the claim moved while it was being marked")
-            self._unmarked.pop(rid, None)
-        except Exception as exc:  # noqa: BLE001 - tried again at the next lease round
-            self._unmarked[rid] = revision or 0
-            self.log.warning("firehose_http_mark_failed", request_id=rid[:64], error=str(exc)[:300])
-
     async def tend_partition(self, sink: SourceSink, *, opened: bool) -> None:
-        """Cluster mode, for each partition this daemon owns: when it is taken, mark stored every
-        request id its log holds (an earlier owner may have died before marking them); at every
-        round, retry the marks that failed and forget positions older than
-        ``CLUSTER_POSITION_SECS``."""
-        for rid, revision in list(self._unmarked.items()):
-            await self._mark_stored(rid, revision or None)
-        ids = {k[len(KEY_PREFIX):]: v for k, v in sink.positions.items() if k.startswith(KEY_PREFIX) and v is not None}
-        now = int(time.time() * 1000)
-        if opened:
-            # Only ids recent enough for their claim to matter (an older claim has expired), a
-            # few at a time.
-            assert self.cluster is not None
-            recent = now - int(2000 * self._claim_ttl())
-            todo = [rid for rid, when in ids.items() if isinstance(when, int) and when >= recent]
-            for i in range(0, len(todo), 64):
-                await asyncio.gather(*(self._mark_stored(rid, None) for rid in todo[i:i + 64]))
-        cutoff = now - CLUSTER_POSITION_SECS * 1000
-        old = {KEY_PREFIX + rid: None for rid, when in ids.items() if not isinstance(when, int) or when < cutoff}
-        if old:
-            await sink.put([], positions=old)
+        """Cluster mode, for each partition this daemon owns (firehose/cluster_ids.py)."""
+        if self.ids is not None:
+            await self.ids.tend_partition(sink, opened=opened)

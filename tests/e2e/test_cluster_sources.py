@@ -142,8 +142,9 @@ def test_an_id_stored_by_a_daemon_that_died_before_marking_it_is_recognised_afte
     async def die_between() -> None:
         import nats
 
+        from firehose.cluster_ids import CLAIMED, id_fact
         from firehose.jslog import JetStreamLogs
-        from firehose.sources.firehose_http import CLAIMED, KEY_PREFIX, request_fact
+        from firehose.sources.firehose_http import KEY_PREFIX
 
         nc = await nats.connect(nats_server.url)
         try:
@@ -153,7 +154,7 @@ def test_an_id_stored_by_a_daemon_that_died_before_marking_it_is_recognised_afte
                              positions={KEY_PREFIX + rid: int(time.time() * 1000)})
             await log.aclose()
             kv = await nc.jetstream().create_key_value(bucket="FH_SOURCES", history=1)
-            await kv.create(request_fact(name, rid), CLAIMED, msg_ttl=600)
+            await kv.create(id_fact(name, rid), CLAIMED, msg_ttl=600)
         finally:
             await nc.close()
 

@@ -119,3 +119,62 @@ def test_the_selection_reads_s3_archives_and_applies_every_filter(moto: Any) -> 
     picked = [json.loads(line) for line in run.stdout.splitlines()]
     assert [base64.b64decode(p["data"]) for p in picked] == [b"in-range-1", b"in-range-2", b"in-range-3"]
     assert {p["errorType"] for p in picked} == {"processing-failed"}
+
+
+def _archive(backup: Path, stream: str, records: list[bytes], per_object: int) -> None:
+    """Archive objects as the daemon writes them (Firehose's error-record format, under the
+    error-output type's prefix)."""
+    import base64
+
+    for k in range(0, len(records), per_object):
+        target = backup / "processing-failed" / "2026" / "12" / "06" / "10" / f"{stream}-1-2026-12-06-10-00-{k:05d}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(json.dumps({
+            "attemptsMade": 1, "arrivalTimestamp": 1796551200000, "errorCode": "Lambda.FunctionError",
+            "errorMessage": "failed", "attemptEndingTimestamp": 1796551201000,
+            "rawData": base64.b64encode(r).decode(), "lambdaArn": "arn:aws:lambda:us-east-1:000000000000:function:f",
+        }) + "\n" for r in records[k:k + per_object]))
+
+
+def test_a_redrive_killed_midway_resumes_through_another_cluster_daemon_without_its_ledger(
+        tmp_path: Path, nats_server: Any) -> None:
+    """Cluster mode: redrive ids are claimed cluster-wide, so a rerun through any daemon, even
+    with its ledger lost, sends nothing twice."""
+    from e2e.test_cluster import _cluster_daemon, _fresh
+
+    name, out, backup, ledger = _fresh(), tmp_path / "out", tmp_path / "backup", tmp_path / "ledger.json"
+    records = [b"redriven-%d\n" % i for i in range(600)]
+    _archive(backup, name, records, 20)
+    a = _cluster_daemon(tmp_path, "d1", nats_server, out, name).start()
+    b = _cluster_daemon(tmp_path, "d2", nats_server, out, name).start()
+    try:
+        wait_for(lambda: all(d.health()["streams"][name]["owned_partitions"] for d in (a, b)), 30,
+                 "both daemons owning partitions")
+
+        def redrive(d: Daemon, *extra: str) -> subprocess.Popen[str]:
+            return subprocess.Popen([sys.executable, "-m", "firehose", "redrive", "--from", str(backup), "--stream",
+                                     name, "--endpoint", d.endpoint, "--ledger", str(ledger), *extra],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        first = redrive(a, "--rate", "100")  # about 6 s: killed midway
+        wait_for(lambda: ledger.exists(), 30, "the first request answered")
+        time.sleep(1.5)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        ledger.unlink()  # lost: only the cluster remembers what was sent
+        resumed = redrive(b)
+        assert resumed.wait(120) == 0, resumed.stderr.read() if resumed.stderr else ""
+        ledger.unlink()
+        again = redrive(a)  # every id stored already: the daemons store nothing
+        assert again.wait(120) == 0, again.stderr.read() if again.stderr else ""
+        wait_for(lambda: set(records) <= {x + b"\n" for x in _delivered(out)}, 60, "every record delivered")
+        time.sleep(2)
+        counts = _delivered(out)
+        assert all(counts[r.rstrip(b"\n")] == 1 for r in records), \
+            [r for r in records if counts[r.rstrip(b"\n")] != 1][:5]
+        duplicates = [e for d in (a, b) for e in d.events() if e.get("event") == "redrive_duplicate"]
+        assert len(duplicates) >= 600 // 20 // 2  # the rerun's batches (and the resumed run's first ones)
+    finally:
+        for d in (a, b):
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()
