@@ -507,8 +507,10 @@ class FirehoseApi:
             )
         return rt
 
-    def _direct_put_stream(self, name: str) -> Any:
+    async def _direct_put_stream(self, name: str) -> Any:
         control = self.daemon.control
+        if control is not None and name not in self.daemon.streams:
+            await control.find(name)  # cluster mode: created through another daemon a moment ago
         if control is not None and (name in control.deleting or name in control.creating):
             status = control.status(name)
             raise ApiError("ResourceNotFoundException", f"Firehose {name} under account "
@@ -548,7 +550,7 @@ class FirehoseApi:
         if record is None:
             raise _validation("record", None, "Member must not be null")
         data = _decode_data(record, None)
-        rt = self._direct_put_stream(name)
+        rt = await self._direct_put_stream(name)
         seq = await self._ingest(rt, [data], len(data))
         return _response({"RecordId": rt.record_id(seq), "Encrypted": False})
 
@@ -566,7 +568,7 @@ class FirehoseApi:
         decoded, nbytes = decode_records(records)
         if nbytes > MAX_BATCH_BYTES:
             raise ApiError("InvalidArgumentException", "Records size exceeds 4 MB limit")
-        rt = self._direct_put_stream(name)
+        rt = await self._direct_put_stream(name)
         redrive = _redrive_id.get()
         if redrive is not None:
             from firehose.api_redrive import store_redriven
@@ -594,6 +596,8 @@ class FirehoseApi:
                 "Member must satisfy enum value set: [DirectPut, KinesisStreamAsSource, MSKAsSource, DatabaseAsSource]",
             )
         start = doc.get("ExclusiveStartDeliveryStreamName")
+        if self.daemon.control is not None:
+            await self.daemon.control.refresh()
         names = sorted({*self.daemon.streams, *(self.daemon.control.creating if self.daemon.control else ())})
         policy = _caller.get()
         if policy is not None:  # only the streams the caller's key may see

@@ -169,6 +169,9 @@ class ControlPlane:
     async def find(self, name: str) -> None:
         """Make sure a stream created elsewhere is known here (cluster mode); one daemon knows all."""
 
+    async def refresh(self) -> None:
+        """Make sure every stream created elsewhere is known here (cluster mode)."""
+
     def status(self, name: str) -> str:
         if name in self.creating:
             return "CREATING"

@@ -75,6 +75,7 @@ class ClusterControlPlane(ControlPlane):
         self._wake = asyncio.Event()
         self._drains: set[tuple[str, int]] = set()  # partitions being sealed and delivered for a deletion
         self._sync_lock = asyncio.Lock()
+        self._synced_at = 0.0
 
     # ------------------------------------------------------------------ the bucket
     def load(self) -> list[StreamConfig]:
@@ -166,6 +167,7 @@ class ClusterControlPlane(ControlPlane):
                     await self._take(name, entry, revision)
             await self._apply()
             self.settled = True
+            self._synced_at = time.monotonic()
             for name in sorted(n for n in self.deleting if n in self.entries):
                 await self._tend_deletion(name)
 
@@ -208,6 +210,11 @@ class ClusterControlPlane(ControlPlane):
             entry, _ = await self._read(name)
             if entry is not None:
                 await self.sync()
+
+    async def refresh(self) -> None:
+        """ListDeliveryStreams: read the bucket now unless it was read a moment ago."""
+        if self.kv is not None and time.monotonic() - self._synced_at > 0.25:
+            await self.sync()
 
     def stream_configs(self) -> list[StreamConfig]:
         """The API streams this daemon runs, for every ``Cluster.apply`` (a reload's too)."""
