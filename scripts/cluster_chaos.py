@@ -40,7 +40,7 @@ class Loader(threading.Thread):
     def __init__(self, daemons: list[Daemon]) -> None:
         super().__init__(daemon=True)
         self.daemons = daemons
-        self.clients = [d.firehose() for d in daemons]
+        self.clients = [d.firehose(retry=False) for d in daemons]  # a retry could store a request twice
         self.acked: set[int] = set()
         self.sent: set[int] = set()
         self.refused = 0

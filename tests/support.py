@@ -298,7 +298,10 @@ class Daemon:
         self._log.close()
         return rc
 
-    def firehose(self) -> Any:
+    def firehose(self, *, retry: bool = True) -> Any:
+        """A boto3 client of the daemon; ``retry=False``: one attempt per call (a check of
+        "acknowledged exactly once" needs it: a retry after an error whose records were stored
+        anyway stores them again, as with Firehose)."""
         import boto3
         from botocore.config import Config
 
@@ -308,7 +311,7 @@ class Daemon:
             region_name="us-east-1",
             aws_access_key_id="x",
             aws_secret_access_key="x",
-            config=Config(retries={"max_attempts": 1}),
+            config=Config(retries={"max_attempts": 1} if retry else {"total_max_attempts": 1}),
         )
 
 

@@ -72,7 +72,7 @@ class Loader:
     def __init__(self, daemons: list[Daemon], name: str, record: Any = None) -> None:
         self.name = name
         self.record = record or (lambda i: {"i": i})
-        self.clients = [d.firehose() for d in daemons]
+        self.clients = [d.firehose(retry=False) for d in daemons]  # a retry could store a request twice
         self.acked: set[int] = set()
         self.sent: set[int] = set()
         self.stop = threading.Event()
