@@ -68,7 +68,7 @@ def _cmd_export_config(args: argparse.Namespace) -> int:
             api_streams = [s for s in doc.get("streams") or [] if s.get("name") not in deleting]
     except ConfigError as exc:
         return _problems(exc.errors)
-    except (OSError, yaml.YAMLError, TimeoutError) as exc:
+    except (OSError, yaml.YAMLError) as exc:
         print(f"firehose: cannot export the config: {_one_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - NATS refused or unreachable: one line, not a traceback

@@ -438,17 +438,22 @@ def _drained(status: dict[str, Any]) -> bool:
     return not (status.get("backlog_records") or status.get("pending_batches") or status.get("open_buffer_records"))
 
 
-def read_api_streams(cluster: Any, timeout: float = 15.0) -> list[dict[str, Any]]:
+def read_api_streams(cluster: Any, timeout: float | None = None) -> list[dict[str, Any]]:
     """The API streams in the cluster's bucket, for ``firehose export-config`` (those being
-    deleted left out). Raises on NATS being unreachable within ``timeout``."""
+    deleted left out). Raises ConnectionError when NATS does not answer within ``timeout``
+    (default: three connection attempts' worth)."""
+    timeout = timeout if timeout is not None else 3 * float(cluster.jetstream.connect_timeout_secs) + 2
 
     async def read() -> list[dict[str, Any]]:
         import nats
         from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
+        async def quiet(_exc: Exception) -> None:  # nats-py would print each failed attempt's traceback
+            return None
+
         js_cfg = cluster.jetstream
         kwargs: dict[str, Any] = {"servers": js_cfg.servers, "connect_timeout": js_cfg.connect_timeout_secs,
-                                  "max_reconnect_attempts": 0, "allow_reconnect": False}
+                                  "max_reconnect_attempts": 0, "allow_reconnect": False, "error_cb": quiet}
         if js_cfg.credentials:
             kwargs["user_credentials"] = js_cfg.credentials
         nc = await nats.connect(**kwargs)
@@ -471,4 +476,8 @@ def read_api_streams(cluster: Any, timeout: float = 15.0) -> list[dict[str, Any]
         finally:
             await nc.close()
 
-    return asyncio.run(asyncio.wait_for(read(), timeout))
+    try:
+        return asyncio.run(asyncio.wait_for(read(), timeout))
+    except TimeoutError:
+        raise ConnectionError(f"no NATS server of {', '.join(cluster.jetstream.servers)} answered within "
+                              f"{timeout:g} s") from None

@@ -234,3 +234,18 @@ def test_racing_calls_through_two_daemons_and_a_daemon_killed_during_a_delete(
         for d in (a, b):
             if d.proc is not None and d.proc.poll() is None:
                 d.stop()
+
+
+def test_export_config_with_nats_unreachable_is_one_line(tmp_path: Path) -> None:
+    from support import free_port
+
+    cfg = daemon_config(tmp_path, [], cluster={"node": "n1", "jetstream": {
+        "servers": [f"nats://127.0.0.1:{free_port()}"], "connect_timeout_secs": 1}})
+    cfg["api"]["control_plane"] = True
+    path = tmp_path / "firehose.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "firehose", "export-config", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "cannot export the config: no NATS server of nats://127.0.0.1:" in out.stderr
