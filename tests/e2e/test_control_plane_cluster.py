@@ -69,7 +69,8 @@ def test_api_streams_live_in_jetstream_and_every_daemon_serves_them(
     c = None
     try:
         fa, fb = client(a), client(b)
-        _create(fa, name, bucket, "v1/", Tags=[{"Key": "team", "Value": "web"}])
+        _create(fa, name, bucket, "v1/", Tags=[{"Key": "team", "Value": "web"}],
+                DeliveryStreamEncryptionConfigurationInput={"KeyType": "AWS_OWNED_CMK"})
         # The other daemon knows it at once: listed, and it takes records (503s retried meanwhile).
         assert name in fb.list_delivery_streams(Limit=100)["DeliveryStreamNames"]
         early = put(fb, name, range(10_000, 10_010))
@@ -81,6 +82,14 @@ def test_api_streams_live_in_jetstream_and_every_daemon_serves_them(
             wait_for(lambda fh=fh: status(fh, name) == "ACTIVE", 60, "the stream ACTIVE on both daemons")
         assert name in fb.list_delivery_streams(Limit=100)["DeliveryStreamNames"]
         assert fb.list_tags_for_delivery_stream(DeliveryStreamName=name)["Tags"] == [{"Key": "team", "Value": "web"}]
+
+        def encryption(fh: Any) -> dict[str, Any]:
+            return dict(fh.describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
+                        ["DeliveryStreamEncryptionConfiguration"])
+
+        assert encryption(fb) == {"Status": "ENABLED", "KeyType": "AWS_OWNED_CMK"}
+        fb.stop_delivery_stream_encryption(DeliveryStreamName=name)
+        wait_for(lambda: encryption(fa) == {"Status": "DISABLED"}, 10, "the change seen through the other daemon")
         # Every daemon takes records for it (each owns some of its partitions).
         wait_for(lambda: all(d.health()["streams"][name]["owned_partitions"] for d in (a, b)), 30,
                  "both daemons owning partitions of the API stream")
