@@ -397,8 +397,7 @@ class Cluster:
         knows = await self._member_streams()
         self.members = sorted(knows)
         for stream in self.streams.values():
-            stream.members = self.members
-            stream.max_size_bytes = self.max_size_bytes
+            self._refresh_stream(stream)
         await self._start_node_sources()
         if self.state is not None:
             await self.state.refresh(sorted(self.streams))
@@ -424,6 +423,17 @@ class Cluster:
             else:
                 await self._tend(self.streams[name], rt, opened=False)
         await self._refresh_owners()
+
+    def _refresh_stream(self, stream: ClusteredStream) -> None:
+        """What a stream learns from the cluster every round."""
+        stream.members = self.members
+        stream.max_size_bytes = self.max_size_bytes
+        if stream.redrive_ids is None and self.facts is not None:  # redrive batch ids (firehose/cluster_ids.py)
+            from firehose.cluster_ids import ClusterIds
+            from firehose.redrive import POSITION_PREFIX
+
+            stream.redrive_ids = ClusterIds(self.placement(None), stream.name, prefix=POSITION_PREFIX,
+                                            kind="redrive", log=log.bind(stream=stream.name))
 
     async def _refresh_owners(self) -> None:
         """Every partition's owner as the lease bucket says: the cluster-wide view /healthz shows."""
@@ -521,12 +531,6 @@ class Cluster:
     async def _tend(self, stream: ClusteredStream, rt: Any, *, opened: bool) -> None:
         """Let the per-daemon sources see a partition this daemon owns: what an earlier owner
         stored (``opened``), and positions to forget."""
-        if stream.redrive_ids is None and self.facts is not None:  # redrive batch ids (firehose/cluster_ids.py)
-            from firehose.cluster_ids import ClusterIds
-            from firehose.redrive import POSITION_PREFIX
-
-            stream.redrive_ids = ClusterIds(self.placement(None), stream.name, prefix=POSITION_PREFIX, kind="redrive",
-                                            log=log.bind(stream=stream.name))
         for source in [*stream.node_sources, stream.redrive_ids]:
             tend = getattr(source, "tend_partition", None)
             if tend is None:

@@ -42,7 +42,8 @@ from firehose.quotas import TokenBucket
 if TYPE_CHECKING:
     from firehose.daemon import Daemon
 
-__all__ = ["API_STREAMS_FILE", "ControlError", "ControlPlane", "check_tags", "encryption_calls", "encryption_of"]
+__all__ = ["API_STREAMS_FILE", "ControlError", "ControlPlane", "check_tags", "encryption_calls", "encryption_of",
+           "encryption_value", "stale_version"]
 
 log = structlog.get_logger()
 
@@ -299,19 +300,8 @@ class ControlPlane:
             if name not in self.docs or rt is None:
                 raise self._not_found(name)
             if str(doc.get("CurrentDeliveryStreamVersionId")) != str(rt.version):
-                raise ControlError("ConcurrentModificationException",
-                                   f"Cannot update firehose: {name} since the current version id: {rt.version} "
-                                   f"and the specified version id: {doc.get('CurrentDeliveryStreamVersionId')} "
-                                   "do not match")
-            if doc.get("DestinationId", "destinationId-000000000001") != "destinationId-000000000001":
-                raise ControlError("InvalidArgumentException", f"Destination {doc.get('DestinationId')!r} not found")
-            try:
-                stream, request = destination_update(name, self.requests.get(name, {}), doc,
-                                                     self.daemon.config.api.region)
-            except ShapeError as exc:
-                raise ControlError("InvalidArgumentException", str(exc)) from None
-            if self.docs[name].get("sources"):
-                stream["sources"] = self.docs[name]["sources"]  # the source is not the destination's to change
+                raise stale_version(name, rt.version, doc.get("CurrentDeliveryStreamVersionId"))
+            stream, request = self._new_destination(name, doc, self.docs[name], self.requests.get(name, {}))
             cfg = await asyncio.to_thread(self._validate, stream, "UpdateDestination")
             previous, old_cfg = (self.docs[name], self.requests.get(name, {})), rt.config
             self.docs[name], self.requests[name] = stream, request
@@ -330,6 +320,20 @@ class ControlPlane:
                                    f"the stream did not start on the new destination ({type(exc).__name__}: {exc}); "
                                    "it runs its previous one") from None
         log.info("api_stream_updated", stream=name, version=self.daemon.streams[name].version)
+
+    def _new_destination(self, name: str, doc: dict[str, Any], current: dict[str, Any],
+                         request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """An UpdateDestination's stream model and request members, from the stream's ``current``
+        model and the ``request`` members its destination was made from."""
+        if doc.get("DestinationId", "destinationId-000000000001") != "destinationId-000000000001":
+            raise ControlError("InvalidArgumentException", f"Destination {doc.get('DestinationId')!r} not found")
+        try:
+            stream, request = destination_update(name, request, doc, self.daemon.config.api.region)
+        except ShapeError as exc:
+            raise ControlError("InvalidArgumentException", str(exc)) from None
+        if current.get("sources"):
+            stream["sources"] = current["sources"]  # the source is not the destination's to change
+        return stream, request
 
     async def delete(self, doc: dict[str, Any]) -> None:
         name = self._named(doc)
@@ -392,19 +396,28 @@ class ControlPlane:
         name = self._named(doc)
         if name not in self.docs or name in self.deleting or name not in self.daemon.streams:
             raise self._not_found(name)
-        value: dict[str, Any] = {"Status": "DISABLED"}
-        if start:
-            value = encryption_of(doc.get("DeliveryStreamEncryptionConfigurationInput"))
+        value = encryption_value(doc, start)
         async with self._lock:
             calls = encryption_calls((self.daemon.state.load(name) or {}).get("encryption_calls"), time.time())
-            await asyncio.to_thread(self.daemon.state.set_field, name, "encryption_calls", calls)
-            await asyncio.to_thread(self.daemon.state.set_field, name, "encryption", value)
+            await asyncio.to_thread(self.daemon.state.set_fields, name, {"encryption": value,
+                                                                        "encryption_calls": calls})
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+
+
+def stale_version(name: str, current: Any, given: Any) -> ControlError:
+    """UpdateDestination's ConcurrentModificationException for a VersionId that is not the current one."""
+    return ControlError("ConcurrentModificationException", f"Cannot update firehose: {name} since the current "
+                        f"version id: {current} and the specified version id: {given} do not match")
+
+
+def encryption_value(doc: dict[str, Any], start: bool) -> dict[str, Any]:
+    """DeliveryStreamEncryptionConfiguration after Start (with its input) or StopDeliveryStreamEncryption."""
+    return encryption_of(doc.get("DeliveryStreamEncryptionConfigurationInput")) if start else {"Status": "DISABLED"}
 
 
 def encryption_of(given: Any) -> dict[str, Any]:

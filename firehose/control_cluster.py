@@ -37,8 +37,15 @@ import structlog
 
 from firehose.cluster_state import bucket_keys
 from firehose.config import StreamConfig
-from firehose.control import DRAIN_ROUND_SECS, ControlError, ControlPlane, encryption_calls, encryption_of
-from firehose.control_shapes import ShapeError, destination_update
+from firehose.control import (
+    DRAIN_ROUND_SECS,
+    ControlError,
+    ControlPlane,
+    encryption_calls,
+    encryption_of,
+    encryption_value,
+    stale_version,
+)
 from firehose.registry import one_line
 
 if TYPE_CHECKING:
@@ -78,8 +85,10 @@ class ClusterControlPlane(ControlPlane):
         self._synced_at = 0.0
 
     # ------------------------------------------------------------------ the bucket
-    def load(self) -> list[StreamConfig]:
-        return []  # nothing on disk: the bucket is read by the sync loop
+    @property
+    def _state(self) -> Any:
+        """The cluster's shared stream state (``FH_STREAMS``), once connected; else None."""
+        return self.daemon.cluster.state if self.daemon.cluster is not None else None
 
     async def _bucket(self) -> Any:
         cluster = self.daemon.cluster
@@ -197,7 +206,7 @@ class ClusterControlPlane(ControlPlane):
         self.daemon.failed_streams.pop(name, None)
         if phase == "deleting" and cfg.sources:  # a stream being deleted reads nothing more
             cfg = cfg.model_copy(update={"sources": []})
-        state = self.daemon.cluster.state if self.daemon.cluster is not None else None
+        state = self._state
         if state is not None:  # before it runs, so that the partitions start under this VersionId
             initial = {k: entry[k] for k in ("tags", "encryption") if entry.get(k) is not None}
             await state.ensure(name, int(entry.get("version", 1)), _shape(cfg).fingerprint(), initial)
@@ -247,7 +256,7 @@ class ClusterControlPlane(ControlPlane):
         daemons creating one name at once, one of them answers ResourceInUseException."""
         api = self.daemon.config.api
         stream, tags, request, name = self._parse_create(doc, limited)
-        state = self.daemon.cluster.state if self.daemon.cluster is not None else None
+        state = self._state
         if not self.settled or state is None:
             raise ControlError("ServiceUnavailableException", "Slow down.")
         encryption = doc.get("DeliveryStreamEncryptionConfigurationInput")
@@ -284,22 +293,12 @@ class ClusterControlPlane(ControlPlane):
                 raise self._not_found(name)
             if entry.get("phase") == "deleting" or name in self.creating:
                 raise ControlError("ResourceInUseException", f"Firehose {name} is {self.status(name)}")
-            if doc.get("DestinationId", "destinationId-000000000001") != "destinationId-000000000001":
-                raise ControlError("InvalidArgumentException", f"Destination {doc.get('DestinationId')!r} not found")
-            try:
-                stream, request = destination_update(name, entry.get("request") or {}, doc,
-                                                     self.daemon.config.api.region)
-            except ShapeError as exc:
-                raise ControlError("InvalidArgumentException", str(exc)) from None
-            if entry["stream"].get("sources"):
-                stream["sources"] = entry["stream"]["sources"]
+            stream, request = self._new_destination(name, doc, entry["stream"], entry.get("request") or {})
             await asyncio.to_thread(self._validate, stream, "UpdateDestination")
             given, current = str(doc.get("CurrentDeliveryStreamVersionId")), int(entry.get("version", 1))
             changed = {**entry, "stream": stream, "request": request, "version": current + 1}
             if given != str(current) or await self._write(name, changed, revision) is None:
-                raise ControlError("ConcurrentModificationException",
-                                   f"Cannot update firehose: {name} since the current version id: {current} "
-                                   f"and the specified version id: {given} do not match")
+                raise stale_version(name, current, given)
         await self.sync()  # this daemon runs the new destination before it answers; the others within a second
         log.info("api_stream_updated", stream=name, version=current + 1)
 
@@ -323,12 +322,10 @@ class ClusterControlPlane(ControlPlane):
 
     async def encryption(self, doc: dict[str, Any], start: bool) -> None:
         name = self._named(doc)
-        state = self.daemon.cluster.state if self.daemon.cluster is not None else None
+        state = self._state
         if name not in self.entries or name in self.deleting or name not in self.daemon.streams or state is None:
             raise self._not_found(name)
-        value: dict[str, Any] = {"Status": "DISABLED"}
-        if start:
-            value = encryption_of(doc.get("DeliveryStreamEncryptionConfigurationInput"))
+        value = encryption_value(doc, start)
         now = time.time()
         await state.amend(name, lambda d: {**d, "encryption": value,
                                            "encryption_calls": encryption_calls(d.get("encryption_calls"), now)})

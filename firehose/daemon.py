@@ -118,10 +118,12 @@ class StreamState:
 
     def set_field(self, name: str, field: str, value: Any) -> None:
         """One member of the stream's saved state (``encryption``: StartDeliveryStreamEncryption's)."""
+        self.set_fields(name, {field: value})
+
+    def set_fields(self, name: str, values: dict[str, Any]) -> None:
+        """Members of the stream's saved state, in one write."""
         with self._lock:
-            doc = dict(self.load(name) or {})
-            doc[field] = value
-            self._save(name, doc)
+            self._save(name, {**(self.load(name) or {}), **values})
 
     def update_tags(self, name: str, change: Callable[[dict[str, str]], dict[str, str]]) -> None:
         """Read, change and write the stream's tags as one step (concurrent Tag/Untag calls)."""
