@@ -109,7 +109,15 @@ class ClusterControlPlane(ControlPlane):
             return None, 0
         if not entry.value:
             return None, 0
-        return orjson.loads(entry.value), int(entry.revision)
+        try:
+            doc = orjson.loads(entry.value)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("stream"), dict):
+            # Not written by a daemon (someone with access to NATS): skipped, never a stuck sync.
+            log.error("api_stream_invalid", stream=name[:64], file=self.path, error="the entry is not a stream's")
+            return None, 0
+        return doc, int(entry.revision)
 
     async def _read_all(self) -> dict[str, tuple[dict[str, Any], int]]:
         cluster = self.daemon.cluster

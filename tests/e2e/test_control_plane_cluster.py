@@ -258,3 +258,41 @@ def test_export_config_with_nats_unreachable_is_one_line(tmp_path: Path) -> None
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert "cannot export the config: no NATS server of nats://127.0.0.1:" in out.stderr
+
+
+def test_an_entry_not_written_by_a_daemon_is_skipped_not_a_stuck_sync(
+        tmp_path: Path, moto: MotoServer, nats_server: NatsServer) -> None:
+    """Someone with access to NATS writes junk into FH_API_STREAMS: it is logged and skipped, and
+    the API streams beside it are still created and served."""
+    import asyncio
+
+    import nats as nats_py
+
+    from firehose.control_cluster import API_STREAMS_BUCKET, entry_key
+
+    bucket = f"junk-{uuid.uuid4().hex[:8]}"
+    moto.client().create_bucket(Bucket=bucket)
+    a = _daemon(tmp_path, "j1", nats_server, moto, []).start()
+    try:
+        fa = client(a)
+        wait_for(lambda: gone(fa, "none"), 60, "the daemon settled")
+
+        async def junk() -> None:
+            nc = await nats_py.connect(nats_server.url)
+            try:
+                kv = await nc.jetstream().key_value(API_STREAMS_BUCKET)
+                await kv.put(entry_key("junk-a"), b"not json {")
+                await kv.put(entry_key("junk-b"), b'{"stream": 7}')
+                await kv.put("zz-not-hex", b"{}")
+            finally:
+                await nc.close()
+
+        asyncio.run(junk())
+        name = f"ok-{uuid.uuid4().hex[:6]}"
+        _create(fa, name, bucket, "p/")
+        wait_for(lambda: status(fa, name) == "ACTIVE", 60, "the good stream ACTIVE beside the junk")
+        assert "junk-a" not in fa.list_delivery_streams(Limit=100)["DeliveryStreamNames"]
+        assert any(e.get("event") == "api_stream_invalid" for e in a.events())
+        assert not any(e.get("event") == "api_streams_sync_failed" for e in a.events())
+    finally:
+        a.stop()
