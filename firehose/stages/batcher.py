@@ -228,20 +228,33 @@ class Batcher:
 
     async def _pump_routed(self, frame: RecordFrame) -> bool:
         """Records with per-record metadata (transform outcomes), or any record when the stream
-        partitions, one by one to the buffer :meth:`_route` picks. Returns False when it stopped
-        for lack of room (the cursor marks where)."""
+        partitions, one by one to the buffer :meth:`_route` picks. A record that needs no seal is
+        buffered without an await. Returns False when it stopped for lack of room (the cursor
+        marks where)."""
         sealed = self.out.sealed
         metas = frame.meta
+        records = frame.records
         first = frame.first_seq
-        for i in range(self.cursor - first, len(frame.records)):
+        arrival_ms = frame.arrival_ms
+        size_limit = self.size_limit
+        start = self.cursor - first
+        # Records sealed before a restart are skipped; a frame with none is not searched record by record.
+        nxt = sealed.next_start_after(self.cursor - 1)
+        check_sealed = self.cursor in sealed or (nxt is not None and nxt < frame.end_seq)
+        for i in range(start, len(records)):
             seq = first + i
-            if seq in sealed:
+            if check_sealed and seq in sealed:
                 continue
-            key, record = self._route(metas[i] if metas is not None else None, frame.records[i], frame.arrival_ms)
-            # The cursor moves with every record, before any await: a seal that fails here is
-            # retried from this record, and records already buffered are not buffered again.
-            self.cursor = seq
-            await self._buffer_record(key, seq, record, frame.arrival_ms)
+            key, record = self._route(metas[i] if metas is not None else None, records[i], arrival_ms)
+            # The cursor is at this record during every await: a seal that fails is retried from
+            # it, and records already buffered are not buffered again.
+            buf = self._peek(key)
+            if buf is not None and buf.count and buf.nbytes + len(record) > size_limit:
+                self.cursor = seq
+                await self.seal(key, reason="size")
+            if self._add(key, seq, record, arrival_ms):
+                self.cursor = seq
+                await self._after_add(key)
             self.cursor = seq + 1
             if not self.runner.has_room():
                 self.out.reader_passed(self.cursor)
@@ -268,19 +281,20 @@ class Batcher:
             return info.output_type or PROCESSING_FAILED, error_record_line(record, info)
         return key, record
 
-    async def _buffer_record(self, key: BufferKey, seq: int, record: bytes, arrival_ms: int) -> None:
-        """Add one record to buffer ``key``, sealing before it if it would not fit and after it
-        if the buffer is full (or one record over the limit: out now, as whole frames do)."""
-        size_limit = self.size_limit
-        buf = self._peek(key)
-        if buf is not None and buf.count and buf.nbytes + len(record) > size_limit:
-            await self.seal(key, reason="size")
+    def _add(self, key: BufferKey, seq: int, record: bytes, arrival_ms: int) -> bool:
+        """Add one record to buffer ``key`` (the caller sealed it first if the record would not
+        fit). True when a seal is due after it: the buffer is full (or one record over the
+        limit: out now, as whole frames do), or partitions are over their memory budget."""
         if isinstance(key, tuple):
             buf = self.router.add(key, seq, record, arrival_ms)
-        else:
-            buf = self._buffer_for(key)
-            buf.add(seq, record, arrival_ms)
-        if buf.nbytes >= size_limit:
+            return buf.nbytes >= self.size_limit or self.router.over_budget()
+        buf = self._buffer_for(key)
+        buf.add(seq, record, arrival_ms)
+        return buf.nbytes >= self.size_limit
+
+    async def _after_add(self, key: BufferKey) -> None:
+        buf = self._peek(key)
+        if buf is not None and buf.nbytes >= self.size_limit:
             await self.seal(key, reason="size")
         elif isinstance(key, tuple) and self.router.over_budget():
             flush = self.router.relieve()

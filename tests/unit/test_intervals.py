@@ -48,3 +48,26 @@ def test_add_many_joins_neighbours_on_both_sides() -> None:
     s.add_many([(10, 12), (18, 20), (30, 31), (32, 33), (34, 35), (36, 37), (38, 40), (60, 61), (5, 6)])
     assert list(s.ranges()) == [(0, 12), (18, 31), (32, 33), (34, 35), (36, 37), (38, 50), (60, 61)]
     assert s.covers(38, 50) and not s.covers(31, 33) and 32 in s and 33 not in s
+
+
+def test_a_batch_given_as_ranges_merges_into_a_fragmented_set_like_integers() -> None:
+    """The numpy merge (batches of many ranges, as a sealed batch's Ranges) against plain integers,
+    on sets fragmented the way dynamic partitioning leaves them: interleaved single records."""
+    from firehose.intervals import Ranges
+
+    rng = random.Random(11)
+    for _ in range(60):
+        reference: set[int] = set()
+        s = IntervalSet()
+        partitions = rng.choice([2, 7, 40])
+        span = rng.choice([300, 3000])
+        for _ in range(rng.randrange(2, 10)):
+            p = rng.randrange(partitions)
+            lo = rng.randrange(span)
+            batch = [(v, v + rng.choice([0, 1, 1, 2])) for v in range(lo, lo + rng.randrange(1, 400))
+                     if v % partitions == p]
+            rng.shuffle(batch)
+            for start, end in batch:
+                reference.update(range(start, end))
+            s.add_many(Ranges(batch))
+            assert list(s.ranges()) == as_ranges(reference)
