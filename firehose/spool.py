@@ -43,7 +43,6 @@ import itertools
 import os
 import struct
 import threading
-import zlib
 from array import array
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +80,7 @@ from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, ... are re-e
     decode_records_payload,
     durable_mark_after,
     encode_records_frame,
+    frame_crc,
 )
 
 log = structlog.get_logger()
@@ -219,7 +219,7 @@ class Spool:
             if body_start + length > end:
                 break
             payload = view[body_start : body_start + length]
-            if zlib.crc32(payload, zlib.crc32(bytes((ftype,)))) != crc:
+            if frame_crc(ftype, payload) != crc:
                 break
             if ftype == T_RECORDS and length >= _RECORDS_HEAD.size and \
                     _RECORDS_HEAD.unpack_from(payload, 0)[0] != self.next_seq:

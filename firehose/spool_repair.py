@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from firehose.spool_format import (
     T_SEAL,
     _frame,
     durable_mark_after,
+    frame_crc,
 )
 
 
@@ -59,7 +59,7 @@ def _frame_at(data: bytes, pos: int) -> tuple[int, int, bytes] | None:
     if ftype not in (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE) or start + length > len(data):
         return None
     payload = data[start : start + length]
-    if zlib.crc32(payload, zlib.crc32(bytes((ftype,)))) != crc:
+    if frame_crc(ftype, payload) != crc:
         return None
     return _FRAME_HEADER.size + length, ftype, payload
 

@@ -343,3 +343,22 @@ def test_a_position_set_to_none_is_forgotten_also_after_recovery(tmp_path: Path)
         await sp2.aclose()
 
     run(go())
+
+
+def test_a_records_frame_is_the_same_bytes_as_its_payload_framed_and_its_crc_is_zlibs() -> None:
+    """The one-copy RECORDS frame and ISA-L's CRC write exactly the format zlib's CRC defined."""
+    import random
+    import zlib
+
+    from firehose.spool_format import T_RECORDS, _frame, encode_records_frame, frame_crc, records_payload
+
+    rng = random.Random(3)
+    for _ in range(50):
+        records = [rng.randbytes(rng.choice([0, 1, 7, 1000, 70_000])) for _ in range(rng.randrange(0, 40))]
+        meta = [{"k": i} for i in range(len(records))] if rng.random() < 0.3 else None
+        positions = {"file": rng.randrange(1 << 40)} if rng.random() < 0.3 else None
+        first, arrival = rng.randrange(1 << 50), rng.randrange(1 << 42)
+        payload = records_payload(first, arrival, records, meta, positions)
+        assert encode_records_frame(first, arrival, records, meta, positions) == _frame(T_RECORDS, payload)
+        for ftype in (T_RECORDS, 0, 255):
+            assert frame_crc(ftype, payload) == zlib.crc32(payload, zlib.crc32(bytes((ftype,))))
