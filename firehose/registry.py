@@ -48,6 +48,7 @@ BUILTIN_PROCESSORS: dict[str, str] = {
 PROCESSING_CHECK = "firehose.transforms.config:check_processing"
 BACKUP_CONFIG = "firehose.transforms.config:BackupConfig"
 PROCESSING_CHAIN = "firehose.transforms.chain:ProcessingChain"
+METADATA_EXTRACTION = "firehose.transforms.processors:metadata_extraction"
 FORMAT_CONFIG = "firehose.transforms.formats:FormatConfig"
 CONVERTER = "firehose.transforms.formats:Converter"
 HANDLER_CHECK = "firehose.transforms.handler_check:check_local_handlers"

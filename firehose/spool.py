@@ -324,7 +324,7 @@ class Spool:
         self._fd = fd
         self._dir_dirty = True
 
-    def _write(self, seg: _Segment, fd: int, data: bytes) -> int:
+    def _write(self, seg: _Segment, fd: int, data: bytes | bytearray) -> int:
         offset = seg.size
         view = memoryview(data)
         try:
@@ -344,7 +344,7 @@ class Spool:
         self._written += 1
         return offset
 
-    def _append(self, data: bytes) -> tuple[_Segment, int]:
+    def _append(self, data: bytes | bytearray) -> tuple[_Segment, int]:
         if self._closed:
             raise SpoolError(f"{self.directory}: spool is closed")
         if self._failed is not None:

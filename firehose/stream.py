@@ -42,6 +42,7 @@ from firehose.stages.batcher import Batcher
 from firehose.stages.common import StageContext
 from firehose.stages.delivery import DeliveryRunner
 from firehose.stages.health import DeliveryHealth, StreamHealth, health_message, iso_utc, preflight
+from firehose.stages.inline import InlineExtraction, inline_query
 from firehose.stages.processing import ProcessingStage, load_chain, load_converter, resume_point
 from firehose.stages.router import PartitionRouter
 
@@ -91,6 +92,7 @@ class StreamRuntime:
         self.destination: Destination | None = None
         self.archive: Destination | None = None  # where failed records go (backup, or the destination)
         self.chain: ProcessingChain | None = None
+        self.inline_query: str | None = None  # metadata_extraction done by the batcher (stages/inline.py)
         self.sources: list[Source] = []
         self.backup_all = False
         self.recovery: RecoveryState | None = None
@@ -178,7 +180,11 @@ class StreamRuntime:
         if self.config.processing or self.backup_all or converter is not None or leftover:
             self.chain = await load_chain(self.config, region=self.region, account_id=self.account_id,
                                           converter=converter)
-        if self.chain is None or not (self.chain.enabled or self.backup_all or leftover):
+        assert self.destination is not None
+        self.inline_query = inline_query(self.config, backup_all=self.backup_all, converter=converter,
+                                         leftover=leftover, reads_record_metadata=self.destination.reads_record_metadata)
+        if self.inline_query is not None or self.chain is None or not (
+                self.chain.enabled or self.backup_all or leftover):
             return None, self.recovery
         # The batcher reads outcomes right after they are recorded: a small cache serves that.
         self.out = self.logs.log(self.name, PROCESSED, cache_bytes=16 << 20)
@@ -193,6 +199,8 @@ class StreamRuntime:
         ctx = self.stage_context
         self.archiver = Archiver(ctx, self.archive, self.health.archive)
         self.router = PartitionRouter.for_stream(ctx, self.config, self.destination)
+        inline = InlineExtraction(ctx, self.inline_query) if self.inline_query is not None else None
+        self.router.inline = inline
         converter = self.chain.converter if self.chain is not None else None
         self.runner = DeliveryRunner(
             ctx, self.config, self.out, self.destination, self.archiver, self.health.main, converter=converter,
@@ -200,7 +208,7 @@ class StreamRuntime:
             routing_error=self.router.routing_error, release_partition=self.router.release,
         )
         self.batcher = Batcher(ctx, self.config, self.out, self.destination, self.archive, self.router,
-                               self.runner, converter=converter)
+                               self.runner, converter=converter, inline=inline)
         if self.out is not self.spool:  # an outcome log is opened only with a chain
             assert self.chain is not None
             self.processing = ProcessingStage(ctx, self.chain, self.spool, self.out,

@@ -34,6 +34,7 @@ from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
 from firehose.stages.archiver import error_record_line
 from firehose.stages.common import OpenBuffer, PendingBatch, StageContext, log_failure
 from firehose.stages.delivery import DeliveryRunner
+from firehose.stages.inline import InlineExtraction
 from firehose.stages.router import Partition, PartitionRouter
 
 SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (backup mode: all)
@@ -54,7 +55,7 @@ class Batcher:
 
     def __init__(
         self, ctx: StageContext, config: StreamConfig, out: Log, destination: Destination, archive: Destination,
-        router: PartitionRouter, runner: DeliveryRunner, *, converter: Any = None,
+        router: PartitionRouter, runner: DeliveryRunner, *, converter: Any = None, inline: InlineExtraction | None = None,
     ) -> None:
         self.ctx = ctx
         self.name, self.clock, self.metrics, self.log = ctx.name, ctx.clock, ctx.metrics, ctx.log
@@ -71,6 +72,9 @@ class Batcher:
         self.task: asyncio.Task[None] | None = None
         self._buffer = OpenBuffer()
         self._archive_buffers: dict[str, OpenBuffer] = {}
+        # Partition keys extracted as the ingest log is read (firehose/stages/inline.py).
+        self.inline = inline
+        self._inline_frame: tuple[RecordFrame, list[Any]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, cursor: int) -> None:
@@ -186,7 +190,7 @@ class Batcher:
             if not frame.first_seq <= self.cursor < frame.end_seq:  # never spin on a wrong frame
                 raise LogError(f"the log answered record {self.cursor} with records "
                                f"[{frame.first_seq}, {frame.end_seq})")
-            if self.router.partitioning or (frame.meta is not None and routes(frame.meta)):
+            if self.inline is not None or self.router.partitioning or (frame.meta is not None and routes(frame.meta)):
                 done = await self._pump_routed(frame)
             else:
                 done = await self._pump_frame(frame)
@@ -232,7 +236,7 @@ class Batcher:
         buffered without an await. Returns False when it stopped for lack of room (the cursor
         marks where)."""
         sealed = self.out.sealed
-        metas = frame.meta
+        metas = frame.meta if self.inline is None else self._inline_metas(frame)
         records = frame.records
         first = frame.first_seq
         arrival_ms = frame.arrival_ms
@@ -262,6 +266,16 @@ class Batcher:
         self.cursor = frame.end_seq
         self.out.reader_passed(self.cursor)
         return True
+
+    def _inline_metas(self, frame: RecordFrame) -> list[Any]:
+        """The frame's metadata from the stream's inline extraction (firehose/stages/inline.py),
+        kept while the frame is read (a frame read in two goes is extracted once)."""
+        assert self.inline is not None
+        if self._inline_frame is not None and self._inline_frame[0] is frame:
+            return self._inline_frame[1]
+        metas = self.inline.metas(frame.records, frame.meta, frame.arrival_ms)
+        self._inline_frame = (frame, metas)
+        return metas
 
     def _route(self, meta: Any, record: bytes, arrival_ms: int) -> tuple[BufferKey, bytes]:
         """Which buffer a record goes to, and what it is there: failed ones to an archive buffer

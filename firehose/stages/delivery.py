@@ -67,7 +67,7 @@ class DeliveryRunner:
     def __init__(
         self, ctx: StageContext, config: StreamConfig, out: Log, destination: Destination, archiver: Archiver,
         health: DeliveryHealth, *, converter: Any = None, delimiter: bytes | None = None,
-        routing_error: Callable[[Any, SealedBatch], dict[str, Any]] | None = None,
+        routing_error: Callable[[Any, SealedBatch, bytes], dict[str, Any]] | None = None,
         release_partition: Callable[[tuple[str, ...]], None] | None = None,
     ) -> None:
         self.ctx = ctx
@@ -276,7 +276,7 @@ class DeliveryRunner:
             err = RecordMeta.error(m)
             if err is None:
                 assert self.routing_error is not None
-                err = self.routing_error(m, sealed)
+                err = self.routing_error(m, sealed, r)
             lines.append(error_record_line(r, err))
         return lines
 

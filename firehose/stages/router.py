@@ -27,6 +27,7 @@ from firehose.interfaces import Destination, partitioned_keys
 from firehose.log import SealedBatch
 from firehose.records import ErrorInfo, RecordMeta
 from firehose.stages.common import OpenBuffer, StageContext
+from firehose.stages.inline import InlineExtraction
 
 # What an open partition's bookkeeping costs, counted against dynamic_partitioning.memory_budget_mib
 # beside the record bytes held: a spool range (two int64) and a buffer with its dict entry.
@@ -51,6 +52,7 @@ class PartitionRouter:
         self._active: dict[Partition, int] = {}
         self._memory_held = 0  # record bytes held by unspilled partition buffers
         self._ranges_held = 0  # entries of all partition buffers' range arrays
+        self.inline: InlineExtraction | None = None  # set by the stream (firehose/stages/inline.py)
 
     @classmethod
     def for_stream(cls, ctx: StageContext, config: StreamConfig, destination: Destination) -> PartitionRouter:
@@ -171,9 +173,15 @@ class PartitionRouter:
                              ACTIVE_PARTITION_EXCEEDED, 1, arrival_ms, now).encode()
         return None
 
-    def routing_error(self, meta: Any, sealed: SealedBatch) -> dict[str, Any]:
+    def routing_error(self, meta: Any, sealed: SealedBatch, record: bytes) -> dict[str, Any]:
         """The error of a record the batcher archived (not its transform): rebuilt when its
-        archive batch is read back from the log after a restart."""
+        archive batch is read back from the log after a restart. With inline extraction the
+        record's metadata is computed again first: its error may be the extraction's."""
+        if self.inline is not None:
+            meta = self.inline.meta_of(record, meta, sealed.oldest_arrival_ms)
+            err = RecordMeta.error(meta)
+            if err is not None:
+                return err
         if self.refs is not None:
             err = self.error_for(self.partition_of(meta), sealed.oldest_arrival_ms, admitting=False)
             if err is not None:

@@ -452,3 +452,54 @@ def test_a_seal_that_fails_mid_frame_does_not_buffer_records_twice(tmp_path: Pat
     asyncio.run(go())
     seen = [orjson.loads(line)["i"] for body in files(tmp_path).values() for line in body.splitlines()]
     assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
+def test_a_query_only_stream_extracts_inline_and_a_crash_replays_its_error_records_exactly(tmp_path: Path) -> None:
+    """metadata_extraction alone is done by the batcher as it reads the ingest log (no outcome log,
+    no processing stage). An archive batch uploaded but not committed before a crash is read back
+    from the ingest log and its error records rebuilt: the extraction's error, not a missing key,
+    under the same key, and the good records' partition batch likewise."""
+    clock = ManualClock()
+    delivered: list[str] = []
+    bad = {b"not json": "not a single JSON document", b'{"c": null}': "partition key 'c' is null"}
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock)
+        await rt.start()
+        assert rt.processing is None and rt.out is rt.spool and rt.inline_query == "{c: .c}"
+        crash_after_upload(rt, delivered)
+        await rt.put([b'{"c": "a", "n": 1}', *bad])
+        await settle(lambda: buffered(rt) == 1)
+        await flush(rt, clock, 60)
+        await settle(lambda: len(delivered) == 2)  # the partition's batch and the archive batch
+        first = files(tmp_path)
+        await abandon(rt)
+        rt2 = make_runtime(tmp_path, clock=clock, seed=2)
+        await rt2.start()
+        assert sorted(p.sealed.key for p in rt2.runner.pending) == sorted(delivered)
+        await settle(lambda: rt2.status()["pending_batches"] == 0)
+        await rt2.stop(5)
+        again = files(tmp_path)
+        assert sorted(again) == sorted(first) == sorted(delivered)  # overwritten, not duplicated
+        for key, body in first.items():
+            if key.startswith("c=a/"):
+                assert again[key] == body
+
+    asyncio.run(go())
+    docs = error_docs(files(tmp_path), "partitioning-failed")
+    assert sorted(base64.b64decode(d["rawData"]) for d in docs) == sorted(bad)
+    for d in docs:
+        assert d["errorCode"] == "DynamicPartitioning.MetadataExtractionFailed"
+        assert bad[base64.b64decode(d["rawData"])] in d["errorMessage"]
+
+
+def test_a_stream_with_another_processor_or_a_source_backup_keeps_the_processing_stage(tmp_path: Path) -> None:
+    """Inline extraction only where nothing must be recorded: de-aggregation before the query
+    keeps the outcome log."""
+    async def go() -> None:
+        rt = make_runtime(tmp_path, deaggregate=True)
+        await rt.start()
+        assert rt.inline_query is None and rt.processing is not None and rt.out is not rt.spool
+        await rt.stop(5)
+
+    asyncio.run(go())

@@ -86,7 +86,7 @@ streams:
         self.progress += 1
 
     @staticmethod
-    def routing_error(meta: Any, sealed: SealedBatch) -> dict[str, Any]:
+    def routing_error(meta: Any, sealed: SealedBatch, record: bytes) -> dict[str, Any]:
         return {"t": "partitioning-failed", "c": "Routed", "m": f"meta {meta}", "ts": sealed.oldest_arrival_ms}
 
     async def seal(self, records: list[bytes], *, info: dict[str, Any] | None = None, meta: list[Any] | None = None,

@@ -144,9 +144,9 @@ def test_the_error_of_a_record_archived_by_routing_is_rebuilt_from_its_metadata(
     clock = ManualClock()
     router, _ = make(tmp_path, clock=clock)
     sealed = SealedBatch(1, "err/x", [(0, 2)], 1_000, {"sink": "archive", "type": "activePartitionExceeded"})
-    assert router.routing_error({"pk": {}}, sealed)["c"] == "DynamicPartitioning.PartitionKeyMissing"
+    assert router.routing_error({"pk": {}}, sealed, b"{}")["c"] == "DynamicPartitioning.PartitionKeyMissing"
     # A record whose keys evaluate was archived by the guard.
-    guard = router.routing_error({"pk": {Q: "a"}}, sealed)
+    guard = router.routing_error({"pk": {Q: "a"}}, sealed, b"{}")
     assert (guard["c"], guard["ts"], guard["e"]) == ("DynamicPartitioning.ActivePartitionsLimitExceeded", 1_000,
                                                       clock.now_ms())
 
@@ -158,7 +158,7 @@ def test_without_partitioning_only_recovered_batches_are_counted(tmp_path: Path)
     router.count_batch(("a",))  # a partition's batch sealed before partitioning was turned off
     assert router.active_partitions == 1
     sealed = SealedBatch(1, "k", [(0, 1)], 5, {"type": "partitioning-failed"})
-    err = router.routing_error(None, sealed)
+    err = router.routing_error(None, sealed, b"{}")
     assert (err["t"], err["c"], err["ts"]) == ("partitioning-failed", "DynamicPartitioning.Failed", 5)
     router.release(("a",))
     assert router.active_partitions == 0
