@@ -74,7 +74,8 @@ class Batcher:
         self._archive_buffers: dict[str, OpenBuffer] = {}
         # Partition keys extracted as the ingest log is read (firehose/stages/inline.py).
         self.inline = inline
-        self._inline_frame: tuple[RecordFrame, list[Any]] | None = None
+        self._inline_frame: tuple[int, list[Any]] | None = None  # (first_seq, metas)
+        self._inline_next: dict[int, asyncio.Future[list[Any]]] = {}  # the next frame's, under way
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, cursor: int) -> None:
@@ -88,6 +89,9 @@ class Batcher:
             self.signals.batcher.set()
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        for fut in self._inline_next.values():
+            fut.cancel()
+        self._inline_next.clear()
 
     async def seal_all(self, deadline: float) -> None:
         """At stop: seal every open buffer, within ``deadline`` (``time.monotonic()``), and make
@@ -236,7 +240,7 @@ class Batcher:
         buffered without an await. Returns False when it stopped for lack of room (the cursor
         marks where)."""
         sealed = self.out.sealed
-        metas = frame.meta if self.inline is None else self._inline_metas(frame)
+        metas = frame.meta if self.inline is None else await self._inline_metas(frame)
         records = frame.records
         first = frame.first_seq
         arrival_ms = frame.arrival_ms
@@ -267,14 +271,26 @@ class Batcher:
         self.out.reader_passed(self.cursor)
         return True
 
-    def _inline_metas(self, frame: RecordFrame) -> list[Any]:
+    async def _inline_metas(self, frame: RecordFrame) -> list[Any]:
         """The frame's metadata from the stream's inline extraction (firehose/stages/inline.py),
-        kept while the frame is read (a frame read in two goes is extracted once)."""
+        kept while the frame is read (a frame read in two goes is extracted once). The next
+        frame's extraction starts now, so a worker process extracts while this one is routed."""
         assert self.inline is not None
-        if self._inline_frame is not None and self._inline_frame[0] is frame:
+        if self._inline_frame is not None and self._inline_frame[0] == frame.first_seq:
             return self._inline_frame[1]
-        metas = self.inline.metas(frame.records, frame.meta, frame.arrival_ms)
-        self._inline_frame = (frame, metas)
+        task = self._inline_next.pop(frame.first_seq, None)
+        for seq in list(self._inline_next):  # read past (skipped, or read again from elsewhere)
+            self._inline_next.pop(seq).cancel()
+        if task is None:
+            task = asyncio.ensure_future(self.inline.frame_metas(frame.records, frame.meta, frame.arrival_ms))
+        nxt = frame.end_seq
+        if nxt < self.out.next_seq:
+            after = await self.out.read_frame(nxt)
+            if after is not None and after.first_seq == nxt:
+                self._inline_next[nxt] = asyncio.ensure_future(
+                    self.inline.frame_metas(after.records, after.meta, after.arrival_ms))
+        metas = await task
+        self._inline_frame = (frame.first_seq, metas)
         return metas
 
     def _route(self, meta: Any, record: bytes, arrival_ms: int) -> tuple[BufferKey, bytes]:

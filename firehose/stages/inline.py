@@ -18,11 +18,25 @@ by an earlier config (its recorded outcomes are delivered first).
 Exactly-once is unchanged: a batch is sealed (its ranges of the ingest log and its key) before it
 is delivered, and re-sent under that key after a crash; records not sealed yet are routed again,
 to the same partitions.
+
+Parsing each record for its keys is most of the work (``orjson.loads`` of the whole record), and
+in the daemon it holds the GIL that ingest needs. On a machine with more than one core, frames of
+at least :data:`POOL_MIN_RECORDS` records are extracted in a worker process (the batcher asks for
+the next frame's while it routes the current one); smaller frames, and any frame while the worker
+starts or after it failed, are extracted in the daemon. Both run :func:`extract_frame`, the same
+pure function, so where it ran changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+import structlog
 
 from firehose.config import StreamConfig
 from firehose.records import ErrorInfo, Outcome, RecordMeta
@@ -30,6 +44,12 @@ from firehose.registry import METADATA_EXTRACTION, load
 from firehose.stages.common import StageContext
 
 _INLINE_TYPES = frozenset(("metadata_extraction", "append_delimiter"))
+#: Frames with at least this many records are extracted in the worker process.
+POOL_MIN_RECORDS = 64
+#: Worker processes for extraction: one, where there is a second core.
+POOL_PROCESSES = 1 if (os.cpu_count() or 1) > 1 else 0
+
+log = structlog.get_logger()
 
 
 def inline_query(config: StreamConfig, *, backup_all: bool, converter: Any, leftover: bool,
@@ -45,45 +65,121 @@ def inline_query(config: StreamConfig, *, backup_all: bool, converter: Any, left
     return queries[0] if len(queries) == 1 else None
 
 
+def extract_frame(query: str, records: list[bytes], source: list[Any] | None, arrival_ms: int,
+                  now_ms: int) -> tuple[list[Any], int, int]:
+    """Each record's metadata as the processing stage would record it: a source's own error is
+    kept; otherwise the keys, or the extraction's error (with the Kinesis sequence numbers of a
+    Kinesis source's record). Also the failed count and the bytes of the records that passed.
+    A pure function of its arguments (run in the daemon or in a worker process)."""
+    todo = [i for i in range(len(records)) if source is None or RecordMeta.error(source[i]) is None]
+    outcomes = load(METADATA_EXTRACTION)([Outcome(i, records[i]) for i in todo], query)
+    out: list[Any] = list(source) if source is not None else [None] * len(records)
+    failed = ok_bytes = 0
+    for o in outcomes:
+        i = todo[o.source]
+        if o.result == "Ok":
+            ok_bytes += len(o.data)
+            out[i] = RecordMeta.keyed({"partitionKeyFromQuery:" + k: v for k, v in (o.query_keys or {}).items()})
+            continue
+        failed += 1
+        err = ErrorInfo(o.error_code, o.error_message, o.error_output_type, o.attempts, arrival_ms, now_ms)
+        kinesis = RecordMeta.kinesis(out[i])
+        if kinesis is not None:
+            err.extra["sequenceNumber"] = kinesis.get("sequenceNumber")
+            err.extra["subSequenceNumber"] = kinesis.get("subsequenceNumber")
+        out[i] = RecordMeta.failed(err)
+    return out, failed, ok_bytes
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the worker process (Linux): the kernel kills it when the daemon dies, even by kill -9,
+    instead of leaving it waiting for work that never comes."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the daemon died before the call above
+        os._exit(1)
+
+
 class InlineExtraction:
     """Each record's metadata as the processing stage would record it, computed when read."""
 
-    def __init__(self, ctx: StageContext, query: str) -> None:
+    def __init__(self, ctx: StageContext, query: str, *, processes: int = POOL_PROCESSES) -> None:
+        self.name = ctx.name
         self.clock = ctx.clock
         self.query = query
-        self._extract = load(METADATA_EXTRACTION)
+        self.processes = processes
         m = ctx.metrics
         self._m_failed = m.failed_processing_records.labels(ctx.name)
         self._m_ok = m.succeed_processing_records.labels(ctx.name)
         self._m_ok_bytes = m.succeed_processing_bytes.labels(ctx.name)
+        self._pool: ProcessPoolExecutor | None = None
+        self._ready = False  # the worker has started and compiled the query
+        self.pooled_frames = 0  # frames the worker extracted
 
     def metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int, *,
               count: bool = True) -> list[Any]:
-        """One metadata per record: a source's own error is kept; otherwise the keys, or the
-        extraction's error (with the Kinesis sequence numbers of a Kinesis source's record)."""
-        todo = [i for i in range(len(records)) if source is None or RecordMeta.error(source[i]) is None]
-        outcomes = self._extract([Outcome(i, records[i]) for i in todo], self.query)
-        out: list[Any] = list(source) if source is not None else [None] * len(records)
-        now_ms = self.clock.now_ms()
-        failed = ok_bytes = 0
-        for o in outcomes:
-            i = todo[o.source]
-            if o.result == "Ok":
-                ok_bytes += len(o.data)
-                out[i] = RecordMeta.keyed({"partitionKeyFromQuery:" + k: v for k, v in (o.query_keys or {}).items()})
-                continue
-            failed += 1
-            err = ErrorInfo(o.error_code, o.error_message, o.error_output_type, o.attempts, arrival_ms, now_ms)
-            kinesis = RecordMeta.kinesis(out[i])
-            if kinesis is not None:
-                err.extra["sequenceNumber"] = kinesis.get("sequenceNumber")
-                err.extra["subSequenceNumber"] = kinesis.get("subsequenceNumber")
-            out[i] = RecordMeta.failed(err)
+        """The records' metadata, extracted here."""
+        out, failed, ok_bytes = extract_frame(self.query, records, source, arrival_ms, self.clock.now_ms())
         if count:
-            self._m_failed.inc(failed)
-            self._m_ok.inc(len(outcomes) - failed)
-            self._m_ok_bytes.inc(ok_bytes)
+            self._count(len(out) if source is None else sum(1 for m in source if RecordMeta.error(m) is None),
+                        failed, ok_bytes)
         return out
+
+    def _count(self, extracted: int, failed: int, ok_bytes: int) -> None:
+        self._m_failed.inc(failed)
+        self._m_ok.inc(extracted - failed)
+        self._m_ok_bytes.inc(ok_bytes)
+
+    async def frame_metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int) -> list[Any]:
+        """The records' metadata, from the worker process when the frame is large enough and the
+        worker is up (see the module docstring), else extracted here."""
+        if self.processes and len(records) >= POOL_MIN_RECORDS:
+            pool = self._start_pool()
+            if pool is not None and self._ready:
+                try:
+                    fut = pool.submit(extract_frame, self.query, records, source, arrival_ms, self.clock.now_ms())
+                    out, failed, ok_bytes = await asyncio.wrap_future(fut)
+                except (BrokenProcessPool, OSError, RuntimeError) as exc:
+                    log.warning("extraction_worker_failed", stream=self.name, error=f"{type(exc).__name__}: {exc}")
+                    self._drop_pool()
+                else:
+                    self.pooled_frames += 1
+                    extracted = len(out) if source is None else sum(1 for m in source if RecordMeta.error(m) is None)
+                    self._count(extracted, failed, ok_bytes)
+                    return out
+        return self.metas(records, source, arrival_ms)
+
+    def _start_pool(self) -> ProcessPoolExecutor | None:
+        if self._pool is None:
+            try:
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_die_with_parent, initargs=(os.getpid(),))
+                warm = self._pool.submit(extract_frame, self.query, [], None, 0, 0)
+            except (OSError, RuntimeError) as exc:
+                log.warning("extraction_worker_failed", stream=self.name, error=f"{type(exc).__name__}: {exc}")
+                self._pool, self.processes = None, 0  # extract here from now on
+                return None
+            warm.add_done_callback(self._warmed)
+        return self._pool
+
+    def _warmed(self, fut: Any) -> None:
+        # Runs in the pool's thread: only a flag is set.
+        self._ready = not fut.cancelled() and fut.exception() is None
+
+    def _drop_pool(self) -> None:
+        pool, self._pool, self._ready = self._pool, None, False
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop the worker process (the stream stops)."""
+        self._drop_pool()
+        self.processes = 0
 
     def meta_of(self, record: bytes, source: Any, arrival_ms: int) -> Any:
         """One record's metadata (an archive batch read back after a restart)."""

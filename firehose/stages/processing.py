@@ -24,12 +24,14 @@ and wakes the batcher once outcomes are recorded.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
+from itertools import repeat
 from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import ProcessingChain
-from firehose.log import Log, LogError
+from firehose.log import Log, LogError, RecordFrame
 from firehose.names import stream_arn
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceRecord
 from firehose.retry import local_failure_pause
@@ -154,6 +156,20 @@ class _Buffer:
         return taken
 
 
+def _take(buf: _Buffer, frame: RecordFrame, i: int, j: int) -> None:
+    """Records ``i..j-1`` of ``frame`` into the buffer, as items and as the chain's SourceRecords."""
+    first, arrival, recs = frame.first_seq, frame.arrival_ms, frame.records[i:j]
+    seqs = range(first + i, first + j)
+    if frame.meta is None:
+        buf.items.extend(zip(seqs, recs, repeat(arrival), repeat(None), strict=False))
+        buf.sources.extend(map(SourceRecord, map(str, seqs), recs, repeat(arrival)))
+        return
+    metas = frame.meta[i:j]
+    buf.items.extend(zip(seqs, recs, repeat(arrival), metas, strict=False))
+    buf.sources.extend(map(SourceRecord, map(str, seqs), recs, repeat(arrival),
+                           [None if m is None else RecordMeta.kinesis(m) for m in metas]))
+
+
 class ProcessingStage:
     """Runs one stream's processing chain. All methods run on the stream's event loop."""
 
@@ -246,15 +262,14 @@ class ProcessingStage:
             if frame is None:
                 self.cursor = max(self.cursor, ingest.min_seq)
                 break
-            meta, first, arrival, recs = frame.meta, frame.first_seq, frame.arrival_ms, frame.records
+            first, n, cum = frame.first_seq, len(frame.records), frame.cum
             i = self.cursor - first
-            while i < len(recs):
-                m = meta[i] if meta is not None else None
-                buf.items.append((first + i, recs[i], arrival, m))
-                buf.sources.append(SourceRecord(str(first + i), recs[i], arrival,
-                                                None if m is None else RecordMeta.kinesis(m)))
-                buf.nbytes += len(recs[i])
-                i += 1
+            while i < n:
+                # The records up to the one that fills the buffer, taken as one run.
+                j = min(n, bisect.bisect_left(cum, cum[i] + limit - buf.nbytes, i + 1))
+                _take(buf, frame, i, j)
+                buf.nbytes += cum[j] - cum[i]
+                i = j
                 if buf.nbytes >= limit:
                     self.cursor = first + i
                     await self._submit(queue, *buf.take())

@@ -503,3 +503,51 @@ def test_a_stream_with_another_processor_or_a_source_backup_keeps_the_processing
         await rt.stop(5)
 
     asyncio.run(go())
+
+
+def test_large_frames_are_extracted_in_a_worker_process_with_the_same_results(tmp_path: Path) -> None:
+    """A frame of at least POOL_MIN_RECORDS records is extracted in the worker process (once it is
+    up); the worker runs the same function, so the metadata equals the daemon's own on a corpus
+    of good and bad records, and what is delivered and archived is the same."""
+    import random
+
+    from firehose.stages.inline import POOL_MIN_RECORDS, extract_frame
+
+    rng = random.Random(5)
+    shapes = [lambda i: orjson.dumps({"c": f"k{i % 5}", "i": i}), lambda i: b"not json",
+              lambda i: orjson.dumps({"c": None}), lambda i: orjson.dumps({"c": i, "n": 1.5}),
+              lambda i: orjson.dumps({"c": [i]}), lambda i: orjson.dumps([i]), lambda i: b'{"c": "x"} {"c": "y"}',
+              lambda i: orjson.dumps({"c": True}), lambda i: b'{"c": "\\u00e9t\\u00e9", "c": "last"}']
+    corpus = [rng.choice(shapes)(i) for i in range(400)]
+    clock = ManualClock()
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock)
+        await rt.start()
+        inline = rt.router.inline
+        assert inline is not None
+        if not inline.processes:
+            return  # one core: extraction stays in the daemon (covered by the other tests)
+        await inline.frame_metas(corpus[:POOL_MIN_RECORDS], None, 1)  # starts the worker
+        await settle(lambda: inline._ready, timeout=60)
+        here = extract_frame("{c: .c}", corpus, None, 7, 9)
+        there = await inline.frame_metas(corpus, None, 7)
+        assert inline.pooled_frames == 1
+        assert [m if m is None or "err" not in m else {**m, "err": {**m["err"], "e": 9}} for m in there] == here[0]
+        for i in range(0, 400, 200):
+            await rt.put(corpus[i : i + 200])
+        await settle(lambda: inline.pooled_frames >= 3)
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records + rt.archived_records == 400)
+        await rt.stop(5)
+        assert inline._pool is None  # stopped with the stream
+
+    asyncio.run(go())
+    metas = extract_frame("{c: .c}", corpus, None, 7, 9)[0]
+    ok = [r for r, m in zip(corpus, metas, strict=True) if m is not None and "pk" in m]
+    assert all(orjson.loads(r)["c"] is not None for r in ok if r.startswith(b'{"c":'))
+    assert b"not json" not in ok and b'{"c":null}' not in ok and len(ok) < len(corpus)
+    objs = files(tmp_path)
+    delivered = [line for k, v in objs.items() if k.startswith("c=") for line in v.splitlines()]
+    assert sorted(delivered) == sorted(ok)
+    assert len(error_docs(objs, "partitioning-failed")) == len(corpus) - len(ok)
