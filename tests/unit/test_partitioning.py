@@ -551,3 +551,45 @@ def test_large_frames_are_extracted_in_a_worker_process_with_the_same_results(tm
     delivered = [line for k, v in objs.items() if k.startswith("c=") for line in v.splitlines()]
     assert sorted(delivered) == sorted(ok)
     assert len(error_docs(objs, "partitioning-failed")) == len(corpus) - len(ok)
+
+
+def test_a_killed_extraction_worker_is_replaced_and_no_record_is_lost(tmp_path: Path) -> None:
+    """kill -9 of the worker process while frames are extracted: the frames it had are extracted
+    in the daemon instead, a new worker takes over later frames, and every record is delivered."""
+    import os
+    import signal
+
+    clock = ManualClock()
+    sent = [orjson.dumps({"c": f"k{i % 3}", "i": i}) for i in range(2000)]
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, clock=clock)
+        await rt.start()
+        inline = rt.router.inline
+        assert inline is not None
+        if not inline.processes:
+            return  # one core: no worker process
+        await rt.put(sent[:200])
+        await settle(lambda: inline._ready, timeout=60)
+        await settle(lambda: buffered(rt) == 200)
+        first_pool = inline._pool
+        assert first_pool is not None
+        for pid in list(first_pool._processes):  # noqa: SLF001 - the worker's pid
+            os.kill(pid, signal.SIGKILL)
+        for i in range(200, 1000, 200):
+            await rt.put(sent[i : i + 200])
+        await settle(lambda: buffered(rt) == 1000, timeout=30)
+        await settle(lambda: inline._pool is not None and inline._pool is not first_pool and inline._ready, timeout=60)
+        before = inline.pooled_frames
+        for i in range(1000, 2000, 200):
+            await rt.put(sent[i : i + 200])
+        await settle(lambda: buffered(rt) == 2000, timeout=30)
+        assert inline.pooled_frames > before  # the new worker took frames again
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records == 2000)
+        await rt.stop(5)
+
+    asyncio.run(go())
+    objs = files(tmp_path)
+    delivered = sorted(line for v in objs.values() for line in v.splitlines())
+    assert delivered == sorted(sent)
