@@ -21,8 +21,8 @@ to the same partitions.
 
 Parsing each record for its keys is most of the work (``orjson.loads`` of the whole record), and
 in the daemon it holds the GIL that ingest needs. On a machine with more than one core, frames of
-at least :data:`POOL_MIN_RECORDS` records are extracted in a worker process (the batcher asks for
-the next frame's while it routes the current one); smaller frames, and any frame while the worker
+at least :data:`POOL_MIN_RECORDS` records are extracted in a worker process, one for the whole
+daemon (the batcher asks for the next frame's while it routes the current one); smaller frames, and any frame while the worker
 starts or after it failed, are extracted in the daemon. Both run :func:`extract_frame`, the same
 pure function, so where it ran changes nothing.
 """
@@ -30,6 +30,7 @@ pure function, so where it ran changes nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -105,6 +106,46 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+class _SharedWorker:
+    """The one extraction worker process of this daemon, shared by every stream that extracts
+    inline (in cluster mode a daemon runs each stream's partitions as separate runtimes); it is
+    started on first use and stopped when the last of them stops."""
+
+    def __init__(self) -> None:
+        self.pool: ProcessPoolExecutor | None = None
+        self.ready = False  # the process has started
+        self.users: set[int] = set()
+
+    def acquire(self, user: object, processes: int) -> ProcessPoolExecutor:
+        """The pool (started if need be; OSError/RuntimeError if it cannot start)."""
+        self.users.add(id(user))
+        if self.pool is None:
+            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_die_with_parent, initargs=(os.getpid(),))
+            pool.submit(os.getpid).add_done_callback(functools.partial(self._started, pool))
+            self.pool, self.ready = pool, False
+        return self.pool
+
+    def _started(self, pool: ProcessPoolExecutor, fut: Any) -> None:
+        # Runs in the pool's thread: only a flag is set.
+        if pool is self.pool:
+            self.ready = not fut.cancelled() and fut.exception() is None
+
+    def broken(self, pool: ProcessPoolExecutor) -> None:
+        """``pool`` failed: the next use starts another."""
+        if pool is self.pool:
+            self.pool, self.ready = None, False
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def release(self, user: object) -> None:
+        self.users.discard(id(user))
+        if not self.users and self.pool is not None:
+            self.broken(self.pool)
+
+
+_worker = _SharedWorker()
+
+
 class InlineExtraction:
     """Each record's metadata as the processing stage would record it, computed when read."""
 
@@ -117,9 +158,16 @@ class InlineExtraction:
         self._m_failed = m.failed_processing_records.labels(ctx.name)
         self._m_ok = m.succeed_processing_records.labels(ctx.name)
         self._m_ok_bytes = m.succeed_processing_bytes.labels(ctx.name)
-        self._pool: ProcessPoolExecutor | None = None
-        self._ready = False  # the worker has started and compiled the query
         self.pooled_frames = 0  # frames the worker extracted
+
+    @property
+    def worker(self) -> ProcessPoolExecutor | None:
+        """The worker process's pool while it is up and this stream uses it."""
+        return _worker.pool if id(self) in _worker.users else None
+
+    @property
+    def worker_ready(self) -> bool:
+        return self.worker is not None and _worker.ready
 
     def metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int, *,
               count: bool = True) -> list[Any]:
@@ -139,47 +187,32 @@ class InlineExtraction:
         """The records' metadata, from the worker process when the frame is large enough and the
         worker is up (see the module docstring), else extracted here."""
         if self.processes and len(records) >= POOL_MIN_RECORDS:
-            pool = self._start_pool()
-            if pool is not None and self._ready:
-                try:
-                    fut = pool.submit(extract_frame, self.query, records, source, arrival_ms, self.clock.now_ms())
-                    out, failed, ok_bytes = await asyncio.wrap_future(fut)
-                except (BrokenProcessPool, OSError, RuntimeError) as exc:
-                    log.warning("extraction_worker_failed", stream=self.name, error=f"{type(exc).__name__}: {exc}")
-                    self._drop_pool()
-                else:
-                    self.pooled_frames += 1
-                    extracted = len(out) if source is None else sum(1 for m in source if RecordMeta.error(m) is None)
-                    self._count(extracted, failed, ok_bytes)
-                    return out
-        return self.metas(records, source, arrival_ms)
-
-    def _start_pool(self) -> ProcessPoolExecutor | None:
-        if self._pool is None:
             try:
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_die_with_parent, initargs=(os.getpid(),))
-                warm = self._pool.submit(extract_frame, self.query, [], None, 0, 0)
+                pool = _worker.acquire(self, self.processes)
             except (OSError, RuntimeError) as exc:
                 log.warning("extraction_worker_failed", stream=self.name, error=f"{type(exc).__name__}: {exc}")
-                self._pool, self.processes = None, 0  # extract here from now on
-                return None
-            warm.add_done_callback(self._warmed)
-        return self._pool
-
-    def _warmed(self, fut: Any) -> None:
-        # Runs in the pool's thread: only a flag is set.
-        self._ready = not fut.cancelled() and fut.exception() is None
-
-    def _drop_pool(self) -> None:
-        pool, self._pool, self._ready = self._pool, None, False
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+                self.processes = 0  # extract here from now on
+            else:
+                if _worker.ready:
+                    try:
+                        fut = pool.submit(extract_frame, self.query, records, source, arrival_ms, self.clock.now_ms())
+                        out, failed, ok_bytes = await asyncio.wrap_future(fut)
+                    except (BrokenProcessPool, OSError, RuntimeError) as exc:
+                        log.warning("extraction_worker_failed", stream=self.name,
+                                    error=f"{type(exc).__name__}: {exc}")
+                        _worker.broken(pool)
+                    else:
+                        self.pooled_frames += 1
+                        extracted = len(out) if source is None else sum(
+                            1 for m in source if RecordMeta.error(m) is None)
+                        self._count(extracted, failed, ok_bytes)
+                        return out
+        return self.metas(records, source, arrival_ms)
 
     def close(self) -> None:
-        """Stop the worker process (the stream stops)."""
-        self._drop_pool()
+        """The stream stops: the worker process stops with the last stream using it."""
         self.processes = 0
+        _worker.release(self)
 
     def meta_of(self, record: bytes, source: Any, arrival_ms: int) -> Any:
         """One record's metadata (an archive batch read back after a restart)."""

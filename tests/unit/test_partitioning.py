@@ -529,10 +529,11 @@ def test_large_frames_are_extracted_in_a_worker_process_with_the_same_results(tm
         if not inline.processes:
             return  # one core: extraction stays in the daemon (covered by the other tests)
         await inline.frame_metas(corpus[:POOL_MIN_RECORDS], None, 1)  # starts the worker
-        await settle(lambda: inline._ready, timeout=60)
+        await settle(lambda: inline.worker_ready, timeout=60)
         here = extract_frame("{c: .c}", corpus, None, 7, 9)
+        before = inline.pooled_frames
         there = await inline.frame_metas(corpus, None, 7)
-        assert inline.pooled_frames == 1
+        assert inline.pooled_frames == before + 1
         assert [m if m is None or "err" not in m else {**m, "err": {**m["err"], "e": 9}} for m in there] == here[0]
         for i in range(0, 400, 200):
             await rt.put(corpus[i : i + 200])
@@ -540,7 +541,7 @@ def test_large_frames_are_extracted_in_a_worker_process_with_the_same_results(tm
         await flush(rt, clock, 60)
         await settle(lambda: rt.delivered_records + rt.archived_records == 400)
         await rt.stop(5)
-        assert inline._pool is None  # stopped with the stream
+        assert inline.worker is None  # stopped with the stream
 
     asyncio.run(go())
     metas = extract_frame("{c: .c}", corpus, None, 7, 9)[0]
@@ -570,16 +571,16 @@ def test_a_killed_extraction_worker_is_replaced_and_no_record_is_lost(tmp_path: 
         if not inline.processes:
             return  # one core: no worker process
         await rt.put(sent[:200])
-        await settle(lambda: inline._ready, timeout=60)
+        await settle(lambda: inline.worker_ready, timeout=60)
         await settle(lambda: buffered(rt) == 200)
-        first_pool = inline._pool
+        first_pool = inline.worker
         assert first_pool is not None
         for pid in list(first_pool._processes):  # noqa: SLF001 - the worker's pid
             os.kill(pid, signal.SIGKILL)
         for i in range(200, 1000, 200):
             await rt.put(sent[i : i + 200])
         await settle(lambda: buffered(rt) == 1000, timeout=30)
-        await settle(lambda: inline._pool is not None and inline._pool is not first_pool and inline._ready, timeout=60)
+        await settle(lambda: inline.worker not in (None, first_pool) and inline.worker_ready, timeout=60)
         before = inline.pooled_frames
         for i in range(1000, 2000, 200):
             await rt.put(sent[i : i + 200])
