@@ -44,13 +44,13 @@ class IntervalSet:
         """Add every range of ``ranges`` (a sealed batch's, in any order). A partitioned stream's
         batch has a fragment per record, so a large batch is merged with numpy in one sort of the
         new ranges and the set's ranges they reach, not range by range in Python."""
-        flat = ranges.flat if isinstance(ranges, Ranges) else None
-        new = (np.frombuffer(flat, dtype=np.int64) if flat is not None
-               else np.array([(s, e) for s, e in ranges], dtype=np.int64)).reshape(-1, 2)
-        if len(new) < _VECTOR_MIN:
-            for start, end in new.tolist():
+        if not isinstance(ranges, Ranges):
+            ranges = Ranges(ranges)
+        if len(ranges) < _VECTOR_MIN:
+            for start, end in ranges:
                 self.add(start, end)
             return
+        new = np.frombuffer(ranges.flat, dtype=np.int64).reshape(-1, 2)
         new = new[new[:, 1] > new[:, 0]]
         if not len(new):
             return

@@ -75,7 +75,8 @@ class Batcher:
         # Partition keys extracted as the ingest log is read (firehose/stages/inline.py).
         self.inline = inline
         self._inline_frame: tuple[int, list[Any]] | None = None  # (first_seq, metas)
-        self._inline_next: dict[int, asyncio.Future[list[Any]]] = {}  # the next frame's, under way
+        # The next frame and its extraction under way: first_seq -> (metadata, frame).
+        self._inline_next: dict[int, tuple[asyncio.Future[list[Any]], RecordFrame]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, cursor: int) -> None:
@@ -89,7 +90,7 @@ class Batcher:
             self.signals.batcher.set()
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-        for fut in self._inline_next.values():
+        for fut, _frame in self._inline_next.values():
             fut.cancel()
         self._inline_next.clear()
 
@@ -186,7 +187,8 @@ class Batcher:
             if self.cursor < spool.min_seq:
                 self.cursor = spool.min_seq
                 continue
-            frame = await spool.read_frame(self.cursor)
+            ahead = self._inline_next.get(self.cursor)  # read already, for its extraction
+            frame = ahead[1] if ahead is not None else await spool.read_frame(self.cursor)
             if frame is None:  # pragma: no cover - the index always covers [min_seq, next_seq)
                 self.log.error("spool_gap", seq=self.cursor)
                 self.cursor += 1
@@ -278,17 +280,18 @@ class Batcher:
         assert self.inline is not None
         if self._inline_frame is not None and self._inline_frame[0] == frame.first_seq:
             return self._inline_frame[1]
-        task = self._inline_next.pop(frame.first_seq, None)
-        for seq in list(self._inline_next):  # read past (skipped, or read again from elsewhere)
-            self._inline_next.pop(seq).cancel()
-        if task is None:
-            task = asyncio.ensure_future(self.inline.frame_metas(frame.records, frame.meta, frame.arrival_ms))
+        entry = self._inline_next.pop(frame.first_seq, None)
+        for fut, _frame in self._inline_next.values():  # read past (skipped, or read again)
+            fut.cancel()
+        self._inline_next.clear()
+        task = entry[0] if entry is not None else asyncio.ensure_future(
+            self.inline.frame_metas(frame.records, frame.meta, frame.arrival_ms))
         nxt = frame.end_seq
         if nxt < self.out.next_seq:
             after = await self.out.read_frame(nxt)
             if after is not None and after.first_seq == nxt:
-                self._inline_next[nxt] = asyncio.ensure_future(
-                    self.inline.frame_metas(after.records, after.meta, after.arrival_ms))
+                self._inline_next[nxt] = (asyncio.ensure_future(
+                    self.inline.frame_metas(after.records, after.meta, after.arrival_ms)), after)
         metas = await task
         self._inline_frame = (frame.first_seq, metas)
         return metas

@@ -22,8 +22,8 @@ to the same partitions.
 Parsing each record for its keys is most of the work (``orjson.loads`` of the whole record), and
 in the daemon it holds the GIL that ingest needs. On a machine with more than one core, frames of
 at least :data:`POOL_MIN_RECORDS` records are extracted in a worker process, one for the whole
-daemon (the batcher asks for the next frame's while it routes the current one); smaller frames, and any frame while the worker
-starts or after it failed, are extracted in the daemon. Both run :func:`extract_frame`, the same
+daemon (the batcher asks for the next frame's while it routes the current one); smaller frames,
+and any frame while the worker starts or after it failed, are extracted in the daemon. Both run :func:`extract_frame`, the same
 pure function, so where it ran changes nothing.
 """
 
@@ -40,9 +40,10 @@ from typing import Any
 import structlog
 
 from firehose.config import StreamConfig
-from firehose.records import ErrorInfo, Outcome, RecordMeta
+from firehose.records import Outcome, RecordMeta
 from firehose.registry import METADATA_EXTRACTION, load
 from firehose.stages.common import StageContext
+from firehose.stages.processing import outcome_meta
 
 _INLINE_TYPES = frozenset(("metadata_extraction", "append_delimiter"))
 #: Frames with at least this many records are extracted in the worker process.
@@ -67,11 +68,11 @@ def inline_query(config: StreamConfig, *, backup_all: bool, converter: Any, left
 
 
 def extract_frame(query: str, records: list[bytes], source: list[Any] | None, arrival_ms: int,
-                  now_ms: int) -> tuple[list[Any], int, int]:
-    """Each record's metadata as the processing stage would record it: a source's own error is
-    kept; otherwise the keys, or the extraction's error (with the Kinesis sequence numbers of a
-    Kinesis source's record). Also the failed count and the bytes of the records that passed.
-    A pure function of its arguments (run in the daemon or in a worker process)."""
+                  now_ms: int) -> tuple[list[Any], int, int, int]:
+    """Each record's metadata as the processing stage would record it (``outcome_meta``): a
+    source's own error is kept; otherwise the keys, or the extraction's error. Also how many
+    records were extracted, how many failed, and the bytes of those that passed. A pure function
+    of its arguments (run in the daemon or in a worker process)."""
     todo = [i for i in range(len(records)) if source is None or RecordMeta.error(source[i]) is None]
     outcomes = load(METADATA_EXTRACTION)([Outcome(i, records[i]) for i in todo], query)
     out: list[Any] = list(source) if source is not None else [None] * len(records)
@@ -80,16 +81,10 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
         i = todo[o.source]
         if o.result == "Ok":
             ok_bytes += len(o.data)
-            out[i] = RecordMeta.keyed({"partitionKeyFromQuery:" + k: v for k, v in (o.query_keys or {}).items()})
-            continue
-        failed += 1
-        err = ErrorInfo(o.error_code, o.error_message, o.error_output_type, o.attempts, arrival_ms, now_ms)
-        kinesis = RecordMeta.kinesis(out[i])
-        if kinesis is not None:
-            err.extra["sequenceNumber"] = kinesis.get("sequenceNumber")
-            err.extra["subSequenceNumber"] = kinesis.get("subsequenceNumber")
-        out[i] = RecordMeta.failed(err)
-    return out, failed, ok_bytes
+        else:
+            failed += 1
+        out[i] = outcome_meta(o, (i, records[i], arrival_ms, out[i]), now_ms, None)
+    return out, len(todo), failed, ok_bytes
 
 
 def _die_with_parent(parent: int) -> None:
@@ -172,10 +167,9 @@ class InlineExtraction:
     def metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int, *,
               count: bool = True) -> list[Any]:
         """The records' metadata, extracted here."""
-        out, failed, ok_bytes = extract_frame(self.query, records, source, arrival_ms, self.clock.now_ms())
+        out, extracted, failed, ok_bytes = extract_frame(self.query, records, source, arrival_ms, self.clock.now_ms())
         if count:
-            self._count(len(out) if source is None else sum(1 for m in source if RecordMeta.error(m) is None),
-                        failed, ok_bytes)
+            self._count(extracted, failed, ok_bytes)
         return out
 
     def _count(self, extracted: int, failed: int, ok_bytes: int) -> None:
@@ -196,15 +190,13 @@ class InlineExtraction:
                 if _worker.ready:
                     try:
                         fut = pool.submit(extract_frame, self.query, records, source, arrival_ms, self.clock.now_ms())
-                        out, failed, ok_bytes = await asyncio.wrap_future(fut)
+                        out, extracted, failed, ok_bytes = await asyncio.wrap_future(fut)
                     except (BrokenProcessPool, OSError, RuntimeError) as exc:
                         log.warning("extraction_worker_failed", stream=self.name,
                                     error=f"{type(exc).__name__}: {exc}")
                         _worker.broken(pool)
                     else:
                         self.pooled_frames += 1
-                        extracted = len(out) if source is None else sum(
-                            1 for m in source if RecordMeta.error(m) is None)
                         self._count(extracted, failed, ok_bytes)
                         return out
         return self.metas(records, source, arrival_ms)

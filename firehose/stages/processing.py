@@ -56,13 +56,17 @@ def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda
             dropped += 1
             continue
         records.append(o.data)
-        metas.append(_ok_meta(o) if o.result == "Ok" else RecordMeta.failed(_error(o, items[o.source], now_ms,
-                                                                                     lambda_arn)))
+        metas.append(outcome_meta(o, items[o.source], now_ms, lambda_arn))
     if backup_all:
         for _seq, data, _arrival, _meta in items:
             records.append(data)
             metas.append(RecordMeta.SOURCE_COPY)
     return records, metas, dropped
+
+
+def outcome_meta(o: Any, item: Item, now_ms: int, lambda_arn: str | None) -> dict[str, Any] | None:
+    """What an Ok or failed outcome of ``item`` records as its metadata (the module docstring)."""
+    return _ok_meta(o) if o.result == "Ok" else RecordMeta.failed(_error(o, item, now_ms, lambda_arn))
 
 
 def _ok_meta(o: Any) -> dict[str, Any] | None:

@@ -505,6 +505,21 @@ def test_a_stream_with_another_processor_or_a_source_backup_keeps_the_processing
     asyncio.run(go())
 
 
+async def started_with_worker(tmp: Path, clock: ManualClock) -> tuple[StreamRuntime, Any]:
+    """A started query-only stream and its inline extraction, which may use a worker process
+    (skipped on a one-core machine, where extraction stays in the daemon: the other tests)."""
+    import pytest
+
+    rt = make_runtime(tmp, clock=clock)
+    await rt.start()
+    inline = rt.router.inline
+    assert inline is not None
+    if not inline.processes:
+        await rt.stop(5)
+        pytest.skip("one core: partition keys are extracted in the daemon, with no worker process")
+    return rt, inline
+
+
 def test_large_frames_are_extracted_in_a_worker_process_with_the_same_results(tmp_path: Path) -> None:
     """A frame of at least POOL_MIN_RECORDS records is extracted in the worker process (once it is
     up); the worker runs the same function, so the metadata equals the daemon's own on a corpus
@@ -522,12 +537,7 @@ def test_large_frames_are_extracted_in_a_worker_process_with_the_same_results(tm
     clock = ManualClock()
 
     async def go() -> None:
-        rt = make_runtime(tmp_path, clock=clock)
-        await rt.start()
-        inline = rt.router.inline
-        assert inline is not None
-        if not inline.processes:
-            return  # one core: extraction stays in the daemon (covered by the other tests)
+        rt, inline = await started_with_worker(tmp_path, clock)
         await inline.frame_metas(corpus[:POOL_MIN_RECORDS], None, 1)  # starts the worker
         await settle(lambda: inline.worker_ready, timeout=60)
         here = extract_frame("{c: .c}", corpus, None, 7, 9)
@@ -564,12 +574,7 @@ def test_a_killed_extraction_worker_is_replaced_and_no_record_is_lost(tmp_path: 
     sent = [orjson.dumps({"c": f"k{i % 3}", "i": i}) for i in range(2000)]
 
     async def go() -> None:
-        rt = make_runtime(tmp_path, clock=clock)
-        await rt.start()
-        inline = rt.router.inline
-        assert inline is not None
-        if not inline.processes:
-            return  # one core: no worker process
+        rt, inline = await started_with_worker(tmp_path, clock)
         await rt.put(sent[:200])
         await settle(lambda: inline.worker_ready, timeout=60)
         await settle(lambda: buffered(rt) == 200)
