@@ -243,7 +243,7 @@ class StreamRuntime:
             await self.batcher.seal_all(deadline)
         clean = await self.runner.drain(deadline) if self.runner is not None else True
         if self.router is not None and self.router.inline is not None:
-            self.router.inline.close()  # its worker process, if one started
+            await self.router.inline.aclose()  # its worker process, if one started
         await self.spool.aclose()
         if self.out is not self.spool:
             await self.out.aclose()

@@ -37,6 +37,8 @@ from firehose.stages.delivery import DeliveryRunner
 from firehose.stages.inline import InlineExtraction
 from firehose.stages.router import Partition, PartitionRouter
 
+#: Frames read ahead of the one being routed, their partition keys extracted meanwhile.
+INLINE_AHEAD = 4
 SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (backup mode: all)
 
 #: Which buffer: "" the main buffer, an error-output type an archive buffer, a tuple a partition.
@@ -75,8 +77,9 @@ class Batcher:
         # Partition keys extracted as the ingest log is read (firehose/stages/inline.py).
         self.inline = inline
         self._inline_frame: tuple[int, list[Any]] | None = None  # (first_seq, metas)
-        # The next frame and its extraction under way: first_seq -> (metadata, frame).
-        self._inline_next: dict[int, tuple[asyncio.Future[list[Any]], RecordFrame]] = {}
+        # The next frames, their extractions under way: first_seq -> (the worker's answer to
+        # come, None if extracted here when routed; the frame), in order.
+        self._inline_next: dict[int, tuple[asyncio.Future[Any] | None, RecordFrame]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, cursor: int) -> None:
@@ -90,8 +93,6 @@ class Batcher:
             self.signals.batcher.set()
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-        for fut, _frame in self._inline_next.values():
-            fut.cancel()
         self._inline_next.clear()
 
     async def seal_all(self, deadline: float) -> None:
@@ -276,23 +277,33 @@ class Batcher:
     async def _inline_metas(self, frame: RecordFrame) -> list[Any]:
         """The frame's metadata from the stream's inline extraction (firehose/stages/inline.py),
         kept while the frame is read (a frame read in two goes is extracted once). The next
-        frame's extraction starts now, so a worker process extracts while this one is routed."""
+        :data:`INLINE_AHEAD` frames' extractions are under way meanwhile, so a worker process
+        extracts while this one is routed, and a batcher that is behind finds their keys ready."""
         assert self.inline is not None
         if self._inline_frame is not None and self._inline_frame[0] == frame.first_seq:
             return self._inline_frame[1]
-        entry = self._inline_next.pop(frame.first_seq, None)
-        for fut, _frame in self._inline_next.values():  # read past (skipped, or read again)
-            fut.cancel()
-        self._inline_next.clear()
-        task = entry[0] if entry is not None else asyncio.ensure_future(
-            self.inline.frame_metas(frame.records, frame.meta, frame.arrival_ms))
+        ahead = self._inline_next
+        entry = None
+        while ahead:
+            first = next(iter(ahead))
+            if first == frame.first_seq:
+                entry = ahead.pop(first)
+                break
+            if first > frame.first_seq:  # read out of order: start again from here
+                ahead.clear()
+                break
+            ahead.pop(first)  # passed (skipped, or read again)
+        sent = entry[0] if entry is not None else self.inline.start(frame.records, frame.meta, frame.arrival_ms)
         nxt = frame.end_seq
-        if nxt < self.out.next_seq:
+        for later in ahead.values():
+            nxt = later[1].end_seq
+        while len(ahead) < INLINE_AHEAD and nxt < self.out.next_seq:
             after = await self.out.read_frame(nxt)
-            if after is not None and after.first_seq == nxt:
-                self._inline_next[nxt] = (asyncio.ensure_future(
-                    self.inline.frame_metas(after.records, after.meta, after.arrival_ms)), after)
-        metas = await task
+            if after is None or after.first_seq != nxt:
+                break
+            ahead[nxt] = (self.inline.start(after.records, after.meta, after.arrival_ms), after)
+            nxt = after.end_seq
+        metas = await self.inline.finish(sent, frame.records, frame.meta, frame.arrival_ms)
         self._inline_frame = (frame.first_seq, metas)
         return metas
 

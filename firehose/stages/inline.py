@@ -22,27 +22,26 @@ to the same partitions.
 Parsing each record for its keys is most of the work (``orjson.loads`` of the whole record), and
 in the daemon it holds the GIL that ingest needs. On a machine with more than one core, frames of
 at least :data:`POOL_MIN_RECORDS` records are extracted in a worker process, one for the whole
-daemon (the batcher asks for the next frame's while it routes the current one); smaller frames,
-and any frame while the worker starts or after it failed, are extracted in the daemon. Both run :func:`extract_frame`, the same
-pure function, so where it ran changes nothing.
+daemon, spoken to over pipes by the event loop itself (``firehose/stages/extract_worker.py``); the
+batcher asks for the next frame's keys while it routes the current one. Smaller frames, and any
+frame while the worker starts or after it failed, are extracted in the daemon. Both run
+:func:`extract_frame`, the same pure function, so where it ran changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import structlog
 
 from firehose.config import StreamConfig
 from firehose.records import Outcome, RecordMeta
-from firehose.registry import METADATA_EXTRACTION, load
+from firehose.registry import COMPILE_PATHS, METADATA_EXTRACTION, QUERY_KEYS, load
 from firehose.stages.common import StageContext
+from firehose.stages.extract_worker import SharedWorker, WorkerFailed
 from firehose.stages.processing import outcome_meta
 
 _INLINE_TYPES = frozenset(("metadata_extraction", "append_delimiter"))
@@ -72,13 +71,27 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
     """Each record's metadata as the processing stage would record it (``outcome_meta``): a
     source's own error is kept; otherwise the keys, or the extraction's error. Also how many
     records were extracted, how many failed, and the bytes of those that passed. A pure function
-    of its arguments (run in the daemon or in a worker process)."""
+    of its arguments (run in the daemon or in a worker process).
+
+    A record whose keys are plain strings found by a path-only query gets them directly
+    (``query_keys``); the others go through ``metadata_extraction`` itself, which decides their
+    keys or their error."""
     todo = [i for i in range(len(records)) if source is None or RecordMeta.error(source[i]) is None]
-    outcomes = load(METADATA_EXTRACTION)([Outcome(i, records[i]) for i in todo], query)
     out: list[Any] = list(source) if source is not None else [None] * len(records)
-    failed = ok_bytes = 0
-    for o in outcomes:
-        i = todo[o.source]
+    plain = load(QUERY_KEYS)([records[i] for i in todo], query, _namespaced(query))
+    ok_bytes = 0
+    rest = todo
+    if plain is not None:
+        rest = []
+        for i, keys in zip(todo, plain, strict=True):
+            if keys is None:
+                rest.append(i)
+            else:
+                out[i] = RecordMeta.keyed(keys)
+                ok_bytes += len(records[i])
+    failed = 0
+    for o in load(METADATA_EXTRACTION)([Outcome(k, records[i]) for k, i in enumerate(rest)], query) if rest else ():
+        i = rest[o.source]
         if o.result == "Ok":
             ok_bytes += len(o.data)
         else:
@@ -87,58 +100,16 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
     return out, len(todo), failed, ok_bytes
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the worker process (Linux): the kernel kills it when the daemon dies, even by kill -9,
-    instead of leaving it waiting for work that never comes."""
-    try:
-        import ctypes
-        import signal
+@functools.lru_cache(maxsize=64)
+def _namespaced(query: str) -> dict[str, str]:
+    """The query's key names as a record's metadata holds them (``outcome_meta``)."""
+    from firehose.stages.processing import QUERY_KEY
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the daemon died before the call above
-        os._exit(1)
+    paths = load(COMPILE_PATHS)(query)
+    return {name: QUERY_KEY + name for name, _steps in paths or ()}
 
 
-class _SharedWorker:
-    """The one extraction worker process of this daemon, shared by every stream that extracts
-    inline (in cluster mode a daemon runs each stream's partitions as separate runtimes); it is
-    started on first use and stopped when the last of them stops."""
-
-    def __init__(self) -> None:
-        self.pool: ProcessPoolExecutor | None = None
-        self.ready = False  # the process has started
-        self.users: set[int] = set()
-
-    def acquire(self, user: object, processes: int) -> ProcessPoolExecutor:
-        """The pool (started if need be; OSError/RuntimeError if it cannot start)."""
-        self.users.add(id(user))
-        if self.pool is None:
-            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_die_with_parent, initargs=(os.getpid(),))
-            pool.submit(os.getpid).add_done_callback(functools.partial(self._started, pool))
-            self.pool, self.ready = pool, False
-        return self.pool
-
-    def _started(self, pool: ProcessPoolExecutor, fut: Any) -> None:
-        # Runs in the pool's thread: only a flag is set.
-        if pool is self.pool:
-            self.ready = not fut.cancelled() and fut.exception() is None
-
-    def broken(self, pool: ProcessPoolExecutor) -> None:
-        """``pool`` failed: the next use starts another."""
-        if pool is self.pool:
-            self.pool, self.ready = None, False
-        pool.shutdown(wait=False, cancel_futures=True)
-
-    def release(self, user: object) -> None:
-        self.users.discard(id(user))
-        if not self.users and self.pool is not None:
-            self.broken(self.pool)
-
-
-_worker = _SharedWorker()
+_worker = SharedWorker()
 
 
 class InlineExtraction:
@@ -156,13 +127,13 @@ class InlineExtraction:
         self.pooled_frames = 0  # frames the worker extracted
 
     @property
-    def worker(self) -> ProcessPoolExecutor | None:
-        """The worker process's pool while it is up and this stream uses it."""
-        return _worker.pool if id(self) in _worker.users else None
+    def worker_pid(self) -> int | None:
+        """The worker process's pid while it runs and this stream uses it."""
+        return _worker.pid if id(self) in _worker.users else None
 
     @property
     def worker_ready(self) -> bool:
-        return self.worker is not None and _worker.ready
+        return self.worker_pid is not None and _worker.ready
 
     def metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int, *,
               count: bool = True) -> list[Any]:
@@ -177,34 +148,46 @@ class InlineExtraction:
         self._m_ok.inc(extracted - failed)
         self._m_ok_bytes.inc(ok_bytes)
 
-    async def frame_metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int) -> list[Any]:
-        """The records' metadata, from the worker process when the frame is large enough and the
-        worker is up (see the module docstring), else extracted here."""
-        if self.processes and len(records) >= POOL_MIN_RECORDS:
+    def start(self, records: list[bytes], source: list[Any] | None, arrival_ms: int) -> asyncio.Future[Any] | None:
+        """Send the frame to the worker process when it is large enough and the worker is up (see
+        the module docstring); :meth:`finish` gives its metadata. None: extracted here, then."""
+        if not self.processes or len(records) < POOL_MIN_RECORDS:
+            return None
+        _worker.acquire(self)
+        if not _worker.ready:
+            return None
+        try:
+            return _worker.submit(self.query, records, source, arrival_ms, self.clock.now_ms())
+        except WorkerFailed as exc:
+            log.warning("extraction_worker_failed", stream=self.name, error=str(exc))
+            return None
+
+    async def finish(self, sent: asyncio.Future[Any] | None, records: list[bytes], source: list[Any] | None,
+                     arrival_ms: int) -> list[Any]:
+        """The metadata of a frame :meth:`start` took: the worker's answer, or extracted here
+        (not sent, or the worker failed)."""
+        if sent is not None:
             try:
-                pool = _worker.acquire(self, self.processes)
-            except (OSError, RuntimeError) as exc:
-                log.warning("extraction_worker_failed", stream=self.name, error=f"{type(exc).__name__}: {exc}")
-                self.processes = 0  # extract here from now on
+                ok, answer = await sent
+                if not ok:
+                    raise WorkerFailed(answer)
+            except WorkerFailed as exc:
+                log.warning("extraction_worker_failed", stream=self.name, error=str(exc))
             else:
-                if _worker.ready:
-                    try:
-                        fut = pool.submit(extract_frame, self.query, records, source, arrival_ms, self.clock.now_ms())
-                        out, extracted, failed, ok_bytes = await asyncio.wrap_future(fut)
-                    except (BrokenProcessPool, OSError, RuntimeError) as exc:
-                        log.warning("extraction_worker_failed", stream=self.name,
-                                    error=f"{type(exc).__name__}: {exc}")
-                        _worker.broken(pool)
-                    else:
-                        self.pooled_frames += 1
-                        self._count(extracted, failed, ok_bytes)
-                        return out
+                out, extracted, failed, ok_bytes = answer
+                self.pooled_frames += 1
+                self._count(extracted, failed, ok_bytes)
+                return out  # type: ignore[no-any-return]
         return self.metas(records, source, arrival_ms)
 
-    def close(self) -> None:
+    async def frame_metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int) -> list[Any]:
+        """The records' metadata, from the worker process or extracted here."""
+        return await self.finish(self.start(records, source, arrival_ms), records, source, arrival_ms)
+
+    async def aclose(self) -> None:
         """The stream stops: the worker process stops with the last stream using it."""
         self.processes = 0
-        _worker.release(self)
+        await _worker.release(self)
 
     def meta_of(self, record: bytes, source: Any, arrival_ms: int) -> Any:
         """One record's metadata (an archive batch read back after a restart)."""

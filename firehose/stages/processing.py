@@ -64,6 +64,10 @@ def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda
     return records, metas, dropped
 
 
+#: The namespace of a metadata_extraction key in a record's metadata (the Prefix's name for it).
+QUERY_KEY = "partitionKeyFromQuery:"
+
+
 def outcome_meta(o: Any, item: Item, now_ms: int, lambda_arn: str | None) -> dict[str, Any] | None:
     """What an Ok or failed outcome of ``item`` records as its metadata (the module docstring)."""
     return _ok_meta(o) if o.result == "Ok" else RecordMeta.failed(_error(o, item, now_ms, lambda_arn))
@@ -75,7 +79,7 @@ def _ok_meta(o: Any) -> dict[str, Any] | None:
     # Namespaced, so a query key and a Lambda key of the same name stay apart.
     pk = {}
     for name, value in (o.query_keys or {}).items():
-        pk["partitionKeyFromQuery:" + name] = value
+        pk[QUERY_KEY + name] = value
     for name, value in (o.partition_keys or {}).items():
         pk["partitionKeyFromLambda:" + name] = value
     meta = RecordMeta.keyed(pk)

@@ -90,6 +90,16 @@ def _query(rng: random.Random) -> str:
     return "{" + ", ".join(entries) + "}"
 
 
+def _path_query(rng: random.Random) -> tuple[str, object, list[tuple[str, ...]]]:
+    """A random path-only query, libjq's program for it, and the paths it looks up."""
+    from firehose.transforms.config import compile_query
+
+    query = _query(rng)
+    paths = compile_paths(query)
+    assert paths is not None, query
+    return query, compile_query(query), [steps for _, steps in paths]
+
+
 def _libjq(program: object, data: bytes) -> tuple[str, object]:
     """What the libjq path makes of a record: its keys, or its failure message."""
     try:
@@ -99,17 +109,12 @@ def _libjq(program: object, data: bytes) -> tuple[str, object]:
 
 
 def test_lookups_agree_with_libjq_on_a_randomised_corpus() -> None:
-    from firehose.transforms.config import compile_query
     from firehose.transforms.processors import metadata_extraction
 
     rng = random.Random(20261206)
     compared = failed = 0
     for _ in range(300):
-        query = _query(rng)
-        assert compile_paths(query) is not None, query
-        program = compile_query(query)
-        paths = compile_paths(query)
-        assert paths is not None
+        query, program, paths = _path_query(rng)
         records = []
         for _ in range(30):
             roll = rng.random()
@@ -118,7 +123,7 @@ def test_lookups_agree_with_libjq_on_a_randomised_corpus() -> None:
             elif roll < 0.5:
                 text = "{" + ", ".join(f'"{rng.choice(KEYS)}": {_value(rng, 1)}' for _ in range(rng.randint(0, 6))) + "}"
             else:  # the queried paths present, ending in a random scalar (or, at times, not)
-                text = _with_paths(rng, [steps for _, steps in paths])
+                text = _with_paths(rng, paths)
             records.append(text.encode())
         outcomes = metadata_extraction([Outcome(i, r) for i, r in enumerate(records)], query)
         for record, o in zip(records, outcomes, strict=True):
@@ -139,3 +144,51 @@ def test_a_number_past_64_bits_is_a_key_not_a_crash(query: str) -> None:
     records = [b'{"c": {"id": 1.5e300}}', b'{"c": {"id": 123456789012345678901}}', b'{"c": {"id": 1e2}}']
     outcomes = metadata_extraction([Outcome(i, r) for i, r in enumerate(records)], query)
     assert [o.query_keys for o in outcomes] == [{"id": "1.5e+300"}, {"id": "1.2345678901234568e+20"}, {"id": "100"}]
+
+
+def test_plain_string_keys_taken_directly_agree_with_libjq() -> None:
+    """Inline extraction takes a record's keys directly when the query picks fields and every
+    value is a string (``query_keys``), and sends every other record through
+    ``metadata_extraction``: the metadata it records for each record is libjq's answer either way,
+    on a corpus where most records take the direct way (string values, escapes, duplicate keys)."""
+    from firehose.records import ErrorInfo
+    from firehose.stages.inline import extract_frame
+    from firehose.transforms.processors import query_keys
+
+    rng = random.Random(61206)
+    strings = ["v", "", "ünï", "a\\nb", "\\u00e9t\\u00e9", "x" * 40, "\\ud83d\\ude00", "1", "null"]
+    direct = compared = 0
+    for _ in range(200):
+        query, program, paths = _path_query(rng)
+        records = []
+        for _ in range(40):
+            roll = rng.random()
+            if roll < 0.6:  # the paths present, ending in strings (written with escapes at times)
+                text = _with_paths(rng, paths)
+                text = text.replace('"v"', f'"{rng.choice(strings)}"')
+                for value in ("1", "-3", "2.5", "true", "false", "null", "[1]", '{"z": 1}', "7.0"):
+                    if rng.random() < 0.8:
+                        text = text.replace(f": {value}", f': "{rng.choice(strings)}"')
+            elif roll < 0.7:  # a duplicate key: the last value counts, as in jq
+                text = _with_paths(rng, paths[:1])
+                text = text[:-1] + ', ' + text[1:] if text.startswith("{") and len(text) > 2 else text
+            elif roll < 0.85:
+                text = _value(rng, 0)
+            else:  # not one JSON document, or not an object, or not UTF-8
+                records.append(rng.choice([b'{"a": "x"} {"a": "y"}', b'"just a string"', b"{", b"", b'{"a": "\xff"}',
+                                           b'{"a": "x"}\n']))
+                continue
+            records.append(text.encode())
+        plain = query_keys(records, query)  # None: a query naming a key twice is left to libjq
+        direct += sum(k is not None for k in plain or ())
+        metas, extracted, failed, _ok = extract_frame(query, records, None, 5, 6)
+        assert extracted == len(records)
+        for record, meta in zip(records, metas, strict=True):
+            kind, want = _libjq(program, record)
+            if kind == "ok":
+                assert meta == {"pk": {f"partitionKeyFromQuery:{k}": v for k, v in want.items()}}, (query, record)
+            else:
+                assert ErrorInfo.decode(meta["err"]).message == want, (query, record)
+            compared += 1
+        assert failed == sum("err" in m for m in metas)
+    assert compared == 8000 and 2000 < direct < 6000  # most records, not all, took the direct way

@@ -1,0 +1,261 @@
+"""The extraction worker: one child process per daemon that runs :func:`extract_frame` for every
+stream extracting partition keys inline (``firehose/stages/inline.py``).
+
+The daemon talks to it over the child's stdin and stdout, read and written by the daemon's own
+event loop (an asyncio subprocess protocol): a request is written when the batcher asks for a
+frame's keys, and the answer wakes the batcher from the loop's I/O callback, with no thread and
+no task in between. (A
+``ProcessPoolExecutor`` hands every request and every answer through a thread of its own in the
+daemon, and under load each handoff waits its turn for the interpreter lock behind the busy loop:
+about 10 ms a frame, which left the batcher waiting on most frames.)
+
+Messages both ways are an 8-byte little-endian length and a pickle. Pickle is safe here: both
+ends are this program, over a pipe no one else holds. Requests are answered in order, one at a
+time; the first message the worker writes says it is ready. The worker exits when its stdin
+closes (the daemon stopped, or died: the kernel closes the pipe even after ``kill -9``) and, on
+Linux, is killed with the daemon besides (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from collections import deque
+from typing import Any, cast
+
+import structlog
+
+_HEADER = struct.Struct("<Q")
+_READY = b"ready"
+#: The pipe buffer asked for the requests (a frame is up to a few MiB; Linux's default is 64 KiB).
+_PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = 1031
+
+
+class WorkerFailed(RuntimeError):
+    """The worker process died or answered with an error; the caller extracts in the daemon."""
+
+
+# --------------------------------------------------------------------------- the worker process
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this process when the daemon dies, even by kill -9."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the daemon died before the call above
+        os._exit(1)
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    parts: list[bytes] = []
+    while n:
+        chunk = os.read(fd, min(n, _PIPE_BYTES))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def serve(parent: int) -> None:
+    """The worker's loop: read a request, extract, answer; return at the end of the input."""
+    from firehose.stages.inline import extract_frame
+
+    _die_with_parent(parent)
+    for fd in (0, 1):  # larger pipes both ways (either end may set it): fewer wake-ups a frame
+        with contextlib.suppress(OSError, ImportError):
+            import fcntl
+
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+    out = os.dup(1)
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the answers
+    sys.stdout = sys.stderr
+    _write_all(out, _HEADER.pack(len(_READY)) + _READY)
+    while True:
+        head = _read_exactly(0, _HEADER.size)
+        body = _read_exactly(0, _HEADER.unpack(head)[0]) if head is not None else None
+        if body is None:
+            return
+        try:
+            answer: tuple[bool, Any] = (True, extract_frame(*pickle.loads(body)))
+        except Exception as exc:  # noqa: BLE001 - reported to the daemon, which extracts itself
+            answer = (False, f"{type(exc).__name__}: {exc}")
+        data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        _write_all(out, _HEADER.pack(len(data)) + data)
+
+
+# --------------------------------------------------------------------------- the daemon's side
+_BOOT = ("import sys; sys.path[:] = {path!r}; "
+         "from firehose.stages.extract_worker import serve; serve({parent})")
+
+
+class _Pipes(asyncio.SubprocessProtocol):
+    """The worker's stdout, split into messages as it arrives (in the loop's own I/O callback:
+    an answer wakes its caller on the next turn of the loop)."""
+
+    def __init__(self, owner: SharedWorker) -> None:
+        self.owner = owner
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.SubprocessTransport, transport)  # asyncio's or uvloop's
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if fd != 1:
+            return
+        buf = self._buf
+        buf += data if isinstance(data, bytes) else data.encode()
+        while len(buf) >= _HEADER.size:
+            end = _HEADER.size + _HEADER.unpack_from(buf)[0]
+            if len(buf) < end:
+                break
+            message = bytes(buf[_HEADER.size:end])
+            del buf[:end]
+            self.owner._answer(self, message)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            self.owner._exited(self)
+
+    def process_exited(self) -> None:
+        self.owner._exited(self)
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+class SharedWorker:
+    """The daemon's one extraction worker, shared by every stream that extracts inline (in
+    cluster mode a daemon runs each stream's partitions as separate runtimes). It is started on
+    first use and stopped when the last of them stops; one that dies is started again on the
+    next use, one that cannot start is not tried again. All methods run on the event loop."""
+
+    def __init__(self) -> None:
+        self.pipes: _Pipes | None = None
+        self.ready = False  # it said it is ready
+        self.unavailable = False  # it could not start, or died before it was ready
+        self.users: set[int] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+
+    @property
+    def pid(self) -> int | None:
+        transport = self.pipes.transport if self.pipes is not None else None
+        return transport.get_pid() if transport is not None else None
+
+    def acquire(self, user: object) -> None:
+        """``user`` uses the worker; it is started (in the background) if it is not running."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a loop that ended without stopping it (tests run many loops)
+            self._abandon()
+            self._loop = loop
+        self.users.add(id(user))
+        if self.pipes is None and self._starting is None and not self.unavailable:
+            self._starting = loop.create_task(self._start())
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, pipes = await loop.subprocess_exec(
+                lambda: _Pipes(self), sys.executable, "-c",
+                _BOOT.format(path=list(sys.path), parent=os.getpid()),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, extract in the daemon
+            self.unavailable = True
+            structlog.get_logger().warning("extraction_worker_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self._starting = None
+        self.pipes, self.ready = pipes, False
+        if not self.users:  # released while it started
+            self.stop()
+
+    def _answer(self, pipes: _Pipes, message: bytes) -> None:
+        if pipes is not self.pipes:
+            return
+        if not self.ready:
+            self.ready = message == _READY
+            return
+        try:
+            answer = pickle.loads(message)
+            fut = self._waiting.popleft()
+        except (pickle.UnpicklingError, EOFError, ValueError, IndexError):
+            self._fail("the extraction worker answered out of turn")
+            return
+        if not fut.done():
+            fut.set_result(answer)
+
+    def _exited(self, pipes: _Pipes) -> None:
+        if pipes is not self.pipes:
+            return
+        if not self.ready:  # it cannot start here: extract in the daemon from now on
+            self.unavailable = True
+            structlog.get_logger().warning("extraction_worker_failed",
+                                           error="the extraction worker exited before it was ready")
+        self._fail("the extraction worker exited")
+
+    def submit(self, *args: Any) -> asyncio.Future[Any]:
+        """Send one :func:`extract_frame` call; the future is its answer, ``(True, result)`` or
+        ``(False, error)``, or fails with :class:`WorkerFailed`. Only while :attr:`ready`."""
+        pipes = self.pipes
+        assert pipes is not None and pipes.transport is not None and self._loop is not None
+        stdin = pipes.transport.get_pipe_transport(0)
+        if stdin is None or stdin.is_closing():
+            raise WorkerFailed("the extraction worker exited")
+        data = pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._waiting.append(fut)
+        cast(asyncio.WriteTransport, stdin).write(_HEADER.pack(len(data)) + data)
+        return fut
+
+    def _fail(self, why: str) -> None:
+        """The worker is gone: every waiting call fails, and the next use starts another."""
+        pipes, self.pipes, self.ready = self.pipes, None, False
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_exception(WorkerFailed(why))
+                fut.exception()  # a frame read ahead and passed is never awaited: no warning for it
+        if pipes is not None and pipes.transport is not None:
+            pipes.transport.close()  # kills the process if it still runs
+
+    async def release(self, user: object) -> None:
+        """``user`` is done with the worker; the last one stops it and waits for it to exit."""
+        self.users.discard(id(user))
+        if not self.users:
+            pipes = self.pipes
+            self.stop()
+            if pipes is not None and asyncio.get_running_loop() is self._loop:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pipes.exited), 5)
+
+    def stop(self) -> None:
+        """Stop the worker (killed: it holds nothing)."""
+        self._fail("the extraction worker was stopped")
+
+    def _abandon(self) -> None:
+        """Forget a worker started on another event loop (which has ended): kill its process."""
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        self.pipes, self.ready, self._starting, self.unavailable = None, False, None, False
+        self._waiting.clear()
+        self.users.clear()
