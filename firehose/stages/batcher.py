@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +35,7 @@ from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
 from firehose.stages.archiver import error_record_line
 from firehose.stages.common import OpenBuffer, PendingBatch, StageContext, log_failure
 from firehose.stages.delivery import DeliveryRunner
-from firehose.stages.inline import InlineExtraction
+from firehose.stages.inline import FrameMetas, InlineExtraction
 from firehose.stages.router import Partition, PartitionRouter
 
 #: Frames read ahead of the one being routed, their partition keys extracted meanwhile.
@@ -76,7 +77,7 @@ class Batcher:
         self._archive_buffers: dict[str, OpenBuffer] = {}
         # Partition keys extracted as the ingest log is read (firehose/stages/inline.py).
         self.inline = inline
-        self._inline_frame: tuple[int, list[Any]] | None = None  # (first_seq, metas)
+        self._inline_frame: tuple[int, FrameMetas] | None = None  # (first_seq, metadata)
         # The next frames, their extractions under way: first_seq -> (the worker's answer to
         # come, None if extracted here when routed; the frame), in order.
         self._inline_next: dict[int, tuple[asyncio.Future[Any] | None, RecordFrame]] = {}
@@ -243,7 +244,14 @@ class Batcher:
         buffered without an await. Returns False when it stopped for lack of room (the cursor
         marks where)."""
         sealed = self.out.sealed
-        metas = frame.meta if self.inline is None else await self._inline_metas(frame)
+        metas: list[Any] | None = frame.meta
+        codes: Sequence[int] | None = None  # inline extraction: record i's metadata is metas[codes[i]]
+        if self.inline is not None:
+            extracted = await self._inline_metas(frame)
+            metas, codes = extracted.distinct, extracted.codes
+        # The partition each code was admitted to, until the next await (a seal closes buffers,
+        # and a delivery can free the guard's room): records of an open partition need no check.
+        admitted: dict[int, Partition] = {}
         records = frame.records
         first = frame.first_seq
         arrival_ms = frame.arrival_ms
@@ -256,16 +264,24 @@ class Batcher:
             seq = first + i
             if check_sealed and seq in sealed:
                 continue
-            key, record = self._route(metas[i] if metas is not None else None, records[i], arrival_ms)
+            record = records[i]
+            code = codes[i] if codes is not None else i
+            key: BufferKey | None = admitted.get(code)
+            if key is None:
+                key, record = self._route(metas[code] if metas is not None else None, record, arrival_ms)
+                if codes is not None and isinstance(key, tuple):
+                    admitted[code] = key
             # The cursor is at this record during every await: a seal that fails is retried from
             # it, and records already buffered are not buffered again.
             buf = self._peek(key)
             if buf is not None and buf.count and buf.nbytes + len(record) > size_limit:
                 self.cursor = seq
                 await self.seal(key, reason="size")
+                admitted.clear()
             if self._add(key, seq, record, arrival_ms):
                 self.cursor = seq
                 await self._after_add(key)
+                admitted.clear()
             self.cursor = seq + 1
             if not self.runner.has_room():
                 self.out.reader_passed(self.cursor)
@@ -274,7 +290,7 @@ class Batcher:
         self.out.reader_passed(self.cursor)
         return True
 
-    async def _inline_metas(self, frame: RecordFrame) -> list[Any]:
+    async def _inline_metas(self, frame: RecordFrame) -> FrameMetas:
         """The frame's metadata from the stream's inline extraction (firehose/stages/inline.py),
         kept while the frame is read (a frame read in two goes is extracted once). The next
         :data:`INLINE_AHEAD` frames' extractions are under way meanwhile, so a worker process

@@ -33,7 +33,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from typing import Any
+from array import array
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -66,29 +67,55 @@ def inline_query(config: StreamConfig, *, backup_all: bool, converter: Any, left
     return queries[0] if len(queries) == 1 else None
 
 
+class FrameMetas(NamedTuple):
+    """A frame's metadata, compact: record ``i``'s is ``distinct[codes[i]]`` (records of one
+    partition share one entry), with what the extraction counted."""
+
+    distinct: list[Any]
+    codes: array[int]
+    extracted: int  # records extracted (not those a source had failed already)
+    failed: int
+    ok_bytes: int  # bytes of the records that passed
+
+    def expand(self) -> list[Any]:
+        """Each record's metadata."""
+        distinct = self.distinct
+        return [distinct[c] for c in self.codes]
+
+
 def extract_frame(query: str, records: list[bytes], source: list[Any] | None, arrival_ms: int,
-                  now_ms: int) -> tuple[list[Any], int, int, int]:
+                  now_ms: int) -> FrameMetas:
     """Each record's metadata as the processing stage would record it (``outcome_meta``): a
-    source's own error is kept; otherwise the keys, or the extraction's error. Also how many
-    records were extracted, how many failed, and the bytes of those that passed. A pure function
+    source's own error is kept; otherwise the keys, or the extraction's error. A pure function
     of its arguments (run in the daemon or in a worker process).
 
     A record whose keys are plain strings found by a path-only query gets them directly
-    (``query_keys``); the others go through ``metadata_extraction`` itself, which decides their
-    keys or their error."""
+    (``query_keys``), and records with the same keys share their metadata; the others go
+    through ``metadata_extraction`` itself, which decides their keys or their error."""
     todo = [i for i in range(len(records)) if source is None or RecordMeta.error(source[i]) is None]
-    out: list[Any] = list(source) if source is not None else [None] * len(records)
+    codes = array("I", [0]) * len(records)
+    distinct: list[Any] = []
+    if source is not None and len(todo) < len(records):
+        for i in sorted(set(range(len(records))).difference(todo)):  # failed before: kept
+            codes[i] = len(distinct)
+            distinct.append(source[i])
     plain = load(QUERY_KEYS)([records[i] for i in todo], query, _namespaced(query))
     ok_bytes = 0
     rest = todo
     if plain is not None:
         rest = []
+        shared: dict[tuple[str, ...], int] = {}
         for i, keys in zip(todo, plain, strict=True):
             if keys is None:
                 rest.append(i)
-            else:
-                out[i] = RecordMeta.keyed(keys)
-                ok_bytes += len(records[i])
+                continue
+            ident = tuple(keys.values())
+            code = shared.get(ident)
+            if code is None:
+                code = shared[ident] = len(distinct)
+                distinct.append(RecordMeta.keyed(keys))
+            codes[i] = code
+            ok_bytes += len(records[i])
     failed = 0
     for o in load(METADATA_EXTRACTION)([Outcome(k, records[i]) for k, i in enumerate(rest)], query) if rest else ():
         i = rest[o.source]
@@ -96,8 +123,10 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
             ok_bytes += len(o.data)
         else:
             failed += 1
-        out[i] = outcome_meta(o, (i, records[i], arrival_ms, out[i]), now_ms, None)
-    return out, len(todo), failed, ok_bytes
+        codes[i] = len(distinct)
+        distinct.append(outcome_meta(o, (i, records[i], arrival_ms, source[i] if source is not None else None),
+                                     now_ms, None))
+    return FrameMetas(distinct, codes, len(todo), failed, ok_bytes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,17 +165,17 @@ class InlineExtraction:
         return self.worker_pid is not None and _worker.ready
 
     def metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int, *,
-              count: bool = True) -> list[Any]:
+              count: bool = True) -> FrameMetas:
         """The records' metadata, extracted here."""
-        out, extracted, failed, ok_bytes = extract_frame(self.query, records, source, arrival_ms, self.clock.now_ms())
+        out = extract_frame(self.query, records, source, arrival_ms, self.clock.now_ms())
         if count:
-            self._count(extracted, failed, ok_bytes)
+            self._count(out)
         return out
 
-    def _count(self, extracted: int, failed: int, ok_bytes: int) -> None:
-        self._m_failed.inc(failed)
-        self._m_ok.inc(extracted - failed)
-        self._m_ok_bytes.inc(ok_bytes)
+    def _count(self, out: FrameMetas) -> None:
+        self._m_failed.inc(out.failed)
+        self._m_ok.inc(out.extracted - out.failed)
+        self._m_ok_bytes.inc(out.ok_bytes)
 
     def start(self, records: list[bytes], source: list[Any] | None, arrival_ms: int) -> asyncio.Future[Any] | None:
         """Send the frame to the worker process when it is large enough and the worker is up (see
@@ -163,7 +192,7 @@ class InlineExtraction:
             return None
 
     async def finish(self, sent: asyncio.Future[Any] | None, records: list[bytes], source: list[Any] | None,
-                     arrival_ms: int) -> list[Any]:
+                     arrival_ms: int) -> FrameMetas:
         """The metadata of a frame :meth:`start` took: the worker's answer, or extracted here
         (not sent, or the worker failed)."""
         if sent is not None:
@@ -174,13 +203,12 @@ class InlineExtraction:
             except WorkerFailed as exc:
                 log.warning("extraction_worker_failed", stream=self.name, error=str(exc))
             else:
-                out, extracted, failed, ok_bytes = answer
                 self.pooled_frames += 1
-                self._count(extracted, failed, ok_bytes)
-                return out  # type: ignore[no-any-return]
+                self._count(answer)
+                return answer  # type: ignore[no-any-return]
         return self.metas(records, source, arrival_ms)
 
-    async def frame_metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int) -> list[Any]:
+    async def frame_metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int) -> FrameMetas:
         """The records' metadata, from the worker process or extracted here."""
         return await self.finish(self.start(records, source, arrival_ms), records, source, arrival_ms)
 
@@ -191,4 +219,4 @@ class InlineExtraction:
 
     def meta_of(self, record: bytes, source: Any, arrival_ms: int) -> Any:
         """One record's metadata (an archive batch read back after a restart)."""
-        return self.metas([record], [source], arrival_ms, count=False)[0]
+        return self.metas([record], [source], arrival_ms, count=False).expand()[0]

@@ -181,8 +181,9 @@ def test_plain_string_keys_taken_directly_agree_with_libjq() -> None:
             records.append(text.encode())
         plain = query_keys(records, query)  # None: a query naming a key twice is left to libjq
         direct += sum(k is not None for k in plain or ())
-        metas, extracted, failed, _ok = extract_frame(query, records, None, 5, 6)
-        assert extracted == len(records)
+        extracted = extract_frame(query, records, None, 5, 6)
+        metas, failed = extracted.expand(), extracted.failed
+        assert extracted.extracted == len(records)
         for record, meta in zip(records, metas, strict=True):
             kind, want = _libjq(program, record)
             if kind == "ok":

@@ -190,15 +190,17 @@ def test_active_partition_guard_archives_overflow_until_partitions_are_delivered
     async def go() -> None:
         rt = make_runtime(tmp_path, clock=clock, dp=", max_active_partitions: 3")
         await rt.start()
-        await rt.put([orjson.dumps({"c": c}) for c in "abcde"] + [orjson.dumps({"c": "a", "again": 1})])
+        # Records of one partition share their metadata: a refused partition is refused each time.
+        await rt.put([orjson.dumps({"c": c}) for c in "abcde"] + [orjson.dumps({"c": "a", "again": 1}),
+                                                                  orjson.dumps({"c": "d", "again": 1})])
         exceeded = rt.metrics.partition_exceeded_records.labels("s")
-        await settle(lambda: exceeded._value.get() == 2)
+        await settle(lambda: exceeded._value.get() == 3)
         assert rt.status()["active_partitions"] == 3
         assert rt.metrics.partition_count_exceeded.labels("s")._value.get() == 1
         rt.update_gauges()
         assert rt.metrics.partition_count.labels("s")._value.get() == 3
         await flush(rt, clock, 60)
-        await settle(lambda: rt.delivered_records == 4 and rt.archived_records == 2)
+        await settle(lambda: rt.delivered_records == 4 and rt.archived_records == 3)
         assert rt.status()["active_partitions"] == 0
         # Delivered partitions are deleted: new ones are admitted again.
         await rt.put([orjson.dumps({"c": c}) for c in "de"])
@@ -211,7 +213,7 @@ def test_active_partition_guard_archives_overflow_until_partitions_are_delivered
     asyncio.run(go())
     objs = files(tmp_path)
     docs = error_docs(objs, "activePartitionExceeded")
-    assert sorted(base64.b64decode(d["rawData"]) for d in docs) == [b'{"c":"d"}', b'{"c":"e"}']
+    assert sorted(base64.b64decode(d["rawData"]) for d in docs) == [b'{"c":"d","again":1}', b'{"c":"d"}', b'{"c":"e"}']
     assert {d["errorCode"] for d in docs} == {"DynamicPartitioning.ActivePartitionsLimitExceeded"}
     assert "the limit (dynamic_partitioning.max_active_partitions) is 3" in docs[0]["errorMessage"]
     assert sorted(partition_of(k) for k in objs if not k.startswith("err/")) == ["c=a", "c=b", "c=c", "c=d", "c=e"]
@@ -553,11 +555,11 @@ def test_large_frames_are_extracted_in_a_worker_process_with_the_same_results(tm
         rt, inline = await started_with_worker(tmp_path, clock)
         await inline.frame_metas(corpus[:POOL_MIN_RECORDS], None, 1)  # starts the worker
         await settle(lambda: inline.worker_ready, timeout=60)
-        here = extract_frame("{c: .c}", corpus, None, 7, 9)
+        here = extract_frame("{c: .c}", corpus, None, 7, 9).expand()
         before = inline.pooled_frames
-        there = await inline.frame_metas(corpus, None, 7)
+        there = (await inline.frame_metas(corpus, None, 7)).expand()
         assert inline.pooled_frames == before + 1
-        assert [m if m is None or "err" not in m else {**m, "err": {**m["err"], "e": 9}} for m in there] == here[0]
+        assert [m if m is None or "err" not in m else {**m, "err": {**m["err"], "e": 9}} for m in there] == here
         for i in range(0, 400, 200):
             await rt.put(corpus[i : i + 200])
         await settle(lambda: inline.pooled_frames >= 3)
@@ -567,7 +569,7 @@ def test_large_frames_are_extracted_in_a_worker_process_with_the_same_results(tm
         assert inline.worker_pid is None  # stopped with the stream
 
     run_on(loop, go())
-    metas = extract_frame("{c: .c}", corpus, None, 7, 9)[0]
+    metas = extract_frame("{c: .c}", corpus, None, 7, 9).expand()
     ok = [r for r, m in zip(corpus, metas, strict=True) if m is not None and "pk" in m]
     assert all(orjson.loads(r)["c"] is not None for r in ok if r.startswith(b'{"c":'))
     assert b"not json" not in ok and b'{"c":null}' not in ok and len(ok) < len(corpus)
