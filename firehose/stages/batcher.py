@@ -38,6 +38,9 @@ from firehose.stages.delivery import DeliveryRunner
 from firehose.stages.inline import FrameMetas, InlineExtraction
 from firehose.stages.router import Partition, PartitionRouter
 
+#: Whether a frame whose records all go to open partitions with room is buffered a partition at a
+#: time (:meth:`Batcher._route_whole`); the per-record path gives the same buffers (a test compares).
+BULK_ROUTING = True
 #: Frames read ahead of the one being routed, their partition keys extracted meanwhile.
 INLINE_AHEAD = 4
 SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (backup mode: all)
@@ -244,11 +247,7 @@ class Batcher:
         buffered without an await. Returns False when it stopped for lack of room (the cursor
         marks where)."""
         sealed = self.out.sealed
-        metas: list[Any] | None = frame.meta
-        codes: Sequence[int] | None = None  # inline extraction: record i's metadata is metas[codes[i]]
-        if self.inline is not None:
-            extracted = await self._inline_metas(frame)
-            metas, codes = extracted.distinct, extracted.codes
+        metas, codes = await self._frame_metas(frame)
         # The partition each code was admitted to, until the next await (a seal closes buffers,
         # and a delivery can free the guard's room): records of an open partition need no check.
         admitted: dict[int, Partition] = {}
@@ -260,6 +259,10 @@ class Batcher:
         # Records sealed before a restart are skipped; a frame with none is not searched record by record.
         nxt = sealed.next_start_after(self.cursor - 1)
         check_sealed = self.cursor in sealed or (nxt is not None and nxt < frame.end_seq)
+        if not start and not check_sealed and self._route_whole(frame, metas, codes):
+            self.cursor = frame.end_seq
+            self.out.reader_passed(self.cursor)
+            return True
         for i in range(start, len(records)):
             seq = first + i
             if check_sealed and seq in sealed:
@@ -288,6 +291,52 @@ class Batcher:
                 return False
         self.cursor = frame.end_seq
         self.out.reader_passed(self.cursor)
+        return True
+
+    async def _frame_metas(self, frame: RecordFrame) -> tuple[list[Any] | None, Sequence[int] | None]:
+        """The frame's metadata, and with inline extraction a code per record: record ``i``'s
+        metadata is ``metas[codes[i]]`` (None: ``metas[i]``)."""
+        if self.inline is None:
+            return frame.meta, None
+        extracted = await self._inline_metas(frame)
+        return extracted.distinct, extracted.codes
+
+    def _route_whole(self, frame: RecordFrame, metas: list[Any] | None, codes: Sequence[int] | None) -> bool:
+        """Buffer a whole frame of inline-extracted records a partition at a time, when none of
+        them needs the per-record path: each goes to a partition whose buffer is open and keeps
+        room after them, within the memory budget. The buffers end as the per-record path would
+        leave them (each partition's records in order); no seal is due and nothing awaits. False
+        (nothing buffered) otherwise."""
+        router = self.router
+        if metas is None or codes is None or not router.partitioning or not BULK_ROUTING:
+            return False
+        groups: dict[int, list[int]] = {}  # code -> its records' indices, in order of first record
+        for i, code in enumerate(codes):
+            picked = groups.get(code)
+            if picked is None:
+                groups[code] = [i]
+            else:
+                picked.append(i)
+        records = frame.records
+        plan: list[tuple[Partition, list[int], int]] = []
+        total = 0
+        for code, picked in groups.items():
+            meta = metas[code]
+            if RecordMeta.routed(meta):  # failed (an archive buffer), or a source copy
+                return False
+            ident = router.partition_of(meta)
+            buf = router.buffer(ident) if ident is not None else None
+            if ident is None or buf is None:  # a missing key, or not open: admission decides, record by record
+                return False
+            nbytes = sum([len(records[i]) for i in picked])
+            if buf.nbytes + nbytes >= self.size_limit:  # it would fill: sealed mid-frame
+                return False
+            plan.append((ident, picked, nbytes))
+            total += nbytes
+        if not router.fits(total, len(records)):
+            return False
+        for ident, picked, nbytes in plan:
+            router.add_picked(ident, frame, picked, nbytes)
         return True
 
     async def _inline_metas(self, frame: RecordFrame) -> FrameMetas:

@@ -116,6 +116,26 @@ class OpenBuffer:
             b.append(start)
             b.append(end)
 
+    def extend_picked(self, frame: RecordFrame, picked: list[int], nbytes: int) -> None:
+        """Add the records at indices ``picked`` (ascending) of ``frame``, ``nbytes`` in all: what
+        :meth:`add` of each in turn would do."""
+        if not self.count or frame.arrival_ms < self.oldest_ms:
+            self.oldest_ms = frame.arrival_ms
+        if not self.spilled:
+            records = frame.records
+            self.records.extend([records[i] for i in picked])
+        self.count += len(picked)
+        self.nbytes += nbytes
+        b = self.bounds
+        first = frame.first_seq
+        for i in picked:
+            seq = first + i
+            if b and b[-1] == seq:
+                b[-1] = seq + 1
+            else:
+                b.append(seq)
+                b.append(seq + 1)
+
     def spill(self) -> int:
         """Forget the record bytes (they are in the spool); returns the bytes freed."""
         freed = self.memory_bytes

@@ -24,7 +24,7 @@ from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import Destination, partitioned_keys
-from firehose.log import SealedBatch
+from firehose.log import RecordFrame, SealedBatch
 from firehose.records import ErrorInfo, RecordMeta
 from firehose.stages.common import OpenBuffer, StageContext
 from firehose.stages.inline import InlineExtraction
@@ -211,6 +211,21 @@ class PartitionRouter:
         if not buf.spilled:
             self._memory_held += len(record)
         return buf
+
+    def add_picked(self, ident: Partition, frame: RecordFrame, picked: list[int], nbytes: int) -> None:
+        """Buffer records ``picked`` of ``frame`` (``nbytes`` in all) in the open partition
+        ``ident``, as :meth:`add` of each would."""
+        buf = self._partitions[ident]
+        self._ranges_held -= len(buf.bounds)
+        buf.extend_picked(frame, picked, nbytes)
+        self._ranges_held += len(buf.bounds)
+        if not buf.spilled:
+            self._memory_held += nbytes
+
+    def fits(self, nbytes: int, records: int) -> bool:
+        """Whether ``records`` more records of ``nbytes`` keep open partitions within the memory
+        budget (counting a range for each)."""
+        return self.memory_bytes + nbytes + 2 * RANGE_BYTES * records <= self.budget_bytes
 
     def close(self, ident: Partition) -> OpenBuffer:
         """The partition's buffer was sealed: forget it (the batch now counts as active)."""

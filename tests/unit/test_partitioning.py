@@ -614,3 +614,60 @@ def test_a_killed_extraction_worker_is_replaced_and_no_record_is_lost(tmp_path: 
     objs = files(tmp_path)
     delivered = sorted(line for v in objs.values() for line in v.splitlines())
     assert delivered == sorted(sent)
+
+
+@pytest.mark.parametrize("dp", ["", ", memory_budget_mib: 1"])
+def test_whole_frames_routed_a_partition_at_a_time_end_as_record_by_record(
+    tmp_path: Path, dp: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frame whose records all go to open partitions with room is buffered a partition at a
+    time; the objects, their records and their order are those of the record-by-record path, on
+    frames that fill buffers mid-frame, open new partitions, carry failed records and (with a
+    1 MiB budget) spill."""
+    import random
+
+    from firehose.stages import batcher as batcher_mod
+
+    rng = random.Random(8)
+    frames = []
+    for f in range(40):
+        keys = [f"k{n}" for n in range(3 + f // 10)]  # a new partition every ten frames
+        frame = [orjson.dumps({"c": rng.choice(keys), "f": f, "i": i, "pad": "x" * rng.randint(500, 3000)})
+                 for i in range(rng.randint(20, 150))]
+        if f % 7 == 3:
+            frame[rng.randrange(len(frame))] = b"not json"
+        frames.append(frame)
+    whole = [0]
+    route_whole = batcher_mod.Batcher._route_whole
+
+    def counted(self: Any, *args: Any) -> bool:
+        done = route_whole(self, *args)
+        whole[0] += done
+        return done
+
+    monkeypatch.setattr(batcher_mod.Batcher, "_route_whole", counted)
+
+    def run(tmp: Path, bulk: bool) -> list[tuple[str, bytes]]:
+        monkeypatch.setattr(batcher_mod, "BULK_ROUTING", bulk)
+        clock = ManualClock()
+
+        async def go() -> None:
+            rt = make_runtime(tmp, clock=clock, dp=dp)
+            await rt.start()
+            for frame in frames:
+                await rt.put(frame)
+            assert rt.batcher is not None
+            await settle(lambda: rt.batcher is not None and rt.batcher.caught_up, timeout=30)
+            await flush(rt, clock, 60)
+            await settle(lambda: rt.delivered_records + rt.archived_records == sum(map(len, frames)), timeout=30)
+            await rt.stop(5)
+
+        asyncio.run(go())
+        return sorted((partition_of(k), v) for k, v in files(tmp).items() if not k.startswith("err/"))
+
+    by_record = run(tmp_path / "a", False)
+    assert whole[0] == 0
+    by_partition = run(tmp_path / "b", True)
+    assert whole[0] > 10  # most frames went the whole way
+    assert by_partition == by_record
+    assert len(by_record) > 8  # buffers were sealed on size, not only at the end
