@@ -131,7 +131,8 @@ def decode_records(records: list[Any]) -> tuple[list[bytes], int]:
     offending record in Firehose's error wording.
     """
     try:
-        out = [pybase64.b64decode(r["Data"], validate=True) for r in records]
+        # Positional (altchars, validate): keyword parsing was a quarter of the call's cost.
+        out = [pybase64.b64decode(r["Data"], None, True) for r in records]
     except (TypeError, KeyError, ValueError):  # binascii.Error is a ValueError
         out = [_decode_data(r, i) for i, r in enumerate(records)]
     lengths = list(map(len, out))
