@@ -304,30 +304,33 @@ class Batcher:
     def _route_whole(self, frame: RecordFrame, metas: list[Any] | None, codes: Sequence[int] | None) -> bool:
         """Buffer a whole frame of inline-extracted records a partition at a time, when none of
         them needs the per-record path: each goes to a partition whose buffer is open and keeps
-        room after them, within the memory budget. The buffers end as the per-record path would
-        leave them (each partition's records in order); no seal is due and nothing awaits. False
-        (nothing buffered) otherwise."""
+        room after all of the frame's records for it, within the memory budget. The buffers end
+        as the per-record path would leave them (each partition's records in order); no seal is
+        due and nothing awaits. False (nothing buffered) otherwise."""
         router = self.router
         if metas is None or codes is None or not router.partitioning or not BULK_ROUTING:
             return False
-        groups: dict[int, list[int]] = {}  # code -> its records' indices, in order of first record
+        idents: dict[int, Partition] = {}  # code -> its partition (several codes may share one)
+        groups: dict[Partition, list[int]] = {}  # partition -> its records' indices, in order
         for i, code in enumerate(codes):
-            picked = groups.get(code)
+            ident = idents.get(code)
+            if ident is None:
+                meta = metas[code]
+                found = None if RecordMeta.routed(meta) else router.partition_of(meta)
+                if found is None or router.buffer(found) is None:
+                    return False  # failed, a source copy, a missing key, or not open: record by record
+                ident = idents[code] = found
+            picked = groups.get(ident)
             if picked is None:
-                groups[code] = [i]
+                groups[ident] = [i]
             else:
                 picked.append(i)
         records = frame.records
         plan: list[tuple[Partition, list[int], int]] = []
         total = 0
-        for code, picked in groups.items():
-            meta = metas[code]
-            if RecordMeta.routed(meta):  # failed (an archive buffer), or a source copy
-                return False
-            ident = router.partition_of(meta)
-            buf = router.buffer(ident) if ident is not None else None
-            if ident is None or buf is None:  # a missing key, or not open: admission decides, record by record
-                return False
+        for ident, picked in groups.items():
+            buf = router.buffer(ident)
+            assert buf is not None
             nbytes = sum([len(records[i]) for i in picked])
             if buf.nbytes + nbytes >= self.size_limit:  # it would fill: sealed mid-frame
                 return False
@@ -362,7 +365,8 @@ class Batcher:
         nxt = frame.end_seq
         for later in ahead.values():
             nxt = later[1].end_seq
-        while len(ahead) < INLINE_AHEAD and nxt < self.out.next_seq:
+        depth = INLINE_AHEAD if self.inline.processes else 0  # no worker: nothing to read ahead for
+        while len(ahead) < depth and nxt < self.out.next_seq:
             after = await self.out.read_frame(nxt)
             if after is None or after.first_seq != nxt:
                 break

@@ -25,16 +25,21 @@ import pickle
 import struct
 import subprocess
 import sys
+import time
 from collections import deque
 from typing import Any, cast
 
 import structlog
 
 _HEADER = struct.Struct("<Q")
-_READY = b"ready"
+_READY = b"firehose-extract-worker ready"
+#: No answer is this large (a frame's is a few bytes a record): a longer length is not ours.
+_MAX_ANSWER = 64 << 20
 #: The pipe buffer asked for the requests (a frame is up to a few MiB; Linux's default is 64 KiB).
 _PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = 1031
+#: An answer later than this: the worker is stuck (stopped, frozen); it is killed and replaced.
+ANSWER_TIMEOUT_SECS = 30.0
 
 
 class WorkerFailed(RuntimeError):
@@ -49,7 +54,7 @@ def _die_with_parent(parent: int) -> None:
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, ImportError):
         return
     if os.getppid() != parent:  # the daemon died before the call above
         os._exit(1)
@@ -74,8 +79,14 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def serve(parent: int) -> None:
     """The worker's loop: read a request, extract, answer; return at the end of the input."""
+    import signal
+
     from firehose.stages.inline import extract_frame
 
+    # Ctrl-C and systemd's stop reach the whole process group; the daemon decides when this ends
+    # (the end of its input, or SIGKILL), so frames in flight at a graceful stop are answered.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent)
     for fd in (0, 1):  # larger pipes both ways (either end may set it): fewer wake-ups a frame
         with contextlib.suppress(OSError, ImportError):
@@ -96,12 +107,24 @@ def serve(parent: int) -> None:
         except Exception as exc:  # noqa: BLE001 - reported to the daemon, which extracts itself
             answer = (False, f"{type(exc).__name__}: {exc}")
         data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
-        _write_all(out, _HEADER.pack(len(data)) + data)
+        try:
+            _write_all(out, _HEADER.pack(len(data)) + data)
+        except BrokenPipeError:  # the daemon is gone
+            return
 
 
 # --------------------------------------------------------------------------- the daemon's side
 _BOOT = ("import sys; sys.path[:] = {path!r}; "
          "from firehose.stages.extract_worker import serve; serve({parent})")
+
+
+def _interpreter_flags() -> list[str]:
+    """The daemon's interpreter options (-I, -O, -s, ...) for the worker, as multiprocessing's
+    spawn passes them."""
+    try:
+        return list(subprocess._args_from_interpreter_flags())  # type: ignore[attr-defined]
+    except AttributeError:  # not in this Python
+        return []
 
 
 class _Pipes(asyncio.SubprocessProtocol):
@@ -123,7 +146,12 @@ class _Pipes(asyncio.SubprocessProtocol):
         buf = self._buf
         buf += data if isinstance(data, bytes) else data.encode()
         while len(buf) >= _HEADER.size:
-            end = _HEADER.size + _HEADER.unpack_from(buf)[0]
+            n = _HEADER.unpack_from(buf)[0]
+            if n > _MAX_ANSWER:  # something else wrote to its stdout (a sitecustomize's print)
+                buf.clear()
+                self.owner._garbled(self)
+                return
+            end = _HEADER.size + n
             if len(buf) < end:
                 break
             message = bytes(buf[_HEADER.size:end])
@@ -143,13 +171,16 @@ class _Pipes(asyncio.SubprocessProtocol):
 class SharedWorker:
     """The daemon's one extraction worker, shared by every stream that extracts inline (in
     cluster mode a daemon runs each stream's partitions as separate runtimes). It is started on
-    first use and stopped when the last of them stops; one that dies is started again on the
-    next use, one that cannot start is not tried again. All methods run on the event loop."""
+    first use and stopped when the last of them stops. One that fails (cannot start, dies, does
+    not answer, answers garbage) is killed and started again on a later use, after a pause that
+    doubles with each failure up to a minute and resets once one is ready; meanwhile the streams
+    extract in the daemon. All methods run on the event loop."""
 
     def __init__(self) -> None:
         self.pipes: _Pipes | None = None
         self.ready = False  # it said it is ready
-        self.unavailable = False  # it could not start, or died before it was ready
+        self._retry_at = 0.0  # time.monotonic() before which no worker is started (after a failure)
+        self._backoff = 0.0
         self.users: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -167,19 +198,18 @@ class SharedWorker:
             self._abandon()
             self._loop = loop
         self.users.add(id(user))
-        if self.pipes is None and self._starting is None and not self.unavailable:
+        if self.pipes is None and self._starting is None and time.monotonic() >= self._retry_at:
             self._starting = loop.create_task(self._start())
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             transport, pipes = await loop.subprocess_exec(
-                lambda: _Pipes(self), sys.executable, "-c",
+                lambda: _Pipes(self), sys.executable, *_interpreter_flags(), "-c",
                 _BOOT.format(path=list(sys.path), parent=os.getpid()),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
         except Exception as exc:  # noqa: BLE001 - whatever it is, extract in the daemon
-            self.unavailable = True
-            structlog.get_logger().warning("extraction_worker_failed", error=f"{type(exc).__name__}: {exc}")
+            self._pause(f"the extraction worker cannot start: {type(exc).__name__}: {exc}")
             return
         finally:
             self._starting = None
@@ -191,25 +221,38 @@ class SharedWorker:
         if pipes is not self.pipes:
             return
         if not self.ready:
-            self.ready = message == _READY
+            if message != _READY:
+                self._garbled(pipes)
+                return
+            self.ready = True
+            self._backoff = 0.0
             return
+        if not self._waiting:
+            self._fail("the extraction worker answered a request it was not sent")
+            return
+        fut = self._waiting.popleft()  # first: whatever the answer is, it is this request's
         try:
             answer = pickle.loads(message)
-            fut = self._waiting.popleft()
-        except (pickle.UnpicklingError, EOFError, ValueError, IndexError):
-            self._fail("the extraction worker answered out of turn")
+        except Exception as exc:  # noqa: BLE001 - a worker of another version, a damaged answer
+            self._fail(f"the extraction worker's answer cannot be read: {type(exc).__name__}: {exc}")
+            if not fut.done():
+                fut.set_exception(WorkerFailed("the extraction worker's answer cannot be read"))
+                fut.exception()
             return
         if not fut.done():
             fut.set_result(answer)
 
+    def _garbled(self, pipes: _Pipes) -> None:
+        """Its output is not this protocol: something else writes to its stdout."""
+        if pipes is self.pipes:
+            self._fail("the extraction worker's output is not its answers")
+
     def _exited(self, pipes: _Pipes) -> None:
         if pipes is not self.pipes:
             return
-        if not self.ready:  # it cannot start here: extract in the daemon from now on
-            self.unavailable = True
-            structlog.get_logger().warning("extraction_worker_failed",
-                                           error="the extraction worker exited before it was ready")
-        self._fail("the extraction worker exited")
+        code = pipes.transport.get_returncode() if pipes.transport is not None else None
+        when = "before it was ready" if not self.ready else "while in use"
+        self._fail(f"the extraction worker exited {when} (exit status {code})")
 
     def submit(self, *args: Any) -> asyncio.Future[Any]:
         """Send one :func:`extract_frame` call; the future is its answer, ``(True, result)`` or
@@ -225,8 +268,11 @@ class SharedWorker:
         cast(asyncio.WriteTransport, stdin).write(_HEADER.pack(len(data)) + data)
         return fut
 
-    def _fail(self, why: str) -> None:
-        """The worker is gone: every waiting call fails, and the next use starts another."""
+    def _fail(self, why: str, *, failure: bool = True) -> None:
+        """The worker is gone (killed if it still runs): every waiting call fails, and a later use
+        starts another (after a pause, for a ``failure``)."""
+        if failure and self.pipes is not None:
+            self._pause(why)
         pipes, self.pipes, self.ready = self.pipes, None, False
         while self._waiting:
             fut = self._waiting.popleft()
@@ -248,7 +294,16 @@ class SharedWorker:
 
     def stop(self) -> None:
         """Stop the worker (killed: it holds nothing)."""
-        self._fail("the extraction worker was stopped")
+        self._fail("the extraction worker was stopped", failure=False)
+
+    def timed_out(self) -> None:
+        """An answer did not come in time: the worker is killed and replaced later."""
+        self._fail(f"the extraction worker did not answer within {ANSWER_TIMEOUT_SECS:g} s")
+
+    def _pause(self, why: str) -> None:
+        self._backoff = min(60.0, max(1.0, 2 * self._backoff))
+        self._retry_at = time.monotonic() + self._backoff
+        structlog.get_logger().warning("extraction_worker_failed", error=why, retry_in_secs=self._backoff)
 
     def _abandon(self) -> None:
         """Forget a worker started on another event loop (which has ended): kill its process."""
@@ -256,6 +311,7 @@ class SharedWorker:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-        self.pipes, self.ready, self._starting, self.unavailable = None, False, None, False
+        self.pipes, self.ready, self._starting = None, False, None
+        self._retry_at = self._backoff = 0.0
         self._waiting.clear()
         self.users.clear()

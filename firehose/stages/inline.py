@@ -42,7 +42,7 @@ from firehose.config import StreamConfig
 from firehose.records import Outcome, RecordMeta
 from firehose.registry import COMPILE_PATHS, METADATA_EXTRACTION, QUERY_KEYS, load
 from firehose.stages.common import StageContext
-from firehose.stages.extract_worker import SharedWorker, WorkerFailed
+from firehose.stages.extract_worker import ANSWER_TIMEOUT_SECS, SharedWorker, WorkerFailed
 from firehose.stages.processing import outcome_meta
 
 _INLINE_TYPES = frozenset(("metadata_extraction", "append_delimiter"))
@@ -197,9 +197,12 @@ class InlineExtraction:
         (not sent, or the worker failed)."""
         if sent is not None:
             try:
-                ok, answer = await sent
+                # A done answer is taken as is: wait_for would cost a turn of the loop.
+                ok, answer = sent.result() if sent.done() else await asyncio.wait_for(sent, ANSWER_TIMEOUT_SECS)
                 if not ok:
                     raise WorkerFailed(answer)
+            except TimeoutError:
+                _worker.timed_out()
             except WorkerFailed as exc:
                 log.warning("extraction_worker_failed", stream=self.name, error=str(exc))
             else:

@@ -597,8 +597,11 @@ def test_a_killed_extraction_worker_is_replaced_and_no_record_is_lost(tmp_path: 
         first = inline.worker_pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        for i in range(200, 1000, 200):
+        for i in range(200, 800, 200):
             await rt.put(sent[i : i + 200])
+        await settle(lambda: buffered(rt) == 800, timeout=30)
+        await asyncio.sleep(1.1)  # the pause before another worker is started
+        await rt.put(sent[800:1000])  # extracted here while the next worker starts
         await settle(lambda: buffered(rt) == 1000, timeout=30)
         await settle(lambda: inline.worker_pid not in (None, first) and inline.worker_ready, timeout=60)
         before = inline.pooled_frames
@@ -616,14 +619,82 @@ def test_a_killed_extraction_worker_is_replaced_and_no_record_is_lost(tmp_path: 
     assert delivered == sorted(sent)
 
 
-@pytest.mark.parametrize("dp", ["", ", memory_budget_mib: 1"])
+def test_a_stuck_extraction_worker_is_killed_and_its_frames_extracted_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that ignores the stop signals systemd and Ctrl-C send the whole group, and one
+    that stops answering (SIGSTOP here) is killed after the answer timeout: its frame is extracted
+    in the daemon, and a new worker takes later frames."""
+    import os
+    import signal
+
+    from firehose.stages import inline as inline_mod
+
+    monkeypatch.setattr(inline_mod, "ANSWER_TIMEOUT_SECS", 1.0)
+    clock = ManualClock()
+    sent = [orjson.dumps({"c": f"k{i % 3}", "i": i}) for i in range(600)]
+
+    async def go() -> None:
+        rt, inline = await started_with_worker(tmp_path, clock)
+        await rt.put(sent[:200])
+        await settle(lambda: inline.worker_ready, timeout=60)
+        await settle(lambda: buffered(rt) == 200)
+        first = inline.worker_pid
+        assert first is not None
+        os.kill(first, signal.SIGTERM)  # ignored: the daemon decides when it ends
+        await asyncio.sleep(0.3)
+        assert inline.worker_pid == first and inline.worker_ready
+        os.kill(first, signal.SIGSTOP)
+        await rt.put(sent[200:400])
+        await settle(lambda: buffered(rt) == 400, timeout=10)  # after the 1 s timeout, extracted here
+        assert inline.worker_pid != first
+        await asyncio.sleep(1.1)  # the pause before another worker is started
+        await rt.put(sent[400:500])  # extracted here while the next worker starts
+        await settle(lambda: inline.worker_pid not in (None, first) and inline.worker_ready, timeout=60)
+        await settle(lambda: buffered(rt) == 500, timeout=30)
+        before = inline.pooled_frames
+        await rt.put(sent[500:])
+        await settle(lambda: buffered(rt) == 600, timeout=30)
+        assert inline.pooled_frames == before + 1
+        await flush(rt, clock, 60)
+        await settle(lambda: rt.delivered_records == 600)
+        await rt.stop(5)
+
+    asyncio.run(go())
+    delivered = sorted(line for v in files(tmp_path).values() for line in v.splitlines())
+    assert delivered == sorted(sent)
+
+
+def test_metadata_a_source_failed_is_kept_beside_extracted_records() -> None:
+    """A frame whose source already failed some records (and carries Kinesis metadata on others):
+    the failed keep their error, the others get their keys or their own error, in place."""
+    from firehose.records import ErrorInfo, RecordMeta
+    from firehose.stages.inline import extract_frame
+
+    failed = RecordMeta.failed(ErrorInfo("Source.Failed", "bad", "processing-failed", 1, 5, 6))
+    kinesis = RecordMeta.from_kinesis({"sequenceNumber": "49", "subsequenceNumber": 0})
+    records = [b"x", b'{"c": "a"}', b"not json", b'{"c": "a"}', b'{"c": 7}']
+    source = [failed, None, kinesis, kinesis, failed]
+    out = extract_frame("{c: .c}", records, source, 5, 6)
+    metas = out.expand()
+    assert metas[0] == failed and metas[4] == failed
+    assert metas[1] == metas[3] == {"pk": {"partitionKeyFromQuery:c": "a"}}
+    err = ErrorInfo.decode(metas[2]["err"])
+    assert err.code == "DynamicPartitioning.MetadataExtractionFailed"
+    assert err.extra == {"sequenceNumber": "49", "subSequenceNumber": 0}
+    assert (out.extracted, out.failed, out.ok_bytes) == (3, 1, 20)
+
+
+@pytest.mark.parametrize(("query", "dp"), [("{c: .c}", ""), ("{c: .c}", ", memory_budget_mib: 1"),
+                                         ("{c: .c, u: .u}", "")])
 def test_whole_frames_routed_a_partition_at_a_time_end_as_record_by_record(
-    tmp_path: Path, dp: str, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, query: str, dp: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A frame whose records all go to open partitions with room is buffered a partition at a
     time; the objects, their records and their order are those of the record-by-record path, on
     frames that fill buffers mid-frame, open new partitions, carry failed records and (with a
-    1 MiB budget) spill."""
+    1 MiB budget) spill. Records of one partition may carry different metadata: numeric keys
+    (extracted one by one) and a query key the Prefix does not use."""
     import random
 
     from firehose.stages import batcher as batcher_mod
@@ -632,7 +703,8 @@ def test_whole_frames_routed_a_partition_at_a_time_end_as_record_by_record(
     frames = []
     for f in range(40):
         keys = [f"k{n}" for n in range(3 + f // 10)]  # a new partition every ten frames
-        frame = [orjson.dumps({"c": rng.choice(keys), "f": f, "i": i, "pad": "x" * rng.randint(500, 3000)})
+        frame = [orjson.dumps({"c": rng.choice([*keys, 7, 8]), "u": f"u{rng.randrange(9)}", "f": f, "i": i,
+                               "pad": "x" * rng.randint(500, 3000)})
                  for i in range(rng.randint(20, 150))]
         if f % 7 == 3:
             frame[rng.randrange(len(frame))] = b"not json"
@@ -652,7 +724,7 @@ def test_whole_frames_routed_a_partition_at_a_time_end_as_record_by_record(
         clock = ManualClock()
 
         async def go() -> None:
-            rt = make_runtime(tmp, clock=clock, dp=dp)
+            rt = make_runtime(tmp, clock=clock, dp=dp, query=query)
             await rt.start()
             for frame in frames:
                 await rt.put(frame)
