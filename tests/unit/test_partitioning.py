@@ -523,6 +523,17 @@ async def started_with_worker(tmp: Path, clock: ManualClock) -> tuple[StreamRunt
     return rt, inline
 
 
+async def worker_in_use(tmp: Path, clock: ManualClock, first: list[bytes]) -> tuple[StreamRuntime, Any, int]:
+    """A started query-only stream whose worker process is up and extracted ``first``; its pid."""
+    rt, inline = await started_with_worker(tmp, clock)
+    await rt.put(first)
+    await settle(lambda: inline.worker_ready, timeout=60)
+    await settle(lambda: buffered(rt) == len(first))
+    pid = inline.worker_pid
+    assert pid is not None
+    return rt, inline, pid
+
+
 def run_on(loop: str, coro: Any) -> None:
     """Run ``coro`` on asyncio's own loop or on uvloop (the daemon's, where installed)."""
     if loop == "uvloop":
@@ -590,12 +601,7 @@ def test_a_killed_extraction_worker_is_replaced_and_no_record_is_lost(tmp_path: 
     sent = [orjson.dumps({"c": f"k{i % 3}", "i": i}) for i in range(2000)]
 
     async def go() -> None:
-        rt, inline = await started_with_worker(tmp_path, clock)
-        await rt.put(sent[:200])
-        await settle(lambda: inline.worker_ready, timeout=60)
-        await settle(lambda: buffered(rt) == 200)
-        first = inline.worker_pid
-        assert first is not None
+        rt, inline, first = await worker_in_use(tmp_path, clock, sent[:200])
         os.kill(first, signal.SIGKILL)
         for i in range(200, 800, 200):
             await rt.put(sent[i : i + 200])
@@ -635,12 +641,7 @@ def test_a_stuck_extraction_worker_is_killed_and_its_frames_extracted_here(
     sent = [orjson.dumps({"c": f"k{i % 3}", "i": i}) for i in range(600)]
 
     async def go() -> None:
-        rt, inline = await started_with_worker(tmp_path, clock)
-        await rt.put(sent[:200])
-        await settle(lambda: inline.worker_ready, timeout=60)
-        await settle(lambda: buffered(rt) == 200)
-        first = inline.worker_pid
-        assert first is not None
+        rt, inline, first = await worker_in_use(tmp_path, clock, sent[:200])
         os.kill(first, signal.SIGTERM)  # ignored: the daemon decides when it ends
         await asyncio.sleep(0.3)
         assert inline.worker_pid == first and inline.worker_ready
