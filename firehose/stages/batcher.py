@@ -310,21 +310,30 @@ class Batcher:
         router = self.router
         if metas is None or codes is None or not router.partitioning or not BULK_ROUTING:
             return False
-        idents: dict[int, Partition] = {}  # code -> its partition (several codes may share one)
-        groups: dict[Partition, list[int]] = {}  # partition -> its records' indices, in order
+        by_code: dict[int, list[int]] = {}  # code -> its records' indices, in order
         for i, code in enumerate(codes):
-            ident = idents.get(code)
-            if ident is None:
-                meta = metas[code]
-                found = None if RecordMeta.routed(meta) else router.partition_of(meta)
-                if found is None or router.buffer(found) is None:
-                    return False  # failed, a source copy, a missing key, or not open: record by record
-                ident = idents[code] = found
-            picked = groups.get(ident)
+            picked = by_code.get(code)
             if picked is None:
-                groups[ident] = [i]
+                by_code[code] = [i]
             else:
                 picked.append(i)
+        # Several codes may lead to one partition (records extracted one by one, a query key the
+        # Prefix does not use): their records are merged back into record order.
+        groups: dict[Partition, list[int]] = {}
+        merged: set[Partition] = set()
+        for code, picked in by_code.items():
+            meta = metas[code]
+            ident = None if RecordMeta.routed(meta) else router.partition_of(meta)
+            if ident is None or router.buffer(ident) is None:
+                return False  # failed, a source copy, a missing key, or not open: record by record
+            have = groups.get(ident)
+            if have is None:
+                groups[ident] = picked
+            else:
+                have.extend(picked)
+                merged.add(ident)
+        for ident in merged:
+            groups[ident].sort()
         records = frame.records
         plan: list[tuple[Partition, list[int], int]] = []
         total = 0
