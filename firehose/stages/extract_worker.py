@@ -40,6 +40,8 @@ _PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = 1031
 #: An answer later than this: the worker is stuck (stopped, frozen); it is killed and replaced.
 ANSWER_TIMEOUT_SECS = 30.0
+#: Not ready this long after it started: killed, and tried again later.
+START_TIMEOUT_SECS = 60.0
 
 
 class WorkerFailed(RuntimeError):
@@ -139,6 +141,7 @@ class _Pipes(asyncio.SubprocessProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.SubprocessTransport, transport)  # asyncio's or uvloop's
+        self.owner._connected(self)  # before any of its output can arrive
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         if fd != 1:
@@ -181,6 +184,7 @@ class SharedWorker:
         self.ready = False  # it said it is ready
         self._retry_at = 0.0  # time.monotonic() before which no worker is started (after a failure)
         self._backoff = 0.0
+        self._started_at = 0.0
         self.users: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -198,13 +202,15 @@ class SharedWorker:
             self._abandon()
             self._loop = loop
         self.users.add(id(user))
+        if self.pipes is not None and not self.ready and time.monotonic() - self._started_at > START_TIMEOUT_SECS:
+            self._fail(f"the extraction worker was not ready within {START_TIMEOUT_SECS:g} s")
         if self.pipes is None and self._starting is None and time.monotonic() >= self._retry_at:
             self._starting = loop.create_task(self._start())
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            transport, pipes = await loop.subprocess_exec(
+            _transport, pipes = await loop.subprocess_exec(
                 lambda: _Pipes(self), sys.executable, *_interpreter_flags(), "-c",
                 _BOOT.format(path=list(sys.path), parent=os.getpid()),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
@@ -213,9 +219,11 @@ class SharedWorker:
             return
         finally:
             self._starting = None
-        self.pipes, self.ready = pipes, False
-        if not self.users:  # released while it started
+        if not self.users and pipes is self.pipes:  # released while it started
             self.stop()
+
+    def _connected(self, pipes: _Pipes) -> None:
+        self.pipes, self.ready, self._started_at = pipes, False, time.monotonic()
 
     def _answer(self, pipes: _Pipes, message: bytes) -> None:
         if pipes is not self.pipes:
