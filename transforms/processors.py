@@ -391,19 +391,19 @@ def _extract_paths(outcomes: list[Outcome], ok: list[int], paths: Any) -> list[O
     return out
 
 
-def query_keys(records: list[bytes], query: str, rename: dict[str, str] | None = None) -> list[dict[str, str] | None] | None:
+def query_keys(records: list[bytes], query: str, prefix: str = "") -> list[dict[str, str] | None] | None:
     """The partition keys :func:`metadata_extraction` sets, for the records where that is plain:
     the query picks fields only (``compile_paths``), the record is a JSON object and every value
     found is a string. Such a record's keys are exactly what the full evaluation gives (a string
     is its own key text); every other record (an error, a null, a number, ...) is None, for the
-    full evaluation to decide. None for all when the query is not path-only. ``rename`` gives
-    the keys other names in the result (the namespaced names a record's metadata uses)."""
+    full evaluation to decide. None for all when the query is not path-only. ``prefix`` is put
+    before each key's name (the namespace a record's metadata uses)."""
     from firehose.transforms.jqpaths import compile_paths
 
     paths = compile_paths(query)
     if paths is None or len(paths) > MAX_PARTITION_KEYS or len({name for name, _steps in paths}) != len(paths):
         return None
-    plan = [((rename or {}).get(name, name), steps) for name, steps in paths]
+    plan = [(prefix + name, steps) for name, steps in paths]
     loads, not_json = orjson.loads, orjson.JSONDecodeError
     out: list[dict[str, str] | None] = []
     append = out.append

@@ -38,9 +38,6 @@ from firehose.stages.delivery import DeliveryRunner
 from firehose.stages.inline import FrameMetas, InlineExtraction
 from firehose.stages.router import Partition, PartitionRouter
 
-#: Whether a frame whose records all go to open partitions with room is buffered a partition at a
-#: time (:meth:`Batcher._route_whole`); the per-record path gives the same buffers (a test compares).
-BULK_ROUTING = True
 #: Frames read ahead of the one being routed, their partition keys extracted meanwhile.
 INLINE_AHEAD = 4
 SOURCE_BACKUP = "\x00source"  # the buffer of untransformed source records (backup mode: all)
@@ -308,7 +305,7 @@ class Batcher:
         as the per-record path would leave them (each partition's records in order); no seal is
         due and nothing awaits. False (nothing buffered) otherwise."""
         router = self.router
-        if metas is None or codes is None or not router.partitioning or not BULK_ROUTING:
+        if metas is None or codes is None or not router.partitioning:
             return False
         by_code: dict[int, list[int]] = {}  # code -> its records' indices, in order
         for i, code in enumerate(codes):

@@ -31,7 +31,6 @@ frame while the worker starts or after it failed, are extracted in the daemon. B
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 from array import array
 from typing import Any, NamedTuple
@@ -40,10 +39,10 @@ import structlog
 
 from firehose.config import StreamConfig
 from firehose.records import Outcome, RecordMeta
-from firehose.registry import COMPILE_PATHS, METADATA_EXTRACTION, QUERY_KEYS, load
+from firehose.registry import METADATA_EXTRACTION, QUERY_KEYS, load
 from firehose.stages.common import StageContext
 from firehose.stages.extract_worker import ANSWER_TIMEOUT_SECS, SharedWorker, WorkerFailed
-from firehose.stages.processing import outcome_meta
+from firehose.stages.processing import QUERY_KEY, outcome_meta
 
 _INLINE_TYPES = frozenset(("metadata_extraction", "append_delimiter"))
 #: Frames with at least this many records are extracted in the worker process.
@@ -92,14 +91,18 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
     A record whose keys are plain strings found by a path-only query gets them directly
     (``query_keys``), and records with the same keys share their metadata; the others go
     through ``metadata_extraction`` itself, which decides their keys or their error."""
-    todo = [i for i in range(len(records)) if source is None or RecordMeta.error(source[i]) is None]
     codes = array("I", [0]) * len(records)
     distinct: list[Any] = []
-    if source is not None and len(todo) < len(records):
-        for i in sorted(set(range(len(records))).difference(todo)):  # failed before: kept
-            codes[i] = len(distinct)
-            distinct.append(source[i])
-    plain = load(QUERY_KEYS)([records[i] for i in todo], query, _namespaced(query))
+    todo = list(range(len(records)))
+    if source is not None:
+        todo = []
+        for i, meta in enumerate(source):
+            if RecordMeta.error(meta) is None:
+                todo.append(i)
+            else:  # failed before: kept
+                codes[i] = len(distinct)
+                distinct.append(meta)
+    plain = load(QUERY_KEYS)([records[i] for i in todo], query, QUERY_KEY)
     ok_bytes = 0
     rest = todo
     if plain is not None:
@@ -127,15 +130,6 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
         distinct.append(outcome_meta(o, (i, records[i], arrival_ms, source[i] if source is not None else None),
                                      now_ms, None))
     return FrameMetas(distinct, codes, len(todo), failed, ok_bytes)
-
-
-@functools.lru_cache(maxsize=64)
-def _namespaced(query: str) -> dict[str, str]:
-    """The query's key names as a record's metadata holds them (``outcome_meta``)."""
-    from firehose.stages.processing import QUERY_KEY
-
-    paths = load(COMPILE_PATHS)(query)
-    return {name: QUERY_KEY + name for name, _steps in paths or ()}
 
 
 _worker = SharedWorker()

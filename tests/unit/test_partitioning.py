@@ -711,17 +711,18 @@ def test_whole_frames_routed_a_partition_at_a_time_end_as_record_by_record(
             frame[rng.randrange(len(frame))] = b"not json"
         frames.append(frame)
     whole = [0]
+    bulk_on = [False]
     route_whole = batcher_mod.Batcher._route_whole
 
-    def counted(self: Any, *args: Any) -> bool:
-        done = route_whole(self, *args)
+    def counted(self: Any, *args: Any) -> bool:  # off: every frame goes record by record
+        done = bulk_on[0] and route_whole(self, *args)
         whole[0] += done
         return done
 
     monkeypatch.setattr(batcher_mod.Batcher, "_route_whole", counted)
 
     def run(tmp: Path, bulk: bool) -> list[tuple[str, bytes]]:
-        monkeypatch.setattr(batcher_mod, "BULK_ROUTING", bulk)
+        bulk_on[0] = bulk
         clock = ManualClock()
 
         async def go() -> None:
