@@ -17,6 +17,7 @@ import binascii
 import contextvars
 import hashlib
 import hmac
+import random
 import sys
 import time
 import unicodedata
@@ -73,11 +74,21 @@ def _validation(path: str, value: Any, constraint: str) -> ApiError:
     )
 
 
+_ids = random.Random()  # seeded from os.urandom once
+
+
+def request_id() -> str:
+    """A version-4 UUID for ``x-amzn-RequestId``. Not from ``uuid.uuid4()``: its ``os.urandom``
+    is a system call that releases the GIL on every request, and an id needs to be unique, not
+    unguessable."""
+    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
+
+
 def _response(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps(body),
         status=status,
-        headers={"Content-Type": JSON_CT, "x-amzn-RequestId": str(uuid.uuid4())},
+        headers={"Content-Type": JSON_CT, "x-amzn-RequestId": request_id()},
     )
 
 
@@ -473,8 +484,13 @@ class FirehoseApi:
         try:
             async with asyncio.timeout(limits.body_timeout_secs):
                 while True:
-                    chunk = await request.content.readany()
+                    # readchunk, not readany: the chunks as they arrived, not joined (a copy of
+                    # the body) only to be joined again below. (b"", True) ends an HTTP chunk,
+                    # (b"", False) the body.
+                    chunk, end_of_chunk = await request.content.readchunk()
                     if not chunk:
+                        if end_of_chunk:
+                            continue
                         break
                     size += len(chunk)
                     if size > MAX_BODY_BYTES:
@@ -591,7 +607,7 @@ class FirehoseApi:
             rt.record_id_prefix, first, len(decoded)) + "]}"
         return web.Response(
             body=body.encode(),
-            headers={"Content-Type": JSON_CT, "x-amzn-RequestId": str(uuid.uuid4())},
+            headers={"Content-Type": JSON_CT, "x-amzn-RequestId": request_id()},
         )
 
     # ------------------------------------------------------------------ control plane

@@ -4,6 +4,7 @@ size limit (413, read no further), and a client that goes away mid-body (one lin
 
 from __future__ import annotations
 
+import base64
 import socket
 import time
 from collections.abc import Iterator
@@ -125,3 +126,36 @@ def test_malformed_http_is_a_client_error_not_an_error_of_the_daemon(daemon: Dae
     assert status == 200
     errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
     assert errors == [] and "Traceback" not in daemon.logs()
+
+
+def test_a_body_sent_in_http_chunks_is_read_whole(daemon: Daemon) -> None:
+    """Transfer-Encoding: chunked, the body cut into many chunks across several writes (as
+    streaming clients send it): every chunk is part of the one body, and the records are stored."""
+    records = [{"Data": base64.b64encode(f"chunked-{i:04d}\n".encode() * 40).decode()} for i in range(300)]
+    body = orjson.dumps({"DeliveryStreamName": "s", "Records": records})
+    pieces = [body[i : i + 997] for i in range(0, len(body), 997)]
+    head = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.1\r\n"
+            b"X-Amz-Target: Firehose_20150804.PutRecordBatch\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+        s.sendall(head)
+        for n, piece in enumerate(pieces):
+            s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if n % 25 == 0:
+                time.sleep(0.01)  # so the daemon reads the body in several goes
+        s.sendall(b"0\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            got = s.recv(65536)
+            if not got:
+                break
+            answer += got
+    status = int(answer.split(b" ")[1])
+    doc = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert status == 200 and doc["FailedPutCount"] == 0 and len(doc["RequestResponses"]) == 300, answer[:300]
+    wait_for(lambda: _stored(daemon.workdir / "out").count(b"chunked-0299\n") == 40, 30, "the records delivered")
+    stored = _stored(daemon.workdir / "out")
+    assert all(stored.count(f"chunked-{i:04d}\n".encode()) == 40 for i in range(300))
+
+
+def _stored(out: Path) -> bytes:
+    return b"".join(f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file())
