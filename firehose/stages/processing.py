@@ -27,6 +27,7 @@ import asyncio
 import bisect
 import time
 from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 from firehose.config import StreamConfig
@@ -36,6 +37,8 @@ from firehose.names import stream_arn
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceRecord
 from firehose.retry import local_failure_pause
 from firehose.stages.common import StageContext, log_failure
+
+_META = itemgetter(3)  # an Item's metadata: None, or a non-empty dict
 
 #: One ingested record in a processing buffer: (sequence number, data, arrival ms, source metadata).
 Item = tuple[int, bytes, int, Any]
@@ -294,7 +297,9 @@ class ProcessingStage:
     async def _run_chain(self, items: list[Item], sources: list[Any]) -> list[Any]:
         t0 = time.monotonic()
         # A record its source already failed (a KPL aggregate that does not verify) skips the chain.
-        failed = {i: ErrorInfo.decode(e) for i, (_, _, _, m) in enumerate(items) if (e := RecordMeta.error(m)) is not None}
+        # Most buffers carry no metadata at all: looked at record by record only when some does.
+        failed = {i: ErrorInfo.decode(e) for i, (_, _, _, m) in enumerate(items)
+                  if (e := RecordMeta.error(m)) is not None} if any(map(_META, items)) else {}
         if not failed:
             outcomes = list(await self.chain.process(sources))
         else:
