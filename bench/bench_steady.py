@@ -21,6 +21,12 @@ fsync always, 8 connections):
    load, against records offered per second).
 3. **The identity Lambda at a fixed load.** The same at ``--identity-mib`` MiB/s (default 50) with
    bench.py's identity handler in two worker processes (buffer 1 MiB, no interval).
+4. **Maximum sustained rate, no processing and the identity Lambda.** Fixed loads from
+   ``--sustain-start`` MiB/s, a quarter higher each step, until one is not kept up with (a 503,
+   acknowledged or delivered more than 5% under the offered rate over the load's second half, or
+   records left undelivered); the gap to the last rate kept up with is then halved twice. The
+   identity stream's figure against the unprocessed one's is the issue's "maximum sustained
+   rate" ratio.
 
 Speed is measured here, never asserted in tests; figures go to bench/RESULTS.md.
 """
@@ -143,6 +149,48 @@ def fixed_load(procs: Processes, settings: Settings, base: Path, bodies_path: Pa
     }
 
 
+def kept_up(res: dict[str, Any]) -> bool:
+    """A fixed load the stream sustained: everything acknowledged on time (no 503, acked within 5%
+    of offered), delivery within 5% of the offered rate over the load's second half, and every
+    record delivered at the end."""
+    frac = res["delivered_fraction_second_half"]
+    return (res["all_delivered"] and res["throttled_503"] == 0 and frac is not None and frac >= 0.95
+            and res["acked_mib_per_s"] >= 0.95 * res["offered_mib_per_s"])
+
+
+def max_sustained(procs: Processes, settings: Settings, base: Path, bodies_path: Path, tag: str,
+                  processing: list[dict[str, Any]] | None, start_mib: float, duration: float) -> dict[str, Any]:
+    """The highest fixed load the stream keeps up with (:func:`kept_up`): rates rise by a quarter
+    from ``start_mib`` until one is not kept up with, then the gap to the last one kept is halved
+    twice."""
+    steps: list[dict[str, Any]] = []
+
+    def attempt(rate: float) -> bool:
+        res = fixed_load(procs, settings, base, bodies_path, f"{tag}-{len(steps)}", rate, duration, processing)
+        ok = kept_up(res)
+        steps.append({"rate_mib_per_s": rate, "kept_up": ok, **res})
+        frac = res["delivered_fraction_second_half"]
+        print(f"  {tag} at {rate:6.1f} MiB/s: acked {res['acked_mib_per_s']:6.1f}, delivered/offered "
+              f"{'n/a' if frac is None else f'{frac:.2f}'}, 503s {res['throttled_503']}, "
+              f"{'kept up' if ok else 'fell behind'}", flush=True)
+        return ok
+
+    best, worst, rate = 0.0, 0.0, start_mib
+    while rate < 4096:
+        if not attempt(rate):
+            worst = rate
+            break
+        best, rate = rate, rate * 1.25
+    for _ in range(2):
+        if not (best and worst):
+            break
+        middle = (best + worst) / 2
+        if attempt(middle):
+            best = middle
+        else:
+            worst = middle
+    return {"max_sustained_mib_per_s": best, "first_not_kept_mib_per_s": worst, "steps": steps}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -153,7 +201,9 @@ def main() -> int:
     ap.add_argument("--identity-mib", type=float, default=50.0, help="the identity Lambda's fixed load, MiB/s")
     ap.add_argument("--half-mib", type=float, default=0.0,
                     help="part 2's load in MiB/s (default: half part 1's median acknowledged rate)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: turns,half,identity")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: turns,half,identity,sustained")
+    ap.add_argument("--sustain-start", type=float, default=40.0,
+                    help="part 4's first fixed load, MiB/s (raised by a quarter each step)")
     ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = ap.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -206,6 +256,15 @@ def main() -> int:
                   f"delivered/offered over the second half {'n/a' if frac is None else f'{frac:.2f}'} (target >= 0.95); "
                   f"lag after the last ack {res['lag_after_last_ack_s'] or float('nan'):.2f} s; "
                   f"503s {res['throttled_503']}", flush=True)
+        if "sustained" not in skip:
+            found = {}
+            for key, processing in (("none", None), ("identity", PROCESSING["identity"])):
+                found[key] = max_sustained(procs, settings, base, bodies_path, f"sustain-{key}", processing,
+                                           args.sustain_start, args.duration)
+            report["sustained"] = found
+            none, ident = (found[k]["max_sustained_mib_per_s"] for k in ("none", "identity"))
+            print(f"maximum sustained rate: no processing {none:.1f} MiB/s, identity Lambda {ident:.1f} MiB/s; "
+                  f"ratio {ident / none if none else float('nan'):.2f} (target >= 0.6)", flush=True)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
         return 0

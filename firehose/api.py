@@ -245,6 +245,20 @@ class _Body:
         self.sha256 = sha256
 
 
+def _document(op: str | None, body: bytes) -> dict[str, Any]:
+    """The request's JSON object: a PutRecordBatch of the exact expected shape in one pass
+    (firehose/api_records.py), anything else by orjson."""
+    if op == "PutRecordBatch" and (batch := decode_batch(body)) is not None:
+        return batch
+    try:
+        doc = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError:
+        raise ApiError("SerializationException", "Request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ApiError("SerializationException", "Request body must be a JSON object")
+    return doc
+
+
 def _too_large() -> ApiError:
     return ApiError("SerializationException", f"Request body is larger than {MAX_BODY_BYTES} bytes", 413)
 
@@ -413,13 +427,7 @@ class FirehoseApi:
                         f"{op} is not supported: delivery streams are configured in the daemon's YAML file",
                     )
                 raise ApiError("UnknownOperationException", f"Unknown operation {target[:128]!r}")
-            body = _inflate(raw.data, request.headers.get("Content-Encoding", ""))
-            try:
-                doc = (op == "PutRecordBatch" and decode_batch(body)) or (orjson.loads(body) if body else {})
-            except orjson.JSONDecodeError:
-                raise ApiError("SerializationException", "Request body is not valid JSON") from None
-            if not isinstance(doc, dict):
-                raise ApiError("SerializationException", "Request body must be a JSON object")
+            doc = _document(op, _inflate(raw.data, request.headers.get("Content-Encoding", "")))
             if pending is not None:
                 self._authorize(pending.akid, op or "", doc)
             redrive = request.headers.get(REDRIVE_HEADER)
@@ -484,13 +492,8 @@ class FirehoseApi:
         try:
             async with asyncio.timeout(limits.body_timeout_secs):
                 while True:
-                    # readchunk, not readany: the chunks as they arrived, not joined (a copy of
-                    # the body) only to be joined again below. (b"", True) ends an HTTP chunk,
-                    # (b"", False) the body.
-                    chunk, end_of_chunk = await request.content.readchunk()
+                    chunk = await request.content.readany()
                     if not chunk:
-                        if end_of_chunk:
-                            continue
                         break
                     size += len(chunk)
                     if size > MAX_BODY_BYTES:
