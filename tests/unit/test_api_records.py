@@ -78,6 +78,7 @@ def _body(rng: random.Random, damaged: bool) -> bytes:
             text + " x",
             text[:-1],
             text.replace("QU", "\\u0051U", 1),
+            text.replace("/", "\\/"),  # escaped slashes, as PHP's json_encode writes them
             '{"DeliveryStreamName":7,' + text[1:],
             '{"Extra":' + "[" * 5000 + "]" * 5000 + "," + text[1:],  # deeper than either parser goes
         ])
