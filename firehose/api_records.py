@@ -1,4 +1,5 @@
-"""PutRecordBatch bodies parsed and their records' base64 decoded in one pass.
+"""Batches of base64 records parsed and decoded in one pass: PutRecordBatch bodies, and the
+Firehose HTTP delivery requests the ``firehose_http`` source receives.
 
 A PutRecordBatch body is some 500 base64 strings in JSON. Parsing it with orjson and then
 decoding each string made the request's records three times over (the JSON strings, the
@@ -34,11 +35,22 @@ class _Batch(msgspec.Struct, forbid_unknown_fields=True):
     Records: list[_Record]
 
 
+class _DeliveryRecord(msgspec.Struct, forbid_unknown_fields=True):
+    data: bytes
+
+
+class _Delivery(msgspec.Struct, forbid_unknown_fields=True):
+    requestId: str  # noqa: N815 - the wire's names
+    timestamp: int
+    records: list[_DeliveryRecord]
+
+
 class DecodedRecords(list[bytes]):
     """A PutRecordBatch's ``Records`` already decoded from base64, in order."""
 
 
 _BATCH = msgspec.json.Decoder(_Batch)
+_DELIVERY = msgspec.json.Decoder(_Delivery)
 
 
 def decode_batch(body: bytes) -> dict[str, Any] | None:
@@ -50,3 +62,13 @@ def decode_batch(body: bytes) -> dict[str, Any] | None:
         return None
     return {"DeliveryStreamName": batch.DeliveryStreamName,
             "Records": DecodedRecords([r.Data for r in batch.Records])}
+
+
+def decode_delivery(body: bytes) -> tuple[str, int, list[bytes]] | None:
+    """A Firehose HTTP delivery request's ``requestId``, ``timestamp`` and records; ``None`` when
+    the body is not exactly that shape (the caller's general way then answers what is wrong)."""
+    try:
+        delivery = _DELIVERY.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return delivery.requestId, delivery.timestamp, [r.data for r in delivery.records]

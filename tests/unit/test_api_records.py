@@ -2,7 +2,8 @@
 then pybase64 record by record with Firehose's checks): on a randomised corpus of bodies, valid
 and damaged, whatever the one-pass decoder takes, the general way takes too and makes the same
 stream name and the same record bytes; and it takes every valid body, so the daemon's fast way
-is the one that runs."""
+is the one that runs. The same for the Firehose HTTP delivery requests the firehose_http source
+receives."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import random
 from typing import Any
 
 import orjson
+import pybase64
 import pytest
 
 from firehose.api import ApiError, decode_records
-from firehose.api_records import DecodedRecords, decode_batch
+from firehose.api_records import DecodedRecords, decode_batch, decode_delivery
 
 
 def _general(body: bytes) -> tuple[str, list[bytes]] | None:
@@ -114,3 +116,33 @@ def test_damaged_base64_is_left_to_the_general_way() -> None:
         assert decode_batch(body) is None, data
     body = orjson.dumps({"DeliveryStreamName": "s", "Records": [{"Data": "QQ=="}, {"Data": ""}]})
     assert decode_batch(body) == {"DeliveryStreamName": "s", "Records": [b"A", b""]}
+
+
+def _general_delivery(body: bytes) -> tuple[Any, Any, list[bytes]] | None:
+    """The firehose_http source's general way: what it accepts, or None where it answers 400."""
+    try:
+        doc = orjson.loads(body)
+        return doc["requestId"], doc["timestamp"], [pybase64.b64decode(r["data"], None, True) for r in doc["records"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_one_pass_delivery_decoding_agrees_with_the_general_way(seed: int) -> None:
+    rng = random.Random(seed)
+    for n in range(1500):
+        damaged = n % 2 == 1
+        doc: dict[str, Any] = {"requestId": "r-1", "timestamp": 1_700_000_000_000,
+                               "records": [{"data": r["Data"]} if isinstance(r, dict) and "Data" in r else r
+                                           for r in (_record(rng, damaged and rng.random() < 0.3)
+                                                     for _ in range(rng.randint(0, 12)))]}
+        if damaged and rng.random() < 0.3:
+            doc[rng.choice(["requestId", "timestamp", "records"])] = rng.choice([None, 7, 1.5, True, "x", []])
+        if damaged and rng.random() < 0.1:
+            doc["extra"] = 1
+        body = orjson.dumps(doc)
+        fast, general = decode_delivery(body), _general_delivery(body)
+        if fast is not None:
+            assert fast == general, body
+        elif not damaged:
+            raise AssertionError(f"a valid delivery request not taken: {body[:200]!r}")
