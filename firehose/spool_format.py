@@ -18,6 +18,7 @@ import sys
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
 from typing import Any, Literal
 
 import orjson
@@ -196,11 +197,14 @@ def decode_records_payload(payload: bytes) -> tuple[RecordFrame, dict[str, Any] 
     if not _LITTLE:  # pragma: no cover
         lengths.byteswap()
     pos += 4 * count
+    if not isinstance(payload, bytes):
+        payload = bytes(payload)
+    # Each record sliced from the payload's bytes: one object and one copy per record (a memoryview
+    # slice turned into bytes makes two objects).
+    ends = list(accumulate(lengths, initial=pos))
+    records = [payload[a:b] for a, b in pairwise(ends)]
+    pos = ends[-1]
     view = memoryview(payload)
-    records: list[bytes] = []
-    for n in lengths:
-        records.append(bytes(view[pos : pos + n]))
-        pos += n
     meta = None
     positions = None
     if flags & F_META:

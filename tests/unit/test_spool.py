@@ -346,11 +346,20 @@ def test_a_position_set_to_none_is_forgotten_also_after_recovery(tmp_path: Path)
 
 
 def test_a_records_frame_is_the_same_bytes_as_its_payload_framed_and_its_crc_is_zlibs() -> None:
-    """The one-copy RECORDS frame and ISA-L's CRC write exactly the format zlib's CRC defined."""
+    """The one-copy RECORDS frame and ISA-L's CRC write exactly the format zlib's CRC defined, and
+    a payload reads back (from bytes, a bytearray or a memoryview) as the records, metadata and
+    positions written."""
     import random
     import zlib
 
-    from firehose.spool_format import T_RECORDS, _frame, encode_records_frame, frame_crc, records_payload
+    from firehose.spool_format import (
+        T_RECORDS,
+        _frame,
+        decode_records_payload,
+        encode_records_frame,
+        frame_crc,
+        records_payload,
+    )
 
     rng = random.Random(3)
     for _ in range(50):
@@ -362,3 +371,8 @@ def test_a_records_frame_is_the_same_bytes_as_its_payload_framed_and_its_crc_is_
         assert encode_records_frame(first, arrival, records, meta, positions) == _frame(T_RECORDS, payload)
         for ftype in (T_RECORDS, 0, 255):
             assert frame_crc(ftype, payload) == zlib.crc32(payload, zlib.crc32(bytes((ftype,))))
+        for given in (payload, bytearray(payload), memoryview(payload)):
+            frame, got_positions = decode_records_payload(given)
+            assert (frame.first_seq, frame.arrival_ms, frame.records, frame.meta, got_positions) == (
+                first, arrival, records, meta, positions)
+            assert all(type(r) is bytes for r in frame.records)
