@@ -34,6 +34,7 @@ from firehose.log import (
     RecordFrame,
     RecoveryState,
     SealedBatch,
+    SizedFrame,
 )
 from firehose.names import disk_name
 from firehose.spool import FsyncPolicy, Spool
@@ -188,6 +189,9 @@ class FileLog:
     # ------------------------------------------------------------------ reading
     async def read_frame(self, seq: int) -> RecordFrame | None:
         return self._spool.frame_at(seq)
+
+    def sizes_at(self, seq: int) -> SizedFrame | None:
+        return self._spool.sizes_at(seq)
 
     def arrival_of(self, seq: int) -> int | None:
         frame = self._spool.frame_at(seq)

@@ -52,6 +52,7 @@ from firehose.log import (
     RecordFrame,
     RecoveryState,
     SealedBatch,
+    SizedFrame,
     read_ranges_by_frame,
 )
 from firehose.registry import one_line
@@ -530,6 +531,9 @@ class JetStreamLog:
         if i < 0 or seq >= self._frames[i][0]:
             return -1
         return i
+
+    def sizes_at(self, seq: int) -> SizedFrame | None:
+        return None  # a message is fetched whole: its sizes cost what its records do
 
     async def read_frame(self, seq: int) -> RecordFrame | None:
         i = self._locate(seq)

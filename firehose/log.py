@@ -78,6 +78,24 @@ class RecordFrame:
 
 
 @dataclass
+class SizedFrame:
+    """A frame's records by their sizes alone (:meth:`Log.sizes_at`): what a reader needs to
+    cut batches when their bytes are read back later. ``cum[j] - cum[i]`` is the size of records
+    ``i..j-1`` (``cum`` may start anywhere: only differences count)."""
+
+    first_seq: int
+    arrival_ms: int
+    count: int
+    cum: Sequence[int]
+    records: None = None
+    meta: None = None
+
+    @property
+    def end_seq(self) -> int:
+        return self.first_seq + self.count
+
+
+@dataclass
 class SealedBatch:
     """A batch identity recorded by :meth:`Log.seal`."""
 
@@ -153,6 +171,11 @@ class Log(Protocol):
     async def read_frame(self, seq: int) -> RecordFrame | None:
         """The frame holding record ``seq`` (None outside ``[min_seq, next_seq)``): from memory
         when recent, else one read of storage."""
+
+    def sizes_at(self, seq: int) -> SizedFrame | None:
+        """The frame holding record ``seq`` by its records' sizes, when that is much cheaper than
+        :meth:`read_frame` (the frame is no longer in memory, and carries no per-record
+        metadata); None otherwise. Its records stay readable by :meth:`read_records`."""
 
     def arrival_of(self, seq: int) -> int | None:
         """The arrival time (ms) of record ``seq`` (None outside ``[min_seq, next_seq)``), for

@@ -23,6 +23,7 @@ from firehose.log import (
     RecordFrame,
     RecoveryState,
     SealedBatch,
+    SizedFrame,
     read_ranges_by_frame,
 )
 
@@ -176,6 +177,9 @@ class MemoryLog:
     # ------------------------------------------------------------------ reading
     async def read_frame(self, seq: int) -> RecordFrame | None:
         return self._frame(seq)
+
+    def sizes_at(self, seq: int) -> SizedFrame | None:
+        return None  # every frame is in memory
 
     def arrival_of(self, seq: int) -> int | None:
         frame = self._frame(seq)

@@ -52,13 +52,13 @@ import orjson
 import structlog
 
 from firehose.intervals import IntervalSet, Ranges
-from firehose.log import RecordFrame, RecoveryState, SealedBatch
+from firehose.log import RecordFrame, RecoveryState, SealedBatch, SizedFrame
 from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, ... are re-exported)
     _DURABLE,
     _FRAME_HEADER,
-    _LITTLE,
     _RECORDS_HEAD,
     _SEG_HEADER,
+    F_META,
     F_POSITIONS,
     FORMAT_VERSION,
     LENGTH_TABLE_ENTRIES,
@@ -81,6 +81,7 @@ from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, ... are re-e
     durable_mark_after,
     encode_records_frame,
     frame_crc,
+    read_length_table,
 )
 
 log = structlog.get_logger()
@@ -618,22 +619,35 @@ class Spool:
         hit = self._length_tables.get(first)
         if hit is not None:
             return hit
-        head = os.pread(fd, _RECORDS_HEAD.size + 4 * count, offset + _FRAME_HEADER.size)
-        if len(head) != _RECORDS_HEAD.size + 4 * count or _RECORDS_HEAD.unpack_from(head)[0] != first:
-            raise SpoolError(f"{self.directory}: the frame of record {first} does not read back")
-        lengths = array("I")
-        lengths.frombytes(head[_RECORDS_HEAD.size :])
-        if not _LITTLE:  # pragma: no cover
-            lengths.byteswap()
-        base = offset + _FRAME_HEADER.size + len(head)
-        entry = array("q", itertools.accumulate(lengths, initial=base))
+        return self._read_length_table(fd, offset, first, count)[2]
+
+    def _read_length_table(self, fd: int, offset: int, first: int, count: int) -> tuple[int, int, array[int]]:
+        """:func:`read_length_table`, its offsets kept (see :meth:`_length_table`)."""
+        arrival_ms, flags, entry = read_length_table(fd, offset, first, count, self.directory)
         with self._length_lock:
             self._length_tables[first] = entry
             self._length_entries += len(entry)
             while self._length_entries > LENGTH_TABLE_ENTRIES and len(self._length_tables) > 1:
                 old = self._length_tables.pop(next(iter(self._length_tables)))
                 self._length_entries -= len(old)
-        return entry
+        return arrival_ms, flags, entry
+
+    def sizes_at(self, seq: int) -> SizedFrame | None:
+        """The frame holding ``seq`` by its record sizes (see :meth:`firehose.log.Log.sizes_at`):
+        one small read of its head and length table, against reading and splitting the whole
+        frame; its offsets are kept for :meth:`read_planned`. None when the frame is cached, has
+        per-record metadata, or is outside the log."""
+        i = bisect.bisect_right(self._frame_starts, seq) - 1
+        if i < 0:
+            return None
+        first, end = self._frame_starts[i], self._frame_ends[i]
+        if not first <= seq < end or first in self._cache:
+            return None
+        fd = self._read_fd(self._frame_segs[i])
+        arrival_ms, flags, offsets = self._read_length_table(fd, self._frame_offsets[i], first, end - first)
+        if flags & F_META:
+            return None
+        return SizedFrame(first, arrival_ms, end - first, offsets)
 
     def plan_records(self, ranges: Sequence[tuple[int, int]]) -> list[Any]:
         """Where the records of ``ranges`` are, resolved against the frame index now. Call it on
@@ -673,9 +687,8 @@ class Spool:
             if hi - lo == 1:
                 out.append(blob)
             else:
-                view = memoryview(blob)
                 base = offsets[lo]
-                out.extend(bytes(view[offsets[k] - base : offsets[k + 1] - base]) for k in range(lo, hi))
+                out.extend([blob[a - base : b - base] for a, b in itertools.pairwise(offsets[lo : hi + 1])])
         return out
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:

@@ -12,6 +12,7 @@ message that says so, rather than guessing."""
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import sys
@@ -216,3 +217,18 @@ def decode_records_payload(payload: bytes) -> tuple[RecordFrame, dict[str, Any] 
         positions = orjson.loads(view[pos + 4 : pos + 4 + n])
         pos += 4 + n
     return RecordFrame(first_seq, arrival_ms, records, meta), positions
+
+
+def read_length_table(fd: int, offset: int, first: int, count: int, where: str) -> tuple[int, int, array[int]]:
+    """The arrival time, flags and record file offsets (record k spans ``[t[k], t[k+1])``) of
+    the RECORDS frame of ``count`` records from ``first`` at file ``offset``: one pread of its
+    head and length table, not of its records."""
+    head = os.pread(fd, _RECORDS_HEAD.size + 4 * count, offset + _FRAME_HEADER.size)
+    if len(head) != _RECORDS_HEAD.size + 4 * count or _RECORDS_HEAD.unpack_from(head)[0] != first:
+        raise SpoolError(f"{where}: the frame of record {first} does not read back")
+    _first, arrival_ms, _count, flags = _RECORDS_HEAD.unpack_from(head)
+    lengths = array("I")
+    lengths.frombytes(head[_RECORDS_HEAD.size :])
+    if not _LITTLE:  # pragma: no cover
+        lengths.byteswap()
+    return arrival_ms, flags, array("q", accumulate(lengths, initial=offset + _FRAME_HEADER.size + len(head)))

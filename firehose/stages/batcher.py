@@ -30,7 +30,7 @@ from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import Destination, archive_of, partitioned_keys
-from firehose.log import Log, LogError, RecordFrame, SealedBatch
+from firehose.log import Log, LogError, RecordFrame, SealedBatch, SizedFrame
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
 from firehose.stages.archiver import error_record_line
 from firehose.stages.common import OpenBuffer, PendingBatch, StageContext, log_failure
@@ -190,6 +190,14 @@ class Batcher:
                 self.cursor = spool.min_seq
                 continue
             ahead = self._inline_next.get(self.cursor)  # read already, for its extraction
+            if ahead is None and self.inline is None and not self.router.partitioning:
+                # A frame no longer in memory goes to the main buffer by its sizes alone: the batch's
+                # records are read back at delivery, on a thread, not read and split here.
+                sized = spool.sizes_at(self.cursor)
+                if sized is not None:
+                    if not await self._pump_frame(sized):
+                        return
+                    continue
             frame = ahead[1] if ahead is not None else await spool.read_frame(self.cursor)
             if frame is None:  # pragma: no cover - the index always covers [min_seq, next_seq)
                 self.log.error("spool_gap", seq=self.cursor)
@@ -205,13 +213,13 @@ class Batcher:
             if not done:
                 return
 
-    async def _pump_frame(self, frame: RecordFrame) -> bool:
+    async def _pump_frame(self, frame: RecordFrame | SizedFrame) -> bool:
         """Records without routing into the main buffer, by runs (a bisect over cumulative sizes),
         not one by one. Returns False when it stopped for lack of room (the cursor marks where)."""
         size_limit = self.size_limit
         sealed = self.out.sealed
         first = frame.first_seq
-        n = len(frame.records)
+        n = frame.end_seq - first
         cum = frame.cum
         i = self.cursor - first
         while i < n:

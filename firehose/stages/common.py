@@ -15,7 +15,7 @@ from typing import Any
 
 from firehose.clock import Clock
 from firehose.intervals import Ranges
-from firehose.log import Log, LogError, RecordFrame, SealedBatch
+from firehose.log import Log, LogError, RecordFrame, SealedBatch, SizedFrame
 from firehose.metrics import Metrics
 
 
@@ -101,11 +101,16 @@ class OpenBuffer:
             b.append(seq)
             b.append(seq + 1)
 
-    def extend(self, frame: RecordFrame, i: int, j: int, nbytes: int) -> None:
-        """Add records ``i..j-1`` of ``frame`` (``nbytes`` in all)."""
+    def extend(self, frame: RecordFrame | SizedFrame, i: int, j: int, nbytes: int) -> None:
+        """Add records ``i..j-1`` of ``frame`` (``nbytes`` in all). Records known by their sizes
+        alone spill the buffer: its batch is read back from the log at delivery."""
         if not self.count or frame.arrival_ms < self.oldest_ms:
             self.oldest_ms = frame.arrival_ms
-        self.records.extend(frame.records[i:j] if (i, j) != (0, len(frame.records)) else frame.records)
+        if frame.records is None:
+            if not self.spilled:
+                self.spill()
+        elif not self.spilled:
+            self.records.extend(frame.records[i:j] if (i, j) != (0, len(frame.records)) else frame.records)
         self.count += j - i
         self.nbytes += nbytes
         start, end = frame.first_seq + i, frame.first_seq + j

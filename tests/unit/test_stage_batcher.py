@@ -329,3 +329,44 @@ def test_the_stop_seals_records_the_batcher_had_not_read_yet(tmp_path: Path, mak
 
     run(go())
     assert [list(b.ranges) for b in s.sealed()] == [[(0, 2)]]
+
+
+def test_frames_no_longer_in_memory_are_batched_by_their_sizes_and_read_back_at_delivery(tmp_path: Path) -> None:
+    """A frame the log no longer holds in memory goes to the main buffer by its record sizes
+    alone (one small read of its length table): the batches are cut exactly where they are when
+    every frame is in memory, hold no records, and read back from the log as the records sent.
+    A frame with per-record metadata is still read whole."""
+    from firehose.filelog import FileLog
+
+    rng = random.Random(7)
+    frames = [[rng.randbytes(rng.choice([1, 300, 9_000, 120_000, 700_000])) for _ in range(rng.randrange(1, 30))]
+              for _ in range(40)]
+    kinesis = {"kinesis": {"partitionKey": "p", "sequenceNumber": "1", "approximateArrivalTimestamp": 1}}
+
+    def batches(cache_bytes: int, name: str) -> tuple[list[tuple[list[tuple[int, int]], int]], list[list[bytes]]]:
+        s = Setup(tmp_path, lambda _n: FileLog(str(tmp_path / name), cache_bytes=cache_bytes), size_mib=1)
+
+        async def go() -> list[list[bytes]]:
+            for i, recs in enumerate(frames):
+                await s.put(recs, [kinesis] * len(recs) if i % 7 == 3 else None)
+            await s.batcher.pump()
+            held = []
+            for p in s.runner.pending:
+                held.append(p.records if p.records is not None else await s.spool.read_records(p.sealed.ranges))
+            await s.spool.aclose()
+            return held
+
+        held = run(go())
+        cuts = [(list(p.sealed.ranges), p.sealed.info["bytes"]) for p in s.runner.pending]
+        if cache_bytes == 0:  # every batch but those of whole metadata frames is read back
+            assert sum(p.records is None for p in s.runner.pending) >= len(s.runner.pending) - 6
+        else:
+            assert all(p.records is not None for p in s.runner.pending)
+        return cuts, held
+
+    in_memory, held_in_memory = batches(1 << 30, "cached")
+    by_sizes, read_back = batches(0, "sized")
+    assert by_sizes == in_memory and len(in_memory) > 10
+    assert read_back == held_in_memory
+    flat = [r for recs in frames for r in recs]
+    assert [r for recs in read_back for r in recs] == flat[: sum(len(r) for r in read_back)]
