@@ -32,6 +32,7 @@ thread per in-flight call, so the event loop never blocks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import decimal
 import importlib
@@ -51,7 +52,7 @@ from itertools import repeat
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, NoReturn, TypeVar, cast
 
 import orjson
 import structlog
@@ -350,6 +351,36 @@ class _Worker:
                 self.process.close()  # release its sentinel descriptor now rather than at garbage collection
 
 
+def _answer_into(loop: asyncio.AbstractEventLoop, answer: asyncio.Future[object],
+                 roundtrip: Callable[[_Worker, dict[str, Any]], object], worker: _Worker,
+                 fields: dict[str, Any], release: Callable[[], None]) -> None:
+    """Run ``roundtrip`` (in an IPC thread) and settle ``answer`` on its loop with the result or
+    the exception; nothing when the loop is gone or the answer is no longer awaited."""
+    try:
+        result, error = roundtrip(worker, fields), None
+    except BaseException as exc:  # handed to the awaiting coroutine, which re-raises it
+        result, error = None, exc
+    try:
+        loop.call_soon_threadsafe(_settle, answer, result, error, release)
+    except RuntimeError:  # the loop is closed: nobody is waiting
+        pass
+
+
+def _settle(answer: asyncio.Future[object], result: object, error: BaseException | None,
+            release: Callable[[], None]) -> None:
+    """On the loop: the answer, and the worker back in the pool at once when it is known healthy
+    (it answered, or its handler or event failed), before the awaiting invocation resumes: the
+    next invocation is not kept waiting for that turn of the loop."""
+    if answer.done():  # timed out or cancelled: the invocation disposes of the worker
+        return
+    if error is None or isinstance(error, LambdaInvocationError | PayloadOverLimit):
+        release()
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(result)
+
+
 class WorkerPool:
     """``processes`` worker processes serving one handler, with Lambda's timeout and error semantics.
 
@@ -603,19 +634,36 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         worker.busy = True
         healthy = False
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            released = True
+            worker.busy = False
+            if self._closed:
+                self._discard(worker)
+            else:
+                self._idle.put_nowait(worker)
+
         try:
-            future = loop.run_in_executor(self._executor, roundtrip, worker, fields)
-            done, _ = await asyncio.wait({future}, timeout=self.timeout_secs)
-            if not done:
-                # Nobody reads this future's outcome (the pipe breaks when the worker dies).
-                future.add_done_callback(lambda f: f.cancelled() or f.exception())
-                worker.kill()
-                # The kill closes the pipe, so the IPC thread returns at once; wait for it to free it.
-                await asyncio.wait({future}, timeout=5.0)
-                log.warning("transform_invocation_timed_out", function=self.function, pid=worker.pid)
-                raise LambdaInvocationError(TIMEOUT, TIMEOUT_MESSAGE)
+            # The IPC thread settles ``answer`` with one call into the loop, so the invocation
+            # resumes two loop passes after its reply is in (run_in_executor's chained futures and
+            # asyncio.wait take four, each as long as the requests the loop is serving).
+            answer: asyncio.Future[object] = loop.create_future()
+            thread = self._executor.submit(_answer_into, loop, answer, roundtrip, worker, fields, release)
+            timer = asyncio.timeout(self.timeout_secs)
             try:
-                result = future.result()
+                async with timer:
+                    await answer  # cancelled on a timeout: the thread's late answer is then ignored
+            except BaseException:
+                if not timer.expired():
+                    if not answer.done() or answer.cancelled():
+                        raise  # the invocation itself was cancelled
+                    # else the roundtrip's own exception, raised below by answer.result()
+                elif not released:  # (a worker released had answered in time: its answer counts)
+                    await self._timed_out(worker, thread)
+            try:
+                result = answer.result()
             except _WorkerGone as gone:
                 if self._closed:
                     raise LambdaInvocationError(
@@ -632,12 +680,22 @@ class WorkerPool:
             return result
         finally:
             # Also reached on cancellation: a worker abandoned mid-invocation is killed, as its
-            # answer would otherwise arrive for the next caller.
-            worker.busy = False
-            if healthy and not self._closed:
-                self._idle.put_nowait(worker)
-            else:
-                self._discard(worker)
+            # answer would otherwise arrive for the next caller. A worker that answered is back in
+            # the pool already (``release``, when its answer was settled).
+            if not released:
+                worker.busy = False
+                if healthy and not self._closed:
+                    self._idle.put_nowait(worker)
+                else:
+                    self._discard(worker)
+
+    async def _timed_out(self, worker: _Worker, thread: concurrent.futures.Future[None]) -> NoReturn:
+        # Nobody reads the answer (the pipe breaks when the worker dies).
+        worker.kill()
+        # The kill closes the pipe, so the IPC thread returns at once; wait for it to free it.
+        await asyncio.wait({asyncio.wrap_future(thread)}, timeout=5.0)
+        log.warning("transform_invocation_timed_out", function=self.function, pid=worker.pid)
+        raise LambdaInvocationError(TIMEOUT, TIMEOUT_MESSAGE) from None
 
     async def _start_in_slot(self) -> _Worker:
         """Start a worker for an empty slot the caller holds; on failure the slot is handed back empty."""

@@ -783,6 +783,39 @@ def test_cancelled_call_kills_its_worker_and_the_pool_recovers(
     assert loop.run_until_complete(scenario()) == identity(event_for(b"0"))
 
 
+def test_a_worker_answering_goes_straight_back_to_the_pool_and_every_call_gets_its_own_answer(
+    loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
+) -> None:
+    """A worker that answered is handed back to the pool when its answer is settled, before the
+    caller resumes; with one worker and many callers at once (some of them cancelled after
+    their answer came in) every call still gets exactly its own answer, and no worker is
+    killed for it."""
+    pool = pool_for(pools, loop, "handlers.identity:handler")
+    before = worker_pids(pool)
+
+    async def scenario() -> tuple[list[object], list[dict[str, Any]]]:
+        events = [event_for(str(i).encode(), b"x" * (i * 100)) for i in range(30)]
+        tasks = [asyncio.ensure_future(pool.call(e, context_fields())) for e in events]
+        # Cancel three callers just as their answers may be arriving: a worker released with
+        # its answer must not be killed by its caller's cancellation.
+        for t in tasks[5:8]:
+            loop.call_later(0.01, t.cancel)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return results, events
+
+    results, events = loop.run_until_complete(scenario())
+    answered = 0
+    for result, event in zip(results, events, strict=True):
+        if isinstance(result, asyncio.CancelledError):
+            continue
+        assert result == identity(event)
+        answered += 1
+    assert answered >= 27
+    if not any(isinstance(r, asyncio.CancelledError) for r in results):
+        assert worker_pids(pool) == before
+    assert call(loop, pool, event_for(b"after")) == identity(event_for(b"after"))
+
+
 def test_close_is_bounded_and_fails_pending_calls(loop: asyncio.AbstractEventLoop) -> None:
     pool = WorkerPool("handlers.sleeps:handler", processes=1, timeout_secs=60)
 
