@@ -557,17 +557,20 @@ class Spool:
                 self._kick_sync()
 
     # ------------------------------------------------------------------ reading
+    def _frame_index(self, seq: int) -> int:
+        """Where the frame holding ``seq`` is in the frame index; -1 when none holds it."""
+        i = bisect.bisect_right(self._frame_starts, seq) - 1
+        return i if i >= 0 and self._frame_starts[i] <= seq < self._frame_ends[i] else -1
+
     def frame_at(self, seq: int) -> RecordFrame | None:
         """The RECORDS frame containing ``seq`` (from memory when recent, else from disk)."""
-        i = bisect.bisect_right(self._frame_starts, seq) - 1
+        i = self._frame_index(seq)
         if i < 0:
             return None
         ref = _FrameRef(
             self._frame_segs[i], self._frame_offsets[i], self._frame_lengths[i], self._frame_starts[i],
             self._frame_ends[i],
         )
-        if not (ref.first_seq <= seq < ref.end_seq):
-            return None
         cached = self._cache.get(ref.first_seq)
         if cached is not None:
             return cached
@@ -633,16 +636,13 @@ class Spool:
         return arrival_ms, flags, entry
 
     def sizes_at(self, seq: int) -> SizedFrame | None:
-        """The frame holding ``seq`` by its record sizes (see :meth:`firehose.log.Log.sizes_at`):
-        one small read of its head and length table, against reading and splitting the whole
-        frame; its offsets are kept for :meth:`read_planned`. None when the frame is cached, has
-        per-record metadata, or is outside the log."""
-        i = bisect.bisect_right(self._frame_starts, seq) - 1
-        if i < 0:
+        """The frame holding ``seq`` by its record sizes (:meth:`firehose.log.Log.sizes_at`): one
+        read of its head and length table, kept for :meth:`read_planned`. None when the frame is
+        cached, has per-record metadata, or is outside the log."""
+        i = self._frame_index(seq)
+        if i < 0 or self._frame_starts[i] in self._cache:
             return None
         first, end = self._frame_starts[i], self._frame_ends[i]
-        if not first <= seq < end or first in self._cache:
-            return None
         fd = self._read_fd(self._frame_segs[i])
         arrival_ms, flags, offsets = self._read_length_table(fd, self._frame_offsets[i], first, end - first)
         if flags & F_META:
@@ -658,8 +658,8 @@ class Spool:
         for start, end in ranges:
             seq = start
             while seq < end:
-                i = bisect.bisect_right(starts, seq) - 1
-                if i < 0 or not starts[i] <= seq < ends[i]:
+                i = self._frame_index(seq)
+                if i < 0:
                     raise SpoolError(f"{self.directory}: record {seq} is missing from the spool")
                 first, stop = starts[i], min(end, ends[i])
                 cached = self._cache.get(first)

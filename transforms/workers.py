@@ -633,10 +633,9 @@ class WorkerPool:
         fields["deadline_ms"] = int(time.time() * 1000 + self.timeout_secs * 1000)
         loop = asyncio.get_running_loop()
         worker.busy = True
-        healthy = False
         released = False
 
-        def release() -> None:
+        def release() -> None:  # (on the loop, from _settle: the worker answered)
             nonlocal released
             released = True
             worker.busy = False
@@ -656,12 +655,11 @@ class WorkerPool:
                 async with timer:
                     await answer  # cancelled on a timeout: the thread's late answer is then ignored
             except BaseException:
-                if not timer.expired():
-                    if not answer.done() or answer.cancelled():
-                        raise  # the invocation itself was cancelled
-                    # else the roundtrip's own exception, raised below by answer.result()
-                elif not released:  # (a worker released had answered in time: its answer counts)
+                if timer.expired() and not released:  # (a worker released answered in time)
                     await self._timed_out(worker, thread)
+                if not answer.done() or answer.cancelled():
+                    raise  # the invocation itself was cancelled
+                # else the roundtrip's own exception, raised below by answer.result()
             try:
                 result = answer.result()
             except _WorkerGone as gone:
@@ -673,21 +671,15 @@ class WorkerPool:
                     "transform_worker_died", function=self.function, pid=worker.pid, reason=gone.reason
                 )
                 raise LambdaInvocationError(FUNCTION_ERROR, f"Runtime.ExitError: {gone.reason}") from None
-            except (LambdaInvocationError, PayloadOverLimit):
-                healthy = True  # the handler (or the event) failed, the worker is fine
-                raise
-            healthy = True
             return result
         finally:
-            # Also reached on cancellation: a worker abandoned mid-invocation is killed, as its
-            # answer would otherwise arrive for the next caller. A worker that answered is back in
-            # the pool already (``release``, when its answer was settled).
+            # A worker that answered, or whose handler or event failed, is back in the pool
+            # already (``release``, as its answer was settled). Any other (timed out, gone, or
+            # abandoned mid-invocation by a cancellation) is killed: its answer would otherwise
+            # arrive for the next caller.
             if not released:
                 worker.busy = False
-                if healthy and not self._closed:
-                    self._idle.put_nowait(worker)
-                else:
-                    self._discard(worker)
+                self._discard(worker)
 
     async def _timed_out(self, worker: _Worker, thread: concurrent.futures.Future[None]) -> NoReturn:
         # Nobody reads the answer (the pipe breaks when the worker dies).
