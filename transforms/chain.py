@@ -178,9 +178,11 @@ class ProcessingChain:
 
     @property
     def concurrency(self) -> int:
-        """Processing buffers in flight at once: enough to keep every worker busy while the
-        daemon builds the next event and records the previous outcome."""
-        return (self._lambda.workers + 1) if self._lambda is not None else 2
+        """Processing buffers in flight at once: a worker that answers takes the next buffer
+        waiting for it straight away (in its IPC thread), so each worker has one waiting, and one
+        more is being filled or recorded. With one per worker (plus one) the workers sat idle
+        between invocations for two turns of a busy event loop."""
+        return (2 * self._lambda.workers + 1) if self._lambda is not None else 2
 
     @property
     def lambda_arn(self) -> str | None:

@@ -22,7 +22,7 @@ def check_local_handlers(
 
     Handlers are user code, so they are imported in one child process, never here: started like
     the workers (``spawn``: this process's ``sys.path``, then the working directory appended; see
-    :func:`firehose.transforms.workers.load_function`), with its output discarded. Each import
+    :func:`firehose.transforms.worker_process.load_function`), with its output discarded. Each import
     gets ``timeout_secs``; one that hangs is killed and reported, one that ends the process is
     reported with its exit status, and the handlers after it are checked in a new child. A
     problem reads ``handler 'm:f' does not load: ModuleNotFoundError: No module named 'm'``.
@@ -106,7 +106,7 @@ def _probe_main(specs: list[str], conn: Any) -> None:
     import os
     import signal
 
-    from firehose.transforms.workers import add_working_directory, describe_exception, load_function
+    from firehose.transforms.worker_process import add_working_directory, describe_exception, load_function
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a worker: Ctrl-C is for the parent
     devnull = os.open(os.devnull, os.O_WRONLY)

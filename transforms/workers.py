@@ -32,222 +32,54 @@ thread per in-flight call, so the event loop never blocks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
-import dataclasses
-import decimal
-import importlib
 import io
-import json
 import multiprocessing
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import repeat
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
-from typing import Any, Final, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
-import orjson
 import structlog
 
 from firehose.records import SourceRecord
 from firehose.transforms.lambda_ import (
     FUNCTION_ERROR,
-    JSON_PROCESSING,
     SERVICE_EXCEPTION,
     TIMEOUT,
     TIMEOUT_MESSAGE,
-    LambdaContext,
     LambdaInvocationError,
     PayloadOverLimit,
     Validated,
-    build_event,
-    validate_response,
+)
+from firehose.transforms.worker_process import (
+    CONTEXT_FIELDS,
+    ERROR,
+    READY,
+    RECORDS,
+    REJECTED,
+    RESULT,
+    SHUTDOWN,
+    TOO_LARGE,
+    VALIDATED,
+    decode_response,
+    load_function,
+    serve,
 )
 
 __all__ = ["WorkerPool", "load_function"]
 
 log = structlog.get_logger()
 
-# First byte of every message a worker sends.
-_READY: Final = 0x52  # b"R": the handler imported; serving
-_LOAD_FAILED: Final = 0x4C  # b"L": + utf-8 "<Type>: <message>"
-MAX_RESPONSE_BYTES: Final = 6_291_556  # Lambda's limit for a synchronous invocation's response
-_RESULT: Final = 0x4F  # b"O": + the handler's response as JSON
-_ERROR: Final = 0x45  # b"E": + utf-8 "<errorType>: <errorMessage>"
-_VALIDATED: Final = 0x56  # b"V": + the validated response (pickled list of lambda_.Validated)
-_REJECTED: Final = 0x4A  # b"J": + pickled (code, message): the response fails Firehose's checks
-_TOO_LARGE: Final = 0x5A  # b"Z": + ascii size: the event is over the payload limit; not invoked
-_SHUTDOWN: Final = b""  # daemon -> worker: exit cleanly
-_RECORDS: Final = 0x43  # b"C": daemon -> worker: an invocation as records (a pickle starts with 0x80)
-
 T = TypeVar("T")
-
-_CONTEXT_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(LambdaContext))
-
-
-def load_function(spec: str) -> Callable[..., Any]:
-    """Import and return the callable named by ``spec``.
-
-    ``spec`` is ``"package.module:attr"`` (``attr`` may be dotted, e.g. ``"mod:Class.method"``) or
-    Lambda's ``"module.function"`` form. Raises :class:`ValueError` for a malformed reference,
-    :class:`ImportError` (and whatever the module raises while importing) when the module cannot be
-    imported, :class:`AttributeError` when the attribute is missing and :class:`TypeError` when it
-    is not callable.
-    """
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep:
-        module_name, _, attr_path = spec.rpartition(".")
-    if not module_name or not attr_path:
-        raise ValueError(f"{spec!r} is not a handler reference: expected 'package.module:function'")
-    target: Any = importlib.import_module(module_name)
-    for part in attr_path.split("."):
-        target = getattr(target, part)
-    if not callable(target):
-        raise TypeError(f"{spec} is a {type(target).__name__}, not a callable")
-    return target
-
-
-def describe_exception(exc: BaseException) -> str:
-    try:
-        text = str(exc)
-    except Exception:  # a broken __str__ must not take the worker down
-        text = f"<unprintable {type(exc).__name__}>"
-    return f"{type(exc).__name__}: {text}"
-
-
-def _decimal_as_float(value: object) -> object:
-    # What AWS's Python runtime does with Decimal (common in DynamoDB-sourced data) when marshalling.
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-_ORJSON_STRICT: Final = (
-    orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
-
-
-def _refuse(value: object) -> object:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _marshal(result: object) -> bytes:
-    """The handler's result as JSON, as AWS's Python runtime (``json.dumps``) would write it.
-
-    orjson is tried first (about ten times faster on a 500-record response), restricted to the
-    types ``json`` accepts; anything it refuses (Decimal, non-string keys, big ints, subclasses...)
-    goes through ``json.dumps`` for Lambda's exact behaviour and error text. Known differences of
-    the fast path: NaN/Infinity become ``null``, and ``uuid.UUID`` and plain ``Enum`` values are
-    serialised where Lambda would report a MarshalError.
-    """
-    try:
-        return orjson.dumps(result, default=_refuse, option=_ORJSON_STRICT)
-    except TypeError:
-        return json.dumps(result, default=_decimal_as_float).encode("utf-8")
-
-
-def add_working_directory() -> None:
-    """Where a worker imports handlers from: the daemon's ``sys.path``, then the working
-    directory, after it, so the project never shadows an installed package."""
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.append(cwd)
-
-
-def _serve(function: str, conn: Connection, nice: int = 0) -> None:
-    """Worker process main loop: import the handler once, then answer requests until told to stop."""
-    # Ctrl-C reaches the whole process group; the daemon decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if nice:
-        try:
-            os.nice(nice)
-        except OSError:
-            pass  # refused (the systemd unit's seccomp filter takes setpriority away): same priority then
-    add_working_directory()
-    try:
-        handler = load_function(function)
-    except BaseException as exc:  # SyntaxError, SystemExit in module code...: all are load failures
-        conn.send_bytes(bytes([_LOAD_FAILED]) + describe_exception(exc).encode("utf-8", "replace"))
-        return
-    conn.send_bytes(bytes([_READY]))
-    while True:
-        try:
-            request = conn.recv_bytes()
-        except (EOFError, OSError):
-            return  # the daemon is gone
-        if request == _SHUTDOWN:
-            return
-        if request[0] == _RECORDS:
-            conn.send_bytes(_serve_records(handler, request))
-        else:
-            event, fields = pickle.loads(request)
-            kind, body = _run_handler(handler, event, fields)
-            conn.send_bytes(bytes([kind]) + body)
-
-
-def _run_handler(handler: Callable[..., Any], event: dict[str, Any], fields: dict[str, Any]) -> tuple[int, bytes]:
-    """Call the handler as Lambda's Python runtime does: (_RESULT, its response as JSON), or
-    (_ERROR, "<errorType>: <errorMessage>")."""
-    try:
-        result = handler(event, LambdaContext(**fields))
-    except Exception as exc:
-        # SystemExit/KeyboardInterrupt are not caught: like on Lambda, they end the runtime.
-        traceback.print_exc(file=sys.stderr)
-        return _ERROR, describe_exception(exc).encode("utf-8", "replace")
-    try:
-        body = _marshal(result)
-    except (TypeError, ValueError, RecursionError) as exc:
-        return _ERROR, f"Runtime.MarshalError: Unable to marshal response: {exc}".encode("utf-8", "replace")
-    if len(body) > MAX_RESPONSE_BYTES:
-        # Lambda's synchronous response limit: the invocation fails, as it does on AWS.
-        message = (f"Function.ResponseSizeTooLarge: Response payload size ({len(body)} bytes) exceeded "
-                   f"maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).")
-        return _ERROR, message.encode()
-    return _RESULT, body
-
-
-def _serve_records(handler: Callable[..., Any], request: bytes) -> bytes:
-    """One invocation sent as records (see :meth:`WorkerPool.invoke_records`): the event is built
-    and measured here, and the response decoded and validated here, so the daemon's event loop
-    does none of it. Answers _VALIDATED, _REJECTED, _TOO_LARGE or _ERROR."""
-    stream = io.BytesIO(request)
-    stream.seek(1)
-    header, ids, arrivals, datas, kinesis, max_payload = pickle.load(stream)
-    fields = pickle.load(stream)
-    invocation_id, stream_arn, region, source_arn = header
-    records = [SourceRecord(i, d, a, k) for i, d, a, k in zip(ids, datas, arrivals, kinesis or repeat(None),
-                                                              strict=False)]
-    event = build_event(records, invocation_id=invocation_id, delivery_stream_arn=stream_arn, region=region,
-                        source_kinesis_stream_arn=source_arn)
-    sent = [item["data"] for item in event["records"]]
-    size = len(orjson.dumps(event))
-    if size > max_payload:
-        return bytes([_TOO_LARGE]) + str(size).encode()
-    kind, body = _run_handler(handler, event, fields)
-    if kind != _RESULT:
-        return bytes([kind]) + body
-    try:
-        validated = validate_response(_decode_response(body), ids, sent)
-    except LambdaInvocationError as exc:
-        return bytes([_REJECTED]) + pickle.dumps((exc.code, exc.message))
-    return bytes([_VALIDATED]) + pickle.dumps(validated, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _decode_response(body: bytes | memoryview) -> object:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        # Only NaN/Infinity get here (json.dumps emits them); Firehose's parser rejects them.
-        raise LambdaInvocationError(JSON_PROCESSING, f"The response is not valid JSON: {exc}") from None
-
 
 class _WorkerGone(Exception):
     """The worker's pipe closed mid-invocation; ``reason`` says how the process ended."""
@@ -272,16 +104,16 @@ def _exit_reason(exitcode: int | None) -> str:
 
 def _reply(reply: bytes) -> object:
     kind, body = reply[0], memoryview(reply)[1:]
-    if kind == _VALIDATED:
+    if kind == VALIDATED:
         return pickle.loads(body)
-    if kind == _RESULT:
-        return _decode_response(body)
-    if kind == _ERROR:
+    if kind == RESULT:
+        return decode_response(body)
+    if kind == ERROR:
         raise LambdaInvocationError(FUNCTION_ERROR, bytes(body).decode("utf-8", "replace"))
-    if kind == _REJECTED:
+    if kind == REJECTED:
         code, message = pickle.loads(body)
         raise LambdaInvocationError(code, message)
-    if kind == _TOO_LARGE:
+    if kind == TOO_LARGE:
         raise PayloadOverLimit(int(bytes(body)))
     raise LambdaInvocationError(SERVICE_EXCEPTION, f"unexpected message {kind:#x} from the worker")
 
@@ -351,34 +183,74 @@ class _Worker:
                 self.process.close()  # release its sentinel descriptor now rather than at garbage collection
 
 
-def _answer_into(loop: asyncio.AbstractEventLoop, answer: asyncio.Future[object],
-                 roundtrip: Callable[[_Worker, dict[str, Any]], object], worker: _Worker,
-                 fields: dict[str, Any], release: Callable[[], None]) -> None:
-    """Run ``roundtrip`` (in an IPC thread) and settle ``answer`` on its loop with the result or
-    the exception; nothing when the loop is gone or the answer is no longer awaited."""
-    try:
-        result, error = roundtrip(worker, fields), None
-    except BaseException as exc:  # handed to the awaiting coroutine, which re-raises it
-        result, error = None, exc
-    try:
-        loop.call_soon_threadsafe(_settle, answer, result, error, release)
-    except RuntimeError:  # the loop is closed: nobody is waiting
-        pass
+class _Job:
+    """One invocation: waiting in line for a worker (``claimed``), then running in an IPC thread.
+
+    A worker that answers healthy takes the next job in line at once, in its IPC thread
+    (:meth:`WorkerPool._pass_on`): the loop is told, but the worker does not wait for a turn of
+    it. ``passed_on``, ``abandoned`` and the line itself are guarded by the pool's lock."""
+
+    __slots__ = ("abandoned", "answer", "claimed", "fields", "finished", "passed_on", "released", "roundtrip",
+                 "worker")
+
+    def __init__(self, roundtrip: Callable[[_Worker, dict[str, Any]], object], fields: dict[str, Any],
+                 answer: asyncio.Future[object]) -> None:
+        self.roundtrip = roundtrip
+        self.fields = fields  # the context fields; ``deadline_ms`` is added as the job starts
+        self.answer = answer
+        # (slot, running): a worker or an empty slot handed over on the loop, or (worker, True)
+        # when an IPC thread has already started the job on its worker.
+        self.claimed: asyncio.Future[tuple[_Worker | None, bool]] = answer.get_loop().create_future()
+        self.worker: _Worker | None = None
+        self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()  # its roundtrip returned
+        self.released = False  # the worker went back to the pool as the answer was settled
+        self.passed_on = False  # the worker went on to the next job in line
+        self.abandoned = False  # timed out or cancelled: the worker must not be passed on
 
 
-def _settle(answer: asyncio.Future[object], result: object, error: BaseException | None,
-            release: Callable[[], None]) -> None:
-    """On the loop: the answer, and the worker back in the pool at once when it is known healthy
-    (it answered, or its handler or event failed), before the awaiting invocation resumes: the
-    next invocation is not kept waiting for that turn of the loop."""
-    if answer.done():  # timed out or cancelled: the invocation disposes of the worker
+def _answer_into(pool: WorkerPool, loop: asyncio.AbstractEventLoop, job: _Job) -> None:
+    """Run ``job`` (in an IPC thread), then the jobs in line its worker takes after it, settling
+    each answer on the loop with one call; nothing when the loop is gone."""
+    worker = cast(_Worker, job.worker)
+    while True:
+        fields = dict(job.fields)
+        fields["deadline_ms"] = int(time.time() * 1000 + pool.timeout_secs * 1000)
+        try:
+            result, error = job.roundtrip(worker, fields), None
+        except BaseException as exc:  # handed to the awaiting coroutine, which re-raises it
+            result, error = None, exc
+        # It answered, or its handler or event failed: the worker is healthy.
+        healthy = error is None or isinstance(error, LambdaInvocationError | PayloadOverLimit)
+        nxt = pool._pass_on(job) if healthy else None
+        job.finished.set_result(None)
+        try:
+            loop.call_soon_threadsafe(_settle, pool, job, result, error, healthy and nxt is None)
+            if nxt is not None:
+                loop.call_soon_threadsafe(_started, nxt)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            return
+        if nxt is None:
+            return
+        job = nxt
+
+
+def _started(job: _Job) -> None:
+    if not job.claimed.done():
+        job.claimed.set_result((job.worker, True))
+
+
+def _settle(pool: WorkerPool, job: _Job, result: object, error: BaseException | None, release: bool) -> None:
+    """On the loop: the answer, and a healthy worker nobody took from its thread back in the pool
+    at once, before the awaiting invocation resumes: the next call is not kept waiting for that
+    turn of the loop."""
+    if job.answer.done():  # timed out or cancelled: the invocation disposes of the worker
         return
-    if error is None or isinstance(error, LambdaInvocationError | PayloadOverLimit):
-        release()
+    if release:
+        pool._release(job)
     if error is not None:
-        answer.set_exception(error)
+        job.answer.set_exception(error)
     else:
-        answer.set_result(result)
+        job.answer.set_result(result)
 
 
 class WorkerPool:
@@ -432,6 +304,8 @@ class WorkerPool:
         self._mp = cast(SpawnContext, multiprocessing.get_context(start_method))
         # A slot holds a ready worker, or None when its worker must be (re)started on next use.
         self._idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
+        self._line: collections.deque[_Job] = collections.deque()  # calls waiting for a slot, in order
+        self._line_lock = threading.Lock()  # the line, and a job's passed_on/abandoned
         self._workers: set[_Worker] = set()  # every live process, for close()
         self._workers_lock = threading.Lock()  # spawn threads add to _workers
         self._tasks: set[asyncio.Task[None]] = set()
@@ -453,7 +327,7 @@ class WorkerPool:
             self._spawned += 1
             number = self._spawned
         process = self._mp.Process(
-            target=_serve, args=(self.function, child_conn, self.nice), name=f"firehose-transform-{number}", daemon=True
+            target=serve, args=(self.function, child_conn, self.nice), name=f"firehose-transform-{number}", daemon=True
         )
         process.start()
         # Only the child may hold its end open: its exit must show here as EOF.
@@ -480,7 +354,7 @@ class WorkerPool:
                 raise ValueError(
                     f"cannot load transformation function {self.function!r}: {_exit_reason(worker.wait(2.0))}"
                 ) from None
-            if reply[0] != _READY:
+            if reply[0] != READY:
                 detail = reply[1:].decode("utf-8", "replace")
                 raise ValueError(f"cannot load transformation function {self.function!r}: {detail}")
         except BaseException:
@@ -516,7 +390,7 @@ class WorkerPool:
                 await asyncio.gather(*(asyncio.to_thread(w.reap, 2.0) for w in workers))
                 raise errors[0]
             for worker in workers:
-                self._idle.put_nowait(worker)
+                self._give(worker)
             self._started = True
             log.info("transform_workers_started", function=self.function, processes=self.processes)
 
@@ -535,11 +409,11 @@ class WorkerPool:
                 worker.kill()
             else:
                 try:
-                    worker.conn.send_bytes(_SHUTDOWN)
+                    worker.conn.send_bytes(SHUTDOWN)
                 except OSError:
                     worker.kill()
         # Wake every call waiting for a slot: each sees the pool closed and passes the wake-up on.
-        self._idle.put_nowait(None)
+        self._give(None)
 
         def stop_all() -> None:
             deadline = time.monotonic() + grace_secs
@@ -606,7 +480,7 @@ class WorkerPool:
             # deadline is set at dispatch) follow as a second pickle.
             kinesis = [r.kinesis for r in records]
             request = io.BytesIO()
-            request.write(bytes([_RECORDS]))
+            request.write(bytes([RECORDS]))
             pickle.dump(((invocation_id, stream_arn, region, source_kinesis_stream_arn),
                          [r.record_id for r in records], [r.arrival_ms for r in records], [r.data for r in records],
                          kinesis if any(k is not None for k in kinesis) else None, max_payload_bytes),
@@ -623,45 +497,36 @@ class WorkerPool:
                 await self.start()
             except ValueError as exc:
                 raise LambdaInvocationError(FUNCTION_ERROR, f"Runtime.ImportModuleError: {exc}") from None
-        worker = await self._idle.get()
-        if self._closed:
-            self._idle.put_nowait(worker)
-            raise LambdaInvocationError(SERVICE_EXCEPTION, f"the worker pool for {self.function} is closed")
-        if worker is None:
-            worker = await self._start_in_slot()
-        fields = {k: v for k, v in context_fields.items() if k in _CONTEXT_FIELDS}
-        fields["deadline_ms"] = int(time.time() * 1000 + self.timeout_secs * 1000)
         loop = asyncio.get_running_loop()
-        worker.busy = True
-        released = False
-
-        def release() -> None:  # (on the loop, from _settle: the worker answered)
-            nonlocal released
-            released = True
-            worker.busy = False
+        job = _Job(roundtrip, {k: v for k, v in context_fields.items() if k in CONTEXT_FIELDS}, loop.create_future())
+        slot, running = await self._claim(job)
+        if not running:
             if self._closed:
-                self._discard(worker)
-            else:
-                self._idle.put_nowait(worker)
-
+                self._give(slot)  # the wake-up goes on to the next call in line
+                raise LambdaInvocationError(SERVICE_EXCEPTION, f"the worker pool for {self.function} is closed")
+            if slot is None:
+                slot = await self._start_in_slot()
+            job.worker = slot
+        worker = cast(_Worker, job.worker)
+        worker.busy = True
         try:
-            # The IPC thread settles ``answer`` with one call into the loop, so the invocation
+            if not running:
+                self._executor.submit(_answer_into, self, loop, job)
+            # The IPC thread settles the answer with one call into the loop, so the invocation
             # resumes two loop passes after its reply is in (run_in_executor's chained futures and
             # asyncio.wait take four, each as long as the requests the loop is serving).
-            answer: asyncio.Future[object] = loop.create_future()
-            thread = self._executor.submit(_answer_into, loop, answer, roundtrip, worker, fields, release)
             timer = asyncio.timeout(self.timeout_secs)
             try:
                 async with timer:
-                    await answer  # cancelled on a timeout: the thread's late answer is then ignored
+                    await job.answer  # cancelled on a timeout: the thread's late answer is then ignored
             except BaseException:
-                if timer.expired() and not released:  # (a worker released answered in time)
-                    await self._timed_out(worker, thread)
-                if not answer.done() or answer.cancelled():
+                if timer.expired() and not self._keeps_worker(job):  # (one that answered in time keeps it)
+                    await self._timed_out(worker, job.finished)
+                if not job.answer.done() or job.answer.cancelled():
                     raise  # the invocation itself was cancelled
                 # else the roundtrip's own exception, raised below by answer.result()
             try:
-                result = answer.result()
+                result = job.answer.result()
             except _WorkerGone as gone:
                 if self._closed:
                     raise LambdaInvocationError(
@@ -673,19 +538,81 @@ class WorkerPool:
                 raise LambdaInvocationError(FUNCTION_ERROR, f"Runtime.ExitError: {gone.reason}") from None
             return result
         finally:
-            # A worker that answered, or whose handler or event failed, is back in the pool
-            # already (``release``, as its answer was settled). Any other (timed out, gone, or
-            # abandoned mid-invocation by a cancellation) is killed: its answer would otherwise
-            # arrive for the next caller.
-            if not released:
+            # A worker that answered, or whose handler or event failed, is back in the pool or on
+            # the next call in line already. Any other (timed out, gone, or abandoned
+            # mid-invocation by a cancellation) is killed: its answer would otherwise arrive for
+            # the next caller.
+            if not self._keeps_worker(job):
                 worker.busy = False
                 self._discard(worker)
 
-    async def _timed_out(self, worker: _Worker, thread: concurrent.futures.Future[None]) -> NoReturn:
+    async def _claim(self, job: _Job) -> tuple[_Worker | None, bool]:
+        """A free slot for ``job`` (FIFO): at once when one is idle, else when a worker passes
+        itself on (the job is then running already) or a slot is given back on the loop."""
+        if not self._idle.empty():
+            return self._idle.get_nowait(), False
+        with self._line_lock:
+            self._line.append(job)
+        try:
+            return await job.claimed
+        except asyncio.CancelledError:
+            with self._line_lock:
+                waiting = job in self._line
+                if waiting:
+                    self._line.remove(job)
+                job.abandoned = True
+            if not waiting:
+                if job.worker is not None:  # started by a worker's thread: abandoned mid-invocation
+                    self._discard(job.worker)
+                elif job.claimed.done() and not job.claimed.cancelled():
+                    self._give(job.claimed.result()[0])  # handed a slot it will not use
+            raise
+
+    def _keeps_worker(self, job: _Job) -> bool:
+        """Whether the worker answered for ``job`` (back in the pool, or on the next job); marks
+        the job abandoned, so a worker still running it is not passed on."""
+        with self._line_lock:
+            job.abandoned = True
+            return job.released or job.passed_on
+
+    def _pass_on(self, job: _Job) -> _Job | None:
+        """(IPC thread) The next call in line, now running on ``job``'s worker; None when there
+        is none, or ``job`` was abandoned (its worker is being killed) or the pool closed."""
+        with self._line_lock:
+            if job.abandoned or self._closed or not self._line:
+                return None
+            nxt = self._line.popleft()
+            nxt.worker = job.worker
+            job.passed_on = True
+            return nxt
+
+    def _release(self, job: _Job) -> None:
+        """(On the loop, from _settle: the worker answered.)"""
+        job.released = True
+        worker = cast(_Worker, job.worker)
+        worker.busy = False
+        if self._closed:
+            self._discard(worker)
+        else:
+            self._give(worker)
+
+    def _give(self, slot: _Worker | None) -> None:
+        """A slot back to the pool: to the first call in line, or idle."""
+        while True:
+            with self._line_lock:
+                job = self._line.popleft() if self._line else None
+            if job is None:
+                self._idle.put_nowait(slot)
+                return
+            if not job.claimed.done():  # (cancelled: its caller is leaving the line)
+                job.claimed.set_result((slot, False))
+                return
+
+    async def _timed_out(self, worker: _Worker, finished: concurrent.futures.Future[None]) -> NoReturn:
         # Nobody reads the answer (the pipe breaks when the worker dies).
         worker.kill()
         # The kill closes the pipe, so the IPC thread returns at once; wait for it to free it.
-        await asyncio.wait({asyncio.wrap_future(thread)}, timeout=5.0)
+        await asyncio.wait({asyncio.wrap_future(finished)}, timeout=5.0)
         log.warning("transform_invocation_timed_out", function=self.function, pid=worker.pid)
         raise LambdaInvocationError(TIMEOUT, TIMEOUT_MESSAGE) from None
 
@@ -696,11 +623,11 @@ class WorkerPool:
         def settle(task: asyncio.Future[_Worker]) -> None:
             # The caller was cancelled while the worker started: the slot must not be lost with it.
             if task.cancelled() or task.exception() is not None:
-                self._idle.put_nowait(None)
+                self._give(None)
             elif self._closed:
                 self._discard(task.result())
             else:
-                self._idle.put_nowait(task.result())
+                self._give(task.result())
 
         try:
             return await asyncio.shield(spawn)
@@ -708,10 +635,10 @@ class WorkerPool:
             spawn.add_done_callback(settle)
             raise
         except ValueError as exc:
-            self._idle.put_nowait(None)
+            self._give(None)
             raise LambdaInvocationError(FUNCTION_ERROR, f"Runtime.ImportModuleError: {exc}") from None
         except BaseException:
-            self._idle.put_nowait(None)
+            self._give(None)
             raise
 
     def _discard(self, worker: _Worker) -> None:
@@ -731,11 +658,11 @@ class WorkerPool:
         except ValueError as exc:
             # Leave an empty slot: the next call retries the start and reports the error.
             log.error("transform_worker_restart_failed", function=self.function, error=str(exc))
-            self._idle.put_nowait(None)
+            self._give(None)
             return
         if self._closed:
             self._forget(new)
             new.kill()
             await asyncio.to_thread(new.reap, 2.0)
             return
-        self._idle.put_nowait(new)
+        self._give(new)

@@ -816,6 +816,81 @@ def test_a_worker_answering_goes_straight_back_to_the_pool_and_every_call_gets_i
     assert call(loop, pool, event_for(b"after")) == identity(event_for(b"after"))
 
 
+def test_calls_in_line_are_taken_by_the_worker_in_its_ipc_thread(
+    loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
+) -> None:
+    """A worker that answers takes the next call in line at once, in its IPC thread, without a
+    turn of the event loop: with one worker and twelve callers, fewer IPC threads are started
+    than calls, each call gets its own answer, and the worker is never replaced."""
+    pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=10.0)
+    before = worker_pids(pool)
+    submitted = 0
+    submit = pool._executor.submit
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal submitted
+        submitted += 1
+        return submit(*args, **kwargs)
+
+    pool._executor.submit = counting  # type: ignore[method-assign]
+    try:
+        events = [event_for(b"0.05", str(i).encode()) for i in range(12)]
+
+        async def scenario() -> list[object]:
+            return list(await asyncio.gather(*(pool.call(e, context_fields()) for e in events)))
+
+        results = loop.run_until_complete(scenario())
+    finally:
+        pool._executor.submit = submit  # type: ignore[method-assign]
+    assert results == [identity(e) for e in events]
+    assert 1 <= submitted < 12
+    assert worker_pids(pool) == before
+
+
+def test_a_call_taken_in_the_ipc_thread_still_times_out_alone(
+    loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
+) -> None:
+    """A call the worker took from the line in its IPC thread has the full timeout from its own
+    start; when it runs past it, that worker is killed and replaced, and the calls before and
+    after it are answered."""
+    pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=1.0)
+    before = worker_pids(pool)
+    events = [event_for(b"0.6"), event_for(b"30"), event_for(b"0.6")]
+
+    async def scenario() -> tuple[float, list[object]]:
+        started = time.monotonic()
+        results = await asyncio.gather(*(pool.call(e, context_fields()) for e in events), return_exceptions=True)
+        return time.monotonic() - started, list(results)
+
+    elapsed, results = loop.run_until_complete(scenario())
+    assert results[0] == identity(events[0])
+    assert isinstance(results[1], LambdaInvocationError) and results[1].code == TIMEOUT
+    assert results[2] == identity(events[2])
+    assert 2.2 <= elapsed < 5.0  # 0.6 s, then the 1 s timeout, then a new worker and 0.6 s
+    assert worker_pids(pool) and not worker_pids(pool) & before
+
+
+def test_a_call_cancelled_in_line_costs_no_worker(
+    loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
+) -> None:
+    pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=10.0)
+    before = worker_pids(pool)
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(pool.call(event_for(b"0.5"), context_fields()))
+        waiting = asyncio.ensure_future(pool.call(event_for(b"0", b"cancelled"), context_fields()))
+        last = asyncio.ensure_future(pool.call(event_for(b"0", b"last"), context_fields()))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        return list(await asyncio.gather(first, waiting, last, return_exceptions=True))
+
+    first, waiting, last = loop.run_until_complete(scenario())
+    assert first == identity(event_for(b"0.5"))
+    assert isinstance(waiting, asyncio.CancelledError)
+    assert last == identity(event_for(b"0", b"last"))
+    assert worker_pids(pool) == before  # the cancelled call never ran: no worker was killed for it
+
+
 def test_close_is_bounded_and_fails_pending_calls(loop: asyncio.AbstractEventLoop) -> None:
     pool = WorkerPool("handlers.sleeps:handler", processes=1, timeout_secs=60)
 
