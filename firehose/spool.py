@@ -594,7 +594,7 @@ class Spool:
         """The batcher has consumed this frame; drop the in-memory copy."""
         frame = self._cache.pop(first_seq, None)
         if frame is not None:
-            self._cache_size -= sum(len(r) for r in frame.records)
+            self._cache_size -= sum(map(len, frame.records))
 
     def _merge_positions(self, positions: dict[str, Any]) -> None:
         """Later positions replace earlier ones; a key set to None is removed (a source

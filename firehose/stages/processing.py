@@ -28,7 +28,7 @@ import bisect
 import time
 from itertools import repeat
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from firehose.config import StreamConfig
 from firehose.interfaces import ProcessingChain
@@ -47,24 +47,42 @@ Item = tuple[int, bytes, int, Any]
 GROUP_BYTES = 8 << 20
 
 
+class OutcomeFrame(NamedTuple):
+    """What :func:`outcome_frame` records, and what it counted on the way."""
+
+    records: list[bytes]
+    metas: list[Any]
+    dropped: int
+    failed: int
+    ok_bytes: int
+
+
 def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda_arn: str | None,
-                  backup_all: bool) -> tuple[list[bytes], list[Any], int]:
+                  backup_all: bool) -> OutcomeFrame:
     """The records and per-record metadata that record ``outcomes`` of the buffer ``items``, and
-    how many records were dropped (they leave nothing behind)."""
+    how many records were dropped (they leave nothing behind) and failed, and the Ok bytes."""
     records: list[bytes] = []
     metas: list[Any] = []
-    dropped = 0
+    dropped = failed = ok_bytes = 0
     for o in outcomes:
-        if o.result == "Dropped":
+        result = o.result
+        if result == "Ok":
+            records.append(o.data)
+            ok_bytes += len(o.data)
+            # Most outcomes carry no keys: their metadata is None without a call (once a record).
+            metas.append(None if o.partition_keys is None and o.query_keys is None and o.otf is None
+                         else _ok_meta(o))
+        elif result == "Dropped":
             dropped += 1
-            continue
-        records.append(o.data)
-        metas.append(outcome_meta(o, items[o.source], now_ms, lambda_arn))
+        else:
+            failed += 1
+            records.append(o.data)
+            metas.append(outcome_meta(o, items[o.source], now_ms, lambda_arn))
     if backup_all:
         for _seq, data, _arrival, _meta in items:
             records.append(data)
             metas.append(RecordMeta.SOURCE_COPY)
-    return records, metas, dropped
+    return OutcomeFrame(records, metas, dropped, failed, ok_bytes)
 
 
 #: The namespace of a metadata_extraction key in a record's metadata (the Prefix's name for it).
@@ -161,8 +179,8 @@ class _Buffer:
         self.sources: list[SourceRecord] = []
         self.nbytes = 0
 
-    def take(self) -> tuple[list[Item], list[SourceRecord]]:
-        taken = self.items, self.sources
+    def take(self) -> tuple[list[Item], list[SourceRecord], int]:
+        taken = self.items, self.sources, self.nbytes
         self.items, self.sources, self.nbytes = [], [], 0
         return taken
 
@@ -221,7 +239,7 @@ class ProcessingStage:
         processing at once (Firehose keeps up to 5 invocations outstanding per shard); the
         recorder records their outcomes strictly in order."""
         depth = max(2, self.chain.concurrency)
-        queue: asyncio.Queue[tuple[list[Item], list[Any], asyncio.Task[Any]]] = asyncio.Queue(maxsize=depth)
+        queue: asyncio.Queue[tuple[list[Item], list[Any], int, asyncio.Task[Any]]] = asyncio.Queue(maxsize=depth)
         recorder = asyncio.get_running_loop().create_task(self._record_loop(queue), name=f"recorder-{self.name}")
         buf = _Buffer()
         try:
@@ -241,7 +259,7 @@ class ProcessingStage:
         finally:
             recorder.cancel()
             while not queue.empty():
-                queue.get_nowait()[2].cancel()
+                queue.get_nowait()[3].cancel()
             await asyncio.gather(recorder, return_exceptions=True)
 
     def _due(self, buf: _Buffer) -> bool:
@@ -290,9 +308,10 @@ class ProcessingStage:
             # between frames, or a backlog of ingested frames is read in one long stretch.
             await asyncio.sleep(0)
 
-    async def _submit(self, queue: asyncio.Queue[Any], items: list[Item], sources: list[SourceRecord]) -> None:
+    async def _submit(self, queue: asyncio.Queue[Any], items: list[Item], sources: list[SourceRecord],
+                      nbytes: int) -> None:
         task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
-        await queue.put((items, sources, task))
+        await queue.put((items, sources, nbytes, task))
 
     async def _run_chain(self, items: list[Item], sources: list[Any]) -> list[Any]:
         t0 = time.monotonic()
@@ -322,20 +341,20 @@ class ProcessingStage:
         """Record outcomes in order. Buffers the chain finished while the previous frame was being
         made durable are recorded together, as one frame and one fsync: a stream whose
         processing keeps several buffers in flight is not held to one fsync per buffer."""
-        head: tuple[list[Item], list[SourceRecord], asyncio.Task[Any]] | None = None
+        head: tuple[list[Item], list[SourceRecord], int, asyncio.Task[Any]] | None = None
         while True:
             if head is None:
                 head = await queue.get()
-            group = [await self._outcomes_of(*head)]
+            group = [await self._outcomes_of(head[0], head[1], head[3])]
+            size = head[2]
             head = None
-            size = sum(len(s.data) for s in group[0][1])
             while size < GROUP_BYTES and not queue.empty():
                 entry = queue.get_nowait()
-                if not entry[2].done():
+                if not entry[3].done():
                     head = entry  # still in the chain: it starts the next group
                     break
-                group.append(await self._outcomes_of(*entry))
-                size += sum(len(s.data) for s in entry[1])
+                group.append(await self._outcomes_of(entry[0], entry[1], entry[3]))
+                size += entry[2]
             await self._record_reliably([(items, outcomes) for items, _sources, outcomes in group])
 
     async def _outcomes_of(self, items: list[Item], sources: list[SourceRecord],
@@ -378,15 +397,15 @@ class ProcessingStage:
         metas: list[Any] = []
         dropped = failed = ok_bytes = count = 0
         for items, outcomes in group:
-            r, m, d = outcome_frame(outcomes, items, now_ms=now_ms, lambda_arn=self.chain.lambda_arn,
-                                    backup_all=self.backup_all)
-            records += r
-            metas += m
-            dropped += d
-            failed += sum(1 for o in outcomes if o.result == "ProcessingFailed")
-            ok_bytes += sum(len(o.data) for o in outcomes if o.result == "Ok")
+            frame = outcome_frame(outcomes, items, now_ms=now_ms, lambda_arn=self.chain.lambda_arn,
+                                  backup_all=self.backup_all)
+            records += frame.records
+            metas += frame.metas
+            dropped += frame.dropped
+            failed += frame.failed
+            ok_bytes += frame.ok_bytes
             count += len(outcomes)
-        has_meta = any(m is not None for m in metas)
+        has_meta = metas.count(None) != len(metas)
         await self.out.append(
             records, group[0][0][0][2], meta=metas if has_meta else None, positions={"raw_end": end},
             enforce_cap=False,
