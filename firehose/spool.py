@@ -137,6 +137,7 @@ class Spool:
         self._seals: dict[int, SealedBatch] = {}
         self._committed_ids: set[int] = set()
         self._cache: dict[int, RecordFrame] = {}
+        self._cache_bytes: dict[int, int] = {}  # first_seq -> its records' size (not summed again)
         self._length_tables: dict[int, array[int]] = {}  # first_seq -> record offsets (read_planned)
         self._length_entries = 0
         self._length_lock = threading.Lock()  # readers run on worker threads
@@ -389,10 +390,10 @@ class Spool:
             self._add_frame_ref(seg, ref)
         if positions:
             self._merge_positions(positions)
-        if nbytes is None:
-            nbytes = sum(map(len, records))
+        nbytes = sum(map(len, records)) if nbytes is None else nbytes
         if records and self._cache_size + nbytes <= self._cache_limit:
             self._cache[first_seq] = RecordFrame(first_seq, arrival_ms, list(records), meta)
+            self._cache_bytes[first_seq] = nbytes
             self._cache_size += nbytes
         return first_seq
 
@@ -592,9 +593,8 @@ class Spool:
 
     def release_cache(self, first_seq: int) -> None:
         """The batcher has consumed this frame; drop the in-memory copy."""
-        frame = self._cache.pop(first_seq, None)
-        if frame is not None:
-            self._cache_size -= sum(map(len, frame.records))
+        if self._cache.pop(first_seq, None) is not None:
+            self._cache_size -= self._cache_bytes.pop(first_seq)
 
     def _merge_positions(self, positions: dict[str, Any]) -> None:
         """Later positions replace earlier ones; a key set to None is removed (a source

@@ -55,6 +55,7 @@ class OutcomeFrame(NamedTuple):
     dropped: int
     failed: int
     ok_bytes: int
+    nbytes: int  # of ``records``
 
 
 def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda_arn: str | None,
@@ -63,7 +64,7 @@ def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda
     how many records were dropped (they leave nothing behind) and failed, and the Ok bytes."""
     records: list[bytes] = []
     metas: list[Any] = []
-    dropped = failed = ok_bytes = 0
+    dropped = failed = ok_bytes = other_bytes = 0
     for o in outcomes:
         result = o.result
         if result == "Ok":
@@ -77,12 +78,14 @@ def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda
         else:
             failed += 1
             records.append(o.data)
+            other_bytes += len(o.data)
             metas.append(outcome_meta(o, items[o.source], now_ms, lambda_arn))
     if backup_all:
         for _seq, data, _arrival, _meta in items:
             records.append(data)
+            other_bytes += len(data)
             metas.append(RecordMeta.SOURCE_COPY)
-    return OutcomeFrame(records, metas, dropped, failed, ok_bytes)
+    return OutcomeFrame(records, metas, dropped, failed, ok_bytes, ok_bytes + other_bytes)
 
 
 #: The namespace of a metadata_extraction key in a record's metadata (the Prefix's name for it).
@@ -395,7 +398,7 @@ class ProcessingStage:
         now_ms = self.clock.now_ms()
         records: list[bytes] = []
         metas: list[Any] = []
-        dropped = failed = ok_bytes = count = 0
+        dropped = failed = ok_bytes = count = nbytes = 0
         for items, outcomes in group:
             frame = outcome_frame(outcomes, items, now_ms=now_ms, lambda_arn=self.chain.lambda_arn,
                                   backup_all=self.backup_all)
@@ -404,11 +407,12 @@ class ProcessingStage:
             dropped += frame.dropped
             failed += frame.failed
             ok_bytes += frame.ok_bytes
+            nbytes += frame.nbytes
             count += len(outcomes)
         has_meta = metas.count(None) != len(metas)
         await self.out.append(
             records, group[0][0][0][2], meta=metas if has_meta else None, positions={"raw_end": end},
-            enforce_cap=False,
+            enforce_cap=False, nbytes=nbytes,
         )
         self.recorded_upto = end
         await self.ingest.commit_ranges([(start, end)])

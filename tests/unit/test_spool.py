@@ -327,6 +327,33 @@ def test_planned_reads_pick_scattered_records_from_disk_and_cache(tmp_path: Path
     run(go())
 
 
+def test_the_frame_cache_holds_what_its_limit_allows_and_frees_exactly_what_it_held(tmp_path: Path) -> None:
+    """Frames are cached while their records fit the cache's byte limit (a caller may give their
+    size, or the spool sums it); releasing them frees exactly their size, so later frames are
+    cached again."""
+
+    async def go() -> None:
+        sp = Spool(str(tmp_path), cache_bytes=100)
+        sp.open()
+        a = sp.append_records([b"x" * 30, b"y" * 30], 1)  # 60 bytes, summed here
+        b = sp.append_records([b"z" * 30], 1, nbytes=30)  # 90 in all
+        c = sp.append_records([b"w" * 20], 1)  # would make 110: on disk only
+        await sp.wait_durable()
+        assert [seq in sp._cache for seq in (a, b, c)] == [True, True, False]
+        sp.release_cache(a)
+        sp.release_cache(c)  # not cached: nothing to free
+        d = sp.append_records([b"v" * 70], 1)  # 30 + 70 fits again
+        assert d in sp._cache
+        sp.release_cache(b)
+        sp.release_cache(d)
+        assert sp.append_records([b"u" * 100], 1) in sp._cache  # 100 of 100: the limit is inclusive
+        frame = sp.frame_at(c)
+        assert frame is not None and frame.records == [b"w" * 20]  # read back from disk
+        await sp.aclose()
+
+    run(go())
+
+
 def test_a_position_set_to_none_is_forgotten_also_after_recovery(tmp_path: Path) -> None:
     async def go() -> None:
         sp = Spool(str(tmp_path), segment_size_bytes=4096)

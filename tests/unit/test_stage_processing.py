@@ -94,9 +94,9 @@ def test_an_outcome_frame_records_keys_errors_and_drops() -> None:
              (12, b"c", 300, None)]
     outs = [Outcome(0, b"A", query_keys={"c": "x"}, partition_keys={"c": "y"}), Outcome(0, b"A2"),
             Outcome(1, b"b").failed("Lambda.FunctionError", "boom"), Outcome(2, b"c", result="Dropped")]
-    records, metas, dropped, failed, ok_bytes = outcome_frame(outs, items, now_ms=999, lambda_arn=ARN,
-                                                              backup_all=True)
-    assert (dropped, failed, ok_bytes) == (1, 1, 3)
+    records, metas, dropped, failed, ok_bytes, nbytes = outcome_frame(outs, items, now_ms=999, lambda_arn=ARN,
+                                                                      backup_all=True)
+    assert (dropped, failed, ok_bytes, nbytes) == (1, 1, 3, sum(map(len, records)))
     assert records == [b"A", b"A2", b"b", b"a", b"b", b"c"]  # outcomes, then the source copies
     assert metas[0] == {"pk": {"partitionKeyFromQuery:c": "x", "partitionKeyFromLambda:c": "y"}}
     assert metas[1] is None
