@@ -242,11 +242,12 @@ def _started(job: _Job) -> None:
 def _settle(pool: WorkerPool, job: _Job, result: object, error: BaseException | None, release: bool) -> None:
     """On the loop: the answer, and a healthy worker nobody took from its thread back in the pool
     at once, before the awaiting invocation resumes: the next call is not kept waiting for that
-    turn of the loop."""
-    if job.answer.done():  # timed out or cancelled: the invocation disposes of the worker
-        return
-    if release:
+    turn of the loop. A worker whose call was abandoned (timed out or cancelled before this)
+    is the call's to dispose of."""
+    if release and not job.abandoned:
         pool._release(job)
+    if job.answer.done():
+        return
     if error is not None:
         job.answer.set_exception(error)
     else:
@@ -518,11 +519,17 @@ class WorkerPool:
             timer = asyncio.timeout(self.timeout_secs)
             try:
                 async with timer:
-                    await job.answer  # cancelled on a timeout: the thread's late answer is then ignored
+                    # Shielded: a timeout leaves the answer to come, for a worker that answered
+                    # just as the timeout fell (its thread may have passed it on already).
+                    await asyncio.shield(job.answer)
             except BaseException:
-                if timer.expired() and not self._keeps_worker(job):  # (one that answered in time keeps it)
-                    await self._timed_out(worker, job.finished)
-                if not job.answer.done() or job.answer.cancelled():
+                if timer.expired():
+                    if not self._keeps_worker(job):
+                        job.answer.cancel()  # a late answer is dropped
+                        await self._timed_out(worker, job.finished)
+                    await job.answer  # it answered in time: the answer is one loop call away
+                elif not job.answer.done():
+                    job.answer.cancel()
                     raise  # the invocation itself was cancelled
                 # else the roundtrip's own exception, raised below by answer.result()
             try:
