@@ -186,8 +186,9 @@ def _zip_decompress(view: memoryview) -> bytes:
 #
 # Raw blocks come from cramjam. python-snappy 0.7 is itself a thin layer over cramjam
 # (snappy.compress is bytes(cramjam.snappy.compress_raw(...))), so calling cramjam directly adds
-# nothing to install and saves a copy per block. cramjam releases the GIL while it compresses: on 8 MiB of JSON lines two threads reach ~1.75x the single-thread rate (~1.4 GB/s
-# each) and a pure-Python thread keeps over 90% of its speed alongside. The encoder (the Rust snap
+# nothing to install and saves a copy per block. cramjam releases the GIL while it compresses:
+# on 8 MiB of JSON lines two threads reach ~1.75x the single-thread rate (~1.4 GB/s each) and a
+# pure-Python thread keeps over 90% of its speed alongside. The encoder (the Rust snap
 # crate) emitted the same blocks as the C++ libsnappy behind snappy-java 1.1.8 in our comparisons.
 
 
