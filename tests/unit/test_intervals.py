@@ -41,6 +41,12 @@ def test_batches_of_scattered_fragments_merge_like_integers() -> None:
                 one_by_one.add(start, end)
             batched.add_many(batch)
             assert list(batched.ranges()) == as_ranges(reference) == list(one_by_one.ranges())
+            assert len(batched) == len(reference) == len(one_by_one)
+            below = rng.randrange(span)
+            batched.discard_below(below)
+            assert len(batched) == len({v for v in reference if v >= below})
+            batched = IntervalSet(batched.ranges())
+            batched.add_many(as_ranges(reference))
 
 
 def test_add_many_joins_neighbours_on_both_sides() -> None:
