@@ -509,7 +509,8 @@ class WorkerPool:
                 slot = await self._start_in_slot()
             job.worker = slot
         worker = cast(_Worker, job.worker)
-        worker.busy = True
+        if not running:  # (one passed on stays busy from the call before)
+            worker.busy = True
         try:
             if not running:
                 self._executor.submit(_answer_into, self, loop, job)
@@ -569,8 +570,10 @@ class WorkerPool:
                     self._line.remove(job)
                 job.abandoned = True
             if not waiting:
-                if job.worker is not None:  # started by a worker's thread: abandoned mid-invocation
-                    self._discard(job.worker)
+                if job.worker is not None:  # started by a worker's thread
+                    job.answer.cancel()  # a late answer is dropped
+                    if not self._keeps_worker(job):  # abandoned mid-invocation (else it answered and
+                        self._discard(job.worker)  # went back to the pool, or on to the next call)
                 elif job.claimed.done() and not job.claimed.cancelled():
                     self._give(job.claimed.result()[0])  # handed a slot it will not use
             raise
@@ -586,12 +589,16 @@ class WorkerPool:
         """(IPC thread) The next call in line, now running on ``job``'s worker; None when there
         is none, or ``job`` was abandoned (its worker is being killed) or the pool closed."""
         with self._line_lock:
-            if job.abandoned or self._closed or not self._line:
+            if job.abandoned or self._closed:
                 return None
-            nxt = self._line.popleft()
-            nxt.worker = job.worker
-            job.passed_on = True
-            return nxt
+            while self._line:
+                nxt = self._line.popleft()
+                if nxt.claimed.cancelled():  # its caller is leaving the line
+                    continue
+                nxt.worker = job.worker
+                job.passed_on = True
+                return nxt
+            return None
 
     def _release(self, job: _Job) -> None:
         """(On the loop, from _settle: the worker answered.)"""

@@ -891,6 +891,36 @@ def test_a_call_cancelled_in_line_costs_no_worker(
     assert worker_pids(pool) == before  # the cancelled call never ran: no worker was killed for it
 
 
+def test_a_call_cancelled_after_its_worker_moved_on_leaves_that_worker_alone(
+    loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
+) -> None:
+    """A call the worker's thread took from the line, ran and passed on, cancelled before its
+    caller resumed: the worker now runs the next call and must not be killed for it."""
+    pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=10.0)
+    before = worker_pids(pool)
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(pool.call(event_for(b"0.3"), context_fields()))
+        quick = asyncio.ensure_future(pool.call(event_for(b"0", b"quick"), context_fields()))
+        last = asyncio.ensure_future(pool.call(event_for(b"0.5", b"last"), context_fields()))
+        await asyncio.sleep(0.1)
+
+        def hold_the_loop() -> None:
+            # Meanwhile the worker answers the first call, runs the quick one and goes on to the
+            # last, all in its IPC thread; the quick call's caller is cancelled before it resumes.
+            time.sleep(0.6)
+            quick.cancel()
+
+        loop.call_soon(hold_the_loop)
+        return list(await asyncio.gather(first, quick, last, return_exceptions=True))
+
+    first, quick, last = loop.run_until_complete(scenario())
+    assert first == identity(event_for(b"0.3"))
+    assert isinstance(quick, asyncio.CancelledError)
+    assert last == identity(event_for(b"0.5", b"last"))
+    assert worker_pids(pool) == before
+
+
 def test_close_is_bounded_and_fails_pending_calls(loop: asyncio.AbstractEventLoop) -> None:
     pool = WorkerPool("handlers.sleeps:handler", processes=1, timeout_secs=60)
 
