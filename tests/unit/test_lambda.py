@@ -870,25 +870,36 @@ def test_a_call_taken_in_the_ipc_thread_still_times_out_alone(
     assert worker_pids(pool) and not worker_pids(pool) & before
 
 
+def run_three_calls_cancelling_the_middle_one(
+    loop: asyncio.AbstractEventLoop, pool: WorkerPool, first_secs: bytes, last_secs: bytes,
+    cancel: Callable[[asyncio.Future[object]], Awaitable[None]],
+) -> None:
+    """Three calls on a one-worker pool, the middle one (no sleep) cancelled by ``cancel``: the
+    other two are answered, and the worker is the same throughout."""
+    before = worker_pids(pool)
+    events = [event_for(first_secs), event_for(b"0", b"middle"), event_for(last_secs, b"last")]
+
+    async def scenario() -> list[object]:
+        tasks = [asyncio.ensure_future(pool.call(e, context_fields())) for e in events]
+        await cancel(tasks[1])
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    first, middle, last = loop.run_until_complete(scenario())
+    assert first == identity(events[0])
+    assert isinstance(middle, asyncio.CancelledError)
+    assert last == identity(events[2])
+    assert worker_pids(pool) == before
+
+
 def test_a_call_cancelled_in_line_costs_no_worker(
     loop: asyncio.AbstractEventLoop, pools: dict[str, WorkerPool]
 ) -> None:
+    async def while_waiting(middle: asyncio.Future[object]) -> None:
+        await asyncio.sleep(0.2)  # the first call runs for 0.5 s: the middle one is in line
+        middle.cancel()
+
     pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=10.0)
-    before = worker_pids(pool)
-
-    async def scenario() -> list[object]:
-        first = asyncio.ensure_future(pool.call(event_for(b"0.5"), context_fields()))
-        waiting = asyncio.ensure_future(pool.call(event_for(b"0", b"cancelled"), context_fields()))
-        last = asyncio.ensure_future(pool.call(event_for(b"0", b"last"), context_fields()))
-        await asyncio.sleep(0.2)
-        waiting.cancel()
-        return list(await asyncio.gather(first, waiting, last, return_exceptions=True))
-
-    first, waiting, last = loop.run_until_complete(scenario())
-    assert first == identity(event_for(b"0.5"))
-    assert isinstance(waiting, asyncio.CancelledError)
-    assert last == identity(event_for(b"0", b"last"))
-    assert worker_pids(pool) == before  # the cancelled call never ran: no worker was killed for it
+    run_three_calls_cancelling_the_middle_one(loop, pool, b"0.5", b"0", while_waiting)
 
 
 def test_a_call_cancelled_after_its_worker_moved_on_leaves_that_worker_alone(
@@ -896,29 +907,20 @@ def test_a_call_cancelled_after_its_worker_moved_on_leaves_that_worker_alone(
 ) -> None:
     """A call the worker's thread took from the line, ran and passed on, cancelled before its
     caller resumed: the worker now runs the next call and must not be killed for it."""
-    pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=10.0)
-    before = worker_pids(pool)
 
-    async def scenario() -> list[object]:
-        first = asyncio.ensure_future(pool.call(event_for(b"0.3"), context_fields()))
-        quick = asyncio.ensure_future(pool.call(event_for(b"0", b"quick"), context_fields()))
-        last = asyncio.ensure_future(pool.call(event_for(b"0.5", b"last"), context_fields()))
+    async def before_it_resumes(middle: asyncio.Future[object]) -> None:
         await asyncio.sleep(0.1)
 
         def hold_the_loop() -> None:
-            # Meanwhile the worker answers the first call, runs the quick one and goes on to the
-            # last, all in its IPC thread; the quick call's caller is cancelled before it resumes.
+            # Meanwhile the worker answers the first call (0.3 s), runs the middle one and goes
+            # on to the last, all in its IPC thread; the middle caller is cancelled before it resumes.
             time.sleep(0.6)
-            quick.cancel()
+            middle.cancel()
 
-        loop.call_soon(hold_the_loop)
-        return list(await asyncio.gather(first, quick, last, return_exceptions=True))
+        asyncio.get_running_loop().call_soon(hold_the_loop)
 
-    first, quick, last = loop.run_until_complete(scenario())
-    assert first == identity(event_for(b"0.3"))
-    assert isinstance(quick, asyncio.CancelledError)
-    assert last == identity(event_for(b"0.5", b"last"))
-    assert worker_pids(pool) == before
+    pool = pool_for(pools, loop, "handlers.sleeps:handler", timeout_secs=10.0)
+    run_three_calls_cancelling_the_middle_one(loop, pool, b"0.3", b"0.5", before_it_resumes)
 
 
 def test_close_is_bounded_and_fails_pending_calls(loop: asyncio.AbstractEventLoop) -> None:
