@@ -198,9 +198,9 @@ class _Job:
         self.roundtrip = roundtrip
         self.fields = fields  # the context fields; ``deadline_ms`` is added as the job starts
         self.answer = answer
-        # (slot, running): a worker or an empty slot handed over on the loop, or (worker, True)
-        # when an IPC thread has already started the job on its worker.
-        self.claimed: asyncio.Future[tuple[_Worker | None, bool]] = answer.get_loop().create_future()
+        # A worker or an empty slot handed over on the loop, or the worker whose IPC thread has
+        # already started the job (``worker`` is set then, and only then, before it is claimed).
+        self.claimed: asyncio.Future[_Worker | None] = answer.get_loop().create_future()
         self.worker: _Worker | None = None
         self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()  # its roundtrip returned
         self.released = False  # the worker went back to the pool as the answer was settled
@@ -236,7 +236,7 @@ def _answer_into(pool: WorkerPool, loop: asyncio.AbstractEventLoop, job: _Job) -
 
 def _started(job: _Job) -> None:
     if not job.claimed.done():
-        job.claimed.set_result((job.worker, True))
+        job.claimed.set_result(job.worker)
 
 
 def _settle(pool: WorkerPool, job: _Job, result: object, error: BaseException | None, release: bool) -> None:
@@ -500,7 +500,8 @@ class WorkerPool:
                 raise LambdaInvocationError(FUNCTION_ERROR, f"Runtime.ImportModuleError: {exc}") from None
         loop = asyncio.get_running_loop()
         job = _Job(roundtrip, {k: v for k, v in context_fields.items() if k in CONTEXT_FIELDS}, loop.create_future())
-        slot, running = await self._claim(job)
+        slot = await self._claim(job)
+        running = job.worker is not None  # started by a worker's IPC thread (busy from the call before)
         if not running:
             if self._closed:
                 self._give(slot)  # the wake-up goes on to the next call in line
@@ -508,9 +509,8 @@ class WorkerPool:
             if slot is None:
                 slot = await self._start_in_slot()
             job.worker = slot
+            slot.busy = True
         worker = cast(_Worker, job.worker)
-        if not running:  # (one passed on stays busy from the call before)
-            worker.busy = True
         try:
             if not running:
                 self._executor.submit(_answer_into, self, loop, job)
@@ -554,11 +554,12 @@ class WorkerPool:
                 worker.busy = False
                 self._discard(worker)
 
-    async def _claim(self, job: _Job) -> tuple[_Worker | None, bool]:
+    async def _claim(self, job: _Job) -> _Worker | None:
         """A free slot for ``job`` (FIFO): at once when one is idle, else when a worker passes
-        itself on (the job is then running already) or a slot is given back on the loop."""
+        itself on (the job is then running already: ``job.worker`` is set) or a slot is given
+        back on the loop."""
         if not self._idle.empty():
-            return self._idle.get_nowait(), False
+            return self._idle.get_nowait()
         with self._line_lock:
             self._line.append(job)
         try:
@@ -568,14 +569,13 @@ class WorkerPool:
                 waiting = job in self._line
                 if waiting:
                     self._line.remove(job)
-                job.abandoned = True
             if not waiting:
                 if job.worker is not None:  # started by a worker's thread
                     job.answer.cancel()  # a late answer is dropped
                     if not self._keeps_worker(job):  # abandoned mid-invocation (else it answered and
                         self._discard(job.worker)  # went back to the pool, or on to the next call)
                 elif job.claimed.done() and not job.claimed.cancelled():
-                    self._give(job.claimed.result()[0])  # handed a slot it will not use
+                    self._give(job.claimed.result())  # handed a slot it will not use
             raise
 
     def _keeps_worker(self, job: _Job) -> bool:
@@ -619,7 +619,7 @@ class WorkerPool:
                 self._idle.put_nowait(slot)
                 return
             if not job.claimed.done():  # (cancelled: its caller is leaving the line)
-                job.claimed.set_result((slot, False))
+                job.claimed.set_result(slot)
                 return
 
     async def _timed_out(self, worker: _Worker, finished: concurrent.futures.Future[None]) -> NoReturn:

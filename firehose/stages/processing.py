@@ -47,6 +47,15 @@ Item = tuple[int, bytes, int, Any]
 GROUP_BYTES = 8 << 20
 
 
+class _InChain(NamedTuple):
+    """A processing buffer handed to the chain: its records, their size, and the chain's task."""
+
+    items: list[Item]
+    sources: list[SourceRecord]
+    nbytes: int
+    task: asyncio.Task[Any]
+
+
 class OutcomeFrame(NamedTuple):
     """What :func:`outcome_frame` records, and what it counted on the way."""
 
@@ -242,7 +251,7 @@ class ProcessingStage:
         processing at once (Firehose keeps up to 5 invocations outstanding per shard); the
         recorder records their outcomes strictly in order."""
         depth = max(2, self.chain.concurrency)
-        queue: asyncio.Queue[tuple[list[Item], list[Any], int, asyncio.Task[Any]]] = asyncio.Queue(maxsize=depth)
+        queue: asyncio.Queue[_InChain] = asyncio.Queue(maxsize=depth)
         recorder = asyncio.get_running_loop().create_task(self._record_loop(queue), name=f"recorder-{self.name}")
         buf = _Buffer()
         try:
@@ -262,7 +271,7 @@ class ProcessingStage:
         finally:
             recorder.cancel()
             while not queue.empty():
-                queue.get_nowait()[3].cancel()
+                queue.get_nowait().task.cancel()
             await asyncio.gather(recorder, return_exceptions=True)
 
     def _due(self, buf: _Buffer) -> bool:
@@ -284,7 +293,7 @@ class ProcessingStage:
                 pass
         self.signals.processing.clear()
 
-    async def _fill(self, queue: asyncio.Queue[Any], buf: _Buffer) -> None:
+    async def _fill(self, queue: asyncio.Queue[_InChain], buf: _Buffer) -> None:
         """Read ingested records into the buffer, submitting it whenever it reaches the size hint.
         Outcomes wait on disk like records do: stop reading when the batcher is far behind."""
         limit = self.chain.buffer_size_bytes
@@ -311,10 +320,10 @@ class ProcessingStage:
             # between frames, or a backlog of ingested frames is read in one long stretch.
             await asyncio.sleep(0)
 
-    async def _submit(self, queue: asyncio.Queue[Any], items: list[Item], sources: list[SourceRecord],
+    async def _submit(self, queue: asyncio.Queue[_InChain], items: list[Item], sources: list[SourceRecord],
                       nbytes: int) -> None:
         task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
-        await queue.put((items, sources, nbytes, task))
+        await queue.put(_InChain(items, sources, nbytes, task))
 
     async def _run_chain(self, items: list[Item], sources: list[Any]) -> list[Any]:
         t0 = time.monotonic()
@@ -340,31 +349,31 @@ class ProcessingStage:
         return outcomes
 
     # ------------------------------------------------------------------ recording
-    async def _record_loop(self, queue: asyncio.Queue[Any]) -> None:
+    async def _record_loop(self, queue: asyncio.Queue[_InChain]) -> None:
         """Record outcomes in order. Buffers the chain finished while the previous frame was being
         made durable are recorded together, as one frame and one fsync: a stream whose
         processing keeps several buffers in flight is not held to one fsync per buffer."""
-        head: tuple[list[Item], list[SourceRecord], int, asyncio.Task[Any]] | None = None
+        head: _InChain | None = None
         while True:
             if head is None:
                 head = await queue.get()
-            group = [await self._outcomes_of(head[0], head[1], head[3])]
-            size = head[2]
+            group = [await self._outcomes_of(head)]
+            size = head.nbytes
             head = None
             while size < GROUP_BYTES and not queue.empty():
                 entry = queue.get_nowait()
-                if not entry[3].done():
+                if not entry.task.done():
                     head = entry  # still in the chain: it starts the next group
                     break
-                group.append(await self._outcomes_of(entry[0], entry[1], entry[3]))
-                size += entry[2]
-            await self._record_reliably([(items, outcomes) for items, _sources, outcomes in group])
+                group.append(await self._outcomes_of(entry))
+                size += entry.nbytes
+            await self._record_reliably(group)
 
-    async def _outcomes_of(self, items: list[Item], sources: list[SourceRecord],
-                           task: asyncio.Task[Any]) -> tuple[list[Item], list[SourceRecord], list[Any]]:
+    async def _outcomes_of(self, entry: _InChain) -> tuple[list[Item], list[Any]]:
+        items, sources, _nbytes, task = entry
         while True:
             try:
-                return items, sources, await task
+                return items, await task
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug in a stage: run the same buffer again, in order
