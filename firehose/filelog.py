@@ -27,6 +27,7 @@ from firehose.config import SpoolConfig
 from firehose.intervals import IntervalSet
 from firehose.log import (
     PROCESSED,
+    FrameFile,
     Log,
     LogBusyError,
     LogError,
@@ -192,6 +193,9 @@ class FileLog:
 
     def sizes_at(self, seq: int) -> SizedFrame | None:
         return self._spool.sizes_at(seq)
+
+    def frame_file(self, seq: int) -> FrameFile | None:
+        return self._spool.frame_file(seq)
 
     def arrival_of(self, seq: int) -> int | None:
         frame = self._spool.frame_at(seq)

@@ -45,6 +45,7 @@ import orjson
 
 from firehose.intervals import IntervalSet, Ranges
 from firehose.log import (
+    FrameFile,
     LogError,
     LogFencedError,
     LogFullError,
@@ -534,6 +535,9 @@ class JetStreamLog:
 
     def sizes_at(self, seq: int) -> SizedFrame | None:
         return None  # a message is fetched whole: its sizes cost what its records do
+
+    def frame_file(self, seq: int) -> FrameFile | None:
+        return None  # in the JetStream server
 
     async def read_frame(self, seq: int) -> RecordFrame | None:
         i = self._locate(seq)

@@ -32,7 +32,7 @@ import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from firehose.intervals import IntervalSet
 
@@ -93,6 +93,17 @@ class SizedFrame:
     @property
     def end_seq(self) -> int:
         return self.first_seq + self.count
+
+
+class FrameFile(NamedTuple):
+    """Where a RECORDS frame is stored (:meth:`Log.frame_file`): its payload is ``length`` bytes
+    at ``offset`` of the file at ``path``, and holds records ``[first_seq, end_seq)``."""
+
+    path: str
+    offset: int
+    length: int
+    first_seq: int
+    end_seq: int
 
 
 @dataclass
@@ -176,6 +187,12 @@ class Log(Protocol):
         """The frame holding record ``seq`` by its records' sizes, when that is much cheaper than
         :meth:`read_frame` (the frame is no longer in memory, and carries no per-record
         metadata); None otherwise. Its records stay readable by :meth:`read_records`."""
+
+    def frame_file(self, seq: int) -> FrameFile | None:
+        """Where the frame holding record ``seq`` is stored, for another process on this machine
+        to read it (written already, maybe not yet durable); None when the log keeps no frames in
+        local files, or ``seq`` is outside ``[min_seq, next_seq)``. The file is not removed while
+        the record is uncommitted."""
 
     def arrival_of(self, seq: int) -> int | None:
         """The arrival time (ms) of record ``seq`` (None outside ``[min_seq, next_seq)``), for

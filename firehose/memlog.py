@@ -16,6 +16,7 @@ from typing import Any
 
 from firehose.intervals import IntervalSet
 from firehose.log import (
+    FrameFile,
     Log,
     LogError,
     LogFencedError,
@@ -180,6 +181,9 @@ class MemoryLog:
 
     def sizes_at(self, seq: int) -> SizedFrame | None:
         return None  # every frame is in memory
+
+    def frame_file(self, seq: int) -> FrameFile | None:
+        return None
 
     def arrival_of(self, seq: int) -> int | None:
         frame = self._frame(seq)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import itertools
 import os
 import struct
@@ -52,7 +53,7 @@ import orjson
 import structlog
 
 from firehose.intervals import IntervalSet, Ranges
-from firehose.log import RecordFrame, RecoveryState, SealedBatch, SizedFrame
+from firehose.log import FrameFile, RecordFrame, RecoveryState, SealedBatch, SizedFrame
 from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, ... are re-exported)
     _DURABLE,
     _FRAME_HEADER,
@@ -512,9 +513,7 @@ class Spool:
                 fut.set_result(None)
         self._waiters = still
 
-    def _fsync_all(
-        self, fds: list[int], closing: list[int], dir_dirty: bool, unlinks: list[str] | None = None
-    ) -> None:
+    def _fsync_all(self, fds: list[int], closing: list[int], dir_dirty: bool, unlinks: list[str] | None = None) -> None:
         for fd in closing:
             os.fsync(fd)
             os.close(fd)
@@ -525,10 +524,8 @@ class Spool:
         if unlinks:
             # Only now are the commits (and a rolled-over segment's successor) on disk.
             for path in unlinks:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                except FileNotFoundError:
-                    pass
             self._fsync_dir()
 
     def _fsync_dir(self) -> None:
@@ -568,15 +565,20 @@ class Spool:
         i = self._frame_index(seq)
         if i < 0:
             return None
-        ref = _FrameRef(
-            self._frame_segs[i], self._frame_offsets[i], self._frame_lengths[i], self._frame_starts[i],
-            self._frame_ends[i],
-        )
-        cached = self._cache.get(ref.first_seq)
+        cached = self._cache.get(self._frame_starts[i])
         if cached is not None:
             return cached
-        frame, _ = decode_records_payload(self._read_payload(ref))
+        frame, _ = decode_records_payload(os.pread(self._read_fd(self._frame_segs[i]), self._frame_lengths[i],
+                                                   self._frame_offsets[i] + _FRAME_HEADER.size))
         return frame
+
+    def frame_file(self, seq: int) -> FrameFile | None:
+        """Where the RECORDS frame holding ``seq`` is (:meth:`firehose.log.Log.frame_file`)."""
+        i = self._frame_index(seq)
+        if i < 0:
+            return None
+        return FrameFile(self._segments[self._frame_segs[i]].path, self._frame_offsets[i] + _FRAME_HEADER.size,
+                         self._frame_lengths[i], self._frame_starts[i], self._frame_ends[i])
 
     def release_below(self, seq: int) -> None:
         """The reader has consumed every record below ``seq``: drop the frames it passed from the
@@ -611,9 +613,6 @@ class Spool:
             fd = os.open(self._segments[segment].path, os.O_RDONLY)
             self._read_fds[segment] = fd
         return fd
-
-    def _read_payload(self, ref: _FrameRef) -> bytes:
-        return os.pread(self._read_fd(ref.segment), ref.length, ref.offset + _FRAME_HEADER.size)
 
     def _length_table(self, fd: int, offset: int, first: int, count: int) -> array[int]:
         """The file offsets of the records of the frame at ``offset`` (record k spans

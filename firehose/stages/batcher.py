@@ -30,7 +30,7 @@ from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import Destination, archive_of, partitioned_keys
-from firehose.log import Log, LogError, RecordFrame, SealedBatch, SizedFrame
+from firehose.log import FrameFile, Log, LogError, RecordFrame, SealedBatch, SizedFrame
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
 from firehose.stages.archiver import error_record_line
 from firehose.stages.common import OpenBuffer, PendingBatch, StageContext, log_failure
@@ -79,8 +79,9 @@ class Batcher:
         self.inline = inline
         self._inline_frame: tuple[int, FrameMetas] | None = None  # (first_seq, metadata)
         # The next frames, their extractions under way: first_seq -> (the worker's answer to
-        # come, None if extracted here when routed; the frame), in order.
-        self._inline_next: dict[int, tuple[asyncio.Future[Any] | None, RecordFrame]] = {}
+        # come, None if extracted here when routed; the frame read already, or where it is stored
+        # when the worker reads it from there), in order.
+        self._inline_next: dict[int, tuple[asyncio.Future[Any] | None, RecordFrame | FrameFile]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, cursor: int) -> None:
@@ -198,7 +199,8 @@ class Batcher:
                     if not await self._pump_frame(sized):
                         return
                     continue
-            frame = ahead[1] if ahead is not None else await spool.read_frame(self.cursor)
+            known = ahead[1] if ahead is not None else None  # read ahead, or only located
+            frame = known if isinstance(known, RecordFrame) else await spool.read_frame(self.cursor)
             if frame is None:  # pragma: no cover - the index always covers [min_seq, next_seq)
                 self.log.error("spool_gap", seq=self.cursor)
                 self.cursor += 1
@@ -252,7 +254,7 @@ class Batcher:
         buffered without an await. Returns False when it stopped for lack of room (the cursor
         marks where)."""
         sealed = self.out.sealed
-        metas, codes = await self._frame_metas(frame)
+        metas, codes, extracted = await self._frame_metas(frame)
         # The partition each code was admitted to, until the next await (a seal closes buffers,
         # and a delivery can free the guard's room): records of an open partition need no check.
         admitted: dict[int, Partition] = {}
@@ -264,7 +266,7 @@ class Batcher:
         # Records sealed before a restart are skipped; a frame with none is not searched record by record.
         nxt = sealed.next_start_after(self.cursor - 1)
         check_sealed = self.cursor in sealed or (nxt is not None and nxt < frame.end_seq)
-        if not start and not check_sealed and self._route_whole(frame, metas, codes):
+        if not start and not check_sealed and self._route_whole(frame, extracted):
             self.cursor = frame.end_seq
             self.out.reader_passed(self.cursor)
             return True
@@ -298,61 +300,51 @@ class Batcher:
         self.out.reader_passed(self.cursor)
         return True
 
-    async def _frame_metas(self, frame: RecordFrame) -> tuple[list[Any] | None, Sequence[int] | None]:
+    async def _frame_metas(
+        self, frame: RecordFrame,
+    ) -> tuple[list[Any] | None, Sequence[int] | None, FrameMetas | None]:
         """The frame's metadata, and with inline extraction a code per record: record ``i``'s
-        metadata is ``metas[codes[i]]`` (None: ``metas[i]``)."""
+        metadata is ``metas[codes[i]]`` (None: ``metas[i]``), with the extraction itself."""
         if self.inline is None:
-            return frame.meta, None
+            return frame.meta, None, None
         extracted = await self._inline_metas(frame)
-        return extracted.distinct, extracted.codes
+        return extracted.distinct, extracted.codes, extracted
 
-    def _route_whole(self, frame: RecordFrame, metas: list[Any] | None, codes: Sequence[int] | None) -> bool:
+    def _route_whole(self, frame: RecordFrame, extracted: FrameMetas | None) -> bool:
         """Buffer a whole frame of inline-extracted records a partition at a time, when none of
         them needs the per-record path: each goes to a partition whose buffer is open and keeps
         room after all of the frame's records for it, within the memory budget. The buffers end
         as the per-record path would leave them (each partition's records in order); no seal is
         due and nothing awaits. False (nothing buffered) otherwise."""
         router = self.router
-        if metas is None or codes is None or not router.partitioning:
+        if extracted is None or not router.partitioning:
             return False
-        by_code: dict[int, list[int]] = {}  # code -> its records' indices, in order
-        for i, code in enumerate(codes):
-            picked = by_code.get(code)
-            if picked is None:
-                by_code[code] = [i]
-            else:
-                picked.append(i)
         # Several codes may lead to one partition (records extracted one by one, a query key the
         # Prefix does not use): their records are merged back into record order.
-        groups: dict[Partition, list[int]] = {}
+        groups: dict[Partition, tuple[list[int], int]] = {}
         merged: set[Partition] = set()
-        for code, picked in by_code.items():
-            meta = metas[code]
+        for meta, picked, nbytes in zip(extracted.distinct, extracted.picked, extracted.sizes, strict=True):
             ident = None if RecordMeta.routed(meta) else router.partition_of(meta)
             if ident is None or router.buffer(ident) is None:
                 return False  # failed, a source copy, a missing key, or not open: record by record
             have = groups.get(ident)
             if have is None:
-                groups[ident] = picked
+                groups[ident] = (picked, nbytes)
             else:
-                have.extend(picked)
+                groups[ident] = (have[0] + picked, have[1] + nbytes)
                 merged.add(ident)
         for ident in merged:
-            groups[ident].sort()
-        records = frame.records
-        plan: list[tuple[Partition, list[int], int]] = []
+            groups[ident][0].sort()
         total = 0
-        for ident, picked in groups.items():
+        for ident, (_picked, nbytes) in groups.items():
             buf = router.buffer(ident)
             assert buf is not None
-            nbytes = sum([len(records[i]) for i in picked])
             if buf.nbytes + nbytes >= self.size_limit:  # it would fill: sealed mid-frame
                 return False
-            plan.append((ident, picked, nbytes))
             total += nbytes
-        if not router.fits(total, len(records)):
+        if not router.fits(total, len(frame.records)):
             return False
-        for ident, picked, nbytes in plan:
+        for ident, (picked, nbytes) in groups.items():
             router.add_picked(ident, frame, picked, nbytes)
         return True
 
@@ -375,16 +367,17 @@ class Batcher:
                 ahead.clear()
                 break
             ahead.pop(first)  # passed (skipped, or read again)
-        sent = entry[0] if entry is not None else self.inline.start(frame.records, frame.meta, frame.arrival_ms)
+        sent = entry[0] if entry is not None else self.inline.start(self.out.frame_file(frame.first_seq) or frame)
         nxt = frame.end_seq
         for later in ahead.values():
             nxt = later[1].end_seq
         depth = INLINE_AHEAD if self.inline.processes else 0  # no worker: nothing to read ahead for
         while len(ahead) < depth and nxt < self.out.next_seq:
-            after = await self.out.read_frame(nxt)
+            # Where the frame is stored is enough when the worker reads it; else it is read here.
+            after = self.out.frame_file(nxt) or await self.out.read_frame(nxt)
             if after is None or after.first_seq != nxt:
                 break
-            ahead[nxt] = (self.inline.start(after.records, after.meta, after.arrival_ms), after)
+            ahead[nxt] = (self.inline.start(after), after)
             nxt = after.end_seq
         metas = await self.inline.finish(sent, frame.records, frame.meta, frame.arrival_ms)
         self._inline_frame = (frame.first_seq, metas)

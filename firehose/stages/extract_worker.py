@@ -1,5 +1,6 @@
 """The extraction worker: one child process per daemon that runs :func:`extract_frame` for every
-stream extracting partition keys inline (``firehose/stages/inline.py``).
+stream extracting partition keys inline (``firehose/stages/inline.py``). A frame in a spool file
+is read by the worker itself (``extract_stored``): the daemon sends where it is, not its records.
 
 The daemon talks to it over the child's stdin and stdout, read and written by the daemon's own
 event loop (an asyncio subprocess protocol): a request is written when the batcher asks for a
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import structlog
@@ -83,7 +85,9 @@ def serve(parent: int) -> None:
     """The worker's loop: read a request, extract, answer; return at the end of the input."""
     import signal
 
-    from firehose.stages.inline import extract_frame
+    from firehose.stages.inline import RECORDS, STORED, extract_frame, extract_stored
+
+    calls: dict[str, Callable[..., Any]] = {RECORDS: extract_frame, STORED: extract_stored}
 
     # Ctrl-C and systemd's stop reach the whole process group; the daemon decides when this ends
     # (the end of its input, or SIGKILL), so frames in flight at a graceful stop are answered.
@@ -105,7 +109,8 @@ def serve(parent: int) -> None:
         if body is None:
             return
         try:
-            answer: tuple[bool, Any] = (True, extract_frame(*pickle.loads(body)))
+            call, *args = pickle.loads(body)
+            answer: tuple[bool, Any] = (True, calls[call](*args))
         except Exception as exc:  # noqa: BLE001 - reported to the daemon, which extracts itself
             answer = (False, f"{type(exc).__name__}: {exc}")
         data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
@@ -263,8 +268,9 @@ class SharedWorker:
         self._fail(f"the extraction worker exited {when} (exit status {code})")
 
     def submit(self, *args: Any) -> asyncio.Future[Any]:
-        """Send one :func:`extract_frame` call; the future is its answer, ``(True, result)`` or
-        ``(False, error)``, or fails with :class:`WorkerFailed`. Only while :attr:`ready`."""
+        """Send one call (its name, :data:`~firehose.stages.inline.RECORDS` or ``STORED``, and
+        arguments); the future is its answer, ``(True, result)`` or ``(False, error)``, or fails
+        with :class:`WorkerFailed`. Only while :attr:`ready`."""
         pipes = self.pipes
         assert pipes is not None and pipes.transport is not None and self._loop is not None
         stdin = pipes.transport.get_pipe_transport(0)

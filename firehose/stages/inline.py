@@ -38,8 +38,10 @@ from typing import Any, NamedTuple
 import structlog
 
 from firehose.config import StreamConfig
+from firehose.log import FrameFile, LogError, RecordFrame
 from firehose.records import Outcome, RecordMeta
 from firehose.registry import METADATA_EXTRACTION, QUERY_KEYS, load
+from firehose.spool_format import decode_records_payload
 from firehose.stages.common import StageContext
 from firehose.stages.extract_worker import ANSWER_TIMEOUT_SECS, SharedWorker, WorkerFailed
 from firehose.stages.processing import QUERY_KEY, outcome_meta
@@ -49,6 +51,9 @@ _INLINE_TYPES = frozenset(("metadata_extraction", "append_delimiter"))
 POOL_MIN_RECORDS = 64
 #: Worker processes for extraction: one, where there is a second core.
 POOL_PROCESSES = 1 if (os.cpu_count() or 1) > 1 else 0
+
+#: The worker's two calls: a frame's records sent, or where the frame is stored.
+RECORDS, STORED = "records", "stored"
 
 log = structlog.get_logger()
 
@@ -68,13 +73,17 @@ def inline_query(config: StreamConfig, *, backup_all: bool, converter: Any, left
 
 class FrameMetas(NamedTuple):
     """A frame's metadata, compact: record ``i``'s is ``distinct[codes[i]]`` (records of one
-    partition share one entry), with what the extraction counted."""
+    partition share one entry), with what the extraction counted. ``picked[c]`` lists the records
+    of code ``c`` in order, ``sizes[c]`` their bytes: the batcher buffers a frame a partition at a
+    time without touching its records again."""
 
     distinct: list[Any]
     codes: array[int]
     extracted: int  # records extracted (not those a source had failed already)
     failed: int
     ok_bytes: int  # bytes of the records that passed
+    picked: list[list[int]]
+    sizes: list[int]
 
     def expand(self) -> list[Any]:
         """Each record's metadata."""
@@ -93,6 +102,15 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
     through ``metadata_extraction`` itself, which decides their keys or their error."""
     codes = array("I", [0]) * len(records)
     distinct: list[Any] = []
+    picked: list[list[int]] = []
+    sizes: list[int] = []
+
+    def alone(i: int, meta: Any) -> None:  # a record with metadata of its own
+        codes[i] = len(distinct)
+        distinct.append(meta)
+        picked.append([i])
+        sizes.append(len(records[i]))
+
     todo = list(range(len(records)))
     if source is not None:
         todo = []
@@ -100,8 +118,7 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
             if RecordMeta.error(meta) is None:
                 todo.append(i)
             else:  # failed before: kept
-                codes[i] = len(distinct)
-                distinct.append(meta)
+                alone(i, meta)
     plain = load(QUERY_KEYS)([records[i] for i in todo], query, QUERY_KEY)
     ok_bytes = 0
     rest = todo
@@ -117,8 +134,13 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
             if code is None:
                 code = shared[ident] = len(distinct)
                 distinct.append(RecordMeta.keyed(keys))
+                picked.append([])
+                sizes.append(0)
             codes[i] = code
-            ok_bytes += len(records[i])
+            picked[code].append(i)
+            n = len(records[i])
+            sizes[code] += n
+            ok_bytes += n
     failed = 0
     for o in load(METADATA_EXTRACTION)([Outcome(k, records[i]) for k, i in enumerate(rest)], query) if rest else ():
         i = rest[o.source]
@@ -126,10 +148,25 @@ def extract_frame(query: str, records: list[bytes], source: list[Any] | None, ar
             ok_bytes += len(o.data)
         else:
             failed += 1
-        codes[i] = len(distinct)
-        distinct.append(outcome_meta(o, (i, records[i], arrival_ms, source[i] if source is not None else None),
-                                     now_ms, None))
-    return FrameMetas(distinct, codes, len(todo), failed, ok_bytes)
+        alone(i, outcome_meta(o, (i, records[i], arrival_ms, source[i] if source is not None else None), now_ms, None))
+    return FrameMetas(distinct, codes, len(todo), failed, ok_bytes, picked, sizes)
+
+
+def extract_stored(query: str, where: FrameFile, now_ms: int) -> FrameMetas:
+    """:func:`extract_frame` of the frame stored at ``where`` (read here: run in the worker
+    process, it spares the daemon sending the records). Raises when the file does not hold
+    that frame."""
+    fd = os.open(where.path, os.O_RDONLY)
+    try:
+        payload = os.pread(fd, where.length, where.offset)
+    finally:
+        os.close(fd)
+    if len(payload) != where.length:
+        raise LogError(f"{where.path}: the frame of record {where.first_seq} is cut short")
+    frame, _ = decode_records_payload(payload)
+    if (frame.first_seq, frame.end_seq) != (where.first_seq, where.end_seq):
+        raise LogError(f"{where.path}: the frame at {where.offset} is not that of record {where.first_seq}")
+    return extract_frame(query, frame.records, frame.meta, frame.arrival_ms, now_ms)
 
 
 _worker = SharedWorker()
@@ -171,16 +208,19 @@ class InlineExtraction:
         self._m_ok.inc(out.extracted - out.failed)
         self._m_ok_bytes.inc(out.ok_bytes)
 
-    def start(self, records: list[bytes], source: list[Any] | None, arrival_ms: int) -> asyncio.Future[Any] | None:
+    def start(self, frame: RecordFrame | FrameFile) -> asyncio.Future[Any] | None:
         """Send the frame to the worker process when it is large enough and the worker is up (see
-        the module docstring); :meth:`finish` gives its metadata. None: extracted here, then."""
-        if not self.processes or len(records) < POOL_MIN_RECORDS:
+        the module docstring): where it is stored when the log says (the worker reads it), else
+        its records. :meth:`finish` gives its metadata. None: extracted here, then."""
+        if not self.processes or frame.end_seq - frame.first_seq < POOL_MIN_RECORDS:
             return None
         _worker.acquire(self)
         if not _worker.ready:
             return None
         try:
-            return _worker.submit(self.query, records, source, arrival_ms, self.clock.now_ms())
+            if isinstance(frame, FrameFile):
+                return _worker.submit(STORED, self.query, frame, self.clock.now_ms())
+            return _worker.submit(RECORDS, self.query, frame.records, frame.meta, frame.arrival_ms, self.clock.now_ms())
         except WorkerFailed as exc:
             log.warning("extraction_worker_failed", stream=self.name, error=str(exc))
             return None
@@ -207,7 +247,8 @@ class InlineExtraction:
 
     async def frame_metas(self, records: list[bytes], source: list[Any] | None, arrival_ms: int) -> FrameMetas:
         """The records' metadata, from the worker process or extracted here."""
-        return await self.finish(self.start(records, source, arrival_ms), records, source, arrival_ms)
+        sent = self.start(RecordFrame(0, arrival_ms, records, source))
+        return await self.finish(sent, records, source, arrival_ms)
 
     async def aclose(self) -> None:
         """The stream stops: the worker process stops with the last stream using it."""

@@ -42,6 +42,34 @@ def test_appends_read_back_in_order_with_metadata_and_positions(make_log: Any) -
     run(go())
 
 
+def test_a_file_log_says_where_a_frame_is_stored_and_another_reader_finds_it_there(make_log: Any) -> None:
+    """``frame_file`` (for the extraction worker, which reads frames itself): a file log names the
+    file, offset and length of the frame holding a record, readable before it is durable; a log
+    without local files (memory, JetStream) says None."""
+    from firehose.spool_format import decode_records_payload
+
+    async def go() -> None:
+        log = make_log()
+        await log.open()
+        await log.append([b"a", b"bc"], 10)
+        await log.append([b"d", b"", b"ef"], 20, meta=[None, {"k": 1}, None])
+        if isinstance(log, MemoryLog):
+            assert log.frame_file(0) is None and log.frame_file(3) is None
+            return
+        assert log.frame_file(5) is None and log.frame_file(-1) is None
+        where = log.frame_file(3)
+        assert (where.first_seq, where.end_seq) == (2, 5) and log.frame_file(4) == where
+        with open(where.path, "rb") as f:
+            f.seek(where.offset)
+            frame, _ = decode_records_payload(f.read(where.length))
+        assert (frame.first_seq, frame.records, frame.meta, frame.arrival_ms) == (2, [b"d", b"", b"ef"],
+                                                                                  [None, {"k": 1}, None], 20)
+        assert log.frame_file(1).offset < where.offset
+        await log.aclose()
+
+    run(go())
+
+
 def test_a_sealed_batch_comes_back_once_after_a_restart_until_committed(make_log: Any) -> None:
     async def go() -> None:
         log = make_log()
