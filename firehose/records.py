@@ -8,8 +8,11 @@ so a record failed by an early stage keeps its error.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from itertools import repeat
+from typing import Any, Literal, overload
 
 Result = Literal["Ok", "Dropped", "ProcessingFailed"]
 
@@ -31,6 +34,62 @@ class SourceRecord:
     data: bytes
     arrival_ms: int
     kinesis: dict[str, Any] | None = None  # kinesisRecordMetadata for a Kinesis stream source
+
+
+class SourceBatch(Sequence[SourceRecord]):
+    """A processing buffer's records held as columns, read from the spool in runs: record ``i``
+    is ``SourceRecord(str(first_seq + i), datas[i], arrivals[i], kinesis[i])``, made only when
+    asked for. The Lambda path reads the columns (the record bytes go to the worker as they
+    are), so a buffer of a thousand records costs no thousand objects on the event loop; a step
+    that wants :class:`SourceRecord` objects gets them (``list(batch)``). Slices are batches."""
+
+    __slots__ = ("arrivals", "datas", "first_seq", "kinesis")
+
+    def __init__(self, first_seq: int, datas: list[bytes], arrivals: list[int],
+                 kinesis: list[dict[str, Any] | None] | None = None) -> None:
+        self.first_seq = first_seq
+        self.datas = datas
+        self.arrivals = arrivals
+        self.kinesis = kinesis  # None: no record has kinesisRecordMetadata
+
+    @property
+    def record_ids(self) -> list[str]:
+        return list(map(str, range(self.first_seq, self.first_seq + len(self.datas))))
+
+    def __len__(self) -> int:
+        return len(self.datas)
+
+    @overload
+    def __getitem__(self, index: int) -> SourceRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> SourceBatch: ...
+
+    def __getitem__(self, index: int | slice) -> SourceRecord | SourceBatch:
+        n = len(self.datas)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step != 1:
+                raise ValueError("a SourceBatch is sliced in runs only")
+            stop = max(start, stop)
+            return SourceBatch(self.first_seq + start, self.datas[start:stop], self.arrivals[start:stop],
+                               self.kinesis[start:stop] if self.kinesis is not None else None)
+        i = operator.index(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("SourceBatch index out of range")
+        return SourceRecord(str(self.first_seq + i), self.datas[i], self.arrivals[i],
+                            self.kinesis[i] if self.kinesis is not None else None)
+
+    def __iter__(self) -> Iterator[SourceRecord]:
+        first = self.first_seq
+        return map(SourceRecord, map(str, range(first, first + len(self.datas))), self.datas, self.arrivals,
+                   self.kinesis if self.kinesis is not None else repeat(None))
+
+
+def record_datas(records: Sequence[SourceRecord]) -> list[bytes]:
+    """The records' bytes, in order (a batch's own column, without making its records)."""
+    return records.datas if isinstance(records, SourceBatch) else [r.data for r in records]
 
 
 @dataclass(slots=True)

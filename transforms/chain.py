@@ -22,7 +22,7 @@ the caller can record the outcome durably before anything is delivered or archiv
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -93,7 +93,7 @@ class LambdaStep:
             await self._invoker.close()
             self._invoker = None
 
-    async def invoke(self, batch: list[SourceRecord]) -> list[Outcome]:
+    async def invoke(self, batch: Sequence[SourceRecord]) -> list[Outcome]:
         """The function's outcomes for ``batch`` (``Outcome.source`` indexes it)."""
         from firehose.transforms.lambda_ import invoke_with_retries
 
@@ -203,16 +203,21 @@ class ProcessingChain:
         for step in reversed(self.steps):
             await step.close()
 
-    async def process(self, records: list[SourceRecord]) -> list[Outcome]:
+    async def process(self, records: Sequence[SourceRecord]) -> list[Outcome]:
+        """The outcomes of one processing buffer. ``records`` may be a
+        :class:`~firehose.records.SourceBatch`: the function reads its columns, and the other
+        steps get a list of its records."""
         steps = self.steps
+        outs: list[Outcome] | None = None
         if steps and isinstance(steps[0], LambdaStep):
             # The function comes first: it gets the records as they are, under their own ids.
             outs = await steps[0].invoke(records)
             steps = steps[1:]
-        else:
-            outs = initial_outcomes(records)
+        listed = records if isinstance(records, list) else list(records) if steps or outs is None else []
+        if outs is None:
+            outs = initial_outcomes(listed)
         for step in steps:
-            outs = await step.process(outs, records)
+            outs = await step.process(outs, listed)
         return outs
 
     def _check_conversion(self, outs: list[Outcome]) -> list[Outcome]:

@@ -38,7 +38,7 @@ import orjson
 import pybase64
 import structlog
 
-from firehose.records import PROCESSING_FAILED, Outcome, SourceRecord
+from firehose.records import PROCESSING_FAILED, Outcome, SourceRecord, record_datas
 
 if TYPE_CHECKING:
     from firehose.transforms.workers import WorkerPool
@@ -342,19 +342,20 @@ def _outcomes(validated: list[Validated], records: Sequence[SourceRecord], offse
     # The outcome fields invoke_with_retries needs are set at construction time: rebuilding 500
     # outcomes with dataclasses.replace would double the cost of a batch.
     outcomes = []
+    datas = record_datas(records)
     for position, (result, decoded, keys, otf) in enumerate(validated):
         source = position + offset
         if result == 0:
-            data = records[position].data if decoded is None else decoded
+            data = datas[position] if decoded is None else decoded
             # Positional: a third cheaper than keywords, and this runs once per record.
             outcomes.append(Outcome(source, data, "Ok", keys, None, None, PROCESSING_FAILED, attempts, None, {},
                                     None, otf))
         elif result == 1:
-            outcomes.append(Outcome(source, records[position].data, result="Dropped", attempts=attempts))
+            outcomes.append(Outcome(source, datas[position], result="Dropped", attempts=attempts))
         else:
             outcomes.append(Outcome(
                 source,
-                records[position].data,
+                datas[position],
                 result="ProcessingFailed",
                 error_code=PROCESSING_FAILED_CODE,
                 error_message=PROCESSING_FAILED_MESSAGE,

@@ -50,7 +50,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import structlog
 
-from firehose.records import SourceRecord
+from firehose.records import SourceBatch, SourceRecord
 from firehose.transforms.lambda_ import (
     FUNCTION_ERROR,
     SERVICE_EXCEPTION,
@@ -479,12 +479,16 @@ class WorkerPool:
         def roundtrip(worker: _Worker, fields: dict[str, Any]) -> object:
             # Pickled here, in the IPC thread, not on the event loop; the context fields (the
             # deadline is set at dispatch) follow as a second pickle.
-            kinesis = [r.kinesis for r in records]
+            if isinstance(records, SourceBatch):  # its columns as they are
+                ids, arrivals, datas, kinesis = records.record_ids, records.arrivals, records.datas, records.kinesis
+            else:
+                ids, arrivals = [r.record_id for r in records], [r.arrival_ms for r in records]
+                datas, kinesis = [r.data for r in records], [r.kinesis for r in records]
             request = io.BytesIO()
             request.write(bytes([RECORDS]))
-            pickle.dump(((invocation_id, stream_arn, region, source_kinesis_stream_arn),
-                         [r.record_id for r in records], [r.arrival_ms for r in records], [r.data for r in records],
-                         kinesis if any(k is not None for k in kinesis) else None, max_payload_bytes),
+            pickle.dump(((invocation_id, stream_arn, region, source_kinesis_stream_arn), ids, arrivals, datas,
+                         kinesis if kinesis is not None and any(k is not None for k in kinesis) else None,
+                         max_payload_bytes),
                         request, protocol=pickle.HIGHEST_PROTOCOL)
             pickle.dump(fields, request, protocol=pickle.HIGHEST_PROTOCOL)
             return finish(cast(list[Validated], worker.exchange(request.getbuffer())))

@@ -27,20 +27,18 @@ import asyncio
 import bisect
 import time
 from itertools import repeat
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 from firehose.config import StreamConfig
 from firehose.interfaces import ProcessingChain
 from firehose.log import Log, LogError, RecordFrame
 from firehose.names import stream_arn
-from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceRecord
+from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceBatch
 from firehose.retry import local_failure_pause
 from firehose.stages.common import StageContext, log_failure
 
-_META = itemgetter(3)  # an Item's metadata: None, or a non-empty dict
-
-#: One ingested record in a processing buffer: (sequence number, data, arrival ms, source metadata).
+#: One ingested record: (sequence number, data, arrival ms, source metadata), what an outcome's
+#: error record is made of.
 Item = tuple[int, bytes, int, Any]
 
 #: Finished processing buffers recorded in one outcome frame at most (record bytes in).
@@ -48,12 +46,21 @@ GROUP_BYTES = 8 << 20
 
 
 class _InChain(NamedTuple):
-    """A processing buffer handed to the chain: its records, their size, and the chain's task."""
+    """A processing buffer handed to the chain: its records, their source metadata (None: none
+    has any), their size, and the chain's task."""
 
-    items: list[Item]
-    sources: list[SourceRecord]
+    batch: SourceBatch
+    metas: list[Any] | None
     nbytes: int
     task: asyncio.Task[Any]
+
+
+#: A buffer out of the chain: its records, their source metadata, and their outcomes.
+_Done = tuple[SourceBatch, list[Any] | None, list[Any]]
+
+
+def _item(batch: SourceBatch, metas: list[Any] | None, i: int) -> Item:
+    return batch.first_seq + i, batch.datas[i], batch.arrivals[i], metas[i] if metas is not None else None
 
 
 class OutcomeFrame(NamedTuple):
@@ -67,12 +74,13 @@ class OutcomeFrame(NamedTuple):
     nbytes: int  # of ``records``
 
 
-def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda_arn: str | None,
-                  backup_all: bool) -> OutcomeFrame:
-    """The records and per-record metadata that record ``outcomes`` of the buffer ``items``, and
-    how many records were dropped (they leave nothing behind) and failed, and the Ok bytes."""
+def outcome_frame(outcomes: list[Any], batch: SourceBatch, metas: list[Any] | None, *, now_ms: int,
+                  lambda_arn: str | None, backup_all: bool) -> OutcomeFrame:
+    """The records and per-record metadata that record ``outcomes`` of the buffer ``batch`` (its
+    records' source metadata ``metas``), and how many records were dropped (they leave nothing
+    behind) and failed, and the Ok bytes."""
     records: list[bytes] = []
-    metas: list[Any] = []
+    out_metas: list[Any] = []
     dropped = failed = ok_bytes = other_bytes = 0
     for o in outcomes:
         result = o.result
@@ -80,21 +88,20 @@ def outcome_frame(outcomes: list[Any], items: list[Item], *, now_ms: int, lambda
             records.append(o.data)
             ok_bytes += len(o.data)
             # Most outcomes carry no keys: their metadata is None without a call (once a record).
-            metas.append(None if o.partition_keys is None and o.query_keys is None and o.otf is None
-                         else _ok_meta(o))
+            out_metas.append(None if o.partition_keys is None and o.query_keys is None and o.otf is None
+                             else _ok_meta(o))
         elif result == "Dropped":
             dropped += 1
         else:
             failed += 1
             records.append(o.data)
             other_bytes += len(o.data)
-            metas.append(outcome_meta(o, items[o.source], now_ms, lambda_arn))
+            out_metas.append(outcome_meta(o, _item(batch, metas, o.source), now_ms, lambda_arn))
     if backup_all:
-        for _seq, data, _arrival, _meta in items:
-            records.append(data)
-            other_bytes += len(data)
-            metas.append(RecordMeta.SOURCE_COPY)
-    return OutcomeFrame(records, metas, dropped, failed, ok_bytes, ok_bytes + other_bytes)
+        records += batch.datas
+        other_bytes += sum(map(len, batch.datas))
+        out_metas += [RecordMeta.SOURCE_COPY] * len(batch.datas)
+    return OutcomeFrame(records, out_metas, dropped, failed, ok_bytes, ok_bytes + other_bytes)
 
 
 #: The namespace of a metadata_extraction key in a record's metadata (the Prefix's name for it).
@@ -180,35 +187,37 @@ def _first_unbatched(ingest: Log) -> int:
 
 
 class _Buffer:
-    """The processing buffer being filled: the ingested records, and the same as the chain's
-    :class:`SourceRecord` objects (built as records are read, a frame at a time, rather than a
-    thousand at once when the buffer is handed over)."""
+    """The processing buffer being filled, as the columns of the chain's :class:`SourceBatch`
+    (the spool's records are consecutive, so a buffer's are too), with the records' source
+    metadata (None while no record has any)."""
 
-    __slots__ = ("items", "nbytes", "sources")
+    __slots__ = ("arrivals", "datas", "first_seq", "kinesis", "metas", "nbytes")
 
     def __init__(self) -> None:
-        self.items: list[Item] = []
-        self.sources: list[SourceRecord] = []
+        self.first_seq = 0
+        self.datas: list[bytes] = []
+        self.arrivals: list[int] = []
+        self.metas: list[Any] | None = None
+        self.kinesis: list[Any] | None = None
         self.nbytes = 0
 
-    def take(self) -> tuple[list[Item], list[SourceRecord], int]:
-        taken = self.items, self.sources, self.nbytes
-        self.items, self.sources, self.nbytes = [], [], 0
+    def take(self) -> tuple[SourceBatch, list[Any] | None, int]:
+        taken = SourceBatch(self.first_seq, self.datas, self.arrivals, self.kinesis), self.metas, self.nbytes
+        self.datas, self.arrivals, self.metas, self.kinesis, self.nbytes = [], [], None, None, 0
         return taken
 
-
-def _take(buf: _Buffer, frame: RecordFrame, i: int, j: int) -> None:
-    """Records ``i..j-1`` of ``frame`` into the buffer, as items and as the chain's SourceRecords."""
-    first, arrival, recs = frame.first_seq, frame.arrival_ms, frame.records[i:j]
-    seqs = range(first + i, first + j)
-    if frame.meta is None:
-        buf.items.extend(zip(seqs, recs, repeat(arrival), repeat(None), strict=False))
-        buf.sources.extend(map(SourceRecord, map(str, seqs), recs, repeat(arrival)))
-        return
-    metas = frame.meta[i:j]
-    buf.items.extend(zip(seqs, recs, repeat(arrival), metas, strict=False))
-    buf.sources.extend(map(SourceRecord, map(str, seqs), recs, repeat(arrival),
-                           [None if m is None else RecordMeta.kinesis(m) for m in metas]))
+    def add(self, frame: RecordFrame, i: int, j: int) -> None:
+        """Records ``i..j-1`` of ``frame`` (the next records of the spool)."""
+        if not self.datas:
+            self.first_seq = frame.first_seq + i
+        if frame.meta is not None or self.metas is not None:
+            if self.metas is None or self.kinesis is None:  # the first with metadata: the rest had none
+                self.metas, self.kinesis = [None] * len(self.datas), [None] * len(self.datas)
+            metas = frame.meta[i:j] if frame.meta is not None else [None] * (j - i)
+            self.metas += metas
+            self.kinesis += [None if m is None else RecordMeta.kinesis(m) for m in metas]
+        self.datas += frame.records[i:j]
+        self.arrivals += repeat(frame.arrival_ms, j - i)
 
 
 class ProcessingStage:
@@ -259,14 +268,14 @@ class ProcessingStage:
                 await self._wait(buf)
                 try:
                     await self._fill(queue, buf)
-                    if buf.items and self._due(buf):
+                    if buf.datas and self._due(buf):
                         await self._submit(queue, *buf.take())
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # re-read the unsubmitted records on the next pass
                     log_failure(self.log, "processing_failed", exc)
-                    if buf.items:
-                        self.cursor = buf.take()[0][0][0]
+                    if buf.datas:
+                        self.cursor = buf.take()[0].first_seq
                     await asyncio.sleep(1.0)
         finally:
             recorder.cancel()
@@ -276,17 +285,17 @@ class ProcessingStage:
 
     def _due(self, buf: _Buffer) -> bool:
         interval_ms = self.chain.buffer_interval_secs * 1000
-        return not interval_ms or self.clock.now_ms() >= buf.items[0][2] + interval_ms
+        return not interval_ms or self.clock.now_ms() >= buf.arrivals[0] + interval_ms
 
     async def _wait(self, buf: _Buffer) -> None:
         """Until woken, or the buffer's interval is up, or (throttled) a second has passed."""
         interval_ms = self.chain.buffer_interval_secs * 1000
         timeout: float | None = None
-        if buf.items and interval_ms:
-            timeout = max(0.0, (buf.items[0][2] + interval_ms - self.clock.now_ms()) / 1000.0)
+        if buf.datas and interval_ms:
+            timeout = max(0.0, (buf.arrivals[0] + interval_ms - self.clock.now_ms()) / 1000.0)
         if self._throttled:
             timeout = 1.0 if timeout is None else min(timeout, 1.0)  # throttled: look again soon
-        if not buf.items or timeout:
+        if not buf.datas or timeout:
             try:
                 await asyncio.wait_for(self.signals.processing.wait(), timeout)
             except TimeoutError:
@@ -308,7 +317,7 @@ class ProcessingStage:
             while i < n:
                 # The records up to the one that fills the buffer, taken as one run.
                 j = min(n, bisect.bisect_left(cum, cum[i] + limit - buf.nbytes, i + 1))
-                _take(buf, frame, i, j)
+                buf.add(frame, i, j)
                 buf.nbytes += cum[j] - cum[i]
                 i = j
                 if buf.nbytes >= limit:
@@ -320,28 +329,28 @@ class ProcessingStage:
             # between frames, or a backlog of ingested frames is read in one long stretch.
             await asyncio.sleep(0)
 
-    async def _submit(self, queue: asyncio.Queue[_InChain], items: list[Item], sources: list[SourceRecord],
+    async def _submit(self, queue: asyncio.Queue[_InChain], batch: SourceBatch, metas: list[Any] | None,
                       nbytes: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
-        await queue.put(_InChain(items, sources, nbytes, task))
+        task = asyncio.get_running_loop().create_task(self._run_chain(batch, metas))
+        await queue.put(_InChain(batch, metas, nbytes, task))
 
-    async def _run_chain(self, items: list[Item], sources: list[Any]) -> list[Any]:
+    async def _run_chain(self, batch: SourceBatch, metas: list[Any] | None) -> list[Any]:
         t0 = time.monotonic()
         # A record its source already failed (a KPL aggregate that does not verify) skips the chain.
         # Most buffers carry no metadata at all: looked at record by record only when some does.
-        failed = {i: ErrorInfo.decode(e) for i, (_, _, _, m) in enumerate(items)
-                  if (e := RecordMeta.error(m)) is not None} if any(map(_META, items)) else {}
+        failed = {i: ErrorInfo.decode(e) for i, m in enumerate(metas)
+                  if (e := RecordMeta.error(m)) is not None} if metas is not None else {}
         if not failed:
-            outcomes = list(await self.chain.process(sources))
+            outcomes = list(await self.chain.process(batch))
         else:
             from firehose.records import Outcome
 
-            keep = [i for i in range(len(sources)) if i not in failed]
-            outcomes = list(await self.chain.process([sources[i] for i in keep])) if keep else []
+            keep = [i for i in range(len(batch)) if i not in failed]
+            outcomes = list(await self.chain.process([batch[i] for i in keep])) if keep else []
             for o in outcomes:
                 o.source = keep[o.source]
-            outcomes += [Outcome(i, sources[i].data).failed(e.code or "", e.message or "",
-                                                            e.output_type or PROCESSING_FAILED)
+            outcomes += [Outcome(i, batch.datas[i]).failed(e.code or "", e.message or "",
+                                                           e.output_type or PROCESSING_FAILED)
                          for i, e in failed.items()]
             outcomes.sort(key=lambda o: o.source)  # stable: a record's outcomes keep their order
         self.metrics.execute_processing_seconds.labels(self.name).inc(time.monotonic() - t0)
@@ -369,23 +378,23 @@ class ProcessingStage:
                 size += entry.nbytes
             await self._record_reliably(group)
 
-    async def _outcomes_of(self, entry: _InChain) -> tuple[list[Item], list[Any]]:
-        items, sources, _nbytes, task = entry
+    async def _outcomes_of(self, entry: _InChain) -> _Done:
+        batch, metas, _nbytes, task = entry
         while True:
             try:
-                return items, await task
+                return batch, metas, await task
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug in a stage: run the same buffer again, in order
                 log_failure(self.log, "processing_failed", exc)
                 await asyncio.sleep(1.0)
-                task = asyncio.get_running_loop().create_task(self._run_chain(items, sources))
+                task = asyncio.get_running_loop().create_task(self._run_chain(batch, metas))
 
-    async def _record_reliably(self, group: list[tuple[list[Item], list[Any]]]) -> None:
+    async def _record_reliably(self, group: list[_Done]) -> None:
         """Record the outcomes of consecutive buffers, retrying on local I/O errors. The frame is
         appended at most once: after a successful append only the fsync (and the raw commit) are
         retried."""
-        start, end = group[0][0][0][0], group[-1][0][-1][0] + 1
+        start, end = group[0][0].first_seq, group[-1][0].first_seq + len(group[-1][0])
         failures = 0
         while True:
             try:
@@ -403,13 +412,13 @@ class ProcessingStage:
                     self.signals.batcher.set()
                     return
 
-    async def _record(self, group: list[tuple[list[Item], list[Any]]], start: int, end: int) -> None:
+    async def _record(self, group: list[_Done], start: int, end: int) -> None:
         now_ms = self.clock.now_ms()
         records: list[bytes] = []
         metas: list[Any] = []
         dropped = failed = ok_bytes = count = nbytes = 0
-        for items, outcomes in group:
-            frame = outcome_frame(outcomes, items, now_ms=now_ms, lambda_arn=self.chain.lambda_arn,
+        for batch, source_metas, outcomes in group:
+            frame = outcome_frame(outcomes, batch, source_metas, now_ms=now_ms, lambda_arn=self.chain.lambda_arn,
                                   backup_all=self.backup_all)
             records += frame.records
             metas += frame.metas
@@ -420,7 +429,7 @@ class ProcessingStage:
             count += len(outcomes)
         has_meta = metas.count(None) != len(metas)
         await self.out.append(
-            records, group[0][0][0][2], meta=metas if has_meta else None, positions={"raw_end": end},
+            records, group[0][0].arrivals[0], meta=metas if has_meta else None, positions={"raw_end": end},
             enforce_cap=False, nbytes=nbytes,
         )
         self.recorded_upto = end

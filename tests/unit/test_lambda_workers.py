@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from firehose.records import Outcome, SourceRecord
+from firehose.records import Outcome, SourceBatch, SourceRecord
 from firehose.transforms.lambda_ import LocalFunction, build_event, invoke_with_retries
 from handlers import kinesis_metadata, scripted, upper
 from unit.test_lambda import INVALID_RESPONSES, STREAM_ARN, ScriptedInvoker, b64
@@ -203,3 +203,29 @@ def test_workers_run_at_a_lower_cpu_priority_than_the_daemon(loop: asyncio.Abstr
         assert [os.getpriority(os.PRIO_PROCESS, w.pid) for w in function.pool._workers] == [min(19, mine + 7)] * 2
     finally:
         loop.run_until_complete(function.close())
+
+
+def test_a_source_batch_reaches_the_function_as_its_list_of_records_would(
+    loop: asyncio.AbstractEventLoop, functions: dict[str, LocalFunction]
+) -> None:
+    """The processing stage hands the chain a SourceBatch (its records as columns); the worker gets
+    its columns as they are. The event and the outcomes are those of the same records as a list,
+    through the worker and in the daemon, also when the event is split in parts (batch slices)."""
+    kinesis = {"shardId": "shardId-000000000002", "partitionKey": "pk", "sequenceNumber": "4960"}
+    datas = [json.dumps({"name": chr(97 + i) * 300}).encode() for i in range(8)]
+    batch = SourceBatch(4000, datas, [1664028820000 + i // 3 for i in range(8)],
+                        [kinesis if i % 3 == 1 else None for i in range(8)])
+    listed = list(batch)
+    assert [r.record_id for r in listed] == [str(4000 + i) for i in range(8)]
+    full = len(json.dumps(build_event(listed, invocation_id="0" * 36, delivery_stream_arn=STREAM_ARN,
+                                      region="us-east-2"), separators=(",", ":")))
+    kwargs: dict[str, Any] = {"retries": 0, "stream_arn": STREAM_ARN, "region": "us-east-2",
+                              "source_kinesis_stream_arn": KDS_ARN, "max_payload_bytes": full // 3}
+    spec = "handlers.kinesis_metadata:handler"
+    from_batch = view(loop.run_until_complete(invoke_with_retries(local(functions, spec), batch, **kwargs)))
+    worker, daemon, in_process = both_paths(loop, functions, spec, kinesis_metadata.handler, listed, **kwargs)
+    assert from_batch == worker == daemon
+    assert [len(e["records"]) for e in in_process.events] == [2, 2, 2, 2]
+    docs = [json.loads(o[1]) for o in from_batch]
+    assert [d["data"] for d in docs] == [d.decode() for d in datas]
+    assert [d["kinesisRecordMetadata"] is not None for d in docs] == [i % 3 == 1 for i in range(8)]

@@ -5,6 +5,7 @@ back-pressure from the outcome spool."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import structlog
 from firehose.clock import ManualClock
 from firehose.log import LogError, SealedBatch
 from firehose.metrics import Metrics
-from firehose.records import Outcome, SourceRecord
+from firehose.records import Outcome, SourceBatch, SourceRecord
 from firehose.stages.common import StageContext
 from firehose.stages.processing import ProcessingStage, outcome_frame, resume_point
 
@@ -32,10 +33,12 @@ class Chain:
         self.lambda_arn: str | None = ARN
         self.slow = slow
         self.calls: list[list[bytes]] = []
+        self.seen: list[SourceRecord] = []
         self.fail_next = 0
 
-    async def process(self, records: list[SourceRecord]) -> list[Outcome]:
+    async def process(self, records: Sequence[SourceRecord]) -> list[Outcome]:
         self.calls.append([r.data for r in records])
+        self.seen += records
         if records and records[0].data in self.slow:
             await asyncio.sleep(0.05)
         if self.fail_next:
@@ -90,12 +93,12 @@ class Setup:
 
 
 def test_an_outcome_frame_records_keys_errors_and_drops() -> None:
-    items = [(10, b"a", 100, None), (11, b"b", 200, {"kinesis": {"sequenceNumber": "49", "subsequenceNumber": 2}}),
-             (12, b"c", 300, None)]
+    batch = SourceBatch(10, [b"a", b"b", b"c"], [100, 200, 300])
+    source_metas = [None, {"kinesis": {"sequenceNumber": "49", "subsequenceNumber": 2}}, None]
     outs = [Outcome(0, b"A", query_keys={"c": "x"}, partition_keys={"c": "y"}), Outcome(0, b"A2"),
             Outcome(1, b"b").failed("Lambda.FunctionError", "boom"), Outcome(2, b"c", result="Dropped")]
-    records, metas, dropped, failed, ok_bytes, nbytes = outcome_frame(outs, items, now_ms=999, lambda_arn=ARN,
-                                                                      backup_all=True)
+    records, metas, dropped, failed, ok_bytes, nbytes = outcome_frame(outs, batch, source_metas, now_ms=999,
+                                                                      lambda_arn=ARN, backup_all=True)
     assert (dropped, failed, ok_bytes, nbytes) == (1, 1, 3, sum(map(len, records)))
     assert records == [b"A", b"A2", b"b", b"a", b"b", b"c"]  # outcomes, then the source copies
     assert metas[0] == {"pk": {"partitionKeyFromQuery:c": "x", "partitionKeyFromLambda:c": "y"}}
@@ -156,6 +159,34 @@ def test_a_record_its_source_failed_skips_the_chain(tmp_path: Path, make_log: An
     got = s.outcomes()
     assert [r for r, _ in got] == [b"A", b"agg", b"B"]
     assert (got[1][1]["err"]["c"], got[1][1]["err"]["m"]) == ("Kinesis.Aggregate", "bad digest")
+
+
+def test_a_buffer_across_frames_with_and_without_metadata_gives_each_record_its_own(
+    tmp_path: Path, make_log: Any,
+) -> None:
+    """One processing buffer over frames without, then with, per-record metadata: each record
+    reaches the chain under its sequence number with its own arrival time and Kinesis metadata,
+    and the one its source failed skips the chain with its error."""
+    chain = Chain()
+    s = Setup(tmp_path, make_log, chain)
+    err = {"c": "Kinesis.Aggregate", "m": "bad digest", "t": "processing-failed"}
+    k1, k2 = {"sequenceNumber": "1", "subsequenceNumber": 0}, {"sequenceNumber": "2", "subsequenceNumber": 3}
+
+    async def go() -> None:
+        await s.ingest.append([b"a", b"b"], 100)
+        await s.ingest.append([b"c", b"agg", b"d"], 200, meta=[{"kinesis": k1}, {"err": err}, {"kinesis": k2}])
+        await s.ingest.append([b"e"], 300)
+        await s.run_until(6)
+        await s.close()
+
+    asyncio.run(go())
+    assert chain.calls == [[b"a", b"b", b"c", b"d", b"e"]]
+    assert [(r.record_id, r.data, r.arrival_ms, r.kinesis) for r in chain.seen] == [
+        ("0", b"a", 100, None), ("1", b"b", 100, None), ("2", b"c", 200, k1), ("4", b"d", 200, k2),
+        ("5", b"e", 300, None)]
+    got = s.outcomes()
+    assert [r for r, _ in got] == [b"A", b"B", b"C", b"agg", b"D", b"E"]
+    assert got[3][1]["err"]["c"] == "Kinesis.Aggregate" and got[3][1]["err"]["ts"] == 200
 
 
 def test_a_chain_that_fails_is_run_again_on_the_same_buffer(tmp_path: Path, make_log: Any, monkeypatch: Any) -> None:
