@@ -156,6 +156,7 @@ class Batcher:
             except Exception as exc:  # keep the stream alive; the records stay in the spool
                 log_failure(self.log, "batcher_failed", exc)
                 await asyncio.sleep(1.0)
+                self.signals.batcher.set()  # tried again now, not at the next record's arrival
             self.ctx.on_progress()
 
     async def _wait(self) -> None:

@@ -277,6 +277,7 @@ class ProcessingStage:
                     if buf.datas:
                         self.cursor = buf.take()[0].first_seq
                     await asyncio.sleep(1.0)
+                    self.signals.processing.set()  # read again now, not at the next record's arrival
         finally:
             recorder.cancel()
             while not queue.empty():

@@ -431,16 +431,16 @@ def test_a_partition_reaching_the_size_limit_is_sealed_at_once(tmp_path: Path) -
     assert [partition_of(k) for k in files(tmp_path)] == ["c=big"]
 
 
-def test_a_seal_that_fails_mid_frame_does_not_buffer_records_twice(tmp_path: Path) -> None:
+def seals_failing(tmp: Path, times: int) -> list[int]:
+    """Five large records into one partition of a 1 MiB buffer, whose first ``times`` seals fail
+    as on a full disk; waits for three delivered and stops. The records' ``i`` as delivered."""
     import errno
 
-    clock = ManualClock()
-
     async def go() -> None:
-        rt = make_runtime(tmp_path, clock=clock, interval=900)
+        rt = make_runtime(tmp, clock=ManualClock(), interval=900)
         await rt.start()
         real = rt.out.seal
-        failures = [OSError(errno.ENOSPC, "No space left on device")]
+        failures = [OSError(errno.ENOSPC, "No space left on device")] * times
 
         async def flaky(batches: Any) -> None:
             if failures:
@@ -449,12 +449,22 @@ def test_a_seal_that_fails_mid_frame_does_not_buffer_records_twice(tmp_path: Pat
 
         rt.out.seal = flaky
         await rt.put([orjson.dumps({"c": "a", "i": i, "pad": "x" * 300_000}) for i in range(5)])
+        await settle(lambda: not failures, timeout=10)
         await settle(lambda: rt.delivered_records >= 3, timeout=10)
         await rt.stop(5)
 
     asyncio.run(go())
-    seen = [orjson.loads(line)["i"] for body in files(tmp_path).values() for line in body.splitlines()]
-    assert sorted(seen) == [0, 1, 2, 3, 4]
+    return [orjson.loads(line)["i"] for body in files(tmp).values() for line in body.splitlines()]
+
+
+def test_a_seal_that_fails_mid_frame_does_not_buffer_records_twice(tmp_path: Path) -> None:
+    assert sorted(seals_failing(tmp_path, 1)) == [0, 1, 2, 3, 4]
+
+
+def test_a_batcher_that_keeps_failing_tries_again_without_waiting_for_more_records(tmp_path: Path) -> None:
+    """Seals that fail twice in a row (a full disk) after the last record arrived: the batcher
+    tries again a second later by itself, and the records are delivered with no further put."""
+    assert sorted(seals_failing(tmp_path, 2)) == [0, 1, 2, 3, 4]
 
 
 def test_a_query_only_stream_extracts_inline_and_a_crash_replays_its_error_records_exactly(tmp_path: Path) -> None:

@@ -189,6 +189,30 @@ def test_a_buffer_across_frames_with_and_without_metadata_gives_each_record_its_
     assert got[3][1]["err"]["c"] == "Kinesis.Aggregate" and got[3][1]["err"]["ts"] == 200
 
 
+def test_a_stage_that_cannot_read_the_ingest_log_tries_again_by_itself(tmp_path: Path, make_log: Any) -> None:
+    """Reading the ingest log fails twice in a row after the last record arrived: the stage reads
+    again a second later without waiting for another record, and every outcome is recorded."""
+    chain = Chain()
+    s = Setup(tmp_path, make_log, chain)
+    real = s.ingest.read_frame
+    failures = [LogError("the disk is gone for a moment")] * 2
+
+    async def flaky(seq: int) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(seq)
+
+    s.ingest.read_frame = flaky
+
+    async def go() -> None:
+        await s.ingest.append([b"a", b"b"], 100)
+        await s.run_until(2)
+        await s.close()
+
+    asyncio.run(go())
+    assert not failures and [r for r, _ in s.outcomes()] == [b"A", b"B"]
+
+
 def test_a_chain_that_fails_is_run_again_on_the_same_buffer(tmp_path: Path, make_log: Any, monkeypatch: Any) -> None:
     chain = Chain()
     chain.fail_next = 1
