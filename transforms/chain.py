@@ -213,7 +213,10 @@ class ProcessingChain:
             # The function comes first: it gets the records as they are, under their own ids.
             outs = await steps[0].invoke(records)
             steps = steps[1:]
-        listed = records if isinstance(records, list) else list(records) if steps or outs is None else []
+            if not steps:
+                return outs
+        # Every other step takes a list of SourceRecords (a plugin's too).
+        listed = records if isinstance(records, list) else list(records)
         if outs is None:
             outs = initial_outcomes(listed)
         for step in steps:

@@ -210,6 +210,9 @@ class _Buffer:
         """Records ``i..j-1`` of ``frame`` (the next records of the spool)."""
         if not self.datas:
             self.first_seq = frame.first_seq + i
+        elif frame.first_seq + i != self.first_seq + len(self.datas):  # ids are first_seq + position
+            raise LogError(f"record {frame.first_seq + i} does not follow record "
+                           f"{self.first_seq + len(self.datas) - 1} in the processing buffer")
         if frame.meta is not None or self.metas is not None:
             if self.metas is None or self.kinesis is None:  # the first with metadata: the rest had none
                 self.metas, self.kinesis = [None] * len(self.datas), [None] * len(self.datas)

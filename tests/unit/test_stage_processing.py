@@ -313,3 +313,20 @@ def test_buffers_finished_while_an_earlier_one_runs_are_recorded_in_one_frame(tm
     first = asyncio.run(go())
     assert first is not None and list(first.records) == [b"K=A", b"BAD", b"PLAIN"]  # every buffer in one frame
     assert s.out.positions.get("raw_end") == 4
+
+
+def test_a_processing_buffer_takes_only_the_records_that_follow_its_own() -> None:
+    """A buffer's record ids are its first sequence number plus a position: records that do not
+    follow on are refused (the stage then reads again from the buffer's first record)."""
+    from firehose.log import RecordFrame
+    from firehose.stages.processing import _Buffer
+
+    buf = _Buffer()
+    buf.add(RecordFrame(10, 1, [b"x", b"a", b"b"]), 1, 3)
+    with pytest.raises(LogError, match="record 14 does not follow record 12"):
+        buf.add(RecordFrame(13, 2, [b"y", b"c"]), 1, 2)
+    buf.add(RecordFrame(13, 2, [b"c", b"d"], [None, {"kinesis": {"sequenceNumber": "7"}}]), 0, 2)
+    batch, metas, _nbytes = buf.take()
+    assert [(r.record_id, r.data, r.arrival_ms, r.kinesis) for r in batch] == [
+        ("11", b"a", 1, None), ("12", b"b", 1, None), ("13", b"c", 2, None), ("14", b"d", 2, {"sequenceNumber": "7"})]
+    assert metas == [None, None, None, {"kinesis": {"sequenceNumber": "7"}}]
