@@ -120,6 +120,41 @@ class Outcome:
         return self.result == "Ok"
 
 
+class UnchangedOutcomes(Sequence[Outcome]):
+    """A processing buffer's outcomes when the function gave every record back Ok, with its own
+    bytes and no metadata (an identity function, a filter that kept everything): outcome ``i`` is
+    ``Outcome(i, datas[i], "Ok", attempts=attempts)``, made only when asked for. The processing
+    stage records the records as they are, without an object per record on the event loop."""
+
+    __slots__ = ("attempts", "datas")
+
+    def __init__(self, datas: list[bytes], attempts: int) -> None:
+        self.datas = datas
+        self.attempts = attempts
+
+    def __len__(self) -> int:
+        return len(self.datas)
+
+    @overload
+    def __getitem__(self, index: int) -> Outcome: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Outcome]: ...
+
+    def __getitem__(self, index: int | slice) -> Outcome | list[Outcome]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        i = operator.index(index)
+        if i < 0:
+            i += len(self.datas)
+        if not 0 <= i < len(self.datas):
+            raise IndexError("UnchangedOutcomes index out of range")
+        return Outcome(i, self.datas[i], attempts=self.attempts)
+
+    def __iter__(self) -> Iterator[Outcome]:
+        attempts = self.attempts
+        return (Outcome(i, data, attempts=attempts) for i, data in enumerate(self.datas))
+
+
 def initial_outcomes(records: list[SourceRecord]) -> list[Outcome]:
     return [Outcome(i, r.data) for i, r in enumerate(records)]
 

@@ -93,19 +93,20 @@ class LambdaStep:
             await self._invoker.close()
             self._invoker = None
 
-    async def invoke(self, batch: Sequence[SourceRecord]) -> list[Outcome]:
-        """The function's outcomes for ``batch`` (``Outcome.source`` indexes it)."""
+    async def invoke(self, batch: Sequence[SourceRecord], *, compact: bool = False) -> Sequence[Outcome]:
+        """The function's outcomes for ``batch`` (``Outcome.source`` indexes it); ``compact``: see
+        :func:`~firehose.transforms.lambda_.invoke_with_retries`."""
         from firehose.transforms.lambda_ import invoke_with_retries
 
         return await invoke_with_retries(
             self._invoker, batch, retries=self.config.retries, stream_arn=self.ctx.stream_arn,
-            region=self.ctx.region, source_kinesis_stream_arn=self.ctx.source_kinesis_stream_arn,
+            region=self.ctx.region, source_kinesis_stream_arn=self.ctx.source_kinesis_stream_arn, compact=compact,
         )
 
     async def process(self, outcomes: list[Outcome], records: list[SourceRecord]) -> list[Outcome]:
         if _unchanged(outcomes, records):
             # Straight to the function, under the records' own ids: its outcomes index them.
-            return await self.invoke(records)
+            return list(await self.invoke(records))
         return await self._run_lambda(records, outcomes)
 
     async def _run_lambda(self, records: list[SourceRecord], outs: list[Outcome]) -> list[Outcome]:
@@ -118,7 +119,7 @@ class LambdaStep:
             SourceRecord(str(k), o.data, records[o.source].arrival_ms, records[o.source].kinesis)
             for k, o in enumerate(ok)
         ]
-        results = await self.invoke(batch)
+        results = list(await self.invoke(batch))
         mapped: dict[int, list[Outcome]] = {}
         for r in results:
             src = ok[r.source]
@@ -203,18 +204,19 @@ class ProcessingChain:
         for step in reversed(self.steps):
             await step.close()
 
-    async def process(self, records: Sequence[SourceRecord]) -> list[Outcome]:
+    async def process(self, records: Sequence[SourceRecord]) -> Sequence[Outcome]:
         """The outcomes of one processing buffer. ``records`` may be a
         :class:`~firehose.records.SourceBatch`: the function reads its columns, and the other
-        steps get a list of its records."""
+        steps get a list of its records. A function alone that gave the buffer back whole
+        answers with an :class:`~firehose.records.UnchangedOutcomes`; otherwise, a list."""
         steps = self.steps
         outs: list[Outcome] | None = None
         if steps and isinstance(steps[0], LambdaStep):
             # The function comes first: it gets the records as they are, under their own ids.
-            outs = await steps[0].invoke(records)
+            if len(steps) == 1:
+                return await steps[0].invoke(records, compact=True)
+            outs = list(await steps[0].invoke(records))
             steps = steps[1:]
-            if not steps:
-                return outs
         # Every other step takes a list of SourceRecords (a plugin's too).
         listed = records if isinstance(records, list) else list(records)
         if outs is None:

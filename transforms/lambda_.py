@@ -32,13 +32,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, cast, overload
 
 import orjson
 import pybase64
 import structlog
 
-from firehose.records import PROCESSING_FAILED, Outcome, SourceRecord, record_datas
+from firehose.records import PROCESSING_FAILED, Outcome, SourceRecord, UnchangedOutcomes, record_datas
 
 if TYPE_CHECKING:
     from firehose.transforms.workers import WorkerPool
@@ -337,6 +337,18 @@ def validate_response(response: object, ids: Sequence[str], sent: Sequence[str] 
     return cast(list[Validated], validated)
 
 
+#: A record the function gave back Ok, with its own data and no metadata.
+_UNCHANGED: Validated = (0, None, None, None)
+
+
+def _compact_outcomes(validated: list[Validated], records: Sequence[SourceRecord], offset: int, attempts: int,
+                      failed_meta: dict[str, Any] | None, compact: bool) -> list[Outcome] | UnchangedOutcomes:
+    """:func:`_outcomes`, or with ``compact`` a whole batch given back unchanged as such."""
+    if compact and validated.count(_UNCHANGED) == len(validated):
+        return UnchangedOutcomes(record_datas(records), attempts)
+    return _outcomes(validated, records, offset, attempts, failed_meta)
+
+
 def _outcomes(validated: list[Validated], records: Sequence[SourceRecord], offset: int, attempts: int,
               failed_meta: dict[str, Any] | None) -> list[Outcome]:
     # The outcome fields invoke_with_retries needs are set at construction time: rebuilding 500
@@ -584,6 +596,20 @@ class _Batch:
         return {"lambdaArn": self.invoker.name, "attemptEndingTimestamp": int(self.clock() * 1000)}
 
 
+@overload
+async def invoke_with_retries(
+    invoker: Invoker, records: Sequence[SourceRecord], *, retries: int, stream_arn: str, region: str,
+    source_kinesis_stream_arn: str | None = None, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    clock: Callable[[], float] = time.time, backoff_secs: float = 0.0, compact: Literal[False] = False,
+) -> list[Outcome]: ...
+@overload
+async def invoke_with_retries(
+    invoker: Invoker, records: Sequence[SourceRecord], *, retries: int, stream_arn: str, region: str,
+    source_kinesis_stream_arn: str | None = None, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    clock: Callable[[], float] = time.time, backoff_secs: float = 0.0, compact: bool,
+) -> list[Outcome] | UnchangedOutcomes: ...
+
+
 async def invoke_with_retries(
     invoker: Invoker,
     records: Sequence[SourceRecord],
@@ -595,7 +621,8 @@ async def invoke_with_retries(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     clock: Callable[[], float] = time.time,
     backoff_secs: float = 0.0,
-) -> list[Outcome]:
+    compact: bool = False,
+) -> list[Outcome] | UnchangedOutcomes:
     """Transform ``records`` through ``invoker`` with Firehose's invocation and retry semantics.
 
     Returns one outcome per input record, in input order (``Outcome.source`` indexes
@@ -619,6 +646,9 @@ async def invoke_with_retries(
       with ``Lambda.PayloadTooLarge`` and ``attempts=0`` (no invocation was made).
     * ``backoff_secs`` > 0 waits ``backoff_secs * 2**(n-1)`` before retry ``n``; Firehose documents
       no delay, so the default is none.
+    * With ``compact``, a batch the function gave back whole (every record Ok, its own data, no
+      metadata; the worker tells it from the response) comes back as an
+      :class:`~firehose.records.UnchangedOutcomes`, a sequence of the same outcomes, not a list.
     """
     if retries < 0:
         raise ValueError("retries must be >= 0")
@@ -634,10 +664,11 @@ async def invoke_with_retries(
     )
     if not records:
         return []
-    return await _invoke_part(batch, records, 0)
+    return await _invoke_part(batch, records, 0, compact)
 
 
-async def _invoke_part(batch: _Batch, records: Sequence[SourceRecord], offset: int) -> list[Outcome]:
+async def _invoke_part(batch: _Batch, records: Sequence[SourceRecord], offset: int,
+                       compact: bool = False) -> list[Outcome] | UnchangedOutcomes:
     # An invoker with invoke_records (a local function) builds and measures the event, and
     # validates the response, in its worker process; for any other, it is done here, and the
     # records are encoded once: attempts differ only in invocationId (a uuid: fixed length, so the
@@ -663,13 +694,14 @@ async def _invoke_part(batch: _Batch, records: Sequence[SourceRecord], offset: i
                 event = {**event, "invocationId": invocation_id}
         try:
             if by_records is not None:
-                return cast(list[Outcome], await by_records(
+                return cast(list[Outcome] | UnchangedOutcomes, await by_records(
                     records, invocation_id=invocation_id, stream_arn=batch.stream_arn, region=batch.region,
                     source_kinesis_stream_arn=batch.source_kinesis_stream_arn,
                     max_payload_bytes=batch.max_payload_bytes,
-                    finish=partial(_finish, records=records, offset=offset, attempts=attempt, batch=batch)))
+                    finish=partial(_finish, records=records, offset=offset, attempts=attempt, batch=batch,
+                                   compact=compact)))
             validated = validate_response(await batch.invoker.invoke(event), [r.record_id for r in records])
-            return _outcomes(validated, records, offset, attempt, batch.error_meta())
+            return _compact_outcomes(validated, records, offset, attempt, batch.error_meta(), compact)
         except PayloadOverLimit as over:
             return await _over_limit(batch, records, offset, over.size)
         except LambdaInvocationError as exc:
@@ -696,8 +728,8 @@ async def _invoke_part(batch: _Batch, records: Sequence[SourceRecord], offset: i
 
 
 def _finish(validated: list[Validated], *, records: Sequence[SourceRecord], offset: int, attempts: int,
-            batch: _Batch) -> list[Outcome]:
-    return _outcomes(validated, records, offset, attempts, batch.error_meta())
+            batch: _Batch, compact: bool) -> list[Outcome] | UnchangedOutcomes:
+    return _compact_outcomes(validated, records, offset, attempts, batch.error_meta(), compact)
 
 
 async def _over_limit(batch: _Batch, records: Sequence[SourceRecord], offset: int, size: int) -> list[Outcome]:
@@ -716,7 +748,7 @@ async def _split(batch: _Batch, records: Sequence[SourceRecord], offset: int) ->
     middle = len(records) // 2
     first = await _invoke_part(batch, records[:middle], offset)
     second = await _invoke_part(batch, records[middle:], offset + middle)
-    return first + second
+    return [*first, *second]
 
 
 def _fail_all(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
+from collections.abc import Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -33,7 +34,7 @@ from firehose.config import StreamConfig
 from firehose.interfaces import ProcessingChain
 from firehose.log import Log, LogError, RecordFrame
 from firehose.names import stream_arn
-from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceBatch
+from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceBatch, UnchangedOutcomes
 from firehose.retry import local_failure_pause
 from firehose.stages.common import StageContext, log_failure
 
@@ -56,7 +57,7 @@ class _InChain(NamedTuple):
 
 
 #: A buffer out of the chain: its records, their source metadata, and their outcomes.
-_Done = tuple[SourceBatch, list[Any] | None, list[Any]]
+_Done = tuple[SourceBatch, list[Any] | None, Sequence[Any]]
 
 
 def _item(batch: SourceBatch, metas: list[Any] | None, i: int) -> Item:
@@ -74,7 +75,7 @@ class OutcomeFrame(NamedTuple):
     nbytes: int  # of ``records``
 
 
-def outcome_frame(outcomes: list[Any], batch: SourceBatch, metas: list[Any] | None, *, now_ms: int,
+def outcome_frame(outcomes: Sequence[Any], batch: SourceBatch, metas: list[Any] | None, *, now_ms: int,
                   lambda_arn: str | None, backup_all: bool) -> OutcomeFrame:
     """The records and per-record metadata that record ``outcomes`` of the buffer ``batch`` (its
     records' source metadata ``metas``), and how many records were dropped (they leave nothing
@@ -82,6 +83,11 @@ def outcome_frame(outcomes: list[Any], batch: SourceBatch, metas: list[Any] | No
     records: list[bytes] = []
     out_metas: list[Any] = []
     dropped = failed = ok_bytes = other_bytes = 0
+    if isinstance(outcomes, UnchangedOutcomes):  # every record Ok as it came: no outcome to look at
+        records += outcomes.datas
+        ok_bytes = sum(map(len, records))
+        out_metas += [None] * len(records)
+        outcomes = ()
     for o in outcomes:
         result = o.result
         if result == "Ok":
@@ -338,25 +344,26 @@ class ProcessingStage:
         task = asyncio.get_running_loop().create_task(self._run_chain(batch, metas))
         await queue.put(_InChain(batch, metas, nbytes, task))
 
-    async def _run_chain(self, batch: SourceBatch, metas: list[Any] | None) -> list[Any]:
+    async def _run_chain(self, batch: SourceBatch, metas: list[Any] | None) -> Sequence[Any]:
         t0 = time.monotonic()
         # A record its source already failed (a KPL aggregate that does not verify) skips the chain.
         # Most buffers carry no metadata at all: looked at record by record only when some does.
         failed = {i: ErrorInfo.decode(e) for i, m in enumerate(metas)
                   if (e := RecordMeta.error(m)) is not None} if metas is not None else {}
+        outcomes: Sequence[Any]
         if not failed:
-            outcomes = list(await self.chain.process(batch))
+            outcomes = await self.chain.process(batch)
         else:
             from firehose.records import Outcome
 
             keep = [i for i in range(len(batch)) if i not in failed]
-            outcomes = list(await self.chain.process([batch[i] for i in keep])) if keep else []
-            for o in outcomes:
+            some = list(await self.chain.process([batch[i] for i in keep])) if keep else []
+            for o in some:
                 o.source = keep[o.source]
-            outcomes += [Outcome(i, batch.datas[i]).failed(e.code or "", e.message or "",
-                                                           e.output_type or PROCESSING_FAILED)
-                         for i, e in failed.items()]
-            outcomes.sort(key=lambda o: o.source)  # stable: a record's outcomes keep their order
+            some += [Outcome(i, batch.datas[i]).failed(e.code or "", e.message or "", e.output_type or PROCESSING_FAILED)
+                     for i, e in failed.items()]
+            some.sort(key=lambda o: o.source)  # stable: a record's outcomes keep their order
+            outcomes = some
         self.metrics.execute_processing_seconds.labels(self.name).inc(time.monotonic() - t0)
         self.metrics.execute_processing_calls.labels(self.name).inc()
         return outcomes

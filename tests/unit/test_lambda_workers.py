@@ -229,3 +229,29 @@ def test_a_source_batch_reaches_the_function_as_its_list_of_records_would(
     docs = [json.loads(o[1]) for o in from_batch]
     assert [d["data"] for d in docs] == [d.decode() for d in datas]
     assert [d["kinesisRecordMetadata"] is not None for d in docs] == [i % 3 == 1 for i in range(8)]
+
+
+def test_a_batch_given_back_whole_comes_back_compact_with_the_same_outcomes(
+    loop: asyncio.AbstractEventLoop, functions: dict[str, LocalFunction]
+) -> None:
+    """``compact=True`` (the chain, when the function is its only step): records all given back Ok,
+    unchanged and without metadata come back as an UnchangedOutcomes, which reads as the list the
+    call gives without it; one record changed, dropped or keyed, and it is that list."""
+    from firehose.records import UnchangedOutcomes
+
+    records = [SourceRecord(f"id-{i}", json.dumps({"name": "ada", "k": i}).encode(), 5) for i in range(6)]
+    numbers = [SourceRecord(f"id-{i}", str(i).encode(), 5) for i in range(6)]
+    kwargs: dict[str, Any] = {"retries": 0, "stream_arn": STREAM_ARN, "region": "us-east-2"}
+
+    def call(spec: str, records: list[SourceRecord], compact: bool) -> Any:
+        return loop.run_until_complete(invoke_with_retries(local(functions, spec), records, compact=compact, **kwargs))
+
+    whole = call("handlers.identity:handler", records, True)
+    assert isinstance(whole, UnchangedOutcomes) and len(whole) == 6
+    assert view(list(whole)) == view(call("handlers.identity:handler", records, False))
+    assert [o.data for o in whole] == [r.data for r in records] and whole[-1].source == 5
+    assert isinstance(call("handlers.drop_even:handler", [numbers[1], numbers[3]], True), UnchangedOutcomes)
+    for spec, given in (("handlers.upper:handler", records), ("handlers.drop_even:handler", numbers),
+                        ("handlers.partition_key:handler", records)):
+        got = call(spec, given, True)
+        assert isinstance(got, list) and view(got) == view(call(spec, given, False))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from firehose.records import SourceBatch, SourceRecord, record_datas
+from firehose.records import Outcome, SourceBatch, SourceRecord, UnchangedOutcomes, record_datas
 
 KINESIS = {"sequenceNumber": "49", "subsequenceNumber": 1}
 
@@ -83,3 +83,39 @@ def test_the_chain_takes_a_batch_and_its_steps_get_a_list(lambda_first: bool) ->
     assert from_batch == from_list and seen == [list, list]
     assert [o[2] for o in from_batch] == ["Ok", "ProcessingFailed", "Ok"]
     assert from_batch[0][4] == {"c": "ADA" if lambda_first else "ada"}
+
+
+def test_unchanged_outcomes_read_as_the_list_of_ok_outcomes() -> None:
+    datas = [b"a", b"", b"c"]
+    whole = UnchangedOutcomes(datas, 2)
+    listed = [Outcome(i, d, "Ok", attempts=2) for i, d in enumerate(datas)]
+    assert len(whole) == 3 and list(whole) == listed and [whole[i] for i in range(-3, 3)] == listed + listed
+    assert whole[1:] == listed[1:] and all(o.meta == {} and o.ok for o in whole)
+    with pytest.raises(IndexError):
+        whole[3]
+
+
+def test_a_function_alone_that_gives_the_buffer_back_whole_answers_compact() -> None:
+    """The chain's only step an identity function: its answer is an UnchangedOutcomes of the
+    buffer's own bytes (what the processing stage records without looking at each outcome)."""
+    import asyncio
+
+    from firehose.config import load_config_text
+    from firehose.registry import PROCESSING_CHAIN, load
+
+    text = ("streams:\n  - name: a\n    processing:\n"
+            "      - {type: lambda, function: 'handlers.identity:handler', workers: 1}\n"
+            "    destination: {type: local, path: o}\n")
+    stream = load_config_text(text, "f.yaml", {}).streams[0]
+    chain = load(PROCESSING_CHAIN)(stream.processing, stream_arn="arn", region="us-east-1")
+    batch = SourceBatch(3, [b'{"a": 1}', b"x", b""], [1, 1, 1])
+
+    async def go() -> object:
+        await chain.start()
+        try:
+            return await chain.process(batch)
+        finally:
+            await chain.close()
+
+    out = asyncio.run(go())
+    assert isinstance(out, UnchangedOutcomes) and out.datas == batch.datas and out.datas is batch.datas

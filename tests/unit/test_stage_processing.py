@@ -144,6 +144,32 @@ def test_source_copies_are_recorded_beside_the_outcomes(tmp_path: Path, make_log
     assert s.outcomes() == [(b"X", None), (b"x", {"src": 1}), (b"drop", {"src": 1})]
 
 
+def test_a_buffer_the_function_gave_back_whole_is_recorded_as_it_came(tmp_path: Path, make_log: Any) -> None:
+    """A chain that answers UnchangedOutcomes (its function gave every record back unchanged): the
+    records are recorded as they are, Ok and without metadata, source copies after them, counted."""
+    from firehose.records import UnchangedOutcomes, record_datas
+
+    class Whole(Chain):
+        async def process(self, records: Sequence[SourceRecord]) -> Any:
+            self.calls.append(record_datas(records))
+            return UnchangedOutcomes(record_datas(records), 1)
+
+    s = Setup(tmp_path, make_log, Whole(), backup_all=True)
+
+    async def go() -> None:
+        await s.ingest.append([b"a", b"bb"], 100)
+        await s.ingest.append([b"ccc"], 200)
+        await s.run_until(3)
+        await s.close()
+
+    asyncio.run(go())
+    assert s.outcomes() == [(b"a", None), (b"bb", None), (b"ccc", None), (b"a", {"src": 1}), (b"bb", {"src": 1}),
+                            (b"ccc", {"src": 1})]
+    m = s.ctx.metrics
+    assert m.succeed_processing_records.labels("s")._value.get() == 3
+    assert m.succeed_processing_bytes.labels("s")._value.get() == 6
+
+
 def test_a_record_its_source_failed_skips_the_chain(tmp_path: Path, make_log: Any) -> None:
     chain = Chain()
     s = Setup(tmp_path, make_log, chain)
