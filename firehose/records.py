@@ -154,6 +154,11 @@ class UnchangedOutcomes(Sequence[Outcome]):
         attempts = self.attempts
         return (Outcome(i, data, attempts=attempts) for i, data in enumerate(self.datas))
 
+    def __eq__(self, other: object) -> bool:  # as the list of the same outcomes would compare
+        return isinstance(other, list | UnchangedOutcomes) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 def initial_outcomes(records: list[SourceRecord]) -> list[Outcome]:
     return [Outcome(i, r.data) for i, r in enumerate(records)]

@@ -32,6 +32,7 @@ from firehose.config import StreamConfig
 from firehose.interfaces import Destination, archive_of, partitioned_keys
 from firehose.log import FrameFile, Log, LogError, RecordFrame, SealedBatch, SizedFrame
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
+from firehose.retry import local_failure_pause
 from firehose.stages.archiver import error_record_line
 from firehose.stages.common import OpenBuffer, PendingBatch, StageContext, log_failure
 from firehose.stages.delivery import DeliveryRunner
@@ -143,6 +144,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ the loop
     async def _run(self) -> None:
+        failures = 0
         while not self.signals.stopping:
             await self._wait()
             try:
@@ -151,11 +153,13 @@ class Batcher:
                 # would only cut the backlog into small objects.
                 if self.caught_up:
                     await self.seal_due()
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the stream alive; the records stay in the spool
-                log_failure(self.log, "batcher_failed", exc)
-                await asyncio.sleep(1.0)
+                failures += 1
+                log_failure(self.log, "batcher_failed", exc, attempt=failures)
+                await asyncio.sleep(local_failure_pause(failures))
                 self.signals.batcher.set()  # tried again now, not at the next record's arrival
             self.ctx.on_progress()
 
@@ -255,6 +259,10 @@ class Batcher:
         buffered without an await. Returns False when it stopped for lack of room (the cursor
         marks where)."""
         sealed = self.out.sealed
+        if sealed.covers(self.cursor, frame.end_seq):  # every one sealed before a restart: nothing to route
+            self.cursor = frame.end_seq
+            self.out.reader_passed(self.cursor)
+            return True
         metas, codes, extracted = await self._frame_metas(frame)
         # The partition each code was admitted to, until the next await (a seal closes buffers,
         # and a delivery can free the guard's room): records of an open partition need no check.

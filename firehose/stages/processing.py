@@ -272,6 +272,7 @@ class ProcessingStage:
         queue: asyncio.Queue[_InChain] = asyncio.Queue(maxsize=depth)
         recorder = asyncio.get_running_loop().create_task(self._record_loop(queue), name=f"recorder-{self.name}")
         buf = _Buffer()
+        failures = 0
         try:
             while not self.signals.stopping:
                 await self._wait(buf)
@@ -279,13 +280,15 @@ class ProcessingStage:
                     await self._fill(queue, buf)
                     if buf.datas and self._due(buf):
                         await self._submit(queue, *buf.take())
+                    failures = 0
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # re-read the unsubmitted records on the next pass
-                    log_failure(self.log, "processing_failed", exc)
+                    failures += 1
+                    log_failure(self.log, "processing_failed", exc, attempt=failures)
                     if buf.datas:
                         self.cursor = buf.take()[0].first_seq
-                    await asyncio.sleep(1.0)
+                    await asyncio.sleep(local_failure_pause(failures))
                     self.signals.processing.set()  # read again now, not at the next record's arrival
         finally:
             recorder.cancel()

@@ -91,6 +91,8 @@ def test_unchanged_outcomes_read_as_the_list_of_ok_outcomes() -> None:
     listed = [Outcome(i, d, "Ok", attempts=2) for i, d in enumerate(datas)]
     assert len(whole) == 3 and list(whole) == listed and [whole[i] for i in range(-3, 3)] == listed + listed
     assert whole[1:] == listed[1:] and all(o.meta == {} and o.ok for o in whole)
+    assert whole == listed and whole == UnchangedOutcomes(list(datas), 2) and whole != listed[:2]
+    assert whole != UnchangedOutcomes(datas, 1) and whole != tuple(listed)
     with pytest.raises(IndexError):
         whole[3]
 
