@@ -36,6 +36,16 @@ class SourceRecord:
     kinesis: dict[str, Any] | None = None  # kinesisRecordMetadata for a Kinesis stream source
 
 
+def _position(index: int, n: int, what: str) -> int:
+    """A sequence index (negative from the end) as a position in ``range(n)``."""
+    i = operator.index(index)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"{what} index out of range")
+    return i
+
+
 class SourceBatch(Sequence[SourceRecord]):
     """A processing buffer's records held as columns, read from the spool in runs: record ``i``
     is ``SourceRecord(str(first_seq + i), datas[i], arrivals[i], kinesis[i])``, made only when
@@ -73,11 +83,7 @@ class SourceBatch(Sequence[SourceRecord]):
             stop = max(start, stop)
             return SourceBatch(self.first_seq + start, self.datas[start:stop], self.arrivals[start:stop],
                                self.kinesis[start:stop] if self.kinesis is not None else None)
-        i = operator.index(index)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError("SourceBatch index out of range")
+        i = _position(index, n, "SourceBatch")
         return SourceRecord(str(self.first_seq + i), self.datas[i], self.arrivals[i],
                             self.kinesis[i] if self.kinesis is not None else None)
 
@@ -143,11 +149,7 @@ class UnchangedOutcomes(Sequence[Outcome]):
     def __getitem__(self, index: int | slice) -> Outcome | list[Outcome]:
         if isinstance(index, slice):
             return list(self)[index]
-        i = operator.index(index)
-        if i < 0:
-            i += len(self.datas)
-        if not 0 <= i < len(self.datas):
-            raise IndexError("UnchangedOutcomes index out of range")
+        i = _position(index, len(self.datas), "UnchangedOutcomes")
         return Outcome(i, self.datas[i], attempts=self.attempts)
 
     def __iter__(self) -> Iterator[Outcome]:

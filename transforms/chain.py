@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal, overload
 
 from firehose.interfaces import Processor, ProcessorContext
 from firehose.records import Outcome, SourceRecord, initial_outcomes
@@ -93,6 +93,11 @@ class LambdaStep:
             await self._invoker.close()
             self._invoker = None
 
+    @overload
+    async def invoke(self, batch: Sequence[SourceRecord], *, compact: Literal[False] = False) -> list[Outcome]: ...
+    @overload
+    async def invoke(self, batch: Sequence[SourceRecord], *, compact: bool) -> Sequence[Outcome]: ...
+
     async def invoke(self, batch: Sequence[SourceRecord], *, compact: bool = False) -> Sequence[Outcome]:
         """The function's outcomes for ``batch`` (``Outcome.source`` indexes it); ``compact``: see
         :func:`~firehose.transforms.lambda_.invoke_with_retries`."""
@@ -106,7 +111,7 @@ class LambdaStep:
     async def process(self, outcomes: list[Outcome], records: list[SourceRecord]) -> list[Outcome]:
         if _unchanged(outcomes, records):
             # Straight to the function, under the records' own ids: its outcomes index them.
-            return list(await self.invoke(records))
+            return await self.invoke(records)
         return await self._run_lambda(records, outcomes)
 
     async def _run_lambda(self, records: list[SourceRecord], outs: list[Outcome]) -> list[Outcome]:
@@ -119,7 +124,7 @@ class LambdaStep:
             SourceRecord(str(k), o.data, records[o.source].arrival_ms, records[o.source].kinesis)
             for k, o in enumerate(ok)
         ]
-        results = list(await self.invoke(batch))
+        results = await self.invoke(batch)
         mapped: dict[int, list[Outcome]] = {}
         for r in results:
             src = ok[r.source]
@@ -215,7 +220,7 @@ class ProcessingChain:
             # The function comes first: it gets the records as they are, under their own ids.
             if len(steps) == 1:
                 return await steps[0].invoke(records, compact=True)
-            outs = list(await steps[0].invoke(records))
+            outs = await steps[0].invoke(records)
             steps = steps[1:]
         # Every other step takes a list of SourceRecords (a plugin's too).
         listed = records if isinstance(records, list) else list(records)

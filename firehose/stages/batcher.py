@@ -32,9 +32,8 @@ from firehose.config import StreamConfig
 from firehose.interfaces import Destination, archive_of, partitioned_keys
 from firehose.log import FrameFile, Log, LogError, RecordFrame, SealedBatch, SizedFrame
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta
-from firehose.retry import local_failure_pause
 from firehose.stages.archiver import error_record_line
-from firehose.stages.common import OpenBuffer, PendingBatch, StageContext, log_failure
+from firehose.stages.common import OpenBuffer, PendingBatch, StageContext, retry_after
 from firehose.stages.delivery import DeliveryRunner
 from firehose.stages.inline import FrameMetas, InlineExtraction
 from firehose.stages.router import Partition, PartitionRouter
@@ -158,9 +157,7 @@ class Batcher:
                 raise
             except Exception as exc:  # keep the stream alive; the records stay in the spool
                 failures += 1
-                log_failure(self.log, "batcher_failed", exc, attempt=failures)
-                await asyncio.sleep(local_failure_pause(failures))
-                self.signals.batcher.set()  # tried again now, not at the next record's arrival
+                await retry_after(self.log, "batcher_failed", exc, failures, self.signals.batcher)
             self.ctx.on_progress()
 
     async def _wait(self) -> None:

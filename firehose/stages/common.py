@@ -17,6 +17,7 @@ from firehose.clock import Clock
 from firehose.intervals import Ranges
 from firehose.log import Log, LogError, RecordFrame, SealedBatch, SizedFrame
 from firehose.metrics import Metrics
+from firehose.retry import local_failure_pause
 
 
 class Signals:
@@ -156,3 +157,12 @@ def log_failure(log: Any, event: str, exc: BaseException, **fields: Any) -> None
         log.error(event, error=str(exc), **fields)
     else:
         log.exception(event, error=str(exc), **fields)
+
+
+async def retry_after(log: Any, event: str, exc: BaseException, failures: int, wake: asyncio.Event) -> None:
+    """A stage's pass failed, the ``failures``-th time in a row: logged, then, after a pause that
+    grows with the failures (firehose.retry.local_failure_pause), the stage is woken to try again
+    by itself, not at the next record's arrival."""
+    log_failure(log, event, exc, attempt=failures)
+    await asyncio.sleep(local_failure_pause(failures))
+    wake.set()

@@ -36,7 +36,7 @@ from firehose.log import Log, LogError, RecordFrame
 from firehose.names import stream_arn
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceBatch, UnchangedOutcomes
 from firehose.retry import local_failure_pause
-from firehose.stages.common import StageContext, log_failure
+from firehose.stages.common import StageContext, log_failure, retry_after
 
 #: One ingested record: (sequence number, data, arrival ms, source metadata), what an outcome's
 #: error record is made of.
@@ -56,8 +56,8 @@ class _InChain(NamedTuple):
     task: asyncio.Task[Any]
 
 
-#: A buffer out of the chain: its records, their source metadata, and their outcomes.
-_Done = tuple[SourceBatch, list[Any] | None, Sequence[Any]]
+#: A buffer out of the chain: its records, their source metadata, their size and their outcomes.
+_Done = tuple[SourceBatch, list[Any] | None, int, Sequence[Any]]
 
 
 def _item(batch: SourceBatch, metas: list[Any] | None, i: int) -> Item:
@@ -76,16 +76,18 @@ class OutcomeFrame(NamedTuple):
 
 
 def outcome_frame(outcomes: Sequence[Any], batch: SourceBatch, metas: list[Any] | None, *, now_ms: int,
-                  lambda_arn: str | None, backup_all: bool) -> OutcomeFrame:
+                  lambda_arn: str | None, backup_all: bool, batch_bytes: int | None = None) -> OutcomeFrame:
     """The records and per-record metadata that record ``outcomes`` of the buffer ``batch`` (its
-    records' source metadata ``metas``), and how many records were dropped (they leave nothing
-    behind) and failed, and the Ok bytes."""
+    records' source metadata ``metas``, their size ``batch_bytes`` when the caller has it), and
+    how many records were dropped (they leave nothing behind) and failed, and the Ok bytes."""
     records: list[bytes] = []
     out_metas: list[Any] = []
     dropped = failed = ok_bytes = other_bytes = 0
-    if isinstance(outcomes, UnchangedOutcomes):  # every record Ok as it came: no outcome to look at
+    if batch_bytes is None:
+        batch_bytes = sum(map(len, batch.datas)) if backup_all or isinstance(outcomes, UnchangedOutcomes) else 0
+    if isinstance(outcomes, UnchangedOutcomes):  # every record of the batch Ok as it came: nothing to look at
         records += outcomes.datas
-        ok_bytes = sum(map(len, records))
+        ok_bytes = batch_bytes
         out_metas += [None] * len(records)
         outcomes = ()
     for o in outcomes:
@@ -105,7 +107,7 @@ def outcome_frame(outcomes: Sequence[Any], batch: SourceBatch, metas: list[Any] 
             out_metas.append(outcome_meta(o, _item(batch, metas, o.source), now_ms, lambda_arn))
     if backup_all:
         records += batch.datas
-        other_bytes += sum(map(len, batch.datas))
+        other_bytes += batch_bytes
         out_metas += [RecordMeta.SOURCE_COPY] * len(batch.datas)
     return OutcomeFrame(records, out_metas, dropped, failed, ok_bytes, ok_bytes + other_bytes)
 
@@ -197,19 +199,20 @@ class _Buffer:
     (the spool's records are consecutive, so a buffer's are too), with the records' source
     metadata (None while no record has any)."""
 
-    __slots__ = ("arrivals", "datas", "first_seq", "kinesis", "metas", "nbytes")
+    __slots__ = ("arrivals", "datas", "first_seq", "metas", "nbytes")
 
     def __init__(self) -> None:
         self.first_seq = 0
         self.datas: list[bytes] = []
         self.arrivals: list[int] = []
         self.metas: list[Any] | None = None
-        self.kinesis: list[Any] | None = None
         self.nbytes = 0
 
     def take(self) -> tuple[SourceBatch, list[Any] | None, int]:
-        taken = SourceBatch(self.first_seq, self.datas, self.arrivals, self.kinesis), self.metas, self.nbytes
-        self.datas, self.arrivals, self.metas, self.kinesis, self.nbytes = [], [], None, None, 0
+        metas = self.metas
+        kinesis = None if metas is None else [None if m is None else RecordMeta.kinesis(m) for m in metas]
+        taken = SourceBatch(self.first_seq, self.datas, self.arrivals, kinesis), metas, self.nbytes
+        self.datas, self.arrivals, self.metas, self.nbytes = [], [], None, 0
         return taken
 
     def add(self, frame: RecordFrame, i: int, j: int) -> None:
@@ -220,11 +223,9 @@ class _Buffer:
             raise LogError(f"record {frame.first_seq + i} does not follow record "
                            f"{self.first_seq + len(self.datas) - 1} in the processing buffer")
         if frame.meta is not None or self.metas is not None:
-            if self.metas is None or self.kinesis is None:  # the first with metadata: the rest had none
-                self.metas, self.kinesis = [None] * len(self.datas), [None] * len(self.datas)
-            metas = frame.meta[i:j] if frame.meta is not None else [None] * (j - i)
-            self.metas += metas
-            self.kinesis += [None if m is None else RecordMeta.kinesis(m) for m in metas]
+            if self.metas is None:  # the first with metadata: the records before it had none
+                self.metas = [None] * len(self.datas)
+            self.metas += frame.meta[i:j] if frame.meta is not None else [None] * (j - i)
         self.datas += frame.records[i:j]
         self.arrivals += repeat(frame.arrival_ms, j - i)
 
@@ -284,12 +285,10 @@ class ProcessingStage:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # re-read the unsubmitted records on the next pass
-                    failures += 1
-                    log_failure(self.log, "processing_failed", exc, attempt=failures)
                     if buf.datas:
                         self.cursor = buf.take()[0].first_seq
-                    await asyncio.sleep(local_failure_pause(failures))
-                    self.signals.processing.set()  # read again now, not at the next record's arrival
+                    failures += 1
+                    await retry_after(self.log, "processing_failed", exc, failures, self.signals.processing)
         finally:
             recorder.cancel()
             while not queue.empty():
@@ -393,10 +392,10 @@ class ProcessingStage:
             await self._record_reliably(group)
 
     async def _outcomes_of(self, entry: _InChain) -> _Done:
-        batch, metas, _nbytes, task = entry
+        batch, metas, nbytes, task = entry
         while True:
             try:
-                return batch, metas, await task
+                return batch, metas, nbytes, await task
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug in a stage: run the same buffer again, in order
@@ -431,9 +430,9 @@ class ProcessingStage:
         records: list[bytes] = []
         metas: list[Any] = []
         dropped = failed = ok_bytes = count = nbytes = 0
-        for batch, source_metas, outcomes in group:
+        for batch, source_metas, batch_bytes, outcomes in group:
             frame = outcome_frame(outcomes, batch, source_metas, now_ms=now_ms, lambda_arn=self.chain.lambda_arn,
-                                  backup_all=self.backup_all)
+                                  backup_all=self.backup_all, batch_bytes=batch_bytes)
             records += frame.records
             metas += frame.metas
             dropped += frame.dropped
