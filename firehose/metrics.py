@@ -7,6 +7,9 @@ one. Gauges keep the plain name (``firehose_DeliveryToS3_DataFreshness``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LABEL = "DeliveryStreamName"
@@ -106,6 +109,10 @@ class Metrics:
             "JetStreamPendingBytes", "Log bytes published or queued and not yet acknowledged by JetStream")
 
         self._destinations: dict[str, DestinationMetrics] = {}
+        # What the stages' state gauges (backlog, spool size, DataFreshness ...) are read from when
+        # the metrics are rendered: an age grows while nothing moves (a destination down), and
+        # the work itself pays nothing for gauges nobody reads.
+        self._refreshers: list[Callable[[], None]] = []
 
     def destination(self, prefix: str) -> DestinationMetrics:
         """A destination's own Firehose names (``DeliveryToSplunk.Records``, ...), made on first use."""
@@ -114,7 +121,21 @@ class Metrics:
             found = self._destinations[prefix] = DestinationMetrics(prefix, self.registry)
         return found
 
+    def add_refresher(self, refresh: Callable[[], None]) -> None:
+        """Call ``refresh`` (it sets gauges) before each :meth:`render`."""
+        if refresh not in self._refreshers:
+            self._refreshers.append(refresh)
+
+    def remove_refresher(self, refresh: Callable[[], None]) -> None:
+        if refresh in self._refreshers:
+            self._refreshers.remove(refresh)
+
     def render(self) -> bytes:
+        for refresh in list(self._refreshers):
+            try:
+                refresh()
+            except Exception as exc:  # one stream's gauges must not take every metric away
+                structlog.get_logger().warning("metrics_refresh_failed", error=f"{type(exc).__name__}: {exc}")
         return generate_latest(self.registry)
 
 

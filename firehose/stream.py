@@ -97,8 +97,7 @@ class StreamRuntime:
         self.backup_all = False
         self.recovery: RecoveryState | None = None
         self.record_id_prefix = os.urandom(12).hex()
-        self.stage_context = StageContext(self.name, self.clock, metrics, self.log, rng=self.rng,
-                                          on_progress=self.update_gauges)
+        self.stage_context = StageContext(self.name, self.clock, metrics, self.log, rng=self.rng)
         self.signals = self.stage_context.signals
         self.health = StreamHealth()
         # The stages, built by start() (see firehose/stages/).
@@ -139,7 +138,7 @@ class StreamRuntime:
         self.batcher.start(self.out.min_seq)
         self.runner.dispatch()
         self.signals.batcher.set()
-        self.update_gauges()
+        self.metrics.add_refresher(self.update_gauges)
         for source_config in self.config.sources:
             if self.placement is not None and getattr(source_config, "cluster_placement", None) != "partition":
                 continue  # a per-daemon source: the cluster runs it once, over every owned partition
@@ -253,6 +252,8 @@ class StreamRuntime:
             await self.destination.close()
         if self.archive is not None and self.archive is not self.destination:
             await self.archive.close()
+        self.update_gauges()  # the final state stays exported
+        self.metrics.remove_refresher(self.update_gauges)
         self.log.info("stream_stopped", clean=clean, pending_batches=len(self._pending))
         return clean
 

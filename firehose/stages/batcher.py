@@ -158,7 +158,6 @@ class Batcher:
             except Exception as exc:  # keep the stream alive; the records stay in the spool
                 failures += 1
                 await retry_after(self.log, "batcher_failed", exc, failures, self.signals.batcher)
-            self.ctx.on_progress()
 
     async def _wait(self) -> None:
         """Until woken, or until the oldest buffered record is due (when caught up)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +40,7 @@ class Signals:
 class StageContext:
     """What every stage of one stream is given: the stream's name (metric label, task names),
     the injected clock, the metrics, the stream's logger, the signals the stages share, the
-    random source batch keys are drawn from (seeded in tests) and ``on_progress``, called after
-    a batcher pass or a delivery (the runtime updates its gauges)."""
+    random source batch keys are drawn from (seeded in tests)."""
 
     name: str
     clock: Clock
@@ -50,7 +48,6 @@ class StageContext:
     log: Any
     signals: Signals = field(default_factory=Signals)
     rng: random.Random = field(default_factory=random.Random)
-    on_progress: Callable[[], None] = lambda: None
 
 
 @dataclass(eq=False)  # compared by identity: deque membership and removal stay cheap

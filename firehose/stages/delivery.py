@@ -216,7 +216,6 @@ class DeliveryRunner:
             if not self.signals.stopping:
                 self.dispatch()
                 self.signals.wake()  # the batcher and the processing stage may be waiting for room
-            self.ctx.on_progress()
 
     async def _deliver_once(self, pending: PendingBatch,
                             turn: tuple[asyncio.Future[None] | None, asyncio.Future[None]] | None = None) -> None:

@@ -75,15 +75,10 @@ streams:
         self.health = DeliveryHealth("destination")
         self.archive_health = DeliveryHealth("backup")
         self.released: list[tuple[str, ...]] = []
-        self.progress = 0
-        self.ctx = StageContext("s", self.clock, Metrics(), structlog.get_logger(), rng=random.Random(1),
-                                on_progress=self.on_progress)
+        self.ctx = StageContext("s", self.clock, Metrics(), structlog.get_logger(), rng=random.Random(1))
         self.archiver = Archiver(self.ctx, self.archive, self.archive_health)
         self.runner = DeliveryRunner(self.ctx, self.config, self.spool, dest, self.archiver, self.health,
                                      routing_error=self.routing_error, release_partition=self.released.append)
-
-    def on_progress(self) -> None:
-        self.progress += 1
 
     @staticmethod
     def routing_error(meta: Any, sealed: SealedBatch, record: bytes) -> dict[str, Any]:
@@ -125,7 +120,7 @@ def test_batches_are_delivered_committed_and_counted(tmp_path: Path, make_log: A
     # Delivered concurrently (two at a time by default), each under its sealed key.
     assert sorted((b.key, list(b.records)) for b in s.dest.batches) == [
         ("key-0", [b"a", b"b"]), ("key-2", [b"c"]), ("key-3", [b"d"])]
-    assert s.runner.delivered_records == 4 and s.released == [("x",)] and s.progress == 3
+    assert s.runner.delivered_records == 4 and s.released == [("x",)]
     again = make_log("spool")
     assert asyncio.run(again.open()).pending == []  # committed: nothing to re-send after a restart
 

@@ -258,3 +258,37 @@ def test_a_backlog_batched_by_record_sizes_survives_a_kill_and_is_delivered_once
     got = [out[i : i + 7] for i in range(len(out)) if out[i : i + 7].endswith(b":") and out[i : i + 6].isdigit()]
     assert sorted(got) == [b"%06d:" % i for i in range(len(records))]
     assert sum(len(r) for r in records) == len(out)
+
+
+def test_freshness_and_backlog_gauges_grow_while_the_destination_is_down(tmp_path: Path) -> None:
+    """The state gauges are read when scraped: with every delivery failing and no record
+    arriving, DataFreshness still counts the oldest record's age (an operator alerts on it)."""
+    clock = ManualClock()
+
+    def gauge(rt: object, name: str) -> float:
+        text = rt.metrics.render().decode()  # type: ignore[attr-defined]
+        line = next(x for x in text.splitlines() if x.startswith(f'firehose_{name}{{DeliveryStreamName="s"}}'))
+        return float(line.rsplit(" ", 1)[1])
+
+    async def go() -> None:
+        rt = make_runtime(tmp_path, interval=0, clock=clock)
+        await rt.start()
+        assert rt.destination is not None
+        attempts: list[int] = []
+
+        async def down(batch: Batch) -> DeliveryResult:
+            attempts.append(batch.attempt)
+            raise ConnectionError("destination unreachable")
+
+        rt.destination.deliver = down  # type: ignore[method-assign]
+        await rt.put([b"a", b"b", b"c"])
+        await settle(lambda: len(attempts) >= 1)
+        assert gauge(rt, "BacklogRecords") == 3
+        clock.advance(40)
+        assert gauge(rt, "DeliveryToS3_DataFreshness") == 40.0
+        clock.advance(20)
+        assert gauge(rt, "DeliveryToS3_DataFreshness") == 60.0
+        assert gauge(rt, "BacklogRecords") == 3 and gauge(rt, "SpoolBytes") > 0
+        await rt.stop(0.1)
+
+    asyncio.run(go())
