@@ -32,21 +32,20 @@ newest always refuses to start.
 The file format (version 2; version 1, without DURABLE frames, is still read) is described in
 firehose/spool_format.py.
 
-Thread-safety: a Spool belongs to one asyncio event loop; only fsyncs run on its worker thread.
+Thread-safety: a Spool belongs to one asyncio event loop; only fsyncs (with the closes and unlinks
+that wait for them) run on its sync thread (firehose/spool_sync.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import itertools
 import os
 import struct
 import threading
 from array import array
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -84,6 +83,7 @@ from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, ... are re-e
     frame_crc,
     read_length_table,
 )
+from firehose.spool_sync import SyncJob, SyncThread, fsync_job
 
 log = structlog.get_logger()
 
@@ -146,9 +146,10 @@ class Spool:
         self._written = 0
         self._synced = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._sync_task: asyncio.Task[None] | None = None
         self._interval_task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync")
+        self._sync_taken = 0  # the append counter the sync thread's last cycle covers
+        self._syncer = SyncThread("spool-fsync", self._take_sync, lambda job: fsync_job(job, self._dir_fd),
+                                  self._on_synced, self._fence)
         self._closed = False
         self._failed: SpoolError | None = None
 
@@ -306,6 +307,10 @@ class Spool:
 
     # ------------------------------------------------------------------ writing
     def _open_new_segment(self) -> None:
+        with self._syncer.lock:  # the sync thread must see the old file closing or still written
+            self._open_new_segment_locked()
+
+    def _open_new_segment_locked(self) -> None:
         number = max(self._segments, default=0) + 1
         path = os.path.join(self.directory, _segment_name(number))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -327,7 +332,8 @@ class Spool:
         self._fd = fd
         self._dir_dirty = True
 
-    def _write(self, seg: _Segment, fd: int, data: bytes | bytearray) -> int:
+    def _write(self, seg: _Segment, fd: int, data: bytes | bytearray, *, counted: bool = True) -> int:
+        """Append ``data``; ``counted`` appends are what :meth:`wait_durable` waits to see fsynced."""
         offset = seg.size
         view = memoryview(data)
         try:
@@ -344,7 +350,8 @@ class Spool:
             raise
         seg.size += len(data)
         self.size_bytes += len(data)
-        self._written += 1
+        if counted:
+            self._written += 1  # only now: the sync thread takes this count as written
         return offset
 
     def _append(self, data: bytes | bytearray) -> tuple[_Segment, int]:
@@ -465,32 +472,30 @@ class Spool:
         await fut
 
     def _kick_sync(self) -> None:
-        if self._sync_task is None or self._sync_task.done():
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+        self._syncer.kick()
 
-    async def _sync_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            target = self._written
-            if target <= self._synced and not self._dir_dirty and not self._to_close and not self._pending_unlinks:
-                break
-            fds = [self._fd] if self._fd >= 0 else []
-            active, active_size = self._active, self._active.size if self._active is not None else 0
-            closing, self._to_close = self._to_close, []
-            dir_dirty, self._dir_dirty = self._dir_dirty, False
-            unlinks = [path for marker, path in self._pending_unlinks if marker <= target]
+    def _take_sync(self) -> SyncJob | None:
+        """What the next fsync covers; None when nothing. In the sync thread, under its lock."""
+        target = self._written
+        ready = [(m, p) for m, p in self._pending_unlinks if m <= target]
+        if target <= self._sync_taken and not self._dir_dirty and not self._to_close and not ready:
+            return None
+        self._sync_taken = max(self._sync_taken, target)
+        active = self._active
+        closing, self._to_close = self._to_close, []
+        dir_dirty, self._dir_dirty = self._dir_dirty, False
+        if ready:
             self._pending_unlinks = [(m, p) for m, p in self._pending_unlinks if m > target]
-            try:
-                await loop.run_in_executor(self._executor, self._fsync_all, fds, closing, dir_dirty, unlinks)
-            except OSError as exc:
-                self._fence(exc)
-                return
-            self._synced = max(self._synced, target)
-            if active is not None and active is self._active and fds:
-                self._mark_durable(active, active_size)
-            self._release_waiters()
-            if not self._waiters and self.fsync_policy != "always":
-                break
+        return SyncJob(target, [self._fd] if self._fd >= 0 else [], closing, dir_dirty, [p for _, p in ready],
+                        active, active.size if active is not None else 0)
+
+    def _on_synced(self, job: SyncJob) -> None:
+        """On the loop: the writes ``job`` covers are on disk."""
+        self._synced = max(self._synced, job.target)
+        active = self._active
+        if active is not None and job.active is active and job.fds:
+            self._mark_durable(active, job.active_size)
+        self._release_waiters()
 
     def _fence(self, exc: OSError) -> None:
         """After a failed fsync the kernel may have dropped the dirty pages: nothing written since
@@ -513,24 +518,6 @@ class Spool:
                 fut.set_result(None)
         self._waiters = still
 
-    def _fsync_all(self, fds: list[int], closing: list[int], dir_dirty: bool, unlinks: list[str] | None = None) -> None:
-        for fd in closing:
-            os.fsync(fd)
-            os.close(fd)
-        for fd in fds:
-            os.fsync(fd)
-        if dir_dirty:
-            self._fsync_dir()
-        if unlinks:
-            # Only now are the commits (and a rolled-over segment's successor) on disk.
-            for path in unlinks:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            self._fsync_dir()
-
-    def _fsync_dir(self) -> None:
-        os.fsync(self._dir_fd)
-
     def _mark_durable(self, seg: _Segment, offset: int) -> None:
         """Record that ``seg`` is on disk up to ``offset`` (a DURABLE frame, not fsynced itself and
         not counted as unsynced data, so it never causes an fsync of its own)."""
@@ -538,10 +525,9 @@ class Spool:
             return
         data = _frame(T_DURABLE, _DURABLE.pack(seg.number, offset))
         try:
-            self._write(seg, self._fd, data)
+            self._write(seg, self._fd, data, counted=False)
         except OSError:
             return  # a full disk: the mark is an aid to recovery, never a reason to fail a write
-        self._written -= 1
         self._durable_marked = offset
 
     def _ensure_interval_task(self) -> None:
@@ -745,7 +731,8 @@ class Spool:
         if fd is not None:
             os.close(fd)
         if defer:
-            self._pending_unlinks.append((self._written, seg.path))
+            with self._syncer.lock:
+                self._pending_unlinks.append((self._written, seg.path))
             self._kick_sync()
         else:
             try:
@@ -766,7 +753,8 @@ class Spool:
             self.min_seq = max(self.min_seq, seg.end_seq)
             self.committed.discard_below(self.min_seq)
             self.sealed.discard_below(self.min_seq)
-        self._dir_dirty = True
+        with self._syncer.lock:
+            self._dir_dirty = True
 
     # ------------------------------------------------------------------ close
     async def aclose(self) -> None:
@@ -775,15 +763,10 @@ class Spool:
             return
         if self._fd >= 0:
             await self.wait_durable(force=True)
-            if self._pending_unlinks:
-                self._kick_sync()
-                if self._sync_task is not None:
-                    await asyncio.gather(self._sync_task, return_exceptions=True)
         self._closed = True
         if self._interval_task is not None:
             self._interval_task.cancel()
-        if self._sync_task is not None and not self._sync_task.done():
-            await asyncio.gather(self._sync_task, return_exceptions=True)
+        await self._syncer.close()  # after the cycles still needed: the last unlinks
         for fd in self._to_close:
             os.close(fd)
         self._to_close = []
@@ -796,4 +779,3 @@ class Spool:
         for fd in self._read_fds.values():
             os.close(fd)
         self._read_fds.clear()
-        self._executor.shutdown(wait=True)

@@ -1,0 +1,224 @@
+"""The spool's sync thread (firehose/spool_sync.py): fsyncs run back to back in a thread of their
+own while the loop keeps writing, rolling segments over and deleting them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firehose import spool_sync
+from firehose.spool import Spool, SpoolError
+
+
+def sync_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "spool-fsync"]
+
+
+async def opened(path: Path, fsync: Callable[[int], None] | None, monkeypatch: pytest.MonkeyPatch,
+                 **kwargs: Any) -> Spool:
+    """A new spool, its first fsync done, then ``os.fsync`` replaced by ``fsync``."""
+    sp = Spool(str(path), **kwargs)
+    sp.open()
+    await sp.wait_durable(force=True)
+    if fsync is not None:
+        monkeypatch.setattr(os, "fsync", fsync)
+    return sp
+
+
+def test_rollovers_and_deletions_racing_the_sync_thread_lose_nothing(tmp_path: Path) -> None:
+    """Many small segments rolled over and deleted while waiters wait: no file is fsynced after
+    it was closed (that would fence the spool), no acknowledged record is missing after a
+    reopen, and deleted segments are gone from the directory."""
+    per_task, tasks = 60, 8
+
+    async def go() -> list[bytes]:
+        sp = Spool(str(tmp_path), segment_size_bytes=4096)
+        sp.open()
+        acked: list[bytes] = []
+
+        async def writer(w: int) -> None:
+            for i in range(per_task):
+                rec = b"w%d-%03d-" % (w, i) + b"x" * 700
+                sp.append_records([rec], 1)
+                await sp.wait_durable()
+                acked.append(rec)
+
+        await asyncio.gather(*(writer(w) for w in range(tasks)))
+        assert sp.failed is None
+        # Commit the first half: the segments holding only it are deleted after an fsync.
+        half = sp.next_seq // 2
+        sp.commit_ranges([(0, half)])
+        await sp.wait_durable(force=True)
+        kept = sp.read_ranges([(half, sp.next_seq)])[0]
+        await sp.aclose()
+        return kept
+
+    kept = asyncio.run(go())
+    again = Spool(str(tmp_path), segment_size_bytes=4096)
+    state = again.open()
+    assert state.unsealed_records == len(kept) and again.read_ranges([(again.min_seq, again.next_seq)])[0] == kept
+    assert again.min_seq > 0  # deleted segments were really deleted
+    files = sorted(os.listdir(tmp_path))
+    assert all(name.startswith("seg-") for name in files) and len(files) == len(again._segments)
+    asyncio.run(again.aclose())
+
+
+def test_a_write_made_during_an_fsync_gets_a_cycle_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread looks for new writes after each fsync without waiting for the loop: a frame
+    written while an fsync is under way is covered by the next one, and acknowledged only then."""
+    real = os.fsync
+    entered, release = threading.Event(), threading.Event()
+    synced_fds: list[int] = []
+
+    def slow(fd: int) -> None:
+        synced_fds.append(fd)
+        if len(synced_fds) == 1:
+            entered.set()
+            release.wait(5)
+        real(fd)
+
+    async def go() -> None:
+        sp = await opened(tmp_path, slow, monkeypatch)
+        sp.append_records([b"first"], 1)
+        first = asyncio.ensure_future(sp.wait_durable())
+        await asyncio.to_thread(entered.wait, 5)
+        sp.append_records([b"second"], 1)  # written while the first fsync runs
+        second = asyncio.ensure_future(sp.wait_durable())
+        await asyncio.sleep(0.05)
+        assert not first.done() and not second.done()
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert len(synced_fds) >= 2  # the second write needed a second fsync
+        await sp.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_failed_fsync_is_never_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an fsync fails the kernel may have dropped the pages: the thread stops, later
+    waiters are refused, and no later fsync can falsely succeed."""
+    calls: list[int] = []
+
+    def eio(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(5, "Input/output error")
+
+    async def go() -> None:
+        sp = await opened(tmp_path, eio, monkeypatch)
+        sp.append_records([b"a"], 1)
+        waits = [asyncio.ensure_future(sp.wait_durable()) for _ in range(3)]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        assert all(isinstance(r, SpoolError) for r in results)
+        n = len(calls)
+        with pytest.raises(SpoolError, match="fenced"):
+            await sp.wait_durable(force=True)
+        sp._kick_sync()
+        await asyncio.sleep(0.1)
+        assert len(calls) == n == 1 and not sync_threads()
+        monkeypatch.undo()
+
+    asyncio.run(go())
+
+
+def test_an_idle_thread_exits_and_the_next_write_starts_another(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_sync, "IDLE_EXIT_SECS", 0.05)
+
+    async def go() -> None:
+        sp = await opened(tmp_path, None, monkeypatch)
+        sp.append_records([b"a"], 1)
+        await sp.wait_durable()
+        deadline = time.monotonic() + 5
+        while sync_threads() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert not sync_threads()
+        sp.append_records([b"b"], 1)
+        await asyncio.wait_for(sp.wait_durable(), 5)
+        await sp.aclose()
+        assert not sync_threads()
+
+    asyncio.run(go())
+    again = Spool(str(tmp_path))
+    assert again.open().unsealed_records == 2
+    asyncio.run(again.aclose())
+
+
+def test_durable_marks_cause_no_fsync_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = os.fsync
+
+    async def go() -> None:
+        sp = await opened(tmp_path, lambda fd: (calls.append(fd), real(fd)) and None, monkeypatch)
+        for i in range(5):
+            sp.append_records([b"r%d" % i], 1)
+            await sp.wait_durable()
+        await asyncio.sleep(0.2)  # a DURABLE frame written after each fsync must not start another
+        assert len(calls) == 5
+        await sp.aclose()
+
+    asyncio.run(go())
+
+
+def test_an_abandoned_spool_leaves_no_thread_and_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """A spool dropped without aclose (the tests' simulated kill -9) on a loop that then closes."""
+    monkeypatch.setattr(spool_sync, "IDLE_EXIT_SECS", 0.05)
+
+    async def go() -> None:
+        sp = await opened(tmp_path, None, monkeypatch)
+        sp.append_records([b"a"], 1)
+        await sp.wait_durable()
+        sp.append_records([b"b"], 1)
+        sp._kick_sync()  # a cycle whose answer arrives after the loop is gone
+
+    asyncio.run(go())
+    deadline = time.monotonic() + 5
+    while sync_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not sync_threads()
+    assert "Exception in thread" not in capfd.readouterr().err
+
+
+def test_a_cycle_taken_during_a_rollover_sees_the_old_file_closing_and_the_new_one_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread finishes an fsync while the loop is half way through opening the next segment
+    (the old file already queued to close, the new one not yet in use). Without the lock the
+    cycle fsyncs and closes the old file, then fsyncs it again: EBADF, and the spool fences."""
+    real_fsync, real_ftruncate = os.fsync, os.ftruncate
+    in_fsync, rolling = threading.Event(), threading.Event()
+
+    def fsync(fd: int) -> None:
+        if not in_fsync.is_set():
+            in_fsync.set()
+            rolling.wait(5)  # the first cycle ends while the rollover is under way
+        real_fsync(fd)
+
+    def ftruncate(fd: int, length: int) -> None:
+        rolling.set()
+        time.sleep(0.1)  # the GIL is free: the thread takes its next cycle now, if it may
+        real_ftruncate(fd, length)
+
+    async def go() -> None:
+        sp = await opened(tmp_path, fsync, monkeypatch, segment_size_bytes=8192)
+        sp.append_records([b"a" * 5000], 1)
+        first = asyncio.ensure_future(sp.wait_durable())
+        await asyncio.to_thread(in_fsync.wait, 5)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
+        sp.append_records([b"b" * 5000], 1)  # does not fit: a new segment
+        monkeypatch.setattr(os, "ftruncate", real_ftruncate)
+        await asyncio.wait_for(first, 5)
+        await asyncio.wait_for(sp.wait_durable(), 5)
+        assert sp.failed is None and len(sp._segments) == 2
+        await sp.aclose()
+
+    asyncio.run(go())
+    again = Spool(str(tmp_path), segment_size_bytes=8192)
+    assert again.open().unsealed_records == 2
+    asyncio.run(again.aclose())
