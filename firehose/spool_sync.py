@@ -71,7 +71,7 @@ class SyncThread(Generic[Job]):
         self.name = name
         self.lock = threading.Lock()
         self._take, self._run_job, self._done, self._failed = take, run, done, failed
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(threading.Lock())  # not the default RLock: kick() runs per request
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wanted = False
