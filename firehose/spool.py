@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import itertools
 import os
 import struct
@@ -148,6 +149,7 @@ class Spool:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._interval_task: asyncio.Task[None] | None = None
         self._sync_taken = 0  # the append counter the sync thread's last cycle covers
+        self._sync_demand = 0  # the append counter the next cycle must cover (set by _kick_sync)
         self._syncer = SyncThread("spool-fsync", self._take_sync, lambda job: fsync_job(job, self._dir_fd),
                                   self._on_synced, self._fence)
         self._closed = False
@@ -307,30 +309,33 @@ class Spool:
 
     # ------------------------------------------------------------------ writing
     def _open_new_segment(self) -> None:
-        with self._syncer.lock:  # the sync thread must see the old file closing or still written
-            self._open_new_segment_locked()
-
-    def _open_new_segment_locked(self) -> None:
+        """Write the next segment's header and CHECKPOINT, then make it the one written. Until it is
+        complete the old file stays in use: a failed write (a full disk) changes nothing."""
         number = max(self._segments, default=0) + 1
         path = os.path.join(self.directory, _segment_name(number))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        if self._fd >= 0:  # only once the new one is open: a failed open leaves the old one in use
-            self._to_close.append(self._fd)
-        self._durable_marked = 0
-        seg = self._segments.get(number) or _Segment(number, path, 0)
-        if seg.size == 0:
+        seg = _Segment(number, path, 0)
+        try:
             os.ftruncate(fd, 0)
-            os.write(fd, _SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0))
-            seg.size = _SEG_HEADER.size
-            self.size_bytes += _SEG_HEADER.size
             # Each segment opens with the counters and source positions, so trimming old
             # segments never loses them.
             doc = {"next_seq": self.next_seq, "next_batch_id": self.next_batch_id, "positions": self.positions}
-            self._write(seg, fd, _frame(T_CHECKPOINT, orjson.dumps(doc)))
-        self._segments[number] = seg
-        self._active = seg
-        self._fd = fd
-        self._dir_dirty = True
+            self._write(seg, fd, _SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0)
+                        + _frame(T_CHECKPOINT, orjson.dumps(doc)), counted=False)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        with self._syncer.lock:  # the sync thread sees the old file closing or still written, never both
+            if self._fd >= 0:
+                self._to_close.append(self._fd)
+            self._segments[number] = seg
+            self._active = seg
+            self._fd = fd
+            self._durable_marked = 0
+            self._dir_dirty = True
+            self._written += 1  # the CHECKPOINT, written above
 
     def _write(self, seg: _Segment, fd: int, data: bytes | bytearray, *, counted: bool = True) -> int:
         """Append ``data``; ``counted`` appends are what :meth:`wait_durable` waits to see fsynced."""
@@ -472,11 +477,14 @@ class Spool:
         await fut
 
     def _kick_sync(self) -> None:
+        """Have everything written so far fsynced (``fsync: interval`` and ``never`` fsync only
+        when asked: the thread covers appends up to the latest demand, not every append)."""
+        self._sync_demand = self._written
         self._syncer.kick()
 
     def _take_sync(self) -> SyncJob | None:
         """What the next fsync covers; None when nothing. In the sync thread, under its lock."""
-        target = self._written
+        target = self._sync_demand
         ready = [(m, p) for m, p in self._pending_unlinks if m <= target]
         if target <= self._sync_taken and not self._dir_dirty and not self._to_close and not ready:
             return None
@@ -761,8 +769,13 @@ class Spool:
         """Fsync what was written and release file descriptors."""
         if self._closed:
             return
-        if self._fd >= 0:
-            await self.wait_durable(force=True)
+        try:
+            if self._fd >= 0:
+                await self.wait_durable(force=True)  # raises when the spool is fenced
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
         self._closed = True
         if self._interval_task is not None:
             self._interval_task.cancel()

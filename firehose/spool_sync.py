@@ -14,9 +14,13 @@ written, files to close, the directory's dirty flag, unlinks waiting for their c
 cycle never sees a file both written and closed. Anything written before ``take`` ran is covered
 by the cycle's fsync: the owner counts a write only once ``os.write`` has returned.
 
-A failed fsync stops the thread for good (the owner fences itself: a retried fsync can falsely
-succeed). An idle thread exits after a few seconds and the next :meth:`SyncThread.kick` starts
-another, so a spool abandoned without ``aclose`` (a crash simulated in a test) leaves no thread.
+A cycle covers what the owner asked for (``fsync: always`` asks after every acknowledged append;
+``interval`` and ``never`` only on their timer, a seal or a deletion), so those policies do not
+turn into fsyncs back to back. A failed fsync (or anything else raised in the thread) stops it for
+good and the owner fences itself: a retried fsync can falsely succeed. An idle thread exits after
+a few seconds and the next :meth:`SyncThread.kick` starts another (and one that could not start is
+started by the next kick), so a spool abandoned without ``aclose`` (a crash simulated in a test)
+leaves no thread.
 """
 
 from __future__ import annotations
@@ -46,9 +50,13 @@ class SyncJob(NamedTuple):
 
 
 def fsync_job(job: SyncJob, dir_fd: int) -> None:
-    for fd in job.closing:
-        os.fsync(fd)
-        os.close(fd)
+    try:
+        for fd in job.closing:
+            os.fsync(fd)
+    finally:
+        for fd in job.closing:  # closed even after a failure: the spool fences, nothing leaks
+            with contextlib.suppress(OSError):
+                os.close(fd)
     for fd in job.fds:
         os.fsync(fd)
     if job.dir_dirty:
@@ -87,8 +95,9 @@ class SyncThread(Generic[Job]):
             self._wanted = True
             self._loop = asyncio.get_running_loop()
             if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+                thread.start()  # when it cannot start, the next kick tries again
+                self._thread = thread
             else:
                 self._cv.notify()
 
@@ -102,20 +111,23 @@ class SyncThread(Generic[Job]):
             await asyncio.to_thread(thread.join)
 
     def _main(self) -> None:
+        try:
+            self._cycles()
+        except BaseException as exc:  # noqa: BLE001 - the owner must learn that nothing syncs any more
+            error = exc if isinstance(exc, OSError) else OSError(f"the sync thread failed: {exc!r}")
+            with self._cv:
+                self._error = error
+                self._thread = None
+            self._post(self._failed, error)
+
+    def _cycles(self) -> None:
         while True:
             with self._cv:
                 self._wanted = False
             with self.lock:
                 job = self._take()
             if job is not None:
-                try:
-                    self._run_job(job)
-                except OSError as exc:
-                    with self._cv:
-                        self._error = exc
-                        self._thread = None
-                    self._post(self._failed, exc)
-                    return
+                self._run_job(job)  # an OSError ends the thread: see _main
                 self._post(self._done, job)
                 continue
             with self._cv:

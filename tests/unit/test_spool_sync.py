@@ -4,6 +4,7 @@ own while the loop keeps writing, rolling segments over and deleting them."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 import time
@@ -14,21 +15,28 @@ from typing import Any
 import pytest
 
 from firehose import spool_sync
-from firehose.spool import Spool, SpoolError
+from firehose.spool import SEGMENT_MAGIC, Spool, SpoolError
 
 
 def sync_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "spool-fsync"]
 
 
-async def opened(path: Path, fsync: Callable[[int], None] | None, monkeypatch: pytest.MonkeyPatch,
+async def no_sync_thread() -> None:
+    deadline = time.monotonic() + 5
+    while sync_threads() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not sync_threads()
+
+
+async def opened(path: Path, replace_fsync: Callable[[int], None] | None, monkeypatch: pytest.MonkeyPatch,
                  **kwargs: Any) -> Spool:
-    """A new spool, its first fsync done, then ``os.fsync`` replaced by ``fsync``."""
+    """A new spool, its first fsync done, then ``os.fsync`` replaced by ``replace_fsync``."""
     sp = Spool(str(path), **kwargs)
     sp.open()
     await sp.wait_durable(force=True)
-    if fsync is not None:
-        monkeypatch.setattr(os, "fsync", fsync)
+    if replace_fsync is not None:
+        monkeypatch.setattr(os, "fsync", replace_fsync)
     return sp
 
 
@@ -135,10 +143,7 @@ def test_an_idle_thread_exits_and_the_next_write_starts_another(tmp_path: Path,
         sp = await opened(tmp_path, None, monkeypatch)
         sp.append_records([b"a"], 1)
         await sp.wait_durable()
-        deadline = time.monotonic() + 5
-        while sync_threads() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert not sync_threads()
+        await no_sync_thread()
         sp.append_records([b"b"], 1)
         await asyncio.wait_for(sp.wait_durable(), 5)
         await sp.aclose()
@@ -222,3 +227,114 @@ def test_a_cycle_taken_during_a_rollover_sees_the_old_file_closing_and_the_new_o
     again = Spool(str(tmp_path), segment_size_bytes=8192)
     assert again.open().unsealed_records == 2
     asyncio.run(again.aclose())
+
+
+def test_a_thread_that_cannot_start_is_started_by_the_next_kick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def start_once(self: threading.Thread) -> None:
+        if self.name == "spool-fsync" and not refused:
+            refused.append(self.name)
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(spool_sync, "IDLE_EXIT_SECS", 0.05)
+
+    async def go() -> None:
+        sp = await opened(tmp_path, None, monkeypatch)
+        await no_sync_thread()  # the next kick must start one
+        monkeypatch.setattr(threading.Thread, "start", start_once)
+        sp.append_records([b"a"], 1)
+        with pytest.raises(RuntimeError, match="start new thread"):
+            await sp.wait_durable()
+        sp.append_records([b"b"], 1)
+        await asyncio.wait_for(sp.wait_durable(), 5)  # not stranded behind the thread that never ran
+        assert refused and sp.failed is None
+        await sp.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_rollover_that_fails_on_a_full_disk_leaves_the_old_segment_in_use(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new segment's first write fails (ENOSPC): the append fails, the old file stays the
+    one written (it was queued for closing before: the next cycle closed it, then fsynced it
+    again and fenced the spool), and the half-made file is gone."""
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        if bytes(data[: len(SEGMENT_MAGIC)]) == SEGMENT_MAGIC:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    async def go() -> None:
+        sp = await opened(tmp_path, None, monkeypatch, segment_size_bytes=8192)
+        sp.append_records([b"a" * 5000], 1)
+        await sp.wait_durable()
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(OSError, match="No space"):
+            sp.append_records([b"b" * 5000], 1)
+        monkeypatch.setattr(os, "write", real_write)
+        sp.append_records([b"c" * 100], 1)  # the client's retry, into the old file
+        await asyncio.wait_for(sp.wait_durable(), 5)
+        assert sp.failed is None and len(sp._segments) == 1 and len(os.listdir(tmp_path)) == 1
+        await sp.aclose()
+
+    asyncio.run(go())
+    again = Spool(str(tmp_path), segment_size_bytes=8192)
+    assert again.open().unsealed_records == 2
+    assert again.read_ranges([(again.min_seq, again.next_seq)])[0] == [b"a" * 5000, b"c" * 100]
+    asyncio.run(again.aclose())
+
+
+@pytest.mark.parametrize("policy", ["never", "interval"])
+def test_without_fsync_always_the_thread_fsyncs_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  policy: str) -> None:
+    """A seal's forced fsync must not turn into fsyncs back to back behind every later append."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def slow(fd: int) -> None:  # appends keep arriving while one runs
+        calls.append(fd)
+        time.sleep(0.005)
+        real(fd)
+
+    async def go() -> None:
+        sp = await opened(tmp_path, slow, monkeypatch, fsync=policy, fsync_interval_ms=60_000)
+        sp.append_records([b"first"], 1)
+        forced = asyncio.ensure_future(sp.wait_durable(force=True))  # a seal, say
+        deadline = time.monotonic() + 0.3
+        n = 0
+        while time.monotonic() < deadline:
+            sp.append_records([b"r%d" % n], 1)
+            await sp.wait_durable()  # returns at once: not fsync always
+            n += 1
+            await asyncio.sleep(0.001)
+        await forced
+        assert n > 50 and len(calls) <= 2  # the forced one (and one for writes made meanwhile), no more
+        asked = len(calls)
+        await sp.wait_durable(force=True)
+        assert len(calls) == asked + 1
+        await sp.aclose()
+
+    asyncio.run(go())
+
+
+def test_closing_a_fenced_spool_still_releases_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    async def go() -> None:
+        before = set(os.listdir("/proc/self/fd"))
+        sp = await opened(tmp_path, None, monkeypatch)
+        sp.append_records([b"a"], 1)
+        sp.read_ranges([(0, 1)])  # a read descriptor too
+        monkeypatch.setattr(os, "fsync", eio)
+        with pytest.raises(SpoolError, match="fenced"):
+            await sp.aclose()
+        monkeypatch.undo()
+        await asyncio.sleep(0)
+        assert set(os.listdir("/proc/self/fd")) <= before | {str(sp._dir_fd)} and sp._fd == -1
+
+    asyncio.run(go())
