@@ -190,6 +190,10 @@ class Spool:
             if bid in self._committed_ids:
                 del self._seals[bid]
         self._open_new_segment()
+        # The new segment's CHECKPOINT (the counters and source positions) is on disk before an
+        # old segment holding the previous ones is deleted.
+        os.fsync(self._fd)
+        os.fsync(self._dir_fd)
         self._trim(defer=False)
         # Sealed ranges lie within [min_seq, next_seq) (trimming discards them below min_seq).
         self.sealed.discard_below(self.min_seq)
@@ -322,7 +326,7 @@ class Spool:
             doc = {"next_seq": self.next_seq, "next_batch_id": self.next_batch_id, "positions": self.positions}
             self._write(seg, fd, _SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0)
                         + _frame(T_CHECKPOINT, orjson.dumps(doc)), counted=False)
-        except OSError:
+        except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -727,7 +731,8 @@ class Spool:
             and len(self._segments) == 1
             and self._segment_done(active)
         ):
-            self._open_new_segment()
+            with contextlib.suppress(OSError):  # a full disk: the segment is rolled over later
+                self._open_new_segment()
         for number in sorted(self._segments):
             seg = self._segments[number]
             if seg is self._active or not self._segment_done(seg):

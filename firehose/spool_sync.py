@@ -18,8 +18,8 @@ A cycle covers what the owner asked for (``fsync: always`` asks after every ackn
 ``interval`` and ``never`` only on their timer, a seal or a deletion), so those policies do not
 turn into fsyncs back to back. A failed fsync (or anything else raised in the thread) stops it for
 good and the owner fences itself: a retried fsync can falsely succeed. An idle thread exits after
-a few seconds and the next :meth:`SyncThread.kick` starts another (and one that could not start is
-started by the next kick), so a spool abandoned without ``aclose`` (a crash simulated in a test)
+a few seconds and the next :meth:`SyncThread.kick` starts another (one that cannot start is tried
+again half a second later), so a spool abandoned without ``aclose`` (a crash simulated in a test)
 leaves no thread.
 """
 
@@ -32,9 +32,14 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, TypeVar
 
+import structlog
+
 Job = TypeVar("Job")
 
 IDLE_EXIT_SECS = 5.0
+START_RETRY_SECS = 0.5
+
+log = structlog.get_logger()
 
 
 class SyncJob(NamedTuple):
@@ -85,6 +90,7 @@ class SyncThread(Generic[Job]):
         self._wanted = False
         self._stopping = False
         self._error: OSError | None = None
+        self._retrying = False  # a start that failed is tried again (call_later)
 
     def kick(self) -> None:
         """Something was written (or closed, or unlinked): make sure a cycle covers it. Called on
@@ -96,10 +102,21 @@ class SyncThread(Generic[Job]):
             self._loop = asyncio.get_running_loop()
             if self._thread is None:
                 thread = threading.Thread(target=self._main, name=self.name, daemon=True)
-                thread.start()  # when it cannot start, the next kick tries again
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # out of threads for now: the waiters wait, then it is tried again
+                    if not self._retrying:
+                        self._retrying = True
+                        log.warning("spool_sync_thread_not_started", error=str(exc), retry_in_secs=START_RETRY_SECS)
+                        self._loop.call_later(START_RETRY_SECS, self._retry)
+                    return
                 self._thread = thread
             else:
                 self._cv.notify()
+
+    def _retry(self) -> None:
+        self._retrying = False
+        self.kick()
 
     async def close(self) -> None:
         """Run the cycles still needed (the owner's last unlinks included), then stop the thread."""
