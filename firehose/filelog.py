@@ -215,6 +215,7 @@ class FileLog:
     def abandon(self) -> None:
         """Give the lock up without flushing anything: what the kernel does when the process dies.
         Tests use it to stand for a ``kill -9`` of a runtime running in their own process."""
+        self._spool.abandon()
         self._unlock()
 
     async def aclose(self) -> None:

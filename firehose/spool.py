@@ -148,8 +148,7 @@ class Spool:
         self._synced = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._interval_task: asyncio.Task[None] | None = None
-        self._sync_taken = 0  # the append counter the sync thread's last cycle covers
-        self._sync_demand = 0  # the append counter the next cycle must cover (set by _kick_sync)
+        self._sync_taken = self._sync_demand = 0  # append counts: the last cycle's, the next one's
         self._syncer = SyncThread("spool-fsync", self._take_sync, lambda job: fsync_job(job, self._dir_fd),
                                   self._on_synced, self._fence)
         self._closed = False
@@ -320,9 +319,7 @@ class Spool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         seg = _Segment(number, path, 0)
         try:
-            os.ftruncate(fd, 0)
-            # Each segment opens with the counters and source positions, so trimming old
-            # segments never loses them.
+            os.ftruncate(fd, 0)  # the counters and source positions open each segment: trims never lose them
             doc = {"next_seq": self.next_seq, "next_batch_id": self.next_batch_id, "positions": self.positions}
             self._write(seg, fd, _SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0)
                         + _frame(T_CHECKPOINT, orjson.dumps(doc)), counted=False)
@@ -373,6 +370,9 @@ class Spool:
             self._open_new_segment()
         seg = self._active
         return seg, self._write(seg, self._fd, data)
+
+    def abandon(self) -> None:  # a ``kill -9`` in tests: nothing more is fsynced, closed or unlinked
+        self._syncer.abandon()
 
     def has_room(self, nbytes: int) -> bool:
         return self._failed is None and self.size_bytes + nbytes <= self.max_size_bytes
@@ -771,12 +771,12 @@ class Spool:
 
     # ------------------------------------------------------------------ close
     async def aclose(self) -> None:
-        """Fsync what was written and release file descriptors."""
+        """Fsync what was written and release file descriptors (raises, released, when fenced)."""
         if self._closed:
             return
         try:
             if self._fd >= 0:
-                await self.wait_durable(force=True)  # raises when the spool is fenced
+                await self.wait_durable(force=True)
         finally:
             await self._release()
 

@@ -91,6 +91,7 @@ class SyncThread(Generic[Job]):
         self._stopping = False
         self._error: OSError | None = None
         self._retrying = False  # a start that failed is tried again (call_later)
+        self._abandoned = False
 
     def kick(self) -> None:
         """Something was written (or closed, or unlinked): make sure a cycle covers it. Called on
@@ -113,6 +114,15 @@ class SyncThread(Generic[Job]):
                 self._thread = thread
             else:
                 self._cv.notify()
+
+    def abandon(self) -> None:
+        """No further cycle (one under way ends first): what a ``kill -9`` leaves."""
+        with self._cv:
+            self._stopping = self._abandoned = True
+            thread = self._thread
+            self._cv.notify()
+        if thread is not None:
+            thread.join(5)
 
     def _retry(self) -> None:
         self._retrying = False
@@ -140,6 +150,9 @@ class SyncThread(Generic[Job]):
     def _cycles(self) -> None:
         while True:
             with self._cv:
+                if self._abandoned:
+                    self._thread = None
+                    return
                 self._wanted = False
             with self.lock:
                 job = self._take()

@@ -1529,8 +1529,7 @@ async def _write_spool(directory: Path, rng: Random, embed: bool) -> tuple[dict[
             bid, s, e = batches.pop(0)
             sp.append_commit(bid, {"n": e - s} if rng.random() < 0.5 else None)
             committed.update(range(s, e))
-    if sp._sync_task is not None:
-        await asyncio.gather(sp._sync_task, return_exceptions=True)
+    await sp.wait_durable(force=True)  # the commits (not awaited above) and the unlinks they allow
     if rng.random() < 0.5:
         await sp.aclose()
         return written, acked, committed
@@ -1548,6 +1547,7 @@ async def _write_spool(directory: Path, rng: Random, embed: bool) -> tuple[dict[
 
 def _abandon(sp: Any) -> None:
     """Close a Spool's descriptors without fsyncing or writing anything more."""
+    sp.abandon()  # first: the sync thread closes rolled-over descriptors itself
     sp._closed = True
     for fd in [*sp._to_close, sp._fd, sp._dir_fd, *sp._read_fds.values()]:
         if fd >= 0:
@@ -1557,7 +1557,6 @@ def _abandon(sp: Any) -> None:
                 pass
     sp._to_close, sp._fd, sp._dir_fd = [], -1, -1
     sp._read_fds.clear()
-    sp._executor.shutdown(wait=True)
 
 
 def build_base(directory: Path, seed: int, k: int) -> BaseSpool:

@@ -392,3 +392,24 @@ def test_reopening_fsyncs_the_new_checkpoint_before_deleting_the_old_segment(
     assert events.index("unlink seg-000000000001.log") > events.index("fsync")
     assert again.next_seq == 2
     asyncio.run(again.aclose())
+
+
+def test_an_abandoned_spool_syncs_nothing_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``abandon`` (a test's kill -9): the thread ends, and nothing written after is fsynced."""
+    calls: list[int] = []
+    real = os.fsync
+
+    async def go() -> None:
+        sp = await opened(tmp_path, lambda fd: (calls.append(fd), real(fd)) and None, monkeypatch)
+        sp.append_records([b"a"], 1)
+        await sp.wait_durable()
+        assert calls and sync_threads()
+        sp.abandon()
+        assert not sync_threads()
+        n = len(calls)
+        sp.append_records([b"b"], 1)
+        sp._kick_sync()
+        await asyncio.sleep(0.1)
+        assert len(calls) == n and not sync_threads()
+
+    asyncio.run(go())
