@@ -134,8 +134,8 @@ class SyncThread(Generic[Job]):
             self._stopping = True
             thread = self._thread
             self._cv.notify()
-        if thread is not None:
-            await asyncio.to_thread(thread.join)
+        while thread is not None and thread.is_alive():  # polled: needs no executor thread to wait in
+            await asyncio.sleep(0.002)
 
     def _main(self) -> None:
         try:

@@ -16,6 +16,7 @@ It also answers what the API, the sources and ``/healthz`` ask of a stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -243,6 +244,9 @@ class StreamRuntime:
         clean = await self.runner.drain(deadline) if self.runner is not None else True
         if self.router is not None and self.router.inline is not None:
             await self.router.inline.aclose()  # its worker process, if one started
+        self.metrics.remove_refresher(self.update_gauges)
+        with contextlib.suppress(Exception):  # the final state stays exported, read before the logs close
+            self.update_gauges()
         await self.spool.aclose()
         if self.out is not self.spool:
             await self.out.aclose()
@@ -252,8 +256,6 @@ class StreamRuntime:
             await self.destination.close()
         if self.archive is not None and self.archive is not self.destination:
             await self.archive.close()
-        self.update_gauges()  # the final state stays exported
-        self.metrics.remove_refresher(self.update_gauges)
         self.log.info("stream_stopped", clean=clean, pending_batches=len(self._pending))
         return clean
 
