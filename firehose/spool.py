@@ -743,15 +743,9 @@ class Spool:
         fd = self._read_fds.pop(seg.number, None)
         if fd is not None:
             os.close(fd)
-        if defer:
-            with self._syncer.lock:
-                self._pending_unlinks.append((self._written, seg.path))
-            self._kick_sync()
-        else:
-            try:
+        if not defer:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(seg.path)
-            except FileNotFoundError:
-                pass
         self.size_bytes -= seg.size
         del self._segments[seg.number]
         self._committed_ids.difference_update(seg.seal_ids)
@@ -766,8 +760,12 @@ class Spool:
             self.min_seq = max(self.min_seq, seg.end_seq)
             self.committed.discard_below(self.min_seq)
             self.sealed.discard_below(self.min_seq)
-        with self._syncer.lock:
+        with self._syncer.lock:  # once the bookkeeping is done: the unlink waits for its commit's fsync
+            if defer:
+                self._pending_unlinks.append((self._written, seg.path))
             self._dir_dirty = True
+        if defer:
+            self._kick_sync()
 
     # ------------------------------------------------------------------ close
     async def aclose(self) -> None:

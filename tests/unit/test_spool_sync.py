@@ -33,6 +33,17 @@ def no_room_for_a_new_segment(real_write: Callable[[int, bytes], int]) -> Callab
     return write
 
 
+def recording(calls: list[int]) -> Callable[[int], None]:
+    """``os.fsync`` that notes each descriptor it fsyncs in ``calls``."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    return fsync
+
+
 async def no_sync_thread() -> None:
     deadline = time.monotonic() + 5
     while sync_threads() and time.monotonic() < deadline:
@@ -168,10 +179,9 @@ def test_an_idle_thread_exits_and_the_next_write_starts_another(tmp_path: Path,
 
 def test_durable_marks_cause_no_fsync_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = os.fsync
 
     async def go() -> None:
-        sp = await opened(tmp_path, lambda fd: (calls.append(fd), real(fd)) and None, monkeypatch)
+        sp = await opened(tmp_path, recording(calls), monkeypatch)
         for i in range(5):
             sp.append_records([b"r%d" % i], 1)
             await sp.wait_durable()
@@ -397,10 +407,9 @@ def test_reopening_fsyncs_the_new_checkpoint_before_deleting_the_old_segment(
 def test_an_abandoned_spool_syncs_nothing_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``abandon`` (a test's kill -9): the thread ends, and nothing written after is fsynced."""
     calls: list[int] = []
-    real = os.fsync
 
     async def go() -> None:
-        sp = await opened(tmp_path, lambda fd: (calls.append(fd), real(fd)) and None, monkeypatch)
+        sp = await opened(tmp_path, recording(calls), monkeypatch)
         sp.append_records([b"a"], 1)
         await sp.wait_durable()
         assert calls and sync_threads()
