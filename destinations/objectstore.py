@@ -21,17 +21,20 @@ from firehose.keys import (
     validate_prefixes,
 )
 from firehose.models import StrictModel
+from firehose.packed import PackedRecords
 from firehose.transforms.compression import Codec, get_codec
 
 # Firehose's ranges for S3 (reference §3): 1-128 MiB (5), 0-900 s (300).
 S3_BUFFERING = BufferingLimits(1, 128, 5, 0, 900, 300)
 
 
-def join_records(records: Sequence[bytes], delimiter: bytes | None = None) -> bytes:
+def join_records(records: Sequence[bytes], delimiter: bytes | None = None) -> bytes | bytearray:
     """An object's uncompressed body: the records verbatim, or each followed by ``delimiter``
     (Firehose's AppendDelimiterToRecord). Every record is terminated, the last one too, not merely
     separated: NDJSON readers expect newline-terminated records, and objects concatenated together
-    then keep every record on its own line."""
+    then keep every record on its own line. Records packed in one buffer are that buffer, uncopied."""
+    if isinstance(records, PackedRecords) and not delimiter:
+        return records.buffer
     return delimiter.join(records) + delimiter if delimiter and records else b"".join(records)
 
 

@@ -204,7 +204,7 @@ class FileLog:
     def reader_passed(self, seq: int) -> None:
         self._spool.release_below(seq)
 
-    async def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def read_records(self, ranges: Sequence[tuple[int, int]]) -> Sequence[bytes]:
         # The frame index is resolved on the loop (trimming shifts it); only the reads go to a thread.
         plan = self._spool.plan_records(ranges)
         return await asyncio.to_thread(self._spool.read_planned, plan)

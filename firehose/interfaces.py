@@ -16,6 +16,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 import structlog
 
+from firehose.packed import records_nbytes
 from firehose.records import Outcome, SourceRecord
 
 #: How long a destination's :meth:`Destination.preflight` may take before the stream gives up on
@@ -92,7 +93,7 @@ class Batch:
 
     @property
     def size_bytes(self) -> int:
-        return sum(len(r) for r in self.records)
+        return records_nbytes(self.records)
 
 
 class SharedFacts(Protocol):

@@ -202,8 +202,9 @@ class Log(Protocol):
         """The stage reading this log has consumed every record below ``seq``; the log may drop
         whatever it kept in memory for them (they stay readable until committed)."""
 
-    async def read_records(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """The bytes of the records in ``ranges`` (sealed, uncommitted ranges), in order."""
+    async def read_records(self, ranges: Sequence[tuple[int, int]]) -> Sequence[bytes]:
+        """The bytes of the records in ``ranges`` (sealed, uncommitted ranges), in order: a list,
+        or records packed in one buffer (:class:`firehose.packed.PackedRecords`)."""
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:
         """Like :meth:`read_records`, with the records' metadata (None when none has any)."""

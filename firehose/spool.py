@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import itertools
 import os
 import struct
 import threading
@@ -54,6 +53,7 @@ import structlog
 
 from firehose.intervals import IntervalSet, Ranges
 from firehose.log import FrameFile, RecordFrame, RecoveryState, SealedBatch, SizedFrame
+from firehose.packed import PackedRecords, read_packed
 from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, ... are re-exported)
     _DURABLE,
     _FRAME_HEADER,
@@ -668,25 +668,12 @@ class Spool:
                 seq = stop
         return plan
 
-    def read_planned(self, plan: list[Any]) -> list[bytes]:
-        """Record bytes of a ``plan_records`` plan (blocking reads; for a worker thread): from each
-        frame only the records asked for, by its length table. A partition's records are scattered
-        a few to a frame; decoding whole frames would cost a frame per record. The segments are
-        not deleted meanwhile: their records are not committed."""
-        out: list[bytes] = []
-        for step in plan:
-            if isinstance(step, list):
-                out.extend(step)
-                continue
-            fd, offset, first, count, lo, hi = step
-            offsets = self._length_table(fd, offset, first, count)
-            blob = os.pread(fd, offsets[hi] - offsets[lo], offsets[lo])
-            if hi - lo == 1:
-                out.append(blob)
-            else:
-                base = offsets[lo]
-                out.extend([blob[a - base : b - base] for a, b in itertools.pairwise(offsets[lo : hi + 1])])
-        return out
+    def read_planned(self, plan: list[Any]) -> PackedRecords:
+        """Record bytes of a ``plan_records`` plan, packed into one buffer (blocking reads; for a
+        worker thread): from each frame only the records asked for, by its length table. A
+        partition's records are scattered a few to a frame; decoding whole frames would cost a
+        frame per record. The segments are not deleted meanwhile: their records are not committed."""
+        return read_packed(plan, self._length_table, self.directory)
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[Any] | None]:
         """Record bytes (and per-record metadata, if any) for sealed ranges, in order."""

@@ -15,6 +15,7 @@ import base64
 import random
 import zlib
 from array import array
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,7 +81,7 @@ class Archiver:
         self.metrics.archived_by_type.labels(self.name, output_type).inc(records)
 
     async def archive_failed(
-        self, sealed: SealedBatch, error_output_type: str, records: list[bytes],
+        self, sealed: SealedBatch, error_output_type: str, records: Sequence[bytes],
         items: list[tuple[int, RecordFailure]], attempt: int,
     ) -> None:
         """Archive records a destination failed: ``items`` are (position in the sealed batch, its

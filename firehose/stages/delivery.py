@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from firehose.config import StreamConfig
 from firehose.interfaces import Batch, DeliveryResult, Destination, RecordFailure
 from firehose.log import Log, SealedBatch
+from firehose.packed import records_nbytes
 from firehose.records import ErrorInfo, RecordMeta
 from firehose.retry import jittered_backoff, local_failure_pause
 from firehose.stages.archiver import Archiver, error_record_line
@@ -50,7 +51,7 @@ class _Run:
     sealed: SealedBatch
     sink: str  # "main", "archive" (error records) or "source" (source-record backup)
     destination: Destination
-    records: list[bytes]
+    records: Sequence[bytes]
     todo: list[int]  # positions in the sealed batch not delivered yet
     window: float | None  # the destination's own retry window (main batches only)
     expires: float | None  # monotonic time after which what is left is archived
@@ -248,12 +249,12 @@ class DeliveryRunner:
                 break
         await self._commit(pending, spool, run)
 
-    async def _load(self, pending: PendingBatch, spool: Log) -> list[bytes] | None:
+    async def _load(self, pending: PendingBatch, spool: Log) -> Sequence[bytes] | None:
         """The batch's records: held since the seal, or read back from the log. None when a main
         batch has nothing left to deliver after a schema re-check."""
         sealed = pending.sealed
         sink = sealed.info.get("sink", "main")
-        records: list[bytes]
+        records: Sequence[bytes]
         if pending.records is not None:
             records = pending.records
         elif sink != "archive":
@@ -279,7 +280,7 @@ class DeliveryRunner:
             lines.append(error_record_line(r, err))
         return lines
 
-    def _plan(self, pending: PendingBatch, records: list[bytes]) -> _Run:
+    def _plan(self, pending: PendingBatch, records: Sequence[bytes]) -> _Run:
         """How a batch is retried. Dynamic partitioning's RetryOptions: how long one prefix is
         retried before its records are archived (delivery-failed). A destination with a retry
         window of its own (OpenSearch, Splunk, HTTP endpoint) starts it at the first failed
@@ -322,7 +323,7 @@ class DeliveryRunner:
             entered.set_result(None)  # woken tasks run after this one's deliver() reaches its first await
         result = await call
         delivered = len(todo) - len(result.failures)
-        nbytes = sum(map(len, subset)) - sum(len(subset[i]) for i in result.failures) if delivered else 0
+        nbytes = records_nbytes(subset) - sum(len(subset[i]) for i in result.failures) if delivered else 0
         if delivered:
             self.metrics.delivery_records.labels(labels).inc(delivered)
             self.metrics.delivery_bytes.labels(labels).inc(nbytes)
@@ -418,7 +419,7 @@ class DeliveryRunner:
         self.log.info("batch_delivered", batch_id=sealed.batch_id, key=sealed.key, records=n, attempts=run.attempt)
         self._finish(pending)
 
-    async def _recheck_schema(self, sealed: SealedBatch, records: list[bytes]) -> list[bytes]:
+    async def _recheck_schema(self, sealed: SealedBatch, records: Sequence[bytes]) -> Sequence[bytes]:
         """A batch sealed under another schema (the format changed across a restart or reload)
         is checked again: records the new schema cannot take are archived as
         format-conversion-failed, the rest written in the new schema, never a mixed file. The
