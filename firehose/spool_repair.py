@@ -196,6 +196,12 @@ class _Walker:
         for first, count, pos, raw in sorted(records, key=lambda r: (r[0], r[2])):
             if self.next_seq is None:
                 self.next_seq = first
+                if first > 0:
+                    # The spool's oldest records with no checkpoint before them: the segment's
+                    # opening one is lost. One must say where they start, or a reader starting
+                    # at 0 takes them for damage (and, in the newest segment, for a torn tail).
+                    out.append(self._checkpoint())
+                    self.moved = True  # the file no longer opens as it is: rewrite it
             if first < self.next_seq:
                 rep.damaged.append((pos, len(raw)))
                 rep.reasons.append(f"records {first}..{first + count - 1} repeat records already kept")

@@ -207,3 +207,45 @@ def test_running_out_of_descriptors_does_not_fence_the_spool(tmp_path: Path) -> 
 
     run(go())
     assert _records(tmp_path) == [b"while out of descriptors", b"after"]
+
+
+@pytest.mark.parametrize("damage", ["flipped in the newest segment", "cut out of an older segment"])
+def test_salvage_bridges_a_lost_opening_checkpoint_of_the_oldest_segment(tmp_path: Path, damage: str) -> None:
+    """The oldest segment left (older ones deleted once delivered) opens with the checkpoint that
+    says where its records start. With that frame lost, salvage must say it again: its records
+    do not start at 0, and a spool read from the first segment would take them for damage (in
+    the newest segment, for a torn tail, dropping every acknowledged record)."""
+    spool_dir = tmp_path / "spool"
+    newest = damage.endswith("newest segment")
+
+    async def go() -> list[bytes]:
+        sp = Spool(str(spool_dir))
+        sp.open()
+        early = await _acked(sp, 5)
+        sp.commit_ranges([(0, len(early))])
+        await sp.wait_durable(force=True)
+        await sp.aclose()
+        recs: list[bytes] = []
+        for _ in range(1 if newest else 2):
+            sp = Spool(str(spool_dir))
+            sp.open()  # the delivered segment is deleted; the next one opens with next_seq 50
+            recs += await _acked(sp, 5)
+            await sp.aclose()
+        return recs
+    acked = run(go())
+    oldest = _segments(spool_dir)[0]
+    assert len(_segments(spool_dir)) == (1 if newest else 2)
+    offset, length, ftype = _frame_offsets(oldest)[0]
+    assert ftype == 4 and offset == 12  # T_CHECKPOINT
+    if newest:
+        _flip(oldest, offset + 9 + length // 2)
+    else:
+        data = oldest.read_bytes()
+        oldest.write_bytes(data[:offset] + data[offset + 9 + length :])
+    with pytest.raises(SpoolError, match="below the durable point" if newest else "not the newest"):
+        _records(spool_dir)
+
+    result = salvage(str(spool_dir))
+    assert result["lost_records"] == 0
+    assert all(r.clean for r in check(str(spool_dir)))
+    assert _records(spool_dir) == acked
