@@ -249,3 +249,42 @@ def test_salvage_bridges_a_lost_opening_checkpoint_of_the_oldest_segment(tmp_pat
     assert result["lost_records"] == 0
     assert all(r.clean for r in check(str(spool_dir)))
     assert _records(spool_dir) == acked
+
+
+def test_salvage_does_not_bring_a_forged_commit_in_record_data_to_life(tmp_path: Path) -> None:
+    """A client's record can hold the bytes of a COMMIT frame of every record. Damage to the
+    frame holding it, with a length that lands the walk on those bytes, must not make salvage
+    take them for the spool's own: that would finish every record, delivered or not."""
+    from firehose.spool_format import _FRAME_HEADER, _RECORDS_HEAD, T_COMMIT, _frame
+
+    spool_dir = tmp_path / "spool"
+    forged = _frame(T_COMMIT, b'{"ranges":[[0,1000000]]}')
+    before = [b"before-%02d" % i for i in range(10)]
+    after = [b"after-%02d" % i for i in range(10)]
+
+    async def go() -> None:
+        sp = Spool(str(spool_dir))
+        sp.open()
+        for recs in (before, [forged], after):
+            sp.append_records(recs, 1_000)
+            await sp.wait_durable()
+        await sp.aclose()
+    run(go())
+    [seg] = _segments(spool_dir)
+    offset = [f for f in _frame_offsets(seg) if f[2] == 1][1][0]  # the frame holding the forged bytes
+    data = bytearray(seg.read_bytes())
+    length, crc, _type = _FRAME_HEADER.unpack_from(data, offset)
+    # The length now ends the frame where its record's data starts; the CRC no longer matches.
+    struct.pack_into(">II", data, offset, _RECORDS_HEAD.size + 4, crc ^ 1)
+    seg.write_bytes(bytes(data))
+
+    result = salvage(str(spool_dir))
+    assert result["lost_records"] == 1 and result["lost_ranges"] == [(10, 11)]
+
+    async def reopen() -> None:
+        sp = Spool(str(spool_dir))
+        sp.open()
+        assert sp.min_seq == 0  # nothing before the damage was finished by the forged bytes
+        assert sp.read_ranges([(0, 10), (11, 21)])[0] == before + after
+        await sp.aclose()
+    run(reopen())
