@@ -172,17 +172,8 @@ class _Walker:
     def _frames(self, rep: SegmentReport, data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         """The frames that verify and can be read, in file order; the rest is noted as damage."""
         pos = _SEG_HEADER.size
-        after_damage = False
         while pos < len(data):
             frame = _frame_at(data, pos)
-            if frame is not None and after_damage and frame[1] in (T_COMMIT, T_CHECKPOINT):
-                # Past damage, a walk may have resumed inside a record whose data holds a forged
-                # frame (a client's bytes). A COMMIT there could finish records never delivered,
-                # a checkpoint skip them; set aside, a real one costs a batch delivered again.
-                rep.damaged.append((pos, frame[0]))
-                rep.reasons.append("a commit or checkpoint after damage: not trusted")
-                pos += frame[0]
-                continue
             if frame is not None and _readable(*frame[1:]):
                 size, ftype, payload = frame
                 rep.frames += 1
@@ -192,7 +183,6 @@ class _Walker:
             nxt = _skip_damaged(data, pos)[0] if frame is None else pos + frame[0]
             rep.damaged.append((pos, nxt - pos))
             rep.reasons.append("CRC mismatch" if frame is None else "a frame that verifies but cannot be read")
-            after_damage = True
             pos = nxt
 
     def _checkpoint_seen(self, rep: SegmentReport, payload: bytes) -> None:
@@ -390,9 +380,7 @@ def salvage(directory: str, aside: str | None = None) -> dict[str, Any]:
     makes its records be batched again (they may be delivered a second time); a damaged COMMIT
     makes a delivered batch be delivered again under the same key (an overwrite). Where a damaged
     frame's own length cannot be trusted, the rest of its segment is set aside rather than
-    searched for frames (record data may contain forged ones); where it is trusted, a COMMIT or
-    checkpoint after the damage is set aside all the same, as the walk may have resumed inside a
-    record."""
+    searched for frames (record data may contain forged ones)."""
     import time as _time
 
     reports, seals = _analyse(directory)
