@@ -19,6 +19,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from firehose.records import sequence_position
 from firehose.spool_format import SpoolError
 
 # A plan step (Spool.plan_records): records still in memory, or where a frame's are on disk:
@@ -44,8 +45,7 @@ class PackedRecords(Sequence[bytes]):
     @classmethod
     def of(cls, records: Sequence[bytes]) -> PackedRecords:
         """Pack ``records`` (tests and in-memory records)."""
-        lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
-        return cls(bytearray(b"".join(records)), np.concatenate(([0], np.cumsum(lengths))).astype(np.int64))
+        return cls(bytearray(b"".join(records)), _bounds_of(records))
 
     @property
     def nbytes(self) -> int:
@@ -69,13 +69,9 @@ class PackedRecords(Sequence[bytes]):
     def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError("record index out of range")
+        i = sequence_position(index, len(self), "PackedRecords")
         bounds = self._offsets()
-        return bytes(self._view[bounds[index] : bounds[index + 1]])
+        return bytes(self._view[bounds[i] : bounds[i + 1]])
 
     def __iter__(self) -> Iterator[bytes]:
         view = self._view
@@ -95,6 +91,12 @@ class PackedRecords(Sequence[bytes]):
         return f"PackedRecords({len(self)} records, {self.nbytes} bytes)"
 
 
+def _bounds_of(records: Sequence[bytes]) -> np.ndarray:
+    """Offsets 0, len(r0), len(r0)+len(r1), ... of ``records`` laid end to end."""
+    lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
+    return np.concatenate((np.zeros(1, dtype=np.int64), np.cumsum(lengths)))
+
+
 def records_nbytes(records: Sequence[bytes]) -> int:
     """The bytes of ``records`` in all, without a pass over them when they are packed."""
     return records.nbytes if isinstance(records, PackedRecords) else sum(map(len, records))
@@ -107,8 +109,7 @@ def read_packed(plan: Sequence[Any], length_table: LengthTable, where: str) -> P
     total = 0
     for step in plan:
         if isinstance(step, list):
-            lengths = np.fromiter(map(len, step), dtype=np.int64, count=len(step))
-            rel = np.concatenate(([0], np.cumsum(lengths)))
+            rel = _bounds_of(step)
             spans.append((step, 0, int(rel[-1]), rel))
         else:
             fd, offset, first, count, lo, hi = step

@@ -36,7 +36,7 @@ class SourceRecord:
     kinesis: dict[str, Any] | None = None  # kinesisRecordMetadata for a Kinesis stream source
 
 
-def _position(index: int, n: int, what: str) -> int:
+def sequence_position(index: int, n: int, what: str) -> int:
     """A sequence index (negative from the end) as a position in ``range(n)``."""
     i = operator.index(index)
     if i < 0:
@@ -83,7 +83,7 @@ class SourceBatch(Sequence[SourceRecord]):
             stop = max(start, stop)
             return SourceBatch(self.first_seq + start, self.datas[start:stop], self.arrivals[start:stop],
                                self.kinesis[start:stop] if self.kinesis is not None else None)
-        i = _position(index, n, "SourceBatch")
+        i = sequence_position(index, n, "SourceBatch")
         return SourceRecord(str(self.first_seq + i), self.datas[i], self.arrivals[i],
                             self.kinesis[i] if self.kinesis is not None else None)
 
@@ -149,7 +149,7 @@ class UnchangedOutcomes(Sequence[Outcome]):
     def __getitem__(self, index: int | slice) -> Outcome | list[Outcome]:
         if isinstance(index, slice):
             return list(self)[index]
-        i = _position(index, len(self.datas), "UnchangedOutcomes")
+        i = sequence_position(index, len(self.datas), "UnchangedOutcomes")
         return Outcome(i, self.datas[i], attempts=self.attempts)
 
     def __iter__(self) -> Iterator[Outcome]:
