@@ -29,8 +29,8 @@ A segment written before watermarks existed (format version 1) can only have an 
 frame truncated; any other damage in it refuses to start. Damage in a segment that is not the
 newest always refuses to start.
 
-The file format (version 2; version 1, without DURABLE frames, is still read) is described in
-firehose/spool_format.py.
+The file format (version 3, whose frame CRCs are keyed so that record data can never pass for a
+frame; versions 1 and 2 are still read) is described in firehose/spool_format.py.
 
 Thread-safety: a Spool belongs to one asyncio event loop; only fsyncs (with the closes and unlinks
 that wait for them) run on its sync thread (firehose/spool_sync.py).
@@ -82,7 +82,11 @@ from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, ... are re-e
     durable_mark_after,
     encode_records_frame,
     frame_crc,
+    header_size,
+    new_key,
+    read_header,
     read_length_table,
+    segment_header,
 )
 from firehose.spool_sync import SyncJob, SyncThread, fsync_job
 
@@ -118,6 +122,7 @@ class Spool:
         self._frame_offsets = array("q")
         self._frame_lengths = array("l")
         self._active: _Segment | None = None
+        self._key = new_key()  # the CRC key of every segment this open spool writes
         self._fd = -1
         # The directory stays open: fsyncing it must not need a new descriptor, or running out
         # of descriptors (EMFILE under many connections) would look like a failed fsync.
@@ -202,22 +207,16 @@ class Spool:
     def _scan_segment(self, seg: _Segment, *, last: bool, commits: list[int]) -> int:
         with open(seg.path, "rb") as f:
             data = f.read()
-        if len(data) < _SEG_HEADER.size:
-            if last:
+        header = read_header(data, seg.path, self.directory)
+        if header is None:  # not even a whole header
+            if last:  # a segment created just before a crash
                 os.truncate(seg.path, 0)
                 seg.size = 0
                 return len(data)
             raise SpoolError(f"{seg.path}: segment header is truncated; the spool is damaged")
-        magic, version, _ = _SEG_HEADER.unpack_from(data, 0)
-        seg.version = version
-        if magic != SEGMENT_MAGIC:
-            raise SpoolError(f"{seg.path}: not a firehose spool segment (bad magic)")
-        if version > FORMAT_VERSION:
-            raise SpoolError(
-                f"{seg.path}: spool format version {version} was written by a newer firehose; "
-                f"this release reads version {FORMAT_VERSION}. Upgrade firehose or restore its data_dir."
-            )
-        pos = _SEG_HEADER.size
+        version, key = header
+        seg.version, seg.key = version, key
+        pos = header_size(version)
         end = len(data)
         view = memoryview(data)
         while pos < end:
@@ -228,7 +227,7 @@ class Spool:
             if body_start + length > end:
                 break
             payload = view[body_start : body_start + length]
-            if frame_crc(ftype, payload) != crc:
+            if frame_crc(ftype, payload, key) != crc:
                 break
             if ftype == T_RECORDS and length >= _RECORDS_HEAD.size and \
                     _RECORDS_HEAD.unpack_from(payload, 0)[0] != self.next_seq:
@@ -247,7 +246,7 @@ class Spool:
                     f"refusing to guess which records it held. See `firehose spool check {self.directory}` "
                     "and `firehose spool salvage`."
                 )
-            mark = durable_mark_after(data, pos, seg.number)
+            mark = durable_mark_after(data, pos, seg.number, key)
             incomplete = _incomplete_tail(data, pos)
             if mark > pos or (version < 2 and not incomplete):
                 why = (f"below the durable point {mark} (acknowledged records are damaged)" if mark > pos
@@ -317,12 +316,12 @@ class Spool:
         number = max(self._segments, default=0) + 1
         path = os.path.join(self.directory, _segment_name(number))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        seg = _Segment(number, path, 0)
+        seg = _Segment(number, path, 0, key=self._key)
         try:
             os.ftruncate(fd, 0)  # the counters and source positions open each segment: trims never lose them
             doc = {"next_seq": self.next_seq, "next_batch_id": self.next_batch_id, "positions": self.positions}
-            self._write(seg, fd, _SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0)
-                        + _frame(T_CHECKPOINT, orjson.dumps(doc)), counted=False)
+            self._write(seg, fd, segment_header(self._key) + _frame(T_CHECKPOINT, orjson.dumps(doc), self._key),
+                        counted=False)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -397,7 +396,7 @@ class Spool:
         if self._failed is not None:
             raise self._failed
         first_seq = self.next_seq
-        data = encode_records_frame(first_seq, arrival_ms, records, meta, positions)
+        data = encode_records_frame(first_seq, arrival_ms, records, meta, positions, self._key)
         if enforce_cap and not self.has_room(len(data)):
             raise SpoolFullError(f"spool {self.directory} is at its cap of {self.max_size_bytes} bytes")
         seg, offset = self._append(data)
@@ -425,7 +424,7 @@ class Spool:
             "oldest": batch.oldest_arrival_ms,
             "info": batch.info,
         }
-        seg, _ = self._append(_frame(T_SEAL, orjson.dumps(doc)))
+        seg, _ = self._append(_frame(T_SEAL, orjson.dumps(doc), self._key))
         seg.seal_ids.add(batch.batch_id)
         self._seals[batch.batch_id] = batch
         self.sealed.add_many(batch.ranges)
@@ -443,7 +442,7 @@ class Spool:
         doc: dict[str, Any] = {"id": batch_id}
         if info:
             doc["info"] = info
-        self._append(_frame(T_COMMIT, orjson.dumps(doc)))
+        self._append(_frame(T_COMMIT, orjson.dumps(doc), self._key))
         self._committed_ids.add(batch_id)
         batch = self._seals.pop(batch_id, None)
         if batch is not None:
@@ -456,7 +455,7 @@ class Spool:
         """Mark records finished without a sealed batch (a processing stage has recorded their
         outcome elsewhere durably). Like :meth:`append_commit`, durability is not awaited."""
         doc = {"ranges": [list(r) for r in ranges]}
-        self._append(_frame(T_COMMIT, orjson.dumps(doc)))
+        self._append(_frame(T_COMMIT, orjson.dumps(doc), self._key))
         self.committed.add_many(ranges)
         self._trim()
         if self.fsync_policy != "never":
@@ -535,7 +534,7 @@ class Spool:
         not counted as unsynced data, so it never causes an fsync of its own)."""
         if offset <= self._durable_marked or self._fd < 0 or self._closed:
             return
-        data = _frame(T_DURABLE, _DURABLE.pack(seg.number, offset))
+        data = _frame(T_DURABLE, _DURABLE.pack(seg.number, offset), self._key)
         try:
             self._write(seg, self._fd, data, counted=False)
         except OSError:

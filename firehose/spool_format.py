@@ -1,9 +1,17 @@
 """The spool's file format (see firehose/spool.py for the whole contract): segment and frame
 headers, frame types, the RECORDS payload layout and durable marks.
 
-File format, version 2 (version 1 lacks DURABLE frames and is still read). Each segment ``seg-<number>.log`` starts with a 12-byte header
-(``FHSPOOL\\0``, u16 format version, u16 reserved); frames follow, each ``u32 payload length, u32
-CRC32 of type+payload, u8 type`` then the payload. A RECORDS payload is ``u64 first_seq, u64
+File format, version 3 (versions 1 and 2 are still read: see below). Each segment
+``seg-<number>.log`` starts with a 20-byte header (``FHSPOOL\\0``, u16 format version, u16
+reserved, then the segment's CRC key twice as u32); frames follow, each ``u32 payload length, u32
+CRC, u8 type`` then the payload. The CRC is zlib's CRC-32 of type+payload started from the key
+instead of 0. The key is random, drawn once per open spool and never exposed: record data is a
+client's bytes and may hold a whole frame with a valid plain CRC-32, and a reader that resumes
+after damage (salvage, the durable-mark search) must never take such bytes for a frame of ours.
+Under an unknown key a forged frame verifies with a chance of 2^-32. The key is written twice so
+that damage to one copy does not cost the segment. Version 2 segments (a 12-byte header without
+keys, frames with plain CRC-32, key 0) and version 1 ones (no DURABLE frames either) are read as
+they are. A RECORDS payload is ``u64 first_seq, u64
 arrival_ms, u32 count, u16 flags``, ``count`` little-endian u32 lengths, the record bytes, then
 optional JSON sections (per-record metadata, source positions) each prefixed by a u32 length.
 SEAL, COMMIT and CHECKPOINT payloads are JSON; a DURABLE payload is ``u64 segment number,
@@ -27,9 +35,10 @@ from isal import isal_zlib
 
 from firehose.log import LogError, LogFullError, RecordFrame
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SEGMENT_MAGIC = b"FHSPOOL\x00"
-_SEG_HEADER = struct.Struct(">8sHH")
+_SEG_HEADER = struct.Struct(">8sHH")  # what every version starts with
+_SEG_KEYS = struct.Struct(">II")  # version 3 on: the CRC key, twice
 _FRAME_HEADER = struct.Struct(">IIB")
 _RECORDS_HEAD = struct.Struct(">QQIH")
 
@@ -77,6 +86,7 @@ class _Segment:
     end_seq: int | None = None
     seal_ids: set[int] = field(default_factory=set)
     version: int = FORMAT_VERSION
+    key: int = 0  # the CRC key its frames are written under (0: plain CRC-32, before version 3)
 
 
 def _segment_name(number: int) -> str:
@@ -85,8 +95,60 @@ def _segment_name(number: int) -> str:
 
 _LITTLE = sys.byteorder == "little"
 _NO_HEADER = bytes(_FRAME_HEADER.size)
-# The CRC of each possible type byte, continued over a payload by frame_crc.
-_TYPE_CRC = tuple(isal_zlib.crc32(bytes((t,))) for t in range(256))
+_TYPE_BYTES = tuple(bytes((t,)) for t in range(256))
+
+
+def new_key() -> int:
+    """A random, non-zero CRC key for the segments one open spool writes."""
+    return int.from_bytes(os.urandom(4), "big") or 1
+
+
+def header_size(version: int) -> int:
+    """Where a segment's first frame starts."""
+    return _SEG_HEADER.size + (_SEG_KEYS.size if version >= 3 else 0)
+
+
+def segment_header(key: int) -> bytes:
+    return _SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0) + _SEG_KEYS.pack(key, key)
+
+
+def header_keys(data: bytes, version: int) -> tuple[int, int]:
+    """A segment's two copies of its CRC key ((0, 0) before version 3); the caller has checked
+    that ``data`` holds the whole header."""
+    return _SEG_KEYS.unpack_from(data, _SEG_HEADER.size) if version >= 3 else (0, 0)
+
+
+def _keyed_after_all(data: bytes) -> bool:
+    """Whether a segment that says it is older than version 3 holds a key pair and, after it, a
+    frame that verifies under that key (by chance: 2^-64)."""
+    if len(data) < header_size(3) + _FRAME_HEADER.size:
+        return False
+    key, again = _SEG_KEYS.unpack_from(data, _SEG_HEADER.size)
+    length, crc, ftype = _FRAME_HEADER.unpack_from(data, header_size(3))
+    payload = data[header_size(3) + _FRAME_HEADER.size : header_size(3) + _FRAME_HEADER.size + length]
+    return key == again != 0 and len(payload) == length and frame_crc(ftype, payload, key) == crc
+
+
+def read_header(data: bytes, path: str, directory: str) -> tuple[int, int] | None:
+    """A segment's (format version, CRC key); None when ``data`` is shorter than its header.
+    Raises :class:`SpoolError` for a file that is no segment, a newer version, or a damaged key."""
+    if len(data) < _SEG_HEADER.size:
+        return None
+    magic, version, _ = _SEG_HEADER.unpack_from(data, 0)
+    if magic != SEGMENT_MAGIC:
+        raise SpoolError(f"{path}: not a firehose spool segment (bad magic)")
+    if version > FORMAT_VERSION:
+        raise SpoolError(f"{path}: spool format version {version} was written by a newer firehose; this "
+                         f"release reads version {FORMAT_VERSION}. Upgrade firehose or restore its data_dir.")
+    if len(data) < header_size(version):
+        return None
+    key, again = header_keys(data, version)
+    if version < 3 and _keyed_after_all(data):
+        key, again = 0, 1  # a version 3 header whose version field is damaged: never a torn tail
+    if key != again:
+        raise SpoolError(f"{path}: the segment header is damaged; see `firehose spool check {directory}` "
+                         "and `firehose spool salvage`")
+    return version, key
 
 
 def encode_records_frame(
@@ -95,14 +157,15 @@ def encode_records_frame(
     records: Sequence[bytes],
     meta: list[Any] | None = None,
     positions: dict[str, Any] | None = None,
+    key: int = 0,
 ) -> bytearray:
     """A whole RECORDS frame, built in one copy of the records: the frame header's place is
-    reserved, the parts joined once, and the header written in after the CRC."""
+    reserved, the parts joined once, and the header written in after the CRC (under ``key``)."""
     parts = _records_parts(first_seq, arrival_ms, records, meta, positions)
     parts[0] = _NO_HEADER
     frame = bytearray().join(parts)
     payload = memoryview(frame)[_FRAME_HEADER.size :]
-    _FRAME_HEADER.pack_into(frame, 0, len(payload), frame_crc(T_RECORDS, payload), T_RECORDS)
+    _FRAME_HEADER.pack_into(frame, 0, len(payload), frame_crc(T_RECORDS, payload, key), T_RECORDS)
     payload.release()
     return frame
 
@@ -138,11 +201,12 @@ def _records_parts(first_seq: int, arrival_ms: int, records: Sequence[bytes], me
     return parts
 
 
-def frame_crc(ftype: int, payload: bytes | memoryview) -> int:
-    """A frame's CRC-32 (zlib's polynomial) over its type byte and payload. ISA-L's CRC (python-isal,
-    already a dependency for gzip) is the same function as zlib's at many times the speed: ~50
-    GiB/s against ~2 on this project's test machine, where zlib's was 8% of the ingest loop."""
-    return isal_zlib.crc32(payload, _TYPE_CRC[ftype])
+def frame_crc(ftype: int, payload: bytes | memoryview, key: int = 0) -> int:
+    """A frame's CRC-32 (zlib's polynomial) over its type byte and payload, started from ``key``
+    (0 is the plain CRC-32). ISA-L's CRC (python-isal, already a dependency for gzip) is the same
+    function as zlib's at many times the speed: ~50 GiB/s against ~2 on this project's test
+    machine, where zlib's was 8% of the ingest loop."""
+    return isal_zlib.crc32(payload, isal_zlib.crc32(_TYPE_BYTES[ftype], key))
 
 
 def iter_frames(data: bytes, where: str) -> Iterator[tuple[int, bytes]]:
@@ -161,8 +225,8 @@ def iter_frames(data: bytes, where: str) -> Iterator[tuple[int, bytes]]:
         pos = start + length
 
 
-def _frame(ftype: int, payload: bytes) -> bytes:
-    crc = frame_crc(ftype, payload)
+def _frame(ftype: int, payload: bytes, key: int = 0) -> bytes:
+    crc = frame_crc(ftype, payload, key)
     return _FRAME_HEADER.pack(len(payload), crc, ftype) + payload
 
 
@@ -174,15 +238,16 @@ def _incomplete_tail(data: bytes, pos: int) -> bool:
     return pos + _FRAME_HEADER.size + length > len(data)
 
 
-def durable_mark_after(data: bytes, pos: int, segment: int) -> int:
-    """The highest offset of ``segment`` that a valid DURABLE frame found after ``pos`` records as
-    fsynced (0 if none). Found by their fixed header, so damage before them does not hide them."""
+def durable_mark_after(data: bytes, pos: int, segment: int, key: int) -> int:
+    """The highest offset of ``segment`` that a valid DURABLE frame (under the segment's CRC
+    ``key``) found after ``pos`` records as fsynced (0 if none). Found by their fixed header, so
+    damage before them does not hide them; the key keeps a DURABLE frame in record data dead."""
     best = 0
     for m in _DURABLE_HEADER_RE.finditer(data, pos + 1):
         start = m.start()
         length, crc, ftype = _FRAME_HEADER.unpack_from(data, start)
         payload = data[start + _FRAME_HEADER.size : start + _FRAME_HEADER.size + length]
-        if len(payload) != length or frame_crc(ftype, payload) != crc:
+        if len(payload) != length or frame_crc(ftype, payload, key) != crc:
             continue
         number, offset = _DURABLE.unpack(payload)
         if number == segment and offset <= start:

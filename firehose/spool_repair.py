@@ -4,6 +4,7 @@ format and the durable marks are described in firehose/spool.py."""
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from firehose.spool_format import (
     _FRAME_HEADER,
     _RECORDS_HEAD,
     _SEG_HEADER,
+    _SEG_KEYS,
     FORMAT_VERSION,
     SEGMENT_MAGIC,
     T_CHECKPOINT,
@@ -26,7 +28,13 @@ from firehose.spool_format import (
     _frame,
     durable_mark_after,
     frame_crc,
+    header_keys,
+    header_size,
+    segment_header,
 )
+
+_TYPES = (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE)
+_TYPE_BYTE = re.compile(b"[" + bytes(_TYPES) + b"]")  # a frame header's last byte
 
 
 @dataclass
@@ -40,6 +48,7 @@ class SegmentReport:
     durable_mark: int = 0  # the highest offset a DURABLE frame says was fsynced
     lost_seqs: list[tuple[int, int]] = field(default_factory=list)  # record ranges with no valid frame
     header_ok: bool = True
+    key: int = 0  # the CRC key its frames verify under (and are rewritten under)
     # The segment as salvage rewrites it: kept frames (bytes) and checkpoints over gaps.
     plan: list[bytes] = field(default_factory=list, repr=False)
 
@@ -50,18 +59,37 @@ class SegmentReport:
         return self.header_ok and not self.damaged and not self.lost_seqs and not self.reordered
 
 
-def _frame_at(data: bytes, pos: int) -> tuple[int, int, bytes] | None:
-    """(size, type, payload) of a frame at ``pos`` whose CRC verifies, else None."""
+def _frame_at(data: bytes, pos: int, key: int) -> tuple[int, int, bytes] | None:
+    """(size, type, payload) of a frame at ``pos`` whose CRC verifies under ``key``, else None."""
     if len(data) - pos < _FRAME_HEADER.size:
         return None
     length, crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
     start = pos + _FRAME_HEADER.size
-    if ftype not in (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE) or start + length > len(data):
+    if ftype not in _TYPES or start + length > len(data):
         return None
     payload = data[start : start + length]
-    if frame_crc(ftype, payload) != crc:
+    if frame_crc(ftype, payload, key) != crc:
         return None
     return _FRAME_HEADER.size + length, ftype, payload
+
+
+def _layout(data: bytes) -> tuple[int, int, bool] | None:
+    """(where the first frame starts, the CRC key, whether the header is damaged) of a segment;
+    None when the file does not start as a whole segment header. A damaged key copy or version
+    field costs nothing: the layout under which the segment's opening frame verifies is taken."""
+    if len(data) < _SEG_HEADER.size or _SEG_HEADER.unpack_from(data, 0)[0] != SEGMENT_MAGIC:
+        return None
+    version = _SEG_HEADER.unpack_from(data, 0)[1]
+    if len(data) < header_size(version):
+        return None
+    keyed = header_size(FORMAT_VERSION)
+    copies = list(_SEG_KEYS.unpack_from(data, _SEG_HEADER.size)) if len(data) >= keyed else []
+    stated = (header_size(version), header_keys(data, version)[0])
+    damaged = version >= 3 and copies[0] != copies[1]
+    for start, key in (stated, *((keyed, k) for k in copies), (_SEG_HEADER.size, 0)):
+        if _frame_at(data, start, key) is not None:
+            return start, key, damaged or (start, key) != stated
+    return stated[0], stated[1], damaged
 
 
 def _records_shape(payload: bytes) -> tuple[int, int] | None:
@@ -82,21 +110,27 @@ def _records_shape(payload: bytes) -> tuple[int, int] | None:
     return (first, count) if off == len(payload) else None
 
 
-def _skip_damaged(data: bytes, pos: int) -> tuple[int, tuple[int, int] | None]:
-    """Where a walk resumes after a frame that fails its CRC at ``pos``, and the (first_seq,
-    count) it held when known. The frame's own length is trusted only when it is plausible and
-    a valid frame (or the end) follows; otherwise the rest of the segment is set aside. Bytes are
-    never searched for something that looks like a frame: a client's record data can contain
-    forged frames, and salvage must not bring them to life."""
+def _skip_damaged(data: bytes, pos: int, key: int) -> int:
+    """Where a walk resumes after a frame that fails its CRC at ``pos``. The frame's own length
+    is trusted when it is plausible and a valid frame (or the end) follows. Otherwise, in a
+    segment with a CRC key (format version 3), the walk resumes at the next frame that verifies
+    under that key: a client's record data can hold forged frames, but they do not verify under
+    a key they never saw. A segment without a key (versions 1 and 2) is never searched: the
+    rest of it is set aside, so that salvage cannot bring a forged frame to life."""
     end = len(data)
     if end - pos >= _FRAME_HEADER.size:
         length, _crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
         nxt = pos + _FRAME_HEADER.size + length
-        if ftype in (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE) and nxt <= end and (
-                nxt == end or _frame_at(data, nxt) is not None):
-            payload = data[pos + _FRAME_HEADER.size : nxt]
-            return nxt, _records_shape(payload) if ftype == T_RECORDS else None
-    return end, None
+        if ftype in _TYPES and nxt <= end and (nxt == end or _frame_at(data, nxt, key) is not None):
+            return nxt
+    if not key:
+        return end
+    for m in _TYPE_BYTE.finditer(data, pos + _FRAME_HEADER.size):  # each place a frame could start
+        at = m.start() - (_FRAME_HEADER.size - 1)
+        frame = _frame_at(data, at, key)
+        if frame is not None and _readable(frame[1], frame[2]):
+            return at
+    return end
 
 
 @dataclass
@@ -127,20 +161,26 @@ class _Walker:
 
     def segment(self, name: str, data: bytes, *, newest: bool) -> SegmentReport:
         rep = SegmentReport(name)
-        if len(data) < _SEG_HEADER.size or _SEG_HEADER.unpack_from(data, 0)[0] != SEGMENT_MAGIC:
+        layout = _layout(data)
+        if layout is None:
             # An empty newest file is a segment created just before a crash; anything else is damage.
             rep.header_ok = data == b"" and newest
             if not rep.header_ok:
                 rep.damaged.append((0, len(data)))
                 rep.reasons.append("bad or truncated segment header")
             return rep
-        rep.durable_mark = durable_mark_after(data, _SEG_HEADER.size - 1, int(name[4:-4]))
+        start, rep.key, header_damaged = layout
+        if header_damaged:
+            rep.damaged.append((0, start))
+            rep.reasons.append("damaged segment header")
+        rep.durable_mark = durable_mark_after(data, start - 1, int(name[4:-4]), rep.key)
         sorted_ = _Sorted()
-        for pos, size, ftype, payload in self._frames(rep, data):
+        for pos, size, ftype, payload in self._frames(rep, data, start):
             self._sort(rep, sorted_, pos, data[pos : pos + size], ftype, payload)
         self.moved = False
         emitted = self._in_sequence(rep, sorted_.records)
-        rep.plan = [_SEG_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0), *sorted_.leading, *emitted, *sorted_.others]
+        # Every frame under this segment's key: some were moved here from another segment.
+        rep.plan = [segment_header(rep.key), *(_rekey(f, rep.key) for f in (*sorted_.leading, *emitted, *sorted_.others))]
         kept = [_RECORDS_HEAD.unpack_from(raw, _FRAME_HEADER.size)[0] for raw in emitted if raw[8] == T_RECORDS]
         kept_set = set(kept)
         in_order = [first for first, _c, _p, _r in sorted_.records if first in kept_set]
@@ -169,18 +209,18 @@ class _Walker:
                 self.committed.extend((int(s), int(e)) for s, e in doc.get("ranges", []))
             into.others.append(raw)
 
-    def _frames(self, rep: SegmentReport, data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
-        """The frames that verify and can be read, in file order; the rest is noted as damage."""
-        pos = _SEG_HEADER.size
+    def _frames(self, rep: SegmentReport, data: bytes, pos: int) -> Iterator[tuple[int, int, int, bytes]]:
+        """The frames from ``pos`` on that verify and can be read, in file order; the rest is noted
+        as damage."""
         while pos < len(data):
-            frame = _frame_at(data, pos)
+            frame = _frame_at(data, pos, rep.key)
             if frame is not None and _readable(*frame[1:]):
                 size, ftype, payload = frame
                 rep.frames += 1
                 yield pos, size, ftype, payload
                 pos += size
                 continue
-            nxt = _skip_damaged(data, pos)[0] if frame is None else pos + frame[0]
+            nxt = _skip_damaged(data, pos, rep.key) if frame is None else pos + frame[0]
             rep.damaged.append((pos, nxt - pos))
             rep.reasons.append("CRC mismatch" if frame is None else "a frame that verifies but cannot be read")
             pos = nxt
@@ -237,12 +277,17 @@ class _Walker:
             count, raw = self.deferred.pop(first)
             if self.next_seq is not None and first >= self.next_seq:
                 self._emit(rep, tail, first, count, raw)
-        rep.plan[1:1] = []  # keep the header first
-        rep.plan.extend(tail)
+        rep.plan.extend(_rekey(f, rep.key) for f in tail)
         rep.reordered = True
 
     def _checkpoint(self) -> bytes:
         return _frame(T_CHECKPOINT, orjson.dumps({"next_seq": self.next_seq, "next_batch_id": 0, "positions": {}}))
+
+
+def _rekey(raw: bytes, key: int) -> bytes:
+    """A verified frame with its CRC computed again under ``key``."""
+    _length, _crc, ftype = _FRAME_HEADER.unpack_from(raw, 0)
+    return _frame(ftype, raw[_FRAME_HEADER.size :], key)
 
 
 def _readable(ftype: int, payload: bytes) -> bool:
@@ -290,11 +335,12 @@ def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, A
 def _record_firsts(blobs: list[bytes]) -> set[int]:
     firsts: set[int] = set()
     for data in blobs:
-        pos = _SEG_HEADER.size
-        while len(data) >= _SEG_HEADER.size and pos < len(data):
-            frame = _frame_at(data, pos)
+        layout = _layout(data)
+        pos, key, _ = layout or (len(data), 0, False)
+        while pos < len(data):
+            frame = _frame_at(data, pos, key)
             if frame is None:
-                pos = _skip_damaged(data, pos)[0]
+                pos = _skip_damaged(data, pos, key)
                 continue
             size, ftype, payload = frame
             if ftype == T_RECORDS and _readable(ftype, payload):
@@ -348,20 +394,23 @@ def _rewrite(directory: str, rep: SegmentReport, aside: str) -> None:
     os.replace(tmp, path)
 
 
-def _append_fixups(directory: str, lost: list[tuple[int, int]], seals: dict[int, dict[str, Any]]) -> None:
-    """Mark ``lost`` records finished and re-seal batches that named them, in the newest segment."""
-    if not lost:
+def _append_fixups(directory: str, lost: list[tuple[int, int]], seals: dict[int, dict[str, Any]],
+                   keys: dict[str, int]) -> None:
+    """Mark ``lost`` records finished and re-seal batches that named them, in the newest segment
+    (under its CRC key, from ``keys`` by segment name)."""
+    names = _segment_names(directory)
+    if not lost or not names:
         return
-    extra = bytearray(_frame(T_COMMIT, orjson.dumps({"ranges": [list(r) for r in lost]})))
+    key = keys.get(names[-1], 0)
+    extra = bytearray(_frame(T_COMMIT, orjson.dumps({"ranges": [list(r) for r in lost]}), key))
     # New records continue after the lost ones, never reusing their sequence numbers.
     end = max(e for _s, e in lost)
-    extra += _frame(T_CHECKPOINT, orjson.dumps({"next_seq": end, "next_batch_id": 0, "positions": {}}))
+    extra += _frame(T_CHECKPOINT, orjson.dumps({"next_seq": end, "next_batch_id": 0, "positions": {}}), key)
     for doc in seals.values():
         ranges = [(int(s), int(e)) for s, e in doc["ranges"]]
         kept = _subtract(ranges, lost)
         if kept != ranges:
-            extra += _frame(T_SEAL, orjson.dumps({**doc, "ranges": [list(r) for r in kept]}))
-    names = _segment_names(directory)
+            extra += _frame(T_SEAL, orjson.dumps({**doc, "ranges": [list(r) for r in kept]}), key)
     if names:
         with open(os.path.join(directory, names[-1]), "ab") as f:
             f.write(extra)
@@ -379,8 +428,9 @@ def salvage(directory: str, aside: str | None = None) -> dict[str, Any]:
     Run it with the daemon stopped. What it cannot know is reported, not guessed: a damaged SEAL
     makes its records be batched again (they may be delivered a second time); a damaged COMMIT
     makes a delivered batch be delivered again under the same key (an overwrite). Where a damaged
-    frame's own length cannot be trusted, the rest of its segment is set aside rather than
-    searched for frames (record data may contain forged ones)."""
+    frame's own length cannot be trusted, the walk resumes at the next frame that verifies under
+    the segment's CRC key; in a segment written before keys (format version 2 or older) the rest
+    of it is set aside instead, since record data may contain forged frames."""
     import time as _time
 
     reports, seals = _analyse(directory)
@@ -392,7 +442,7 @@ def salvage(directory: str, aside: str | None = None) -> dict[str, Any]:
     lost = [r for rep in reports for r in rep.lost_seqs]
     for rep in damaged:
         _rewrite(directory, rep, aside)
-    _append_fixups(directory, lost, seals)
+    _append_fixups(directory, lost, seals, {r.name: r.key for r in reports})
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

@@ -1471,7 +1471,7 @@ def _layout(directory: Path) -> tuple[list[str], list[FrameInfo]]:
     frames = []
     for name in names:
         data = (directory / name).read_bytes()
-        pos = 12
+        pos = _header_size(data)
         while pos + 9 <= len(data):
             length, _crc, ftype = struct.unpack_from(">IIB", data, pos)
             info = FrameInfo(name, pos, pos + 9 + length, ftype)
@@ -1480,6 +1480,12 @@ def _layout(directory: Path) -> tuple[list[str], list[FrameInfo]]:
             frames.append(info)
             pos += 9 + length
     return names, frames
+
+
+def _header_size(data: bytes) -> int:
+    """Where a segment's first frame starts: 12 bytes, and from format version 3 on two copies of
+    the segment's CRC key."""
+    return 20 if len(data) >= 10 and struct.unpack_from(">H", data, 8)[0] >= 3 else 12
 
 
 def _spool_record(rng: Random, embed: bool, seg_number: int, seg_size: int, seqs: list[int]) -> bytes:
@@ -1492,7 +1498,8 @@ def _spool_record(rng: Random, embed: bool, seg_number: int, seg_size: int, seqs
         if c == 2:
             return _frame(3, orjson.dumps({"ranges": [[0, 10**6]]}))
         if c == 3:
-            return b"xx" + _frame(2, b"{not json")
+            return b"xx" + (_frame(2, b"{not json") if rng.random() < 0.5 else _frame(2, orjson.dumps(
+                {"id": 10**6 + rng.randrange(100), "key": "FORGED", "ranges": [[0, 10**6]], "oldest": 1, "info": {}})))
         return _frame(4, orjson.dumps({"next_seq": 10**12, "next_batch_id": 1}))
     n = rng.choice([0, 1, 5, 20, 60, 150, 400])
     return bytes(rng.randrange(256) for _ in range(n)) if rng.random() < 0.3 else bytes(rng.randrange(32, 127) for _ in range(n))
@@ -1595,12 +1602,12 @@ def _damage(case: Path, base: BaseSpool, rng: Random) -> Damage:
             data[o] ^= 1 << rng.randrange(8)
         dmg = Damage(seg, offs[0], "flip")
     elif c == 1:
-        o = rng.choice([f.offset for f in frames] + [f.end - 1 for f in frames] + [at(), 0, 5, 11, 12]) if frames else at()
+        o = rng.choice([f.offset for f in frames] + [f.end - 1 for f in frames] + [at(), 0, 5, 11, 12, 15, 19, 20]) if frames else at()
         o = max(0, min(o, size))
         del data[o:]
         dmg = Damage(seg, o, "truncate")
     elif c == 2:
-        o = rng.choice([f.offset for f in frames] or [12]) if rng.random() < 0.5 else at()
+        o = rng.choice([f.offset for f in frames] or [_header_size(data)]) if rng.random() < 0.5 else at()
         data[o:o] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
         dmg = Damage(seg, o, "insert")
     elif c == 3 and frames:  # a valid frame duplicated at a frame boundary
@@ -1632,12 +1639,12 @@ def _damage(case: Path, base: BaseSpool, rng: Random) -> Damage:
         del data[f.offset:f.end]
         dmg = Damage(seg, f.offset, f"drop-frame-type{f.ftype}")
     elif c == 9:
-        o = rng.randrange(min(12, size)) if size else 0
+        o = rng.randrange(min(_header_size(data), size)) if size else 0
         if size:
             data[o] ^= 1 << rng.randrange(8)
         dmg = Damage(seg, o, "segment-header")
     elif c == 10 and size >= 12:
-        struct.pack_into(">H", data, 8, rng.choice([0, 1, 3, 65535]))
+        struct.pack_into(">H", data, 8, rng.choice([0, 1, 2, 3, 4, 65535]))
         dmg = Damage(seg, 8, "format-version")
     elif c == 11 and frames:  # a frame's length field changed
         f = rng.choice(frames)
@@ -1681,7 +1688,7 @@ def _verify_open(directory: Path, base: BaseSpool, dmg: Damage, label: str) -> t
 
     sp = Spool(str(directory), fsync="never")
     try:
-        sp.open()
+        state = sp.open()
     except SpoolError as exc:
         _abandon(sp)
         if label == "salvaged" and "written by a newer firehose" not in str(exc):
@@ -1700,6 +1707,13 @@ def _verify_open(directory: Path, base: BaseSpool, dmg: Damage, label: str) -> t
         return "opened", [f"{label}: reading after open raised {type(exc).__name__}: {exc}"]
     _abandon(sp)
     problems: list[str] = []
+    # Forged frames in record data never come to life: no batch under a key the spool never
+    # sealed, and no record still there marked finished that never was.
+    problems += [f"{label}: a pending batch under a key never sealed: {b.key!r}"
+                 for b in state.pending if not b.key.startswith("key-")][:1]
+    finished = [seq for seq in got if seq in base.acked and seq not in base.committed and seq in sp.committed]
+    if finished:
+        problems.append(f"{label}: {len(finished)} records never committed are marked finished (first: seq {finished[0]})")
     for seq, rec in got.items():
         want = base.written.get(seq)
         if want is None:

@@ -22,7 +22,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _records_frames(path: Path) -> list[tuple[int, int]]:
     data = path.read_bytes()
-    pos, out = 12, []
+    # After the header: 12 bytes, and from format version 3 on the CRC key twice (u32).
+    pos, out = (20 if struct.unpack_from(">H", data, 8)[0] >= 3 else 12), []
     while pos + 9 <= len(data):
         length, _crc, ftype = struct.unpack_from(">IIB", data, pos)
         if ftype == 1:

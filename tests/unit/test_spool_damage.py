@@ -9,11 +9,14 @@ import asyncio
 import os
 import resource
 import struct
+import zlib
 from pathlib import Path
 
+import orjson
 import pytest
 
 from firehose.spool import FORMAT_VERSION, SealedBatch, Spool, SpoolError
+from firehose.spool_format import T_COMMIT, T_DURABLE, T_SEAL, _frame
 from firehose.spool_repair import check, salvage
 
 
@@ -49,7 +52,8 @@ def _segments(directory: Path) -> list[Path]:
 def _frame_offsets(path: Path) -> list[tuple[int, int, int]]:
     """(offset, payload length, type) of each frame, read with the documented layout."""
     data = path.read_bytes()
-    pos, out = 12, []
+    # After the header: 12 bytes, and from format version 3 on the CRC key twice (u32).
+    pos, out = (20 if struct.unpack_from(">H", data, 8)[0] >= 3 else 12), []
     while pos + 9 <= len(data):
         length, _crc, ftype = struct.unpack_from(">IIB", data, pos)
         out.append((pos, length, ftype))
@@ -126,24 +130,41 @@ def test_damage_in_an_older_segment_refuses_to_open(tmp_path: Path) -> None:
         Spool(str(tmp_path)).open()
 
 
+def _as_written_before(seg: Path, version: int) -> None:
+    """Rewrite a segment as a release before format version 3 wrote it: a 12-byte header and
+    frames under the plain CRC-32 (version 1: without DURABLE frames either)."""
+    data = seg.read_bytes()
+    frames = [(t, data[o + 9 : o + 9 + n]) for o, n, t in _frame_offsets(seg) if version >= 2 or t != 5]
+    seg.write_bytes(data[:8] + struct.pack(">HH", version, 0) + b"".join(_frame(t, p) for t, p in frames))
+
+
 def test_a_version_1_segment_with_damage_before_more_data_refuses_to_open(tmp_path: Path) -> None:
     _write(tmp_path)
     [seg] = _segments(tmp_path)
-    # As a release without durable marks wrote it: version 1, no DURABLE frames.
-    data = seg.read_bytes()
-    kept = b"".join(data[o : o + 9 + n] for o, n, t in _frame_offsets(seg) if t != 5)
-    seg.write_bytes(data[:8] + struct.pack(">H", 1) + data[10:12] + kept)
+    _as_written_before(seg, 1)
     offset, length, _ = [f for f in _frame_offsets(seg) if f[2] == 1][5]
     _flip(seg, offset + 9 + 3)
     with pytest.raises(SpoolError, match="without durable marks"):
         Spool(str(tmp_path)).open()
 
 
-def test_the_format_version_is_2_with_durable_frames(tmp_path: Path) -> None:
+def test_the_format_version_is_3_with_keyed_crcs_and_durable_frames(tmp_path: Path) -> None:
     _write(tmp_path, frames=5)
-    [seg] = _segments(tmp_path)
-    assert FORMAT_VERSION == 2 and struct.unpack_from(">H", seg.read_bytes(), 8)[0] == 2
-    assert 5 in {t for _o, _l, t in _frame_offsets(seg)}
+    _write(tmp_path, frames=5)  # a second open: a second segment, under a key of its own
+    segs = _segments(tmp_path)
+    keys = []
+    for seg in segs:
+        data = seg.read_bytes()
+        magic, version, _reserved, key, again = struct.unpack_from(">8sHHII", data, 0)
+        assert (magic, version, FORMAT_VERSION) == (b"FHSPOOL\x00", 3, 3) and key == again != 0
+        keys.append(key)
+        frames = _frame_offsets(seg)
+        assert 5 in {t for _o, _l, t in frames}
+        for o, n, t in frames:  # each CRC is zlib's CRC-32 of type + payload, started from the key
+            crc = struct.unpack_from(">I", data, o + 4)[0]
+            payload = data[o + 9 : o + 9 + n]
+            assert crc == zlib.crc32(payload, zlib.crc32(bytes((t,)), key)) != zlib.crc32(bytes((t,)) + payload)
+    assert len(segs) == 2 and keys[0] != keys[1]
 
 
 def test_check_reports_and_salvage_keeps_every_frame_that_verifies(tmp_path: Path) -> None:
@@ -236,7 +257,7 @@ def test_salvage_bridges_a_lost_opening_checkpoint_of_the_oldest_segment(tmp_pat
     oldest = _segments(spool_dir)[0]
     assert len(_segments(spool_dir)) == (1 if newest else 2)
     offset, length, ftype = _frame_offsets(oldest)[0]
-    assert ftype == 4 and offset == 12  # T_CHECKPOINT
+    assert ftype == 4 and offset == 20  # T_CHECKPOINT, after the header
     if newest:
         _flip(oldest, offset + 9 + length // 2)
     else:
@@ -249,3 +270,120 @@ def test_salvage_bridges_a_lost_opening_checkpoint_of_the_oldest_segment(tmp_pat
     assert result["lost_records"] == 0
     assert all(r.clean for r in check(str(spool_dir)))
     assert _records(spool_dir) == acked
+
+
+# ---------------------------------------------------------------- keyed CRCs (format version 3)
+def _forging_spool(spool_dir: Path, forged: bytes, *, sealed_after: bool) -> list[bytes]:
+    """Ten records, one record that is a whole frame with a valid plain CRC-32 (as any client may
+    send), ten more; then the record frame holding the forgery gets a length field that ends
+    its real frame just before the forged bytes, with a valid frame (the forgery) seemingly
+    after it: the one guess salvage makes about a damaged frame's length."""
+    before = [b"before-%02d" % i for i in range(10)]
+    after = [b"after-%02d" % i for i in range(10)]
+
+    async def go() -> None:
+        sp = Spool(str(spool_dir))
+        sp.open()
+        for recs in (before, [forged], after):
+            sp.append_records(recs, 1000)
+            await sp.wait_durable()
+        if sealed_after:
+            await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "real/key", [(0, 21)], 1000))
+        await sp.aclose()
+    run(go())
+    [seg] = _segments(spool_dir)
+    offset, _length, _ = [f for f in _frame_offsets(seg) if f[2] == 1][1]
+    data = bytearray(seg.read_bytes())
+    length_to_record = 22 + 4  # the RECORDS head and one length
+    crc = struct.unpack_from(">I", data, offset + 4)[0]
+    struct.pack_into(">II", data, offset, length_to_record, crc ^ 1)
+    seg.write_bytes(bytes(data))
+    return [*before, forged, *after]
+
+
+Opened = tuple[list[tuple[str, list[tuple[int, int]]]], list[tuple[int, int]], dict[int, bytes]]
+
+
+def _opened(spool_dir: Path) -> Opened:
+    """(pending batches' keys and ranges, the ranges marked finished, every record by sequence)."""
+    async def go() -> Opened:
+        sp = Spool(str(spool_dir))
+        state = sp.open()
+        by_seq = {}
+        for first, end in zip(sp._frame_starts, sp._frame_ends, strict=True):
+            recs, _meta = sp.read_ranges([(first, end)])
+            by_seq.update(zip(range(first, end), recs, strict=True))
+        await sp.aclose()
+        return [(b.key, list(b.ranges)) for b in state.pending], list(sp.committed.ranges()), by_seq
+    return run(go())
+
+
+def test_a_forged_seal_in_record_data_does_not_come_to_life_in_salvage(tmp_path: Path) -> None:
+    forged = _frame(T_SEAL, orjson.dumps({"id": 99, "key": "attacker/chosen-key", "ranges": [[0, 21]],
+                                          "oldest": 1, "info": {}}))
+    written = _forging_spool(tmp_path, forged, sealed_after=True)
+    result = salvage(str(tmp_path))
+    pending, _unsealed, by_seq = _opened(tmp_path)
+    # The forgery is not a frame: the salvage resumes at the next genuine one (the key tells).
+    assert pending == [("real/key", [(0, 10), (11, 21)])]
+    assert by_seq == {s: r for s, r in enumerate(written) if s != 10}
+    assert result["lost_ranges"] == [(10, 11)]
+
+
+def test_a_forged_commit_in_record_data_finishes_nothing_in_salvage(tmp_path: Path) -> None:
+    forged = _frame(T_COMMIT, orjson.dumps({"ranges": [[0, 1_000_000]]}))
+    written = _forging_spool(tmp_path, forged, sealed_after=False)
+    result = salvage(str(tmp_path))
+    _pending, finished, by_seq = _opened(tmp_path)
+    assert by_seq == {s: r for s, r in enumerate(written) if s != 10}
+    assert finished == [(10, 11)]  # the one record lost; the rest still to be delivered
+    assert result["lost_ranges"] == [(10, 11)]
+
+
+def test_a_forged_durable_mark_in_an_unacknowledged_tail_does_not_block_the_stream(tmp_path: Path) -> None:
+    async def go() -> list[bytes]:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        acked = await _acked(sp, 5)
+        seg = sp._active
+        assert seg is not None
+        torn_at = seg.size
+        sp.append_records([b"never acknowledged"], 2000)
+        # A record holding a DURABLE frame that says the segment is on disk past the torn frame.
+        sp.append_records([b"pad" + _frame(T_DURABLE, struct.pack(">QQ", seg.number, torn_at + 1))], 2000)
+        sp.abandon()
+        os.close(sp._fd)
+        return acked
+    acked = run(go())
+    [seg] = _segments(tmp_path)
+    offset = [f for f in _frame_offsets(seg) if f[2] == 1][-2][0]
+    _flip(seg, offset + 9 + 5)  # the unacknowledged frame, torn
+    assert _records(tmp_path) == acked  # the tail is truncated; the forged mark is not believed
+
+
+@pytest.mark.parametrize("copy", [0, 1])
+def test_a_damaged_key_copy_is_reported_and_salvaged_without_loss(tmp_path: Path, copy: int) -> None:
+    acked = _write(tmp_path, frames=20)
+    [seg] = _segments(tmp_path)
+    _flip(seg, 12 + 4 * copy + 2)
+    with pytest.raises(SpoolError, match="segment header is damaged"):
+        Spool(str(tmp_path)).open()
+    [report] = check(str(tmp_path))
+    assert report.reasons == ["damaged segment header"] and report.lost_seqs == []
+    assert salvage(str(tmp_path))["lost_records"] == 0
+    assert all(r.clean for r in check(str(tmp_path)))
+    assert _records(tmp_path) == acked
+
+
+def test_a_version_2_spool_opens_continues_and_salvages(tmp_path: Path) -> None:
+    acked = _write(tmp_path, frames=20)
+    [seg] = _segments(tmp_path)
+    _as_written_before(seg, 2)
+    assert _records(tmp_path) == acked  # read as it is; the new segment is version 3
+    assert [struct.unpack_from(">H", s.read_bytes(), 8)[0] for s in _segments(tmp_path)] == [2, 3]
+    offset, length, _ = [f for f in _frame_offsets(seg) if f[2] == 1][3]  # records 30..39
+    _flip(seg, offset + 9 + length // 2)
+    assert salvage(str(tmp_path))["lost_ranges"] == [(30, 40)]
+    assert all(r.clean for r in check(str(tmp_path)))
+    _pending, finished, by_seq = _opened(tmp_path)
+    assert by_seq == {s: r for s, r in enumerate(acked) if not 30 <= s < 40} and finished == [(30, 40)]
