@@ -87,6 +87,7 @@ from firehose.spool_format import (  # noqa: F401  (FORMAT_VERSION, ... are re-e
     read_header,
     read_length_table,
     segment_header,
+    stale_checkpoint,
 )
 from firehose.spool_sync import SyncJob, SyncThread, fsync_job
 
@@ -232,6 +233,8 @@ class Spool:
             if ftype == T_RECORDS and length >= _RECORDS_HEAD.size and \
                     _RECORDS_HEAD.unpack_from(payload, 0)[0] != self.next_seq:
                 break  # a valid frame out of sequence (duplicated or misplaced): damage, not data
+            if ftype == T_CHECKPOINT and pos > header_size(version) and stale_checkpoint(payload):
+                break  # an opening checkpoint's copy out of place: its positions would go back
             try:
                 self._apply_frame(seg, pos, ftype, bytes(payload), commits)
             except (ValueError, KeyError, TypeError, struct.error) as exc:  # orjson's errors are ValueErrors

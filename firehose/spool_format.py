@@ -7,8 +7,9 @@ reserved, then the segment's CRC key twice as u32); frames follow, each ``u32 pa
 CRC, u8 type`` then the payload. The CRC is zlib's CRC-32 of type+payload started from the key
 instead of 0. The key is random, drawn once per open spool and never exposed: record data is a
 client's bytes and may hold a whole frame with a valid plain CRC-32, and a reader that resumes
-after damage (salvage, the durable-mark search) must never take such bytes for a frame of ours.
-Under an unknown key a forged frame verifies with a chance of 2^-32. The key is written twice so
+after damage (salvage, the durable-mark search) must not take such bytes for a frame of ours.
+Under an unknown key each forged frame verifies with a chance of 2^-32; salvage's search also
+wants the frame after it to verify (see firehose/spool_repair.py). The key is written twice so
 that damage to one copy does not cost the segment. Version 2 segments (a 12-byte header without
 keys, frames with plain CRC-32, key 0) and version 1 ones (no DURABLE frames either) are read as
 they are. A RECORDS payload is ``u64 first_seq, u64
@@ -118,15 +119,53 @@ def header_keys(data: bytes, version: int) -> tuple[int, int]:
     return _SEG_KEYS.unpack_from(data, _SEG_HEADER.size) if version >= 3 else (0, 0)
 
 
+def frame_at(data: bytes, pos: int, key: int) -> tuple[int, int, bytes] | None:
+    """(size, type, payload) of a frame at ``pos`` whose CRC verifies under ``key``, else None.
+    Only a frame that verifies is copied out."""
+    if len(data) - pos < _FRAME_HEADER.size:
+        return None
+    length, crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
+    start = pos + _FRAME_HEADER.size
+    if not T_RECORDS <= ftype <= T_DURABLE or start + length > len(data):
+        return None
+    with memoryview(data) as view:
+        if frame_crc(ftype, view[start : start + length], key) != crc:
+            return None
+    return _FRAME_HEADER.size + length, ftype, bytes(data[start : start + length])
+
+
+def layout_verifies(data: bytes, start: int, key: int) -> bool:
+    """Whether a segment's frames verify when they start at ``start`` under ``key``: its opening
+    frame, else the frame after it (the opening one damaged, its length intact), else any
+    DURABLE mark. This is how a damaged header's version or key copy is told apart."""
+    first = frame_at(data, start, key)
+    if first is not None:
+        return True
+    if len(data) - start >= _FRAME_HEADER.size:
+        nxt = start + _FRAME_HEADER.size + _FRAME_HEADER.unpack_from(data, start)[0]
+        if nxt < len(data) and frame_at(data, nxt, key) is not None:
+            return True
+    return durable_mark_after(data, start - 1, None, key) > 0
+
+
 def _keyed_after_all(data: bytes) -> bool:
-    """Whether a segment that says it is older than version 3 holds a key pair and, after it, a
-    frame that verifies under that key (by chance: 2^-64)."""
-    if len(data) < header_size(3) + _FRAME_HEADER.size:
+    """Whether a segment that says it is older than version 3 holds a key pair whose frames
+    verify (by chance: 2^-64): a version 3 segment whose version field is damaged."""
+    if len(data) < header_size(3):
         return False
     key, again = _SEG_KEYS.unpack_from(data, _SEG_HEADER.size)
-    length, crc, ftype = _FRAME_HEADER.unpack_from(data, header_size(3))
-    payload = data[header_size(3) + _FRAME_HEADER.size : header_size(3) + _FRAME_HEADER.size + length]
-    return key == again != 0 and len(payload) == length and frame_crc(ftype, payload, key) == crc
+    return key == again != 0 and layout_verifies(data, header_size(3), key)
+
+
+def stale_checkpoint(payload: bytes | memoryview) -> bool:
+    """Whether a CHECKPOINT met after a segment's first frame carries source positions. Only a
+    segment's opening checkpoint does (salvage's own carry none), so such a frame is a copy moved
+    by damage, and applying it would send the sources back to where they were then."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False  # not readable at all: reported as such where it is applied
+    return isinstance(doc, dict) and bool(doc.get("positions"))
 
 
 def read_header(data: bytes, path: str, directory: str) -> tuple[int, int] | None:
@@ -238,10 +277,11 @@ def _incomplete_tail(data: bytes, pos: int) -> bool:
     return pos + _FRAME_HEADER.size + length > len(data)
 
 
-def durable_mark_after(data: bytes, pos: int, segment: int, key: int) -> int:
-    """The highest offset of ``segment`` that a valid DURABLE frame (under the segment's CRC
-    ``key``) found after ``pos`` records as fsynced (0 if none). Found by their fixed header, so
-    damage before them does not hide them; the key keeps a DURABLE frame in record data dead."""
+def durable_mark_after(data: bytes, pos: int, segment: int | None, key: int) -> int:
+    """The highest offset of ``segment`` (None: of any) that a valid DURABLE frame (under the
+    segment's CRC ``key``) found after ``pos`` records as fsynced (0 if none). Found by their
+    fixed header, so damage before them does not hide them; under a key, a DURABLE frame in
+    record data verifies with a chance of 2^-32."""
     best = 0
     for m in _DURABLE_HEADER_RE.finditer(data, pos + 1):
         start = m.start()
@@ -250,7 +290,7 @@ def durable_mark_after(data: bytes, pos: int, segment: int, key: int) -> int:
         if len(payload) != length or frame_crc(ftype, payload, key) != crc:
             continue
         number, offset = _DURABLE.unpack(payload)
-        if number == segment and offset <= start:
+        if (segment is None or number == segment) and offset <= start:
             best = max(best, offset)
     return best
 

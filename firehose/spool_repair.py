@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,16 +24,24 @@ from firehose.spool_format import (
     T_DURABLE,
     T_RECORDS,
     T_SEAL,
+    SpoolError,
     _frame,
     durable_mark_after,
-    frame_crc,
+    frame_at,
     header_keys,
     header_size,
+    layout_verifies,
     segment_header,
+    stale_checkpoint,
 )
 
 _TYPES = (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE)
 _TYPE_BYTE = re.compile(b"[" + bytes(_TYPES) + b"]")  # a frame header's last byte
+# A search for the next frame after damage checks at most this many bytes per byte of the
+# segment (a candidate costs its CRC's bytes, or this many when its length does not fit), so
+# that no segment's contents can make check or salvage run for long: ~0.1 s per 64 MiB.
+_SEARCH_BUDGET = 32
+_CANDIDATE_COST = 256
 
 
 @dataclass
@@ -48,7 +55,7 @@ class SegmentReport:
     durable_mark: int = 0  # the highest offset a DURABLE frame says was fsynced
     lost_seqs: list[tuple[int, int]] = field(default_factory=list)  # record ranges with no valid frame
     header_ok: bool = True
-    key: int = 0  # the CRC key its frames verify under (and are rewritten under)
+    key: int = field(default=0, repr=False)  # the CRC key its frames verify under (and are rewritten under)
     # The segment as salvage rewrites it: kept frames (bytes) and checkpoints over gaps.
     plan: list[bytes] = field(default_factory=list, repr=False)
 
@@ -59,24 +66,10 @@ class SegmentReport:
         return self.header_ok and not self.damaged and not self.lost_seqs and not self.reordered
 
 
-def _frame_at(data: bytes, pos: int, key: int) -> tuple[int, int, bytes] | None:
-    """(size, type, payload) of a frame at ``pos`` whose CRC verifies under ``key``, else None."""
-    if len(data) - pos < _FRAME_HEADER.size:
-        return None
-    length, crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
-    start = pos + _FRAME_HEADER.size
-    if ftype not in _TYPES or start + length > len(data):
-        return None
-    payload = data[start : start + length]
-    if frame_crc(ftype, payload, key) != crc:
-        return None
-    return _FRAME_HEADER.size + length, ftype, payload
-
-
 def _layout(data: bytes) -> tuple[int, int, bool] | None:
     """(where the first frame starts, the CRC key, whether the header is damaged) of a segment;
     None when the file does not start as a whole segment header. A damaged key copy or version
-    field costs nothing: the layout under which the segment's opening frame verifies is taken."""
+    field costs nothing: the layout under which the segment's frames verify is taken."""
     if len(data) < _SEG_HEADER.size or _SEG_HEADER.unpack_from(data, 0)[0] != SEGMENT_MAGIC:
         return None
     version = _SEG_HEADER.unpack_from(data, 0)[1]
@@ -87,7 +80,7 @@ def _layout(data: bytes) -> tuple[int, int, bool] | None:
     stated = (header_size(version), header_keys(data, version)[0])
     damaged = version >= 3 and copies[0] != copies[1]
     for start, key in (stated, *((keyed, k) for k in copies), (_SEG_HEADER.size, 0)):
-        if _frame_at(data, start, key) is not None:
+        if layout_verifies(data, start, key):
             return start, key, damaged or (start, key) != stated
     return stated[0], stated[1], damaged
 
@@ -110,27 +103,59 @@ def _records_shape(payload: bytes) -> tuple[int, int] | None:
     return (first, count) if off == len(payload) else None
 
 
-def _skip_damaged(data: bytes, pos: int, key: int) -> int:
-    """Where a walk resumes after a frame that fails its CRC at ``pos``. The frame's own length
-    is trusted when it is plausible and a valid frame (or the end) follows. Otherwise, in a
-    segment with a CRC key (format version 3), the walk resumes at the next frame that verifies
-    under that key: a client's record data can hold forged frames, but they do not verify under
-    a key they never saw. A segment without a key (versions 1 and 2) is never searched: the
-    rest of it is set aside, so that salvage cannot bring a forged frame to life."""
-    end = len(data)
-    if end - pos >= _FRAME_HEADER.size:
-        length, _crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
-        nxt = pos + _FRAME_HEADER.size + length
-        if ftype in _TYPES and nxt <= end and (nxt == end or _frame_at(data, nxt, key) is not None):
-            return nxt
-    if not key:
+class _Scan:
+    """One segment's frames that verify and can be read, in file order, and the damaged ranges
+    between them: found once, used by both of salvage's passes.
+
+    After a frame that fails its CRC, the walk resumes where its own length says when a frame
+    that verifies (or the end) follows. Otherwise, in a segment with a CRC key (format version
+    3), it resumes at the next frame that verifies under the key and is followed by one that
+    does too (or by the end): a client's record data can hold forged frames, but under a key
+    they never saw each verifies with a chance of 2^-32, and two in a row with 2^-64. The search
+    is bounded (``_SEARCH_BUDGET``); past it the rest of the segment is set aside. A segment
+    without a key (versions 1 and 2) is never searched: there a forged frame would verify."""
+
+    def __init__(self, data: bytes) -> None:
+        layout = _layout(data)
+        self.ok = layout is not None
+        self.start, self.key, self.header_damaged = layout or (len(data), 0, False)
+        self.frames: list[tuple[int, int, int]] = []  # (offset, size, type)
+        self.damaged: list[tuple[int, int, str]] = []  # (offset, length, reason)
+        self._budget = _SEARCH_BUDGET * len(data) + (1 << 20)
+        pos = self.start
+        while pos < len(data):
+            frame = frame_at(data, pos, self.key)
+            if frame is not None and _readable(frame[1], frame[2]):
+                self.frames.append((pos, frame[0], frame[1]))
+                pos += frame[0]
+                continue
+            nxt = self._resume(data, pos) if frame is None else pos + frame[0]
+            self.damaged.append((pos, nxt - pos, "CRC mismatch" if frame is None
+                                 else "a frame that verifies but cannot be read"))
+            pos = nxt
+
+    def _followed(self, data: bytes, nxt: int) -> bool:
+        return nxt == len(data) or frame_at(data, nxt, self.key) is not None
+
+    def _resume(self, data: bytes, pos: int) -> int:
+        end = len(data)
+        if end - pos >= _FRAME_HEADER.size:
+            length, _crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
+            nxt = pos + _FRAME_HEADER.size + length
+            if ftype in _TYPES and nxt <= end and self._followed(data, nxt):
+                return nxt
+        if not self.key:
+            return end
+        for m in _TYPE_BYTE.finditer(data, pos + _FRAME_HEADER.size):  # each place a frame could start
+            at = m.start() - (_FRAME_HEADER.size - 1)
+            length = _FRAME_HEADER.unpack_from(data, at)[0]
+            self._budget -= _CANDIDATE_COST + (length if at + _FRAME_HEADER.size + length <= end else 0)
+            if self._budget < 0:
+                return end  # searched as far as a search may: the rest is set aside
+            frame = frame_at(data, at, self.key)
+            if frame is not None and _readable(frame[1], frame[2]) and self._followed(data, at + frame[0]):
+                return at
         return end
-    for m in _TYPE_BYTE.finditer(data, pos + _FRAME_HEADER.size):  # each place a frame could start
-        at = m.start() - (_FRAME_HEADER.size - 1)
-        frame = _frame_at(data, at, key)
-        if frame is not None and _readable(frame[1], frame[2]):
-            return at
-    return end
 
 
 @dataclass
@@ -159,24 +184,26 @@ class _Walker:
         self.moved = False  # a frame was deferred or emitted away from its file position
         self.committed: list[tuple[int, int]] = []  # COMMIT ranges: records already finished
 
-    def segment(self, name: str, data: bytes, *, newest: bool) -> SegmentReport:
+    def segment(self, name: str, data: bytes, scan: _Scan, *, newest: bool) -> SegmentReport:
         rep = SegmentReport(name)
-        layout = _layout(data)
-        if layout is None:
+        if not scan.ok:
             # An empty newest file is a segment created just before a crash; anything else is damage.
             rep.header_ok = data == b"" and newest
             if not rep.header_ok:
                 rep.damaged.append((0, len(data)))
                 rep.reasons.append("bad or truncated segment header")
             return rep
-        start, rep.key, header_damaged = layout
-        if header_damaged:
-            rep.damaged.append((0, start))
+        rep.key = scan.key
+        if scan.header_damaged:
+            rep.damaged.append((0, scan.start))
             rep.reasons.append("damaged segment header")
-        rep.durable_mark = durable_mark_after(data, start - 1, int(name[4:-4]), rep.key)
+        rep.durable_mark = durable_mark_after(data, scan.start - 1, int(name[4:-4]), rep.key)
+        rep.frames = len(scan.frames)
+        rep.damaged += [(offset, length) for offset, length, _why in scan.damaged]
+        rep.reasons += [why for _offset, _length, why in scan.damaged]
         sorted_ = _Sorted()
-        for pos, size, ftype, payload in self._frames(rep, data, start):
-            self._sort(rep, sorted_, pos, data[pos : pos + size], ftype, payload)
+        for pos, size, ftype in scan.frames:
+            self._sort(rep, sorted_, pos, data[pos : pos + size], ftype, data[pos + _FRAME_HEADER.size : pos + size])
         self.moved = False
         emitted = self._in_sequence(rep, sorted_.records)
         # Every frame under this segment's key: some were moved here from another segment.
@@ -198,6 +225,9 @@ class _Walker:
         elif ftype == T_CHECKPOINT and not into.leading:  # the segment's opening state, wherever it ended up
             into.leading.append(raw)
             self._checkpoint_seen(rep, payload)
+        elif ftype == T_CHECKPOINT and stale_checkpoint(payload):
+            rep.damaged.append((pos, len(raw)))
+            rep.reasons.append("a copy of an opening checkpoint out of place")
         elif ftype == T_CHECKPOINT:
             into.others.append(raw)
             into.cp_ahead = max(into.cp_ahead, int(orjson.loads(payload)["next_seq"]))
@@ -208,22 +238,6 @@ class _Walker:
             elif ftype == T_COMMIT:
                 self.committed.extend((int(s), int(e)) for s, e in doc.get("ranges", []))
             into.others.append(raw)
-
-    def _frames(self, rep: SegmentReport, data: bytes, pos: int) -> Iterator[tuple[int, int, int, bytes]]:
-        """The frames from ``pos`` on that verify and can be read, in file order; the rest is noted
-        as damage."""
-        while pos < len(data):
-            frame = _frame_at(data, pos, rep.key)
-            if frame is not None and _readable(*frame[1:]):
-                size, ftype, payload = frame
-                rep.frames += 1
-                yield pos, size, ftype, payload
-                pos += size
-                continue
-            nxt = _skip_damaged(data, pos, rep.key) if frame is None else pos + frame[0]
-            rep.damaged.append((pos, nxt - pos))
-            rep.reasons.append("CRC mismatch" if frame is None else "a frame that verifies but cannot be read")
-            pos = nxt
 
     def _checkpoint_seen(self, rep: SegmentReport, payload: bytes) -> None:
         target = int(orjson.loads(payload)["next_seq"])
@@ -318,8 +332,11 @@ def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, A
     for name in names:
         with open(os.path.join(directory, name), "rb") as f:
             blobs.append(f.read())
-    walker = _Walker(_record_firsts(blobs))
-    reports = [walker.segment(name, data, newest=i == len(names) - 1) for i, (name, data) in enumerate(zip(names, blobs, strict=True))]
+        _refuse_newer(os.path.join(directory, name), blobs[-1])
+    scans = [_Scan(data) for data in blobs]
+    walker = _Walker(_record_firsts(blobs, scans))
+    reports = [walker.segment(name, data, scan, newest=i == len(names) - 1)
+               for i, (name, data, scan) in enumerate(zip(names, blobs, scans, strict=True))]
     if reports and reports[-1].header_ok and reports[-1].plan:
         walker.finish(reports[-1])
     for rep in reports:  # a loss a salvage already recorded (a COMMIT of the range) is not news
@@ -332,21 +349,21 @@ def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, A
     return reports, walker.seals
 
 
-def _record_firsts(blobs: list[bytes]) -> set[int]:
-    firsts: set[int] = set()
-    for data in blobs:
-        layout = _layout(data)
-        pos, key, _ = layout or (len(data), 0, False)
-        while pos < len(data):
-            frame = _frame_at(data, pos, key)
-            if frame is None:
-                pos = _skip_damaged(data, pos, key)
-                continue
-            size, ftype, payload = frame
-            if ftype == T_RECORDS and _readable(ftype, payload):
-                firsts.add(_RECORDS_HEAD.unpack_from(payload, 0)[0])
-            pos += size
-    return firsts
+def _refuse_newer(path: str, data: bytes) -> None:
+    """Check and salvage read and rewrite this release's format only: a newer segment is left
+    alone, whole (a damaged version field reads the same; it is said so)."""
+    if len(data) >= _SEG_HEADER.size and _SEG_HEADER.unpack_from(data, 0)[0] == SEGMENT_MAGIC:
+        version = _SEG_HEADER.unpack_from(data, 0)[1]
+        if version > FORMAT_VERSION:
+            raise SpoolError(f"{path}: spool format version {version} was written by a newer firehose; this "
+                             f"release reads version {FORMAT_VERSION} and changes nothing. Use the release that "
+                             f"wrote it (if none did, the version field is damaged)")
+
+
+def _record_firsts(blobs: list[bytes], scans: list[_Scan]) -> set[int]:
+    """first_seq of every RECORDS frame that verifies, in any segment."""
+    return {_RECORDS_HEAD.unpack_from(data, pos + _FRAME_HEADER.size)[0]
+            for data, scan in zip(blobs, scans, strict=True) for pos, _size, ftype in scan.frames if ftype == T_RECORDS}
 
 
 def check(directory: str) -> list[SegmentReport]:
@@ -399,6 +416,8 @@ def _append_fixups(directory: str, lost: list[tuple[int, int]], seals: dict[int,
     """Mark ``lost`` records finished and re-seal batches that named them, in the newest segment
     (under its CRC key, from ``keys`` by segment name)."""
     names = _segment_names(directory)
+    while names and os.path.getsize(os.path.join(directory, names[-1])) == 0:
+        os.unlink(os.path.join(directory, names.pop()))  # created just before a crash: nothing in it
     if not lost or not names:
         return
     key = keys.get(names[-1], 0)

@@ -10,6 +10,7 @@ from typing import Any
 
 from firehose.filelog import held
 from firehose.log import LogBusyError
+from firehose.spool_format import SpoolError
 from firehose.spool_repair import check, salvage
 
 
@@ -35,15 +36,22 @@ def cmd_check(args: argparse.Namespace) -> int:
         return _nothing_there(args.path)
     damaged = 0
     for directory in dirs:
-        for rep in check(directory):
+        try:
+            reports = check(directory)
+        except SpoolError as exc:  # a newer format: neither read nor changed
+            print(f"firehose: {exc}", file=sys.stderr)
+            return 2
+        for rep in reports:
             where = os.path.join(directory, rep.name)
             if not rep.header_ok:
                 damaged += 1
                 print(f"{where}: not a readable segment (bad or truncated header)")
                 continue
-            for offset, length in rep.damaged:
+            for (offset, length), why in zip(rep.damaged, rep.reasons, strict=True):
                 damaged += 1
-                state = ("below the durable mark: acknowledged records are damaged" if rep.durable_mark > offset
+                state = ("the segment header: its version or a copy of its key (no record is in it)"
+                         if why == "damaged segment header"
+                         else "below the durable mark: acknowledged records are damaged" if rep.durable_mark > offset
                          else "past the durable mark: an unacknowledged tail, truncated at the next start")
                 print(f"{where}: {length} damaged bytes at offset {offset}, {state}")
             for first, end in rep.lost_seqs:
@@ -66,6 +74,9 @@ def cmd_salvage(args: argparse.Namespace) -> int:
                 result = salvage(directory)
         except LogBusyError as exc:
             print(f"firehose: {exc}; stop the daemon first", file=sys.stderr)
+            return 2
+        except SpoolError as exc:
+            print(f"firehose: {exc}", file=sys.stderr)
             return 2
         if not result["damaged_segments"]:
             continue

@@ -1735,6 +1735,11 @@ def _verify_open(directory: Path, base: BaseSpool, dmg: Damage, label: str) -> t
     return "opened", problems
 
 
+def _newer(exc: Exception) -> bool:
+    """Check and salvage refuse, touching nothing, a segment whose version is newer than theirs."""
+    return type(exc).__name__ == "SpoolError" and "written by a newer firehose" in str(exc)
+
+
 class Hang(Exception):
     pass
 
@@ -1807,12 +1812,18 @@ def run_frames(seed: int, cases: int, workdir: Path, *, bases: int = 24, max_sec
                     reports = check(str(case))
                     result.outcomes["check: damage found" if any(not r.clean for r in reports) else "check: clean"] += 1
                 except Exception as exc:
-                    problems.append(f"check raised {type(exc).__name__}: {exc}")
+                    if _newer(exc):
+                        result.outcomes["check: a newer version refused"] += 1
+                    else:
+                        problems.append(f"check raised {type(exc).__name__}: {exc}")
                 shutil.copytree(case, salv)
                 try:
                     salvage(str(salv), aside=str(root / f"aside-{i}"))
                 except Exception as exc:
-                    problems.append(f"salvage raised {type(exc).__name__}: {exc}")
+                    if _newer(exc):  # (a version field damaged into a newer one reads the same)
+                        result.outcomes["salvage: a newer version refused"] += 1
+                    else:
+                        problems.append(f"salvage raised {type(exc).__name__}: {exc}")
                 else:
                     outcome, found = _verify_open(salv, base, dmg, "salvaged")
                     result.outcomes[f"salvaged: {outcome}"] += 1

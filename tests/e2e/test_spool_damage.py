@@ -102,3 +102,40 @@ def test_one_daemon_per_data_dir_and_no_salvage_beside_a_running_daemon(tmp_path
     finally:
         assert d.stop() == 0
     assert local_objects(tmp_path / "out") and b"kept" in b"".join(local_objects(tmp_path / "out").values())
+
+
+def test_spool_tools_on_a_damaged_header_and_on_a_newer_format(tmp_path: Path) -> None:
+    import asyncio
+
+    from firehose.spool import Spool
+
+    spool_dir = tmp_path / "spool"
+
+    async def write() -> None:
+        sp = Spool(str(spool_dir))
+        sp.open()
+        for i in range(5):
+            sp.append_records([b"r%d" % i], 1000)
+            await sp.wait_durable()
+        await sp.aclose()
+    asyncio.run(write())
+    [seg] = sorted(spool_dir.glob("seg-*.log"))
+    data = bytearray(seg.read_bytes())
+    data[17] ^= 0x01  # the second copy of the segment's CRC key
+    seg.write_bytes(bytes(data))
+    check = _cli("spool", "check", str(spool_dir))
+    assert check.returncode == 1
+    assert f"{seg}: 20 damaged bytes at offset 0, the segment header" in check.stdout and "no record" in check.stdout
+    salvage = _cli("spool", "salvage", str(spool_dir))
+    assert salvage.returncode == 0 and "0 record(s) lost" in salvage.stdout, salvage.stdout + salvage.stderr
+    assert _cli("spool", "check", str(spool_dir)).returncode == 0
+
+    data = bytearray(seg.read_bytes())
+    data[9] = 9  # format version 9
+    seg.write_bytes(bytes(data))
+    for tool in ("check", "salvage"):
+        res = _cli("spool", tool, str(spool_dir))
+        assert res.returncode == 2 and res.stdout == "", res.stdout
+        [line] = res.stderr.splitlines()
+        assert f"{seg}: spool format version 9 was written by a newer firehose" in line and "changes nothing" in line
+    assert seg.read_bytes() == bytes(data)

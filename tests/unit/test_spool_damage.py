@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from firehose import spool_format
 from firehose.spool import FORMAT_VERSION, SealedBatch, Spool, SpoolError
 from firehose.spool_format import T_COMMIT, T_DURABLE, T_SEAL, _frame
 from firehose.spool_repair import check, salvage
@@ -387,3 +388,109 @@ def test_a_version_2_spool_opens_continues_and_salvages(tmp_path: Path) -> None:
     assert all(r.clean for r in check(str(tmp_path)))
     _pending, finished, by_seq = _opened(tmp_path)
     assert by_seq == {s: r for s, r in enumerate(acked) if not 30 <= s < 40} and finished == [(30, 40)]
+
+
+def test_the_search_after_damage_is_bounded_whatever_the_records_hold(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record bytes that each look like a frame header with a long length (here 0x01 bytes:
+    type 1, length 0x01010101) must not make the search check each candidate's whole length."""
+    async def go() -> None:
+        sp = Spool(str(tmp_path), segment_size_bytes=64 << 20)
+        sp.open()
+        for recs in ([b"x" * 100], [b"\x01" * (1 << 20)], [b"\x00" * (16 << 20)], [b"y" * 100]):
+            sp.append_records(recs, 1000)
+            await sp.wait_durable()
+        await sp.aclose()
+    run(go())
+    [seg] = _segments(tmp_path)
+    offset, _length, _ = [f for f in _frame_offsets(seg) if f[2] == 1][1]
+    _flip(seg, offset + 1)  # the 1 MiB record's length field: it no longer ends where it did
+    checked = [0]
+    real = spool_format.frame_crc
+
+    def counting(ftype: int, payload: bytes | memoryview, key: int = 0) -> int:
+        checked[0] += len(payload)
+        return real(ftype, payload, key)
+    monkeypatch.setattr(spool_format, "frame_crc", counting)
+    [report] = check(str(tmp_path))
+    size = seg.stat().st_size
+    assert not report.clean and checked[0] <= 40 * size, (checked[0], size)
+
+
+@pytest.mark.parametrize("header", ["version reads 2", "version reads 1", "first key copy"])
+def test_header_damage_with_the_opening_checkpoint_damaged_too_loses_nothing(tmp_path: Path, header: str) -> None:
+    acked = _write(tmp_path, frames=20)
+    [seg] = _segments(tmp_path)
+    data = bytearray(seg.read_bytes())
+    if header == "first key copy":
+        data[13] ^= 0x10
+    else:
+        struct.pack_into(">H", data, 8, int(header[-1]))
+    offset, length, ftype = _frame_offsets(seg)[0]
+    assert ftype == 4
+    data[offset + 9 + length // 2] ^= 0x40  # the opening CHECKPOINT
+    seg.write_bytes(bytes(data))
+    with pytest.raises(SpoolError, match="header is damaged|durable point"):
+        Spool(str(tmp_path)).open()  # never taken for a torn tail
+    assert seg.stat().st_size == len(data)
+    assert salvage(str(tmp_path))["lost_records"] == 0
+    assert all(r.clean for r in check(str(tmp_path)))
+    assert _records(tmp_path) == acked
+
+
+def test_an_opening_checkpoint_copied_later_does_not_send_the_sources_back(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        for n in range(1, 21):
+            sp.append_records([b"line %d" % n], 1000, positions={"file": {"offset": n}})
+            await sp.wait_durable()
+        await sp.aclose()
+        sp = Spool(str(tmp_path))
+        sp.open()  # a second segment, opening with {"offset": 20}
+        for n in range(21, 41):
+            sp.append_records([b"line %d" % n], 1000, positions={"file": {"offset": n}})
+            await sp.wait_durable()
+        await sp.aclose()
+    run(go())
+    segs = _segments(tmp_path)
+    data = segs[-1].read_bytes()
+    cp_offset, cp_length, ftype = _frame_offsets(segs[-1])[0]
+    assert ftype == 4
+    at = [f for f in _frame_offsets(segs[-1]) if f[2] == 1][15][0]  # a frame boundary
+    segs[-1].write_bytes(data[:at] + data[cp_offset : cp_offset + 9 + cp_length] + data[at:])
+    with pytest.raises(SpoolError, match="durable point"):
+        Spool(str(tmp_path)).open()
+    reasons = [why for rep in check(str(tmp_path)) for why in rep.reasons]
+    assert reasons == ["a copy of an opening checkpoint out of place"]
+    assert salvage(str(tmp_path))["lost_records"] == 0
+
+    async def reopen() -> dict[str, object]:
+        sp = Spool(str(tmp_path))
+        state = sp.open()
+        await sp.aclose()
+        return state.positions
+    assert run(reopen()) == {"file": {"offset": 40}}
+
+
+def test_salvage_with_an_empty_newest_segment_still_opens(tmp_path: Path) -> None:
+    acked = _write(tmp_path, frames=20)
+    [seg] = _segments(tmp_path)
+    offset, length, _ = [f for f in _frame_offsets(seg) if f[2] == 1][4]
+    _flip(seg, offset + 9 + length // 2)
+    (tmp_path / "seg-000000000002.log").write_bytes(b"")  # created just before a crash
+    assert salvage(str(tmp_path))["lost_ranges"] == [(40, 50)]
+    _pending, finished, by_seq = _opened(tmp_path)
+    assert by_seq == {s: r for s, r in enumerate(acked) if not 40 <= s < 50} and finished == [(40, 50)]
+
+
+def test_check_and_salvage_leave_a_newer_format_alone(tmp_path: Path) -> None:
+    _write(tmp_path, frames=5)
+    [seg] = _segments(tmp_path)
+    data = bytearray(seg.read_bytes())
+    struct.pack_into(">H", data, 8, FORMAT_VERSION + 1)
+    seg.write_bytes(bytes(data))
+    for tool in (check, salvage):
+        with pytest.raises(SpoolError, match=f"format version {FORMAT_VERSION + 1} was written by a newer"):
+            tool(str(tmp_path))
+    assert seg.read_bytes() == bytes(data) and _segments(tmp_path) == [seg]
