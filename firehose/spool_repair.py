@@ -85,22 +85,31 @@ def _layout(data: bytes) -> tuple[int, int, bool] | None:
     return stated[0], stated[1], damaged
 
 
+def _records_extent(data: bytes, base: int = 0) -> int | None:
+    """The length of the RECORDS payload at ``base`` by its own head, length table and section
+    lengths; None when they run past the end of ``data``."""
+    if len(data) - base < _RECORDS_HEAD.size:
+        return None
+    _first, _arrival, count, flags = _RECORDS_HEAD.unpack_from(data, base)
+    table_end = base + _RECORDS_HEAD.size + 4 * count
+    if table_end > len(data):
+        return None
+    off = table_end + (sum(struct.unpack_from(f"<{count}I", data, base + _RECORDS_HEAD.size)) if count else 0)
+    for bit in (1, 2):  # F_META, F_POSITIONS: u32 length + JSON each
+        if flags & bit:
+            if off + 4 > len(data):
+                return None
+            off += 4 + int.from_bytes(data[off : off + 4], "big")
+    return off - base if off <= len(data) else None
+
+
 def _records_shape(payload: bytes) -> tuple[int, int] | None:
     """(first_seq, count) of a RECORDS payload whose internal layout adds up to its length (so
     its length field can be trusted even though its CRC failed), else None."""
-    if len(payload) < _RECORDS_HEAD.size:
+    if _records_extent(payload) != len(payload):
         return None
-    first, _arrival, count, flags = _RECORDS_HEAD.unpack_from(payload, 0)
-    table_end = _RECORDS_HEAD.size + 4 * count
-    if table_end > len(payload):
-        return None
-    off = table_end + sum(struct.unpack_from(f"<{count}I", payload, _RECORDS_HEAD.size)) if count else table_end
-    for bit in (1, 2):  # F_META, F_POSITIONS: u32 length + JSON each
-        if flags & bit:
-            if off + 4 > len(payload):
-                return None
-            off += 4 + int.from_bytes(payload[off : off + 4], "big")
-    return (first, count) if off == len(payload) else None
+    first, _arrival, count, _flags = _RECORDS_HEAD.unpack_from(payload, 0)
+    return first, count
 
 
 class _Scan:
@@ -341,12 +350,44 @@ def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, A
         walker.finish(reports[-1])
     for rep in reports:  # a loss a salvage already recorded (a COMMIT of the range) is not news
         rep.lost_seqs = [r for r in rep.lost_seqs if _subtract([r], walker.committed)]
+    if reports and reports[-1].header_ok and walker.next_seq is not None:
+        end = _records_in_damage(blobs[-1], scans[-1], reports[-1].durable_mark, walker.next_seq)
+        if end > walker.next_seq:
+            reports[-1].lost_seqs.append((walker.next_seq, end))
+            walker.next_seq = end
     # Records sealed beyond the last one any valid frame holds were in damaged frames at the end.
     sealed_end = max((int(e) for doc in walker.seals.values() for _s, e in doc["ranges"]), default=0)
     if reports and walker.next_seq is not None and sealed_end > walker.next_seq and any(not r.clean for r in reports):
         reports[-1].lost_seqs.append((walker.next_seq, sealed_end))
         walker.next_seq = sealed_end
     return reports, walker.seals
+
+
+def _records_in_damage(data: bytes, scan: _Scan, durable_mark: int, next_seq: int) -> int:
+    """Where the acknowledged records that damaged frames after the newest segment's last kept
+    RECORDS frame held end, as their own heads say: no frame that verifies tells how many were
+    lost there. Read only below the durable mark, frame by frame from where the damage starts,
+    each RECORDS head going on from the one before (starting at ``next_seq``, where the kept
+    records end) and its length taken from its own length table; it stops at the first head
+    that does not. A lower bound, never more than the bytes could hold."""
+    last_kept = max((pos for pos, _size, ftype in scan.frames if ftype == T_RECORDS), default=-1)
+    expected = next_seq
+    for offset, length, _why in scan.damaged:
+        if offset < last_kept:
+            continue
+        pos, end = offset, min(offset + length, durable_mark)
+        while pos + _FRAME_HEADER.size + _RECORDS_HEAD.size <= end:
+            size, _crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
+            if ftype == T_RECORDS:
+                first, _arrival, count, _flags = _RECORDS_HEAD.unpack_from(data, pos + _FRAME_HEADER.size)
+                extent = _records_extent(data, pos + _FRAME_HEADER.size)
+                if first != expected or extent is None:
+                    return expected
+                expected, size = first + count, extent
+            elif ftype not in _TYPES:
+                return expected
+            pos += _FRAME_HEADER.size + size
+    return expected
 
 
 def _refuse_newer(path: str, data: bytes) -> None:

@@ -136,6 +136,9 @@ def _as_written_before(seg: Path, version: int) -> None:
     frames under the plain CRC-32 (version 1: without DURABLE frames either)."""
     data = seg.read_bytes()
     frames = [(t, data[o + 9 : o + 9 + n]) for o, n, t in _frame_offsets(seg) if version >= 2 or t != 5]
+    # A DURABLE mark's offset moves with its frame: the header is 8 bytes shorter.
+    frames = [(t, struct.pack(">QQ", struct.unpack(">QQ", p)[0], struct.unpack(">QQ", p)[1] - 8) if t == 5 else p)
+              for t, p in frames]
     seg.write_bytes(data[:8] + struct.pack(">HH", version, 0) + b"".join(_frame(t, p) for t, p in frames))
 
 
@@ -494,3 +497,23 @@ def test_check_and_salvage_leave_a_newer_format_alone(tmp_path: Path) -> None:
         with pytest.raises(SpoolError, match=f"format version {FORMAT_VERSION + 1} was written by a newer"):
             tool(str(tmp_path))
     assert seg.read_bytes() == bytes(data) and _segments(tmp_path) == [seg]
+
+
+@pytest.mark.parametrize("damage", ["the last frame's records", "a length field, version 2"])
+def test_records_lost_at_the_end_of_the_newest_segment_are_counted(tmp_path: Path, damage: str) -> None:
+    """No frame that verifies comes after them to say how many there were: their own heads do."""
+    acked = _write(tmp_path, frames=20)
+    [seg] = _segments(tmp_path)
+    if damage.endswith("version 2"):
+        _as_written_before(seg, 2)  # never searched: the rest of the segment is set aside
+        offset, _length, _ = [f for f in _frame_offsets(seg) if f[2] == 1][7]
+        _flip(seg, offset + 2)
+        lost = (70, 200)
+    else:
+        offset, length, _ = [f for f in _frame_offsets(seg) if f[2] == 1][-1]
+        _flip(seg, offset + 9 + length - 1)
+        lost = (190, 200)
+    result = salvage(str(tmp_path))
+    assert result["lost_ranges"] == [lost] and result["lost_records"] == lost[1] - lost[0]
+    _pending, finished, by_seq = _opened(tmp_path)
+    assert by_seq == {s: r for s, r in enumerate(acked) if not lost[0] <= s < lost[1]} and finished == [lost]
