@@ -136,8 +136,8 @@ def frame_at(data: bytes, pos: int, key: int) -> tuple[int, int, bytes] | None:
 
 def layout_verifies(data: bytes, start: int, key: int) -> bool:
     """Whether a segment's frames verify when they start at ``start`` under ``key``: its opening
-    frame, else the frame after it (the opening one damaged, its length intact), else any
-    DURABLE mark. This is how a damaged header's version or key copy is told apart."""
+    frame, else the frame after it (the opening one damaged, its length intact), else (under a
+    key) any DURABLE mark. This is how a damaged header's version or key copy is told apart."""
     first = frame_at(data, start, key)
     if first is not None:
         return True
@@ -145,7 +145,7 @@ def layout_verifies(data: bytes, start: int, key: int) -> bool:
         nxt = start + _FRAME_HEADER.size + _FRAME_HEADER.unpack_from(data, start)[0]
         if nxt < len(data) and frame_at(data, nxt, key) is not None:
             return True
-    return durable_mark_after(data, start - 1, None, key) > 0
+    return key != 0 and durable_mark_after(data, start - 1, None, key) > 0  # (under key 0 one can be forged)
 
 
 def _keyed_after_all(data: bytes) -> bool:
@@ -178,7 +178,8 @@ def read_header(data: bytes, path: str, directory: str) -> tuple[int, int] | Non
         raise SpoolError(f"{path}: not a firehose spool segment (bad magic)")
     if version > FORMAT_VERSION:
         raise SpoolError(f"{path}: spool format version {version} was written by a newer firehose; this "
-                         f"release reads version {FORMAT_VERSION}. Upgrade firehose or restore its data_dir.")
+                         f"release reads version {FORMAT_VERSION}. Upgrade firehose or restore its data_dir (if no "
+                         f"newer release wrote it, the version field is damaged: `firehose spool check {directory}`)")
     if len(data) < header_size(version):
         return None
     key, again = header_keys(data, version)

@@ -13,6 +13,7 @@ import orjson
 
 from firehose.spool_format import (
     _DURABLE,
+    _DURABLE_HEADER_RE,
     _FRAME_HEADER,
     _RECORDS_HEAD,
     _SEG_HEADER,
@@ -37,11 +38,11 @@ from firehose.spool_format import (
 
 _TYPES = (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE)
 _TYPE_BYTE = re.compile(b"[" + bytes(_TYPES) + b"]")  # a frame header's last byte
-# A search for the next frame after damage checks at most this many bytes per byte of the
-# segment (a candidate costs its CRC's bytes, or this many when its length does not fit), so
-# that no segment's contents can make check or salvage run for long: ~0.1 s per 64 MiB.
+# A search for the next frame after damage checks the CRCs of at most this many bytes per byte
+# of the segment, and looks at most at one place in this many bytes (a random byte is a frame
+# type byte one time in 51), so that no segment's contents can make check or salvage run long.
 _SEARCH_BUDGET = 32
-_CANDIDATE_COST = 256
+_CANDIDATES = 16
 
 
 @dataclass
@@ -78,29 +79,30 @@ def _layout(data: bytes) -> tuple[int, int, bool] | None:
     keyed = header_size(FORMAT_VERSION)
     copies = list(_SEG_KEYS.unpack_from(data, _SEG_HEADER.size)) if len(data) >= keyed else []
     stated = (header_size(version), header_keys(data, version)[0])
-    damaged = version >= 3 and copies[0] != copies[1]
+    damaged = version > FORMAT_VERSION or (version >= 3 and copies[0] != copies[1])
     for start, key in (stated, *((keyed, k) for k in copies), (_SEG_HEADER.size, 0)):
         if layout_verifies(data, start, key):
             return start, key, damaged or (start, key) != stated
     return stated[0], stated[1], damaged
 
 
-def _records_extent(data: bytes, base: int = 0) -> int | None:
+def _records_extent(data: bytes, base: int = 0, limit: int | None = None) -> int | None:
     """The length of the RECORDS payload at ``base`` by its own head, length table and section
-    lengths; None when they run past the end of ``data``."""
-    if len(data) - base < _RECORDS_HEAD.size:
+    lengths; None when they run past ``limit`` (the end of ``data`` by default)."""
+    limit = len(data) if limit is None else limit
+    if limit - base < _RECORDS_HEAD.size:
         return None
     _first, _arrival, count, flags = _RECORDS_HEAD.unpack_from(data, base)
     table_end = base + _RECORDS_HEAD.size + 4 * count
-    if table_end > len(data):
+    if table_end > limit:
         return None
     off = table_end + (sum(struct.unpack_from(f"<{count}I", data, base + _RECORDS_HEAD.size)) if count else 0)
     for bit in (1, 2):  # F_META, F_POSITIONS: u32 length + JSON each
         if flags & bit:
-            if off + 4 > len(data):
+            if off + 4 > limit:
                 return None
             off += 4 + int.from_bytes(data[off : off + 4], "big")
-    return off - base if off <= len(data) else None
+    return off - base if off <= limit else None
 
 
 def _records_shape(payload: bytes) -> tuple[int, int] | None:
@@ -118,10 +120,15 @@ class _Scan:
 
     After a frame that fails its CRC, the walk resumes where its own length says when a frame
     that verifies (or the end) follows. Otherwise, in a segment with a CRC key (format version
-    3), it resumes at the next frame that verifies under the key and is followed by one that
-    does too (or by the end): a client's record data can hold forged frames, but under a key
-    they never saw each verifies with a chance of 2^-32, and two in a row with 2^-64. The search
-    is bounded (``_SEARCH_BUDGET``); past it the rest of the segment is set aside. A segment
+    3), it searches: a client's record data can hold forged frames, but under a key they never
+    saw each verifies with a chance of 2^-32, so a frame found is taken only when the frame
+    after it verifies too (or, that one damaged as well, the one its length points to): two
+    matches, 2^-64. Candidates are places where a frame type byte sits; one is checked only
+    when its shape fits (the JSON frames' braces, a DURABLE frame's length, a RECORDS frame's
+    length table adding up to its length) before any CRC. The search looks no further than the
+    next DURABLE mark that verifies (one follows every fsync) and resumes there if it finds
+    nothing before it (or reaches its bounds, ``_SEARCH_BUDGET`` and ``_CANDIDATES``, which no
+    record contents can make slow); with no such mark the rest of the segment is set aside. A segment
     without a key (versions 1 and 2) is never searched: there a forged frame would verify."""
 
     def __init__(self, data: bytes) -> None:
@@ -130,7 +137,8 @@ class _Scan:
         self.start, self.key, self.header_damaged = layout or (len(data), 0, False)
         self.frames: list[tuple[int, int, int]] = []  # (offset, size, type)
         self.damaged: list[tuple[int, int, str]] = []  # (offset, length, reason)
-        self._budget = _SEARCH_BUDGET * len(data) + (1 << 20)
+        self._budget = _SEARCH_BUDGET * len(data) + (1 << 20)  # bytes a search may check
+        self._candidates = len(data) // _CANDIDATES + 4096  # places a search may look at
         pos = self.start
         while pos < len(data):
             frame = frame_at(data, pos, self.key)
@@ -143,28 +151,73 @@ class _Scan:
                                  else "a frame that verifies but cannot be read"))
             pos = nxt
 
+    def _verifies(self, data: bytes, at: int) -> int | None:
+        """The size of a readable frame that verifies at ``at`` (its CRC charged to the budget)."""
+        if len(data) - at < _FRAME_HEADER.size:
+            return None
+        self._budget -= _FRAME_HEADER.unpack_from(data, at)[0]
+        frame = frame_at(data, at, self.key) if self._budget >= 0 else None
+        return frame[0] if frame is not None and _readable(frame[1], frame[2]) else None
+
     def _followed(self, data: bytes, nxt: int) -> bool:
-        return nxt == len(data) or frame_at(data, nxt, self.key) is not None
+        """Whether a frame that verifies comes at ``nxt``, or after a damaged one there."""
+        if self._verifies(data, nxt) is not None:
+            return True
+        if len(data) - nxt < _FRAME_HEADER.size:
+            return False
+        after = nxt + _FRAME_HEADER.size + _FRAME_HEADER.unpack_from(data, nxt)[0]
+        return after < len(data) and self._verifies(data, after) is not None
+
+    def _fits(self, data: bytes, at: int) -> bool:
+        """Whether the bytes at ``at`` have a frame's shape, before any CRC is taken."""
+        length, _crc, ftype = _FRAME_HEADER.unpack_from(data, at)
+        body = at + _FRAME_HEADER.size
+        if body + length > len(data):
+            return False
+        if ftype == T_DURABLE:
+            return length == _DURABLE.size
+        if ftype != T_RECORDS:
+            return length >= 2 and data[body] == 0x7B and data[body + length - 1] == 0x7D  # {...}
+        if length < _RECORDS_HEAD.size:
+            return False
+        count = _RECORDS_HEAD.unpack_from(data, body)[2]
+        if _RECORDS_HEAD.size + 4 * count > length:
+            return False
+        self._budget -= 4 * count  # summing its length table
+        return self._budget >= 0 and _records_extent(data, body, body + length) == length
 
     def _resume(self, data: bytes, pos: int) -> int:
         end = len(data)
         if end - pos >= _FRAME_HEADER.size:
             length, _crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
             nxt = pos + _FRAME_HEADER.size + length
-            if ftype in _TYPES and nxt <= end and self._followed(data, nxt):
+            if ftype in _TYPES and nxt <= end and (nxt == end or self._followed(data, nxt)):
                 return nxt
         if not self.key:
             return end
-        for m in _TYPE_BYTE.finditer(data, pos + _FRAME_HEADER.size):  # each place a frame could start
+        durable = self._next_durable(data, pos + 1)
+        for m in _TYPE_BYTE.finditer(data, pos + _FRAME_HEADER.size, durable):  # where a frame could start
+            self._candidates -= 1
+            if self._candidates < 0 or self._budget < 0:
+                break  # searched as far as a search may: on from the next mark (or the end)
             at = m.start() - (_FRAME_HEADER.size - 1)
-            length = _FRAME_HEADER.unpack_from(data, at)[0]
-            self._budget -= _CANDIDATE_COST + (length if at + _FRAME_HEADER.size + length <= end else 0)
-            if self._budget < 0:
-                return end  # searched as far as a search may: the rest is set aside
-            frame = frame_at(data, at, self.key)
-            if frame is not None and _readable(frame[1], frame[2]) and self._followed(data, at + frame[0]):
+            size = self._verifies(data, at) if self._fits(data, at) else None
+            if size is not None and at + size < end and self._followed(data, at + size):
                 return at
-        return end
+        return durable
+
+    def _next_durable(self, data: bytes, pos: int) -> int:
+        """The next DURABLE mark from ``pos`` on that verifies and is followed as a found frame
+        must be; the end when none is."""
+        for m in _DURABLE_HEADER_RE.finditer(data, pos):
+            self._candidates -= 1
+            if self._candidates < 0 or self._budget < 0:
+                break
+            at = m.start()
+            if self._verifies(data, at) is not None and at + _FRAME_HEADER.size + _DURABLE.size < len(data) \
+                    and self._followed(data, at + _FRAME_HEADER.size + _DURABLE.size):
+                return at
+        return len(data)
 
 
 @dataclass
@@ -336,12 +389,7 @@ def _segment_names(directory: str) -> list[str]:
 
 
 def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, Any]]]:
-    names = _segment_names(directory)
-    blobs = []
-    for name in names:
-        with open(os.path.join(directory, name), "rb") as f:
-            blobs.append(f.read())
-        _refuse_newer(os.path.join(directory, name), blobs[-1])
+    names, blobs = _read_segments(directory)
     scans = [_Scan(data) for data in blobs]
     walker = _Walker(_record_firsts(blobs, scans))
     reports = [walker.segment(name, data, scan, newest=i == len(names) - 1)
@@ -350,28 +398,51 @@ def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, A
         walker.finish(reports[-1])
     for rep in reports:  # a loss a salvage already recorded (a COMMIT of the range) is not news
         rep.lost_seqs = [r for r in rep.lost_seqs if _subtract([r], walker.committed)]
-    if reports and reports[-1].header_ok and walker.next_seq is not None:
-        end = _records_in_damage(blobs[-1], scans[-1], reports[-1].durable_mark, walker.next_seq)
-        if end > walker.next_seq:
-            reports[-1].lost_seqs.append((walker.next_seq, end))
-            walker.next_seq = end
-    # Records sealed beyond the last one any valid frame holds were in damaged frames at the end.
-    sealed_end = max((int(e) for doc in walker.seals.values() for _s, e in doc["ranges"]), default=0)
-    if reports and walker.next_seq is not None and sealed_end > walker.next_seq and any(not r.clean for r in reports):
-        reports[-1].lost_seqs.append((walker.next_seq, sealed_end))
-        walker.next_seq = sealed_end
+    if reports:
+        _lost_at_the_end(reports, walker, blobs[-1], scans[-1])
     return reports, walker.seals
+
+
+def _read_segments(directory: str) -> tuple[list[str], list[bytes]]:
+    """The segments' names and contents, leaving out an empty newest one (created just before a
+    crash, nothing in it: the one before it is the newest)."""
+    names = _segment_names(directory)
+    while names and os.path.getsize(os.path.join(directory, names[-1])) == 0:
+        names.pop()
+    blobs = []
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as f:
+            blobs.append(f.read())
+    for i, name in enumerate(names):
+        _refuse_newer(os.path.join(directory, name), blobs[i], blobs[i + 1 :])
+    return names, blobs
+
+
+def _lost_at_the_end(reports: list[SegmentReport], walker: _Walker, data: bytes, scan: _Scan) -> None:
+    """Records lost after the last one any valid frame holds: as the damaged frames at the end of
+    the newest segment count them, and as far as sealed batches name records."""
+    newest = reports[-1]
+    if newest.header_ok and walker.next_seq is not None:
+        end = _records_in_damage(data, scan, newest.durable_mark, walker.next_seq)
+        if end > walker.next_seq:
+            newest.lost_seqs.append((walker.next_seq, end))
+            walker.next_seq = end
+    sealed_end = max((int(e) for doc in walker.seals.values() for _s, e in doc["ranges"]), default=0)
+    if walker.next_seq is not None and sealed_end > walker.next_seq and any(not r.clean for r in reports):
+        newest.lost_seqs.append((walker.next_seq, sealed_end))
+        walker.next_seq = sealed_end
 
 
 def _records_in_damage(data: bytes, scan: _Scan, durable_mark: int, next_seq: int) -> int:
     """Where the acknowledged records that damaged frames after the newest segment's last kept
     RECORDS frame held end, as their own heads say: no frame that verifies tells how many were
     lost there. Read only below the durable mark, frame by frame from where the damage starts,
-    each RECORDS head going on from the one before (starting at ``next_seq``, where the kept
-    records end) and its length taken from its own length table; it stops at the first head
-    that does not. A lower bound, never more than the bytes could hold."""
+    a RECORDS frame's length taken from its own length table. The first head must start at or
+    before ``next_seq`` (where the kept records end) and add up to its length field (or be
+    followed by a head that goes on from it); each later one must go on from the one before;
+    the walk stops at the first that does not. A lower bound, never more than the bytes hold."""
     last_kept = max((pos for pos, _size, ftype in scan.frames if ftype == T_RECORDS), default=-1)
-    expected = next_seq
+    chain: int | None = None  # where the last head read ends
     for offset, length, _why in scan.damaged:
         if offset < last_kept:
             continue
@@ -381,24 +452,46 @@ def _records_in_damage(data: bytes, scan: _Scan, durable_mark: int, next_seq: in
             if ftype == T_RECORDS:
                 first, _arrival, count, _flags = _RECORDS_HEAD.unpack_from(data, pos + _FRAME_HEADER.size)
                 extent = _records_extent(data, pos + _FRAME_HEADER.size)
-                if first != expected or extent is None:
-                    return expected
-                expected, size = first + count, extent
+                if extent is None or first != (chain if chain is not None else first) or first > (chain or next_seq):
+                    return max(next_seq, chain or 0)
+                if chain is None and extent != size and _next_head(data, pos + _FRAME_HEADER.size + extent) != first + count:
+                    return next_seq  # a head that is neither whole nor followed by the next
+                chain, size = first + count, extent
             elif ftype not in _TYPES:
-                return expected
+                break
             pos += _FRAME_HEADER.size + size
-    return expected
+    return max(next_seq, chain or 0)
 
 
-def _refuse_newer(path: str, data: bytes) -> None:
+def _next_head(data: bytes, at: int) -> int | None:
+    """first_seq of the RECORDS frame header at ``at``, or after a few other frames there."""
+    for _ in range(4):
+        if len(data) - at < _FRAME_HEADER.size + _RECORDS_HEAD.size:
+            return None
+        length, _crc, ftype = _FRAME_HEADER.unpack_from(data, at)
+        if ftype == T_RECORDS:
+            return int(_RECORDS_HEAD.unpack_from(data, at + _FRAME_HEADER.size)[0])
+        if ftype not in _TYPES:
+            return None
+        at += _FRAME_HEADER.size + length
+    return None
+
+
+def _version(data: bytes) -> int | None:
+    if len(data) < _SEG_HEADER.size or _SEG_HEADER.unpack_from(data, 0)[0] != SEGMENT_MAGIC:
+        return None
+    return int(_SEG_HEADER.unpack_from(data, 0)[1])
+
+
+def _refuse_newer(path: str, data: bytes, later: list[bytes]) -> None:
     """Check and salvage read and rewrite this release's format only: a newer segment is left
-    alone, whole (a damaged version field reads the same; it is said so)."""
-    if len(data) >= _SEG_HEADER.size and _SEG_HEADER.unpack_from(data, 0)[0] == SEGMENT_MAGIC:
-        version = _SEG_HEADER.unpack_from(data, 0)[1]
-        if version > FORMAT_VERSION:
-            raise SpoolError(f"{path}: spool format version {version} was written by a newer firehose; this "
-                             f"release reads version {FORMAT_VERSION} and changes nothing. Use the release that "
-                             f"wrote it (if none did, the version field is damaged)")
+    alone, whole, unless a later segment is of this release's version. This release never
+    writes after a segment it cannot read, so then the newer-looking version field is damage."""
+    version = _version(data)
+    if version is not None and version > FORMAT_VERSION and FORMAT_VERSION not in map(_version, later):
+        raise SpoolError(f"{path}: spool format version {version} was written by a newer firehose; this "
+                         f"release reads version {FORMAT_VERSION} and changes nothing. Use the release that "
+                         f"wrote it (if none did, the version field is damaged)")
 
 
 def _record_firsts(blobs: list[bytes], scans: list[_Scan]) -> set[int]:

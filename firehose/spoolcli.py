@@ -34,13 +34,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     dirs = spool_directories(args.path)
     if not dirs:
         return _nothing_there(args.path)
-    damaged = 0
+    damaged = refused = 0
     for directory in dirs:
         try:
             reports = check(directory)
-        except SpoolError as exc:  # a newer format: neither read nor changed
+        except SpoolError as exc:  # a newer format: neither read nor changed; the others are
             print(f"firehose: {exc}", file=sys.stderr)
-            return 2
+            refused += 1
+            continue
         for rep in reports:
             where = os.path.join(directory, rep.name)
             if not rep.header_ok:
@@ -58,6 +59,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"{where}: records {first}..{end - 1} ({end - first}) have no valid frame")
     if damaged:
         print(f"{damaged} damaged range(s); `firehose spool salvage {args.path}` keeps every frame that verifies")
+    if refused:
+        return 2
+    if damaged:
         return 1
     print(f"{args.path}: {len(dirs)} spool(s), no damage")
     return 0
@@ -67,7 +71,7 @@ def cmd_salvage(args: argparse.Namespace) -> int:
     dirs = spool_directories(args.path)
     if not dirs:
         return _nothing_there(args.path)
-    repaired = 0
+    repaired = refused = 0
     for directory in dirs:
         try:
             with held(directory):  # never beside a daemon writing the same spool
@@ -75,18 +79,19 @@ def cmd_salvage(args: argparse.Namespace) -> int:
         except LogBusyError as exc:
             print(f"firehose: {exc}; stop the daemon first", file=sys.stderr)
             return 2
-        except SpoolError as exc:
+        except SpoolError as exc:  # a newer format: neither read nor changed; the others are
             print(f"firehose: {exc}", file=sys.stderr)
-            return 2
+            refused += 1
+            continue
         if not result["damaged_segments"]:
             continue
         repaired += 1
         lost = ", ".join(f"{s}..{e - 1}" for s, e in result["lost_ranges"]) or "none"
         print(f"{directory}: kept every frame that verifies; {result['lost_records']} record(s) lost "
               f"(sequence numbers {lost}); damaged bytes and the original segments are in {result['aside']}")
-    if not repaired:
+    if not repaired and not refused:
         print(f"{args.path}: no damage; nothing changed")
-    return 0
+    return 2 if refused else 0
 
 
 def add_parser(sub: Any) -> None:

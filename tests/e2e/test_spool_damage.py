@@ -109,16 +109,16 @@ def test_spool_tools_on_a_damaged_header_and_on_a_newer_format(tmp_path: Path) -
 
     from firehose.spool import Spool
 
-    spool_dir = tmp_path / "spool"
-
-    async def write() -> None:
+    async def write(spool_dir: Path) -> None:
         sp = Spool(str(spool_dir))
         sp.open()
         for i in range(5):
             sp.append_records([b"r%d" % i], 1000)
             await sp.wait_durable()
         await sp.aclose()
-    asyncio.run(write())
+    spool_dir, other = tmp_path / "spool" / "a", tmp_path / "spool" / "b"
+    asyncio.run(write(spool_dir))
+    asyncio.run(write(other))
     [seg] = sorted(spool_dir.glob("seg-*.log"))
     data = bytearray(seg.read_bytes())
     data[17] ^= 0x01  # the second copy of the segment's CRC key
@@ -133,9 +133,16 @@ def test_spool_tools_on_a_damaged_header_and_on_a_newer_format(tmp_path: Path) -
     data = bytearray(seg.read_bytes())
     data[9] = 9  # format version 9
     seg.write_bytes(bytes(data))
-    for tool in ("check", "salvage"):
-        res = _cli("spool", tool, str(spool_dir))
-        assert res.returncode == 2 and res.stdout == "", res.stdout
+    [other_seg] = sorted(other.glob("seg-*.log"))
+    offset, length = _records_frames(other_seg)[2]
+    damaged = bytearray(other_seg.read_bytes())
+    damaged[offset + 9 + length - 1] ^= 0x01
+    other_seg.write_bytes(bytes(damaged))
+    for tool in ("check", "salvage"):  # the newer spool is left alone; the other one is not
+        res = _cli("spool", tool, str(tmp_path / "spool"))
+        assert res.returncode == 2, res.stdout + res.stderr
         [line] = res.stderr.splitlines()
         assert f"{seg}: spool format version 9 was written by a newer firehose" in line and "changes nothing" in line
+        assert str(other) in res.stdout and "record" in res.stdout, res.stdout
     assert seg.read_bytes() == bytes(data)
+    assert _cli("spool", "check", str(other)).returncode == 0  # salvaged

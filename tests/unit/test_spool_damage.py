@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import resource
 import struct
 import zlib
@@ -517,3 +518,62 @@ def test_records_lost_at_the_end_of_the_newest_segment_are_counted(tmp_path: Pat
     assert result["lost_ranges"] == [lost] and result["lost_records"] == lost[1] - lost[0]
     _pending, finished, by_seq = _opened(tmp_path)
     assert by_seq == {s: r for s, r in enumerate(acked) if not lost[0] <= s < lost[1]} and finished == [lost]
+
+
+def test_after_damage_in_random_record_data_only_the_damaged_frame_is_lost(tmp_path: Path) -> None:
+    """Compressed or random record bytes hold frame type bytes with lengths that fit: the search
+    must not spend its bounds on them and give up on the intact frames after."""
+    rng = random.Random(7)
+
+    async def go() -> list[bytes]:
+        sp = Spool(str(tmp_path), segment_size_bytes=64 << 20)
+        sp.open()
+        recs = [b"before", rng.randbytes(1 << 20), *(b"after-%d" % i + b"." * (1 << 20) for i in range(40))]
+        for rec in recs:
+            sp.append_records([rec], 1000)
+            await sp.wait_durable()
+        await sp.aclose()
+        return recs
+    written = run(go())
+    [seg] = _segments(tmp_path)
+    offset, _length, _ = [f for f in _frame_offsets(seg) if f[2] == 1][1]
+    _flip(seg, offset)  # the random record's length field now runs past the end
+    assert salvage(str(tmp_path))["lost_ranges"] == [(1, 2)]
+    _pending, _finished, by_seq = _opened(tmp_path)
+    assert by_seq == {s: r for s, r in enumerate(written) if s != 1}
+
+
+def test_two_damaged_frames_close_together_lose_only_their_own_records(tmp_path: Path) -> None:
+    async def go() -> list[bytes]:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        recs: list[bytes] = []
+        for f in range(20):  # one fsync for them all: no DURABLE mark between the frames
+            batch = [b"frame%02d-rec%d" % (f, i) for i in range(10)]
+            sp.append_records(batch, 1000)
+            recs += batch
+        await sp.wait_durable()
+        await sp.aclose()
+        return recs
+    written = run(go())
+    [seg] = _segments(tmp_path)
+    frames = [f for f in _frame_offsets(seg) if f[2] == 1]
+    _flip(seg, frames[5][0])  # frame 5's length field
+    _flip(seg, frames[7][0] + 9 + frames[7][1] - 1)  # frame 7's records
+    assert salvage(str(tmp_path))["lost_ranges"] == [(50, 60), (70, 80)]
+    _pending, _finished, by_seq = _opened(tmp_path)
+    assert by_seq == {s: r for s, r in enumerate(written) if not (50 <= s < 60 or 70 <= s < 80)}
+
+
+def test_a_newer_looking_version_before_a_segment_of_this_release_is_damage(tmp_path: Path) -> None:
+    acked = _write(tmp_path, frames=10) + _write(tmp_path, frames=10)
+    first, _second = _segments(tmp_path)
+    data = bytearray(first.read_bytes())
+    data[8] ^= 0x20  # the version reads 8195: this release never writes after a newer segment
+    first.write_bytes(bytes(data))
+    with pytest.raises(SpoolError, match="the version field is damaged"):
+        Spool(str(tmp_path)).open()
+    [report, _] = check(str(tmp_path))
+    assert report.reasons == ["damaged segment header"]
+    assert salvage(str(tmp_path))["lost_records"] == 0
+    assert _records(tmp_path) == acked
