@@ -8,8 +8,8 @@ CRC, u8 type`` then the payload. The CRC is zlib's CRC-32 of type+payload starte
 instead of 0. The key is random, drawn once per open spool and never exposed: record data is a
 client's bytes and may hold a whole frame with a valid plain CRC-32, and a reader that resumes
 after damage (salvage, the durable-mark search) must not take such bytes for a frame of ours.
-Under an unknown key each forged frame verifies with a chance of 2^-32; salvage's search also
-wants the frame after it to verify (see firehose/spool_repair.py). The key is written twice so
+Under an unknown key each forged frame verifies with a chance of 2^-32, and a client can write
+many, so past damage salvage resumes only at a DURABLE mark (see firehose/spool_repair.py). The key is written twice so
 that damage to one copy does not cost the segment. Version 2 segments (a 12-byte header without
 keys, frames with plain CRC-32, key 0) and version 1 ones (no DURABLE frames either) are read as
 they are. A RECORDS payload is ``u64 first_seq, u64

@@ -3,8 +3,8 @@ format and the durable marks are described in firehose/spool.py."""
 
 from __future__ import annotations
 
+import bisect
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +37,6 @@ from firehose.spool_format import (
 )
 
 _TYPES = (T_RECORDS, T_SEAL, T_COMMIT, T_CHECKPOINT, T_DURABLE)
-_TYPE_BYTE = re.compile(b"[" + bytes(_TYPES) + b"]")  # a frame header's last byte
-# A search for the next frame after damage checks the CRCs of at most this many bytes per byte
-# of the segment, and looks at most at one place in this many bytes (a random byte is a frame
-# type byte one time in 51), so that no segment's contents can make check or salvage run long.
-_SEARCH_BUDGET = 32
-_CANDIDATES = 16
 
 
 @dataclass
@@ -86,23 +80,22 @@ def _layout(data: bytes) -> tuple[int, int, bool] | None:
     return stated[0], stated[1], damaged
 
 
-def _records_extent(data: bytes, base: int = 0, limit: int | None = None) -> int | None:
+def _records_extent(data: bytes, base: int = 0) -> int | None:
     """The length of the RECORDS payload at ``base`` by its own head, length table and section
-    lengths; None when they run past ``limit`` (the end of ``data`` by default)."""
-    limit = len(data) if limit is None else limit
-    if limit - base < _RECORDS_HEAD.size:
+    lengths; None when they run past the end of ``data``."""
+    if len(data) - base < _RECORDS_HEAD.size:
         return None
     _first, _arrival, count, flags = _RECORDS_HEAD.unpack_from(data, base)
     table_end = base + _RECORDS_HEAD.size + 4 * count
-    if table_end > limit:
+    if table_end > len(data):
         return None
     off = table_end + (sum(struct.unpack_from(f"<{count}I", data, base + _RECORDS_HEAD.size)) if count else 0)
     for bit in (1, 2):  # F_META, F_POSITIONS: u32 length + JSON each
         if flags & bit:
-            if off + 4 > limit:
+            if off + 4 > len(data):
                 return None
             off += 4 + int.from_bytes(data[off : off + 4], "big")
-    return off - base if off <= limit else None
+    return off - base if off <= len(data) else None
 
 
 def _records_shape(payload: bytes) -> tuple[int, int] | None:
@@ -120,16 +113,16 @@ class _Scan:
 
     After a frame that fails its CRC, the walk resumes where its own length says when a frame
     that verifies (or the end) follows. Otherwise, in a segment with a CRC key (format version
-    3), it searches: a client's record data can hold forged frames, but under a key they never
-    saw each verifies with a chance of 2^-32, so a frame found is taken only when the frame
-    after it verifies too (or, that one damaged as well, the one its length points to): two
-    matches, 2^-64. Candidates are places where a frame type byte sits; one is checked only
-    when its shape fits (the JSON frames' braces, a DURABLE frame's length, a RECORDS frame's
-    length table adding up to its length) before any CRC. The search looks no further than the
-    next DURABLE mark that verifies (one follows every fsync) and resumes there if it finds
-    nothing before it (or reaches its bounds, ``_SEARCH_BUDGET`` and ``_CANDIDATES``, which no
-    record contents can make slow); with no such mark the rest of the segment is set aside. A segment
-    without a key (versions 1 and 2) is never searched: there a forged frame would verify."""
+    3), it resumes at the next DURABLE mark that verifies under the key: one follows every
+    fsync, and the frame after it starts on a frame boundary. What lies between (the damaged
+    frame and the rest of its fsync group) is set aside; its records are counted as lost by the
+    sequence numbers around them. It never searches record data for other frames: a client's
+    record can hold forged frames, and though each verifies under a key it never saw with a
+    chance of 2^-32, a client can write many. A forged DURABLE mark taken instead does no harm:
+    marks are dropped, and the walk goes on from it only over frames that verify themselves
+    (the one after a forgery is the client's bytes again, or the spool's own next frame). A
+    segment without a key (versions 1 and 2) has no search at all: there a forged mark would
+    verify, so the rest of the segment is set aside."""
 
     def __init__(self, data: bytes) -> None:
         layout = _layout(data)
@@ -137,8 +130,7 @@ class _Scan:
         self.start, self.key, self.header_damaged = layout or (len(data), 0, False)
         self.frames: list[tuple[int, int, int]] = []  # (offset, size, type)
         self.damaged: list[tuple[int, int, str]] = []  # (offset, length, reason)
-        self._budget = _SEARCH_BUDGET * len(data) + (1 << 20)  # bytes a search may check
-        self._candidates = len(data) // _CANDIDATES + 4096  # places a search may look at
+        self._marks: list[int] | None = None  # offsets of the DURABLE marks that verify
         pos = self.start
         while pos < len(data):
             frame = frame_at(data, pos, self.key)
@@ -151,73 +143,20 @@ class _Scan:
                                  else "a frame that verifies but cannot be read"))
             pos = nxt
 
-    def _verifies(self, data: bytes, at: int) -> int | None:
-        """The size of a readable frame that verifies at ``at`` (its CRC charged to the budget)."""
-        if len(data) - at < _FRAME_HEADER.size:
-            return None
-        self._budget -= _FRAME_HEADER.unpack_from(data, at)[0]
-        frame = frame_at(data, at, self.key) if self._budget >= 0 else None
-        return frame[0] if frame is not None and _readable(frame[1], frame[2]) else None
-
-    def _followed(self, data: bytes, nxt: int) -> bool:
-        """Whether a frame that verifies comes at ``nxt``, or after a damaged one there."""
-        if self._verifies(data, nxt) is not None:
-            return True
-        if len(data) - nxt < _FRAME_HEADER.size:
-            return False
-        after = nxt + _FRAME_HEADER.size + _FRAME_HEADER.unpack_from(data, nxt)[0]
-        return after < len(data) and self._verifies(data, after) is not None
-
-    def _fits(self, data: bytes, at: int) -> bool:
-        """Whether the bytes at ``at`` have a frame's shape, before any CRC is taken."""
-        length, _crc, ftype = _FRAME_HEADER.unpack_from(data, at)
-        body = at + _FRAME_HEADER.size
-        if body + length > len(data):
-            return False
-        if ftype == T_DURABLE:
-            return length == _DURABLE.size
-        if ftype != T_RECORDS:
-            return length >= 2 and data[body] == 0x7B and data[body + length - 1] == 0x7D  # {...}
-        if length < _RECORDS_HEAD.size:
-            return False
-        count = _RECORDS_HEAD.unpack_from(data, body)[2]
-        if _RECORDS_HEAD.size + 4 * count > length:
-            return False
-        self._budget -= 4 * count  # summing its length table
-        return self._budget >= 0 and _records_extent(data, body, body + length) == length
-
     def _resume(self, data: bytes, pos: int) -> int:
         end = len(data)
         if end - pos >= _FRAME_HEADER.size:
             length, _crc, ftype = _FRAME_HEADER.unpack_from(data, pos)
             nxt = pos + _FRAME_HEADER.size + length
-            if ftype in _TYPES and nxt <= end and (nxt == end or self._followed(data, nxt)):
+            if ftype in _TYPES and nxt <= end and (nxt == end or frame_at(data, nxt, self.key) is not None):
                 return nxt
         if not self.key:
             return end
-        durable = self._next_durable(data, pos + 1)
-        for m in _TYPE_BYTE.finditer(data, pos + _FRAME_HEADER.size, durable):  # where a frame could start
-            self._candidates -= 1
-            if self._candidates < 0 or self._budget < 0:
-                break  # searched as far as a search may: on from the next mark (or the end)
-            at = m.start() - (_FRAME_HEADER.size - 1)
-            size = self._verifies(data, at) if self._fits(data, at) else None
-            if size is not None and at + size < end and self._followed(data, at + size):
-                return at
-        return durable
-
-    def _next_durable(self, data: bytes, pos: int) -> int:
-        """The next DURABLE mark from ``pos`` on that verifies and is followed as a found frame
-        must be; the end when none is."""
-        for m in _DURABLE_HEADER_RE.finditer(data, pos):
-            self._candidates -= 1
-            if self._candidates < 0 or self._budget < 0:
-                break
-            at = m.start()
-            if self._verifies(data, at) is not None and at + _FRAME_HEADER.size + _DURABLE.size < len(data) \
-                    and self._followed(data, at + _FRAME_HEADER.size + _DURABLE.size):
-                return at
-        return len(data)
+        if self._marks is None:  # found once per segment, in one regex pass: linear in its size
+            self._marks = [m.start() for m in _DURABLE_HEADER_RE.finditer(data, self.start)
+                           if frame_at(data, m.start(), self.key) is not None]
+        i = bisect.bisect_right(self._marks, pos)
+        return self._marks[i] if i < len(self._marks) else end
 
 
 @dataclass
@@ -245,6 +184,8 @@ class _Walker:
         self.deferred: dict[int, tuple[int, bytes]] = {}  # frames found before their turn
         self.moved = False  # a frame was deferred or emitted away from its file position
         self.committed: list[tuple[int, int]] = []  # COMMIT ranges: records already finished
+        self.committed_ids: set[int] = set()  # COMMITs of sealed batches
+        self.oldest_kept: int | None = None  # the first record of the oldest RECORDS frame kept
 
     def segment(self, name: str, data: bytes, scan: _Scan, *, newest: bool) -> SegmentReport:
         rep = SegmentReport(name)
@@ -299,6 +240,8 @@ class _Walker:
                 self.seals[int(doc["id"])] = doc
             elif ftype == T_COMMIT:
                 self.committed.extend((int(s), int(e)) for s, e in doc.get("ranges", []))
+                if isinstance(doc.get("id"), int):
+                    self.committed_ids.add(doc["id"])
             into.others.append(raw)
 
     def _checkpoint_seen(self, rep: SegmentReport, payload: bytes) -> None:
@@ -336,6 +279,7 @@ class _Walker:
             self.next_seq = first
             out.append(self._checkpoint())
         out.append(raw)
+        self.oldest_kept = first if self.oldest_kept is None else min(self.oldest_kept, first)
         self.next_seq = first + count
         while self.next_seq in self.deferred:  # frames that were waiting for these records
             nxt_first = self.next_seq
@@ -388,7 +332,7 @@ def _segment_names(directory: str) -> list[str]:
     return sorted(n for n in os.listdir(directory) if n.startswith("seg-") and n.endswith(".log"))
 
 
-def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, Any]]]:
+def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, Any]], list[int]]:
     names, blobs = _read_segments(directory)
     scans = [_Scan(data) for data in blobs]
     walker = _Walker(_record_firsts(blobs, scans))
@@ -400,7 +344,16 @@ def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, A
         rep.lost_seqs = [r for r in rep.lost_seqs if _subtract([r], walker.committed)]
     if reports:
         _lost_at_the_end(reports, walker, blobs[-1], scans[-1])
-    return reports, walker.seals
+    return reports, walker.seals, _finished_seals(walker, [r for rep in reports for r in rep.lost_seqs])
+
+
+def _finished_seals(walker: _Walker, lost: list[tuple[int, int]]) -> list[int]:
+    """Sealed batches with no COMMIT whose records (those not lost) are all gone from the spool:
+    below the oldest record kept, in segments deleted because everything in them was finished.
+    Their COMMIT was in the damage; without one the batch would wait for records not there."""
+    oldest = walker.oldest_kept if walker.oldest_kept is not None else walker.next_seq or 0
+    return [bid for bid, doc in sorted(walker.seals.items()) if bid not in walker.committed_ids
+            and all(e <= oldest for _s, e in _subtract([(int(s), int(e)) for s, e in doc["ranges"]], lost))]
 
 
 def _read_segments(directory: str) -> tuple[list[str], list[bytes]]:
@@ -438,9 +391,9 @@ def _records_in_damage(data: bytes, scan: _Scan, durable_mark: int, next_seq: in
     RECORDS frame held end, as their own heads say: no frame that verifies tells how many were
     lost there. Read only below the durable mark, frame by frame from where the damage starts,
     a RECORDS frame's length taken from its own length table. The first head must start at or
-    before ``next_seq`` (where the kept records end) and add up to its length field (or be
-    followed by a head that goes on from it); each later one must go on from the one before;
-    the walk stops at the first that does not. A lower bound, never more than the bytes hold."""
+    before ``next_seq`` (where the kept records end), each later one go on from the one before,
+    and each add up to its length field (or be followed by a head that goes on from it); the
+    walk stops at the first that does not. A lower bound, never more than the bytes hold."""
     last_kept = max((pos for pos, _size, ftype in scan.frames if ftype == T_RECORDS), default=-1)
     chain: int | None = None  # where the last head read ends
     for offset, length, _why in scan.damaged:
@@ -454,8 +407,8 @@ def _records_in_damage(data: bytes, scan: _Scan, durable_mark: int, next_seq: in
                 extent = _records_extent(data, pos + _FRAME_HEADER.size)
                 if extent is None or first != (chain if chain is not None else first) or first > (chain or next_seq):
                     return max(next_seq, chain or 0)
-                if chain is None and extent != size and _next_head(data, pos + _FRAME_HEADER.size + extent) != first + count:
-                    return next_seq  # a head that is neither whole nor followed by the next
+                if extent != size and _next_head(data, pos + _FRAME_HEADER.size + extent) != first + count:
+                    return max(next_seq, chain or 0)  # a head neither whole nor followed by the next
                 chain, size = first + count, extent
             elif ftype not in _TYPES:
                 break
@@ -546,19 +499,23 @@ def _rewrite(directory: str, rep: SegmentReport, aside: str) -> None:
 
 
 def _append_fixups(directory: str, lost: list[tuple[int, int]], seals: dict[int, dict[str, Any]],
-                   keys: dict[str, int]) -> None:
-    """Mark ``lost`` records finished and re-seal batches that named them, in the newest segment
-    (under its CRC key, from ``keys`` by segment name)."""
+                   keys: dict[str, int], finished: list[int]) -> None:
+    """Mark ``lost`` records finished, re-seal batches that named them, and commit the
+    ``finished`` batches, in the newest segment (under its CRC key, from ``keys`` by name)."""
     names = _segment_names(directory)
     while names and os.path.getsize(os.path.join(directory, names[-1])) == 0:
         os.unlink(os.path.join(directory, names.pop()))  # created just before a crash: nothing in it
-    if not lost or not names:
+    if not (lost or finished) or not names:
         return
     key = keys.get(names[-1], 0)
-    extra = bytearray(_frame(T_COMMIT, orjson.dumps({"ranges": [list(r) for r in lost]}), key))
-    # New records continue after the lost ones, never reusing their sequence numbers.
-    end = max(e for _s, e in lost)
-    extra += _frame(T_CHECKPOINT, orjson.dumps({"next_seq": end, "next_batch_id": 0, "positions": {}}), key)
+    extra = bytearray()
+    if lost:
+        extra += _frame(T_COMMIT, orjson.dumps({"ranges": [list(r) for r in lost]}), key)
+        # New records continue after the lost ones, never reusing their sequence numbers.
+        end = max(e for _s, e in lost)
+        extra += _frame(T_CHECKPOINT, orjson.dumps({"next_seq": end, "next_batch_id": 0, "positions": {}}), key)
+    for batch_id in finished:
+        extra += _frame(T_COMMIT, orjson.dumps({"id": batch_id}), key)
     for doc in seals.values():
         ranges = [(int(s), int(e)) for s, e in doc["ranges"]]
         kept = _subtract(ranges, lost)
@@ -580,13 +537,14 @@ def salvage(directory: str, aside: str | None = None) -> dict[str, Any]:
 
     Run it with the daemon stopped. What it cannot know is reported, not guessed: a damaged SEAL
     makes its records be batched again (they may be delivered a second time); a damaged COMMIT
-    makes a delivered batch be delivered again under the same key (an overwrite). Where a damaged
-    frame's own length cannot be trusted, the walk resumes at the next frame that verifies under
-    the segment's CRC key; in a segment written before keys (format version 2 or older) the rest
-    of it is set aside instead, since record data may contain forged frames."""
+    makes a delivered batch be delivered again under the same key (an overwrite), unless its
+    records are gone from the spool (then it is committed). Where a damaged frame's own length
+    cannot be trusted, the walk resumes at the next DURABLE mark that verifies under the
+    segment's CRC key (see :class:`_Scan`); in a segment written before keys (format version 2
+    or older) the rest of it is set aside instead, since record data may contain forged frames."""
     import time as _time
 
-    reports, seals = _analyse(directory)
+    reports, seals, finished = _analyse(directory)
     damaged = [r for r in reports if not r.clean]
     if not damaged:
         return {"damaged_segments": [], "lost_records": 0, "lost_ranges": [], "aside": None}
@@ -595,7 +553,7 @@ def salvage(directory: str, aside: str | None = None) -> dict[str, Any]:
     lost = [r for rep in reports for r in rep.lost_seqs]
     for rep in damaged:
         _rewrite(directory, rep, aside)
-    _append_fixups(directory, lost, seals, {r.name: r.key for r in reports})
+    _append_fixups(directory, lost, seals, {r.name: r.key for r in reports}, finished)
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
