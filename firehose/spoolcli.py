@@ -89,6 +89,9 @@ def cmd_salvage(args: argparse.Namespace) -> int:
         lost = ", ".join(f"{s}..{e - 1}" for s, e in result["lost_ranges"]) or "none"
         print(f"{directory}: kept every frame that verifies; {result['lost_records']} record(s) lost "
               f"(sequence numbers {lost}); damaged bytes and the original segments are in {result['aside']}")
+        if result["finished_batches"]:
+            print(f"{directory}: batches {', '.join(map(str, result['finished_batches']))} were finished before "
+                  "the damage (their records are gone from the spool); their lost COMMIT is written again")
     if not repaired and not refused:
         print(f"{args.path}: no damage; nothing changed")
     return 2 if refused else 0

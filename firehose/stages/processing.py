@@ -179,8 +179,18 @@ async def resume_point(ingest: Log, raw_end: int, *, name: str) -> int:
             f"spool ends at {ingest.next_seq}; refusing to guess (was the spool replaced?)"
         )
     done = max(raw_end, _first_unbatched(ingest))
-    if done > ingest.min_seq and not ingest.committed.covers(ingest.min_seq, done):
-        await ingest.commit_ranges([(ingest.min_seq, done)])
+    # Not the sealed ones: their batch's own COMMIT finishes them, once delivered. Committed by
+    # range now, the spool could delete their segment while the batch still waits to be sent.
+    todo: list[tuple[int, int]] = []
+    seq = ingest.sealed.next_gap(ingest.min_seq)
+    while seq < done:
+        sealed_next = ingest.sealed.next_start_after(seq)
+        end = done if sealed_next is None else min(done, sealed_next)
+        if not ingest.committed.covers(seq, end):
+            todo.append((seq, end))
+        seq = ingest.sealed.next_gap(end)
+    if todo:
+        await ingest.commit_ranges(todo)
     return max(done, ingest.min_seq)
 
 

@@ -615,3 +615,56 @@ def test_a_damaged_commit_of_a_batch_whose_records_are_gone_does_not_leave_it_pe
     assert salvage(str(tmp_path))["lost_records"] == 0
     pending, _finished, by_seq = _opened(tmp_path)
     assert pending == [] and by_seq == dict(zip(range(5, 11), kept, strict=True))
+
+
+@pytest.mark.parametrize("damage", ["type byte", "whole header"])
+def test_a_destroyed_frame_header_in_a_group_at_the_end_is_counted(tmp_path: Path, damage: str) -> None:
+    async def go() -> list[bytes]:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        recs = [b"r%02d" % i for i in range(50)]
+        sp.append_records(recs[:10], 1000)
+        await sp.wait_durable()
+        for f in range(1, 5):  # four frames in one fsync
+            sp.append_records(recs[10 * f : 10 * f + 10], 1000)
+        await sp.wait_durable()
+        await sp.aclose()
+        return recs
+    written = run(go())
+    [seg] = _segments(tmp_path)
+    offset = [f for f in _frame_offsets(seg) if f[2] == 1][1][0]
+    if damage == "type byte":  # of the frame of records 10..19 (1 -> 0x41): its length still leads on
+        _flip(seg, offset + 8)
+        lost = (10, 20)
+    else:  # header zeroed: the rest of its fsync group is set aside, and counted by its intact frames
+        data = bytearray(seg.read_bytes())
+        data[offset : offset + 16] = bytes(16)
+        seg.write_bytes(bytes(data))
+        lost = (10, 50)
+    assert salvage(str(tmp_path))["lost_ranges"] == [lost]
+    _pending, _finished, by_seq = _opened(tmp_path)
+    assert by_seq == {s: r for s, r in enumerate(written) if not lost[0] <= s < lost[1]}
+
+
+def test_sealed_records_lost_before_the_first_kept_one_are_counted_not_committed(tmp_path: Path) -> None:
+    """The opening checkpoint's length is damaged: the walk resumes at the next durable mark,
+    past the first records. The seal says they were there: lost, and the batch not finished."""
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        sp.append_records([b"a%d" % i for i in range(10)], 1000)
+        await sp.wait_durable()
+        await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "k/undelivered", [(0, 10)], 1000))
+        sp.append_records([b"b%d" % i for i in range(10)], 1000)
+        await sp.wait_durable()
+        await sp.aclose()
+    run(go())
+    [seg] = _segments(tmp_path)
+    offset, _length, ftype = _frame_offsets(seg)[0]
+    assert ftype == 4
+    _flip(seg, offset + 2)  # the opening checkpoint's length field
+    result = salvage(str(tmp_path))
+    assert result["lost_ranges"] == [(0, 10)] and result["finished_batches"] == []
+    pending, finished, by_seq = _opened(tmp_path)
+    assert sorted(by_seq) == list(range(10, 20)) and finished == [(0, 10)]
+    assert pending == []  # every record of it lost: nothing left to deliver

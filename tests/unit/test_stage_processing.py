@@ -286,7 +286,10 @@ def test_a_restart_resumes_after_the_recorded_outcomes_and_releases_them_again(t
         assert await resume_point(ingest, 0, name="processed") == 2
         # Outcomes were recorded up to record 4, but the raw commit was lost in a crash.
         assert await resume_point(ingest, 4, name="processed") == 4
-        assert ingest.committed.covers(0, 4) and not ingest.committed.covers(4, 5)
+        assert ingest.committed.covers(2, 4) and not ingest.committed.covers(4, 5)
+        # The sealed batch is finished by its own COMMIT once delivered: committed by range now,
+        # its records could be deleted before it is sent.
+        assert not any(seq in ingest.committed for seq in (0, 1))
         with pytest.raises(LogError, match="processed: outcomes are recorded up to record 9 but the ingest spool "
                                              "ends at 6; refusing to guess"):
             await resume_point(ingest, 9, name="processed")
