@@ -170,6 +170,7 @@ class _Sorted:
     others: list[bytes] = field(default_factory=list)
     first_type: int = 0
     cp_ahead: int = 0  # the highest next_seq of a checkpoint met so far after the leading one
+    start: int = 0  # where the segment's first frame is
     cp_misplaced: bool = False
 
 
@@ -209,7 +210,7 @@ class _Walker:
         rep.frames = len(scan.frames)
         rep.damaged += [(offset, length) for offset, length, _why in scan.damaged]
         rep.reasons += [why for _offset, _length, why in scan.damaged]
-        sorted_ = _Sorted()
+        sorted_ = _Sorted(start=scan.start)
         for pos, size, ftype in scan.frames:
             self._sort(rep, sorted_, pos, data[pos : pos + size], ftype, data[pos + _FRAME_HEADER.size : pos + size])
         self.moved = False
@@ -230,9 +231,12 @@ class _Walker:
             first, _arrival, count, _flags = _RECORDS_HEAD.unpack_from(payload, 0)
             into.records.append((first, count, pos, raw))
             into.cp_misplaced = into.cp_misplaced or first < into.cp_ahead
-        elif ftype == T_CHECKPOINT and not into.leading:  # the segment's opening state, wherever it ended up
+        elif ftype == T_CHECKPOINT and not into.leading and (pos == into.start or _opening(payload)):
+            # The segment's opening state, first in it or wherever damage moved it. Salvage's own
+            # checkpoints (bridges, fix-ups: next_batch_id 0) are not, unless first; the spool's
+            # always have a next_batch_id of 1 or more.
             into.leading.append(raw)
-            self._checkpoint_seen(rep, payload)
+            self._checkpoint_seen(rep, payload, at_start=pos == into.start)
         elif ftype == T_CHECKPOINT and stale_checkpoint(payload):
             rep.damaged.append((pos, len(raw)))
             rep.reasons.append("a copy of an opening checkpoint out of place")
@@ -249,9 +253,9 @@ class _Walker:
                     self.committed_ids.add(doc["id"])
             into.others.append(raw)
 
-    def _checkpoint_seen(self, rep: SegmentReport, payload: bytes) -> None:
+    def _checkpoint_seen(self, rep: SegmentReport, payload: bytes, *, at_start: bool) -> None:
         target = int(orjson.loads(payload)["next_seq"])
-        if self.segments == 1 and self.base is None:
+        if self.segments == 1 and at_start:  # where the oldest segment says the spool starts
             self.base = target
         if self.next_seq is not None and target > self.next_seq:
             rep.lost_seqs.append((self.next_seq, target))  # the records of a lost segment
@@ -311,6 +315,12 @@ class _Walker:
         return _frame(T_CHECKPOINT, orjson.dumps({"next_seq": self.next_seq, "next_batch_id": 0, "positions": {}}))
 
 
+def _opening(payload: bytes) -> bool:
+    """Whether a CHECKPOINT is one the spool wrote to open a segment (not one of salvage's)."""
+    doc = orjson.loads(payload)
+    return isinstance(doc, dict) and int(doc.get("next_batch_id", 0)) >= 1
+
+
 def _rekey(raw: bytes, key: int) -> bytes:
     """A verified frame with its CRC computed again under ``key``."""
     _length, _crc, ftype = _FRAME_HEADER.unpack_from(raw, 0)
@@ -364,7 +374,10 @@ def _missing_sealed(walker: _Walker, lost: list[tuple[int, int]]) -> tuple[list[
     everything in them was finished: a batch all of whose records are there is finished (its
     COMMIT was in the damage; without one it would wait for records that are gone). Above it
     (or with that checkpoint damaged) they are lost. Returns (lost ranges, finished batch ids)."""
-    held_from = walker.oldest_kept if walker.oldest_kept is not None else walker.next_seq or 0
+    # With no record kept anywhere, every record a seal names is gone.
+    held_from = walker.oldest_kept if walker.oldest_kept is not None else walker.next_seq
+    held_from = max((int(e) for doc in walker.seals.values() for _s, e in doc["ranges"]), default=0) \
+        if held_from is None else held_from
     base = walker.base or 0
     missing_all: list[tuple[int, int]] = []
     finished: list[int] = []

@@ -668,3 +668,47 @@ def test_sealed_records_lost_before_the_first_kept_one_are_counted_not_committed
     pending, finished, by_seq = _opened(tmp_path)
     assert sorted(by_seq) == list(range(10, 20)) and finished == [(0, 10)]
     assert pending == []  # every record of it lost: nothing left to deliver
+
+
+def test_when_no_record_is_kept_the_sealed_ones_are_counted_and_numbering_goes_on(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        sp.append_records([b"a%d" % i for i in range(10)], 1000)
+        await sp.wait_durable()
+        await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "k/undelivered", [(0, 10)], 1000))
+        await sp.aclose()
+    run(go())
+    [seg] = _segments(tmp_path)
+    _flip(seg, _frame_offsets(seg)[0][0] + 2)  # the opening checkpoint's length: the records go too
+    assert salvage(str(tmp_path))["lost_ranges"] == [(0, 10)]
+
+    async def reopen() -> tuple[int, list[SealedBatch]]:
+        sp = Spool(str(tmp_path))
+        state = sp.open()
+        await sp.aclose()
+        return sp.next_seq, state.pending
+    assert run(reopen()) == (10, [])  # new records are not numbered 0..9 under the old batch
+
+
+def test_a_second_salvage_does_not_take_its_own_checkpoint_for_the_opening_one(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Spool(str(tmp_path))
+        sp.open()
+        for k in range(3):
+            sp.append_records([b"r%d-%d" % (k, i) for i in range(5)], 1000)
+            await sp.wait_durable()
+        await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "k/undelivered", [(0, 5)], 1000))
+        await sp.aclose()
+    run(go())
+    [seg] = _segments(tmp_path)
+    offset, length, _ = [f for f in _frame_offsets(seg) if f[2] == 1][1]
+    _flip(seg, offset + 9 + length - 1)
+    assert salvage(str(tmp_path))["lost_ranges"] == [(5, 10)]  # a bridging checkpoint now follows
+    offset, length, ftype = _frame_offsets(seg)[0]
+    assert ftype == 4
+    _flip(seg, offset + 9 + length // 2)  # then the opening checkpoint is damaged
+    result = salvage(str(tmp_path))
+    assert result["lost_ranges"] == [] and result["finished_batches"] == []
+    pending, _finished, by_seq = _opened(tmp_path)
+    assert pending == [("k/undelivered", [(0, 5)])] and sorted(by_seq) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
