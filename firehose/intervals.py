@@ -164,3 +164,20 @@ class Ranges(Sequence[tuple[int, int]]):
 
     def __repr__(self) -> str:
         return f"Ranges({list(self)})"
+
+
+def subtract_ranges(ranges: Iterable[tuple[int, int]], remove: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of half-open ``ranges`` that no range of ``remove`` covers, in their order."""
+    out = list(ranges)
+    for rs, re_ in remove:
+        nxt: list[tuple[int, int]] = []
+        for s, e in out:
+            if e <= rs or s >= re_:
+                nxt.append((s, e))
+                continue
+            if s < rs:
+                nxt.append((s, rs))
+            if e > re_:
+                nxt.append((re_, e))
+        out = nxt
+    return out

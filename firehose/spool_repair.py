@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from firehose.intervals import subtract_ranges
 from firehose.spool_format import (
     _DURABLE,
     _DURABLE_HEADER_RE,
@@ -358,7 +359,7 @@ def _analyse(directory: str) -> tuple[list[SegmentReport], dict[int, dict[str, A
     if reports and reports[-1].header_ok and reports[-1].plan:
         walker.finish(reports[-1])
     for rep in reports:  # a loss a salvage already recorded (a COMMIT of the range) is not news
-        rep.lost_seqs = [r for r in rep.lost_seqs if _subtract([r], walker.committed)]
+        rep.lost_seqs = [r for r in rep.lost_seqs if subtract_ranges([r], walker.committed)]
     if reports:
         _lost_at_the_end(reports, walker, blobs[-1], scans[-1])
     lost, finished = _missing_sealed(walker, [r for rep in reports for r in rep.lost_seqs])
@@ -384,13 +385,13 @@ def _missing_sealed(walker: _Walker, lost: list[tuple[int, int]]) -> tuple[list[
     for bid, doc in sorted(walker.seals.items()):
         if bid in walker.committed_ids:
             continue
-        ranges = _subtract([(int(s), int(e)) for s, e in doc["ranges"]], lost)
+        ranges = subtract_ranges([(int(s), int(e)) for s, e in doc["ranges"]], lost)
         missing = [(s, min(e, held_from)) for s, e in ranges if s < held_from]
         if not missing:
             continue
         trimmed = [(s, min(e, base)) for s, e in missing if s < base]
-        missing_all += _subtract(missing, [(0, base)])
-        if ranges and not _subtract(ranges, trimmed):
+        missing_all += subtract_ranges(missing, [(0, base)])
+        if ranges and not subtract_ranges(ranges, trimmed):
             finished.append(bid)
     return sorted(missing_all), finished
 
@@ -405,8 +406,10 @@ def _read_segments(directory: str) -> tuple[list[str], list[bytes]]:
     for name in names:
         with open(os.path.join(directory, name), "rb") as f:
             blobs.append(f.read())
-    for i, name in enumerate(names):
-        _refuse_newer(os.path.join(directory, name), blobs[i], blobs[i + 1 :])
+    ours_later = False  # whether a later segment is of this release's version
+    for name, data in reversed(list(zip(names, blobs, strict=True))):
+        _refuse_newer(os.path.join(directory, name), data, ours_later)
+        ours_later = ours_later or _version(data) == FORMAT_VERSION
     return names, blobs
 
 
@@ -505,12 +508,12 @@ def _version(data: bytes) -> int | None:
     return int(_SEG_HEADER.unpack_from(data, 0)[1])
 
 
-def _refuse_newer(path: str, data: bytes, later: list[bytes]) -> None:
+def _refuse_newer(path: str, data: bytes, ours_later: bool) -> None:
     """Check and salvage read and rewrite this release's format only: a newer segment is left
     alone, whole, unless a later segment is of this release's version. This release never
     writes after a segment it cannot read, so then the newer-looking version field is damage."""
     version = _version(data)
-    if version is not None and version > FORMAT_VERSION and FORMAT_VERSION not in map(_version, later):
+    if version is not None and version > FORMAT_VERSION and not ours_later:
         raise SpoolError(f"{path}: spool format version {version} was written by a newer firehose; this "
                          f"release reads version {FORMAT_VERSION} and changes nothing. Use the release that "
                          f"wrote it (if none did, the version field is damaged)")
@@ -527,22 +530,6 @@ def check(directory: str) -> list[SegmentReport]:
     byte ranges that are no valid frame (or frames out of order), the durable mark, and the
     records no valid frame holds."""
     return _analyse(directory)[0]
-
-
-def _subtract(ranges: list[tuple[int, int]], remove: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out = ranges
-    for rs, re_ in remove:
-        nxt: list[tuple[int, int]] = []
-        for s, e in out:
-            if e <= rs or s >= re_:
-                nxt.append((s, e))
-                continue
-            if s < rs:
-                nxt.append((s, rs))
-            if e > re_:
-                nxt.append((re_, e))
-        out = nxt
-    return out
 
 
 def _rewrite(directory: str, rep: SegmentReport, aside: str) -> None:
@@ -587,7 +574,7 @@ def _append_fixups(directory: str, lost: list[tuple[int, int]], seals: dict[int,
         extra += _frame(T_COMMIT, orjson.dumps({"id": batch_id}), key)
     for doc in seals.values():
         ranges = [(int(s), int(e)) for s, e in doc["ranges"]]
-        kept = _subtract(ranges, lost)
+        kept = subtract_ranges(ranges, lost)
         if kept != ranges:
             extra += _frame(T_SEAL, orjson.dumps({**doc, "ranges": [list(r) for r in kept]}), key)
             if not kept:  # every record of it lost: nothing is left to deliver

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from firehose.config import StreamConfig
 from firehose.interfaces import ProcessingChain
+from firehose.intervals import subtract_ranges
 from firehose.log import Log, LogError, RecordFrame
 from firehose.names import stream_arn
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceBatch, UnchangedOutcomes
@@ -181,14 +182,8 @@ async def resume_point(ingest: Log, raw_end: int, *, name: str) -> int:
     done = max(raw_end, _first_unbatched(ingest))
     # Not the sealed ones: their batch's own COMMIT finishes them, once delivered. Committed by
     # range now, the spool could delete their segment while the batch still waits to be sent.
-    todo: list[tuple[int, int]] = []
-    seq = ingest.sealed.next_gap(ingest.min_seq)
-    while seq < done:
-        sealed_next = ingest.sealed.next_start_after(seq)
-        end = done if sealed_next is None else min(done, sealed_next)
-        if not ingest.committed.covers(seq, end):
-            todo.append((seq, end))
-        seq = ingest.sealed.next_gap(end)
+    unsealed = subtract_ranges([(ingest.min_seq, done)] if done > ingest.min_seq else [], ingest.sealed.ranges())
+    todo = [r for r in unsealed if not ingest.committed.covers(*r)]
     if todo:
         await ingest.commit_ranges(todo)
     return max(done, ingest.min_seq)

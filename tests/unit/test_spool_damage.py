@@ -646,19 +646,25 @@ def test_a_destroyed_frame_header_in_a_group_at_the_end_is_counted(tmp_path: Pat
     assert by_seq == {s: r for s, r in enumerate(written) if not lost[0] <= s < lost[1]}
 
 
-def test_sealed_records_lost_before_the_first_kept_one_are_counted_not_committed(tmp_path: Path) -> None:
-    """The opening checkpoint's length is damaged: the walk resumes at the next durable mark,
-    past the first records. The seal says they were there: lost, and the batch not finished."""
+def _sealed_then(directory: Path, more: list[bytes]) -> None:
+    """Records 0..9 sealed in a pending batch ("k/undelivered"), then ``more`` records, if any."""
     async def go() -> None:
-        sp = Spool(str(tmp_path))
+        sp = Spool(str(directory))
         sp.open()
         sp.append_records([b"a%d" % i for i in range(10)], 1000)
         await sp.wait_durable()
         await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "k/undelivered", [(0, 10)], 1000))
-        sp.append_records([b"b%d" % i for i in range(10)], 1000)
-        await sp.wait_durable()
+        if more:
+            sp.append_records(more, 1000)
+            await sp.wait_durable()
         await sp.aclose()
     run(go())
+
+
+def test_sealed_records_lost_before_the_first_kept_one_are_counted_not_committed(tmp_path: Path) -> None:
+    """The opening checkpoint's length is damaged: the walk resumes at the next durable mark,
+    past the first records. The seal says they were there: lost, and the batch not finished."""
+    _sealed_then(tmp_path, [b"b%d" % i for i in range(10)])
     [seg] = _segments(tmp_path)
     offset, _length, ftype = _frame_offsets(seg)[0]
     assert ftype == 4
@@ -671,14 +677,7 @@ def test_sealed_records_lost_before_the_first_kept_one_are_counted_not_committed
 
 
 def test_when_no_record_is_kept_the_sealed_ones_are_counted_and_numbering_goes_on(tmp_path: Path) -> None:
-    async def go() -> None:
-        sp = Spool(str(tmp_path))
-        sp.open()
-        sp.append_records([b"a%d" % i for i in range(10)], 1000)
-        await sp.wait_durable()
-        await sp.append_seal(SealedBatch(sp.allocate_batch_id(), "k/undelivered", [(0, 10)], 1000))
-        await sp.aclose()
-    run(go())
+    _sealed_then(tmp_path, [])
     [seg] = _segments(tmp_path)
     _flip(seg, _frame_offsets(seg)[0][0] + 2)  # the opening checkpoint's length: the records go too
     assert salvage(str(tmp_path))["lost_ranges"] == [(0, 10)]
