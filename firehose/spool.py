@@ -29,8 +29,8 @@ A segment written before watermarks existed (format version 1) can only have an 
 frame truncated; any other damage in it refuses to start. Damage in a segment that is not the
 newest always refuses to start.
 
-The file format (version 3, whose frame CRCs are keyed so that record data can never pass for a
-frame; versions 1 and 2 are still read) is described in firehose/spool_format.py.
+The file format (version 3, whose frame CRCs are keyed so that a frame in record data does not
+verify; versions 1 and 2 are still read) is described in firehose/spool_format.py.
 
 Thread-safety: a Spool belongs to one asyncio event loop; only fsyncs (with the closes and unlinks
 that wait for them) run on its sync thread (firehose/spool_sync.py).
@@ -216,7 +216,7 @@ class Spool:
                 return len(data)
             raise SpoolError(f"{seg.path}: segment header is truncated; the spool is damaged")
         version, key = header
-        seg.version, seg.key = version, key
+        seg.version = version
         pos = header_size(version)
         end = len(data)
         view = memoryview(data)
@@ -319,7 +319,7 @@ class Spool:
         number = max(self._segments, default=0) + 1
         path = os.path.join(self.directory, _segment_name(number))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        seg = _Segment(number, path, 0, key=self._key)
+        seg = _Segment(number, path, 0)
         try:
             os.ftruncate(fd, 0)  # the counters and source positions open each segment: trims never lose them
             doc = {"next_seq": self.next_seq, "next_batch_id": self.next_batch_id, "positions": self.positions}

@@ -87,7 +87,6 @@ class _Segment:
     end_seq: int | None = None
     seal_ids: set[int] = field(default_factory=set)
     version: int = FORMAT_VERSION
-    key: int = 0  # the CRC key its frames are written under (0: plain CRC-32, before version 3)
 
 
 def _segment_name(number: int) -> str:
