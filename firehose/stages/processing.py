@@ -26,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
+from collections import deque
 from collections.abc import Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
 from firehose.config import StreamConfig
 from firehose.interfaces import ProcessingChain
-from firehose.intervals import subtract_ranges
+from firehose.intervals import IntervalSet, subtract_ranges
 from firehose.log import Log, LogError, RecordFrame
 from firehose.names import stream_arn
 from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceBatch, UnchangedOutcomes
@@ -189,6 +190,17 @@ async def resume_point(ingest: Log, raw_end: int, *, name: str) -> int:
     return max(done, ingest.min_seq)
 
 
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Consecutive ascending ranges with the touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 def _first_unbatched(ingest: Log) -> int:
     """The first record from ``min_seq`` on that is neither sealed nor committed."""
     seq = ingest.min_seq
@@ -248,13 +260,21 @@ class ProcessingStage:
         self.throttle_bytes = cap_bytes // 2  # outcomes waiting on disk past this: stop reading
         self.backup_all = backup_all
         self.cursor = 0  # the next ingested record to put in a processing buffer
+        # Ranges past the cursor that were sealed or finished before processing was turned on (a
+        # partitioned stream seals records out of order): delivered from the ingest spool, skipped.
+        self.skip: deque[tuple[int, int]] = deque()
         self.recorded_upto = 0  # raw records up to here have their outcome appended
         self.dropped_records = 0
         self.task: asyncio.Task[None] | None = None
 
     def start(self, cursor: int) -> None:
-        """Process ingested records from ``cursor`` on, in a task."""
+        """Process ingested records from ``cursor`` on, in a task, except those already sealed or
+        committed in the ingest spool (their own batches deliver them)."""
         self.cursor = cursor
+        ingest = self.ingest
+        done = IntervalSet()
+        done.add_many([*ingest.sealed.ranges(), *ingest.committed.ranges()])
+        self.skip = deque((max(a, cursor), b) for a, b in done.ranges() if b > cursor)
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"processing-{self.name}")
         self.signals.processing.set()  # records ingested before the restart are waiting
 
@@ -325,11 +345,19 @@ class ProcessingStage:
         limit = self.chain.buffer_size_bytes
         ingest = self.ingest
         while self.cursor < ingest.next_seq and not self.signals.stopping and not self._throttled:
+            gap = self._next_skip()
+            if gap is not None and gap[0] <= self.cursor:
+                if buf.datas:  # a buffer holds consecutive records: it ends here
+                    await self._submit(queue, *buf.take())
+                self.cursor = gap[1]
+                continue
             frame = await ingest.read_frame(self.cursor)
             if frame is None:
                 self.cursor = max(self.cursor, ingest.min_seq)
                 break
             first, n, cum = frame.first_seq, len(frame.records), frame.cum
+            if gap is not None and gap[0] < first + n:
+                n = gap[0] - first
             i = self.cursor - first
             while i < n:
                 # The records up to the one that fills the buffer, taken as one run.
@@ -340,11 +368,17 @@ class ProcessingStage:
                 if buf.nbytes >= limit:
                     self.cursor = first + i
                     await self._submit(queue, *buf.take())
-            self.cursor = frame.end_seq
+            self.cursor = first + n
             ingest.reader_passed(self.cursor)
             # Reading a frame never suspends: give the requests waiting on the loop their turn
             # between frames, or a backlog of ingested frames is read in one long stretch.
             await asyncio.sleep(0)
+
+    def _next_skip(self) -> tuple[int, int] | None:
+        skip = self.skip
+        while skip and skip[0][1] <= self.cursor:
+            skip.popleft()
+        return skip[0] if skip else None
 
     async def _submit(self, queue: asyncio.Queue[_InChain], batch: SourceBatch, metas: list[Any] | None,
                       nbytes: int) -> None:
@@ -412,11 +446,13 @@ class ProcessingStage:
         """Record the outcomes of consecutive buffers, retrying on local I/O errors. The frame is
         appended at most once: after a successful append only the fsync (and the raw commit) are
         retried."""
-        start, end = group[0][0].first_seq, group[-1][0].first_seq + len(group[-1][0])
+        # The raw records to release: the buffers' own (skipped ranges between them are not).
+        raw = _merged([(b.first_seq, b.first_seq + len(b)) for b, *_ in group])
+        end = raw[-1][1]
         failures = 0
         while True:
             try:
-                await self._record(group, start, end)
+                await self._record(group, raw, end)
                 return
             except asyncio.CancelledError:
                 raise
@@ -426,11 +462,11 @@ class ProcessingStage:
                 await asyncio.sleep(local_failure_pause(failures))
                 if self.recorded_upto >= end:
                     # Appended (durably) already: finish the release, not the append.
-                    await self.ingest.commit_ranges([(start, end)])
+                    await self.ingest.commit_ranges(raw)
                     self.signals.batcher.set()
                     return
 
-    async def _record(self, group: list[_Done], start: int, end: int) -> None:
+    async def _record(self, group: list[_Done], raw: list[tuple[int, int]], end: int) -> None:
         now_ms = self.clock.now_ms()
         records: list[bytes] = []
         metas: list[Any] = []
@@ -451,12 +487,12 @@ class ProcessingStage:
             enforce_cap=False, nbytes=nbytes,
         )
         self.recorded_upto = end
-        await self.ingest.commit_ranges([(start, end)])
+        await self.ingest.commit_ranges(raw)
         self.dropped_records += dropped
         self.metrics.dropped_records.labels(self.name).inc(dropped)
         self.metrics.failed_processing_records.labels(self.name).inc(failed)
         self.metrics.succeed_processing_records.labels(self.name).inc(count - failed - dropped)
         self.metrics.succeed_processing_bytes.labels(self.name).inc(ok_bytes)
-        self.log.debug("records_processed", records=end - start, outputs=len(records), dropped=dropped,
+        self.log.debug("records_processed", records=sum(b - a for a, b in raw), outputs=len(records), dropped=dropped,
                        failed=failed)
         self.signals.batcher.set()

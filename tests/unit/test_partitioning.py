@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -763,3 +764,48 @@ def test_whole_frames_routed_a_partition_at_a_time_end_as_record_by_record(
     assert whole[0] > 10  # most frames went the whole way
     assert by_partition == by_record
     assert len(by_record) > 8  # buffers were sealed on size, not only at the end
+
+
+def test_turning_processing_on_after_a_crash_with_partitions_open_delivers_each_record_once(tmp_path: Path) -> None:
+    """Killed with partition b still buffering its first record while partition a, sealed by size
+    after it, may be pending or delivered; restarted with a processor added. Processing starts at
+    b's record and must step over a's: they were delivered (or go out) in a's own batch."""
+    base = f"""
+streams:
+  - name: s
+    buffering: {{size_mib: 1, interval_secs: 60}}
+    dynamic_partitioning: {{enabled: true}}
+    processing:
+      - {{type: metadata_extraction, query: '{{c: .c}}'}}%s
+    destination:
+      type: local
+      path: {tmp_path / 'out'}
+      prefix: "c=!{{partitionKeyFromQuery:c}}/"
+      error_output_prefix: "err/!{{firehose:error-output-type}}/"
+"""
+    pad = "x" * 1000
+    first_b = orjson.dumps({"c": "b", "i": 0})
+    a_records = [orjson.dumps({"c": "a", "i": i, "p": pad}) for i in range(1, 1200)]
+    last_b = orjson.dumps({"c": "b", "i": 1200})
+
+    async def go() -> None:
+        clock = ManualClock()
+        rt = runtime_from_yaml(tmp_path, base % "", clock=clock)
+        await rt.start()
+        await rt.put([first_b])
+        for i in range(0, len(a_records), 100):
+            await rt.put(a_records[i : i + 100])
+        await rt.put([last_b])
+        await settle(lambda: rt.spool.sealed.covers(1, 1000) or rt.spool.committed.covers(1, 1000))  # a: sealed by size
+        assert 0 not in rt.spool.sealed
+        await abandon(rt)
+        lambda_step = "\n      - {type: lambda, function: 'handlers.identity:handler', workers: 1}"
+        again = runtime_from_yaml(tmp_path, base % lambda_step, clock=clock, seed=2)
+        await again.start()
+        assert again.processing is not None and again.processing.cursor == 0
+        await flush(again, clock, 61)
+        assert await again.stop(10)
+
+    asyncio.run(go())
+    seen = [int(m) for body in files(tmp_path).values() for m in re.findall(rb'"i":(\d+)', body)]
+    assert sorted(seen) == list(range(1201))
