@@ -5,7 +5,10 @@ the chain's ``buffer_size_bytes`` / ``buffer_interval_secs``), several in the ch
 (``concurrency``, at least 2); recording every buffer's outcomes, strictly in order, as one frame
 of the outcome log with the position ``{"raw_end": n}``, durably, and only then committing the
 raw records (:meth:`Log.commit_ranges`); the count of dropped records. A restart resumes at
-``raw_end``, so no transform runs twice on a record whose outcome is recorded.
+``raw_end``, so no transform runs twice on a record whose outcome is recorded. Records the ingest
+log had sealed or finished past that point when the stage started (a partitioned stream seals
+out of order, before processing was turned on) are stepped over: their own batches deliver them.
+A buffer may span such a range; it knows its records' runs and releases only those.
 
 An outcome frame holds, per output record, None (Ok, no keys), ``{"pk": {...}}`` (Ok with
 partition keys, namespaced ``partitionKeyFromQuery:k`` / ``partitionKeyFromLambda:k``),
@@ -16,7 +19,8 @@ While the outcome log holds half the stream's spool cap the stage stops reading 
 far behind), so the ingest cap applies back-pressure.
 
 Calls: the chain (``process``; its buffer hints, ``lambda_arn``), the ingest :class:`Log`
-(``read_frame``, ``reader_passed``, ``next_seq``, ``min_seq``, ``commit_ranges``), the outcome
+(``read_frame``, ``reader_passed``, ``next_seq``, ``min_seq``, ``sealed``, ``committed``,
+``commit_ranges``), the outcome
 :class:`Log` (``append``, durable on return whatever the stream's fsync policy; ``size_bytes``),
 and wakes the batcher once outcomes are recorded.
 """
@@ -26,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections import deque
 from collections.abc import Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
@@ -40,8 +43,8 @@ from firehose.records import PROCESSING_FAILED, ErrorInfo, RecordMeta, SourceBat
 from firehose.retry import local_failure_pause
 from firehose.stages.common import StageContext, log_failure, retry_after
 
-#: One ingested record: (sequence number, data, arrival ms, source metadata), what an outcome's
-#: error record is made of.
+#: One ingested record: (its id in its buffer, data, arrival ms, source metadata), what an
+#: outcome's error record is made of.
 Item = tuple[int, bytes, int, Any]
 
 #: Finished processing buffers recorded in one outcome frame at most (record bytes in).
@@ -55,11 +58,13 @@ class _InChain(NamedTuple):
     batch: SourceBatch
     metas: list[Any] | None
     nbytes: int
+    runs: list[tuple[int, int]]  # the ingest log's record ranges the buffer holds, in order
     task: asyncio.Task[Any]
 
 
-#: A buffer out of the chain: its records, their source metadata, their size and their outcomes.
-_Done = tuple[SourceBatch, list[Any] | None, int, Sequence[Any]]
+#: A buffer out of the chain: its records, their source metadata, their size, their outcomes and
+#: the ingest record ranges they came from.
+_Done = tuple[SourceBatch, list[Any] | None, int, Sequence[Any], list[tuple[int, int]]]
 
 
 def _item(batch: SourceBatch, metas: list[Any] | None, i: int) -> Item:
@@ -212,33 +217,41 @@ def _first_unbatched(ingest: Log) -> int:
 
 
 class _Buffer:
-    """The processing buffer being filled, as the columns of the chain's :class:`SourceBatch`
-    (the spool's records are consecutive, so a buffer's are too), with the records' source
-    metadata (None while no record has any)."""
+    """The processing buffer being filled, as the columns of the chain's :class:`SourceBatch`,
+    with the records' source metadata (None while no record has any) and the runs of the ingest
+    log they came from. The batch's record ids are its first record's number plus the position:
+    unique within it, and the record's own number unless the buffer spans a stepped-over range."""
 
-    __slots__ = ("arrivals", "datas", "first_seq", "metas", "nbytes")
+    __slots__ = ("arrivals", "datas", "metas", "nbytes", "runs")
 
     def __init__(self) -> None:
-        self.first_seq = 0
+        self.runs: list[tuple[int, int]] = []
         self.datas: list[bytes] = []
         self.arrivals: list[int] = []
         self.metas: list[Any] | None = None
         self.nbytes = 0
 
-    def take(self) -> tuple[SourceBatch, list[Any] | None, int]:
+    @property
+    def first_seq(self) -> int:
+        return self.runs[0][0]
+
+    def take(self) -> tuple[SourceBatch, list[Any] | None, int, list[tuple[int, int]]]:
         metas = self.metas
         kinesis = None if metas is None else [None if m is None else RecordMeta.kinesis(m) for m in metas]
-        taken = SourceBatch(self.first_seq, self.datas, self.arrivals, kinesis), metas, self.nbytes
-        self.datas, self.arrivals, self.metas, self.nbytes = [], [], None, 0
+        taken = SourceBatch(self.first_seq, self.datas, self.arrivals, kinesis), metas, self.nbytes, self.runs
+        self.datas, self.arrivals, self.metas, self.nbytes, self.runs = [], [], None, 0, []
         return taken
 
     def add(self, frame: RecordFrame, i: int, j: int) -> None:
-        """Records ``i..j-1`` of ``frame`` (the next records of the spool)."""
-        if not self.datas:
-            self.first_seq = frame.first_seq + i
-        elif frame.first_seq + i != self.first_seq + len(self.datas):  # ids are first_seq + position
-            raise LogError(f"record {frame.first_seq + i} does not follow record "
-                           f"{self.first_seq + len(self.datas) - 1} in the processing buffer")
+        """Records ``i..j-1`` of ``frame`` (the next records of the spool to process)."""
+        start, end = frame.first_seq + i, frame.first_seq + j
+        runs = self.runs
+        if runs and start < runs[-1][1]:
+            raise LogError(f"record {start} comes after record {runs[-1][1] - 1} in the processing buffer")
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
         if frame.meta is not None or self.metas is not None:
             if self.metas is None:  # the first with metadata: the records before it had none
                 self.metas = [None] * len(self.datas)
@@ -260,9 +273,10 @@ class ProcessingStage:
         self.throttle_bytes = cap_bytes // 2  # outcomes waiting on disk past this: stop reading
         self.backup_all = backup_all
         self.cursor = 0  # the next ingested record to put in a processing buffer
-        # Ranges past the cursor that were sealed or finished before processing was turned on (a
-        # partitioned stream seals records out of order): delivered from the ingest spool, skipped.
-        self.skip: deque[tuple[int, int]] = deque()
+        # What the ingest log had sealed or finished when the stage started: past the cursor,
+        # records sealed before processing was turned on (a partitioned stream seals out of
+        # order). Their own batches deliver them; the stage steps over them.
+        self.skip = IntervalSet()
         self.recorded_upto = 0  # raw records up to here have their outcome appended
         self.dropped_records = 0
         self.task: asyncio.Task[None] | None = None
@@ -271,10 +285,7 @@ class ProcessingStage:
         """Process ingested records from ``cursor`` on, in a task, except those already sealed or
         committed in the ingest spool (their own batches deliver them)."""
         self.cursor = cursor
-        ingest = self.ingest
-        done = IntervalSet()
-        done.add_many([*ingest.sealed.ranges(), *ingest.committed.ranges()])
-        self.skip = deque((max(a, cursor), b) for a, b in done.ranges() if b > cursor)
+        self.skip = IntervalSet.union(self.ingest.sealed, self.ingest.committed)
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"processing-{self.name}")
         self.signals.processing.set()  # records ingested before the restart are waiting
 
@@ -344,20 +355,19 @@ class ProcessingStage:
         Outcomes wait on disk like records do: stop reading when the batcher is far behind."""
         limit = self.chain.buffer_size_bytes
         ingest = self.ingest
+        skip = self.skip
         while self.cursor < ingest.next_seq and not self.signals.stopping and not self._throttled:
-            gap = self._next_skip()
-            if gap is not None and gap[0] <= self.cursor:
-                if buf.datas:  # a buffer holds consecutive records: it ends here
-                    await self._submit(queue, *buf.take())
-                self.cursor = gap[1]
+            if self.cursor in skip:
+                self.cursor = skip.next_gap(self.cursor)
                 continue
             frame = await ingest.read_frame(self.cursor)
             if frame is None:
                 self.cursor = max(self.cursor, ingest.min_seq)
                 break
             first, n, cum = frame.first_seq, len(frame.records), frame.cum
-            if gap is not None and gap[0] < first + n:
-                n = gap[0] - first
+            stop = skip.next_start_after(self.cursor)
+            if stop is not None and stop < first + n:
+                n = stop - first
             i = self.cursor - first
             while i < n:
                 # The records up to the one that fills the buffer, taken as one run.
@@ -374,16 +384,10 @@ class ProcessingStage:
             # between frames, or a backlog of ingested frames is read in one long stretch.
             await asyncio.sleep(0)
 
-    def _next_skip(self) -> tuple[int, int] | None:
-        skip = self.skip
-        while skip and skip[0][1] <= self.cursor:
-            skip.popleft()
-        return skip[0] if skip else None
-
     async def _submit(self, queue: asyncio.Queue[_InChain], batch: SourceBatch, metas: list[Any] | None,
-                      nbytes: int) -> None:
+                      nbytes: int, runs: list[tuple[int, int]]) -> None:
         task = asyncio.get_running_loop().create_task(self._run_chain(batch, metas))
-        await queue.put(_InChain(batch, metas, nbytes, task))
+        await queue.put(_InChain(batch, metas, nbytes, runs, task))
 
     async def _run_chain(self, batch: SourceBatch, metas: list[Any] | None) -> Sequence[Any]:
         t0 = time.monotonic()
@@ -431,10 +435,10 @@ class ProcessingStage:
             await self._record_reliably(group)
 
     async def _outcomes_of(self, entry: _InChain) -> _Done:
-        batch, metas, nbytes, task = entry
+        batch, metas, nbytes, runs, task = entry
         while True:
             try:
-                return batch, metas, nbytes, await task
+                return batch, metas, nbytes, await task, runs
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug in a stage: run the same buffer again, in order
@@ -443,16 +447,21 @@ class ProcessingStage:
                 task = asyncio.get_running_loop().create_task(self._run_chain(batch, metas))
 
     async def _record_reliably(self, group: list[_Done]) -> None:
-        """Record the outcomes of consecutive buffers, retrying on local I/O errors. The frame is
-        appended at most once: after a successful append only the fsync (and the raw commit) are
-        retried."""
-        # The raw records to release: the buffers' own (skipped ranges between them are not).
-        raw = _merged([(b.first_seq, b.first_seq + len(b)) for b, *_ in group])
+        """Record the outcomes of consecutive buffers, retrying on local I/O errors until they
+        succeed. The frame is appended at most once: after a successful append only the release
+        of the raw records is retried."""
+        # The raw records to release: the buffers' own (ranges stepped over are not).
+        raw = _merged([r for *_, runs in group for r in runs])
         end = raw[-1][1]
         failures = 0
         while True:
             try:
-                await self._record(group, raw, end)
+                if self.recorded_upto >= end:
+                    # Appended (durably) already: finish the release, not the append.
+                    await self.ingest.commit_ranges(raw)
+                    self.signals.batcher.set()
+                else:
+                    await self._record(group, raw, end)
                 return
             except asyncio.CancelledError:
                 raise
@@ -460,18 +469,13 @@ class ProcessingStage:
                 failures += 1
                 log_failure(self.log, "outcome_recording_failed", exc, attempt=failures)
                 await asyncio.sleep(local_failure_pause(failures))
-                if self.recorded_upto >= end:
-                    # Appended (durably) already: finish the release, not the append.
-                    await self.ingest.commit_ranges(raw)
-                    self.signals.batcher.set()
-                    return
 
     async def _record(self, group: list[_Done], raw: list[tuple[int, int]], end: int) -> None:
         now_ms = self.clock.now_ms()
         records: list[bytes] = []
         metas: list[Any] = []
         dropped = failed = ok_bytes = count = nbytes = 0
-        for batch, source_metas, batch_bytes, outcomes in group:
+        for batch, source_metas, batch_bytes, outcomes, _runs in group:
             frame = outcome_frame(outcomes, batch, source_metas, now_ms=now_ms, lambda_arn=self.chain.lambda_arn,
                                   backup_all=self.backup_all, batch_bytes=batch_bytes)
             records += frame.records

@@ -77,3 +77,18 @@ def test_a_batch_given_as_ranges_merges_into_a_fragmented_set_like_integers() ->
                 reference.update(range(start, end))
             s.add_many(Ranges(batch))
             assert list(s.ranges()) == as_ranges(reference)
+
+
+def test_a_union_of_sets_holds_what_any_of_them_holds() -> None:
+    rng = random.Random(20261207)
+    for _ in range(200):
+        sets, values = [], set()
+        for _k in range(rng.choice([0, 1, 2, 3])):
+            s = IntervalSet()
+            for start, end in random_ranges(rng, rng.randrange(0, 60), 300):
+                s.add(start, end)
+                values.update(range(start, end))
+            sets.append(s)
+        union = IntervalSet.union(*sets)
+        assert list(union.ranges()) == as_ranges(values)
+    assert list(IntervalSet.union(IntervalSet([(0, 2)]), IntervalSet([(2, 4)])).ranges()) == [(0, 4)]  # touching

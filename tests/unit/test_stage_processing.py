@@ -87,6 +87,15 @@ class Setup:
         self.ctx.signals.stopping = True
         await self.stage.cancel()
 
+    async def stop_once_recorded(self, raw_end: int) -> None:
+        """Stop the stage once outcomes are recorded up to ``raw_end`` (released or not)."""
+        for _ in range(500):
+            if self.out.positions.get("raw_end") == raw_end:
+                break
+            await asyncio.sleep(0.01)
+        self.ctx.signals.stopping = True
+        await self.stage.cancel()
+
     async def close(self) -> None:
         await self.ingest.aclose()
         await self.out.aclose()
@@ -344,21 +353,25 @@ def test_buffers_finished_while_an_earlier_one_runs_are_recorded_in_one_frame(tm
     assert s.out.positions.get("raw_end") == 4
 
 
-def test_a_processing_buffer_takes_only_the_records_that_follow_its_own() -> None:
-    """A buffer's record ids are its first sequence number plus a position: records that do not
-    follow on are refused (the stage then reads again from the buffer's first record)."""
+def test_a_processing_buffer_takes_records_in_order_and_knows_their_runs() -> None:
+    """A buffer takes the next records to process, in order, across ranges stepped over (a run
+    each); one that would go back is refused (the stage then reads again from the buffer's first
+    record). Record ids are the first record's number plus a position: unique in the buffer."""
     from firehose.log import RecordFrame
     from firehose.stages.processing import _Buffer
 
     buf = _Buffer()
     buf.add(RecordFrame(10, 1, [b"x", b"a", b"b"]), 1, 3)
-    with pytest.raises(LogError, match="record 14 does not follow record 12"):
-        buf.add(RecordFrame(13, 2, [b"y", b"c"]), 1, 2)
+    with pytest.raises(LogError, match="record 10 comes after record 12"):
+        buf.add(RecordFrame(10, 1, [b"x", b"a", b"b"]), 0, 1)
     buf.add(RecordFrame(13, 2, [b"c", b"d"], [None, {"kinesis": {"sequenceNumber": "7"}}]), 0, 2)
-    batch, metas, _nbytes = buf.take()
+    buf.add(RecordFrame(20, 3, [b"e"]), 0, 1)  # records 15-19 stepped over
+    batch, metas, _nbytes, runs = buf.take()
+    assert runs == [(11, 15), (20, 21)]
     assert [(r.record_id, r.data, r.arrival_ms, r.kinesis) for r in batch] == [
-        ("11", b"a", 1, None), ("12", b"b", 1, None), ("13", b"c", 2, None), ("14", b"d", 2, {"sequenceNumber": "7"})]
-    assert metas == [None, None, None, {"kinesis": {"sequenceNumber": "7"}}]
+        ("11", b"a", 1, None), ("12", b"b", 1, None), ("13", b"c", 2, None), ("14", b"d", 2, {"sequenceNumber": "7"}),
+        ("15", b"e", 3, None)]
+    assert metas == [None, None, None, {"kinesis": {"sequenceNumber": "7"}}, None]
 
 
 def test_records_sealed_past_the_resume_point_before_processing_was_on_are_not_processed_again(
@@ -376,12 +389,7 @@ def test_records_sealed_past_the_resume_point_before_processing_was_on_are_not_p
         cursor = await resume_point(s.ingest, 0, name="processed")
         assert cursor == 0
         s.stage.start(cursor)
-        for _ in range(500):
-            if s.out.positions.get("raw_end") == 6:
-                break
-            await asyncio.sleep(0.01)
-        s.ctx.signals.stopping = True
-        await s.stage.cancel()
+        await s.stop_once_recorded(6)
         assert s.ingest.committed.covers(0, 2) and s.ingest.committed.covers(4, 6)
         assert not any(seq in s.ingest.committed for seq in (2, 3))
         assert s.ingest.sealed.covers(2, 4)
@@ -390,3 +398,62 @@ def test_records_sealed_past_the_resume_point_before_processing_was_on_are_not_p
     asyncio.run(go())
     assert [r for r, _ in s.outcomes()] == [b"A", b"B", b"E", b"F"]
     assert [r.data for r in chain.seen] == [b"a", b"b", b"e", b"f"]
+
+
+def test_a_buffer_spans_the_sealed_records_it_steps_over(tmp_path: Path, make_log: Any) -> None:
+    """Partition b's records (the odd ones) sealed, partition a's still open at the crash: the
+    hundred open records go through the chain in one buffer, not a hundred, and only they are
+    released."""
+    chain = Chain()
+    s = Setup(tmp_path, make_log, chain)
+
+    async def go() -> None:
+        await s.ingest.append([b"r%d" % i for i in range(200)], 100)
+        odd = [(i, i + 1) for i in range(1, 200, 2)]
+        await s.ingest.seal([SealedBatch(s.ingest.allocate_batch_id(), "b", odd, 100)])
+        s.stage.start(await resume_point(s.ingest, 0, name="processed"))
+        await s.stop_once_recorded(199)
+        assert all(i in s.ingest.committed for i in range(0, 200, 2))
+        assert not any(i in s.ingest.committed for i in range(1, 200, 2))
+        await s.close()
+
+    asyncio.run(go())
+    assert chain.calls == [[b"r%d" % i for i in range(0, 200, 2)]]
+    assert [r for r, _ in s.outcomes()] == [b"R%d" % i for i in range(0, 200, 2)]
+
+
+def test_a_release_that_fails_again_after_the_outcomes_are_recorded_is_retried(
+        tmp_path: Path, make_log: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outcomes are durable, then releasing the raw records fails twice: the stage keeps
+    retrying the release (never the append) and goes on with the records after them."""
+    import firehose.stages.processing as processing
+
+    monkeypatch.setattr(processing, "local_failure_pause", lambda n: 0.001)
+    chain = Chain()
+    s = Setup(tmp_path, make_log, chain)
+    failures = [2]
+    commit_ranges = s.ingest.commit_ranges
+
+    async def failing_commit(ranges: Any) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError("disk hiccup")
+        await commit_ranges(ranges)
+
+    s.ingest.commit_ranges = failing_commit
+
+    async def go() -> None:
+        await s.ingest.append([b"a", b"b"], 100)
+        s.stage.start(0)
+        for _ in range(500):
+            if s.ingest.committed.covers(0, 2):
+                break
+            await asyncio.sleep(0.01)
+        await s.ingest.append([b"c"], 100)
+        s.ctx.signals.processing.set()
+        await s.run_until(3)
+        await s.close()
+
+    asyncio.run(go())
+    assert failures == [0]
+    assert [r for r, _ in s.outcomes()] == [b"A", b"B", b"C"]  # each outcome recorded once
