@@ -106,6 +106,13 @@ class IntervalSet:
         i = bisect.bisect_right(self._starts, value)
         return self._starts[i] if i < len(self._starts) else None
 
+    def last_end(self) -> int:
+        """The end of the last range (0 for an empty set)."""
+        return self._ends[-1] if self._ends else 0
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
     def ranges(self) -> Iterator[tuple[int, int]]:
         return zip(self._starts, self._ends, strict=True)
 

@@ -491,7 +491,9 @@ class ProcessingStage:
             enforce_cap=False, nbytes=nbytes,
         )
         self.recorded_upto = end
-        await self.ingest.commit_ranges(raw)
+        if self.skip and end >= self.skip.last_end():  # never read below ``end`` again: let it go
+            self.skip = IntervalSet()
+        # Counted once recorded, before the release: a release that fails is retried alone.
         self.dropped_records += dropped
         self.metrics.dropped_records.labels(self.name).inc(dropped)
         self.metrics.failed_processing_records.labels(self.name).inc(failed)
@@ -499,4 +501,5 @@ class ProcessingStage:
         self.metrics.succeed_processing_bytes.labels(self.name).inc(ok_bytes)
         self.log.debug("records_processed", records=sum(b - a for a, b in raw), outputs=len(records), dropped=dropped,
                        failed=failed)
+        await self.ingest.commit_ranges(raw)
         self.signals.batcher.set()

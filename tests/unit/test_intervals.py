@@ -92,3 +92,12 @@ def test_a_union_of_sets_holds_what_any_of_them_holds() -> None:
         union = IntervalSet.union(*sets)
         assert list(union.ranges()) == as_ranges(values)
     assert list(IntervalSet.union(IntervalSet([(0, 2)]), IntervalSet([(2, 4)])).ranges()) == [(0, 4)]  # touching
+
+
+def test_a_union_is_a_copy_and_knows_its_last_end() -> None:
+    source = IntervalSet([(5, 9)])
+    union = IntervalSet.union(source, IntervalSet())
+    source.add(20, 30)
+    source.discard_below(7)
+    assert list(union.ranges()) == [(5, 9)] and union.last_end() == 9 and union
+    assert not IntervalSet.union() and IntervalSet().last_end() == 0

@@ -425,7 +425,8 @@ def test_a_buffer_spans_the_sealed_records_it_steps_over(tmp_path: Path, make_lo
 def test_a_release_that_fails_again_after_the_outcomes_are_recorded_is_retried(
         tmp_path: Path, make_log: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The outcomes are durable, then releasing the raw records fails twice: the stage keeps
-    retrying the release (never the append) and goes on with the records after them."""
+    retrying the release (never the append), counts the buffer once, and goes on with the records
+    after them."""
     import firehose.stages.processing as processing
 
     monkeypatch.setattr(processing, "local_failure_pause", lambda n: 0.001)
@@ -443,17 +444,20 @@ def test_a_release_that_fails_again_after_the_outcomes_are_recorded_is_retried(
     s.ingest.commit_ranges = failing_commit
 
     async def go() -> None:
-        await s.ingest.append([b"a", b"b"], 100)
+        await s.ingest.append([b"a", b"drop", b"bad"], 100)
         s.stage.start(0)
         for _ in range(500):
-            if s.ingest.committed.covers(0, 2):
+            if s.ingest.committed.covers(0, 3):
                 break
             await asyncio.sleep(0.01)
         await s.ingest.append([b"c"], 100)
         s.ctx.signals.processing.set()
-        await s.run_until(3)
+        await s.run_until(4)
         await s.close()
 
     asyncio.run(go())
     assert failures == [0]
-    assert [r for r, _ in s.outcomes()] == [b"A", b"B", b"C"]  # each outcome recorded once
+    assert [r for r, _ in s.outcomes()] == [b"A", b"BAD", b"C"]  # each outcome recorded once
+    m = s.ctx.metrics
+    assert s.stage.dropped_records == 1 and m.failed_processing_records.labels("s")._value.get() == 1
+    assert m.succeed_processing_records.labels("s")._value.get() == 2
