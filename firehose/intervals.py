@@ -14,6 +14,17 @@ import numpy as np
 _VECTOR_MIN = 24
 
 
+def _merge(starts: Any, ends: Any) -> tuple[array[int], array[int]]:
+    """Ranges given as two int64 arrays, in any order and overlapping, as the sorted, disjoint
+    ``(starts, ends)`` arrays of an :class:`IntervalSet` (touching ranges joined)."""
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
+    # A range starts a merged run unless it begins at or before the run's end so far.
+    breaks = np.flatnonzero(starts[1:] > ends[:-1]) + 1
+    return (array("q", starts[np.concatenate(([0], breaks))].tobytes()),
+            array("q", ends[np.concatenate((breaks - 1, [len(ends) - 1]))].tobytes()))
+
+
 class IntervalSet:
     """Sorted disjoint ``[start, end)`` ranges. Adding adjacent ranges merges them, so a set that
     grows in order (the common case: batches sealed and committed oldest first) stays one range.
@@ -58,14 +69,9 @@ class IntervalSet:
         # The set's ranges that touch [lo, hi]: every other range is kept as it is.
         i = bisect.bisect_left(self._ends, lo)
         j = bisect.bisect_right(self._starts, hi)
-        starts = np.concatenate((np.frombuffer(self._starts, dtype=np.int64)[i:j], new[:, 0]))
-        ends = np.concatenate((np.frombuffer(self._ends, dtype=np.int64)[i:j], new[:, 1]))
-        order = np.argsort(starts, kind="stable")
-        starts, ends = starts[order], np.maximum.accumulate(ends[order])
-        # A range starts a merged run unless it begins at or before the run's end so far.
-        breaks = np.flatnonzero(starts[1:] > ends[:-1]) + 1
-        self._starts[i:j] = array("q", starts[np.concatenate(([0], breaks))].tobytes())
-        self._ends[i:j] = array("q", ends[np.concatenate((breaks - 1, [len(ends) - 1]))].tobytes())
+        self._starts[i:j], self._ends[i:j] = _merge(
+            np.concatenate((np.frombuffer(self._starts, dtype=np.int64)[i:j], new[:, 0])),
+            np.concatenate((np.frombuffer(self._ends, dtype=np.int64)[i:j], new[:, 1])))
 
     @classmethod
     def union(cls, *sets: IntervalSet) -> IntervalSet:
@@ -75,13 +81,8 @@ class IntervalSet:
         parts = [s for s in sets if len(s._starts)]
         if not parts:
             return out
-        starts = np.concatenate([np.frombuffer(s._starts, dtype=np.int64) for s in parts])
-        ends = np.concatenate([np.frombuffer(s._ends, dtype=np.int64) for s in parts])
-        order = np.argsort(starts, kind="stable")
-        starts, ends = starts[order], np.maximum.accumulate(ends[order])
-        breaks = np.flatnonzero(starts[1:] > ends[:-1]) + 1
-        out._starts = array("q", starts[np.concatenate(([0], breaks))].tobytes())
-        out._ends = array("q", ends[np.concatenate((breaks - 1, [len(ends) - 1]))].tobytes())
+        out._starts, out._ends = _merge(np.concatenate([np.frombuffer(s._starts, dtype=np.int64) for s in parts]),
+                                        np.concatenate([np.frombuffer(s._ends, dtype=np.int64) for s in parts]))
         return out
 
     def covers(self, start: int, end: int) -> bool:

@@ -195,17 +195,6 @@ async def resume_point(ingest: Log, raw_end: int, *, name: str) -> int:
     return max(done, ingest.min_seq)
 
 
-def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Consecutive ascending ranges with the touching ones joined."""
-    out: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
 def _first_unbatched(ingest: Log) -> int:
     """The first record from ``min_seq`` on that is neither sealed nor committed."""
     seq = ingest.min_seq
@@ -451,7 +440,7 @@ class ProcessingStage:
         succeed. The frame is appended at most once: after a successful append only the release
         of the raw records is retried."""
         # The raw records to release: the buffers' own (ranges stepped over are not).
-        raw = _merged([r for *_, runs in group for r in runs])
+        raw = list(IntervalSet(r for *_, runs in group for r in runs).ranges())
         end = raw[-1][1]
         failures = 0
         while True:
